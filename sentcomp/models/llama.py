@@ -1,0 +1,363 @@
+"""Llama-architecture causal LMs in Flax (Llama 2/3-style, SmolLM2, TinyLlama), seen as pure functions.
+
+One decoder block, for hidden states ``x [B, T, d]`` (Touvron et al. 2023):
+
+    x ← x + Attn(RMSNorm(x)),   x ← x + W_down( SiLU(W_gate x̂) ⊙ W_up x̂ ),  x̂ = RMSNorm(x)
+    RMSNorm(x) = g ⊙ x / sqrt(mean(x²) + ε)
+
+Attention is causal, masks padded keys, and uses grouped-query attention: ``num_heads`` query heads share
+``num_kv_heads`` key/value heads (``num_heads / num_kv_heads`` queries per group). Queries and keys are rotated
+by rotary position embeddings in Hugging Face's half-split convention: for a head vector ``x = [x₁, x₂]``
+(two halves), ``rope(x, p) = x ⊙ cos(p·ω) + [−x₂, x₁] ⊙ sin(p·ω)`` with ``ω_i = base^(−2i/head_dim)``
+(repeated over both halves). Positions count the real tokens (``cumsum(mask) − 1``), so right padding changes
+nothing, and left padding gives the same features as no padding.
+
+The sentcomp view (``sentcomp.models.base.LanguageModel``):
+- ``hidden_fn(params, ids, mask) -> [B, T, d]``: the final RMSNorm output at every position, f(s);
+- ``phi_fn(params) -> [V, d]``: the output embeddings Φ: ``lm_head`` if untied, else the token embeddings.
+The blocks are one ``nn.scan`` over stacked layer parameters (leading axis = layer), so a 30-layer model
+compiles as fast as a 1-layer one.
+
+Loading: ``sentcomp.models.load(dir_or_hub_name)`` for Hugging Face checkpoints (``from_hf`` here);
+``load("smollm2-135m")`` or ``load("x.gguf")`` for GGUF files (``sentcomp.models.gguf_loader``), which map to
+the same Hugging Face tensor names and then use ``params_from_state`` below. Random models: ``init``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sentcomp.errors import SentcompError
+from sentcomp.models import hf
+from sentcomp.models.base import LanguageModel
+
+FAMILY = "llama"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama-architecture LM (names follow Hugging Face's ``LlamaConfig``)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise SentcompError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)."
+            )
+        if self.head_dim % 2:
+            raise SentcompError(f"head_dim={self.head_dim} must be even for rotary position embeddings.")
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (transformers 4 or 5 style).
+
+    Rotary scaling variants (Llama 3.1 ``llama3``, ``linear``, ``yarn``, ...) are not implemented and are
+    rejected rather than silently ignored.
+    """
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise SentcompError(
+            f"Rotary scaling type {rope_type!r} is not implemented in sentcomp's Llama (only plain RoPE, "
+            "rope_type 'default'); use a model without rope scaling."
+        )
+    activation = config.get("hidden_act", "silu")
+    if activation != "silu":
+        raise SentcompError(f"hidden_act={activation!r}: sentcomp's Llama implements the SwiGLU MLP (silu) only.")
+    try:
+        heads = config["num_attention_heads"]
+        return LlamaConfig(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+    except KeyError as error:
+        raise SentcompError(f"Llama config is missing the key {error.args[0]!r}.") from None
+
+
+# ----------------------------------------------------------------------------------------------- the network
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """``cos(p·ω), sin(p·ω)`` of shape ``positions.shape + (head_dim,)``, ``ω_i = base^(−2i/head_dim)`` repeated twice."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x ⊙ cos + [−x₂, x₁] ⊙ sin`` for ``x [B, T, heads, head_dim]`` and ``cos, sin [B, T, head_dim]``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_bias(attention_mask: jax.Array) -> jax.Array:
+    """Additive bias ``[B, 1, 1, T, T]``: 0 where query t may see key s (s ≤ t and s is a real token), else a
+    large negative number (finite, so a query with no visible key gives a uniform average, not NaN)."""
+    length = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    visible = causal[None] & attention_mask.astype(bool)[:, None, :]
+    return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+
+
+class RMSNorm(nn.Module):
+    """``g ⊙ x / sqrt(mean(x²) + ε)``, computed in float32."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x = x.astype(jnp.float32)
+        return scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps))
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, bias):
+        c = self.config
+        batch, length, _ = x.shape
+        dense = lambda features, name: nn.Dense(features, use_bias=c.attention_bias, name=name)  # noqa: E731
+        q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(batch, length, -1, c.head_dim)
+        k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(batch, length, -1, c.head_dim)
+        v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(batch, length, -1, c.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Query head h = group g of KV head k, h = k·kv_groups + g (Hugging Face's repeat_kv order).
+        q = q.reshape(batch, length, c.num_key_value_heads, c.kv_groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(c.head_dim) + bias
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, length, -1)
+        return nn.Dense(c.hidden_size, use_bias=c.attention_bias, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``W_down(SiLU(W_gate x) ⊙ W_up x)``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
+        up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
+        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; signature ``(carry, _) -> (carry, None)`` for ``nn.scan``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, carry, _):
+        x, cos, sin, bias = carry
+        c = self.config
+        x = x + Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), cos, sin, bias)
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        return (x, cos, sin, bias), None
+
+
+class LlamaModel(nn.Module):
+    """Token ids ``[B, T]`` + mask ``[B, T]`` -> final-norm hidden states ``[B, T, d]``.
+
+    Parameters: ``embed_tokens/embedding [V, d]``, ``layers/...`` stacked over layers (Dense kernels are
+    ``[in, out]``), ``norm/scale [d]`` and, when untied, ``lm_head [V, d]`` (rows φ_w, not used in the forward).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, token_ids, attention_mask):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        if not c.tie_word_embeddings:
+            self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=c.num_hidden_layers,
+        )(c, name="layers")
+        (x, *_), _ = layers((embed(token_ids), cos, sin, attention_bias(attention_mask)), None)
+        return RMSNorm(c.rms_norm_eps, name="norm")(x)
+
+
+# ------------------------------------------------------------------------------------ the sentcomp view
+
+
+def language_model(config: LlamaConfig, params, tokenizer, name: str) -> LanguageModel:
+    """Wraps parameters of :class:`LlamaModel` in the :class:`LanguageModel` view."""
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise SentcompError(
+            f"Model {name}: its tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
+            "embeddings; pass a tokenizer matching the model's vocabulary."
+        )
+    module = LlamaModel(config)
+
+    def hidden_fn(params, token_ids, attention_mask):
+        if token_ids.shape[1] > config.max_position_embeddings:
+            raise SentcompError(
+                f"Sequences of {token_ids.shape[1]} tokens exceed this Llama's context of "
+                f"{config.max_position_embeddings}; truncate them."
+            )
+        return module.apply({"params": params}, token_ids, attention_mask)
+
+    def phi_fn(params):
+        return params["lm_head"] if "lm_head" in params else params["embed_tokens"]["embedding"]
+
+    return LanguageModel(
+        name=name,
+        family=FAMILY,
+        config=config,
+        params=params,
+        hidden_fn=hidden_fn,
+        phi_fn=phi_fn,
+        tokenizer=tokenizer,
+        max_length=config.max_position_embeddings,
+    )
+
+
+def init(config: LlamaConfig, rng: jax.Array | int = 0, tokenizer=None, name: str | None = None) -> LanguageModel:
+    """A randomly initialised Llama LM (embeddings and ``lm_head`` ~ N(0, 0.02), Dense layers LeCun-normal,
+    norms 1), e.g. for pretraining from scratch. ``tokenizer`` is optional (None: feed token ids only)."""
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    name = name or f"llama-random(d={config.hidden_size},L={config.num_hidden_layers})"
+    dummy = jnp.ones((1, 2), jnp.int32)
+    params = LlamaModel(config).init(rng, dummy, dummy)["params"]
+    return language_model(config, params, tokenizer, name)
+
+
+# ------------------------------------------------------------------ Hugging Face checkpoints (PyTorch names)
+
+_LINEARS = {  # our module path inside a layer -> (HF name inside "model.layers.N.", [out, in] shape getter)
+    "self_attn/q_proj": ("self_attn.q_proj", lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size)),
+    "self_attn/k_proj": ("self_attn.k_proj", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "self_attn/v_proj": ("self_attn.v_proj", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "self_attn/o_proj": ("self_attn.o_proj", lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim)),
+    "mlp/gate_proj": ("mlp.gate_proj", lambda c: (c.intermediate_size, c.hidden_size)),
+    "mlp/up_proj": ("mlp.up_proj", lambda c: (c.intermediate_size, c.hidden_size)),
+    "mlp/down_proj": ("mlp.down_proj", lambda c: (c.hidden_size, c.intermediate_size)),
+}
+_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+
+
+def hf_name_map(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{our_path: (hf_tensor_name, hf_shape)}`` for every tensor of a Hugging Face ``LlamaForCausalLM``.
+
+    Our paths are ``/``-joined; per-layer ones carry the layer index as ``layers/<i>/...``.
+    """
+    c = config
+    names = {
+        "embed_tokens/embedding": ("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)),
+        "norm/scale": ("model.norm.weight", (c.hidden_size,)),
+    }
+    if not c.tie_word_embeddings:
+        names["lm_head"] = ("lm_head.weight", (c.vocab_size, c.hidden_size))
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for ours, (theirs, shape) in _LINEARS.items():
+            names[f"layers/{i}/{ours}/kernel"] = (prefix + theirs + ".weight", shape(c))
+            has_bias = c.mlp_bias if ours.startswith("mlp") else c.attention_bias
+            if has_bias:
+                names[f"layers/{i}/{ours}/bias"] = (prefix + theirs + ".bias", shape(c)[:1])
+        for ours, theirs in _NORMS.items():
+            names[f"layers/{i}/{ours}/scale"] = (prefix + theirs + ".weight", (c.hidden_size,))
+    return names
+
+
+def params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, source: str) -> dict:
+    """Our parameter pytree from a Hugging Face-named state dict (shape-checked; Linear weights transposed to
+    Flax ``[in, out]`` kernels; layers stacked on a leading axis). A tied checkpoint may still hold a copy of
+    the embeddings as ``lm_head.weight``; it is ignored."""
+    ignored = ("lm_head.",) if config.tie_word_embeddings else ()
+    tensors = hf.assign(state, hf_name_map(config), source, ignored_prefixes=ignored)
+    flat = {}
+    for path, value in tensors.items():
+        keys = tuple(path.split("/"))
+        value = value.T if path.endswith("kernel") else value
+        if keys[0] == "layers":  # collect layer i's tensor at index i of the stacked one
+            flat.setdefault(("layers", *keys[2:]), [None] * config.num_hidden_layers)[int(keys[1])] = value
+        else:
+            flat[keys] = value
+    return traverse_util.unflatten_dict(
+        {keys: jnp.asarray(np.stack(v) if isinstance(v, list) else v, jnp.float32) for keys, v in flat.items()}
+    )
+
+
+def with_padding(tokenizer):
+    """The tokenizer set up for sentcomp's batches: right padding, with a pad token (EOS if it has none)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SentcompError("The tokenizer has neither a pad token nor an EOS token to pad with.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(model_dir: Path):
+    """The directory's Hugging Face tokenizer (``tokenizer.json``/``tokenizer_config.json``), with padding."""
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise SentcompError(
+            f"{model_dir} has no tokenizer (tokenizer.json); save one there with tokenizer.save_pretrained, "
+            "or pass tokenizer=... to load()."
+        )
+    from transformers import AutoTokenizer
+
+    return with_padding(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
+def from_hf(model_dir, config: dict, name: str | None = None, tokenizer=None) -> LanguageModel:
+    """A :class:`LanguageModel` from a Hugging Face ``LlamaForCausalLM`` directory (safetensors or .bin).
+
+    ``tokenizer``: use this tokenizer instead of the directory's (it is given a pad token and right padding).
+    """
+    model_dir = Path(model_dir)
+    llama_config = config_from_hf(config)
+    params = params_from_state(hf.read_state_dict(model_dir), llama_config, str(model_dir))
+    tokenizer = with_padding(tokenizer) if tokenizer is not None else load_tokenizer(model_dir)
+    return language_model(llama_config, params, tokenizer, name or str(model_dir))

@@ -1,0 +1,72 @@
+"""The Flax Llama against Hugging Face's PyTorch LlamaForCausalLM, and its padding/config behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from llama_testing import SENTENCES, hf_logits, tiny_hf_llama
+
+from sentcomp.errors import SentcompError
+from sentcomp.models import llama, load
+
+
+def our_logits(lm, token_ids, attention_mask) -> np.ndarray:
+    hidden = lm.hidden(jnp.asarray(token_ids), jnp.asarray(attention_mask))
+    return np.asarray(jnp.einsum("btd,vd->btv", hidden, lm.phi))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_hf_llama_with_gqa_odd_sizes_and_right_padding(tmp_path, tied):
+    model = tiny_hf_llama(tmp_path, tie_word_embeddings=tied)
+    lm = load(str(tmp_path))
+    assert lm.family == "llama" and lm.config.num_key_value_heads == 2 and lm.config.tie_word_embeddings == tied
+    assert lm.phi.shape == (301, 36)
+    batch = lm.tokenizer(SENTENCES, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert lm.tokenizer.padding_side == "right" and mask[:, 0].all() and not mask.all()  # real right padding
+    expected = hf_logits(model, ids, mask)
+    got = our_logits(lm, ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(expected[real]).max() > 1.0  # logits large enough for errors to show
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_random_init_features_do_not_depend_on_padding():
+    config = llama.LlamaConfig(
+        vocab_size=53, hidden_size=20, intermediate_size=37, num_hidden_layers=2, num_attention_heads=5,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    lm = llama.init(config, jax.random.key(1))
+    assert lm.phi.shape == (53, 20) and lm.params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 20, 4)
+    ids = np.random.default_rng(0).integers(0, 53, (1, 7))
+    alone = lm.hidden(ids, np.ones_like(ids))[0]
+    right = lm.hidden(np.pad(ids, ((0, 0), (0, 3))), np.pad(np.ones_like(ids), ((0, 0), (0, 3))))[0, :7]
+    left = lm.hidden(np.pad(ids, ((0, 0), (3, 0))), np.pad(np.ones_like(ids), ((0, 0), (3, 0))))[0, 3:]
+    assert np.isfinite(np.asarray(alone)).all() and np.asarray(alone).std() > 0.1
+    np.testing.assert_allclose(right, alone, atol=1e-5)
+    np.testing.assert_allclose(left, alone, atol=1e-5)
+
+
+def test_config_errors_are_clear():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(SentcompError, match="llama3"):
+        llama.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(SentcompError, match="multiple of num_key_value_heads"):
+        llama.config_from_hf({**base, "num_key_value_heads": 3, "num_attention_heads": 4})
+    with pytest.raises(SentcompError, match="intermediate_size"):
+        llama.config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
+    config = llama.config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}})
+    assert config.rope_theta == 123.0 and config.head_dim == 4 and config.num_key_value_heads == 2
+
+
+def test_checkpoint_mismatch_and_missing_tokenizer_are_clear(tmp_path):
+    tiny_hf_llama(tmp_path, tie_word_embeddings=False)
+    config = llama.hf.read_config(tmp_path)
+    with pytest.raises(SentcompError, match="intermediate_size|shape"):
+        llama.from_hf(tmp_path, {**config, "intermediate_size": 54})
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    with pytest.raises(SentcompError, match="no tokenizer"):
+        llama.from_hf(tmp_path, config)
