@@ -1,0 +1,450 @@
+"""Reading a task's labeled texts: TFDS (without TensorFlow), local files, or a built-in offline corpus.
+
+Every reader returns a :class:`Split` (``texts: list[str]``, ``labels: int64 [N]``) and validates each example:
+a missing column, an unknown label or an empty text raises a :class:`~sentcomp.errors.SentcompError` naming
+the file and line (or pickle entry / TFDS example).
+
+Local file formats (the formats the authors' data comes in, plus two common ones):
+
+* ``sentence<TAB>label`` TSV (``.tsv``/``.txt``): split at the last tab; a first line whose label field is
+  ``label`` is a header and skipped; blank lines are skipped.
+* CSV (``.csv``) with a header naming the task's ``text_columns`` and ``label_column``.
+* JSON lines (``.jsonl``/``.json``): one object per line with the same fields.
+* The authors' pickled lists: ``tr_inp.pkl``/``tr_labels.pkl`` (train) and ``te_inp.pkl``/``te_labels.pkl``
+  (test). Unpickling runs code stored in the file: load only pickles you trust.
+
+A label is a class index ``0..K-1`` (int or digit string) or a class name from ``task.label_names``.
+
+Where ``load_task`` looks for files when ``task.files`` is not set: in ``data_dir/<task name>``,
+``data_dir/<each of task.file_dirs>``, then ``data_dir`` itself, for each split ``<split>.tsv``,
+``<split>.csv``, ``<split>.jsonl`` or the authors' pickles.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import numbers
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from sentcomp.data.tasks import Task, get_task
+from sentcomp.errors import SentcompError
+
+SOURCES = ("auto", "files", "tfds", "builtin")
+SPLIT_FILE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+AUTHORS_PICKLE_PREFIXES = {"train": "tr", "test": "te"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """Labeled texts: ``texts[i]`` has class index ``labels[i]``."""
+
+    texts: list[str]
+    labels: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64).reshape(-1))
+        if len(self.texts) != len(self.labels):
+            raise SentcompError(f"A split has {len(self.texts)} texts but {len(self.labels)} labels.")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices: Sequence[int]) -> "Split":
+        """The examples at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return Split([self.texts[i] for i in indices], self.labels[indices])
+
+    @staticmethod
+    def concatenate(splits: Iterable["Split"]) -> "Split":
+        splits = list(splits)
+        return Split([text for split in splits for text in split.texts],
+                     np.concatenate([split.labels for split in splits]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validating one example
+
+
+def parse_label(raw: Any, label_names: Sequence[str], where: str) -> int:
+    """The class index of ``raw``: an index ``0..K-1`` (int, integral float or digit string) or a label name."""
+    if isinstance(raw, (np.ndarray, np.generic)) and np.ndim(raw) == 0:  # TFDS gives 0-d arrays
+        raw = raw.item()
+    value = raw
+    if isinstance(raw, str):
+        name = raw.strip()
+        if name in label_names:
+            return list(label_names).index(name)
+        value = int(name) if name.lstrip("-").isdigit() else None
+    is_index = not isinstance(value, (bool, np.bool_)) and (
+        isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+    )
+    if is_index and 0 <= int(value) < len(label_names):
+        return int(value)
+    raise SentcompError(
+        f"{where}: unknown label {raw!r}; expected a class index 0..{len(label_names) - 1} or one of "
+        f"{list(label_names)}."
+    )
+
+
+def check_text(text: Any, where: str) -> str:
+    """``text`` as a non-blank ``str`` (bytes are decoded as UTF-8)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    if not isinstance(text, str):
+        raise SentcompError(f"{where}: the text is a {type(text).__name__}, expected a string.")
+    if not text.strip():
+        raise SentcompError(f"{where}: empty text; remove the example or fill in its text.")
+    return text
+
+
+def build_split(examples: Iterable[tuple[Any, Any, str]], label_names: Sequence[str], source: str) -> Split:
+    """A split from ``(text, raw_label, where)`` triples, each validated; an empty source is an error."""
+    texts, labels = [], []
+    for text, raw_label, where in examples:
+        texts.append(check_text(text, where))
+        labels.append(parse_label(raw_label, label_names, where))
+    if not texts:
+        raise SentcompError(f"{source} holds no examples.")
+    return Split(texts, np.asarray(labels, np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local files
+
+
+def _read_lines(path: Path, keepends: bool = False) -> list[str]:
+    if not path.is_file():
+        raise SentcompError(f"Data file {path} does not exist.")
+    try:
+        return path.read_text(encoding="utf-8").splitlines(keepends)
+    except UnicodeDecodeError as error:
+        raise SentcompError(f"{path} is not UTF-8 text ({error}).") from None
+
+
+def read_tsv(path: str | Path, label_names: Sequence[str]) -> Split:
+    """A ``sentence<TAB>label`` file (split at the last tab; optional ``sentence<TAB>label`` header)."""
+    path = Path(path)
+
+    def examples():
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            if "\t" not in line:
+                raise SentcompError(f"{where}: missing label column; expected 'sentence<TAB>label'.")
+            text, label = line.rsplit("\t", 1)
+            if number == 1 and label.strip().lower() == "label":
+                continue
+            yield text, label, where
+
+    return build_split(examples(), label_names, str(path))
+
+
+def _record_example(record: dict, text_columns: Sequence[str], label_column: str, where: str) -> tuple[str, Any]:
+    """The text (columns joined with a space) and raw label of one CSV row / JSON object."""
+    missing = [column for column in (*text_columns, label_column) if record.get(column) is None]
+    if missing:
+        raise SentcompError(f"{where}: missing column(s) {missing}; the record has {sorted(record)}.")
+    parts = [record[column] for column in text_columns]
+    if not all(isinstance(part, str) for part in parts):
+        raise SentcompError(f"{where}: text column(s) {list(text_columns)} must hold strings.")
+    return " ".join(part.strip() for part in parts), record[label_column]
+
+
+def read_csv(path: str | Path, label_names: Sequence[str], text_columns: Sequence[str] = ("text",),
+             label_column: str = "label") -> Split:
+    """A CSV file with a header naming ``text_columns`` (joined with a space) and ``label_column``."""
+    path = Path(path)
+    reader = csv.DictReader(_read_lines(path, keepends=True))  # line ends kept for quoted newlines
+    header = reader.fieldnames or []
+    missing = [column for column in (*text_columns, label_column) if column not in header]
+    if missing:
+        raise SentcompError(
+            f"{path}, line 1: missing column(s) {missing} in the header {header}; expected columns "
+            f"{[*text_columns, label_column]} (set the task's text_columns/label_column to match the file)."
+        )
+
+    def examples():
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            yield (*_record_example(row, text_columns, label_column, where), where)
+
+    return build_split(examples(), label_names, str(path))
+
+
+def read_jsonl(path: str | Path, label_names: Sequence[str], text_columns: Sequence[str] = ("text",),
+               label_column: str = "label") -> Split:
+    """A JSON lines file: one object per line with ``text_columns`` and ``label_column``."""
+    path = Path(path)
+
+    def examples():
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SentcompError(f"{where}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise SentcompError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            yield (*_record_example(record, text_columns, label_column, where), where)
+
+    return build_split(examples(), label_names, str(path))
+
+
+def _unpickle_list(path: Path) -> list:
+    if not path.is_file():
+        raise SentcompError(f"Data file {path} does not exist.")
+    with path.open("rb") as file:
+        try:
+            values = pickle.load(file)
+        except Exception as error:  # a corrupt pickle can raise nearly anything
+            raise SentcompError(f"{path} is not a readable pickle ({type(error).__name__}: {error}).") from None
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise SentcompError(f"{path} holds a {type(values).__name__}; expected a list.")
+    return list(values)
+
+
+def read_pickles(texts_path: str | Path, labels_path: str | Path, label_names: Sequence[str]) -> Split:
+    """The authors' format: a pickled list of texts and a pickled list of labels of the same length."""
+    texts_path, labels_path = Path(texts_path), Path(labels_path)
+    texts, labels = _unpickle_list(texts_path), _unpickle_list(labels_path)
+    if len(texts) != len(labels):
+        raise SentcompError(f"{texts_path} has {len(texts)} texts but {labels_path} has {len(labels)} labels.")
+    examples = ((text, label, f"{texts_path} / {labels_path}, entry {index}")
+                for index, (text, label) in enumerate(zip(texts, labels)))
+    return build_split(examples, label_names, str(texts_path))
+
+
+def read_split_file(file: Any, task: Task) -> Split:
+    """One split from a file path (format by suffix) or a ``(texts.pkl, labels.pkl)`` pair."""
+    if isinstance(file, (list, tuple)):
+        if len(file) != 2:
+            raise SentcompError(f"Task {task.name!r}: a pickled split is a [texts.pkl, labels.pkl] pair, got {file}.")
+        return read_pickles(file[0], file[1], task.label_names)
+    path = Path(file)
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        return read_tsv(path, task.label_names)
+    if suffix == ".csv":
+        return read_csv(path, task.label_names, task.text_columns, task.label_column)
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path, task.label_names, task.text_columns, task.label_column)
+    raise SentcompError(
+        f"{path}: unknown data file type {suffix!r}; use .tsv (sentence<TAB>label), .csv, .jsonl, or a "
+        "[texts.pkl, labels.pkl] pair."
+    )
+
+
+def _split_file_in(folder: Path, split: str):
+    """The file (or authors' pickle pair) holding ``split`` in ``folder``, or None."""
+    prefix = AUTHORS_PICKLE_PREFIXES.get(split)
+    if prefix and (folder / f"{prefix}_inp.pkl").is_file():
+        return folder / f"{prefix}_inp.pkl", folder / f"{prefix}_labels.pkl"
+    for suffix in SPLIT_FILE_SUFFIXES:
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def find_split_files(task: Task, data_dir: str | Path) -> dict[str, Any] | None:
+    """``{split: file}`` for the first folder under ``data_dir`` holding the task's files (see module doc).
+
+    None if no folder holds any; an error if a folder holds some splits but not all.
+    """
+    data_dir = Path(data_dir)
+    for folder in [data_dir / name for name in (task.name, *task.file_dirs)] + [data_dir]:
+        if not folder.is_dir():
+            continue
+        found = {split: _split_file_in(folder, split) for split in task.splits}
+        missing = [split for split, file in found.items() if file is None]
+        if len(missing) < len(found):
+            if missing:
+                raise SentcompError(
+                    f"{folder} has files for task {task.name!r} but none for split(s) {missing}; expected "
+                    f"{' or '.join(f'<split>{suffix}' for suffix in SPLIT_FILE_SUFFIXES)} or the authors' pickles."
+                )
+            return found
+    return None
+
+
+def load_files(task: Task | str, data_dir: str | Path | None = None) -> dict[str, Split]:
+    """The task's splits from local files: ``task.files`` (relative to ``data_dir``) or found in ``data_dir``."""
+    task = get_task(task)
+    if task.files:
+        base = Path(data_dir) if data_dir is not None else Path()
+        files = {split: ([base / part for part in file] if isinstance(file, (list, tuple)) else base / file)
+                 for split, file in task.files.items()}
+    else:
+        files = find_split_files(task, data_dir) if data_dir is not None else None
+        if files is None:
+            where = f"in {data_dir} (or its subfolders {[task.name, *task.file_dirs]})" if data_dir else \
+                "because no data_dir was given"
+            raise SentcompError(
+                f"No data files for task {task.name!r} {where}: expected, for each split {list(task.splits)}, "
+                f"<split>.tsv (sentence<TAB>label), <split>.csv or <split>.jsonl, or the authors' "
+                f"tr_inp.pkl/tr_labels.pkl and te_inp.pkl/te_labels.pkl."
+            )
+    return {split: read_split_file(file, task) for split, file in files.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TFDS (no TensorFlow needed: tfds.data_source reads array_record files)
+
+
+def _import_tfds(dataset_name: str):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise SentcompError(
+            "Reading TFDS datasets needs tensorflow-datasets: pip install 'sentcomp[tfds]' (TensorFlow itself "
+            "is not needed)."
+        ) from None
+    if dataset_name.split("/")[0] == "glue":
+        # Without TensorFlow, the legacy glue builder is registered only once its module is imported.
+        importlib.import_module("tensorflow_datasets.text.glue")
+    return tfds
+
+
+def load_tfds(task: Task | str, data_dir: str | Path | None = None, download: bool = False) -> dict[str, Split]:
+    """The task's splits from TFDS via ``tfds.data_source`` (array_record; TensorFlow not needed).
+
+    ``data_dir`` defaults to TFDS's (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). With ``download=False``
+    the dataset must already be prepared there in array_record format.
+    """
+    task = get_task(task)
+    if task.tfds is None:
+        raise SentcompError(f"Task {task.name!r} is not in TFDS; load it from files (source='files').")
+    tfds = _import_tfds(task.tfds.name)
+    splits = {}
+    for split, tfds_split in task.tfds.splits.items():
+        name = f"TFDS {task.tfds.name}[{tfds_split}]"
+        try:
+            source = tfds.data_source(task.tfds.name, split=tfds_split, data_dir=data_dir, download=download)
+        except Exception as error:  # TFDS raises many types for "not prepared here"; all mean the same to users
+            raise SentcompError(
+                f"Cannot read {name} from TFDS data_dir {data_dir or '(default)'}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}. Prepare it in array_record format on a machine "
+                f"with network (tfds build {task.tfds.name} --file_format=array_record), pass download=True, or "
+                "load the task from local files (source='files')."
+            ) from error
+        examples = (
+            (_tfds_text(record, task.tfds.text_keys, f"{name}, example {index}"), record.get(task.tfds.label_key),
+             f"{name}, example {index}")
+            for index, record in ((index, source[index]) for index in range(len(source)))
+        )
+        splits[split] = build_split(examples, task.label_names, name)
+    return splits
+
+
+def _tfds_text(record: dict, text_keys: Sequence[str], where: str) -> str:
+    missing = [key for key in text_keys if key not in record]
+    if missing:
+        raise SentcompError(f"{where}: missing feature(s) {missing}; the example has {sorted(record)}.")
+    parts = [record[key].decode("utf-8") if isinstance(record[key], bytes) else str(record[key]) for key in text_keys]
+    return " ".join(part.strip() for part in parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One entry point
+
+
+def load_builtin(task: Task | str) -> dict[str, Split]:
+    """The splits of a task whose data ships offline (``task.builtin = "module:function"``)."""
+    task = get_task(task)
+    if not task.builtin:
+        raise SentcompError(f"Task {task.name!r} has no built-in data; use source='files' or 'tfds'.")
+    module, _, function = task.builtin.partition(":")
+    return getattr(importlib.import_module(module), function)()
+
+
+def load_task(task: Task | str, data_dir: str | Path | None = None, source: str = "auto",
+              download: bool = False) -> dict[str, Split]:
+    """A task's labeled splits, ``{split name: Split}``.
+
+    ``source``: ``"files"`` (``task.files`` or files found in ``data_dir``), ``"tfds"`` (``data_dir`` is the TFDS
+    data dir; ``download`` lets TFDS fetch and prepare it), ``"builtin"`` (offline corpora), or ``"auto"``:
+    built-in data if the task has it, else local files if ``task.files`` is set or ``data_dir`` holds them,
+    else TFDS if the task is there.
+    """
+    task = get_task(task)
+    if source not in SOURCES:
+        raise SentcompError(f"Unknown data source {source!r}; expected one of {list(SOURCES)}.")
+    if source == "auto":
+        if task.builtin:
+            source = "builtin"
+        elif task.files or (data_dir is not None and find_split_files(task, data_dir) is not None):
+            source = "files"
+        elif task.tfds is not None:
+            source = "tfds"
+        else:
+            source = "files"  # raises the error that says which files are expected
+    if source == "builtin":
+        return load_builtin(task)
+    if source == "tfds":
+        return load_tfds(task, data_dir, download=download)
+    return load_files(task, data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train/test pairs for evaluation
+
+
+def repeated_splits(texts: Sequence[str], labels: Sequence[int], n: int = 10, test_fraction: float = 0.1,
+                    seed: int = 0) -> list[tuple[Split, Split]]:
+    """``n`` random (train, test) splits of the pooled data, test = ``round(N·test_fraction)`` examples.
+
+    The paper's protocol for tasks without an official split (MPQA, CR): 10 random 90/10 splits, accuracies
+    averaged. Unlike the authors' code the permutations are seeded: repeat ``i`` uses the ``i``-th permutation
+    drawn from ``numpy.random.default_rng(seed)``.
+    """
+    pooled = Split(list(texts), np.asarray(labels))
+    size = len(pooled)
+    n_test = int(round(size * test_fraction))
+    if not 0 < n_test < size:
+        raise SentcompError(
+            f"Cannot make a {test_fraction:.0%} test split of {size} examples: both sides need an example."
+        )
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        order = rng.permutation(size)
+        pairs.append((pooled.take(order[n_test:]), pooled.take(order[:n_test])))
+    return pairs
+
+
+def evaluation_splits(task: Task | str, splits: dict[str, Split], n_repeats: int = 10,
+                      test_fraction: float = 0.1, seed: int = 0) -> list[tuple[Split, Split]]:
+    """The (train, test) pairs a task is evaluated on: its official pair, or for tasks without an official
+    split (``task.official_split`` False) ``repeated_splits`` of all its splits pooled."""
+    task = get_task(task)
+    if task.official_split:
+        if "train" not in splits or "test" not in splits:
+            raise SentcompError(f"Task {task.name!r} needs 'train' and 'test' splits, got {sorted(splits)}.")
+        return [(splits["train"], splits["test"])]
+    pooled = Split.concatenate(splits.values())
+    return repeated_splits(pooled.texts, pooled.labels, n_repeats, test_fraction, seed)
+
+
+def stratified_split(split: Split, test_fraction: float, seed: int) -> tuple[Split, Split]:
+    """A seeded (train, test) split keeping each class's share: class ``c`` (in index order) sends
+    ``round(n_c·test_fraction)`` of its examples, chosen by ``default_rng(seed).permutation``, to test.
+    Both sides keep the original example order."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for label in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == label)
+        test.extend(rng.permutation(members)[: int(round(len(members) * test_fraction))])
+    is_test = np.zeros(len(split), bool)
+    is_test[test] = True
+    return split.take(np.flatnonzero(~is_test)), split.take(np.flatnonzero(is_test))

