@@ -9,6 +9,7 @@ file, or an alias of an offline asset (see ``ALIASES``). The family is read from
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
@@ -21,8 +22,11 @@ FAMILIES = {
     "bert": "sentcomp.models.bert",
 }
 
-# Short names of models that exist offline -> a loadable source (a path); families add theirs.
-ALIASES: dict[str, str] = {}
+# Short names of models that exist offline -> a loadable source (a path), or a function returning one (called
+# by load(), so a missing offline package is reported only when its alias is used); families add theirs.
+ALIASES: dict[str, str | Callable[[], str]] = {
+    "smollm2-135m": lambda: importlib.import_module("sentcomp.models.gguf_loader").smollm2_135m_path(),
+}
 
 
 def family_module(model_type: str):
@@ -45,6 +49,7 @@ def load(source: str, **options) -> LanguageModel:
     ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2).
     """
     source = ALIASES.get(source, source)
+    source = source() if callable(source) else source
     if source.endswith(".gguf"):
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
     model_dir = hf.resolve_hub_or_dir(source)

