@@ -8,6 +8,16 @@ from sentcomp.kernels.features import (
     word_probs,
 )
 from sentcomp.kernels.losses import masked_mean, quad_loss, quad_per_position, xent_loss, xent_per_position
+from sentcomp.kernels.partition import (
+    AffineFit,
+    QuadraticFit,
+    embedding_covariance,
+    fit_affine,
+    fit_log_partition,
+    fit_log_partition_fixed_a,
+    gaussian_log_partition,
+    r_squared,
+)
 
 __all__ = [
     "conditional_mean_features",
@@ -20,4 +30,12 @@ __all__ = [
     "xent_per_position",
     "quad_loss",
     "quad_per_position",
+    "AffineFit",
+    "QuadraticFit",
+    "embedding_covariance",
+    "fit_affine",
+    "fit_log_partition",
+    "fit_log_partition_fixed_a",
+    "gaussian_log_partition",
+    "r_squared",
 ]
