@@ -1,11 +1,24 @@
-"""Loading experiment config files the way ``--config=experiments/X.py:arg`` does, for tests and sweeps."""
+"""Config files and their validation: loading ``experiments/X.py:arg``, overrides, required fields, diffs.
+
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict`` and optionally
+``get_sweep(arg=None) -> list[dict]`` (the points of a hyperparameter sweep, see :mod:`sentcomp.sweep`).
+``arg`` is the text after ``:`` in ``--config=experiments/X.py:arg``, a ``key=value,flag,...`` string that
+:func:`parse_config_arg` reads. A field the user must set is declared with
+``ml_collections.config_dict.placeholder(type)``; :func:`check_required` refuses to run while one is unset.
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import inspect
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from sentcomp.errors import SentcompError
 
@@ -23,10 +36,144 @@ def load_module(path: str | Path):
     return module
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"experiments/X.py:a=1,smoke"`` -> ``("experiments/X.py", "a=1,smoke")``; ``arg`` is None when absent."""
+    path, _, arg = spec.partition(":")
+    return path, arg or None
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """``"experiments/X.py:arg"`` -> ``get_config(arg)`` (``arg`` None when absent)."""
-    path, _, arg = spec.partition(":")
+    path, arg = split_spec(spec)
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise SentcompError(f"Config file {path} has no get_config(arg) function.")
-    return module.get_config(arg or None)
+    return module.get_config(arg)
+
+
+def load_sweep(spec: str) -> list[dict[str, Any]]:
+    """The sweep points of ``"experiments/X.py:arg"``: ``get_sweep(arg)`` (or ``get_sweep()`` if it takes none)."""
+    path, arg = split_spec(spec)
+    module = load_module(path)
+    if not hasattr(module, "get_sweep"):
+        raise SentcompError(f"Config file {path} defines no get_sweep(): it has nothing to sweep over.")
+    takes_arg = bool(inspect.signature(module.get_sweep).parameters)
+    points = module.get_sweep(arg) if takes_arg else module.get_sweep()
+    if not points or not all(isinstance(point, Mapping) for point in points):
+        raise SentcompError(f"{path}: get_sweep() must return a non-empty list of {{config key: value}} dicts.")
+    return [dict(point) for point in points]
+
+
+def _parse_value(name: str, text: str, default: Any) -> Any:
+    """``text`` read as the type of ``default`` (a string when the default is None or a string)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SentcompError(f"Config argument {name}={text!r}: expected true or false.")
+        return text.lower() in ("true", "1")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise SentcompError(f"Config argument {name}={text!r}: expected {type(default).__name__}.") from None
+    return text
+
+
+def parse_config_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Reads a config file's ``arg`` (``"task=sst2,smoke"``) against ``defaults`` (``task="sst2", smoke=False``).
+
+    A bare name is a flag set to True. Each value takes the type of its default. An unknown name raises
+    :class:`SentcompError` listing the accepted ones.
+    """
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, text = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise SentcompError(f"Unknown config argument {name!r}; this config accepts: {', '.join(defaults)}.")
+        parsed[name] = _parse_value(name, text.strip(), defaults[name]) if has_value else True
+    return parsed
+
+
+def _walk_to_parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding the dotted ``key``, and the key's last part; unknown parts raise SentcompError."""
+    parent, path = config, "config"
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
+            if not isinstance(parent, ml_collections.ConfigDict):
+                raise SentcompError(f"Unknown config key {key!r}: {path} is a value, not a group of fields.")
+            choices = ", ".join(sorted(parent.keys()))
+            raise SentcompError(f"Unknown config key {key!r}: {path} has no field {part!r}. Valid keys: {choices}.")
+        if depth < len(parts) - 1:
+            parent, path = parent[part], f"{path}.{part}"
+    return parent, parts[-1]
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises SentcompError naming ``key`` and the valid choices if the dotted ``key`` is not in ``config``."""
+    _walk_to_parent(config, key)
+
+
+def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the dotted keys of ``values`` set, e.g. ``{"model.dim": 64}``.
+
+    Keys must already exist and values must fit the field's type (ConfigDict's own type rules: an int may
+    set a float field, nothing else converts); otherwise :class:`SentcompError` names the key.
+    """
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        parent, leaf = _walk_to_parent(config, key)
+        try:
+            parent[leaf] = value
+        except TypeError as error:
+            raise SentcompError(f"config.{key} = {value!r} has the wrong type: {error}") from None
+    return config
+
+
+def missing_required(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted keys of the placeholders (``config_dict.placeholder(type)``) that are still unset."""
+    missing = []
+    for key, value in config.items(preserve_field_references=True):
+        if isinstance(value, config_dict.FieldReference) and value.get() is None:
+            missing.append(f"{prefix}{key}")
+        elif isinstance(value, ml_collections.ConfigDict):
+            missing.extend(missing_required(value, f"{prefix}{key}."))
+    return missing
+
+
+def check_required(config: ml_collections.ConfigDict) -> None:
+    """Raises SentcompError naming every required field (placeholder) the user has not set."""
+    missing = missing_required(config)
+    if missing:
+        fields = ", ".join(missing)
+        example = " ".join(f"--config.{key}=..." for key in missing)
+        raise SentcompError(f"Required config field(s) not set: {fields}. Set them, e.g. {example}.")
+
+
+def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as it is saved in ``config.json`` (JSON types: tuples become lists)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Lines ``key: old -> new`` for the dotted keys that differ between two plain configs, except ``ignore``."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if key in ignore:
+            continue
+        before, after = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if before != after:
+            lines.append(f"{key}: {before!r} -> {after!r}")
+    return lines

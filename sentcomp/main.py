@@ -1,47 +1,118 @@
-"""The command line: ``python -m sentcomp.main --config=experiments/X.py[:args] --workdir=DIR``.
+"""The command line: run one experiment, or a sweep of them, on one machine or many.
+
+    python -m sentcomp.main --config=experiments/X.py[:args] --workdir=DIR [--config.key=value ...]
+    python -m sentcomp.main --config=experiments/X.py --workdir=DIR --sweep [--parallel=N]
+    python -m sentcomp.main ... --dry_run       # validate and print the config (and the sweep's points)
 
 The config file's ``get_config(arg)`` returns an ``ml_collections.ConfigDict`` whose ``program`` names a module
-with ``run(config, workdir)``; this file only parses flags, records the config in the workdir and calls it.
+with ``run(config, workdir)`` (conventions in :mod:`sentcomp.runner`; sweeps in :mod:`sentcomp.sweep`). Before
+any work: ``--config.key=value`` overrides must name existing keys with values of the right type, required
+fields (placeholders) must be set, and a workdir that already holds a run must have been run with the same
+config, in which case the program resumes. A user mistake prints one ``error:`` line and exits with code 2.
+
+Several processes (hosts) run the same command and join JAX's multi-process runtime first:
+
+    --distributed                     let JAX detect the cluster (Cloud TPU VM slices, SLURM, Open MPI)
+    --coordinator_address=HOST:PORT --num_processes=N --process_id=I   explicit (or JAX_COORDINATOR_ADDRESS,
+                                      JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment)
 """
 
 from __future__ import annotations
 
-import importlib
+import re
 import sys
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from sentcomp import config_files, parallel, runner, sweep
 from sentcomp.errors import SentcompError
+from sentcomp.runner import run_program
+
+__all__ = ["run_program", "main"]
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/table1.py:smoke")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the run's record (config, metrics, results).")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config file's get_sweep() into WORKDIR/<point>/.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "With --sweep: how many points run at once (in subprocesses).", lower_bound=1)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config (and sweep), print what would run, run nothing.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host JAX run, the cluster detected by JAX.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+_OVERRIDE = re.compile(r"^--(?:no)?config\.([^=\s]+)")
 
-def run_program(config, workdir: str | Path):
-    """Runs the program ``config.program`` names in ``workdir``, after saving the config there."""
-    if "program" not in config:
-        raise SentcompError("The config has no 'program' key: set it to the module to run, e.g. 'sentcomp.evaluate'.")
+
+def _fail(message: object) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_spec(args: list[str]) -> str | None:
+    """The value of the last ``--config`` in ``args`` (``--config=X`` or ``--config X``), as absl reads it."""
+    spec = None
+    for index, arg in enumerate(args):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and index + 1 < len(args):
+            spec = args[index + 1]
+    return spec
+
+
+def check_config_flags(args: list[str]) -> None:
+    """The ``--config`` file must load and every ``--config.a.b=...`` must name one of its keys; otherwise
+    SentcompError says what is wrong (and the valid keys)."""
+    spec = _config_spec(args)
+    if spec is None:
+        return  # absl reports the missing required flag
+    config = config_files.load_config(spec)
+    for key in (match.group(1) for match in map(_OVERRIDE.match, args) if match):
+        config_files.check_key(config, key)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with override keys checked first and flag errors shown as one clean line."""
     try:
-        program = importlib.import_module(config.program)
-    except ModuleNotFoundError as error:
-        raise SentcompError(f"config.program = {config.program!r} is not an importable module ({error}).") from None
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    return program.run(config, workdir)
-
-
-def main(argv):
-    del argv
-    try:
-        run_program(_CONFIG.value, _WORKDIR.value)
+        check_config_flags(argv[1:])
+        return flags.FLAGS(argv)
     except SentcompError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(error)
+    except flags.Error as error:
+        _fail(f"{error} (see --helpfull)")
+
+
+def run_from_flags() -> None:
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if _SWEEP.value:
+        points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+        if _DRY_RUN.value:
+            for point, name in zip(points, sweep.point_names(points)):
+                runner.validate(config_files.override(config, point), f"{workdir}/{name}")
+                print(f"{workdir}/{name}")
+            return
+        rows = sweep.run_sweep(config, points, workdir, _PARALLEL.value)
+        failed = [row["name"] for row in rows if row["status"] == "failed"]
+        print(f"Sweep table: {workdir}/sweep.md")
+        if failed:
+            raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} (see {workdir}/sweep.md).")
+    elif _DRY_RUN.value:
+        runner.validate(config, workdir)
+        print(config)
+    else:
+        run_program(config, workdir)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
+    try:
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+        run_from_flags()
+    except SentcompError as error:
+        _fail(error)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

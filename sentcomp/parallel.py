@@ -3,13 +3,26 @@
 Data parallelism is ``jax.jit`` over one 1-D mesh whose axis ``"data"`` spans every device (of every host):
 batches are sharded along their leading axis, parameters are replicated. Kernels never choose shardings;
 the programs do, through these helpers.
+
+Several hosts (a Cloud TPU pod slice, several GPU nodes, or several processes on one machine) use JAX's own
+multi-controller runtime: every process runs the same program, :func:`initialize_distributed` joins them
+before any JAX computation, :func:`data_mesh` then spans all processes' devices, and each process loads only
+the rows :func:`host_row_indices` names and assembles the global batch with :func:`global_batch`. Results
+are fetched to every host with :func:`fetch`; files are written by :func:`is_main_process` only. Orbax
+checkpoints of globally sharded arrays are written by all processes together (every process calls save on
+the same path, which must be on a filesystem all hosts share).
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sentcomp.errors import SentcompError
 
 DATA_AXIS = "data"
 
@@ -43,3 +56,96 @@ def replicate(tree, mesh: Mesh):
 def pad_to_multiple(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ≥ ``n`` (batch sizes must divide over the devices)."""
     return -(-n // multiple) * multiple
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SentcompError(f"Environment variable {name}={value!r} must be an integer.") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> bool:
+    """Joins JAX's multi-process runtime (``jax.distributed.initialize``); returns whether it did.
+
+    Unset arguments come from the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. With no coordinator and ``auto`` False, or with a single process, this is a no-op.
+    ``auto=True`` lets JAX detect the cluster itself (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes).
+    Must run before any JAX computation; calling it again once initialised does nothing.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if auto and coordinator_address is None:
+        kwargs = {}
+    elif coordinator_address is None or num_processes == 1:
+        return False
+    elif num_processes is None or process_id is None:
+        raise SentcompError(
+            f"Multi-process run with coordinator {coordinator_address} needs both the number of processes and "
+            "this process's id: pass --num_processes and --process_id (or set JAX_NUM_PROCESSES, JAX_PROCESS_ID)."
+        )
+    elif not 0 <= process_id < num_processes:
+        raise SentcompError(f"process_id must be in [0, {num_processes}), got {process_id}.")
+    else:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as error:
+        raise SentcompError(f"Could not join the multi-process JAX runtime: {error}") from None
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that writes files (config, results) for all processes."""
+    return jax.process_index() == 0
+
+
+def host_row_indices(global_size: int, mesh: Mesh) -> np.ndarray:
+    """The rows of a ``global_size``-row batch that this process must load, in the order :func:`global_batch`
+    expects them (``global_size`` must divide evenly over the mesh's devices)."""
+    if global_size % mesh.size:
+        raise SentcompError(f"A global batch of {global_size} rows does not split over {mesh.size} devices.")
+    device_slices = batch_sharding(mesh).addressable_devices_indices_map((global_size,)).values()
+    starts = sorted({index[0].start or 0 for index in device_slices})
+    rows_per_device = global_size // mesh.size
+    return np.concatenate([np.arange(start, start + rows_per_device) for start in starts])
+
+
+def global_batch(local_tree, mesh: Mesh):
+    """Assembles each process's rows (from :func:`host_row_indices`) into arrays sharded over the whole mesh.
+
+    With one process this equals :func:`shard_batch`; with several, each process passes only its own rows.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda local: jax.make_array_from_process_local_data(sharding, np.asarray(local)), local_tree)
+
+
+def fetch(tree):
+    """Every array of ``tree`` as a whole numpy array on every process (gathered across hosts if needed)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def broadcast_from_main(tree):
+    """Process 0's value of ``tree`` (numpy arrays/scalars) on every process, so all take the same decision."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,251 @@
+"""Hyperparameter sweeps: the points of a config file's ``get_sweep()``, each run into ``DIR/<point-name>/``.
+
+A config file lists its points with the helpers below; each point is a ``{dotted config key: value}`` dict
+applied on top of the base config (``get_config(arg)`` plus any ``--config.key=value`` overrides)::
+
+    from sentcomp import sweep
+
+    def get_sweep(arg=None):
+        return sweep.product(
+            sweep.axis("task", ["sst2", "agnews"]),
+            sweep.zip(sweep.axis("probe.max_iter", [100, 200]), sweep.axis("seed", [0, 1])),
+        )  # 4 points
+
+    python -m sentcomp.main --config=experiments/X.py --workdir=DIR --sweep [--parallel=4]
+
+Every point is validated (keys exist, types fit) before the first one runs. Points run one after another
+in this process, or ``parallel`` at a time in subprocesses (``python -m sentcomp.sweep``; output in
+``DIR/<point>/log.txt``), which suits CPU work; on accelerators run them one at a time so each point has
+every device (with several hosts, points always run one at a time, all hosts together).
+
+Each point goes through :func:`sentcomp.runner.run_program`, whose ``done.json`` marks it complete and holds
+its headline metrics (the dict the program's ``run`` returns, or the scalars of its ``results.json``; see
+:mod:`sentcomp.runner`). On a re-run, complete points are skipped (after checking their recorded config
+still matches). A failing point leaves its traceback in ``DIR/<point>/error.txt`` and the others go on.
+At the end ``DIR/sweep.json`` and ``DIR/sweep.md`` hold one row per point: its status (``done``, ``reused``:
+complete from an earlier run, ``failed``), hyperparameters and headline metrics.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import itertools
+import pickle
+import re
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from sentcomp import config_files, parallel, runner
+from sentcomp.errors import SentcompError
+
+ERROR_FILE = "error.txt"
+LOG_FILE = "log.txt"
+MAX_NAME_LENGTH = 100
+
+Point = dict[str, Any]
+
+
+def axis(key: str, values: Iterable[Any]) -> list[Point]:
+    """One hyperparameter's values: ``axis("lr", [1, 2])`` -> ``[{"lr": 1}, {"lr": 2}]``."""
+    return [{key: value} for value in values]
+
+
+def _merge(points: tuple[Point, ...]) -> Point:
+    merged: Point = {}
+    for point in points:
+        clash = merged.keys() & point.keys()
+        if clash:
+            raise SentcompError(f"Sweep combines the key(s) {sorted(clash)} twice; each key may vary in one part only.")
+        merged.update(point)
+    return merged
+
+
+def product(*sweeps: list[Point]) -> list[Point]:
+    """Every combination of the points of ``sweeps`` (the last one varies fastest)."""
+    return [_merge(combination) for combination in itertools.product(*sweeps)]
+
+
+def zip(*sweeps: list[Point]) -> list[Point]:  # noqa: A001 - read as sweep.zip in config files
+    """The i-th points of ``sweeps`` merged together; all must have the same length."""
+    lengths = {len(points) for points in sweeps}
+    if len(lengths) > 1:
+        raise SentcompError(f"sweep.zip needs parts of equal length, got lengths {[len(p) for p in sweeps]}.")
+    return [_merge(combination) for combination in builtins.zip(*sweeps)]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_format_value(item) for item in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def point_name(point: Point) -> str:
+    """A directory name for ``point``: ``{"lr": 0.001, "dim": 8}`` -> ``"lr=0.001,dim=8"`` (``"base"`` if empty).
+
+    Characters outside ``[A-Za-z0-9._+=,-]`` become ``_``; a name over 100 characters is cut and suffixed with
+    a hash of the full name so it stays unique.
+    """
+    name = ",".join(f"{key}={_format_value(value)}" for key, value in point.items()) or "base"
+    name = re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+    if len(name) > MAX_NAME_LENGTH:
+        name = f"{name[: MAX_NAME_LENGTH - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def point_names(points: list[Point]) -> list[str]:
+    """The names of ``points``, which must be distinct."""
+    names = [point_name(point) for point in points]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SentcompError(f"The sweep lists the same point more than once: {duplicates}.")
+    return names
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None]:
+    """Runs one point in this process: ``("done", None)`` or ``("failed", reason)`` (traceback in error.txt)."""
+    (point_dir / ERROR_FILE).unlink(missing_ok=True)
+    try:
+        runner.run_program(config, point_dir)
+        return "done", None
+    except Exception:  # one failing point must not stop the sweep
+        details = traceback.format_exc()
+        if parallel.is_main_process():
+            point_dir.mkdir(parents=True, exist_ok=True)
+            (point_dir / ERROR_FILE).write_text(details)
+        return "failed", _last_line(details)
+
+
+def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None]:
+    """Runs one point with ``python -m sentcomp.sweep`` (config pickled on stdin, output in log.txt)."""
+    point_dir.mkdir(parents=True, exist_ok=True)
+    with open(point_dir / LOG_FILE, "wb") as log:
+        exit_code = subprocess.run(
+            [sys.executable, "-m", "sentcomp.sweep"],
+            input=pickle.dumps((config, point_dir)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
+    if exit_code == 0:
+        return "done", None
+    error_file = point_dir / ERROR_FILE
+    if error_file.exists():
+        return "failed", _last_line(error_file.read_text())
+    reason = f"the point's process exited with code {exit_code}: {_last_line((point_dir / LOG_FILE).read_text())}"
+    error_file.write_text(reason + "\n")
+    return "failed", reason
+
+
+def _already_done(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None] | None:
+    """``("reused", None)`` for a complete point whose config still matches, a failure if it does not,
+    None if the point still has to run."""
+    if runner.read_done(point_dir) is None:
+        return None
+    try:
+        runner.check_resume(config, point_dir)
+    except SentcompError as error:
+        return "failed", str(error)
+    return "reused", None
+
+
+def run_sweep(
+    config: ml_collections.ConfigDict, points: list[Point], sweep_dir: str | Path, parallel_points: int = 1
+) -> list[dict[str, Any]]:
+    """Runs every point of the sweep into ``sweep_dir/<point-name>/`` and writes sweep.json and sweep.md.
+
+    Returns the table's rows (see :func:`aggregate`).
+    """
+    sweep_dir = Path(sweep_dir)
+    names = point_names(points)
+    configs = [config_files.override(config, point) for point in points]  # every point is checked up front
+    if parallel_points > 1 and jax.process_count() > 1:
+        raise SentcompError("--parallel runs points in subprocesses of one host; with several hosts use --parallel=1.")
+    outcomes = {name: _already_done(cfg, sweep_dir / name) for name, cfg in builtins.zip(names, configs)}
+    to_run = parallel.broadcast_from_main(np.array([outcomes[name] is None for name in names]))
+    pending = [(name, cfg) for name, cfg, run in builtins.zip(names, configs, to_run) if run]
+    print(f"Sweep of {len(points)} points into {sweep_dir}: {len(points) - len(pending)} already complete.")
+
+    def run_one(item):
+        name, cfg = item
+        run = run_point if parallel_points == 1 else _run_point_in_subprocess
+        outcome = run(cfg, sweep_dir / name)
+        print(f"[sweep] {name}: {outcome[0]}" + (f" ({outcome[1]})" if outcome[1] else ""), flush=True)
+        return name, outcome
+
+    if parallel_points == 1:
+        outcomes.update(map(run_one, pending))
+    else:
+        with ThreadPoolExecutor(max_workers=parallel_points) as pool:
+            outcomes.update(pool.map(run_one, pending))
+    return aggregate(points, sweep_dir, outcomes)
+
+
+def aggregate(
+    points: list[Point], sweep_dir: Path, outcomes: dict[str, tuple[str, str | None]]
+) -> list[dict[str, Any]]:
+    """Writes ``sweep.json`` (``{"rows": [...]}``) and ``sweep.md``; a row is ``{"name", "status", "params",
+    "metrics", "error"}`` with the metrics read from the point's done.json."""
+    rows = []
+    for point, name in builtins.zip(points, point_names(points)):
+        status, error = outcomes[name]
+        metrics = runner.read_done(sweep_dir / name) if status != "failed" else None
+        rows.append({"name": name, "status": status, "params": point, "metrics": metrics or {}, "error": error})
+    if parallel.is_main_process():
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        runner.write_json(sweep_dir / "sweep.json", {"rows": rows})
+        (sweep_dir / "sweep.md").write_text(markdown_table(rows))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = f"{value:.4g}" if isinstance(value, float) else _format_value(value)
+    return text.replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per point: name, status, hyperparameters, headline metrics; failures listed below."""
+    params = list(dict.fromkeys(key for row in rows for key in row["params"]))
+    metrics = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
+    header = ["point", "status", *params, *metrics]
+    lines = [
+        f"# Sweep: {len(rows)} points, {sum(row['status'] != 'failed' for row in rows)} complete",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row["name"], row["status"]]
+        cells += [_cell(row["params"].get(key)) for key in params]
+        cells += [_cell(row["metrics"].get(key)) for key in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    failures = [row for row in rows if row["status"] == "failed"]
+    if failures:
+        lines += ["", "## Failures", ""]
+        lines += [f"- `{row['name']}`: {row['error']} (see {row['name']}/{ERROR_FILE})" for row in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _run_pickled_point() -> int:
+    """Subprocess entry of a parallel sweep: runs the (config, point_dir) pickled on stdin."""
+    config, point_dir = pickle.load(sys.stdin.buffer)
+    status, _ = run_point(config, Path(point_dir))
+    return 0 if status == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_run_pickled_point())
