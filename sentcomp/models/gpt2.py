@@ -1,0 +1,404 @@
+"""GPT-2 in Flax, loading Hugging Face weights, seen by the rest of sentcomp as pure functions over params.
+
+Architecture (Radford et al. 2019; HF ``GPT2Model``): token + learned position embeddings, ``n_layer`` pre-norm
+blocks ``x += attn(ln_1(x)); x += mlp(ln_2(x))`` with causal multi-head self-attention, and a final LayerNorm
+``ln_f``. Features ``f(s)`` are the ``ln_f`` outputs; logits are ``f(s)ᵀφ_w`` with ``Φ = wte`` (tied).
+
+The paper's **Quad architecture** (``quad_head=True``, Section 6 of arXiv 2010.03648) adds one d×d linear layer
+with bias after ``ln_f``, whose output is ``f(s)``, and unties Φ from ``wte``. Both live in the params pytree
+(``params["quad_head"]`` and ``params["phi"]``), so training code differentiates them like any other weight.
+
+Public API:
+  - :class:`GPT2Config`, :func:`gpt2_config` (``"small"|"medium"|"large"|"xl"`` presets), :func:`config_from_hf`.
+  - :func:`init(config, rng, quad_head=False)` -> randomly initialised :class:`LanguageModel`.
+  - :func:`from_hf(model_dir, config, name, quad_head=None)` -> :class:`LanguageModel` with HF weights
+    (``sentcomp.models.load("gpt2")`` calls it).
+  - :func:`save_hf(lm, directory)`: writes ``config.json`` + ``model.safetensors`` in HF naming (loadable by
+    transformers' ``GPT2LMHeadModel`` unless the model has a Quad head).
+  - :func:`hidden_fn`, :func:`phi_fn`, :func:`logits_fn`: the pure functions (``lm.hidden_fn`` is
+    ``functools.partial(hidden_fn, config)``).
+
+Padding: ``attention_mask`` marks real tokens; pad keys are never attended to. Positions are ``0..T-1`` as in HF
+(use right padding, as sentcomp.features does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sentcomp.errors import SentcompError
+from sentcomp.models import hf
+from sentcomp.models.base import LanguageModel
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# HF ``activation_function`` names -> jnp functions (transformers/activations.py semantics).
+ACTIVATIONS = {
+    "gelu_new": lambda x: 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters (HF ``GPT2Config`` names) plus sentcomp's Quad-architecture switch."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    quad_head: bool = False  # extra d×d linear layer (with bias) after ln_f; its output is f(s)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise SentcompError(f"GPT-2 config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
+        if self.activation_function not in ACTIVATIONS:
+            raise SentcompError(
+                f"GPT-2 config: activation_function {self.activation_function!r} is not supported; "
+                f"choose one of {sorted(ACTIVATIONS)}."
+            )
+        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, field) < 1:
+                raise SentcompError(f"GPT-2 config: {field} must be ≥ 1, got {getattr(self, field)}.")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS = {
+    "small": dict(n_embd=768, n_layer=12, n_head=12),
+    "medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "xl": dict(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+def gpt2_config(size: str | None = None, **overrides) -> GPT2Config:
+    """A :class:`GPT2Config`: the shape of ``gpt2``/``-medium``/``-large``/``-xl`` (``size``), then ``overrides``."""
+    if size is not None and size not in PRESETS:
+        raise SentcompError(f"Unknown GPT-2 size {size!r}; choose one of {sorted(PRESETS)}.")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(GPT2Config)}
+    if unknown:
+        raise SentcompError(f"Unknown GPT-2 config keys {sorted(unknown)}.")
+    return GPT2Config(**{**PRESETS.get(size, {}), **overrides})
+
+
+_QUAD_KEY = "sentcomp_quad_head"  # config.json flag of checkpoints with the Quad head (written by save_hf)
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> GPT2Config:
+    """The :class:`GPT2Config` of a HF ``config.json`` dict.
+
+    Keys that do not change inference (dropout rates, other tasks' heads, ``reorder_and_upcast_attn``, which
+    only matters for fp16 training; we compute attention in fp32) are ignored.
+    """
+    if hf_config.get("add_cross_attention"):
+        raise SentcompError("GPT-2 with cross-attention (add_cross_attention=true) is not a language model; unsupported.")
+    fields = {f.name for f in dataclasses.fields(GPT2Config)} - {"quad_head"}
+    values = {key: hf_config[key] for key in fields if key in hf_config}
+    return GPT2Config(**values, quad_head=bool(hf_config.get(_QUAD_KEY, False)))
+
+
+def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
+    """The HF ``config.json`` of ``config`` (``GPT2LMHeadModel``), with sentcomp's Quad flag when set."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "quad_head"}
+    out = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **values}
+    out.update(bos_token_id=50256, eos_token_id=50256, n_ctx=config.n_positions)
+    if config.quad_head:
+        out[_QUAD_KEY] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """``x [B, T, d]``, ``mask [B, T]`` bool (real tokens) -> ``[B, T, d]``."""
+        cfg = self.config
+        batch, length, _ = x.shape
+        init = nn.initializers.normal(cfg.initializer_range)
+        qkv = nn.Dense(3 * cfg.n_embd, kernel_init=init, name="c_attn")(x)
+        q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        scale = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        allowed = causal[None, None] & mask[:, None, None, :]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, cfg.n_embd)
+        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
+        return nn.Dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(out)
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = nn.Dense(cfg.inner_dim, kernel_init=nn.initializers.normal(cfg.initializer_range), name="c_fc")(x)
+        x = ACTIVATIONS[cfg.activation_function](x)
+        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
+        return nn.Dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(x)
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x-μ)²] like torch, not E[x²]-μ² (which loses precision).
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_fast_variance=False, name=name)
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + CausalSelfAttention(self.config, self.layer_idx, name="attn")(_layer_norm(self.config, "ln_1")(x), mask)
+        return x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
+
+
+class GPT2(nn.Module):
+    """Token ids ``[B, T]`` and attention mask ``[B, T]`` -> features ``f(s)`` at every position ``[B, T, d]``."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        mask = attention_mask.astype(bool)
+        positions = jnp.arange(token_ids.shape[1])
+        x = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, name="wte")(token_ids)
+        x = x + nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")(positions)[None]
+        for i in range(cfg.n_layer):
+            x = Block(cfg, i, name=f"h_{i}")(x, mask)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if cfg.quad_head:
+            eye = lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype)  # noqa: E731
+            x = nn.Dense(cfg.n_embd, kernel_init=eye, name="quad_head")(x)
+        if not cfg.tie_word_embeddings:
+            self.param("phi", init, (cfg.vocab_size, cfg.n_embd))
+        return x
+
+
+def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
+    if token_ids.shape[1] > config.n_positions:
+        raise SentcompError(
+            f"Sequences of {token_ids.shape[1]} tokens exceed this GPT-2's context of {config.n_positions}; "
+            "truncate them (sentcomp.features does)."
+        )
+    return GPT2(config).apply({"params": params}, token_ids, attention_mask)
+
+
+def phi_fn(params) -> jax.Array:
+    """Output word embeddings Φ ``[V, d]``: the untied ``params["phi"]`` if present, else the tied ``wte``."""
+    return params["phi"] if "phi" in params else params["wte"]["embedding"]
+
+
+def logits_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Next-token logits ``f(s)ᵀφ_w`` at every position, ``[B, T, V]`` (small inputs only: it is V-wide)."""
+    return jnp.einsum("btd,vd->btv", hidden_fn(config, params, token_ids, attention_mask), phi_fn(params))
+
+
+def _check_tokenizer_fits(tokenizer, config: GPT2Config, name: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise SentcompError(
+            f"Model {name}: its tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
+            "embeddings; pass a tokenizer matching the model's vocabulary."
+        )
+
+
+def _language_model(name: str, config: GPT2Config, params, tokenizer) -> LanguageModel:
+    _check_tokenizer_fits(tokenizer, config, name)
+    return LanguageModel(
+        name=name,
+        family="gpt2",
+        config=config,
+        params=params,
+        hidden_fn=functools.partial(hidden_fn, config),
+        phi_fn=phi_fn,
+        tokenizer=tokenizer,
+        max_length=config.n_positions,
+    )
+
+
+def _with_quad(config: GPT2Config, quad_head: bool | None) -> GPT2Config:
+    """``quad_head=True`` turns on the paper's Quad architecture: the extra linear layer and an untied Φ."""
+    if quad_head:
+        return dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
+    if quad_head is False and config.quad_head:
+        raise SentcompError("This checkpoint has a Quad head; quad_head=False cannot drop it.")
+    return config
+
+
+def init(config: GPT2Config, rng: jax.Array | int = 0, quad_head: bool = False, tokenizer=None,
+         name: str | None = None) -> LanguageModel:
+    """A randomly initialised GPT-2 (GPT-2's init: N(0, 0.02), residual projections scaled by 1/√(2·n_layer)).
+
+    ``quad_head=True`` gives the Quad architecture (head initialised to the identity, untied Φ ~ N(0, 0.02)).
+    ``tokenizer`` defaults to the real GPT-2 tokenizer.
+    """
+    from sentcomp.models.tokenizers import gpt2_tokenizer
+
+    config = _with_quad(config, quad_head)
+    tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
+    name = name or f"gpt2-random(d={config.n_embd},L={config.n_layer},quad={config.quad_head})"
+    _check_tokenizer_fits(tokenizer, config, name)
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    params = jax.jit(lambda key: GPT2(config).init(key, dummy, jnp.ones_like(dummy))["params"])(rng)
+    return _language_model(name, config, params, tokenizer)
+
+
+# -------------------------------------------------------------------------------- HF checkpoint name map
+
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers stored by older checkpoints
+_TRANSPOSED = {"quad_head/kernel"}  # stored as torch nn.Linear [out, in]; Flax Dense kernels are [in, out]
+
+
+def hf_name_map(config: GPT2Config, prefix: str = "transformer.") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{our "/"-joined param path: (HF tensor name, expected HF shape)}``.
+
+    GPT-2's Conv1D weights are already ``[in, out]`` like Flax Dense kernels; ``lm_head.weight`` is ``[V, d]``
+    like Φ. ``prefix`` is ``"transformer."`` for ``GPT2LMHeadModel`` checkpoints, ``""`` for ``GPT2Model``'s.
+    """
+    d, inner = config.n_embd, config.inner_dim
+    names = {
+        "wte/embedding": ("wte.weight", (config.vocab_size, d)),
+        "wpe/embedding": ("wpe.weight", (config.n_positions, d)),
+        "ln_f/scale": ("ln_f.weight", (d,)),
+        "ln_f/bias": ("ln_f.bias", (d,)),
+    }
+    for i in range(config.n_layer):
+        layer = {
+            "ln_1/scale": ("ln_1.weight", (d,)),
+            "ln_1/bias": ("ln_1.bias", (d,)),
+            "attn/c_attn/kernel": ("attn.c_attn.weight", (d, 3 * d)),
+            "attn/c_attn/bias": ("attn.c_attn.bias", (3 * d,)),
+            "attn/c_proj/kernel": ("attn.c_proj.weight", (d, d)),
+            "attn/c_proj/bias": ("attn.c_proj.bias", (d,)),
+            "ln_2/scale": ("ln_2.weight", (d,)),
+            "ln_2/bias": ("ln_2.bias", (d,)),
+            "mlp/c_fc/kernel": ("mlp.c_fc.weight", (d, inner)),
+            "mlp/c_fc/bias": ("mlp.c_fc.bias", (inner,)),
+            "mlp/c_proj/kernel": ("mlp.c_proj.weight", (inner, d)),
+            "mlp/c_proj/bias": ("mlp.c_proj.bias", (d,)),
+        }
+        names.update({f"h_{i}/{ours}": (f"h.{i}.{theirs}", shape) for ours, (theirs, shape) in layer.items()})
+    names = {ours: (prefix + theirs, shape) for ours, (theirs, shape) in names.items()}
+    if config.quad_head:
+        names["quad_head/kernel"] = ("quad_head.weight", (d, d))
+        names["quad_head/bias"] = ("quad_head.bias", (d,))
+    if not config.tie_word_embeddings:
+        names["phi"] = ("lm_head.weight", (config.vocab_size, d))
+    return names
+
+
+def _checkpoint_prefix(state: dict[str, np.ndarray]) -> str:
+    return "transformer." if any(name.startswith("transformer.") for name in state) else ""
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, source: str, quad_head: bool | None):
+    """Our params pytree from a HF state dict, through the explicit name map with shape checks.
+
+    A plain checkpoint loaded with ``quad_head=True`` starts the Quad head at the identity and Φ as a copy of
+    ``wte`` (so f(s) and logits are unchanged until trained).
+    """
+    # A tied checkpoint may still store lm_head.weight (equal to wte): it is redundant, not an extra tensor.
+    state = dict(state)
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        state.pop("lm_head.weight")
+    stored = config
+    wanted = _with_quad(config, quad_head)
+    ignored = tuple(name for name in state if name.endswith(_BUFFER_SUFFIXES))
+    flat = hf.assign(state, hf_name_map(stored, _checkpoint_prefix(state)), source, ignored_prefixes=ignored)
+    flat = {k: (v.T if k in _TRANSPOSED else v) for k, v in flat.items()}
+    if wanted.quad_head and not stored.quad_head:
+        flat["quad_head/kernel"] = np.eye(wanted.n_embd, dtype=np.float32)
+        flat["quad_head/bias"] = np.zeros(wanted.n_embd, np.float32)
+    if not wanted.tie_word_embeddings and "phi" not in flat:
+        flat["phi"] = flat["wte/embedding"].copy()
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    return wanted, params
+
+
+def _tokenizer_for(model_dir: Path):
+    """The tokenizer saved with the checkpoint if any, else the real GPT-2 tokenizer (offline package)."""
+    from sentcomp.models.tokenizers import gpt2_tokenizer
+
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    return gpt2_tokenizer()
+
+
+def from_hf(model_dir: str | Path, config: dict[str, Any], name: str | None = None,
+            quad_head: bool | None = None, tokenizer=None) -> LanguageModel:
+    """A GPT-2 with the weights of a HF-format directory (``config.json`` + safetensors or pytorch_model.bin).
+
+    ``quad_head``: None keeps the checkpoint's architecture; True adds the Quad head and untied Φ.
+    ``tokenizer``: default is the checkpoint's own tokenizer files, else the real GPT-2 tokenizer.
+    """
+    model_dir = Path(model_dir)
+    gpt2 = config_from_hf(config)
+    wanted, params = params_from_state_dict(hf.read_state_dict(model_dir), gpt2, str(model_dir), quad_head)
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_dir)
+    return _language_model(name or str(model_dir), wanted, params, tokenizer)
+
+
+def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
+    """Writes ``config.json`` + ``model.safetensors`` with HF ``GPT2LMHeadModel`` names (inverse of from_hf)."""
+    from safetensors.numpy import save_file
+
+    if lm.family != "gpt2":
+        raise SentcompError(f"save_hf writes GPT-2 checkpoints; got a {lm.family!r} model.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(lm.params).items()}
+    state = {theirs: (flat[ours].T if ours in _TRANSPOSED else flat[ours])
+             for ours, (theirs, _) in hf_name_map(lm.config).items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(lm.config), indent=2))
+    return directory

