@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-DEFAULT_VOCAB_CHUNK = 4096
+DEFAULT_VOCAB_CHUNK = 2048
 
 
 def _vocab_chunks(phi: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:

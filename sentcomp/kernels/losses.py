@@ -13,10 +13,15 @@ import jax.numpy as jnp
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK, log_partition
 
 
+def _masked_weights(mask: jax.Array) -> jax.Array:
+    """``mask / max(Σ mask, 1)``: each counted position's weight in the masked mean."""
+    mask = mask.astype(jnp.float32)
+    return mask / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """``Σ mask·values / max(Σ mask, 1)``: the mean over counted positions, 0 if there are none."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(values * _masked_weights(mask))
 
 
 def target_logits(h: jax.Array, phi: jax.Array, targets: jax.Array) -> jax.Array:
@@ -53,6 +58,32 @@ def xent_loss(
     return masked_mean(xent_per_position(h, phi, targets, chunk_size), mask)
 
 
+@jax.custom_vjp
 def quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Quad ``ℓ_quad(f, Φ) = E_{(s,w)}[−f(s)ᵀφ_w + ½‖Φᵀf(s)‖²]`` averaged over the masked positions."""
+    """Quad ``ℓ_quad(f, Φ) = E_{(s,w)}[−f(s)ᵀφ_w + ½‖Φᵀf(s)‖²]`` averaged over the masked positions.
+
+    Gradients (weights ``a_n`` = mask / count): ``∂/∂h_n = a_n (G h_n − φ_{w_n})`` and
+    ``∂/∂Φ = Φ H − Σ_n a_n e_{w_n} h_nᵀ`` with ``H = Σ_n a_n h_n h_nᵀ`` (d×d), written straight into one
+    [V, d] buffer: no V-wide logits, and no second [V, d] temporary.
+    """
     return masked_mean(quad_per_position(h, phi, targets), mask)
+
+
+def _quad_loss_fwd(h, phi, targets, mask):
+    return quad_loss(h, phi, targets, mask), (h, phi, targets, mask)
+
+
+def _quad_loss_bwd(residuals, grad_loss):
+    h, phi, targets, mask = residuals
+    weights = grad_loss * _masked_weights(mask)[..., None]  # [..., 1]
+    gram = jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
+    target_rows = jnp.take(phi, targets, axis=0)
+    grad_h = weights * (jnp.dot(h, gram, preferred_element_type=jnp.float32) - target_rows)
+    flat_h, flat_weighted_h = h.reshape(-1, h.shape[-1]), (weights * h).reshape(-1, h.shape[-1])
+    second_moment = jnp.dot(flat_weighted_h.T, flat_h, preferred_element_type=jnp.float32)  # H, d×d
+    grad_phi = jnp.dot(phi, second_moment, preferred_element_type=jnp.float32)
+    grad_phi = grad_phi.at[targets.reshape(-1)].add(-flat_weighted_h)
+    return grad_h.astype(h.dtype), grad_phi.astype(phi.dtype), None, None
+
+
+quad_loss.defvjp(_quad_loss_fwd, _quad_loss_bwd)
