@@ -1,0 +1,39 @@
+"""Every config file in experiments/ (found at collection time, so new ones are covered automatically):
+it loads, has a docstring with its launch command, its ``smoke`` variant runs through ``run_program``, and
+the points of its sweep (if any) are valid overrides of it."""
+
+import pytest
+
+from sentcomp import runner, sweep
+from sentcomp.config_files import EXPERIMENTS_DIR, load_config, load_module, load_sweep, override
+
+CONFIG_FILES = sorted(EXPERIMENTS_DIR.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: path.stem)
+def test_config_file_documents_its_launch_command(path):
+    module = load_module(path)
+    assert "python -m sentcomp.main" in (module.__doc__ or ""), f"{path.name}: docstring lacks the launch command"
+    config = load_config(str(path))
+    runner.import_program(config)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: path.stem)
+def test_smoke_variant_runs(path, tmp_path):
+    config = load_config(f"{path}:smoke")
+    runner.run_program(config, tmp_path)
+    assert runner.read_done(tmp_path) is not None
+    assert (tmp_path / runner.CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "path", [path for path in CONFIG_FILES if hasattr(load_module(path), "get_sweep")], ids=lambda path: path.stem
+)
+def test_sweep_points_are_valid(path):
+    for arg in (None, "smoke"):
+        spec = f"{path}:{arg}" if arg else str(path)
+        points = load_sweep(spec)
+        sweep.point_names(points)
+        base = load_config(spec)
+        for point in points:
+            override(base, point)
