@@ -1,0 +1,235 @@
+"""Zero-shot classification by sentence completion (the paper's view of a task, used directly).
+
+For a text ``s`` and a task with prompt ``π`` (e.g. ``" This movie is "``), each label ``y`` has completion
+words ``W_y`` (``task.label_words``, e.g. ``great`` for positive). A word ``w`` is scored by the summed
+next-token log-probabilities of its tokens ``c_1..c_m`` after the context ``s + π``:
+
+    score(w) = Σ_i log p_f(ctx, c_1..c_{i-1})(c_i),      log p_f(s)(c) = f(s)ᵀφ_c − log Z(f(s))
+
+a label by the total probability of its words, ``score(y) = log Σ_{w∈W_y} exp score(w)``, and the prediction
+is ``argmax_y score(y)``.
+
+Conventions (lm-evaluation-harness's loglikelihood requests): the context is ``s + π.rstrip()`` and the
+continuation is the prompt's trailing whitespace (a single space if it has none) followed by the word; the
+continuation's tokens are those of ``tokenize(context + continuation)`` after ``tokenize(context)``; the
+tokenizer's own prefix tokens (a BOS, for Llama-style tokenizers; none for GPT-2) start every sequence.
+
+Long documents are truncated from the start (their beginning is dropped), so the prompt and every
+continuation token always fit in ``lm.max_length``; the same truncated context is used for all of a
+document's words. Words whose continuations share all tokens but the last are scored in one forward pass
+(single-token words: one pass per document). Batches have a fixed size (padded with copies of a real row)
+and lengths padded to a few buckets, so the jitted scorer compiles once per bucket; every row is scored
+independently of the others, so results do not depend on the batch size. log Z is streamed over the
+vocabulary (``sentcomp.kernels``), only at the scored positions: no ``[B, T, V]`` buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sentcomp import kernels, parallel
+from sentcomp.data.tasks import Task, get_task
+from sentcomp.errors import SentcompError
+from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.models.base import LanguageModel
+
+MIN_BUCKET = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (a ``tokenizers.Tokenizer`` or a transformers tokenizer)."""
+    texts = list(texts)
+    if hasattr(tokenizer, "encode_batch"):
+        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def prefix_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. Llama's BOS; none for GPT-2)."""
+    if hasattr(tokenizer, "encode_batch"):
+        return list(tokenizer.encode("", add_special_tokens=True).ids)
+    return list(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
+    """All label words in label order, and the label index of each."""
+    words, labels = [], []
+    for index, label in enumerate(task.label_names):
+        for word in task.label_words[label]:
+            words.append(word.strip())
+            labels.append(index)
+    return tuple(words), np.asarray(labels, np.int64)
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """``(context suffix, continuation delimiter)``: the prompt without, and its trailing whitespace (or " ")."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] or " "
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One forward pass: ``input_ids``; for each word ``words[k]``, its tokens ``targets[k]`` are scored at
+    positions ``start, start+1, ...`` (the positions whose next token they are)."""
+
+    document: int
+    input_ids: tuple[int, ...]
+    start: int
+    words: tuple[int, ...]
+    targets: tuple[tuple[int, ...], ...]
+
+
+def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str], max_length: int) -> list[_Row]:
+    """The forward passes scoring every word after every ``text + prompt`` (see the module docstring)."""
+    context_suffix, delimiter = split_prompt(prompt)
+    contexts = [text + context_suffix for text in texts]
+    context_ids = encode(tokenizer, contexts)
+    prefix = prefix_tokens(tokenizer)
+    prompt_length = len(encode(tokenizer, [context_suffix])[0])
+    continuations = [encode(tokenizer, [context + delimiter + word for context in contexts]) for word in words]
+    rows = []
+    for document, ids in enumerate(context_ids):
+        conts = [full[len(ids):] for full in (continuation[document] for continuation in continuations)]
+        if not all(conts):
+            raise SentcompError(f"Document {document}: a label word tokenizes to nothing after the prompt.")
+        budget = max_length - len(prefix) - (max(map(len, conts)) - 1)
+        if budget < prompt_length + 1:
+            raise SentcompError(
+                f"The prompt {prompt!r} and the label words need {len(prefix) + prompt_length + max(map(len, conts))} "
+                f"tokens with one token of text, more than max_length {max_length}."
+            )
+        context = tuple(prefix) + tuple(ids[-budget:])
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for word, cont in enumerate(conts):
+            groups.setdefault(tuple(cont[:-1]), []).append(word)
+        for shared, members in groups.items():
+            rows.append(_Row(document, context + shared, len(context) - 1, tuple(members),
+                             tuple(tuple(conts[word]) for word in members)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _bucket(length: int, max_length: int) -> int:
+    """The padded length for a sequence of ``length`` tokens: a power of two ≥ 16, capped at ``max_length``."""
+    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_length)
+
+
+def _continuation_log_probs(hidden_fn, phi_fn, chunk_size, params, ids, mask, positions, targets, valid):
+    """``Σ_l log p(targets[b,k,l] | ids[b, :positions[b,k,l]+1])`` over valid ``l``: ``[B, K]``."""
+    hidden = hidden_fn(params, ids, mask)  # [B, T, d]
+    batch, words, length = positions.shape
+    picked = jnp.take_along_axis(hidden, positions.reshape(batch, words * length, 1), axis=1)
+    picked = picked.reshape(batch, words, length, hidden.shape[-1])
+    log_probs = -kernels.xent_per_position(picked, phi_fn(params), targets, chunk_size)
+    return jnp.sum(jnp.where(valid, log_probs, 0.0), axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_scorer(hidden_fn, phi_fn, chunk_size):
+    return jax.jit(functools.partial(_continuation_log_probs, hidden_fn, phi_fn, chunk_size))
+
+
+def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int, tokens: int):
+    """Fixed-shape arrays for ``rows``, padded to ``batch_size`` rows with copies of the first (scores ignored)."""
+    padded = list(rows) + [rows[0]] * (batch_size - len(rows))
+    ids = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    positions = np.zeros((batch_size, words, tokens), np.int32)
+    targets = np.zeros((batch_size, words, tokens), np.int32)
+    valid = np.zeros((batch_size, words, tokens), bool)
+    for b, row in enumerate(padded):
+        ids[b, : len(row.input_ids)] = row.input_ids
+        mask[b, : len(row.input_ids)] = 1
+        for k, target in enumerate(row.targets):
+            positions[b, k, : len(target)] = row.start + np.arange(len(target))
+            targets[b, k, : len(target)] = target
+            valid[b, k, : len(target)] = b < len(rows)
+    return ids, mask, positions, targets, valid
+
+
+def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str], batch_size: int = 32,
+                      max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
+                      progress: bool = True) -> np.ndarray:
+    """``[N, W]``: summed log-probability of each label word (``label_word_list(task)`` order) after each
+    ``text + task.prompt``.
+
+    Sequences hold at most ``max_length`` tokens (default and cap: ``lm.max_length``; the paper used 512).
+    Batches are split over ``mesh`` (default: every device of every process; each process passes the same
+    texts); ``batch_size`` is rounded up to a multiple of the mesh size.
+    """
+    task = get_task(task)
+    if not len(texts):
+        raise SentcompError("label_word_scores got no texts to score.")
+    words, _ = label_word_list(task)
+    max_length = min(max_length or lm.max_length, lm.max_length)
+    rows = build_rows(lm.tokenizer, texts, task.prompt, words, max_length)
+    rows.sort(key=lambda row: len(row.input_ids))
+    mesh = mesh if mesh is not None else parallel.data_mesh()
+    batch_size = parallel.pad_to_multiple(batch_size, mesh.size)
+    max_words = max(len(row.words) for row in rows)
+    max_tokens = max(len(target) for row in rows for target in row.targets)
+    scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
+    params = parallel.replicate(lm.params, mesh)
+    local_rows = parallel.host_row_indices(batch_size, mesh)
+    scores = np.full((len(texts), len(words)), np.nan)
+    for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {task.name}", disable=not progress):
+        batch = rows[first: first + batch_size]
+        length = _bucket(max(len(row.input_ids) for row in batch), max_length)
+        arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
+        local = parallel.global_batch(tuple(array[local_rows] for array in arrays), mesh)
+        row_scores = parallel.fetch(scorer(params, *local))
+        for row, values in zip(batch, row_scores):
+            scores[row.document, list(row.words)] = values[: len(row.words)]
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotResult:
+    """Scores of one zero-shot run: per label word ``[N, W]``, per label ``[N, K]``, and predictions ``[N]``."""
+
+    words: tuple[str, ...]
+    word_labels: np.ndarray
+    word_scores: np.ndarray
+    label_scores: np.ndarray
+    predictions: np.ndarray
+
+    def accuracy(self, labels: Sequence[int]) -> float:
+        return float(np.mean(self.predictions == np.asarray(labels)))
+
+
+def label_scores_from_words(word_scores: np.ndarray, word_labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """``score(y) = log Σ_{w ∈ W_y} exp score(w)``: ``[N, K]`` from ``[N, W]``."""
+    columns = []
+    for label in range(num_labels):
+        chosen = word_scores[:, word_labels == label]
+        top = chosen.max(axis=1, keepdims=True)
+        columns.append(top[:, 0] + np.log(np.exp(chosen - top).sum(axis=1)))
+    return np.stack(columns, axis=1)
+
+
+def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], **options) -> ZeroShotResult:
+    """Zero-shot sentence-completion predictions for ``texts`` (``options`` as :func:`label_word_scores`)."""
+    task = get_task(task)
+    words, word_labels = label_word_list(task)
+    word_scores = label_word_scores(lm, task, texts, **options)
+    label_scores = label_scores_from_words(word_scores, word_labels, task.num_classes)
+    return ZeroShotResult(words, word_labels, word_scores, label_scores, label_scores.argmax(axis=1))
+
+
+def zero_shot_accuracy(lm: LanguageModel, task: Task | str, split, **options) -> float:
+    """Accuracy of :func:`zero_shot` on a labeled ``Split`` (``sentcomp.data.Split``)."""
+    return zero_shot(lm, task, split.texts, **options).accuracy(split.labels)
