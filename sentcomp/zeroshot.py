@@ -37,11 +37,9 @@ from tqdm.auto import tqdm
 from sentcomp import kernels, parallel
 from sentcomp.data.tasks import Task, get_task
 from sentcomp.errors import SentcompError
+from sentcomp.features import length_buckets
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel
-
-MIN_BUCKET = 16
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
@@ -123,11 +121,6 @@ def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str
 # Scoring
 
 
-def _bucket(length: int, max_length: int) -> int:
-    """The padded length for a sequence of ``length`` tokens: a power of two ≥ 16, capped at ``max_length``."""
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_length)
-
-
 def _continuation_log_probs(hidden_fn, phi_fn, chunk_size, params, ids, mask, positions, targets, valid):
     """``Σ_l log p(targets[b,k,l] | ids[b, :positions[b,k,l]+1])`` over valid ``l``: ``[B, K]``."""
     hidden = hidden_fn(params, ids, mask)  # [B, T, d]
@@ -185,10 +178,12 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
     scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
     params = parallel.replicate(lm.params, mesh)
     local_rows = parallel.host_row_indices(batch_size, mesh)
+    buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
     for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {task.name}", disable=not progress):
         batch = rows[first: first + batch_size]
-        length = _bucket(max(len(row.input_ids) for row in batch), max_length)
+        longest = max(len(row.input_ids) for row in batch)
+        length = next(bucket for bucket in buckets if bucket >= longest)
         arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
         local = parallel.global_batch(tuple(array[local_rows] for array in arrays), mesh)
         row_scores = parallel.fetch(scorer(params, *local))

@@ -105,6 +105,16 @@ def test_results_do_not_depend_on_batch_size(tokenizer):
         np.testing.assert_array_equal(result.predictions, reference.predictions)
 
 
+def test_scorer_compiles_once_per_length_bucket(tokenizer):
+    lm = _toy_lm(tokenizer, 32)
+    zeroshot.label_word_scores(lm, TASK, TEXTS, batch_size=8, chunk_size=4096, progress=False)
+    zeroshot.label_word_scores(lm, TASK, TEXTS[::-1] * 2, batch_size=8, chunk_size=4096, progress=False)
+    rows = zeroshot.build_rows(tokenizer, TEXTS, TASK.prompt, zeroshot.label_word_list(TASK)[0], 32)
+    buckets = {16 if len(row.input_ids) <= 16 else 32 for row in rows}
+    assert len(buckets) == 2
+    assert zeroshot._jitted_scorer(lm.hidden_fn, lm.phi_fn, 4096)._cache_size() == len(buckets)
+
+
 def test_rows_keep_the_prompt_and_share_forward_passes(tokenizer):
     words = ("great", "not worth it", "not good", ":)")
     rows = zeroshot.build_rows(tokenizer, TEXTS[1:2], " This movie is ", words, max_length=12)
