@@ -2,7 +2,6 @@
 Rotten Tomatoes corpus, and seeded splits."""
 
 import importlib.metadata
-import json
 import pickle
 
 import numpy as np
@@ -20,6 +19,7 @@ from sentcomp.data import (
     read_tsv,
     repeated_splits,
     stratified_split,
+    task_from_config,
 )
 from sentcomp.data import rotten_tomatoes
 from sentcomp.errors import SentcompError
@@ -127,8 +127,6 @@ def test_unknown_file_type(tmp_path):
     (tmp_path / "train.xml").write_text("<a/>")
     task = {"name": "x", "label_names": BINARY, "prompt": " ", "label_words": {"negative": "a", "positive": "b"},
             "files": {"train": "train.xml"}}
-    from sentcomp.data import task_from_config
-
     with pytest.raises(SentcompError, match="unknown data file type '.xml'"):
         load_task(task_from_config(task), data_dir=tmp_path)
 

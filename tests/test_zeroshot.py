@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sentcomp import parallel, zeroshot
-from sentcomp.data import task_from_config
+from sentcomp.data import get_task, task_from_config
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 from sentcomp.models.base import LanguageModel
@@ -137,8 +137,6 @@ def test_tiny_gpt2_matches_unpadded_single_sequences(tokenizer):
     def features(ids):
         ids = jnp.asarray([ids], jnp.int32)
         return np.asarray(lm.hidden(ids, jnp.ones_like(ids)), np.float64)[0]
-
-    from sentcomp.data import get_task
 
     phi = np.asarray(lm.phi, np.float64)
     expected = _brute_force_word_scores(tokenizer, features, phi, texts, get_task(task), config.n_positions)
