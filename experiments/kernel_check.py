@@ -28,5 +28,6 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     args = parse_config_arg(arg, smoke=False)
-    vocab_sizes = [50, 200] if args.smoke else [500, 2000, 8000]
-    return sweep.product(sweep.axis("vocab_size", vocab_sizes), sweep.axis("dim", [8, 32]))
+    if args.smoke:
+        return sweep.product(sweep.axis("vocab_size", [50, 200]), sweep.axis("dim", [8]))
+    return sweep.product(sweep.axis("vocab_size", [500, 2000, 8000]), sweep.axis("dim", [8, 32]))

@@ -59,7 +59,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if not recorded_path.exists():
         return
     recorded = json.loads(recorded_path.read_text())
-    differences = config_files.config_diff(recorded, config_files.to_plain(config), tuple(config.get(RESUME_MAY_CHANGE, ())))
+    may_change = (RESUME_MAY_CHANGE, *config.get(RESUME_MAY_CHANGE, ()))
+    differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
     if differences:
         raise SentcompError(
             f"{workdir} already holds a run with a different config ({'; '.join(differences)}). Resuming would "

@@ -1,0 +1,141 @@
+"""The command line: overrides, validation before any work (unknown key, wrong type, missing required field,
+a workdir holding a different run), one-line errors with exit code 2, resume, sweeps; config-file helpers."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import pytest
+
+from sentcomp import config_files, runner
+from sentcomp.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
+from sentcomp.errors import SentcompError
+from sentcomp.main import run_program
+
+KERNEL_CHECK = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sentcomp.main", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def error_line(result):
+    """The CLI's user-facing error: exit code 2 and exactly one ``error:`` line on stderr."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_override_runs_and_records_config(tmp_path):
+    result = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "config.json").read_text())["dim"] == 16
+    done = json.loads((tmp_path / "done.json").read_text())
+    assert done == json.loads((tmp_path / "results.json").read_text())  # headline = the program's return
+
+    changed = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=8"))
+    assert "already holds a run with a different config (dim: 16 -> 8)" in changed
+
+
+def test_user_mistakes_fail_before_work_with_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    unknown = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.vocab_sise=3"))
+    assert "'vocab_sise'" in unknown and "Valid keys: dim, n_contexts, program, seed, vocab_size" in unknown
+    wrong_type = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.dim=abc"))
+    assert "--config.dim=abc" in wrong_type
+    missing_file = error_line(cli(f"--config={tmp_path}/nope.py", f"--workdir={workdir}"))
+    assert "nope.py does not exist" in missing_file
+    bad_arg = error_line(cli(f"--config={EXPERIMENTS_DIR}/kernel_check.py:smok", f"--workdir={workdir}"))
+    assert "Unknown config argument 'smok'; this config accepts: smoke" in bad_arg
+    assert not workdir.exists()
+
+
+REQUIRED = textwrap.dedent(
+    '''
+    """A config with a required field.
+
+        python -m sentcomp.main --config=required.py --workdir=DIR --config.note=...
+    """
+    import ml_collections
+    from ml_collections import config_dict
+
+
+    def get_config(arg=None):
+        config = ml_collections.ConfigDict()
+        config.program = "sentcomp.kernel_check"
+        config.vocab_size, config.dim, config.n_contexts, config.seed = 50, 4, 2, 0
+        config.data = ml_collections.ConfigDict({"path": config_dict.placeholder(str)})
+        return config
+    '''
+)
+
+
+def test_missing_required_field_is_named(tmp_path):
+    (tmp_path / "required.py").write_text(REQUIRED)
+    workdir = tmp_path / "run"
+    missing = error_line(cli(f"--config={tmp_path}/required.py", f"--workdir={workdir}"))
+    assert "Required config field(s) not set: data.path" in missing and "--config.data.path=..." in missing
+    assert not workdir.exists()
+    result = cli(f"--config={tmp_path}/required.py", f"--workdir={workdir}", "--config.data.path=/x", "--dry_run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "path: /x" in result.stdout and not workdir.exists()
+
+
+def test_sweep_through_the_cli(tmp_path):
+    listed = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--sweep", "--dry_run")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    names = ["vocab_size=50,dim=8", "vocab_size=200,dim=8"]
+    assert listed.stdout.split() == [f"{tmp_path}/{name}" for name in names]
+    result = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--sweep", "--config.n_contexts=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == names and {row["status"] for row in rows} == {"done"}
+    assert all(row["metrics"]["xent_excess_vs_kl"] < 1e-4 for row in rows)
+    assert json.loads((tmp_path / names[0] / "config.json").read_text())["n_contexts"] == 4
+    no_sweep = error_line(cli(f"--config={EXPERIMENTS_DIR}/multihost_check.py", f"--workdir={tmp_path}/x", "--sweep"))
+    assert "defines no get_sweep()" in no_sweep
+
+
+def test_resume_same_config_and_allowed_changes(tmp_path):
+    config = load_config(KERNEL_CHECK)
+    first = run_program(config, tmp_path)
+    assert run_program(config, tmp_path) == first  # same config: the program runs again (resumes)
+    changed = config_files.override(config, {"seed": 1})
+    with pytest.raises(SentcompError, match="seed: 0 -> 1"):
+        run_program(changed, tmp_path)
+    config.resume_may_change = ("seed",)
+    run_program(config_files.override(config, {"seed": 1}), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+
+
+def test_program_must_exist(tmp_path):
+    config = ml_collections.ConfigDict({"program": "sentcomp.no_such_program"})
+    with pytest.raises(SentcompError, match="not an importable module"):
+        runner.validate(config, tmp_path)
+    with pytest.raises(SentcompError, match="has no 'program' key"):
+        runner.validate(ml_collections.ConfigDict({"x": 1}), tmp_path)
+
+
+def test_parse_config_arg():
+    args = parse_config_arg("task=agnews,smoke,n=3,rate=0.5", task="sst2", smoke=False, n=1, rate=1.0, flag=True)
+    assert args.to_dict() == {"task": "agnews", "smoke": True, "n": 3, "rate": 0.5, "flag": True}
+    assert parse_config_arg(None, smoke=False).smoke is False
+    assert parse_config_arg("flag=false", flag=True).flag is False
+    with pytest.raises(SentcompError, match="n='x': expected int"):
+        parse_config_arg("n=x", n=1)
+    with pytest.raises(SentcompError, match="Unknown config argument 'tsak'"):
+        parse_config_arg("tsak=1", task="sst2")
+
+
+def test_config_helpers():
+    config = ml_collections.ConfigDict({"a": 1, "model": {"dim": 8, "name": "gpt2"}})
+    assert config_files.override(config, {"model.dim": 16}).model.dim == 16 and config.model.dim == 8
+    with pytest.raises(SentcompError, match="config.model has no field 'dimm'. Valid keys: dim, name"):
+        config_files.override(config, {"model.dimm": 16})
+    assert config_files.config_diff({"a": 1, "m": {"d": 8}}, {"a": 1, "m": {"d": 9}, "b": 2}) == [
+        "b: '<absent>' -> 2",
+        "m.d: 8 -> 9",
+    ]
