@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
     try:
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+        if not _DRY_RUN.value:  # a dry run computes nothing, so it can check a cluster's command anywhere
+            parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
         run_from_flags()
     except SentcompError as error:
         _fail(error)

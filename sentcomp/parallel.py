@@ -101,8 +101,9 @@ def initialize_distributed(
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     try:
         jax.distributed.initialize(**kwargs)
-    except RuntimeError as error:
-        raise SentcompError(f"Could not join the multi-process JAX runtime: {error}") from None
+    except (RuntimeError, ValueError) as error:
+        hint = "" if kwargs else " JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass --coordinator_address, --num_processes and --process_id."
+        raise SentcompError(f"Could not join the multi-process JAX runtime: {str(error).rstrip('.')}.{hint}") from None
     return True
 
 
