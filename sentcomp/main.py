@@ -61,26 +61,39 @@ def _config_spec(args: list[str]) -> str | None:
     return spec
 
 
-def check_config_flags(args: list[str]) -> None:
+def check_config_flags(args: list[str]):
     """The ``--config`` file must load and every ``--config.a.b=...`` must name one of its keys; otherwise
-    SentcompError says what is wrong (and the valid keys)."""
+    SentcompError says what is wrong (and the valid keys). Returns the config (None without ``--config``)."""
     spec = _config_spec(args)
     if spec is None:
-        return  # absl reports the missing required flag
+        return None  # absl reports the missing required flag
     config = config_files.load_config(spec)
     for key in (match.group(1) for match in map(_OVERRIDE.match, args) if match):
         config_files.check_key(config, key)
+    return config
+
+
+def _expected_type(config, message: str) -> str:
+    """`` (config.KEY is a TYPE, default VALUE)`` for the override an absl flag error names, if any."""
+    match = re.search(r"--config\.([\w.]+)", message)
+    if config is None or match is None:
+        return ""
+    value = config
+    for part in match.group(1).split("."):
+        value = value[part]
+    return f" (config.{match.group(1)} has type {type(value).__name__}, default {value!r})"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with override keys checked first and flag errors shown as one clean line."""
+    config = None
     try:
-        check_config_flags(argv[1:])
+        config = check_config_flags(argv[1:])
         return flags.FLAGS(argv)
     except SentcompError as error:
         _fail(error)
     except flags.Error as error:
-        _fail(f"{error} (see --helpfull)")
+        _fail(f"{error}{_expected_type(config, str(error))}")
 
 
 def run_from_flags() -> None:

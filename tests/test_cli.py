@@ -45,7 +45,7 @@ def test_user_mistakes_fail_before_work_with_one_line(tmp_path):
     unknown = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.vocab_sise=3"))
     assert "'vocab_sise'" in unknown and "Valid keys: dim, n_contexts, program, seed, vocab_size" in unknown
     wrong_type = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.dim=abc"))
-    assert "--config.dim=abc" in wrong_type
+    assert "--config.dim=abc" in wrong_type and "config.dim has type int" in wrong_type
     missing_file = error_line(cli(f"--config={tmp_path}/nope.py", f"--workdir={workdir}"))
     assert "nope.py does not exist" in missing_file
     bad_arg = error_line(cli(f"--config={EXPERIMENTS_DIR}/kernel_check.py:smok", f"--workdir={workdir}"))
