@@ -4,6 +4,8 @@
     python -m sentcomp.main --config=experiments/multihost_check.py --workdir=runs/multihost_check
     # every host of a Cloud TPU slice (see tpu_configs/README.md)
     python -m sentcomp.main --config=experiments/multihost_check.py --workdir=$WORKDIR --distributed
+    # the same at several seeds, as a sweep run by all hosts together
+    python -m sentcomp.main --config=experiments/multihost_check.py --workdir=$WORKDIR --distributed --sweep
 
 Writes results.json (loss, gradient and feature norms, checkpoint round-trip error, process/device counts),
 arrays.npz (the loss, gradients and features) and checkpoint/. The numbers must not depend on how many
@@ -12,6 +14,7 @@ processes or devices ran it (n_contexts must divide by the device count).
 
 import ml_collections
 
+from sentcomp import sweep
 from sentcomp.config_files import parse_config_arg
 
 
@@ -27,3 +30,7 @@ def get_config(arg=None):
     if args.smoke:
         config.n_contexts, config.positions, config.vocab_size, config.dim = 16, 4, 300, 16
     return config
+
+
+def get_sweep(arg=None):
+    return sweep.axis("seed", [0, 1] if parse_config_arg(arg, smoke=False).smoke else [0, 1, 2])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config
+from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.main import run_program
 
 TIMEOUT_SECONDS = 240
@@ -28,7 +28,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_processes(config_spec: str, workdir: Path, num_processes: int = 2, devices_per_process: int = 4) -> None:
+def run_processes(
+    config_spec: str, workdir: Path, num_processes: int = 2, devices_per_process: int = 4, extra_flags=()
+) -> None:
     """Runs ``python -m sentcomp.main`` as ``num_processes`` JAX processes joined on localhost; fails with their
     logs if one fails or they exceed the timeout (all children are killed either way)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
@@ -40,6 +42,7 @@ def run_processes(config_spec: str, workdir: Path, num_processes: int = 2, devic
             command = [
                 sys.executable, "-m", "sentcomp.main", f"--config={config_spec}", f"--workdir={workdir}",
                 f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={process_id}",
+                *extra_flags,
             ]  # fmt: skip
             with open(log, "wb") as out:
                 children.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
@@ -80,3 +83,19 @@ def test_two_processes_match_one_process(tmp_path):
             np.testing.assert_allclose(two_arrays[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
     assert one_results["checkpoint_max_abs_diff"] < 1e-6  # restored 2-process values vs 1-process values
     assert two_arrays["grad_phi"].any() and two_arrays["features"].shape == (16, 16)
+
+
+def test_two_processes_run_a_sweep_together(tmp_path):
+    spec = f"{EXPERIMENTS_DIR}/multihost_check.py:smoke"
+    run_processes(spec, tmp_path, extra_flags=["--sweep"])
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(row["name"], row["status"], row["metrics"]["process_count"]) for row in rows] == [
+        ("seed=0", "done", 2),
+        ("seed=1", "done", 2),
+    ]
+    for row in rows:  # each point's numbers equal one process's
+        alone = run_program(override(load_config(spec), row["params"]), tmp_path / "alone" / row["name"])
+        assert abs(alone["loss"] - row["metrics"]["loss"]) < 1e-5 * alone["loss"]
+    run_processes(spec, tmp_path, extra_flags=["--sweep"])  # complete points: every process skips them
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["reused", "reused"]
