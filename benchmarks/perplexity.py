@@ -79,7 +79,8 @@ def main():
     if not args.no_control:
         models["same architecture, random weights"] = llama.init(lm.config, 0, lm.tokenizer, name="random")
     print(f"load smollm2-135m (read + dequantise + tokenizer): {load_seconds:.1f} s")
-    print(f"{len(texts)} held-out Rotten Tomatoes snippets, {sum(map(len, token_ids))} tokens; V = {lm.config.vocab_size}")
+    n_tokens = sum(map(len, token_ids))
+    print(f"{len(texts)} held-out Rotten Tomatoes snippets, {n_tokens} tokens; V = {lm.config.vocab_size}")
     print(f"{'model':42s} {'predictions':>11s} {'mean NLL':>9s} {'perplexity':>11s} {'tokens/s':>9s}")
     for label, model in models.items():
         start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import gguf
 import jax.numpy as jnp
@@ -84,13 +85,12 @@ def test_missing_or_malformed_file_and_package_are_clear(tmp_path, monkeypatch):
 
 
 def test_smollm2_tokenizer_agrees_with_transformers_gguf_conversion(smollm2):
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     path = Path(gguf_loader.smollm2_135m_path())
     reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    texts = read_snippets().texts[:300:10] + ["<|im_start|>user\nIs 1234 > 99.5? ¿Qué tal?  Tabs\tand émojis 🎬<|im_end|>"]
+    tricky = "<|im_start|>user\nIs 1234 > 99.5? ¿Qué tal?  Tabs\tand émojis 🎬<|im_end|>"
+    texts = read_snippets().texts[:300:10] + [tricky]
     ours = smollm2.tokenizer(texts)["input_ids"]
     assert ours == reference(texts)["input_ids"]
     assert [smollm2.tokenizer.decode(ids) for ids in ours] == texts

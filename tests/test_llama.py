@@ -33,6 +33,20 @@ def test_logits_match_hf_llama_with_gqa_odd_sizes_and_right_padding(tmp_path, ti
     np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
 
 
+def test_quad_head_starts_as_the_pretrained_model(tmp_path):
+    tiny_hf_llama(tmp_path, tie_word_embeddings=True)
+    plain, quad = load(str(tmp_path)), load(str(tmp_path), quad_head=True)
+    assert quad.config.quad_head and not quad.config.tie_word_embeddings and "lm_head" in quad.params
+    np.testing.assert_array_equal(quad.phi, plain.phi)
+    ids = plain.tokenizer(SENTENCES[:2], padding=True, return_tensors="np")
+    np.testing.assert_allclose(
+        quad.hidden(ids["input_ids"], ids["attention_mask"]), plain.hidden(ids["input_ids"], ids["attention_mask"]),
+        atol=1e-6,
+    )
+    random_quad = llama.init(quad.config, 0, quad_head=True)
+    assert random_quad.params["quad_head"]["kernel"].shape == (36, 36) and random_quad.phi.shape == (301, 36)
+
+
 def test_random_init_features_do_not_depend_on_padding():
     config = llama.LlamaConfig(
         vocab_size=53, hidden_size=20, intermediate_size=37, num_hidden_layers=2, num_attention_heads=5,

@@ -65,7 +65,9 @@ def smollm2_135m_path() -> str:
     try:
         distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise SentcompError(f"smollm2-135m comes from the {SMOLLM2_PACKAGE!r} package, not installed: {install}.") from None
+        raise SentcompError(
+            f"smollm2-135m comes from the {SMOLLM2_PACKAGE!r} package, which is not installed: {install}."
+        ) from None
     path = Path(distribution.locate_file(SMOLLM2_FILE))
     if not path.is_file():
         raise SentcompError(f"The {SMOLLM2_PACKAGE!r} package lacks {SMOLLM2_FILE}; reinstall it: {install}.")
@@ -226,7 +228,7 @@ def tokenizer_from_gguf(meta: dict, source: str):
     if len(template) > 1:
         specials = [(token, tokens.index(token)) for token in template if token != "$A"]
         backend.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=specials)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=bos,
         eos_token=eos,
@@ -234,17 +236,16 @@ def tokenizer_from_gguf(meta: dict, source: str):
         pad_token=special("padding") or eos,
         padding_side="right",
     )
-    return llama.with_padding(tokenizer)
 
 
-def from_gguf(path: str | Path, name: str | None = None, tokenizer=None) -> LanguageModel:
+def from_gguf(path: str | Path, name: str | None = None, quad_head: bool = False, tokenizer=None) -> LanguageModel:
     """A Llama :class:`LanguageModel` from a GGUF file: float32 parameters (dequantised once) and the tokenizer
-    rebuilt from the file's metadata (or ``tokenizer``, if given)."""
+    rebuilt from the file's metadata (or ``tokenizer``, if given). ``quad_head=True`` adds the paper's Quad
+    head (``sentcomp.models.llama.add_quad_head``)."""
     reader = open_gguf(path)
     source = str(path)
     meta = metadata(reader)
     has_output = any(tensor.name == "output.weight" for tensor in reader.tensors)
     config = config_from_gguf(meta, has_output, source)
-    params = llama.params_from_state(hf_state_dict(reader, config, source), config, source)
-    tokenizer = llama.with_padding(tokenizer) if tokenizer is not None else tokenizer_from_gguf(meta, source)
-    return llama.language_model(config, params, tokenizer, name or source)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_from_gguf(meta, source)
+    return llama.build(hf_state_dict(reader, config, source), config, tokenizer, name or source, source, quad_head)

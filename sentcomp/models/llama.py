@@ -59,8 +59,12 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     mlp_bias: bool = False
+    quad_head: bool = False  # the paper's Quad architecture: a d×d linear layer (with bias) after the final norm
+
 
     def __post_init__(self):
+        if self.quad_head and self.tie_word_embeddings:
+            raise SentcompError("quad_head=True needs untied output embeddings (tie_word_embeddings=False).")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SentcompError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -116,7 +120,8 @@ def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
 
 
 def rotary_cos_sin(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """``cos(p·ω), sin(p·ω)`` of shape ``positions.shape + (head_dim,)``, ``ω_i = base^(−2i/head_dim)`` repeated twice."""
+    """``cos(p·ω), sin(p·ω)``, shape ``positions.shape + (head_dim,)``; ``ω_i = base^(−2i/head_dim)``, repeated
+    over both halves of the head."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -201,10 +206,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Token ids ``[B, T]`` + mask ``[B, T]`` -> final-norm hidden states ``[B, T, d]``.
+    """Token ids ``[B, T]`` + mask ``[B, T]`` -> final-norm hidden states ``[B, T, d]`` (then the Quad head's
+    output, if any).
 
     Parameters: ``embed_tokens/embedding [V, d]``, ``layers/...`` stacked over layers (Dense kernels are
-    ``[in, out]``), ``norm/scale [d]`` and, when untied, ``lm_head [V, d]`` (rows φ_w, not used in the forward).
+    ``[in, out]``), ``norm/scale [d]``, when untied ``lm_head [V, d]`` (rows φ_w, not used in the forward),
+    and with ``quad_head`` a Dense ``quad_head`` (initialised to the identity).
     """
 
     config: LlamaConfig
@@ -224,7 +231,15 @@ class LlamaModel(nn.Module):
             length=c.num_hidden_layers,
         )(c, name="layers")
         (x, *_), _ = layers((embed(token_ids), cos, sin, attention_bias(attention_mask)), None)
-        return RMSNorm(c.rms_norm_eps, name="norm")(x)
+        x = RMSNorm(c.rms_norm_eps, name="norm")(x)
+        if c.quad_head:
+            x = nn.Dense(c.hidden_size, kernel_init=_identity, name="quad_head")(x)
+        return x
+
+
+def _identity(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------ the sentcomp view
@@ -262,11 +277,16 @@ def language_model(config: LlamaConfig, params, tokenizer, name: str) -> Languag
     )
 
 
-def init(config: LlamaConfig, rng: jax.Array | int = 0, tokenizer=None, name: str | None = None) -> LanguageModel:
+def init(
+    config: LlamaConfig, rng: jax.Array | int = 0, quad_head: bool = False, tokenizer=None, name: str | None = None
+) -> LanguageModel:
     """A randomly initialised Llama LM (embeddings and ``lm_head`` ~ N(0, 0.02), Dense layers LeCun-normal,
-    norms 1), e.g. for pretraining from scratch. ``tokenizer`` is optional (None: feed token ids only)."""
+    norms 1), e.g. for pretraining from scratch. ``quad_head=True`` gives the Quad architecture (extra d×d
+    layer initialised to the identity, untied Φ). ``tokenizer`` is optional (None: feed token ids only)."""
+    if quad_head:
+        config = dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    name = name or f"llama-random(d={config.hidden_size},L={config.num_hidden_layers})"
+    name = name or f"llama-random(d={config.hidden_size},L={config.num_hidden_layers},quad={config.quad_head})"
     dummy = jnp.ones((1, 2), jnp.int32)
     params = LlamaModel(config).init(rng, dummy, dummy)["params"]
     return language_model(config, params, tokenizer, name)
@@ -283,7 +303,7 @@ _LINEARS = {  # our module path inside a layer -> (HF name inside "model.layers.
     "mlp/up_proj": ("mlp.up_proj", lambda c: (c.intermediate_size, c.hidden_size)),
     "mlp/down_proj": ("mlp.down_proj", lambda c: (c.hidden_size, c.intermediate_size)),
 }
-_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+_NORMS = ("input_layernorm", "post_attention_layernorm")  # same names in both
 
 
 def hf_name_map(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -305,15 +325,17 @@ def hf_name_map(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
             has_bias = c.mlp_bias if ours.startswith("mlp") else c.attention_bias
             if has_bias:
                 names[f"layers/{i}/{ours}/bias"] = (prefix + theirs + ".bias", shape(c)[:1])
-        for ours, theirs in _NORMS.items():
-            names[f"layers/{i}/{ours}/scale"] = (prefix + theirs + ".weight", (c.hidden_size,))
+        for norm in _NORMS:
+            names[f"layers/{i}/{norm}/scale"] = (prefix + norm + ".weight", (c.hidden_size,))
     return names
 
 
 def params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, source: str) -> dict:
     """Our parameter pytree from a Hugging Face-named state dict (shape-checked; Linear weights transposed to
-    Flax ``[in, out]`` kernels; layers stacked on a leading axis). A tied checkpoint may still hold a copy of
-    the embeddings as ``lm_head.weight``; it is ignored."""
+    Flax ``[in, out]`` kernels; layers stacked on a leading axis). Ignored: the rotary ``inv_freq`` buffers older
+    checkpoints store (recomputed here), and the copy of the embeddings a tied checkpoint may hold as
+    ``lm_head.weight``."""
+    state = {name: value for name, value in state.items() if not name.endswith("rotary_emb.inv_freq")}
     ignored = ("lm_head.",) if config.tie_word_embeddings else ()
     tensors = hf.assign(state, hf_name_map(config), source, ignored_prefixes=ignored)
     flat = {}
@@ -329,6 +351,26 @@ def params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, sour
     )
 
 
+def add_quad_head(params: dict, config: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """The Quad architecture on top of pretrained weights: an identity-initialised d×d head (so f(s) starts as
+    the pretrained features) and Φ = ``lm_head`` (a copy of the embeddings if they were tied)."""
+    params = dict(params)
+    params["quad_head"] = {
+        "kernel": jnp.eye(config.hidden_size, dtype=jnp.float32),
+        "bias": jnp.zeros(config.hidden_size, jnp.float32),
+    }
+    params.setdefault("lm_head", jnp.array(params["embed_tokens"]["embedding"]))
+    return params, dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
+
+
+def build(state, config: LlamaConfig, tokenizer, name: str, source: str, quad_head: bool = False) -> LanguageModel:
+    """A :class:`LanguageModel` from a Hugging Face-named state dict (what every loader produces)."""
+    params = params_from_state(state, config, source)
+    if quad_head:
+        params, config = add_quad_head(params, config)
+    return language_model(config, params, with_padding(tokenizer), name)
+
+
 def with_padding(tokenizer):
     """The tokenizer set up for sentcomp's batches: right padding, with a pad token (EOS if it has none)."""
     if tokenizer.pad_token is None:
@@ -340,7 +382,7 @@ def with_padding(tokenizer):
 
 
 def load_tokenizer(model_dir: Path):
-    """The directory's Hugging Face tokenizer (``tokenizer.json``/``tokenizer_config.json``), with padding."""
+    """The directory's Hugging Face tokenizer (``tokenizer.json``/``tokenizer_config.json``)."""
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise SentcompError(
             f"{model_dir} has no tokenizer (tokenizer.json); save one there with tokenizer.save_pretrained, "
@@ -348,16 +390,18 @@ def load_tokenizer(model_dir: Path):
         )
     from transformers import AutoTokenizer
 
-    return with_padding(AutoTokenizer.from_pretrained(str(model_dir)))
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def from_hf(model_dir, config: dict, name: str | None = None, tokenizer=None) -> LanguageModel:
+def from_hf(
+    model_dir, config: dict, name: str | None = None, quad_head: bool = False, tokenizer=None
+) -> LanguageModel:
     """A :class:`LanguageModel` from a Hugging Face ``LlamaForCausalLM`` directory (safetensors or .bin).
 
-    ``tokenizer``: use this tokenizer instead of the directory's (it is given a pad token and right padding).
+    ``quad_head=True`` adds the Quad head (see :func:`add_quad_head`). ``tokenizer``: use this one instead of
+    the directory's. Either way the tokenizer is given a pad token (EOS if none) and right padding.
     """
     model_dir = Path(model_dir)
-    llama_config = config_from_hf(config)
-    params = params_from_state(hf.read_state_dict(model_dir), llama_config, str(model_dir))
-    tokenizer = with_padding(tokenizer) if tokenizer is not None else load_tokenizer(model_dir)
-    return language_model(llama_config, params, tokenizer, name or str(model_dir))
+    state = hf.read_state_dict(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    return build(state, config_from_hf(config), tokenizer, name or str(model_dir), str(model_dir), quad_head)
