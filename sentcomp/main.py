@@ -98,6 +98,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run_from_flags() -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if _PARALLEL.value > 1 and not _SWEEP.value:
+        raise SentcompError("--parallel sets how many sweep points run at once: use it with --sweep.")
     if _SWEEP.value:
         points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
         if _DRY_RUN.value:

@@ -176,6 +176,9 @@ def run_sweep(
     outcomes = {name: _already_done(cfg, sweep_dir / name) for name, cfg in builtins.zip(names, configs)}
     to_run = parallel.broadcast_from_main(np.array([outcomes[name] is None for name in names]))
     pending = [(name, cfg) for name, cfg, run in builtins.zip(names, configs, to_run) if run]
+    for name, run in builtins.zip(names, to_run):  # process 0 decides for all (its view of the shared workdir)
+        if not run and outcomes[name] is None:
+            outcomes[name] = ("reused", None)
     print(f"Sweep of {len(points)} points into {sweep_dir}: {len(points) - len(pending)} already complete.")
 
     def run_one(item):

@@ -1,65 +1,31 @@
 """JAX's multi-process runtime for real on one machine: 2 processes × 4 CPU devices (gloo collectives on
 localhost) run a program through the CLI and get the numbers 1 process × 8 devices gets.
 
-``run_processes`` launches any config this way, so other programs (e.g. pretraining) add a test in a few lines.
+``run_processes`` (on :func:`sentcomp.local_cluster.run_local_processes`) launches any config this way, so
+other programs (e.g. pretraining) add a test in a few lines.
 """
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.local_cluster import run_local_processes
 from sentcomp.main import run_program
 
 TIMEOUT_SECONDS = 240
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
-def run_processes(
-    config_spec: str, workdir: Path, num_processes: int = 2, devices_per_process: int = 4, extra_flags=()
-) -> None:
-    """Runs ``python -m sentcomp.main`` as ``num_processes`` JAX processes joined on localhost; fails with their
-    logs if one fails or they exceed the timeout (all children are killed either way)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    address = f"localhost:{free_port()}"
-    logs = [workdir.parent / f"{workdir.name}.process{i}.log" for i in range(num_processes)]
-    children = []
-    try:
-        for process_id, log in enumerate(logs):
-            command = [
-                sys.executable, "-m", "sentcomp.main", f"--config={config_spec}", f"--workdir={workdir}",
-                f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={process_id}",
-                *extra_flags,
-            ]  # fmt: skip
-            with open(log, "wb") as out:
-                children.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + TIMEOUT_SECONDS
-        while any(child.poll() is None for child in children):
-            if time.monotonic() > deadline or any(child.poll() not in (None, 0) for child in children):
-                break
-            time.sleep(0.2)
-    finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-    codes = [child.returncode for child in children]
-    if codes != [0] * num_processes:
-        tails = "\n".join(f"--- process {i} (exit {code}):\n{log.read_text()[-3000:]}" for i, (code, log) in enumerate(zip(codes, logs)))
-        raise AssertionError(f"multi-process run failed or timed out after {TIMEOUT_SECONDS}s:\n{tails}")
+def run_processes(config_spec: str, workdir: Path, extra_flags=()) -> None:
+    """Runs the config as 2 processes × 4 CPU devices; fails with their logs unless both succeed in time."""
+    log_dir = workdir.parent / f"{workdir.name}.logs"
+    main_args = [f"--config={config_spec}", f"--workdir={workdir}", *extra_flags]
+    codes = run_local_processes(main_args, log_dir, processes=2, devices=4, timeout=TIMEOUT_SECONDS)
+    if codes != [0, 0]:
+        tails = "\n".join(f"--- process {i} (exit {code}):\n{(log_dir / f'process{i}.log').read_text()[-3000:]}" for i, code in enumerate(codes))
+        raise AssertionError(f"multi-process run failed (negative exit: killed at the {TIMEOUT_SECONDS}s timeout):\n{tails}")
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -99,3 +65,9 @@ def test_two_processes_run_a_sweep_together(tmp_path):
     run_processes(spec, tmp_path, extra_flags=["--sweep"])  # complete points: every process skips them
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["status"] for row in rows] == ["reused", "reused"]
+
+
+def test_processes_are_killed_at_the_timeout(tmp_path):
+    main_args = [f"--config={EXPERIMENTS_DIR}/multihost_check.py:smoke", f"--workdir={tmp_path / 'run'}"]
+    codes = run_local_processes(main_args, tmp_path / "logs", processes=2, devices=4, timeout=0.5)
+    assert all(code is not None and code < 0 for code in codes)  # killed by a signal, not left running
