@@ -10,8 +10,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from sentcomp import parallel
 from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.errors import SentcompError
 from sentcomp.local_cluster import run_local_processes
 from sentcomp.main import run_program
 
@@ -71,3 +74,25 @@ def test_processes_are_killed_at_the_timeout(tmp_path):
     main_args = [f"--config={EXPERIMENTS_DIR}/multihost_check.py:smoke", f"--workdir={tmp_path / 'run'}"]
     codes = run_local_processes(main_args, tmp_path / "logs", processes=2, devices=4, timeout=0.5)
     assert all(code is not None and code < 0 for code in codes)  # killed by a signal, not left running
+
+
+def test_single_process_helpers(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False  # nothing asked: a no-op
+    assert parallel.initialize_distributed("localhost:1234", num_processes=1, process_id=0) is False
+    with pytest.raises(SentcompError, match="--num_processes and --process_id"):
+        parallel.initialize_distributed("localhost:1234", num_processes=2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(SentcompError, match=r"process_id must be in \[0, 2\), got 2"):
+        parallel.initialize_distributed("localhost:1234")
+
+    mesh = parallel.data_mesh()
+    rows = np.arange(32, dtype=np.float32).reshape(16, 2)
+    assert (parallel.host_row_indices(16, mesh) == np.arange(16)).all()
+    batch = parallel.global_batch({"x": rows[parallel.host_row_indices(16, mesh)]}, mesh)
+    assert batch["x"].sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(parallel.fetch(batch)["x"], rows)
+    with pytest.raises(SentcompError, match="does not split over 8 devices"):
+        parallel.host_row_indices(12, mesh)
