@@ -111,9 +111,9 @@ def make_language(
     vocab_size: int = 64,
     num_states: int = 8,
     num_labels: int = 2,
-    body_length: int = 16,
+    body_length: int = 8,
     answer_noise: float = 0.1,
-    label_signal: float = 1.0,
+    label_signal: float = 0.5,
     emission_scale: float = 2.0,
     transition_scale: float = 2.0,
 ) -> SyntheticLanguage:
@@ -122,7 +122,8 @@ def make_language(
     Emission logits are ``emission_scale·g[z, w] + label_signal·u[y, w]`` with g, u standard normal: each hidden
     state has its own word preferences, and the label tilts every state's words the same way (``label_signal``
     sets how much a body reveals y; 0 makes the body useless). Transition logits are
-    ``transition_scale·N(0, 1)``; the label prior is uniform.
+    ``transition_scale·N(0, 1)``; the label prior is uniform. The defaults give a task of middling difficulty:
+    with seed 0 the exact Bayes posterior p(y|s) reaches ~79% accuracy (logistic loss ~0.46) after 8 words.
     """
     num_body_words = vocab_size - num_labels - 1
     if num_labels < 2 or num_body_words < 1 or num_states < 1 or body_length < 1:
