@@ -194,12 +194,14 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotResult:
-    """Scores of one zero-shot run: per label word ``[N, W]``, per label ``[N, K]``, and predictions ``[N]``."""
+    """Scores of one zero-shot run: per label word ``[N, W]``, per label ``[N, K]`` (calibrated if asked), the
+    calibration's log prior ``[K]`` (or None), and predictions ``[N]``."""
 
     words: tuple[str, ...]
     word_labels: np.ndarray
     word_scores: np.ndarray
     label_scores: np.ndarray
+    log_prior: np.ndarray | None
     predictions: np.ndarray
 
     def accuracy(self, labels: Sequence[int]) -> float:
@@ -208,21 +210,41 @@ class ZeroShotResult:
 
 def label_scores_from_words(word_scores: np.ndarray, word_labels: np.ndarray, num_labels: int) -> np.ndarray:
     """``score(y) = log Σ_{w ∈ W_y} exp score(w)``: ``[N, K]`` from ``[N, W]``."""
-    columns = []
-    for label in range(num_labels):
-        chosen = word_scores[:, word_labels == label]
-        top = chosen.max(axis=1, keepdims=True)
-        columns.append(top[:, 0] + np.log(np.exp(chosen - top).sum(axis=1)))
-    return np.stack(columns, axis=1)
+    return np.stack([np.logaddexp.reduce(word_scores[:, word_labels == label], axis=1)
+                     for label in range(num_labels)], axis=1)
 
 
-def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], **options) -> ZeroShotResult:
-    """Zero-shot sentence-completion predictions for ``texts`` (``options`` as :func:`label_word_scores`)."""
+# Zhao et al. 2021, "Calibrate Before Use": inputs with no content, whose label distribution is the LM's bias.
+CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
+
+
+def content_free_log_prior(lm: LanguageModel, task: Task | str, **options) -> np.ndarray:
+    """``log p_cf(y)``, ``[K]``: the label distribution (normalised over labels) averaged over
+    ``CONTENT_FREE_TEXTS`` (contextual calibration, Zhao et al., ICML 2021)."""
+    task = get_task(task)
+    _, word_labels = label_word_list(task)
+    word_scores = label_word_scores(lm, task, CONTENT_FREE_TEXTS, **options)
+    scores = label_scores_from_words(word_scores, word_labels, task.num_classes)
+    normalised = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    return np.log(np.mean(np.exp(normalised), axis=0))
+
+
+def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], calibrate: bool = False,
+              **options) -> ZeroShotResult:
+    """Zero-shot sentence-completion predictions for ``texts`` (``options`` as :func:`label_word_scores`).
+
+    Default: the label with the highest score. ``calibrate=True`` divides each label's probability by its
+    content-free prior (:func:`content_free_log_prior`) first, which removes the LM's preference for some
+    label words regardless of the text (an addition of ours; the paper has no zero-shot column).
+    """
     task = get_task(task)
     words, word_labels = label_word_list(task)
     word_scores = label_word_scores(lm, task, texts, **options)
     label_scores = label_scores_from_words(word_scores, word_labels, task.num_classes)
-    return ZeroShotResult(words, word_labels, word_scores, label_scores, label_scores.argmax(axis=1))
+    log_prior = content_free_log_prior(lm, task, **options) if calibrate else None
+    if calibrate:
+        label_scores = label_scores - log_prior
+    return ZeroShotResult(words, word_labels, word_scores, label_scores, log_prior, label_scores.argmax(axis=1))
 
 
 def zero_shot_accuracy(lm: LanguageModel, task: Task | str, split, **options) -> float:

@@ -1,5 +1,7 @@
 """Zero-shot sentence completion against a brute-force float64 computation with the real GPT-2 tokenizer."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,23 @@ def test_scores_match_float64_brute_force_with_truncation(tokenizer):
     np.testing.assert_array_equal(result.predictions, _np_label_scores(expected, result.word_labels).argmax(1))
     labels = np.array([1, 0, 0, 1, 0])
     assert result.accuracy(labels) == np.mean(result.predictions == labels)
+
+
+def test_contextual_calibration_matches_float64_brute_force(tokenizer):
+    lm = _toy_lm(tokenizer, 64)
+    emb, phi = (np.asarray(lm.params[k], np.float64) for k in ("emb", "phi"))
+    brute = functools.partial(_brute_force_word_scores, tokenizer, lambda ids: _np_features(emb, ids), phi,
+                              task=TASK, max_length=20)
+    words, word_labels = zeroshot.label_word_list(TASK)
+    content_free = _np_label_scores(brute(list(zeroshot.CONTENT_FREE_TEXTS)), word_labels)
+    normalised = np.exp(content_free) / np.exp(content_free).sum(1, keepdims=True)
+    log_prior = np.log(normalised.mean(0))
+    calibrated = _np_label_scores(brute(TEXTS), word_labels) - log_prior
+
+    result = zeroshot.zero_shot(lm, TASK, TEXTS, calibrate=True, batch_size=8, max_length=20, progress=False)
+    np.testing.assert_allclose(result.log_prior, log_prior, atol=1e-4)
+    np.testing.assert_allclose(result.label_scores, calibrated, atol=1e-4)
+    np.testing.assert_array_equal(result.predictions, calibrated.argmax(1))
 
 
 def test_results_do_not_depend_on_batch_size(tokenizer):
