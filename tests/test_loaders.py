@@ -38,9 +38,9 @@ def test_tsv_with_header_blank_lines_tabs_in_text_and_named_labels(tmp_path):
     assert split.labels.tolist() == [1, 0, 0] and split.labels.dtype == np.int64
 
 
-def test_csv_joins_text_columns_and_handles_quoted_newlines(tmp_path):
+def test_csv_joins_text_columns_and_handles_quoted_newlines_and_a_bom(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text('label,title,description\n2,"Big, news","line one\nline two"\nSports,Goal,Late winner\n')
+    path.write_text('\ufefflabel,title,description\n2,"Big, news","line one\nline two"\nSports,Goal,Late winner\n')
     split = read_csv(path, ("World", "Sports", "Business", "Sci/Tech"), ("title", "description"), "label")
     assert split.texts == ["Big, news line one\nline two", "Goal Late winner"]
     assert split.labels.tolist() == [2, 1]

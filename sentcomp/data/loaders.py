@@ -123,7 +123,7 @@ def _read_lines(path: Path, keepends: bool = False) -> list[str]:
     if not path.is_file():
         raise SentcompError(f"Data file {path} does not exist.")
     try:
-        return path.read_text(encoding="utf-8").splitlines(keepends)
+        return path.read_text(encoding="utf-8-sig").splitlines(keepends)  # -sig: a BOM is not text
     except UnicodeDecodeError as error:
         raise SentcompError(f"{path} is not UTF-8 text ({error}).") from None
 
