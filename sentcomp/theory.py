@@ -341,3 +341,16 @@ def evaluate_against_truth(
                assumption="quadratic log-partition (Φp_f affine in f)")
     results["tau"] = {"box": float(tau_box.min()), "phi": float(tau_phi.min())}
     return results
+
+
+def evaluate_model_on_task(lm, task, gamma: float, *, objective: str = "xent", **options) -> dict:
+    """:func:`evaluate_against_truth` for a model on a ``synthetic.TaskData``: f(s) at every context of every
+    document from ``lm.hidden(tokens, mask)`` (any :class:`~sentcomp.models.LanguageModel`), Φ from ``lm.phi``.
+
+    The documents have one fixed length, so one unpadded forward pass gives all contexts (causal attention:
+    position t sees x_{1:t}). ``options`` go to :func:`evaluate_against_truth`.
+    """
+    contexts = jnp.asarray(task.contexts)
+    features = lm.hidden(contexts, jnp.ones_like(contexts))
+    return evaluate_against_truth(features, lm.phi, task.truth.log_next, task.labels, gamma, objective=objective,
+                                  **options)

@@ -137,3 +137,22 @@ def test_evaluate_against_truth_holds_the_bound_and_improves_with_epsilon(task, 
     # The exact model's features carry p* itself: its probe does as well as the truth's.
     best = "p_f" if objective == "xent" else "f"
     assert abs(exact["features"][best]["probe"]["loss"] - exact["features"]["p_star"]["probe"]["loss"]) < 2e-3
+
+
+class _OracleModel:
+    """Stands in for a LanguageModel: f(s) = log p*(.|s) (clipped), Φ = I, so p_f = p* at every context."""
+
+    def __init__(self, language):
+        self.language = language
+        self.phi = np.eye(language.vocab_size, dtype=np.float32)
+
+    def hidden(self, token_ids, attention_mask):
+        assert token_ids.shape[1] == self.language.num_contexts and bool(np.all(attention_mask))
+        return np.maximum(np.asarray(synthetic.exact_next_word(self.language, token_ids).log_next), -30.0)
+
+
+def test_evaluate_model_on_task_reads_every_context(task):
+    language, data = task
+    results = theory.evaluate_model_on_task(_OracleModel(language), data, synthetic.task_coverage(language))
+    assert results["epsilon"]["mean"] < 1e-4 and results["epsilon"]["n"] == len(data.labels)
+    assert abs(results["features"]["p_f"]["plug_in"] - results["features"]["p_f"]["tau"]) < 1e-3
