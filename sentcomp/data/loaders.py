@@ -194,7 +194,9 @@ def read_jsonl(path: str | Path, label_names: Sequence[str], text_columns: Seque
             except json.JSONDecodeError as error:
                 raise SentcompError(f"{where}: not valid JSON ({error.msg}).") from None
             if not isinstance(record, dict):
-                raise SentcompError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+                raise SentcompError(
+                    f"{where}: expected one JSON object per line (JSON lines), got a {type(record).__name__}."
+                )
             yield (*_record_example(record, text_columns, label_column, where), where)
 
     return build_split(examples(), label_names, str(path))
