@@ -95,7 +95,8 @@ def test_sweep_through_the_cli(tmp_path):
     assert [row["name"] for row in rows] == names and {row["status"] for row in rows} == {"done"}
     assert all(row["metrics"]["xent_excess_vs_kl"] < 1e-4 for row in rows)
     assert json.loads((tmp_path / names[0] / "config.json").read_text())["n_contexts"] == 4
-    no_sweep = error_line(cli(f"--config={EXPERIMENTS_DIR}/multihost_check.py", f"--workdir={tmp_path}/x", "--sweep"))
+    (tmp_path / "no_sweep.py").write_text(REQUIRED.replace("config_dict.placeholder(str)", "'x'"))
+    no_sweep = error_line(cli(f"--config={tmp_path}/no_sweep.py", f"--workdir={tmp_path}/x", "--sweep"))
     assert "defines no get_sweep()" in no_sweep
 
 
