@@ -74,7 +74,7 @@ def check_config_flags(args: list[str]):
 
 
 def _expected_type(config, message: str) -> str:
-    """`` (config.KEY is a TYPE, default VALUE)`` for the override an absl flag error names, if any."""
+    """`` (config.KEY has type TYPE, default VALUE)`` for the override an absl flag error names, if any."""
     match = re.search(r"--config\.([\w.]+)", message)
     if config is None or match is None:
         return ""
@@ -96,22 +96,27 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(f"{error}{_expected_type(config, str(error))}")
 
 
+def sweep_from_flags(config, workdir: str) -> None:
+    """``--sweep``: every point of the config file's ``get_sweep()`` into ``workdir/<point>/``."""
+    points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+    if _DRY_RUN.value:
+        for point, name in zip(points, sweep.point_names(points)):
+            runner.validate(config_files.override(config, point), f"{workdir}/{name}")
+            print(f"{workdir}/{name}")
+        return
+    rows = sweep.run_sweep(config, points, workdir, _PARALLEL.value)
+    print(f"Sweep table: {workdir}/sweep.md")
+    failed = [row["name"] for row in rows if row["status"] == "failed"]
+    if failed:
+        raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} (see {workdir}/sweep.md).")
+
+
 def run_from_flags() -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     if _PARALLEL.value > 1 and not _SWEEP.value:
         raise SentcompError("--parallel sets how many sweep points run at once: use it with --sweep.")
     if _SWEEP.value:
-        points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
-        if _DRY_RUN.value:
-            for point, name in zip(points, sweep.point_names(points)):
-                runner.validate(config_files.override(config, point), f"{workdir}/{name}")
-                print(f"{workdir}/{name}")
-            return
-        rows = sweep.run_sweep(config, points, workdir, _PARALLEL.value)
-        failed = [row["name"] for row in rows if row["status"] == "failed"]
-        print(f"Sweep table: {workdir}/sweep.md")
-        if failed:
-            raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} (see {workdir}/sweep.md).")
+        sweep_from_flags(config, workdir)
     elif _DRY_RUN.value:
         runner.validate(config, workdir)
         print(config)
