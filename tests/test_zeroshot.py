@@ -146,6 +146,13 @@ def test_rows_keep_the_prompt_and_share_forward_passes(tokenizer):
         assert len(context) == 12 - 2  # room for the longest continuation ("not worth it": 3 tokens)
 
 
+def test_raw_tokenizers_library_tokenizer_gives_the_same_rows(tokenizer):
+    words = zeroshot.label_word_list(TASK)[0]
+    with_transformers = zeroshot.build_rows(tokenizer, TEXTS, TASK.prompt, words, 20)
+    with_tokenizers = zeroshot.build_rows(tokenizer.backend_tokenizer, TEXTS, TASK.prompt, words, 20)
+    assert with_tokenizers == with_transformers
+
+
 def test_tiny_gpt2_matches_unpadded_single_sequences(tokenizer):
     """A real (random, tiny) GPT-2: padded, grouped, sharded scoring equals one-sequence-at-a-time log-probs."""
     config = gpt2.gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=24)
