@@ -120,12 +120,21 @@ def plot_fits(log_z_test: np.ndarray, predictions: dict, metrics: dict, title: s
 
 def results_markdown(results: dict) -> str:
     lines = [
-        f"# Log-partition fits: {results['model']}",
+        f"# Log-partition fits: {results['model']} ({results['model_name']})",
         "",
         f"{results['num_contexts']} contexts (Rotten Tomatoes snippets, prompt {results['prompt']!r}), "
         f"d = {results['dim']}, V = {results['vocab_size']}; fitted on {results['num_train']}, R² on the other "
         f"{results['num_test']}.",
         "",
+    ]
+    if results["num_train"] <= results["dim"] + 1:
+        lines += [
+            f"**Note:** {results['num_train']} fitting contexts ≤ d + 1 = {results['dim'] + 1}: every fit with b free "
+            "can interpolate them (train R² ≈ 1 says nothing); read the held-out R², and use more contexts "
+            "(`num_texts`) for conclusions.",
+            "",
+        ]
+    lines += [
         "| fit | train R² | held-out R² |",
         "|---|---|---|",
     ]
@@ -159,7 +168,8 @@ def run(config, workdir) -> dict:
         max_quadratic_terms=config.max_quadratic_terms, quadratic_rank=config.quadratic_rank,
     )
     results = {
-        "model": lm.name,
+        "model": config.model,
+        "model_name": lm.name,
         "prompt": config.prompt,
         "num_contexts": len(texts),
         "num_train": len(train),
@@ -172,6 +182,6 @@ def run(config, workdir) -> dict:
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "results.md").write_text(results_markdown(results))
-    plot_fits(log_z[test], predictions, metrics, f"log Z(f(s)) fits, {lm.name}", workdir / "log_partition_fit.png")
+    plot_fits(log_z[test], predictions, metrics, f"log Z(f(s)) fits, {config.model}", workdir / "log_partition_fit.png")
     print(results_markdown(results))
     return {f"{name}_test_r2": entry["test_r2"] for name, entry in metrics.items()}
