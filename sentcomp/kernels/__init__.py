@@ -18,6 +18,19 @@ from sentcomp.kernels.partition import (
     gaussian_log_partition,
     r_squared,
 )
+from sentcomp.kernels.probe import (
+    MULTI_CLASS_MODES,
+    LinearFits,
+    RidgeMoments,
+    kfold_ridge_moments,
+    linear_scores,
+    logistic_objective,
+    logistic_regression_grid,
+    predict_labels,
+    ridge_grid,
+    ridge_moments,
+    weighted_standardisation,
+)
 
 __all__ = [
     "conditional_mean_features",
@@ -38,4 +51,15 @@ __all__ = [
     "fit_log_partition_fixed_a",
     "gaussian_log_partition",
     "r_squared",
+    "MULTI_CLASS_MODES",
+    "LinearFits",
+    "RidgeMoments",
+    "kfold_ridge_moments",
+    "linear_scores",
+    "logistic_objective",
+    "logistic_regression_grid",
+    "predict_labels",
+    "ridge_grid",
+    "ridge_moments",
+    "weighted_standardisation",
 ]

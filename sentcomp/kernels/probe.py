@@ -1,0 +1,394 @@
+"""Linear probes as pure jnp kernels: L2 logistic regression and closed-form ridge over whole grids at once.
+
+Every number in the paper is the test accuracy of a linear probe on frozen features (../shared/PAPER.md,
+"The paper's experimental protocol"). These kernels fit one probe per (split, regularisation) pair in a single
+compiled call: a *split* is a row of sample weights over the same feature matrix (a cross-validation fold's
+training part, or all of train), so shapes stay fixed and every fit shares one matrix product per iteration.
+
+Conventions (scikit-learn's, made explicit)
+-------------------------------------------
+Logistic regression, inverse regularisation ``C`` and sample weights ``w_i`` (0/1 fold masks here)::
+
+    minimise_{W, b}   C Σ_i w_i ℓ(x_iᵀW + b, y_i)  +  ½‖W‖²_F          (intercept b unpenalised)
+
+which is ``C·n`` times the mean-loss form ``(1/n) Σ_i w_i ℓ_i + (λ/2)‖W‖²`` with ``λ = 1/(n·C)``,
+``n = Σ_i w_i``. The solver works in the mean form (better scaled); objectives are reported in sklearn's.
+``ℓ`` is
+
+* ``"multinomial"`` (default): softmax cross-entropy over K weight columns (sklearn's multinomial
+  ``LogisticRegression``); for K = 2 it is the binomial loss with a single column, as in sklearn;
+* ``"ovr"``: one-vs-rest, K independent binary problems ``Σ_k log(1 + exp(−y_ik z_ik))`` with
+  ``y_ik = ±1``; the sum separates, so this is exactly K binary fits solved side by side.
+
+Ridge (sklearn's ``Ridge``)::
+
+    minimise_{W, b}   Σ_i w_i ‖y_i − x_iᵀW − b‖²  +  α‖W‖²_F
+
+with one-hot (or ±1) targets ``y_i``: one eigendecomposition of the centered Gram matrix per split, then
+every α for one rescale of the eigenvalues.
+
+Standardisation (optional): features are mapped to ``(x − m_s)/σ_s`` with the weighted mean and standard
+deviation of split ``s``'s own training rows, the penalty acts on the standardised weights, and the returned
+coefficients are mapped back to raw features, so ``x @ coef + intercept`` always scores raw features.
+
+Solver: L-BFGS (two-loop recursion, Armijo backtracking) on the mean-form objective in preconditioned
+coordinates ``W = V diag(κe + λ)^(-1/2) Θ``, where ``V e Vᵀ`` is the eigendecomposition of the feature
+covariance and ``κ`` the loss curvature at the start (¼ for sigmoid columns, 1/K for softmax). The Hessian is
+then close to the identity whatever the scale or anisotropy of the features (LM hidden states have a few
+dimensions hundreds of times larger than the rest), which is what lets a first-order method reach a tight
+optimum quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+MULTI_CLASS_MODES = ("multinomial", "ovr")
+
+
+class LinearFits(NamedTuple):
+    """A grid of linear probes on raw features: ``scores = x @ coef[s, l] + intercept[s, l]``.
+
+    ``coef [S, L, d, K']``, ``intercept [S, L, K']`` (``K' = 1`` for binary logistic regression).
+    ``objective [S, L]``: the sklearn-form objective at the solution. ``grad_norm [S, L]``: the final gradient
+    norm in the solver's preconditioned coordinates (0 for closed-form ridge). ``iterations [S, L]``.
+    """
+
+    coef: jax.Array
+    intercept: jax.Array
+    objective: jax.Array
+    grad_norm: jax.Array
+    iterations: jax.Array
+
+
+def weighted_standardisation(x: jax.Array, weights: jax.Array, standardize: bool = True):
+    """Weighted mean ``m`` and standard deviation ``σ`` of the rows of ``x [N, d]`` (``σ = 1`` where it is 0).
+
+    With ``standardize=False`` returns ``(m, 1)``: centering alone changes no linear probe, only conditioning.
+    """
+    n = jnp.sum(weights)
+    mean = weights @ x / n
+    if not standardize:
+        return mean, jnp.ones_like(mean)
+    var = weights @ jnp.square(x - mean) / n
+    std = jnp.sqrt(var)
+    return mean, jnp.where(std > 0, std, 1.0)
+
+
+def linear_scores(x: jax.Array, coef: jax.Array, intercept: jax.Array) -> jax.Array:
+    """``x [N, d] @ coef [..., d, K] + intercept [..., K]`` → scores ``[..., N, K]``."""
+    return jnp.einsum("nd,...dk->...nk", x, coef) + intercept[..., None, :]
+
+
+def predict_labels(scores: jax.Array) -> jax.Array:
+    """Class indices from scores ``[..., N, K']``: ``score > 0`` for one column (binary), else argmax."""
+    if scores.shape[-1] == 1:
+        return (scores[..., 0] > 0).astype(jnp.int32)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def logistic_columns(num_classes: int, multi_class: str) -> int:
+    """Number of weight columns K': 1 for any binary problem, K otherwise (multinomial or one-vs-rest)."""
+    if multi_class not in MULTI_CLASS_MODES:
+        raise ValueError(f"multi_class must be one of {MULTI_CLASS_MODES}, got {multi_class!r}")
+    return 1 if num_classes == 2 else num_classes
+
+
+def _uses_sigmoid(num_classes: int, multi_class: str) -> bool:
+    return num_classes == 2 or multi_class == "ovr"
+
+
+def logistic_targets(labels: jax.Array, num_classes: int, multi_class: str) -> jax.Array:
+    """Targets ``[N, K']``: ±1 of class 1 (binary), ±1 per class (ovr), or one-hot (multinomial)."""
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if num_classes == 2:
+        return 2.0 * one_hot[:, 1:] - 1.0
+    return 2.0 * one_hot - 1.0 if multi_class == "ovr" else one_hot
+
+
+def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax.Array:
+    """Per-example loss ``[N]``: ``Σ_k log(1 + e^{−y_k z_k})`` (sigmoid) or ``logsumexp(z) − yᵀz`` (softmax)."""
+    if sigmoid:
+        return jnp.sum(jax.nn.softplus(-targets * scores), axis=-1)
+    return jax.nn.logsumexp(scores, axis=-1) - jnp.sum(targets * scores, axis=-1)
+
+
+def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial"):
+    """sklearn's objective ``C Σ_i w_i ℓ(x_iᵀW + b, y_i) + ½‖W‖²`` of one probe on raw features."""
+    targets = logistic_targets(labels, num_classes, multi_class)
+    losses = logistic_losses(linear_scores(x, coef, intercept), targets, _uses_sigmoid(num_classes, multi_class))
+    return c * jnp.dot(weights, losses) + 0.5 * jnp.sum(jnp.square(coef))
+
+
+def _feature_eigenbasis(x: jax.Array, weights: jax.Array, standardize: bool):
+    """Eigendecomposition ``(e, V)`` of the (standardised) weighted feature covariance, for preconditioning."""
+    mean, scale = weighted_standardisation(x, weights, standardize)
+    centered = (x - mean) / scale
+    cov = (centered * weights[:, None]).T @ centered / jnp.sum(weights)
+    eigvals, eigvecs = jnp.linalg.eigh(cov)
+    return jnp.maximum(eigvals, 0.0), eigvecs
+
+
+def _two_loop_direction(grad, steps, grad_changes, rho):
+    """L-BFGS search direction ``−H·grad`` from the stored pairs (oldest first; empty slots have ``ρ = 0``).
+
+    Nocedal & Wright, Algorithm 7.4, with the initial inverse Hessian ``γI``, ``γ = sᵀy / yᵀy`` of the newest pair.
+    """
+
+    def backward(q, pair):
+        s, y, r = pair
+        a = r * jnp.dot(s, q)
+        return q - a * y, a
+
+    q, alphas = jax.lax.scan(backward, grad, (steps, grad_changes, rho), reverse=True)
+    newest_yy = jnp.dot(grad_changes[-1], grad_changes[-1])
+    gamma = jnp.where(rho[-1] > 0, jnp.dot(steps[-1], grad_changes[-1]) / jnp.where(newest_yy > 0, newest_yy, 1.0), 1.0)
+
+    def forward(r, pair):
+        s, y, rh, a = pair
+        return r + s * (a - rh * jnp.dot(y, r)), None
+
+    r, _ = jax.lax.scan(forward, gamma * q, (steps, grad_changes, rho, alphas))
+    return -r
+
+
+def _lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int = 10):
+    """Minimises a smooth convex ``fun`` over a vector from ``init`` by L-BFGS with Armijo backtracking.
+
+    Stops when ``‖∇fun‖₂ < tol``, after ``max_iter`` steps, or when no step decreases ``fun`` any more (the
+    float32 resolution). Returns ``(params, value, grad_norm, iterations)``.
+    """
+    value_and_grad = jax.value_and_grad(fun)
+    value, grad = value_and_grad(init)
+    size = init.shape[0]
+    history = (jnp.zeros((memory, size), init.dtype), jnp.zeros((memory, size), init.dtype), jnp.zeros((memory,), init.dtype))
+
+    def line_search(params, value, grad, direction, active):
+        """Halves the step from 1 until Armijo's decrease holds. ``active`` is False for problems already done:
+        under ``vmap`` every problem runs this loop while any needs it, so finished ones must not search."""
+        slope = jnp.dot(grad, direction)
+
+        def too_long(carry):
+            step, trial_value, _ = carry
+            return active & (trial_value > value + 1e-4 * step * slope) & (step > 2.0**-20)
+
+        def halve(carry):
+            step = 0.5 * carry[0]
+            trial_value, trial_grad = value_and_grad(params + step * direction)
+            return step, trial_value, trial_grad
+
+        trial_value, trial_grad = value_and_grad(params + direction)
+        return jax.lax.while_loop(too_long, halve, (jnp.ones((), init.dtype), trial_value, trial_grad))
+
+    def not_done(carry):
+        _, value, grad, _, iteration, stalled = carry
+        return (iteration < max_iter) & (jnp.linalg.norm(grad) >= tol) & ~stalled
+
+    def iterate(carry):
+        params, value, grad, (steps, changes, rho), iteration, stalled = carry
+        active = not_done(carry)
+        direction = _two_loop_direction(grad, steps, changes, rho)
+        direction = jnp.where(jnp.dot(direction, grad) < 0, direction, -grad)  # keep a descent direction
+        step, new_value, new_grad = line_search(params, value, grad, direction, active)
+        stalled = stalled | ~(new_value < value)
+        accept_step = active & ~stalled
+        s, y = step * direction, new_grad - grad
+        curvature = jnp.dot(s, y)
+        accept = (curvature > 0) & accept_step
+        push = lambda buffer, item: jnp.where(accept, jnp.concatenate([buffer[1:], item[None]]), buffer)
+        history = (push(steps, s), push(changes, y), push(rho, jnp.where(accept, 1.0 / jnp.where(accept, curvature, 1.0), 0.0)))
+        params = jnp.where(accept_step, params + s, params)
+        value, grad = jnp.where(accept_step, new_value, value), jnp.where(accept_step, new_grad, grad)
+        return params, value, grad, history, iteration + active.astype(jnp.int32), stalled
+
+    carry = (init, value, grad, history, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    params, value, grad, _, iterations, _ = jax.lax.while_loop(not_done, iterate, carry)
+    return params, value, jnp.linalg.norm(grad), iterations
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "multi_class", "standardize", "max_iter", "warm_start"))
+def logistic_regression_grid(
+    x: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    c_grid: jax.Array,
+    *,
+    num_classes: int,
+    multi_class: str = "multinomial",
+    standardize: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    warm_start: bool = True,
+) -> LinearFits:
+    """L2 logistic regression with intercept for every split × C in one compiled call.
+
+    ``x [N, d]`` features, ``labels [N]`` in ``0..num_classes−1``, ``weights [S, N]`` one row of sample
+    weights per split (0 drops a row), ``c_grid [L]`` sklearn's inverse regularisation. Returns
+    :class:`LinearFits` with leading axes ``[S, L]``. Each problem minimises the mean-form objective
+    ``(1/n) Σ w_i ℓ_i + (λ/2)‖W‖²``, ``λ = 1/(n C)``, to ``‖∇‖₂ < tol`` in preconditioned coordinates
+    (module docstring) with at most ``max_iter`` L-BFGS steps. The splits always run side by side (``vmap``).
+    ``warm_start=True`` walks the C grid from strong to weak regularisation, each fit starting from the
+    previous solution (a ``scan``; fewer iterations in all, and narrow matrix products that stay
+    memory-bound); ``False`` solves every (split, C) from zero side by side, one ``[N, d] × [d, S·L·K']``
+    product per step (best when the grid is short or the device is wide).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    c_grid = jnp.asarray(c_grid, jnp.float32)
+    sigmoid = _uses_sigmoid(num_classes, multi_class)
+    columns = logistic_columns(num_classes, multi_class)
+    targets = logistic_targets(labels, num_classes, multi_class)
+    curvature = 0.25 if sigmoid else 1.0 / num_classes
+    dim = x.shape[1]
+    eigvals, eigvecs = _feature_eigenbasis(x, jnp.max(weights, axis=0), standardize)
+
+    def fit_one(split_weights, mean, scale, c, start):
+        """One problem from ``start = (W, b)`` on standardised features; returns its fit and (W, b)."""
+        n = jnp.sum(split_weights)
+        lam = 1.0 / (n * c)
+        precond = jax.lax.rsqrt(curvature * eigvals + lam)  # [d]
+
+        def standardised_probe(theta):  # θ = (Θ, β) → W = V diag(precond) Θ, b = β/√κ
+            scaled = precond[:, None] * theta[:-columns].reshape(dim, columns)
+            return eigvecs @ scaled, theta[-columns:] * jax.lax.rsqrt(curvature), scaled
+
+        def raw_probe(coef_std, intercept_std):  # scores of (x − m)/σ = scores of x with coef = W/σ, b − mᵀcoef
+            coef = coef_std / scale[:, None]
+            return coef, intercept_std - mean @ coef
+
+        def mean_objective(theta):
+            coef_std, intercept_std, scaled = standardised_probe(theta)
+            coef, intercept = raw_probe(coef_std, intercept_std)
+            losses = logistic_losses(x @ coef + intercept, targets, sigmoid)
+            return jnp.dot(split_weights, losses) / n + 0.5 * lam * jnp.sum(jnp.square(scaled))
+
+        start_coef, start_intercept = start
+        init = jnp.concatenate([((eigvecs.T @ start_coef) / precond[:, None]).ravel(), start_intercept * jnp.sqrt(curvature)])
+        theta, value, grad_norm, iterations = _lbfgs_minimise(mean_objective, init, max_iter, tol)
+        coef_std, intercept_std, _ = standardised_probe(theta)
+        coef, intercept = raw_probe(coef_std, intercept_std)
+        return LinearFits(coef, intercept, value * n * c, grad_norm, iterations), (coef_std, intercept_std)
+
+    means, scales = jax.vmap(lambda w: weighted_standardisation(x, w, standardize))(weights)
+    num_splits, num_c = weights.shape[0], c_grid.shape[0]
+    zeros = (jnp.zeros((num_splits, dim, columns), jnp.float32), jnp.zeros((num_splits, columns), jnp.float32))
+    fit_splits = jax.vmap(fit_one, in_axes=(0, 0, 0, None, 0))
+    if warm_start:
+        order = jnp.argsort(c_grid)
+
+        def next_c(start, c):
+            fits, solution = fit_splits(weights, means, scales, c, start)
+            return solution, fits
+
+        _, fits = jax.lax.scan(next_c, zeros, c_grid[order])  # leading axes [L, S], C ascending
+        fits = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1)[:, jnp.argsort(order)], fits)
+        return fits
+    fits, _ = jax.vmap(fit_splits, in_axes=(None, None, None, 0, None))(weights, means, scales, c_grid, zeros)
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), fits)
+
+
+class RidgeMoments(NamedTuple):
+    """Weighted sufficient statistics of one or more splits (leading axis S), on globally centered data.
+
+    ``n [S]`` total weight, ``sum_x [S, d]``, ``sum_y [S, T]``, ``gram [S, d, d] = Σ w x xᵀ``,
+    ``cross [S, d, T] = Σ w x yᵀ``, ``sum_sq [S, d] = Σ w x²``, ``sum_yy [S] = Σ w ‖y‖²``; ``offset [d]`` the global mean that was
+    subtracted from ``x`` before accumulating (keeps float32 Gram matrices free of cancellation).
+    """
+
+    n: jax.Array
+    sum_x: jax.Array
+    sum_y: jax.Array
+    gram: jax.Array
+    cross: jax.Array
+    sum_sq: jax.Array
+    sum_yy: jax.Array
+    offset: jax.Array
+
+
+def ridge_moments(x: jax.Array, targets: jax.Array, weights: jax.Array) -> RidgeMoments:
+    """Moments of every split ``weights [S, N]`` over ``x [N, d]``, ``targets [N, T]``: costs S·N·d²."""
+    x = jnp.asarray(x, jnp.float32)
+    support = jnp.max(weights, axis=0)
+    offset = support @ x / jnp.sum(support)
+    centered = x - offset
+    weighted = weights[:, :, None] * centered  # [S, N, d]
+    return RidgeMoments(
+        n=jnp.sum(weights, axis=1),
+        sum_x=jnp.sum(weighted, axis=1),
+        sum_y=weights @ targets,
+        gram=jnp.einsum("snd,ne->sde", weighted, centered),
+        cross=jnp.einsum("snd,nt->sdt", weighted, targets),
+        sum_sq=jnp.einsum("snd,nd->sd", weighted, centered),
+        sum_yy=weights @ jnp.sum(jnp.square(targets), axis=1),
+        offset=offset,
+    )
+
+
+def kfold_ridge_moments(x_folds: jax.Array, targets_folds: jax.Array, mask: jax.Array) -> RidgeMoments:
+    """Moments of the K-fold splits from data laid out by fold: ``x_folds [F, M, d]``, ``mask [F, M]``.
+
+    Split ``s < F`` trains on every fold but ``s``; split ``F`` on all of them (the refit). Each fold's Gram
+    matrix is computed once and the splits' are differences of the total, so all F+1 splits cost N·d² (not
+    (F+1)·N·d²). ``mask`` marks real rows (folds are padded to a common size ``M``).
+    """
+    x_folds = jnp.asarray(x_folds, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    offset = jnp.einsum("fm,fmd->d", mask, x_folds) / jnp.sum(mask)
+    centered = (x_folds - offset) * mask[:, :, None]  # padded rows become exact zeros
+    per_fold = RidgeMoments(
+        n=jnp.sum(mask, axis=1),
+        sum_x=jnp.sum(centered, axis=1),
+        sum_y=jnp.einsum("fm,fmt->ft", mask, targets_folds),
+        gram=jnp.einsum("fmd,fme->fde", centered, centered),
+        cross=jnp.einsum("fmd,fmt->fdt", centered, targets_folds),
+        sum_sq=jnp.sum(jnp.square(centered), axis=1),
+        sum_yy=jnp.einsum("fm,fmt->f", mask, jnp.square(targets_folds)),
+        offset=offset,
+    )
+
+    def leave_out(stat):  # [F, ...] → [F + 1, ...]: total minus each fold, then the total itself
+        total = jnp.sum(stat, axis=0, keepdims=True)
+        return jnp.concatenate([total - stat, total], axis=0)
+
+    return per_fold._replace(**{k: leave_out(v) for k, v in per_fold._asdict().items() if k != "offset"})
+
+
+@functools.partial(jax.jit, static_argnames=("standardize",))
+def ridge_grid(moments: RidgeMoments, alphas: jax.Array, standardize: bool = False) -> LinearFits:
+    """Closed-form ridge for every split × α from its moments: one ``eigh`` per split, one rescale per α.
+
+    Per split, with weighted means ``m, ȳ`` and scale ``σ`` (1 unless standardising), the centered
+    standardised Gram ``A = D⁻¹(Σ w x xᵀ − n m mᵀ)D⁻¹ = U diag(e) Uᵀ`` and ``B = D⁻¹(Σ w x yᵀ − n m ȳᵀ)``:
+    ``W(α) = U diag(1/(e + α)) UᵀB`` for every α, then ``coef = D⁻¹W``, ``intercept = ȳ − mᵀcoef``
+    (``D = diag σ``). Objective reported: ``Σ w‖y − xᵀcoef − b‖² + α‖W‖²`` from the same moments.
+    """
+    n = moments.n[:, None]
+    mean_x, mean_y = moments.sum_x / n, moments.sum_y / n
+    if standardize:
+        scale = jnp.sqrt(jnp.maximum(moments.sum_sq / n - jnp.square(mean_x), 0.0))
+        scale = jnp.where(scale > 0, scale, 1.0)
+    else:
+        scale = jnp.ones_like(mean_x)
+    gram = moments.gram - n[:, :, None] * mean_x[:, :, None] * mean_x[:, None, :]
+    gram = gram / scale[:, :, None] / scale[:, None, :]
+    cross = (moments.cross - n[:, :, None] * mean_x[:, :, None] * mean_y[:, None, :]) / scale[:, :, None]
+    eigvals, eigvecs = jnp.linalg.eigh(gram)  # [S, d], [S, d, d]
+    eigvals = jnp.maximum(eigvals, 0.0)
+    projected = jnp.einsum("sde,sdt->set", eigvecs, cross)  # UᵀB
+    alphas = jnp.asarray(alphas, jnp.float32)
+    shrunk = projected[:, None] / (eigvals[:, None, :, None] + alphas[None, :, None, None])  # [S, L, d, T]
+    coef_std = jnp.einsum("sde,slet->sldt", eigvecs, shrunk)
+    coef = coef_std / scale[:, None, :, None]
+    intercept = mean_y[:, None, :] - jnp.einsum("sd,sldt->slt", mean_x + moments.offset, coef)
+    # Residual sum of squares of the centered problem from the moments: Σw‖y − ȳ‖² − 2 tr(WᵀB) + tr(WᵀAW).
+    target_ss = moments.sum_yy - moments.n * jnp.sum(jnp.square(mean_y), axis=1)
+    fit_term = jnp.einsum("sldt,sdt->sl", coef_std, cross)
+    quad_term = jnp.einsum("slet,se,slet->sl", shrunk, eigvals, shrunk)
+    penalty = alphas[None, :] * jnp.sum(jnp.square(shrunk), axis=(2, 3))
+    objective = target_ss[:, None] + quad_term - 2.0 * fit_term + penalty
+    zeros = jnp.zeros(objective.shape, jnp.float32)
+    return LinearFits(coef, intercept, objective, zeros, zeros.astype(jnp.int32))

@@ -1,0 +1,279 @@
+"""Linear-probe evaluation of frozen features: one call, one protocol, every number a table needs.
+
+    from sentcomp import probe
+    result = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
+    result["test_accuracy"], result["regularisation"], result["cv_scores"]   # cv_scores: [grid, fold]
+
+Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.probe`):
+
+* ``"paper"`` — the authors' recipe (../shared/PAPER.md): L2 logistic regression with intercept, C chosen by
+  5-fold stratified cross-validation on train (mean held-out accuracy, first best on ties, i.e. the
+  strongest regularisation), ``C ∈ {10⁻⁶, …, 10³}`` when N < 10,000 else ``{10⁻³, …, 10²}``, no feature
+  scaling, then a refit on all of train. sklearn's ``C``: ``C Σ_i ℓ_i + ½‖W‖²``, i.e. ``λ = 1/(N·C)`` per
+  mean loss. Multinomial by default; the authors used one-vs-rest (multinomial only on SST-5 subset-word
+  features): pass ``multi_class="ovr"`` to reproduce that (one C for all classes, chosen by the accuracy of
+  the combined argmax classifier, where sklearn's old OvR ``LogisticRegressionCV`` chose one C per class).
+* ``"senteval"`` — SentEval's logistic-regression probe: ``C ∈ {2⁻², …, 2³}`` chosen on the dev set
+  (``x_dev, y_dev``) with the final probe trained on train only; without a dev set, by k-fold CV on train
+  and a refit.
+* ``"mteb"`` — MTEB's classification probe: C = 1, no search, trained on all of train.
+* ``"ridge"`` — closed-form ridge on one-hot targets (sklearn's ``Ridge``: ``Σ‖y − xᵀW − b‖² + α‖W‖²``),
+  ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev set if given, else k-fold CV and a refit).
+
+Labels may be any sortable values (strings, or integers not in ``0..K−1``); they are mapped to the sorted
+unique training labels, reported as ``result["classes"]``. Folds are stratified and seeded (``seed``), or
+given as ``folds`` (one fold index per training example).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sentcomp import kernels
+from sentcomp.errors import SentcompError
+
+PROTOCOLS = ("paper", "senteval", "mteb", "ridge")
+PAPER_LARGE_N = 10_000
+
+
+def paper_c_grid(n_train: int) -> np.ndarray:
+    """The authors' C grid: ``10⁻⁶..10³`` (10 values) when ``n_train < 10,000``, else ``10⁻³..10²`` (6)."""
+    low, high = (-6, 3) if n_train < PAPER_LARGE_N else (-3, 2)
+    return 10.0 ** np.arange(low, high + 1)
+
+
+def default_grid(protocol: str, n_train: int) -> np.ndarray:
+    """The regularisation grid of each protocol (C for logistic regression, α for ridge), ascending."""
+    if protocol == "paper":
+        return paper_c_grid(n_train)
+    if protocol == "senteval":
+        return 2.0 ** np.arange(-2, 4)
+    if protocol == "mteb":
+        return np.array([1.0])
+    return 10.0 ** np.arange(-3, 7)
+
+
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index per example: each class shuffled (seeded) and dealt round-robin, continuing across classes,
+    so every class is split evenly and fold sizes differ by at most one."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    folds = np.empty(len(labels), np.int64)
+    folds[order] = np.arange(len(labels)) % n_folds
+    return folds
+
+
+def _features(x, name: str) -> np.ndarray:
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise SentcompError(f"{name} must be a numeric array of shape [examples, features]: {error}") from None
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise SentcompError(f"{name} must have shape [examples, features] with both > 0, got {x.shape}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise SentcompError(
+            f"{name} has {bad.sum()} NaN/inf values in {len(rows)} rows (first rows: {rows[:5].tolist()}); "
+            "fix the feature extraction (e.g. fp16 overflow, empty inputs) or drop those rows"
+        )
+    return x
+
+
+def _labels(y, n: int, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise SentcompError(f"{name} must be a 1-D array with one label per feature row ({n}), got shape {y.shape}")
+    return y
+
+
+def encode_labels(y_train, y_others: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Maps labels to ``0..K−1`` by the sorted unique training labels; other sets must use the same labels."""
+    try:
+        classes, train_ids = np.unique(y_train, return_inverse=True)
+    except TypeError:
+        raise SentcompError("y_train mixes label types that cannot be sorted (e.g. str and int); use one type") from None
+    if len(classes) < 2:
+        raise SentcompError(f"y_train has a single class {classes.tolist()}: a probe needs at least two classes")
+    encoded = {}
+    for name, y in y_others.items():
+        if y.dtype.kind != classes.dtype.kind and not (y.dtype.kind in "iuf" and classes.dtype.kind in "iuf"):
+            raise SentcompError(f"{name} labels are {y.dtype} but y_train labels are {classes.dtype}: use one encoding")
+        ids = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+        unseen = classes[ids] != y
+        if unseen.any():
+            raise SentcompError(
+                f"{name} has labels never seen in y_train: {np.unique(y[unseen])[:5].tolist()} "
+                f"(train classes: {classes.tolist()[:10]}); check both use the same label encoding"
+            )
+        encoded[name] = ids
+    return classes, train_ids, encoded
+
+
+def _check_folds(folds, n: int, n_folds) -> tuple[np.ndarray, int]:
+    folds = np.asarray(folds)
+    if folds.shape != (n,) or folds.dtype.kind not in "iu":
+        raise SentcompError(f"folds must be one integer fold index per training example ({n}), got {folds.shape} {folds.dtype}")
+    count = int(folds.max()) + 1 if n_folds is None else n_folds
+    sizes = np.bincount(folds, minlength=count) if folds.min() >= 0 else None
+    if sizes is None or len(sizes) != count or count < 2 or (sizes == 0).any():
+        raise SentcompError(f"folds must take every value 0..F−1 (F ≥ 2) at least once, got values {np.unique(folds)[:10].tolist()}")
+    return folds, count
+
+
+def _grid(grid, protocol: str, n_train: int) -> np.ndarray:
+    grid = default_grid(protocol, n_train) if grid is None else np.asarray(grid, np.float64).ravel()
+    if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise SentcompError(f"the regularisation grid must be positive finite numbers, got {grid.tolist()}")
+    return np.sort(grid)
+
+
+def _splits(n_train: int, n_dev: int, folds: np.ndarray | None, n_folds: int):
+    """Training weights ``[S, N_all]`` and validation masks ``[S, N_all]`` over the rows ``train ++ dev``.
+
+    K-fold: split ``s < F`` trains on every fold but ``s`` and is scored on ``s``; split ``F`` trains on all of
+    train (the refit). Dev set: one split trained on train and scored on dev. Neither: one split, no scores.
+    Returns ``(weights, validation, final_split)``.
+    """
+    n_all = n_train + n_dev
+    is_train = np.arange(n_all) < n_train
+    if folds is not None:
+        fold_of = np.concatenate([folds, np.full(n_dev, -1)])
+        validation = np.stack([fold_of == s for s in range(n_folds)] + [np.zeros(n_all, bool)])
+        weights = np.stack([is_train & (fold_of != s) for s in range(n_folds)] + [is_train])
+        return weights.astype(np.float32), validation, n_folds
+    return is_train[None].astype(np.float32), (~is_train)[None], 0
+
+
+def _folded(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, n_folds: int):
+    """Rows grouped by fold and zero-padded to the largest fold: ``x [F, M, d]``, ``targets [F, M, T]``, mask."""
+    size = np.bincount(folds, minlength=n_folds).max()
+    x_folds = np.zeros((n_folds, size, x.shape[1]), np.float32)
+    y_folds = np.zeros((n_folds, size, targets.shape[1]), np.float32)
+    mask = np.zeros((n_folds, size), np.float32)
+    for f in range(n_folds):
+        rows = np.flatnonzero(folds == f)
+        x_folds[f, : len(rows)], y_folds[f, : len(rows)], mask[f, : len(rows)] = x[rows], targets[rows], 1.0
+    return x_folds, y_folds, mask
+
+
+def _fit(protocol, x_all, y_all, weights, grid, num_classes, folds, n_folds, n_train, *, multi_class, standardize, max_iter, tol):
+    if protocol != "ridge":
+        return kernels.logistic_regression_grid(
+            x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
+            standardize=standardize, max_iter=max_iter, tol=tol,
+        )
+    targets = np.eye(num_classes, dtype=np.float32)[y_all]
+    if folds is not None:  # fold Gram matrices once, splits as differences (split order as in _splits)
+        moments = kernels.kfold_ridge_moments(*_folded(x_all[:n_train], targets[:n_train], folds, n_folds))
+    else:
+        moments = kernels.ridge_moments(x_all, targets, weights)
+    return kernels.ridge_grid(moments, grid, standardize=standardize)
+
+
+def _accuracy(scores, labels) -> np.ndarray:
+    return np.mean(np.asarray(kernels.predict_labels(scores)) == labels, axis=-1)
+
+
+def evaluate(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    protocol: str = "paper",
+    *,
+    x_dev=None,
+    y_dev=None,
+    folds=None,
+    n_folds: int | None = None,
+    grid=None,
+    multi_class: str = "multinomial",
+    standardize: bool = False,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+) -> dict:
+    """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
+
+    ``x_*`` are ``[examples, features]`` arrays, ``y_*`` labels of any sortable type. ``folds`` (one fold
+    index per training example) overrides the seeded stratified ``n_folds`` split (default 5); ``grid``
+    overrides the protocol's C (or ridge α) grid; ``standardize`` standardises features with each split's own
+    training statistics. Returns a dict with ``test_accuracy``, ``train_accuracy`` (of the final probe),
+    ``regularisation`` (the chosen C or α, named by ``regularisation_name``), ``grid``, ``cv_scores``
+    (validation accuracy ``[grid, fold]``; one column for a dev set, none for ``"mteb"``), ``cv_mean``,
+    ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``,
+    solver diagnostics (``converged``, ``iterations``, ``grad_norm``, ``objective`` of the final probe), and
+    ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
+    """
+    if protocol not in PROTOCOLS:
+        raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if multi_class not in kernels.MULTI_CLASS_MODES:
+        raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
+    x_train, x_test = _features(x_train, "x_train"), _features(x_test, "x_test")
+    y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
+    sets = {"y_test": y_test}
+    if (x_dev is None) != (y_dev is None):
+        raise SentcompError("give both x_dev and y_dev, or neither")
+    if x_dev is not None:
+        if protocol in ("paper", "mteb"):
+            raise SentcompError(f"protocol {protocol!r} does not use a dev set; use 'senteval' or 'ridge', or drop x_dev")
+        x_dev = _features(x_dev, "x_dev")
+        sets["y_dev"] = _labels(y_dev, len(x_dev), "y_dev")
+    for name, x in (("x_test", x_test), ("x_dev", x_dev)):
+        if x is not None and x.shape[1] != x_train.shape[1]:
+            raise SentcompError(f"{name} has {x.shape[1]} features but x_train has {x_train.shape[1]}")
+    classes, train_ids, encoded = encode_labels(y_train, sets)
+
+    n_train = len(x_train)
+    grid = _grid(grid, protocol, n_train)
+    if protocol == "mteb" or x_dev is not None:
+        if folds is not None:
+            raise SentcompError(f"folds are not used by protocol {protocol!r}{' with a dev set' if x_dev is not None else ''}")
+        fold_ids, n_folds = None, 0
+    elif folds is not None:
+        fold_ids, n_folds = _check_folds(folds, n_train, n_folds)
+    else:
+        n_folds = 5 if n_folds is None else int(n_folds)
+        if not 2 <= n_folds <= n_train:
+            raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), got {n_folds}")
+        fold_ids = stratified_folds(train_ids, n_folds, seed)
+
+    n_dev = 0 if x_dev is None else len(x_dev)
+    x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
+    y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
+    weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
+    fits = _fit(
+        protocol, x_all, y_all, weights, grid, len(classes), fold_ids, n_folds, n_train,
+        multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
+    )
+    coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
+
+    scored = [s for s in range(len(weights)) if validation[s].any()]
+    cv_scores = np.array(
+        [[_accuracy(x_all[validation[s]] @ coef[s, l] + intercept[s, l], y_all[validation[s]]) for s in scored]
+         for l in range(len(grid))]
+    ).reshape(len(grid), len(scored))
+    cv_mean = cv_scores.mean(axis=1) if scored else np.full(len(grid), np.nan)
+    best = int(np.argmax(cv_mean)) if scored else 0
+    test_path = np.array([_accuracy(x_test @ coef[final, l] + intercept[final, l], encoded["y_test"]) for l in range(len(grid))])
+    return {
+        "protocol": protocol,
+        "multi_class": multi_class if protocol != "ridge" else "one-hot ridge",
+        "classes": classes.tolist(),
+        "regularisation_name": "alpha" if protocol == "ridge" else "C",
+        "grid": grid.tolist(),
+        "regularisation": float(grid[best]),
+        "best_index": best,
+        "cv_scores": cv_scores,
+        "cv_mean": cv_mean,
+        "folds": fold_ids,
+        "test_accuracy": float(test_path[best]),
+        "train_accuracy": float(_accuracy(x_train @ coef[final, best] + intercept[final, best], train_ids)),
+        "test_accuracy_per_regularisation": test_path,
+        "coef": coef[final, best],
+        "intercept": intercept[final, best],
+        "objective": float(fits.objective[final, best]),
+        "iterations": int(fits.iterations[final, best]),
+        "grad_norm": float(fits.grad_norm[final, best]),
+        "converged": bool(protocol == "ridge" or fits.iterations[final, best] < max_iter),
+    }

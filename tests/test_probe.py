@@ -1,0 +1,211 @@
+"""Linear probes against scikit-learn (logistic regression) and float64 numpy solves (ridge)."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
+
+from sentcomp import kernels, probe
+from sentcomp.errors import SentcompError
+
+
+def _problem(seed, n, dim, num_classes, noise=1.0):
+    """Correlated, unevenly scaled features with a noisy linear teacher (not separable)."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim)) * np.geomspace(5.0, 0.2, dim)[:, None]
+    x = rng.normal(size=(n, dim)) @ mixing + rng.normal(size=dim) * 3
+    logits = x @ rng.normal(size=(dim, num_classes)) / np.linalg.norm(mixing) * 4
+    y = np.argmax(logits + noise * rng.gumbel(size=logits.shape), axis=1)
+    return x.astype(np.float32), y
+
+
+def _np_objective(x, y, c, coef, intercept, sigmoid):
+    """sklearn's C Σ ℓ + ½‖W‖² in float64, on features x (K' = coef.shape[1] columns)."""
+    z = x.astype(np.float64) @ coef + intercept
+    if sigmoid:
+        t = 2.0 * (y[:, None] == (np.arange(coef.shape[1]) if coef.shape[1] > 1 else 1)) - 1.0
+        losses = np.logaddexp(0.0, -t * z).sum(axis=1)
+    else:
+        top = z.max(axis=1, keepdims=True)
+        losses = top[:, 0] + np.log(np.exp(z - top).sum(axis=1)) - z[np.arange(len(y)), y]
+    return c * losses.sum() + 0.5 * np.sum(coef**2)
+
+
+def _sklearn_probe(x, y, c, multi_class):
+    """The float64 sklearn optimum: lbfgs to tight tolerance (binary = one column; OvR = K binary fits)."""
+    x = x.astype(np.float64)
+    if multi_class == "ovr" and len(np.unique(y)) > 2:
+        fits = [LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y == k) for k in np.unique(y)]
+        return np.concatenate([f.coef_.T for f in fits], axis=1), np.concatenate([f.intercept_ for f in fits])
+    fit = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y)
+    return fit.coef_.T, fit.intercept_
+
+
+C_GRID = np.array([0.003, 0.3, 30.0])
+
+
+@pytest.mark.parametrize(
+    "num_classes,multi_class,standardize,warm_start",
+    [(2, "multinomial", False, True), (3, "multinomial", True, True), (3, "ovr", False, False)],
+)
+def test_logistic_grid_reaches_sklearn_optimum(num_classes, multi_class, standardize, warm_start):
+    x, y = _problem(num_classes, 1240, 12, num_classes)
+    x_train, y_train, x_test, y_test = x[:240], y[:240], x[240:], y[240:]
+    weights = np.ones((2, 240), np.float32)
+    weights[0, :60] = 0.0  # split 0 drops a quarter of the rows
+    fits = kernels.logistic_regression_grid(
+        x_train, y_train, weights, C_GRID, num_classes=num_classes, multi_class=multi_class,
+        standardize=standardize, warm_start=warm_start,
+    )
+    sigmoid = num_classes == 2 or multi_class == "ovr"
+    for s in range(2):
+        rows = weights[s] > 0
+        mean, scale = x_train[rows].mean(0), (x_train[rows].std(0) if standardize else np.ones(12, np.float32))
+        x_fit = (x_train[rows] - mean) / scale  # sklearn sees the standardised features when we standardise
+        for l, c in enumerate(C_GRID):
+            ref_coef, ref_intercept = _sklearn_probe(x_fit, y_train[rows], c, multi_class)
+            coef = np.asarray(fits.coef[s, l], np.float64) * scale[:, None]  # back to standardised features
+            intercept = np.asarray(fits.intercept[s, l], np.float64) + mean @ np.asarray(fits.coef[s, l], np.float64)
+            ours = _np_objective(x_fit, y_train[rows], c, coef, intercept, sigmoid)
+            ref = _np_objective(x_fit, y_train[rows], c, ref_coef, ref_intercept, sigmoid)
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (s, c, ours, ref)
+            np.testing.assert_allclose(float(fits.objective[s, l]), ours, rtol=1e-4)
+            ours_pred = np.asarray(kernels.predict_labels(kernels.linear_scores(x_test, fits.coef[s, l], fits.intercept[s, l])))
+            ref_pred = np.argmax((x_test - mean) / scale @ ref_coef + ref_intercept, 1) if ref_coef.shape[1] > 1 else (
+                ((x_test - mean) / scale @ ref_coef + ref_intercept)[:, 0] > 0)
+            assert np.sum(ours_pred != ref_pred) <= 1, (s, c)  # ≤ 1 in 1000 held-out examples
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_ridge_grid_matches_numpy_solve(standardize):
+    x, y = _problem(7, 203, 9, 4)
+    targets = np.eye(4, dtype=np.float32)[y]
+    folds = probe.stratified_folds(y, 4, seed=1)
+    alphas = np.array([1e-2, 1.0, 1e2, 1e4])
+    weights = np.stack([folds != f for f in range(4)] + [np.ones(len(y), bool)]).astype(np.float32)
+    by_weights = kernels.ridge_grid(kernels.ridge_moments(x, targets, weights), alphas, standardize=standardize)
+    by_folds = kernels.ridge_grid(
+        kernels.kfold_ridge_moments(*probe._folded(x, targets, folds, 4)), alphas, standardize=standardize
+    )
+    for s in range(5):
+        rows = weights[s] > 0
+        x64 = x[rows].astype(np.float64)
+        mean, scale = x64.mean(0), (x64.std(0) if standardize else np.ones(9))
+        z, t = (x64 - mean) / scale, targets[rows] - targets[rows].mean(0)
+        for l, alpha in enumerate(alphas):
+            w_std = np.linalg.solve(z.T @ z + alpha * np.eye(9), z.T @ t)
+            coef = w_std / scale[:, None]
+            intercept = targets[rows].mean(0) - mean @ coef
+            objective = np.sum((targets[rows] - x64 @ coef - intercept) ** 2) + alpha * np.sum(w_std**2)
+            for fits in (by_weights, by_folds):
+                # float32 Gram + eigh: the objective is tight, ill-conditioned coefficient directions less so
+                ours = np.asarray(fits.coef[s, l], np.float64)
+                achieved = np.sum((targets[rows] - x64 @ ours - np.asarray(fits.intercept[s, l], np.float64)) ** 2)
+                achieved += alpha * np.sum((ours * scale[:, None]) ** 2)
+                assert abs(achieved - objective) <= 1e-5 * objective, (s, alpha, achieved, objective)
+                np.testing.assert_allclose(fits.objective[s, l], objective, rtol=1e-4)
+                np.testing.assert_allclose(fits.coef[s, l], coef, rtol=1e-2, atol=1e-3 * np.abs(coef).max())
+                pred = np.asarray(kernels.predict_labels(kernels.linear_scores(x, fits.coef[s, l], fits.intercept[s, l])))
+                np.testing.assert_array_equal(pred, np.argmax(x @ coef + intercept, axis=1))
+    if not standardize:  # and sklearn's Ridge agrees on the same convention
+        sk = Ridge(alpha=1.0, solver="cholesky").fit(x.astype(np.float64), targets)
+        np.testing.assert_allclose(by_folds.coef[4, 1], sk.coef_.T, rtol=1e-2, atol=1e-3 * np.abs(sk.coef_).max())
+
+
+@pytest.fixture(scope="module")
+def paper_data():
+    x, y = _problem(11, 1300, 8, 2, noise=2.0)
+    return x[:300], y[:300], x[300:], y[300:]
+
+
+def test_paper_protocol_matches_logistic_regression_cv(paper_data):
+    x_train, y_train, x_test, y_test = paper_data
+    ours = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
+    grid = probe.paper_c_grid(len(x_train))
+    assert ours["grid"] == grid.tolist() and len(grid) == 10 and ours["cv_scores"].shape == (10, 5)
+    folds = ours["folds"]
+    splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(5)]
+    sk = LogisticRegressionCV(
+        Cs=grid, cv=splits, tol=1e-10, max_iter=10_000, l1_ratios=(0.0,), scoring="accuracy",
+        use_legacy_attributes=False,
+    ).fit(x_train.astype(np.float64), y_train)
+    sk_scores = sk.scores_[:, 0, :].T  # [C, fold]
+    fold_size = np.bincount(folds).min()
+    assert np.abs(ours["cv_scores"] - sk_scores).max() <= 1.0 / fold_size + 1e-9
+    if np.sort(sk_scores.mean(1))[-1] - np.sort(sk_scores.mean(1))[-2] > 1.0 / len(x_train):  # no near-tie
+        assert ours["regularisation"] == sk.C_
+    assert abs(ours["test_accuracy"] - sk.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
+    assert abs(ours["train_accuracy"] - sk.score(x_train.astype(np.float64), y_train)) <= 1.0 / len(x_train) + 1e-9
+    assert ours["converged"]
+
+    # the same run with string labels, then with labels {3, 7}: identical numbers, classes reported
+    names = np.array(["negative", "positive"])
+    as_strings = probe.evaluate(x_train, names[y_train], x_test, names[y_test], protocol="paper")
+    as_offsets = probe.evaluate(x_train, 3 + 4 * y_train, x_test, 3 + 4 * y_test, protocol="paper")
+    assert as_strings["classes"] == ["negative", "positive"] and as_offsets["classes"] == [3, 7]
+    for other in (as_strings, as_offsets):
+        np.testing.assert_array_equal(other["cv_scores"], ours["cv_scores"])
+        assert other["test_accuracy"] == ours["test_accuracy"]
+
+    # precomputed folds are used as given and give the same table
+    given = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper", folds=folds)
+    np.testing.assert_array_equal(given["cv_scores"], ours["cv_scores"])
+
+
+def test_senteval_mteb_and_ridge_protocols(paper_data):
+    x_train, y_train, x_test, y_test = paper_data
+    x_dev, y_dev = x_test[:200], y_test[:200]
+    senteval = probe.evaluate(x_train, y_train, x_test, y_test, protocol="senteval", x_dev=x_dev, y_dev=y_dev)
+    assert senteval["grid"] == (2.0 ** np.arange(-2, 4)).tolist() and senteval["cv_scores"].shape == (6, 1)
+    dev_scores = [LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64), y_train)
+                  .score(x_dev.astype(np.float64), y_dev) for c in senteval["grid"]]
+    assert np.abs(senteval["cv_scores"][:, 0] - dev_scores).max() <= 1.0 / len(y_dev) + 1e-9
+
+    mteb = probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb")
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64), y_train)
+    assert mteb["regularisation"] == 1.0 and mteb["cv_scores"].shape == (1, 0)
+    assert abs(mteb["test_accuracy"] - reference.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
+
+    ridge = probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge")
+    folds, alpha = ridge["folds"], ridge["regularisation"]
+    for f in range(5):  # each CV cell is sklearn Ridge on one-hot targets, scored on the held-out fold
+        train, held = folds != f, folds == f
+        sk = Ridge(alpha=ridge["grid"][3]).fit(x_train[train].astype(np.float64), np.eye(2)[y_train[train]])
+        assert ridge["cv_scores"][3, f] == pytest.approx(np.mean(sk.predict(x_train[held]).argmax(1) == y_train[held]))
+    assert alpha == ridge["grid"][int(np.argmax(ridge["cv_scores"].mean(1)))]
+    final = Ridge(alpha=alpha).fit(x_train.astype(np.float64), np.eye(2)[y_train])
+    assert ridge["test_accuracy"] == pytest.approx(np.mean(final.predict(x_test).argmax(1) == y_test))
+
+
+def test_stratified_folds_are_balanced_and_seeded():
+    labels = np.repeat([0, 1, 2], [50, 31, 7])
+    folds = probe.stratified_folds(labels, 5, seed=3)
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.max() - sizes.min() <= 1
+    for c in range(3):
+        per_class = np.bincount(folds[labels == c], minlength=5)
+        assert per_class.max() - per_class.min() <= 1
+    np.testing.assert_array_equal(folds, probe.stratified_folds(labels, 5, seed=3))
+    assert not np.array_equal(folds, probe.stratified_folds(labels, 5, seed=4))
+
+
+def test_bad_inputs_raise_one_clear_error():
+    x, y = _problem(5, 40, 3, 2)
+    cases = [
+        (dict(y_train=np.zeros(40, int)), "single class"),
+        (dict(x_train=np.where(np.arange(40)[:, None] == 3, np.nan, x)), "NaN/inf"),
+        (dict(x_test=np.full((5, 3), np.inf)), "NaN/inf"),
+        (dict(y_train=y[:39]), "one label per feature row"),
+        (dict(x_test=x[:, :2]), "features"),
+        (dict(y_test=y + 5), "never seen"),
+        (dict(y_test=np.array(["a"] * 40)), "encoding"),
+        (dict(protocol="svm"), "unknown probe protocol"),
+        (dict(folds=np.zeros(40, int)), "folds"),
+        (dict(grid=[1.0, -1.0]), "positive"),
+        (dict(multi_class="auto"), "multi_class"),
+    ]
+    for change, message in cases:
+        args = dict(x_train=x, y_train=y, x_test=x, y_test=y) | change
+        with pytest.raises(SentcompError, match=message):
+            probe.evaluate(**args)
