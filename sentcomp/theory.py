@@ -274,7 +274,9 @@ def evaluate_against_truth(
     classifier applied to the model's features (the quantity the theorem bounds directly), and
     ``bound_task_epsilon``: the bound with ε measured on the task contexts themselves (γ = 1), the theorem's
     step before coverage enters (``E_T KL ≤ ε/γ``). All losses are on the test documents; τ is the natural
-    classifier's test loss on p* (fitted on the train documents).
+    classifier's test loss on p* (fitted on the train documents). For a cross-entropy model, ``f`` gets the
+    Φp_f bound (valid under the quadratic log-partition assumption) with ``affine_r2``, the held-out R² of
+    ``Φp_f ≈ A f + b``, saying how well that assumption holds.
     """
     if objective not in ("xent", "quad"):
         raise SentcompError(f"objective must be 'xent' or 'quad', got {objective!r}.")
@@ -337,8 +339,14 @@ def evaluate_against_truth(
         record("f", tau_phi, along_phi.l2_norm, excess_quad.mean, excess_task, True,
                lambda k: task_f[test] @ (gram @ along_phi.weights[k]))
     else:
-        record("f", tau_phi, along_phi.max_norm, epsilon.mean, eps_task, False, None,
-               assumption="quadratic log-partition (Φp_f affine in f)")
+        # Under the quadratic log-partition assumption Φp_f = A f + b: fit (A, b) on the train documents and
+        # apply the natural classifier λ to A f + b, a linear classifier on f.
+        affine = kernels.fit_affine(jnp.asarray(task_f[train]), jnp.asarray(task["phi_p_f"][train]))
+        affine_test = np.asarray(affine(jnp.asarray(task_f[test])), np.float64)
+        record("f", tau_phi, along_phi.max_norm, epsilon.mean, eps_task, False,
+               lambda k: affine_test @ along_phi.weights[k],
+               assumption="quadratic log-partition (Φp_f affine in f); plug_in applies λ to the fitted A f + b")
+        results["features"]["f"]["affine_r2"] = float(kernels.r_squared(task["phi_p_f"][test], affine_test))
     results["tau"] = {"box": float(tau_box.min()), "phi": float(tau_phi.min())}
     return results
 
