@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from llama_testing import SENTENCES, hf_logits, tiny_hf_llama
 
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.models import llama, load
 
@@ -47,7 +48,7 @@ def test_quad_head_starts_as_the_pretrained_model(tmp_path):
     assert random_quad.params["quad_head"]["kernel"].shape == (36, 36) and random_quad.phi.shape == (301, 36)
 
 
-def test_random_init_features_do_not_depend_on_padding():
+def test_random_init_features_do_not_depend_on_padding_or_sharding():
     config = llama.LlamaConfig(
         vocab_size=53, hidden_size=20, intermediate_size=37, num_hidden_layers=2, num_attention_heads=5,
         num_key_value_heads=1, head_dim=4, max_position_embeddings=32, tie_word_embeddings=False,
@@ -61,6 +62,12 @@ def test_random_init_features_do_not_depend_on_padding():
     assert np.isfinite(np.asarray(alone)).all() and np.asarray(alone).std() > 0.1
     np.testing.assert_allclose(right, alone, atol=1e-5)
     np.testing.assert_allclose(left, alone, atol=1e-5)
+    # Data parallel: a batch split over every device gives the same features as on one device.
+    mesh = parallel.data_mesh()
+    batch = np.random.default_rng(1).integers(0, 53, (parallel.pad_to_multiple(4, mesh.size), 9))
+    batch_mask = (np.arange(9) < np.arange(batch.shape[0])[:, None] % 9 + 1).astype(np.int32)
+    sharded = lm.hidden_fn(parallel.replicate(lm.params, mesh), *parallel.shard_batch((batch, batch_mask), mesh))
+    np.testing.assert_allclose(sharded, lm.hidden(batch, batch_mask), atol=1e-5)
 
 
 def test_config_errors_are_clear():
