@@ -115,7 +115,7 @@ def config_from_gguf(meta: dict, has_output: bool, source: str) -> llama.LlamaCo
     if get("rope.dimension_count", head_dim) != head_dim:
         raise SentcompError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported.")
     return llama.LlamaConfig(
-        vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        vocab_size=get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_hidden_layers=get("block_count"),
