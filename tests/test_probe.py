@@ -139,7 +139,9 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     assert abs(ours["train_accuracy"] - sk.score(x_train.astype(np.float64), y_train)) <= 1.0 / len(x_train) + 1e-9
     assert ours["converged"]
 
-    # the same run with string labels, then with labels {3, 7}: identical numbers, classes reported
+    # the same run with string labels, then with labels {3, 7}: identical numbers, classes reported, and the
+    # kernel is not compiled again (same shapes; labels, folds and grid values are traced, not static)
+    compiled = kernels.logistic_regression_grid._cache_size()
     names = np.array(["negative", "positive"])
     as_strings = probe.evaluate(x_train, names[y_train], x_test, names[y_test], protocol="paper")
     as_offsets = probe.evaluate(x_train, 3 + 4 * y_train, x_test, 3 + 4 * y_test, protocol="paper")
@@ -151,6 +153,7 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     # precomputed folds are used as given and give the same table
     given = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper", folds=folds)
     np.testing.assert_array_equal(given["cv_scores"], ours["cv_scores"])
+    assert kernels.logistic_regression_grid._cache_size() == compiled
 
 
 def test_senteval_mteb_and_ridge_protocols(paper_data):
