@@ -38,7 +38,7 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-from sentcomp import kernels
+from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
 
 
@@ -219,20 +219,11 @@ def tightest_bound(taus, norms, epsilon, gamma, quad: bool = False) -> tuple[flo
 
 
 def _probe_scores(train_x, train_y, test_x, test_y, seed) -> dict[str, float]:
-    """Held-out logistic loss and accuracy of an L2 logistic-regression probe (C by 3-fold CV on log-loss).
-
-    scikit-learn stand-in until ``sentcomp.probe`` lands. No feature scaling (the paper's protocol; scaling would
-    also blow up near-constant columns such as the ~0 probabilities of impossible words).
-    """
-    from sklearn.linear_model import LogisticRegressionCV
-
-    probe = LogisticRegressionCV(
-        Cs=np.logspace(-2, 4, 7), cv=3, max_iter=1000, scoring="neg_log_loss", l1_ratios=(0.0,),
-        use_legacy_attributes=False, random_state=seed,
-    )
-    probe.fit(train_x, train_y)
-    scores = probe.decision_function(test_x)
-    return {"loss": logistic_loss(scores, test_y), "accuracy": float(np.mean((scores > 0) == (test_y == 1)))}
+    """Held-out logistic loss and accuracy of the paper's probe (``sentcomp.probe.evaluate``, protocol
+    ``"paper"``: L2 logistic regression with intercept, C by 5-fold stratified CV on accuracy, no scaling)."""
+    fitted = probe.evaluate(train_x, train_y, test_x, test_y, protocol="paper", seed=seed)
+    scores = np.asarray(test_x, np.float64) @ fitted["coef"][:, 0] + fitted["intercept"][0]
+    return {"loss": logistic_loss(scores, test_y), "accuracy": fitted["test_accuracy"], "C": fitted["regularisation"]}
 
 
 def _train_test_split(num_documents: int, train_fraction: float, seed: int):
