@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+import scipy.special
 import scipy.stats
 
 from sentcomp import kernels, probe
