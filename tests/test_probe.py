@@ -71,6 +71,10 @@ def test_logistic_grid_reaches_sklearn_optimum(num_classes, multi_class, standar
             ref = _np_objective(x_fit, y_train[rows], c, ref_coef, ref_intercept, sigmoid)
             assert abs(ours - ref) <= 1e-5 * abs(ref), (s, c, ours, ref)
             np.testing.assert_allclose(float(fits.objective[s, l]), ours, rtol=1e-4)
+            if not standardize:  # the exported objective is sklearn's on raw features
+                exported = kernels.logistic_objective(x_train, y_train, weights[s], c, fits.coef[s, l],
+                                                      fits.intercept[s, l], num_classes, multi_class)
+                np.testing.assert_allclose(float(exported), ours, rtol=1e-4)
             ours_pred = np.asarray(kernels.predict_labels(kernels.linear_scores(x_test, fits.coef[s, l], fits.intercept[s, l])))
             ref_pred = np.argmax((x_test - mean) / scale @ ref_coef + ref_intercept, 1) if ref_coef.shape[1] > 1 else (
                 ((x_test - mean) / scale @ ref_coef + ref_intercept)[:, 0] > 0)
