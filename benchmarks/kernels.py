@@ -9,54 +9,49 @@
 2. ``conditional_mean_features`` (streamed over V) vs ``scipy.special.softmax`` of the whole [N, V] logit
    matrix followed by a numpy matmul, as the authors' code does.
 
-Each measurement runs in a fresh subprocess. "Peak RSS" is the rise of the process's RSS high-water mark
-during the timed calls over its RSS just before them (inputs allocated, warm-up/compilation done and
-excluded); it includes the outputs (for Quad the [V, d] gradient of Φ, 147 MiB, is the same on both sides),
-so both sides are measured the same way. For the two JAX variants, "XLA scratch" is the compiled program's
-temporary buffers alone (inputs and outputs excluded) from ``memory_analysis()``.
+Each measurement runs in a fresh subprocess. Memory counts the bytes the computation allocates besides its
+inputs: for JAX the compiled program's temporaries + outputs (``memory_analysis()``; "scratch" = temporaries
+alone: for Quad the outputs, chiefly the [V, d] gradient of Φ = 147 MiB, are the same on both sides); for
+numpy its peak traced allocation (tracemalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+import tracemalloc
 
 D, V = 768, 50_257
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def _reset_peak_rss() -> None:
-    """Resets the kernel's high-water mark of this process's RSS (Linux: ``echo 5 > /proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def _measure(fn, repeats: int) -> dict:
-    """Runs ``fn`` once (compile/warm-up), then ``repeats`` times: best time, and the peak RSS rise of the timed
-    calls over the RSS before them (the high-water mark is reset after warm-up, so compilation is excluded)."""
+def _time(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up (compilation) call."""
     fn()
-    baseline = _rss_bytes()
-    _reset_peak_rss()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        begin = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_bytes": max(_peak_rss_bytes() - baseline, 0)}
+        times.append(time.perf_counter() - begin)
+    return min(times)
+
+
+def _xla_bytes(compiled) -> dict:
+    """Bytes a compiled XLA program allocates besides its inputs: scratch (temporaries) and scratch + outputs."""
+    analysis = compiled.memory_analysis()
+    scratch = analysis.temp_size_in_bytes
+    return {"scratch_bytes": scratch, "peak_bytes": scratch + analysis.output_size_in_bytes}
+
+
+def _numpy_peak_bytes(fn) -> int:
+    """Peak bytes numpy allocates during ``fn()`` (numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
 
 
 def _inputs(n: int, seed: int = 0):
@@ -84,9 +79,7 @@ def _case_quad(variant: str, n: int, repeats: int) -> dict:
     loss = kernels.quad_loss if variant == "ours" else materialised
     args = [jax.device_put(x) for x in _inputs(n)]
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
-    buffers = step.memory_analysis()
-    result = _measure(lambda: jax.block_until_ready(step(*args)), repeats)
-    return {**result, "xla_temp_bytes": buffers.temp_size_in_bytes}
+    return {"seconds": _time(lambda: jax.block_until_ready(step(*args)), repeats), **_xla_bytes(step)}
 
 
 def _case_mean(variant: str, n: int, repeats: int) -> dict:
@@ -96,12 +89,16 @@ def _case_mean(variant: str, n: int, repeats: int) -> dict:
 
         from sentcomp import kernels
 
-        features = jax.jit(kernels.conditional_mean_features)
         h_dev, phi_dev = jax.device_put(h), jax.device_put(phi)
-        return _measure(lambda: jax.block_until_ready(features(h_dev, phi_dev)), repeats)
+        features = jax.jit(kernels.conditional_mean_features).lower(h_dev, phi_dev).compile()
+        return {"seconds": _time(lambda: jax.block_until_ready(features(h_dev, phi_dev)), repeats),
+                **_xla_bytes(features)}
     from scipy.special import softmax
 
-    return _measure(lambda: softmax(h @ phi.T, axis=-1) @ phi, repeats)
+    def reference():
+        return softmax(h @ phi.T, axis=-1) @ phi
+
+    return {"seconds": _time(reference, repeats), "peak_bytes": _numpy_peak_bytes(reference)}
 
 
 def _run_case(case: str, variant: str, n: int, repeats: int) -> dict:
@@ -114,32 +111,29 @@ def _run_case(case: str, variant: str, n: int, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ratio(ours: dict, ref: dict, key: str) -> str:
+    return f"{ref[key] / max(ours[key], 1):.1f}×"
+
+
 def _row(label: str, ours: dict, ref: dict) -> str:
     cells = [
         f"{ours['seconds']*1e3:,.0f}",
         f"{ref['seconds']*1e3:,.0f}",
-        f"{ref['seconds'] / ours['seconds']:.1f}×",
-        f"{ours['peak_bytes']/2**20:,.0f}",
-        f"{ref['peak_bytes']/2**20:,.0f}",
-        f"{ref['peak_bytes'] / max(ours['peak_bytes'], 1):.1f}×",
+        _ratio(ours, ref, "seconds"),
+        f"{ours['peak_bytes']/2**20:,.1f}",
+        f"{ref['peak_bytes']/2**20:,.1f}",
+        _ratio(ours, ref, "peak_bytes"),
     ]
-    if "xla_temp_bytes" in ours:
-        cells += [
-            f"{ours['xla_temp_bytes']/2**20:,.1f}",
-            f"{ref['xla_temp_bytes']/2**20:,.1f}",
-            f"{ref['xla_temp_bytes'] / ours['xla_temp_bytes']:.1f}×",
-        ]
+    if "scratch_bytes" in ref:
+        cells += [f"{ours['scratch_bytes']/2**20:,.1f}", f"{ref['scratch_bytes']/2**20:,.1f}",
+                  _ratio(ours, ref, "scratch_bytes")]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-HEADER = (
-    "| {what} | ours ms | reference ms | speed-up | ours peak RSS MiB | reference peak RSS MiB | RSS ratio |"
-)
-XLA_COLUMNS = " ours XLA scratch MiB | reference XLA scratch MiB | scratch ratio |"
-
-
-def _header(what: str, with_xla: bool) -> str:
-    header = HEADER.format(what=what) + (XLA_COLUMNS if with_xla else "")
+def _header(what: str, with_scratch: bool) -> str:
+    header = f"| {what} | ours ms | reference ms | speed-up | ours peak MiB | reference peak MiB | memory ratio |"
+    if with_scratch:
+        header += " ours scratch MiB | reference scratch MiB | scratch ratio |"
     return header + "\n" + "|---" * (header.count("|") - 1) + "|"
 
 
@@ -153,7 +147,7 @@ def main():
     mean_n = 1024 if args.quick else 8192
 
     print(f"quad_loss value + grads (h, Φ), d={D}, V={V:,}: Gram trick vs materialised [N, V] logits")
-    print(_header("N positions", with_xla=True))
+    print(_header("N positions", with_scratch=True))
     crossover = None
     for n in quad_ns:
         ours, ref = _run_case("quad", "ours", n, args.repeats), _run_case("quad", "materialised", n, args.repeats)
@@ -163,7 +157,7 @@ def main():
     print(f"time crossover: ours is faster from N = {crossover} on (of those measured)\n")
 
     print(f"conditional_mean_features, N={mean_n:,}: streamed over V vs scipy softmax + numpy matmul")
-    print(_header("N contexts", with_xla=False))
+    print(_header("N contexts", with_scratch=False))
     print(_row(f"{mean_n:,}", _run_case("mean", "ours", mean_n, args.repeats),
                _run_case("mean", "scipy", mean_n, args.repeats)))
 

@@ -17,15 +17,23 @@ import jax.numpy as jnp
 DEFAULT_VOCAB_CHUNK = 2048
 
 
-def _vocab_chunks(phi: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Splits ``phi [V, d]`` into ``[n_chunks, chunk, d]`` (zero-padded) and a validity mask ``[n_chunks, chunk]``."""
-    vocab_size, dim = phi.shape
+def _num_chunks(vocab_size: int, chunk_size: int) -> tuple[int, int]:
+    """``(chunk, n_chunks)``: the chunk length actually used (≤ V) and how many cover the vocabulary."""
     chunk = min(chunk_size, vocab_size)
-    n_chunks = -(-vocab_size // chunk)
-    pad = n_chunks * chunk - vocab_size
-    chunks = jnp.pad(phi, ((0, pad), (0, 0))).reshape(n_chunks, chunk, dim)
-    valid = (jnp.arange(n_chunks * chunk) < vocab_size).reshape(n_chunks, chunk)
-    return chunks, valid
+    return chunk, -(-vocab_size // chunk)
+
+
+def _vocab_chunk(phi: jax.Array, index: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows ``[start, start + chunk)`` of ``phi`` for chunk ``index``, without copying or padding the table.
+
+    The last chunk is shifted back to end at V (``start = min(index·chunk, V − chunk)``); rows it shares with
+    the previous chunk are marked invalid so every word is counted once. Returns ``(start, rows, valid)``.
+    """
+    vocab_size = phi.shape[0]
+    start = jnp.minimum(index * chunk, vocab_size - chunk)
+    rows = jax.lax.dynamic_slice_in_dim(phi, start, chunk)
+    valid = start + jnp.arange(chunk) >= index * chunk
+    return start, rows, valid
 
 
 def _chunk_logits(h: jax.Array, phi_chunk: jax.Array, valid: jax.Array) -> jax.Array:
@@ -41,11 +49,11 @@ def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_
     when a chunk raises the max to ``m'`` the carried sums are rescaled by ``exp(m − m')``.
     ``h`` is ``[N, d]``; returns ``log_z [N]`` and ``mean [N, d]`` (or None).
     """
-    chunks, valid = _vocab_chunks(phi, chunk_size)
+    chunk, n_chunks = _num_chunks(phi.shape[0], chunk_size)
     n, dim = h.shape
 
-    def step(carry, chunk_and_valid):
-        phi_chunk, valid_chunk = chunk_and_valid
+    def step(carry, index):
+        _, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
         running_max, sum_exp, acc = carry
         logits = _chunk_logits(h, phi_chunk, valid_chunk)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
@@ -61,7 +69,7 @@ def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_
         jnp.zeros((n,), jnp.float32),
         jnp.zeros((n, dim) if with_mean else (0,), jnp.float32),
     )
-    (running_max, sum_exp, acc), _ = jax.lax.scan(step, init, (chunks, valid))
+    (running_max, sum_exp, acc), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
     log_z = running_max + jnp.log(sum_exp)
     mean = acc / sum_exp[:, None] if with_mean else None
     return log_z, mean
@@ -85,17 +93,19 @@ def _log_partition_fwd(h, phi, chunk_size):
 def _log_partition_bwd(chunk_size, residuals, grad_log_z):
     """∂log Z/∂h = Σ_w p_w φ_w and ∂log Z/∂φ_w = p_w h, recomputed chunk by chunk from the saved log Z."""
     h, phi, log_z = residuals
-    chunks, valid = _vocab_chunks(phi, chunk_size)
+    chunk, n_chunks = _num_chunks(phi.shape[0], chunk_size)
 
-    def step(grad_h, chunk_and_valid):
-        phi_chunk, valid_chunk = chunk_and_valid
+    def step(carry, index):
+        grad_h, grad_phi = carry
+        start, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
         probs = jnp.exp(_chunk_logits(h, phi_chunk, valid_chunk) - log_z[:, None])
-        weighted = probs * grad_log_z[:, None]  # [N, chunk]
+        weighted = probs * grad_log_z[:, None]  # [N, chunk], zero on rows already counted
         grad_h = grad_h + jnp.dot(weighted, phi_chunk.astype(jnp.float32))
-        return grad_h, jnp.dot(weighted.T, h.astype(jnp.float32))
+        rows = jax.lax.dynamic_slice_in_dim(grad_phi, start, chunk) + jnp.dot(weighted.T, h.astype(jnp.float32))
+        return (grad_h, jax.lax.dynamic_update_slice_in_dim(grad_phi, rows, start, axis=0)), None
 
-    grad_h, grad_phi_chunks = jax.lax.scan(step, jnp.zeros(h.shape, jnp.float32), (chunks, valid))
-    grad_phi = grad_phi_chunks.reshape(-1, phi.shape[-1])[: phi.shape[0]]
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(phi.shape, jnp.float32))
+    (grad_h, grad_phi), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
     return grad_h.astype(h.dtype), grad_phi.astype(phi.dtype)
 
 
