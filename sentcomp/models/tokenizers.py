@@ -83,3 +83,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else repr(tokenizer)
     return hashlib.sha256(definition.encode()).hexdigest()[:16]
+
+
+BYTE_EOS = "<|endoftext|>"
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer: 256 byte tokens (GPT-2's byte alphabet, no merges) + ``<|endoftext|>`` (id 256).
+
+    Lossless for any UTF-8 text and tiny (V = 257), for small pretraining experiments and fast tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[BYTE_EOS] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=BYTE_EOS)

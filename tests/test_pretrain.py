@@ -1,0 +1,174 @@
+"""Pretraining: the step is device-count independent and gradient accumulation is exact; a run killed with
+SIGKILL and resumed ends where an uninterrupted run does; a corrupt latest checkpoint falls back to the previous
+one; divergence stops with a clear message and keeps the last good checkpoint; both losses decrease."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from sentcomp import config_files, parallel, pretrain, runner
+from sentcomp.errors import SentcompError
+from sentcomp.models import gpt2
+
+SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke"
+TINY = {  # a 2-layer d=32 byte-level GPT-2, 16 steps of 8 × 32 tokens
+    "model.n_embd": 32, "model.n_positions": 32, "data.seq_len": 32, "num_steps": 16, "batch_size": 8,
+    "eval_every": 4, "eval_blocks": 8, "eval_batch_size": 8, "checkpoint.every": 4, "probe.every": 0,
+    "progress": False,
+}
+
+
+def tiny_config(**changes):
+    return config_files.override(config_files.load_config(SPEC), {**TINY, **changes})
+
+
+def final_params(workdir):
+    """The trained parameters as written to ``model/`` (HF layout), flat ``{name: array}``."""
+    lm = gpt2.from_hf(workdir / "model", json.loads((workdir / "model" / "config.json").read_text()))
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(lm.params).items()}
+
+
+def checkpoint_steps(workdir):
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------------ the train step
+
+
+def _train(config, mesh, steps=3):
+    lm = pretrain.build_model(config)
+    initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
+    optimizer = pretrain.make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
+    state = pretrain.initial_state(lm.params, optimizer, mesh)
+    step_fn = pretrain.make_train_step(config.loss, lm.hidden_fn, optimizer, pretrain.COMPUTE_DTYPES[config.compute_dtype], mesh)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        tokens = rng.integers(0, lm.config.vocab_size, (config.batch_size, config.data.seq_len + 1)).astype(np.int32)
+        micro = config.batch_size // config.grad_accum  # row r of micro-batch k is tokens[k·micro + r]
+        local = tokens.reshape(config.grad_accum, micro, -1).swapaxes(0, 1)
+        state, metrics = step_fn(state, parallel.shard_batch(local, mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), parallel.fetch(state["params"]), initial
+
+
+@pytest.mark.parametrize("loss", ["xent", "quad"])
+def test_same_losses_and_parameters_on_one_and_eight_devices(loss):
+    config = tiny_config(loss=loss)
+    one_losses, one_params, _ = _train(config, parallel.data_mesh(jax.devices()[:1]))
+    eight_losses, eight_params, _ = _train(config, parallel.data_mesh())
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(eight_losses, one_losses, rtol=1e-5)
+    assert one_losses[-1] < one_losses[0]
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(eight_params)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    mesh = parallel.data_mesh()
+    whole_losses, whole_params, _ = _train(tiny_config(loss="quad", batch_size=16), mesh, steps=2)
+    accum_losses, accum_params, _ = _train(tiny_config(loss="quad", batch_size=16, grad_accum=2), mesh, steps=2)
+    np.testing.assert_allclose(accum_losses, whole_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(accum_params)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_phi_stays_put_and_bf16_compute_tracks_float32():
+    losses, params, initial = _train(tiny_config(**{"init.freeze_phi": True}), parallel.data_mesh())
+    np.testing.assert_array_equal(params["phi"], initial["phi"])
+    assert not np.array_equal(params["wte"]["embedding"], initial["wte"]["embedding"])
+    bf16_losses, bf16_params, _ = _train(tiny_config(compute_dtype="bfloat16"), parallel.data_mesh())
+    float32_losses, _, _ = _train(tiny_config(), parallel.data_mesh())
+    np.testing.assert_allclose(bf16_losses, float32_losses, rtol=2e-2)
+    assert bf16_params["phi"].dtype == np.float32  # master weights stay float32
+
+
+# --------------------------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A complete tiny xent run (16 steps, checkpoints every 4)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    runner.run_program(tiny_config(), workdir)
+    return workdir
+
+
+def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12, 16]
+    assert rows[-1]["val_xent"] < rows[0]["val_xent"] and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(row["tokens_per_s"] > 0 and np.isfinite(row["val_quad"]) for row in rows)
+    assert checkpoint_steps(uninterrupted) == [12, 16]  # keep = 2
+    done = runner.read_done(uninterrupted)
+    assert done["steps"] == 16 and done["val_xent"] == rows[-1]["val_xent"]
+    assert final_params(uninterrupted)["phi"].shape == (257, 32)
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    overrides = [f"--config.{key}={value}" for key, value in TINY.items()]
+    command = [sys.executable, "-m", "sentcomp.main", f"--config={SPEC}", f"--workdir={workdir}", *overrides]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not [s for s in checkpoint_steps(workdir) if 4 <= s < 16] and child.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared in time"
+            time.sleep(0.02)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{child.stderr.read().decode()[-2000:]}"
+    assert runner.read_done(workdir) is None and 16 not in checkpoint_steps(workdir)
+
+    runner.run_program(tiny_config(), workdir)  # resumes
+    assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12, 16]
+    expected = final_params(uninterrupted)
+    for name, value in final_params(workdir).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, workdir)
+    for path in (workdir / "checkpoints" / "16" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\0garbage")
+    (workdir / "done.json").unlink()
+    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* cannot be restored.*previous checkpoint"):
+        runner.run_program(tiny_config(), workdir)
+    assert any(p.name.startswith("16-") for p in (workdir / "checkpoints_corrupt").iterdir())
+    assert checkpoint_steps(workdir) == [12, 16]
+    expected = final_params(uninterrupted)
+    for name, value in final_params(workdir).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 4, "checkpoint.every": 1,
+                            "checkpoint.keep": 10})
+    with pytest.raises(pretrain.TrainingDiverged, match=r"Training diverged at step (\d+).*last good checkpoint "
+                                                        r"\(step \d+\) is kept.*Lower optimizer.learning_rate") as info:
+        pretrain.run(config, tmp_path)
+    diverged = int(info.value.args[0].split("step ")[1].split(":")[0])
+    assert checkpoint_steps(tmp_path) == list(range(1, diverged))
+    assert isinstance(info.value, SentcompError)
+
+
+def test_quad_loss_decreases(tmp_path):
+    result = pretrain.run(tiny_config(loss="quad", num_steps=8, **{"checkpoint.every": 8}), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["val_quad"] < rows[0]["val_quad"] and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert result["val_loss"] == rows[-1]["val_quad"] and result["loss"] == "quad"
