@@ -26,7 +26,7 @@ stripped by default (the authors' tokenizer did that, so ``f(s)`` is read at ``"
 and concatenated. **Truncation** to ``max_length`` tokens: ``"start"`` (default) drops the *beginning* of the
 document so the prompt always survives; ``"end"`` is the authors' behaviour (cut the end, prompt included).
 
-**Batches** are sorted by length and padded (right, masked) to a few length buckets with a fixed batch size,
+**Batches** are sorted by length and padded (right, masked) to a few length buckets (:func:`length_buckets`) with a fixed batch size,
 so the jitted forward compiles once per bucket; they are split over every device of ``mesh`` (data parallel,
 params replicated). Results do not depend on batch size or device count.
 
@@ -181,10 +181,14 @@ def encode_texts(
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """Padded lengths: powers of two from ``smallest`` below ``max_length``, then ``max_length`` itself."""
+    """Padded lengths ``smallest·{1, 1.5, 2, 3, 4, 6, ...}`` below ``max_length``, then ``max_length`` itself.
+
+    Consecutive buckets differ by ≤ 1.5×, so padding wastes at most a third of a batch while a 512-token
+    context needs only 11 compilations.
+    """
     buckets, length = [], smallest
     while length < max_length:
-        buckets.append(length)
+        buckets += [b for b in (length, length * 3 // 2) if b < max_length]
         length *= 2
     return (*buckets, max_length)
 
@@ -376,7 +380,7 @@ def extract_features(
       truncation: ``"start"`` (drop the beginning of long documents, keep the prompt) or ``"end"`` (the paper's).
       max_length: token limit (default ``lm.max_length``; the paper used 512).
       batch_size: sequences per forward pass (rounded up to a multiple of the device count).
-      buckets: padded lengths (default powers of two up to max_length).
+      buckets: padded lengths (default :func:`length_buckets`).
       cache_dir: where results are cached and resumed from (needed for ``p_f``).
       chunk_size: texts per cached chunk.
       mesh: device mesh (default: every device, :func:`sentcomp.parallel.data_mesh`).
