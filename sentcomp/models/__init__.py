@@ -26,6 +26,7 @@ FAMILIES = {
 # by load(), so a missing offline package is reported only when its alias is used); families add theirs.
 ALIASES: dict[str, str | Callable[[], str]] = {
     "smollm2-135m": lambda: importlib.import_module("sentcomp.models.gguf_loader").smollm2_135m_path(),
+    "all-minilm-l6-v2": lambda: importlib.import_module("sentcomp.models.bert").all_minilm_l6_v2_path(),
 }
 
 
