@@ -28,7 +28,10 @@ document so the prompt always survives; ``"end"`` is the authors' behaviour (cut
 
 **Batches** are sorted by length and padded (right, masked) to a few length buckets (:func:`length_buckets`) with a fixed batch size,
 so the jitted forward compiles once per bucket; they are split over every device of ``mesh`` (data parallel,
-params replicated). Results do not depend on batch size or device count.
+params replicated). Results do not depend on batch size or device count. With several processes (multi-host),
+every process runs the same call on the same texts, feeds its own rows (:func:`sentcomp.parallel.global_batch`)
+and receives all results; cache files are written identically by each (atomic renames, so a shared
+filesystem stays consistent).
 
 **Cache and resume**: with ``cache_dir``, results live in ``cache_dir/<key>/`` where the key hashes the model
 (name, config, parameter values), the tokenizer's definition, prompt, truncation, max length, chunk size and
@@ -255,9 +258,10 @@ def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id,
     ``on_batch(indices, outputs, n_tokens)`` is called after every batch (for ``p_f`` rows and progress).
     """
     outputs: dict[str, np.ndarray] = {}
+    host_rows = parallel.host_row_indices(batch_size, mesh)  # all rows with one process
     for batch in make_batches(token_ids, batch_size, buckets, pad_id):
-        ids, mask = parallel.shard_batch((batch.token_ids, batch.mask), mesh)
-        result = jax.device_get(fn(params, ids, mask, word_ids))
+        ids, mask = parallel.global_batch((batch.token_ids[host_rows], batch.mask[host_rows]), mesh)
+        result = parallel.fetch(fn(params, ids, mask, word_ids))
         real = {kind: value[: len(batch.indices)] for kind, value in result.items()}
         on_batch(batch.indices, real, batch.n_tokens)
         for kind, value in real.items():
