@@ -1,0 +1,92 @@
+"""The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
+plus zero-shot sentence completion (program: sentcomp.evaluate).
+
+    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~10 min on 2 CPU cores)
+    python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
+    # the full split (10,202 train / 2,550 test; ~5× longer)
+    python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_full
+    # other tasks / models / probes (tasks joined by '+'; data from TFDS or --config.data_dir files)
+    python -m sentcomp.main --config=experiments/table1.py:task=sst2+agnews,model=gpt2,full --workdir=runs/t1_gpt2
+    python -m sentcomp.main --config=experiments/table1.py:protocol=ridge --workdir=runs/table1_ridge
+    # every task × protocol of get_sweep(), one workdir each
+    python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_sweep --sweep
+    # seconds on CPU: tiny random GPT-2 (real GPT-2 tokenizer) on a few dozen rotten_tomatoes snippets
+    python -m sentcomp.main --config=experiments/table1.py:smoke --workdir=/tmp/table1_smoke
+
+Produces in the workdir: ``results.md`` (rows ``task`` / ``task*`` = with the prompt, columns f(s), Φp_f(s),
+subset logits / log-probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words kept and
+dropped, each probe's chosen C), ``results.json`` (every number with its configuration), ``cells.jsonl``
+(each finished cell, so a killed run resumes) and ``features/`` (the feature cache); the table is also printed.
+
+Args (``key=value`` joined by commas): ``task`` (one name or several joined by ``+``), ``model`` (anything
+``sentcomp.models.load`` takes, or ``random-gpt2``), ``n_train``/``n_test`` (seeded stratified subset sizes;
+≤ 0 = all), ``full`` (the whole split), ``protocol`` (paper, senteval, mteb, ridge), ``smoke``.
+
+**Subset size of the main job.** Measured with SmolLM2-135M on this project's 2-core machine (CPU time, while
+the machine was shared, so wall time there was ~3× longer): feature extraction costs ~0.11 CPU-s per snippet
+per row (~25 tokens, f/Φp_f/word kinds in one pass; two rows: with and without the prompt), zero-shot
+~0.11 CPU-s per test snippet, each paper-protocol probe 2-8 CPU-s (10 C × 6 fits), model load + compilations
+~60 CPU-s. 2,000 train + 500 test snippets thus need ~800 CPU-s, i.e. about 7-10 minutes of wall time on 2
+idle cores; the figure measured for the whole main job is in docs/table1.md.
+"""
+
+import ml_collections
+
+from sentcomp.config_files import parse_config_arg
+
+MAIN_JOB_TRAIN = 2000
+MAIN_JOB_TEST = 500
+
+
+def get_config(arg=None):
+    args = parse_config_arg(arg, task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_JOB_TRAIN,
+                            n_test=MAIN_JOB_TEST, full=False, protocol="paper", smoke=False)
+    config = ml_collections.ConfigDict()
+    config.program = "sentcomp.evaluate"
+    config.tasks = tuple(args.task.split("+"))
+    config.model = args.model
+    config.data_dir = ""  # local task files (see docs/tasks.md); "" = built-in data or TFDS's default
+    config.data_source = "auto"  # auto, files, tfds, builtin
+    config.n_train = 0 if args.full else args.n_train  # seeded stratified subset; ≤ 0: the whole split
+    config.n_test = 0 if args.full else args.n_test
+    config.n_repeats = 10  # tasks without an official split (MPQA, CR): seeded 90/10 splits, mean ± std
+    config.seed = 0
+    config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")
+    config.max_length = 512  # the paper's; longer documents lose their beginning, never the prompt
+    config.truncation = "start"
+    config.batch_size = 32
+    config.probe = ml_collections.ConfigDict(dict(
+        protocol=args.protocol,
+        multi_class="ovr",  # the authors' one-vs-rest (identical to multinomial for binary tasks)
+        standardize=False,
+        n_folds=5,
+        seed=0,
+        max_iter=1000,
+    ))
+    config.zeroshot = ml_collections.ConfigDict(dict(enabled=True, calibrate=False))
+    # Baseline columns of the paper (issue 10), off until wired in sentcomp.evaluate.baseline_features /
+    # finetune_cells.
+    config.bert = ml_collections.ConfigDict(dict(enabled=False, model="bert-base-cased", pooling="cls"))
+    config.ft = ml_collections.ConfigDict(dict(enabled=False, learning_rate=1e-5, num_epochs=3, batch_size=16,
+                                               dropout=0.1))
+    # model=random-gpt2: a tiny random GPT-2 with the real GPT-2 tokenizer (smoke runs).
+    config.random_gpt2 = ml_collections.ConfigDict(
+        dict(n_embd=16, n_layer=1, n_head=2, n_positions=128, initializer_range=0.1)
+    )
+    if args.smoke:
+        config.model = "random-gpt2"
+        config.n_train, config.n_test = 48, 24
+        config.max_length = 128
+        config.batch_size = 16
+    return config
+
+
+def get_sweep(arg=None):
+    """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: TFDS or data_dir)."""
+    from sentcomp import sweep
+
+    tasks = ["rotten_tomatoes"] if parse_config_arg(arg, task="", model="", n_train=0, n_test=0, full=False,
+                                                   protocol="", smoke=False).smoke else \
+        ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
+    return sweep.product(sweep.axis("tasks", [(task,) for task in tasks]),
+                         sweep.axis("probe.protocol", ["paper", "ridge"]))

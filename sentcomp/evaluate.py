@@ -1,0 +1,409 @@
+"""The paper's Table 1: linear probes on LM features of downstream tasks, with and without the prompt.
+
+For each task, and each of the two rows ``task`` (the text alone) and ``task*`` (the text + the task's prompt,
+e.g. ``" This movie is"``), every feature column (notation of ../shared/PAPER.md, ``h = f(s)``):
+
+==================  =====================================================================================
+column              features
+==================  =====================================================================================
+``f``               ``f(s)``, the LM's features at the last token (``[d]``)
+``phi_p_f``         ``Φ p_f(s)``, the conditional-mean features (``[d]``)
+``subset_logits``   ``hᵀφ_w`` for the task's subset words (the authors' word-subset features)
+``subset_log_probs`` ``log p_f(s)(w)`` for the same words
+``class_logits``    ``hᵀφ_w`` for the class words (``:)``, ``:(`` for sentiment)
+``posneg_logits``   ``hᵀφ_w`` for ``positive``/``negative`` (sentiment tasks only)
+==================  =====================================================================================
+
+is probed with ``sentcomp.probe.evaluate(protocol=config.probe.protocol)`` (the paper's: L2 logistic
+regression, C by 5-fold CV on train) and scored by test accuracy. The ``task*`` row also gets a ``zeroshot``
+column: sentence completion with the task's label words (:mod:`sentcomp.zeroshot`), no training at all.
+Word columns use every single-token form ``" w"``/``"w"`` of their words (``sentcomp.features.word_set``);
+the words kept and dropped are reported.
+
+Tasks with an official split use it; the others (MPQA, CR) are pooled and evaluated on
+``config.n_repeats`` seeded 90/10 splits, reported as mean ± std. ``config.n_train``/``config.n_test`` (> 0)
+take a seeded stratified subset of train/test (for pooled tasks: ``n_train + n_test`` pooled examples).
+
+Features are extracted once per task and row, all kinds in one pass over the model (the word kinds over the
+union of all word sets, whose columns are then selected per set), for the unique texts of all splits, and
+cached under ``workdir/features`` (:func:`sentcomp.features.extract_features`). Every finished cell (task,
+row, column, split) is appended to ``workdir/cells.jsonl`` at once, so a re-run (or a run resumed after a
+kill) recomputes nothing that is done, and needs no model forward pass at all when every cell is done.
+
+Writes ``workdir/results.json`` (every cell with its configuration, the table, data sizes, word sets) and
+``workdir/results.md`` (the table laid out like the paper's Table 1, then data sizes, words, and the chosen
+regularisation of each probe), and prints the table.
+
+BERT and fine-tuning columns (the paper's baselines) plug in at :func:`baseline_features` and
+:func:`finetune_cells` (``config.bert`` / ``config.ft``, off by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sentcomp import parallel, probe, zeroshot
+from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
+from sentcomp.data.tasks import Task
+from sentcomp.errors import SentcompError
+from sentcomp.features import WordSet, extract_features, word_set
+from sentcomp.logpartition import load_model
+from sentcomp.runner import write_json
+
+# column -> (kind extracted by sentcomp.features, word group or None)
+FEATURE_COLUMNS = {
+    "f": ("f", None),
+    "phi_p_f": ("phi_p_f", None),
+    "subset_logits": ("word_logits", "subset"),
+    "subset_log_probs": ("word_log_probs", "subset"),
+    "class_logits": ("word_logits", "class"),
+    "posneg_logits": ("word_logits", "posneg"),
+}
+ZEROSHOT = "zeroshot"
+BERT = "bert"
+FINETUNE = "finetune"
+COLUMN_TITLES = {
+    "f": "f(s)",
+    "phi_p_f": "Φp_f(s)",
+    "subset_logits": "subset logits",
+    "subset_log_probs": "subset log-probs",
+    "class_logits": "class-word logits",
+    "posneg_logits": "pos/neg logits",
+    BERT: "BERT",
+    FINETUNE: "fine-tune",
+    ZEROSHOT: "zero-shot",
+}
+CELLS_FILE = "cells.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def subsample(split: Split, n: int, seed: int) -> Split:
+    """A seeded stratified subset of about ``n`` examples (each class keeps its share; original order kept);
+    the whole split when ``n`` ≤ 0 or ``n`` ≥ its size."""
+    if n <= 0 or n >= len(split):
+        return split
+    return stratified_split(split, n / len(split), seed)[1]
+
+
+def task_pairs(task: Task, splits: dict[str, Split], n_train: int, n_test: int, n_repeats: int,
+               seed: int) -> list[tuple[Split, Split]]:
+    """The (train, test) pairs of ``task``: its official pair subsampled to ``n_train``/``n_test``, or, for tasks
+    without an official split, ``n_repeats`` seeded 90/10 splits of ``n_train + n_test`` pooled examples."""
+    if task.official_split:
+        train, test = evaluation_splits(task, splits)[0]
+        return [(subsample(train, n_train, seed), subsample(test, n_test, seed))]
+    pooled = subsample(Split.concatenate(splits.values()), n_train + n_test if n_train > 0 and n_test > 0 else 0, seed)
+    return evaluation_splits(task, {"pooled": pooled}, n_repeats=n_repeats, seed=seed)
+
+
+def unique_texts(pairs: Sequence[tuple[Split, Split]]) -> list[str]:
+    """Every text of every split once, in first-seen order (features depend on the text only)."""
+    return list(dict.fromkeys(text for pair in pairs for split in pair for text in split.texts))
+
+
+def rows_of(texts: Sequence[str], pool: dict[str, int]) -> np.ndarray:
+    return np.fromiter((pool[text] for text in texts), np.int64, len(texts))
+
+
+# --------------------------------------------------------------------------------------------------- words
+
+
+def word_groups(task: Task) -> dict[str, tuple[str, ...]]:
+    """The task's non-empty word sets: ``subset``, ``class``, ``posneg`` (sentiment only)."""
+    groups = {"subset": task.subset_words, "class": task.class_words, "posneg": task.posneg_words}
+    return {name: tuple(words) for name, words in groups.items() if words}
+
+
+def union_words(groups: dict[str, Sequence[str]]) -> list[str]:
+    return list(dict.fromkeys(word for words in groups.values() for word in words))
+
+
+def word_columns(union: WordSet, group: WordSet) -> np.ndarray:
+    """Positions, among the union's token ids, of a group's token ids (one extraction serves every group)."""
+    return np.array([union.token_ids.index(token) for token in group.token_ids], np.int64)
+
+
+def columns_for(task: Task, wanted: Sequence[str]) -> list[str]:
+    """The feature columns of ``wanted`` that apply to ``task`` (word columns need a non-empty word set)."""
+    unknown = [c for c in wanted if c not in FEATURE_COLUMNS]
+    if unknown:
+        raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
+    groups = word_groups(task)
+    return [c for c in wanted if FEATURE_COLUMNS[c][1] is None or FEATURE_COLUMNS[c][1] in groups]
+
+
+def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: dict[str, WordSet],
+                    union: WordSet | None) -> np.ndarray:
+    """The ``[N, features]`` matrix of one column from one extraction."""
+    kind, group = FEATURE_COLUMNS[column]
+    if group is None:
+        return extracted[kind]
+    return extracted[kind][:, word_columns(union, word_sets[group])]
+
+
+# --------------------------------------------------------------------------------------------------- cells
+
+
+def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
+    return f"{task}{'*' if prompt else ''}/{column}/{repeat}"
+
+
+class CellLog:
+    """Finished cells, one JSON object per line in ``workdir/cells.jsonl``, appended as each finishes.
+
+    A torn last line (a kill mid-write) is ignored on reading; the cell is then recomputed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cells: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    cell = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.cells[cell["key"]] = cell
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.cells
+
+    def add(self, cell: dict) -> None:
+        self.cells[cell["key"]] = cell
+        if parallel.is_main_process():
+            with self.path.open("a") as file:
+                file.write(json.dumps(cell) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+
+
+def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tuple[Split, Split],
+               probe_config) -> dict[str, Any]:
+    """Test accuracy (and how it was chosen) of one probe; only JSON-ready numbers are kept."""
+    (train_rows, test_rows), (train, test) = pair_rows, pair
+    result = probe.evaluate(
+        x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
+        multi_class=probe_config.multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
+        seed=probe_config.seed, max_iter=probe_config.max_iter,
+    )
+    keep = ("test_accuracy", "train_accuracy", "regularisation", "regularisation_name", "grid", "converged",
+            "iterations")
+    return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
+            "n_features": int(x.shape[1])}
+
+
+# ------------------------------------------------------------------------------------------ baseline columns
+
+
+def baseline_features(config, texts: Sequence[str], prompt: str | None) -> dict[str, np.ndarray]:
+    """Extra feature columns from other models, probed exactly like the LM's (``{column: [N, features]}``).
+
+    The BERT column (``config.bert``, the paper's BERT-base-cased baseline) plugs in here.
+    """
+    if config.bert.enabled:
+        raise NotImplementedError("The BERT column (config.bert.enabled) is not wired into sentcomp.evaluate yet.")
+    return {}
+
+
+def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path) -> Iterable[dict]:
+    """Cells of the fine-tuning column (``config.ft``: the LM + a linear head trained end to end)."""
+    if config.ft.enabled:
+        raise NotImplementedError("The fine-tuning column (config.ft.enabled) is not wired into sentcomp.evaluate yet.")
+    return ()
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def summarise(cells: Iterable[dict]) -> dict[str, dict[str, dict]]:
+    """``{row: {column: {"mean", "std", "n_splits", "accuracies"}}}`` of test accuracy over each cell's splits."""
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for cell in cells:
+        grouped.setdefault((cell["row"], cell["column"]), []).append(cell["test_accuracy"])
+    table: dict[str, dict[str, dict]] = {}
+    for (row, column), accuracies in grouped.items():
+        table.setdefault(row, {})[column] = {
+            "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "n_splits": len(accuracies),
+            "accuracies": accuracies,
+        }
+    return table
+
+
+def format_accuracy(entry: dict | None) -> str:
+    """``85.3`` (percent), ``85.3 ± 1.2`` over several splits, ``—`` when the cell does not apply."""
+    if entry is None:
+        return "—"
+    text = f"{100 * entry['mean']:.1f}"
+    return text + f" ± {100 * entry['std']:.1f}" if entry["n_splits"] > 1 else text
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], columns: Sequence[str]) -> str:
+    """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot)."""
+    return markdown_table(["task", *(COLUMN_TITLES[c] for c in columns)],
+                          ([row, *(format_accuracy(table.get(row, {}).get(c)) for c in columns)] for row in rows))
+
+
+def results_markdown(results: dict) -> str:
+    rows = [row for task in results["tasks"] for row in (task["name"], task["name"] + "*")]
+    parts = [
+        f"# Table 1: linear probes on {results['model']} features",
+        accuracy_table(results["table"], rows, results["columns"]),
+        f"Test accuracy (%). `task*`: the task's prompt appended to every text. Probe protocol "
+        f"`{results['probe']['protocol']}` ({results['probe']['multi_class']}); mean ± std over the splits of "
+        "tasks without an official split. Zero-shot: sentence completion with the label words (prompt rows only).",
+        "## Data",
+        markdown_table(["task", "N train", "N test", "splits", "prompt", "label words", "truncated texts"],
+                       ([t["name"], t["n_train"], t["n_test"], t["n_splits"], repr(t["prompt"]),
+                         "; ".join(f"{k}: {', '.join(v)}" for k, v in t["label_words"].items()),
+                         t.get("n_truncated", "")] for t in results["tasks"])),
+        "## Words",
+        markdown_table(["task", "set", "kept (single-token forms)", "dropped"],
+                       ([t["name"], group, " ".join(repr(f) for f in ws["forms"]), ", ".join(ws["dropped"]) or "—"]
+                        for t in results["tasks"] for group, ws in t["word_sets"].items())),
+        "## Probes",
+        markdown_table(["cell", "regularisation", "train acc", "test acc", "features", "converged"],
+                       ([c["key"], f"{c['regularisation_name']}={c['regularisation']:g}",
+                         f"{100 * c['train_accuracy']:.1f}", f"{100 * c['test_accuracy']:.1f}", c["n_features"],
+                         c["converged"]] for c in results["cells"] if "regularisation" in c)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class TaskData:
+    task: Task
+    pairs: list[tuple[Split, Split]]
+    texts: list[str]  # the unique texts of every split: rows of the feature matrices
+    pair_rows: list[tuple[np.ndarray, np.ndarray]]
+
+
+def prepare_task(name: str, config) -> TaskData:
+    task = get_task(name)
+    splits = load_task(task, config.data_dir or None, source=config.data_source)
+    pairs = task_pairs(task, splits, config.n_train, config.n_test, config.n_repeats, config.seed)
+    texts = unique_texts(pairs)
+    pool = {text: row for row, text in enumerate(texts)}
+    return TaskData(task, pairs, texts, [(rows_of(a.texts, pool), rows_of(b.texts, pool)) for a, b in pairs])
+
+
+def _extraction_options(config, workdir: Path) -> dict:
+    return dict(max_length=config.max_length, batch_size=config.batch_size, truncation=config.truncation,
+                cache_dir=workdir / "features")
+
+
+def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> dict:
+    """Every cell of one task (skipping those in ``log``); returns the task's description for results.json."""
+    task, name = data.task, data.task.name
+    columns = columns_for(task, config.columns)
+    groups = word_groups(task)
+    description = {
+        "name": name, "prompt": task.prompt, "n_splits": len(data.pairs),
+        "n_train": len(data.pairs[0][0]), "n_test": len(data.pairs[0][1]),
+        "label_words": {label: list(words) for label, words in task.label_words.items()},
+    }
+    meta_key = f"{name}/metadata"
+    for with_prompt in (False, True):
+        prompt = task.prompt if with_prompt else None
+        todo = [(c, r) for c in columns for r in range(len(data.pairs))
+                if cell_key(name, with_prompt, c, r) not in log]
+        needs_metadata = with_prompt and meta_key not in log
+        if todo or needs_metadata:
+            lm = lm_loader()
+            word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
+            union = word_set(lm.tokenizer, union_words(groups)) if groups else None
+            kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
+            extracted = extract_features(lm, data.texts, kinds, words=union.words if union else None,
+                                         prompt=prompt, **_extraction_options(config, workdir))
+            features = {c: column_features(extracted, c, word_sets, union) for c in columns}
+            features.update(baseline_features(config, data.texts, prompt))
+            if needs_metadata:
+                log.add({"key": meta_key, "word_sets": {g: ws.to_json() for g, ws in word_sets.items()},
+                         "n_truncated": extracted["metadata"]["n_truncated"],
+                         "n_tokens": extracted["metadata"]["n_tokens"]})
+            for column, repeat in tqdm(todo, desc=f"probes {name}{'*' if with_prompt else ''}"):
+                cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe)
+                log.add({"key": cell_key(name, with_prompt, column, repeat), "row": name + "*" * with_prompt,
+                         "column": column, "repeat": repeat, "kind": FEATURE_COLUMNS[column][0],
+                         "words": list(word_sets[FEATURE_COLUMNS[column][1]].forms)
+                         if FEATURE_COLUMNS[column][1] else None, **cell})
+        for cell in finetune_cells(config, task, data.pairs, prompt, workdir):
+            log.add(cell)
+    if config.zeroshot.enabled:
+        run_zeroshot(lm_loader, data, config, log)
+    meta = log.cells[meta_key]
+    description.update(word_sets={g: {k: meta["word_sets"][g][k] for k in ("forms", "dropped")} for g in groups},
+                       n_truncated=meta["n_truncated"], n_tokens_with_prompt=meta["n_tokens"])
+    return description
+
+
+def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
+    """Zero-shot accuracy of every split's test set (one pass over the unique test texts)."""
+    name = data.task.name
+    todo = [r for r in range(len(data.pairs)) if cell_key(name, True, ZEROSHOT, r) not in log]
+    if not todo:
+        return
+    test_texts = list(dict.fromkeys(text for r in todo for text in data.pairs[r][1].texts))
+    result = zeroshot.zero_shot(lm_loader(), data.task, test_texts, calibrate=config.zeroshot.calibrate,
+                                batch_size=config.batch_size, max_length=config.max_length)
+    pool = {text: row for row, text in enumerate(test_texts)}
+    for r in todo:
+        test = data.pairs[r][1]
+        accuracy = float(np.mean(result.predictions[rows_of(test.texts, pool)] == test.labels))
+        log.add({"key": cell_key(name, True, ZEROSHOT, r), "row": name + "*", "column": ZEROSHOT, "repeat": r,
+                 "test_accuracy": accuracy, "words": list(result.words), "calibrated": config.zeroshot.calibrate})
+
+
+def table_columns(config) -> list[str]:
+    extra = [c for c, sub in ((BERT, config.bert), (FINETUNE, config.ft)) if sub.enabled]
+    return [*config.columns, *extra, *([ZEROSHOT] if config.zeroshot.enabled else [])]
+
+
+def run(config, workdir) -> dict:
+    """Runs (or resumes) every task of ``config.tasks``; writes results.json/.md; returns the headline
+    accuracies ``{"<row>/<column>": mean test accuracy}``."""
+    workdir = Path(workdir)
+    if not config.tasks:
+        raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
+    datas = [prepare_task(name, config) for name in config.tasks]
+    log = CellLog(workdir / CELLS_FILE)
+    lm_cache: list = []
+
+    def lm_loader():  # the model is loaded only if some cell needs it
+        if not lm_cache:
+            lm_cache.append(load_model(config))
+        return lm_cache[0]
+
+    descriptions = [run_task(lm_loader, data, config, workdir, log) for data in datas]
+    row_names = {name for data in datas for name in (data.task.name, data.task.name + "*")}
+    cells = [c for c in log.cells.values() if "column" in c and c["row"] in row_names]
+    table = summarise(cells)
+    present = [c for c in table_columns(config) if any(c in row for row in table.values())]
+    results = {
+        "model": config.model, "probe": config.probe.to_dict(), "columns": present, "tasks": descriptions,
+        "table": table, "cells": sorted(cells, key=lambda c: c["key"]),
+        "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
+    }
+    markdown = results_markdown(results)
+    if parallel.is_main_process():
+        write_json(workdir / "results.json", results)
+        (workdir / "results.md").write_text(markdown)
+    print(markdown)
+    return {f"{row}/{column}": entry["mean"] for row, entries in table.items() for column, entry in entries.items()}
