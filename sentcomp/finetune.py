@@ -1,0 +1,297 @@
+"""Full fine-tuning (the FT column of the paper's Table 1): the LM and a linear classification head, trained jointly.
+
+For a document ``s`` (prompt appended as in sentcomp.features) with label ``y`` among ``C`` classes, the head reads
+the LM's features at the last non-pad token, ``f(s)`` (for a BERT-family encoder that is ``[SEP]``'s state):
+
+    logits(s) = W · dropout_{0.1}(f(s)) + b,      ℓ_cls = E_(s,y)[ −log softmax(logits(s))_y ]
+
+as in the authors' code (GPT-2 + linear head on the last token, dropout 0.1). Optionally a GPT-1-style auxiliary
+language-modelling loss is added, ``ℓ = ℓ_cls + λ · ℓ_xent(f, Φ)`` over the document's next-token predictions
+(``aux_lm_weight = λ``; causal LMs only), via :func:`sentcomp.kernels.xent_loss`.
+
+Training: AdamW with linear warmup then decay (the optimiser of :mod:`sentcomp.pretrain`), global-norm clipping,
+data-parallel over every device (batch sharded, parameters replicated), fixed-shape batches padded to length
+buckets. A validation split is carved from the training split (stratified, seeded); every ``eval_every`` steps
+the validation accuracy is measured, the best parameters are kept, and training stops after ``patience``
+evaluations without improvement (or at ``max_steps``). Test accuracy is that of the best parameters (kept in
+the training state, so fine-tuning holds two copies of the weights).
+
+Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
+evaluation, through sentcomp.pretrain's checkpoint helpers), ``results.json``. Re-running in the same workdir
+resumes from the newest checkpoint (the batch order and dropout masks are functions of the seed and the step,
+so an interrupted run ends exactly where an uninterrupted one does) or returns the finished results; a
+different config in the same workdir is an error, never a silent overwrite.
+
+Public API: :func:`default_config`, :func:`finetune_accuracy`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from sentcomp import kernels, parallel, pretrain
+from sentcomp.data.loaders import Split, stratified_split
+from sentcomp.errors import SentcompError
+from sentcomp.features import _pad_id, effective_prompt, encode_texts, length_buckets, make_batches
+from sentcomp.models.base import LanguageModel
+
+RESULTS_FILE = "results.json"
+CAUSAL_FAMILIES = ("gpt2", "llama")  # families whose hidden states predict the next token (for the aux LM loss)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Fine-tuning hyperparameters; every key can be overridden by the ``config`` passed to finetune_accuracy."""
+    return ml_collections.ConfigDict(dict(
+        prompt=None,  # appended to every text (e.g. " This movie is "), trailing space stripped
+        max_length=512,
+        batch_size=32,  # global, rounded up to a multiple of the device count
+        eval_batch_size=64,
+        max_steps=2000,
+        eval_every=100,  # steps between validation accuracies (and checkpoints)
+        patience=5,  # evaluations without improvement before stopping
+        val_fraction=0.1,  # of the training split, stratified
+        dropout=0.1,  # on f(s), before the head
+        aux_lm_weight=0.0,  # λ of the auxiliary LM loss (0: off)
+        head_init_std=0.02,
+        seed=0,
+        checkpoint_keep=2,
+        progress=True,
+        optimizer=ml_collections.ConfigDict(dict(
+            learning_rate=3e-5, warmup_steps=100, decay="linear", end_lr_fraction=0.0,
+            weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+        )),
+    ))
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+    """:func:`default_config` updated by ``config`` (a ConfigDict, a dict, or None); unknown keys are an error."""
+    merged = default_config()
+    overrides = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
+    for key, value in overrides.items():
+        if key not in merged:
+            raise SentcompError(f"Unknown fine-tuning config key {key!r}; known keys: {sorted(merged.keys())}.")
+        if key == "optimizer":
+            unknown = set(value) - set(merged.optimizer.keys())
+            if unknown:
+                raise SentcompError(f"Unknown fine-tuning optimizer keys {sorted(unknown)}; known: "
+                                    f"{sorted(merged.optimizer.keys())}.")
+            merged.optimizer.update(value)
+        else:
+            setattr(merged, key, value)
+    if not 0 < merged.val_fraction < 1 or not 0 <= merged.dropout < 1 or merged.eval_every < 1 or merged.max_steps < 1:
+        raise SentcompError("Fine-tuning config: need 0 < val_fraction < 1, 0 ≤ dropout < 1, eval_every ≥ 1 and "
+                            f"max_steps ≥ 1; got {merged.val_fraction}, {merged.dropout}, {merged.eval_every}, "
+                            f"{merged.max_steps}.")
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def last_token_features(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """``f(s)``: the states at each row's last non-pad position, ``[B, d]`` (right padding)."""
+    last = jnp.sum(mask, axis=1) - 1
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def init_head(rng: jax.Array, d: int, num_classes: int, std: float) -> dict[str, jax.Array]:
+    return {"kernel": std * jax.random.normal(rng, (d, num_classes)), "bias": jnp.zeros((num_classes,))}
+
+
+def classification_loss(hidden_fn, phi_fn, dropout: float, aux_lm_weight: float, params, token_ids, mask, labels,
+                        weights, key):
+    """``ℓ_cls + λ·ℓ_xent`` on one batch; rows with ``weights == 0`` (padding rows) count for nothing."""
+    hidden = hidden_fn(params["lm"], token_ids, mask)
+    f = last_token_features(hidden, mask).astype(jnp.float32)
+    if dropout > 0:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, f.shape)
+        f = jnp.where(keep, f / (1.0 - dropout), 0.0)
+    logits = f @ params["head"]["kernel"] + params["head"]["bias"]
+    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = jnp.sum(weights * per_row) / jnp.maximum(jnp.sum(weights), 1.0)
+    if aux_lm_weight > 0:
+        targets_mask = mask[:, 1:] * mask[:, :-1] * weights[:, None]
+        loss = loss + aux_lm_weight * kernels.xent_loss(hidden[:, :-1], phi_fn(params["lm"]), token_ids[:, 1:],
+                                                        targets_mask)
+    return loss
+
+
+def make_train_step(lm: LanguageModel, optimizer, config, mesh):
+    """Jitted ``(state, ids, mask, labels, weights) -> (state, loss)``; dropout key = fold_in(seed, step)."""
+    loss_fn = functools.partial(classification_loss, lm.hidden_fn, lm.phi_fn, config.dropout, config.aux_lm_weight)
+    base_key = jax.random.key(config.seed)
+
+    def step(state, token_ids, mask, labels, weights):
+        key = jax.random.fold_in(base_key, state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], token_ids, mask, labels, weights, key)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+    whole, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(whole, batch, batch, batch, batch), out_shardings=(whole, whole))
+
+
+def make_predict(lm: LanguageModel, mesh):
+    """Jitted ``(params, ids, mask) -> predicted class [B]`` (no dropout)."""
+
+    def predict(params, token_ids, mask):
+        f = last_token_features(lm.hidden_fn(params["lm"], token_ids, mask), mask).astype(jnp.float32)
+        return jnp.argmax(f @ params["head"]["kernel"] + params["head"]["bias"], axis=-1)
+
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(predict, in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=batch)
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+def _local(tree, rows: np.ndarray):
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
+def training_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Example indices of step ``step``'s batch: stream positions ``step·B .. step·B+B−1`` through one seeded
+    permutation of the ``n`` examples per epoch (a pure function of the step, so resuming replays it exactly)."""
+    positions = step * batch_size + np.arange(batch_size)
+    epochs, offsets = positions // n, positions % n
+    return np.array([np.random.default_rng([seed, int(e)]).permutation(n)[o] for e, o in zip(epochs, offsets)])
+
+
+def accuracy(predict, params, token_ids, labels, batch_size, buckets, pad_id, mesh) -> float:
+    """Fraction of correctly classified examples, in fixed-shape batches split over the mesh."""
+    host_rows = parallel.host_row_indices(batch_size, mesh)
+    correct = 0
+    for batch in make_batches(token_ids, batch_size, buckets, pad_id):
+        arrays = parallel.global_batch(_local((batch.token_ids, batch.mask), host_rows), mesh)
+        predicted = parallel.fetch(predict(params, *arrays))[: len(batch.indices)]
+        correct += int(np.sum(predicted == labels[batch.indices]))
+    return correct / max(len(token_ids), 1)
+
+
+def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> list[np.ndarray]:
+    """Token ids of ``text + prompt``; a BERT-family encoder gets ``[CLS] text prompt [SEP]``."""
+    if lm.family == "bert":
+        from sentcomp.baselines import encode_with_specials
+
+        return encode_with_specials(lm.tokenizer, texts, max_length, effective_prompt(prompt))
+    return encode_texts(lm.tokenizer, texts, max_length, prompt).token_ids
+
+
+# --------------------------------------------------------------------------------------------- the program
+
+
+def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, identity: dict[str, Any]) -> None:
+    record = {"config": config.to_dict(), **identity}
+    path = workdir / "config.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
+            raise SentcompError(f"{workdir} holds a fine-tuning run with a different config, model or data "
+                                f"({path}); use a new workdir.")
+    elif parallel.is_main_process():
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+
+
+def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, config=None,
+                      workdir: str | Path = ".", on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Fine-tunes ``lm`` + a linear head on ``train_split`` (a validation part carved out for early stopping)
+    and returns ``dict(test_accuracy, val_accuracy, best_step, steps, stopped_early, n_train, n_val, n_test)``.
+
+    ``config``: overrides of :func:`default_config`. ``on_step(step)`` is called after every optimiser step (for
+    progress hooks; an exception raised there interrupts the run, which the next call resumes).
+    """
+    config = with_defaults(config)
+    workdir = Path(workdir).resolve()
+    if config.aux_lm_weight > 0 and lm.family not in CAUSAL_FAMILIES:
+        raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({CAUSAL_FAMILIES}); {lm.name} is {lm.family!r}.")
+    if lm.tokenizer is None:
+        raise SentcompError(f"{lm.name} has no tokenizer; fine-tuning needs one to encode the texts.")
+    labels_all = np.concatenate([train_split.labels, test_split.labels])
+    num_classes = int(labels_all.max()) + 1 if len(labels_all) else 0
+    if num_classes < 2:
+        raise SentcompError("Fine-tuning needs at least two classes in the training and test labels.")
+    train, val = stratified_split(train_split, config.val_fraction, config.seed)
+    if not len(train) or not len(val):
+        raise SentcompError(f"val_fraction={config.val_fraction} of {len(train_split)} training examples leaves an "
+                            "empty training or validation split.")
+    _check_workdir_config(workdir, config, {"model": lm.name, "n_train": len(train_split), "n_test": len(test_split),
+                                            "num_classes": num_classes})
+    if (workdir / RESULTS_FILE).is_file():
+        return json.loads((workdir / RESULTS_FILE).read_text())
+
+    mesh = parallel.data_mesh()
+    batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size)
+    eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
+    max_length = min(config.max_length, lm.max_length)
+    buckets, pad_id = length_buckets(max_length), _pad_id(lm.tokenizer)
+    train_ids, val_ids, test_ids = (encode(lm, split.texts, max_length, config.prompt)
+                                    for split in (train, val, test_split))
+
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    d = jax.eval_shape(lm.hidden_fn, lm.params, dummy, jnp.ones_like(dummy)).shape[-1]
+    params = {"lm": lm.params,
+              "head": init_head(jax.random.key(config.seed + 1), d, num_classes, config.head_init_std)}
+    optimizer = pretrain.make_optimizer(config.optimizer, config.max_steps, params, freeze_phi=False)
+    state = pretrain.initial_state(params, optimizer, mesh)
+    state["best_params"] = state["params"]
+    factory = functools.partial(pretrain.checkpoint_manager, workdir, config.eval_every, config.checkpoint_keep, False)
+    manager, restored, meta = pretrain.restore_latest(factory(), state, workdir, factory)
+    progress = {"best_val": -1.0, "best_step": 0, "bad_evals": 0}
+    if restored is not None:
+        state, progress = restored, {key: meta[key] for key in progress}
+        if parallel.is_main_process():
+            pretrain.truncate_metrics(workdir, int(meta["step"]))
+    start = int(parallel.fetch(state["step"]))
+
+    train_step, predict = make_train_step(lm, optimizer, config, mesh), make_predict(lm, mesh)
+    host_rows = parallel.host_row_indices(batch_size, mesh)
+    weights = np.ones(batch_size, np.float32)
+    stopped_early, losses = progress["bad_evals"] >= config.patience, []
+    bar = tqdm(total=config.max_steps, initial=start, desc=f"finetune {lm.name}", unit="step",
+               disable=not (config.progress and parallel.is_main_process()))
+    step = start
+    while step < config.max_steps and not stopped_early:
+        rows = training_rows(step, batch_size, len(train), config.seed)
+        (batch,) = make_batches([train_ids[i] for i in rows], batch_size, buckets, pad_id)
+        arrays = (batch.token_ids, batch.mask, train.labels[rows][batch.indices].astype(np.int32), weights)
+        state, loss = train_step(state, *parallel.global_batch(_local(arrays, host_rows), mesh))
+        step += 1
+        losses.append(float(parallel.fetch(loss)))
+        bar.update(1)
+        if step % config.eval_every == 0 or step == config.max_steps:
+            val_acc = accuracy(predict, state["params"], val_ids, val.labels, eval_batch, buckets, pad_id, mesh)
+            if val_acc > progress["best_val"]:
+                progress = {"best_val": val_acc, "best_step": step, "bad_evals": 0}
+                state["best_params"] = state["params"]
+            else:
+                progress["bad_evals"] += 1
+            stopped_early = progress["bad_evals"] >= config.patience
+            pretrain.append_metrics(workdir, {"step": step, "train_loss": float(np.mean(losses)),
+                                              "val_accuracy": val_acc, **progress})
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_acc:.3f}")
+            losses = []
+            pretrain.save_checkpoint(manager, state, {"step": step, "seed": config.seed, **progress})
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+
+    test_acc = accuracy(predict, state["best_params"], test_ids, test_split.labels, eval_batch, buckets, pad_id, mesh)
+    results = {"test_accuracy": test_acc, "val_accuracy": progress["best_val"], "best_step": progress["best_step"],
+               "steps": step, "stopped_early": bool(stopped_early), "n_train": len(train), "n_val": len(val),
+               "n_test": len(test_split)}
+    if parallel.is_main_process():
+        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    return results
