@@ -1,0 +1,170 @@
+"""experiments/table1.py + sentcomp.evaluate: the CLI end to end on the smoke config (real rotten_tomatoes data,
+real GPT-2 tokenizer, tiny random GPT-2), resume without recomputation, the pooled-task path (repeated 90/10
+splits, mean ± std), and the pieces the table is built from checked against direct computations."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from sentcomp import evaluate, features, probe, runner, zeroshot
+from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.data import Split, get_task, register_task
+from sentcomp.logpartition import load_model
+
+TABLE1 = EXPERIMENTS_DIR / "table1.py"
+
+
+def smoke_config(**overrides):
+    return override(load_config(f"{TABLE1}:smoke"), overrides)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("table1_smoke")
+    config = smoke_config()
+    runner.run_program(config, workdir)
+    return config, workdir
+
+
+def test_cli_end_to_end_on_smoke(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "sentcomp.main", f"--config={TABLE1}:smoke", f"--workdir={workdir}",
+               "--config.n_train=24", "--config.n_test=12", "--config.columns=('f','subset_logits')"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    markdown = (workdir / "results.md").read_text()
+    assert markdown.splitlines()[0] in completed.stdout  # the table is printed
+    header = "| task | f(s) | subset logits | zero-shot |"
+    assert header in markdown
+    lines = markdown.splitlines()
+    body = lines[lines.index(header) + 2: lines.index(header) + 4]
+    assert [line.split(" | ")[0] for line in body] == ["| rotten_tomatoes", "| rotten_tomatoes*"]
+    assert lines[lines.index(header) + 4] == ""
+    assert results["tasks"][0]["n_train"] == 24 and results["tasks"][0]["n_test"] == 12
+    done = runner.read_done(workdir)
+    assert done["rotten_tomatoes*/zeroshot"] == results["table"]["rotten_tomatoes*"]["zeroshot"]["mean"]
+    assert "rotten_tomatoes/zeroshot" not in done  # zero-shot is a prompt-row column only
+
+
+def test_results_layout_and_words(smoke_run):
+    config, workdir = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    lines = (workdir / "results.md").read_text().splitlines()
+    table_start = lines.index("| task | f(s) | Φp_f(s) | subset logits | subset log-probs | class-word logits | "
+                              "pos/neg logits | zero-shot |")
+    no_prompt, prompt = lines[table_start + 2], lines[table_start + 3]
+    assert no_prompt.startswith("| rotten_tomatoes |") and no_prompt.endswith("| — |")
+    assert prompt.startswith("| rotten_tomatoes* |")
+    cells = {cell["key"]: cell for cell in results["cells"]}
+    assert prompt.split(" | ")[1] == f"{100 * cells['rotten_tomatoes*/f/0']['test_accuracy']:.1f}"
+    assert len(cells) == 2 * 6 + 1
+    tokenizer = load_model(config).tokenizer
+    task = get_task("rotten_tomatoes")
+    for group, words in (("subset", task.subset_words), ("class", task.class_words), ("posneg", task.posneg_words)):
+        expected = features.word_set(tokenizer, words)
+        assert results["tasks"][0]["word_sets"][group] == {"forms": list(expected.forms),
+                                                           "dropped": list(expected.dropped)}
+        assert " ".join(repr(form) for form in expected.forms) in "\n".join(lines)
+
+
+def test_cells_match_direct_computation(smoke_run):
+    """Word columns selected from the union extraction equal a direct extraction of the group's words; a probe
+    cell equals sklearn's logistic regression at the chosen C on directly extracted features; the zero-shot
+    cell equals sentcomp.zeroshot on the test split."""
+    config, workdir = smoke_run
+    data = evaluate.prepare_task("rotten_tomatoes", config)
+    (train, test), = data.pairs
+    lm = load_model(config)
+    prompt = data.task.prompt
+    direct = features.extract_features(lm, data.texts, ("word_logits",), words=data.task.class_words, prompt=prompt,
+                                       max_length=config.max_length, progress=False)
+    union = features.word_set(lm.tokenizer, evaluate.union_words(evaluate.word_groups(data.task)))
+    extracted = features.extract_features(lm, data.texts, ("f", "word_logits"), words=union.words, prompt=prompt,
+                                          max_length=config.max_length, cache_dir=workdir / "features", progress=False)
+    assert extracted["metadata"]["computed_chunks"] == []  # the run's cache answers
+    word_sets = {"class": features.word_set(lm.tokenizer, data.task.class_words)}
+    np.testing.assert_allclose(evaluate.column_features(extracted, "class_logits", word_sets, union),
+                               direct["word_logits"], rtol=1e-5, atol=1e-5)
+
+    results = json.loads((workdir / "results.json").read_text())
+    cells = {cell["key"]: cell for cell in results["cells"]}
+    x = extracted["f"]
+    train_rows, test_rows = data.pair_rows[0]
+    assert [data.texts[i] for i in test_rows] == test.texts
+    cell = cells["rotten_tomatoes*/f/0"]
+    reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(x[train_rows], train.labels)
+    assert abs(reference.score(x[test_rows], test.labels) - cell["test_accuracy"]) <= 1 / len(test) + 1e-9
+
+    expected = zeroshot.zero_shot_accuracy(lm, data.task, test, max_length=config.max_length, progress=False)
+    assert cells["rotten_tomatoes*/zeroshot/0"]["test_accuracy"] == pytest.approx(expected)
+
+
+def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, monkeypatch):
+    config, original = smoke_run
+    workdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(original), str(workdir)], check=True)
+    before = json.loads((workdir / "results.json").read_text())
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed something that was done")
+
+    monkeypatch.setattr(evaluate, "load_model", forbidden)  # every cell done: not even the model is loaded
+    monkeypatch.setattr(probe, "evaluate", forbidden)
+    runner.run_program(config, workdir)
+    assert json.loads((workdir / "results.json").read_text())["table"] == before["table"]
+
+    # A run killed mid-way: some cells lost and a torn last line. Only those probes run again, from cached
+    # features (no model forward pass), and give the same numbers.
+    monkeypatch.undo()
+    lines = (workdir / evaluate.CELLS_FILE).read_text().splitlines()
+    lost = [json.loads(line)["key"] for line in lines if json.loads(line)["key"].endswith(("/f/0", "/phi_p_f/0"))]
+    kept = [line for line in lines if json.loads(line)["key"] not in lost]
+    (workdir / evaluate.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
+    monkeypatch.setattr(features, "_compute_chunk", forbidden)
+    monkeypatch.setattr(zeroshot, "label_word_scores", forbidden)
+    calls = []
+    real_evaluate = probe.evaluate
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **k: calls.append(1) or real_evaluate(*a, **k))
+    runner.run_program(config, workdir)
+    assert len(calls) == len(lost) == 4
+    assert json.loads((workdir / "results.json").read_text())["table"] == before["table"]
+
+
+def test_pooled_task_repeated_splits_mean_and_std(tmp_path):
+    rng = np.random.default_rng(0)
+    good, bad = ["a fine film", "great fun", "loved it", "superb acting"], ["dull", "a mess", "boring plot", "awful"]
+    rows = [f"{rng.choice(good if label else bad)} number {i}\t{label}" for i, label in enumerate(rng.permutation([0, 1] * 20))]
+    (tmp_path / "all.tsv").write_text("\n".join(rows) + "\n")
+    register_task({"name": "table1_test_pooled", "label_names": ["negative", "positive"], "prompt": " It was ",
+                   "label_words": {"negative": ["bad"], "positive": ["good"]}, "files": {"train": str(tmp_path / "all.tsv")},
+                   "splits": ["train"], "official_split": False, "subset_words": ["good", "bad", "fine"]}, overwrite=True)
+    config = smoke_config(**{"tasks": ("table1_test_pooled",), "n_train": 0, "n_test": 0, "n_repeats": 3,
+                             "columns": ("f", "subset_logits", "class_logits")})
+    runner.run_program(config, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    task = results["tasks"][0]
+    assert (task["n_splits"], task["n_train"], task["n_test"]) == (3, 36, 4)
+    entry = results["table"]["table1_test_pooled*"]["f"]
+    accuracies = [c["test_accuracy"] for c in results["cells"] if c["row"] == "table1_test_pooled*" and c["column"] == "f"]
+    assert entry["n_splits"] == 3 and entry["std"] == pytest.approx(np.std(accuracies))
+    markdown = (tmp_path / "run" / "results.md").read_text()
+    assert f"| table1_test_pooled* | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} |" in markdown
+    assert "class-word logits" not in markdown  # the task has no class words: no such column
+
+
+def test_subsample_is_stratified_and_seeded():
+    split = Split([f"t{i}" for i in range(100)], np.array([0] * 70 + [1] * 30))
+    subset = evaluate.subsample(split, 20, seed=3)
+    assert len(subset) == 20 and np.sum(subset.labels == 1) == 6
+    assert subset.texts == evaluate.subsample(split, 20, seed=3).texts != evaluate.subsample(split, 20, seed=4).texts
+    assert evaluate.subsample(split, 0, seed=3) is split
+
+
+def test_unknown_column_is_a_clear_error():
+    with pytest.raises(Exception, match="Unknown feature columns"):
+        evaluate.columns_for(get_task("sst2"), ["f", "bert_cls"])
