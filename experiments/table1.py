@@ -20,7 +20,10 @@ dropped, each probe's chosen C), ``results.json`` (every number with its configu
 
 Args (``key=value`` joined by commas): ``task`` (one name or several joined by ``+``), ``model`` (anything
 ``sentcomp.models.load`` takes, or ``random-gpt2``), ``n_train``/``n_test`` (seeded stratified subset sizes;
-≤ 0 = all), ``full`` (the whole split), ``protocol`` (paper, senteval, mteb, ridge), ``smoke``.
+≤ 0 = all), ``full`` (the whole split), ``protocol`` (paper, senteval, mteb, ridge), ``smoke``, ``bert`` and
+``ft`` (add the paper's baseline columns: BERT [CLS] features (``config.bert.model``; the smoke variant uses the
+offline all-minilm-l6-v2) and full fine-tuning of the LM (``config.ft``), e.g.
+``--config=experiments/table1.py:smoke,bert,ft``).
 
 **Subset size of the main job.** Measured with SmolLM2-135M on this project's 2-core machine (CPU time, while
 the machine was shared, so wall time there was ~3× longer): feature extraction costs ~0.11 CPU-s per snippet
@@ -40,7 +43,7 @@ MAIN_JOB_TEST = 500
 
 def get_config(arg=None):
     args = parse_config_arg(arg, task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_JOB_TRAIN,
-                            n_test=MAIN_JOB_TEST, full=False, protocol="paper", smoke=False)
+                            n_test=MAIN_JOB_TEST, full=False, protocol="paper", smoke=False, bert=False, ft=False)
     config = ml_collections.ConfigDict()
     config.program = "sentcomp.evaluate"
     config.tasks = tuple(args.task.split("+"))
@@ -64,11 +67,15 @@ def get_config(arg=None):
         max_iter=1000,
     ))
     config.zeroshot = ml_collections.ConfigDict(dict(enabled=True, calibrate=False))
-    # Baseline columns of the paper (issue 10), off until wired in sentcomp.evaluate.baseline_features /
-    # finetune_cells.
-    config.bert = ml_collections.ConfigDict(dict(enabled=False, model="bert-base-cased", pooling="cls"))
-    config.ft = ml_collections.ConfigDict(dict(enabled=False, learning_rate=1e-5, num_epochs=3, batch_size=16,
-                                               dropout=0.1))
+    # The paper's baseline columns (on with the args bert / ft): BERT [CLS] features after the MLM transform
+    # (pooling mlm_cls | cls | mean; a checkpoint without MLM head falls back to cls), and full fine-tuning of the
+    # LM with a linear head (any key of sentcomp.finetune.default_config(); num_epochs > 0 sets max_steps).
+    config.bert = ml_collections.ConfigDict(dict(enabled=args.bert, model="bert-base-cased", pooling="mlm_cls"))
+    config.ft = ml_collections.ConfigDict(dict(
+        enabled=args.ft, num_epochs=3, batch_size=16, eval_batch_size=64, eval_every=100, patience=5,
+        val_fraction=0.1, dropout=0.1, aux_lm_weight=0.0, progress=True,
+        optimizer=ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_steps=100)),
+    ))
     # model=random-gpt2: a tiny random GPT-2 with the real GPT-2 tokenizer (smoke runs).
     config.random_gpt2 = ml_collections.ConfigDict(
         dict(n_embd=16, n_layer=1, n_head=2, n_positions=128, initializer_range=0.1)
@@ -78,6 +85,9 @@ def get_config(arg=None):
         config.n_train, config.n_test = 48, 24
         config.max_length = 128
         config.batch_size = 16
+        config.bert.model = "all-minilm-l6-v2"  # offline BERT-architecture encoder (no MLM head: [CLS] pooling)
+        config.ft.update(num_epochs=4, eval_every=4, patience=3, progress=False)
+        config.ft.optimizer.update(learning_rate=1e-3, warmup_steps=2)
     return config
 
 
@@ -86,7 +96,8 @@ def get_sweep(arg=None):
     from sentcomp import sweep
 
     tasks = ["rotten_tomatoes"] if parse_config_arg(arg, task="", model="", n_train=0, n_test=0, full=False,
-                                                   protocol="", smoke=False).smoke else \
+                                                   protocol="", smoke=False, bert=False,
+                                                   ft=False).smoke else \
         ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
     return sweep.product(sweep.axis("tasks", [(task,) for task in tasks]),
                          sweep.axis("probe.protocol", ["paper", "ridge"]))

@@ -41,6 +41,7 @@ BERT and fine-tuning columns (the paper's baselines) plug in at :func:`baseline_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -204,21 +205,62 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
 # ------------------------------------------------------------------------------------------ baseline columns
 
 
-def baseline_features(config, texts: Sequence[str], prompt: str | None) -> dict[str, np.ndarray]:
+def baseline_columns(config) -> list[str]:
+    """The enabled columns of :func:`baseline_features`."""
+    return [BERT] if config.bert.enabled else []
+
+
+@functools.lru_cache(maxsize=1)
+def _bert_encoder(source: str):
+    from sentcomp import models
+
+    return models.load(source)
+
+
+def baseline_features(config, texts: Sequence[str], prompt: str | None,
+                      cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Extra feature columns from other models, probed exactly like the LM's (``{column: [N, features]}``).
 
-    The BERT column (``config.bert``, the paper's BERT-base-cased baseline) plugs in here.
+    BERT column (``config.bert``): the paper's BERT-base-cased baseline, ``[CLS]`` after the MLM head's transform
+    with the prompt before ``[SEP]`` (:func:`sentcomp.baselines.bert_features`; ``config.bert.pooling``).
     """
-    if config.bert.enabled:
-        raise NotImplementedError("The BERT column (config.bert.enabled) is not wired into sentcomp.evaluate yet.")
-    return {}
+    if not config.bert.enabled:
+        return {}
+    from sentcomp.baselines import bert_features
+
+    return {BERT: bert_features(_bert_encoder(config.bert.model), texts, prompt, pooling=config.bert.pooling,
+                                max_length=config.max_length, batch_size=config.batch_size,
+                                truncation=config.truncation, cache_dir=cache_dir)}
 
 
-def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path) -> Iterable[dict]:
-    """Cells of the fine-tuning column (``config.ft``: the LM + a linear head trained end to end)."""
-    if config.ft.enabled:
-        raise NotImplementedError("The fine-tuning column (config.ft.enabled) is not wired into sentcomp.evaluate yet.")
-    return ()
+def finetune_config(config, n_train: int, prompt: str | None) -> dict:
+    """:func:`sentcomp.finetune.finetune_accuracy`'s config from ``config.ft`` (``num_epochs`` > 0 sets
+    ``max_steps`` = ⌈epochs · N_train / batch⌉)."""
+    ft = config.ft.to_dict()
+    ft.pop("enabled")
+    epochs = ft.pop("num_epochs", 0)
+    if epochs > 0:
+        ft["max_steps"] = max(1, -(-int(epochs * n_train) // ft.get("batch_size", 32)))
+    return {"prompt": prompt, "max_length": config.max_length, "seed": config.seed, **ft}
+
+
+def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path, lm_loader,
+                   log: CellLog) -> Iterable[dict]:
+    """Cells of the fine-tuning column (``config.ft``: the LM + a linear head on the last token trained end to
+    end, :func:`sentcomp.finetune.finetune_accuracy`), one per split not yet in ``log``; each run has its own
+    resumable workdir ``workdir/finetune/<row>-<split>``."""
+    if not config.ft.enabled:
+        return
+    from sentcomp.finetune import finetune_accuracy
+
+    row = task.name + ("*" if prompt is not None else "")
+    for repeat, (train, test) in enumerate(pairs):
+        key = cell_key(task.name, prompt is not None, FINETUNE, repeat)
+        if key in log:
+            continue
+        result = finetune_accuracy(lm_loader(), train, test, finetune_config(config, len(train), prompt),
+                                   workdir / "finetune" / f"{row}-{repeat}")
+        yield {"key": key, "row": row, "column": FINETUNE, "repeat": repeat, **result}
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -322,7 +364,7 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
     meta_key = f"{name}/metadata"
     for with_prompt in (False, True):
         prompt = task.prompt if with_prompt else None
-        todo = [(c, r) for c in columns for r in range(len(data.pairs))
+        todo = [(c, r) for c in [*columns, *baseline_columns(config)] for r in range(len(data.pairs))
                 if cell_key(name, with_prompt, c, r) not in log]
         needs_metadata = with_prompt and meta_key not in log
         if todo or needs_metadata:
@@ -333,18 +375,18 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
             extracted = extract_features(lm, data.texts, kinds, words=union.words if union else None,
                                          prompt=prompt, **_extraction_options(config, workdir))
             features = {c: column_features(extracted, c, word_sets, union) for c in columns}
-            features.update(baseline_features(config, data.texts, prompt))
+            features.update(baseline_features(config, data.texts, prompt, workdir / "features"))
             if needs_metadata:
                 log.add({"key": meta_key, "word_sets": {g: ws.to_json() for g, ws in word_sets.items()},
                          "n_truncated": extracted["metadata"]["n_truncated"],
                          "n_tokens": extracted["metadata"]["n_tokens"]})
             for column, repeat in tqdm(todo, desc=f"probes {name}{'*' if with_prompt else ''}"):
                 cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe)
+                kind, group = FEATURE_COLUMNS.get(column, (column, None))
                 log.add({"key": cell_key(name, with_prompt, column, repeat), "row": name + "*" * with_prompt,
-                         "column": column, "repeat": repeat, "kind": FEATURE_COLUMNS[column][0],
-                         "words": list(word_sets[FEATURE_COLUMNS[column][1]].forms)
-                         if FEATURE_COLUMNS[column][1] else None, **cell})
-        for cell in finetune_cells(config, task, data.pairs, prompt, workdir):
+                         "column": column, "repeat": repeat, "kind": kind,
+                         "words": list(word_sets[group].forms) if group else None, **cell})
+        for cell in finetune_cells(config, task, data.pairs, prompt, workdir, lm_loader, log):
             log.add(cell)
     if config.zeroshot.enabled:
         run_zeroshot(lm_loader, data, config, log)

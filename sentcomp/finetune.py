@@ -165,7 +165,10 @@ def training_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     permutation of the ``n`` examples per epoch (a pure function of the step, so resuming replays it exactly)."""
     positions = step * batch_size + np.arange(batch_size)
     epochs, offsets = positions // n, positions % n
-    return np.array([np.random.default_rng([seed, int(e)]).permutation(n)[o] for e, o in zip(epochs, offsets)])
+    rows = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        rows[epochs == epoch] = np.random.default_rng([seed, int(epoch)]).permutation(n)[offsets[epochs == epoch]]
+    return rows
 
 
 def accuracy(predict, params, token_ids, labels, batch_size, buckets, pad_id, mesh) -> float:

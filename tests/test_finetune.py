@@ -49,18 +49,18 @@ def test_learns_a_separable_task(tiny_lm, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
     train, test = separable_split(64, 2), separable_split(32, 3)
-    config = dict(CONFIG, max_steps=25, aux_lm_weight=0.5)
+    config = dict(CONFIG, max_steps=20, aux_lm_weight=0.5)
     whole = finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "whole")
 
     class Interrupted(Exception):
         pass
 
-    def interrupt_at_step_15(step):
-        if step == 15:
+    def interrupt_at_step_13(step):
+        if step == 13:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "resumed", on_step=interrupt_at_step_15)
+        finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "resumed", on_step=interrupt_at_step_13)
     assert not (tmp_path / "resumed" / "results.json").exists()
     resumed = finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "resumed")
     assert resumed == whole
@@ -71,3 +71,18 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
 def test_bad_config_is_clear(tiny_lm, tmp_path):
     with pytest.raises(SentcompError, match="Unknown fine-tuning config key 'lr'"):
         finetune.finetune_accuracy(tiny_lm, separable_split(16, 0), separable_split(8, 1), dict(lr=1e-3), tmp_path)
+
+
+def test_table1_ft_and_bert_columns_config():
+    """experiments/table1.py's ``bert``/``ft`` args turn the columns on; config.ft maps onto finetune's config."""
+    from sentcomp import evaluate
+    from sentcomp.config_files import EXPERIMENTS_DIR, load_config
+
+    plain = load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke")
+    assert not plain.bert.enabled and not plain.ft.enabled
+    config = load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke,bert,ft")
+    assert evaluate.table_columns(config)[-3:] == [evaluate.BERT, evaluate.FINETUNE, evaluate.ZEROSHOT]
+    ft = evaluate.finetune_config(config, n_train=50, prompt=" This movie is ")
+    merged = finetune.with_defaults(ft)  # every key is one finetune knows
+    assert merged.max_steps == -(-4 * 50 // config.ft.batch_size) and merged.prompt == " This movie is "
+    assert merged.optimizer.learning_rate == config.ft.optimizer.learning_rate
