@@ -39,8 +39,9 @@ the data position in the checkpoint are what make resumption exact (a resume wit
 no checkpoint is written from then on, so the last good one stays the latest.
 
 **Downstream probe** (``probe.every`` > 0): features ``f(s)`` and ``Φp_f(s)`` of a task's texts + its prompt from
-the current weights (:func:`sentcomp.features.extract_features`), a logistic-regression probe on each; test
-accuracies go into the same metrics line, so accuracy-vs-loss curves come out of one run.
+the current weights (:func:`sentcomp.features.extract_features`), a linear probe on each
+(:func:`sentcomp.probe.evaluate`, ``probe.protocol``); test accuracies go into the same metrics line, so
+accuracy-vs-loss curves come out of one run.
 """
 
 from __future__ import annotations
@@ -358,32 +359,23 @@ def probe_task_data(probe) -> dict[str, Any]:
     return {"task": task, **chosen}
 
 
-def logistic_probe_accuracy(x_train, y_train, x_test, y_test, c: float) -> float:
-    """Test accuracy of an L2 logistic regression (inverse strength ``c``, intercept) on standardised features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500))
-    return float(model.fit(x_train, y_train).score(x_test, y_test))
-
-
-def probe_accuracies(lm: LanguageModel, params, probe, data) -> dict[str, float]:
+def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, float]:
     """``probe_<kind>`` test accuracy for each feature kind of ``probe.features``, from the current weights.
 
-    Every process computes all features on its own devices (the probe set is small).
+    Features are computed data-parallel over ``mesh`` (each process feeds its rows); every process fits the probe.
     """
+    from sentcomp import probe as probe_lib
     from sentcomp.features import extract_features
 
-    current = lm.replace(params=parallel.fetch(params))
-    local_mesh = parallel.data_mesh(jax.local_devices())
+    current = lm.replace(params=params)
     kinds = tuple(probe.features)
     features = {split: extract_features(current, data[split].texts, kinds, prompt=data["task"].prompt,
-                                        max_length=probe.max_length, batch_size=probe.batch_size, mesh=local_mesh,
+                                        max_length=probe.max_length, batch_size=probe.batch_size, mesh=mesh,
                                         progress=False)
                 for split in ("train", "test")}
-    return {f"probe_{kind}": logistic_probe_accuracy(features["train"][kind], data["train"].labels,
-                                                     features["test"][kind], data["test"].labels, probe.c)
+    return {f"probe_{kind}": probe_lib.evaluate(features["train"][kind], data["train"].labels, features["test"][kind],
+                                                data["test"].labels, protocol=probe.protocol,
+                                                standardize=probe.standardize, seed=probe.seed)["test_accuracy"]
             for kind in kinds}
 
 
@@ -476,7 +468,7 @@ def run(config, workdir) -> dict[str, Any]:
                    "learning_rate": float(schedule(step)), "grad_norm": float(metrics["grad_norm"])}
             row["val_loss"] = row[f"val_{config.loss}"]
             if probe_data is not None and (done % config.probe.every == 0 or done == config.num_steps):
-                row.update(probe_accuracies(lm, state["params"], config.probe, probe_data))
+                row.update(probe_accuracies(lm, state["params"], config.probe, probe_data, mesh))
             append_metrics(workdir, row)
             losses, train_seconds = [], 0.0
         if done % config.checkpoint.every == 0 or done == config.num_steps:

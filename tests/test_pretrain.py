@@ -4,6 +4,7 @@ one; divergence stops with a clear message and keeps the last good checkpoint; b
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,35 +62,46 @@ def _train(config, mesh, steps=3):
     return np.array(losses), parallel.fetch(state["params"]), initial
 
 
+@pytest.fixture(scope="module")
+def xent_on_every_device():
+    """Three float32 cross-entropy steps of the tiny model on all 8 devices: the reference of several tests."""
+    return _train(tiny_config(), parallel.data_mesh())
+
+
+def _assert_close_trees(actual, expected):
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["xent", "quad"])
-def test_same_losses_and_parameters_on_one_and_eight_devices(loss):
+def test_same_losses_and_parameters_on_one_and_eight_devices(loss, xent_on_every_device):
+    assert len(jax.devices()) == 8
     config = tiny_config(loss=loss)
     one_losses, one_params, _ = _train(config, parallel.data_mesh(jax.devices()[:1]))
-    eight_losses, eight_params, _ = _train(config, parallel.data_mesh())
-    assert len(jax.devices()) == 8
+    eight_losses, eight_params, _ = xent_on_every_device if loss == "xent" else _train(config, parallel.data_mesh())
     np.testing.assert_allclose(eight_losses, one_losses, rtol=1e-5)
     assert one_losses[-1] < one_losses[0]
-    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(eight_params)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    _assert_close_trees(eight_params, one_params)
 
 
-def test_gradient_accumulation_equals_the_whole_batch():
-    mesh = parallel.data_mesh()
-    whole_losses, whole_params, _ = _train(tiny_config(loss="quad", batch_size=16), mesh, steps=2)
-    accum_losses, accum_params, _ = _train(tiny_config(loss="quad", batch_size=16, grad_accum=2), mesh, steps=2)
+def test_gradient_accumulation_equals_the_whole_batch(xent_on_every_device):
+    whole_losses, whole_params, _ = xent_on_every_device
+    accum_losses, accum_params, _ = _train(tiny_config(grad_accum=2), parallel.data_mesh(jax.devices()[:4]))
     np.testing.assert_allclose(accum_losses, whole_losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(accum_params)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    _assert_close_trees(accum_params, whole_params)
 
 
-def test_frozen_phi_stays_put_and_bf16_compute_tracks_float32():
-    losses, params, initial = _train(tiny_config(**{"init.freeze_phi": True}), parallel.data_mesh())
+def test_bf16_compute_tracks_float32_with_float32_master_weights(xent_on_every_device):
+    bf16_losses, bf16_params, _ = _train(tiny_config(compute_dtype="bfloat16"), parallel.data_mesh())
+    np.testing.assert_allclose(bf16_losses, xent_on_every_device[0], rtol=2e-2)
+    assert not np.array_equal(bf16_losses, xent_on_every_device[0])
+    assert bf16_params["phi"].dtype == np.float32
+
+
+def test_frozen_phi_stays_put():
+    _, params, initial = _train(tiny_config(**{"init.freeze_phi": True}), parallel.data_mesh(), steps=2)
     np.testing.assert_array_equal(params["phi"], initial["phi"])
     assert not np.array_equal(params["wte"]["embedding"], initial["wte"]["embedding"])
-    bf16_losses, bf16_params, _ = _train(tiny_config(compute_dtype="bfloat16"), parallel.data_mesh())
-    float32_losses, _, _ = _train(tiny_config(), parallel.data_mesh())
-    np.testing.assert_allclose(bf16_losses, float32_losses, rtol=2e-2)
-    assert bf16_params["phi"].dtype == np.float32  # master weights stay float32
 
 
 # --------------------------------------------------------------------------------------------- whole runs
@@ -97,26 +109,26 @@ def test_frozen_phi_stays_put_and_bf16_compute_tracks_float32():
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """A complete tiny xent run (16 steps, checkpoints every 4)."""
+    """A complete tiny Quad run (16 steps, checkpoints every 4); the smoke test of experiments/ runs xent."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    runner.run_program(tiny_config(), workdir)
+    runner.run_program(tiny_config(loss="quad"), workdir)
     return workdir
 
 
 def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 8, 12, 16]
-    assert rows[-1]["val_xent"] < rows[0]["val_xent"] and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_quad"] < rows[0]["val_quad"] and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert all(row["tokens_per_s"] > 0 and np.isfinite(row["val_quad"]) for row in rows)
     assert checkpoint_steps(uninterrupted) == [12, 16]  # keep = 2
     done = runner.read_done(uninterrupted)
-    assert done["steps"] == 16 and done["val_xent"] == rows[-1]["val_xent"]
+    assert done["steps"] == 16 and done["loss"] == "quad" and done["val_loss"] == rows[-1]["val_quad"]
     assert final_params(uninterrupted)["phi"].shape == (257, 32)
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
-    overrides = [f"--config.{key}={value}" for key, value in TINY.items()]
+    overrides = [f"--config.{key}={value}" for key, value in {**TINY, "loss": "quad"}.items()]
     command = [sys.executable, "-m", "sentcomp.main", f"--config={SPEC}", f"--workdir={workdir}", *overrides]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -131,7 +143,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupte
     assert child.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{child.stderr.read().decode()[-2000:]}"
     assert runner.read_done(workdir) is None and 16 not in checkpoint_steps(workdir)
 
-    runner.run_program(tiny_config(), workdir)  # resumes
+    runner.run_program(tiny_config(loss="quad"), workdir)  # resumes
     assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12, 16]
     expected = final_params(uninterrupted)
     for name, value in final_params(workdir).items():
@@ -139,7 +151,6 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupte
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
-    import shutil
 
     workdir = tmp_path / "corrupt"
     shutil.copytree(uninterrupted, workdir)
@@ -148,7 +159,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
             path.write_bytes(b"\0garbage")
     (workdir / "done.json").unlink()
     with pytest.warns(UserWarning, match="Checkpoint at step 16 .* cannot be restored.*previous checkpoint"):
-        runner.run_program(tiny_config(), workdir)
+        runner.run_program(tiny_config(loss="quad"), workdir)
     assert any(p.name.startswith("16-") for p in (workdir / "checkpoints_corrupt").iterdir())
     assert checkpoint_steps(workdir) == [12, 16]
     expected = final_params(uninterrupted)
@@ -165,10 +176,3 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     diverged = int(info.value.args[0].split("step ")[1].split(":")[0])
     assert checkpoint_steps(tmp_path) == list(range(1, diverged))
     assert isinstance(info.value, SentcompError)
-
-
-def test_quad_loss_decreases(tmp_path):
-    result = pretrain.run(tiny_config(loss="quad", num_steps=8, **{"checkpoint.every": 8}), tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["val_quad"] < rows[0]["val_quad"] and rows[1]["train_loss"] < rows[0]["train_loss"]
-    assert result["val_loss"] == rows[-1]["val_quad"] and result["loss"] == "quad"

@@ -1,0 +1,118 @@
+"""Quad vs cross-entropy pretraining cost, side by side in one run.
+
+    .venv/bin/python benchmarks/train_step.py              # the issue's sizes: N = 512 .. 16,384 (slow on CPU)
+    .venv/bin/python benchmarks/train_step.py --max-n=4096  # a faster look
+
+1. **The loss head alone** at GPT-2-small width (d = 768, V = 50,257): features ``h [N, d]`` → loss → gradients
+   with respect to ``h`` and Φ, for N positions per step. Cross-entropy (:func:`sentcomp.kernels.xent_loss`,
+   streamed over V in chunks, so it never holds ``[N, V]`` either, but computes all N·V logits twice: forward and
+   backward, ~6·N·V·d flops) vs Quad (:func:`sentcomp.kernels.quad_loss`: Gram matrix ``ΦᵀΦ`` and ``Φ H``,
+   ~4·V·d² + O(N·d²) flops). The time ratio should grow like N/d once N > d; the crossover is the N where Quad
+   becomes faster. Memory is XLA's own account of the compiled step (temporaries + outputs, inputs excluded).
+2. **A whole training step** (forward, backward, AdamW) of a tiny GPT-2 (2 layers, d = 64, GPT-2's vocabulary,
+   16 × 64 tokens) with each loss, on 1 device and on every device (8 simulated CPU devices share the same cores
+   here, so 8 shows the sharding overhead, not a speed-up).
+
+Times are the best of ``--repeats`` calls after compilation.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+D, V = 768, 50_257
+
+
+def best_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def xla_bytes(compiled) -> int:
+    analysis = compiled.memory_analysis()
+    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+
+def loss_head(loss_name: str, n: int, repeats: int) -> dict:
+    from sentcomp import kernels
+
+    rng = np.random.default_rng(0)
+    args = [jax.device_put(x) for x in (
+        (rng.normal(size=(n, D)) * 0.1).astype(np.float32),
+        (rng.normal(size=(V, D)) * 0.02).astype(np.float32),
+        rng.integers(0, V, size=n).astype(np.int32),
+        np.ones(n, bool),
+    )]
+    loss = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}[loss_name]
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    return {"seconds": best_seconds(lambda: step(*args), repeats), "bytes": xla_bytes(step)}
+
+
+def training_step(loss_name: str, devices, repeats: int) -> float:
+    import ml_collections
+
+    from sentcomp import parallel, pretrain
+    from sentcomp.models import gpt2
+
+    config = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=10, decay="cosine", end_lr_fraction=0.1, weight_decay=0.1,
+        b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
+    mesh = parallel.data_mesh(devices)
+    lm = gpt2.init(gpt2.gpt2_config(n_layer=2, n_embd=64, n_head=2, n_positions=64), 0, quad_head=True)
+    optimizer = pretrain.make_optimizer(config, 100, lm.params, freeze_phi=False)
+    step = pretrain.make_train_step(loss_name, lm.hidden_fn, optimizer, np.float32, mesh)
+    state = pretrain.initial_state(lm.params, optimizer, mesh)
+    tokens = parallel.shard_batch(np.random.default_rng(0).integers(0, V, (16, 1, 65)).astype(np.int32), mesh)
+    state, _ = step(state, tokens)  # compile
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], tokens)
+        return metrics["loss"]
+
+    return best_seconds(one_step, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-n", type=int, default=16_384)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    ns = [n for n in (512, 1024, 2048, 4096, 8192, 16_384) if n <= args.max_n]
+    print(f"Loss head: value + gradients w.r.t. h and Φ, d={D}, V={V:,} ({jax.devices()[0].platform})")
+    print("| N | xent ms | quad ms | speed-up | N/d | xent MiB | quad MiB | memory ratio |\n|---|---|---|---|---|---|---|---|")
+    crossover = None
+    for n in ns:
+        xent, quad = loss_head("xent", n, args.repeats), loss_head("quad", n, args.repeats)
+        speedup = xent["seconds"] / quad["seconds"]
+        crossover = crossover or (n if speedup > 1 else None)
+        print(f"| {n:,} | {xent['seconds']*1e3:,.0f} | {quad['seconds']*1e3:,.0f} | {speedup:.1f}× | {n / D:.2f} | "
+              f"{xent['bytes']/2**20:,.0f} | {quad['bytes']/2**20:,.0f} | {xent['bytes']/max(quad['bytes'], 1):.1f}× |",
+              flush=True)
+    print(f"Crossover: Quad is faster from N = {crossover} on (of those measured).\n" if crossover
+          else "Crossover: Quad was not faster at any measured N.\n")
+
+    print("Whole training step, tiny GPT-2 (2 layers, d=64, V=50,257, Quad head), 16 × 64 tokens, AdamW")
+    print("| loss | 1 device ms | " + f"{len(jax.devices())} devices ms |\n|---|---|---|")
+    for loss_name in ("xent", "quad"):
+        one = training_step(loss_name, jax.devices()[:1], args.repeats)
+        every = training_step(loss_name, jax.devices(), args.repeats)
+        print(f"| {loss_name} | {one*1e3:,.0f} | {every*1e3:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
