@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         prompt=None,  # appended to every text (e.g. " This movie is "), trailing space stripped
         max_length=512,
+        buckets=None,  # padded lengths of the fixed-shape batches (None: sentcomp.features.length_buckets)
         batch_size=32,  # global, rounded up to a multiple of the device count
         eval_batch_size=64,
         max_steps=2000,
@@ -237,7 +238,9 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size)
     eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
     max_length = min(config.max_length, lm.max_length)
-    buckets, pad_id = length_buckets(max_length), _pad_id(lm.tokenizer)
+    buckets = tuple(sorted(b for b in (config.buckets or ()) if b < max_length)) + (max_length,) \
+        if config.buckets else length_buckets(max_length)
+    pad_id = _pad_id(lm.tokenizer)
     train_ids, val_ids, test_ids = (encode(lm, split.texts, max_length, config.prompt)
                                     for split in (train, val, test_split))
 
