@@ -96,3 +96,25 @@ def test_single_process_helpers(monkeypatch):
     np.testing.assert_array_equal(parallel.fetch(batch)["x"], rows)
     with pytest.raises(SentcompError, match="does not split over 8 devices"):
         parallel.host_row_indices(12, mesh)
+
+
+def test_two_processes_pretrain_like_one_process(tmp_path):
+    """Pretraining smoke (data-parallel train steps, per-host data, Orbax checkpoints written by both
+    processes): 2 processes × 4 devices end with the parameters of 1 process × 8 devices."""
+    from safetensors.numpy import load_file
+
+    spec = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
+    short = {"num_steps": 4, "eval_every": 2, "checkpoint.every": 2, "probe.every": 0, "progress": False}
+    two = tmp_path / "two_processes"
+    run_processes(spec, two, extra_flags=[f"--config.{key}={value}" for key, value in short.items()])
+    one = tmp_path / "one_process"
+    one_results = run_program(override(load_config(spec), short), one)
+
+    two_results = json.loads((two / "results.json").read_text())
+    assert two_results["train_loss"] == pytest.approx(one_results["train_loss"], rel=1e-5)
+    assert two_results["val_xent"] == pytest.approx(one_results["val_xent"], rel=1e-5)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(p.name for p in (one / "checkpoints").iterdir())
+    two_params, one_params = load_file(two / "model" / "model.safetensors"), load_file(one / "model" / "model.safetensors")
+    assert two_params.keys() == one_params.keys()
+    for name in one_params:
+        np.testing.assert_allclose(two_params[name], one_params[name], rtol=1e-4, atol=1e-5, err_msg=name)
