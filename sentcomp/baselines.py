@@ -117,8 +117,6 @@ def bert_features(
     pooling = resolve_pooling(encoder, pooling, fallback_pooling)
     prompt = effective_prompt(prompt, keep_prompt_trailing_space)
     max_length = min(max_length or encoder.max_length, encoder.max_length)
-    # Encode before fingerprinting the tokenizer: calling a transformers tokenizer resets its backend's
-    # truncation/padding settings, which are part of the serialised definition tokenizer_fingerprint hashes.
     token_ids = encode_with_specials(encoder.tokenizer, texts, max_length, prompt, truncation)
     key = {"model": encoder.name, "model_fingerprint": model_fingerprint(encoder) if cache_dir else None,
            "tokenizer_fingerprint": tokenizer_fingerprint(encoder.tokenizer), "prompt": prompt, "pooling": pooling,

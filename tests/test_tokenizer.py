@@ -47,6 +47,12 @@ def test_files_are_copied_once_and_fingerprint_ignores_the_folder(tmp_path, toke
     assert tokenizers.tokenizer_fingerprint(other) != tokenizers.tokenizer_fingerprint(tokenizer)
 
 
+def test_fingerprint_ignores_per_call_truncation_and_padding(tokenizer):
+    before = tokenizers.tokenizer_fingerprint(tokenizer)
+    tokenizer(["a short text", "a"], truncation=True, max_length=2)
+    assert tokenizers.tokenizer_fingerprint(tokenizer) == before
+
+
 def test_missing_asset_package_is_a_clear_error(monkeypatch, tmp_path):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

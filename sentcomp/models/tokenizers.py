@@ -10,6 +10,7 @@ so the folder route is the one that works (and we check the vocabulary size to b
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import os
 import shutil
@@ -78,11 +79,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides how a tokenizer splits text (its full serialised definition).
 
     Two tokenizers with the same fingerprint give the same token ids, whatever folder they were loaded from;
-    feature caches use it as part of their key.
+    feature caches use it as part of their key. The transient ``truncation``/``padding`` settings are left out:
+    transformers rewrites them on every call, and callers choose them per call anyway.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(tokenizer)
-    return hashlib.sha256(definition.encode()).hexdigest()[:16]
+    if backend is None:
+        return hashlib.sha256(repr(tokenizer).encode()).hexdigest()[:16]
+    definition = json.loads(backend.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 BYTE_EOS = "<|endoftext|>"
