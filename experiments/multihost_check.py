@@ -8,6 +8,7 @@
     python -m sentcomp.main --config=experiments/multihost_check.py --workdir=$WORKDIR --distributed --sweep
 
 Writes results.json (loss, gradient and feature norms, checkpoint round-trip error, process/device counts),
+(also for features from the real extraction pipeline on a tiny random GPT-2)
 arrays.npz (the loss, gradients and features) and checkpoint/. The numbers must not depend on how many
 processes or devices ran it (n_contexts must divide by the device count).
 """

@@ -8,7 +8,11 @@ the global mesh computes
 * the cross-entropy ``ℓ_xent = E_{(s,w)}[log Z(f(s)) − f(s)ᵀφ_w]`` over masked positions and its gradients
   with respect to the features ``h`` (sharded like the batch) and Φ (a sum over every host's rows: a
   cross-host all-reduce);
-* the conditional-mean features ``Φ p_f(s)`` at each context's last position (sharded).
+* the conditional-mean features ``Φ p_f(s)`` at each context's last position (sharded);
+
+and the real feature-extraction pipeline (:func:`sentcomp.features.extract_features`: tokenisation, prompt,
+length buckets, data-parallel forward passes) runs a seeded tiny random GPT-2 (byte-level tokenizer) over a
+few seeded texts, giving ``f(s)``, ``Φ p_f(s)`` and word log-probabilities.
 
 The arrays are written to ``arrays.npz`` and round-tripped through an Orbax checkpoint that all processes
 write together (``checkpoint/``); on a re-run the checkpoint is restored instead of written (resume).
@@ -26,7 +30,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sentcomp import kernels, parallel
+from sentcomp import features, kernels, parallel
+from sentcomp.models import gpt2, tokenizers
+
+EXTRACTION_WORDS = ("a", "e", " ")
 
 
 def output_embeddings(vocab_size: int, dim: int, seed: int) -> np.ndarray:
@@ -58,6 +65,23 @@ def loss_gradients_and_features(batch, phi):
     return {"loss": loss, "grad_h": grad_h, "grad_phi": grad_phi, "features": features}
 
 
+def seeded_texts(n: int, seed: int) -> list[str]:
+    """``n`` texts of random lowercase words, identical on every process."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return [" ".join("".join(rng.choice(letters, rng.integers(1, 8))) for _ in range(rng.integers(2, 12)))
+            for _ in range(n)]
+
+
+def extracted_features(n_texts: int, seed: int) -> dict[str, np.ndarray]:
+    """``f``, ``Φp_f`` and word log-probs of seeded texts under a seeded tiny random GPT-2, via the real pipeline."""
+    config = gpt2.gpt2_config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=257)
+    lm = gpt2.init(config, seed, tokenizer=tokenizers.byte_tokenizer())
+    out = features.extract_features(lm, seeded_texts(n_texts, seed), kinds=("f", "phi_p_f", "word_log_probs"),
+                                    words=list(EXTRACTION_WORDS), prompt=" is", batch_size=8, progress=False)
+    return {f"extracted_{kind}": out[kind] for kind in ("f", "phi_p_f", "word_log_probs")}
+
+
 def checkpoint_round_trip(outputs, directory: Path):
     """Writes ``outputs`` (global arrays) with Orbax from all processes, or restores them if already written,
     and returns what was restored with the same shardings."""
@@ -79,16 +103,18 @@ def run(config, workdir: Path) -> dict[str, float]:
     outputs = loss_gradients_and_features(parallel.global_batch(local, mesh), phi)
     restored = checkpoint_round_trip(outputs, workdir / "checkpoint")
     arrays, restored = parallel.fetch(outputs), parallel.fetch(restored)
+    extracted = extracted_features(config.n_contexts, config.seed)
     results = {
         "loss": float(arrays["loss"]),
         "grad_phi_norm": float(np.linalg.norm(arrays["grad_phi"])),
         "features_norm": float(np.linalg.norm(arrays["features"])),
         "checkpoint_max_abs_diff": max(float(np.abs(arrays[k] - restored[k]).max()) for k in arrays),
+        "extracted_phi_p_f_norm": float(np.linalg.norm(extracted["extracted_phi_p_f"])),
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
     if parallel.is_main_process():
-        np.savez(workdir / "arrays.npz", **arrays)
+        np.savez(workdir / "arrays.npz", **arrays, **extracted)
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
     return results

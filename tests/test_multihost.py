@@ -52,6 +52,7 @@ def test_two_processes_match_one_process(tmp_path):
             np.testing.assert_allclose(two_arrays[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
     assert one_results["checkpoint_max_abs_diff"] < 1e-6  # restored 2-process values vs 1-process values
     assert two_arrays["grad_phi"].any() and two_arrays["features"].shape == (16, 16)
+    assert two_arrays["extracted_f"].shape == (16, 32) and two_arrays["extracted_word_log_probs"].shape == (16, 3)
 
 
 def test_two_processes_run_a_sweep_together(tmp_path):
