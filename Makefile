@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/main
-RUN_CONFIG ?= experiments/kernel_check.py
+RUN_CONFIG ?= experiments/table1.py
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
