@@ -40,11 +40,12 @@ from sentcomp.config_files import parse_config_arg
 
 MAIN_JOB_TRAIN = 2000
 MAIN_JOB_TEST = 500
+ARG_DEFAULTS = dict(task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_JOB_TRAIN, n_test=MAIN_JOB_TEST,
+                    full=False, protocol="paper", smoke=False, bert=False, ft=False)
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_JOB_TRAIN,
-                            n_test=MAIN_JOB_TEST, full=False, protocol="paper", smoke=False, bert=False, ft=False)
+    args = parse_config_arg(arg, **ARG_DEFAULTS)
     config = ml_collections.ConfigDict()
     config.program = "sentcomp.evaluate"
     config.tasks = tuple(args.task.split("+"))
@@ -96,9 +97,7 @@ def get_sweep(arg=None):
     """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: TFDS or data_dir)."""
     from sentcomp import sweep
 
-    tasks = ["rotten_tomatoes"] if parse_config_arg(arg, task="", model="", n_train=0, n_test=0, full=False,
-                                                   protocol="", smoke=False, bert=False,
-                                                   ft=False).smoke else \
-        ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
+    smoke = parse_config_arg(arg, **ARG_DEFAULTS).smoke
+    tasks = ["rotten_tomatoes"] if smoke else ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
     return sweep.product(sweep.axis("tasks", [(task,) for task in tasks]),
                          sweep.axis("probe.protocol", ["paper", "ridge"]))
