@@ -176,6 +176,26 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
 # ------------------------------------------------------------------------------------------------ analysis
 
 
+def box_bound_curve(task, gamma, config, num_points: int = 200) -> dict[str, list[float]]:
+    """The p_f bound ``min_k τ_k + sqrt(2B_k²ε/γ)`` as a function of ε (from 0 to ε = 1), with the (τ_k, B_k)
+    pairs exactly as :func:`theory.evaluate_against_truth` makes them (frontier fitted on the train documents,
+    τ_k on the test documents), so the curve passes through every xent checkpoint's p_f bound."""
+    train, test = theory._train_test_split(len(task.labels), config.evaluation.train_fraction, config.evaluation.seed)
+    p_star, labels = np.exp(np.asarray(task.log_p_star, np.float64)), np.asarray(task.labels)
+    max_norms = tuple(config.evaluation.max_norms) or theory.DEFAULT_MAX_NORMS
+    frontier = theory.naturalness_frontier(p_star[train], labels[train], max_norms)
+    taus = [theory.logistic_loss(p_star[test] @ v, labels[test]) for v in frontier.word_weights]
+    epsilons = np.concatenate([[0.0], np.geomspace(1e-7, 1.0, num_points - 1)])
+    bounds = [theory.tightest_bound(taus, frontier.max_norm, eps, gamma)[0] for eps in epsilons]
+    return {"epsilon": epsilons.tolist(), "bound": bounds}
+
+
+def largest_epsilon_below(curve: dict[str, list[float]], level: float) -> float:
+    """The largest ε of ``curve`` whose bound is below ``level`` (0 if none): where the bound becomes useful."""
+    below = [eps for eps, value in zip(curve["epsilon"], curve["bound"]) if value < level - TOLERANCE]
+    return float(max(below)) if below else 0.0
+
+
 def headline_epsilon(row: dict, loss: str) -> float:
     """The ε of the loss's own theorem: the KL for ``xent``, the excess Quad loss for ``quad``."""
     return float(row["excess_quad" if loss == "quad" else "epsilon"]["mean"])
@@ -248,7 +268,8 @@ def markdown_table(results: dict) -> str:
         "# Theory on a synthetic language with exact p*", "",
         f"γ = {results['gamma']:.4f}; τ (box, on p*) = {results['tau']['box']:.4f}, τ (natural w.r.t. Φ) "
         f"= {results['tau']['phi']:.4f} (at the last checkpoint); probe on p*: loss {truth['loss']:.4f}, "
-        f"accuracy {truth['accuracy']:.3f}. log 2 = {LOG_2:.4f} (the constant classifier).", "",
+        f"accuracy {truth['accuracy']:.3f}. log 2 = {LOG_2:.4f} (the constant classifier). The p_f bound is "
+        f"below log 2 only for ε < {results['epsilon_for_nontrivial_p_f_bound']:.2e}.", "",
         "Bounds: `p_f`, `phi_p_f`: τ + sqrt(2B²ε/γ) with ε the KL; `f`: the Quad bound with the excess Quad loss "
         "for quad, the Φp_f bound through the fitted affine map for xent. Plug-in: the natural classifier "
         "attaining the bound, applied to the model's features (held-out logistic loss).", "",
@@ -269,7 +290,13 @@ def plot(results: dict, workdir: Path) -> None:
         order = np.argsort([headline_epsilon(row, loss) for row in rows])
         rows = [rows[i] for i in order]
         root = np.sqrt(np.maximum([headline_epsilon(row, loss) for row in rows], 0.0))
-        axis.plot(root, [row["features"][kind]["bound"] for row in rows], "k-", label=f"bound ({kind})")
+        if loss == "xent":
+            curve = results["bound_curve_p_f"]
+            shown = np.array(curve["epsilon"]) <= max(root) ** 2 * 1.2
+            axis.plot(np.sqrt(np.array(curve["epsilon"])[shown]), np.array(curve["bound"])[shown], "k-", lw=1,
+                      label="bound (p_f) as a function of ε")
+        axis.plot(root, [row["features"][kind]["bound"] for row in rows], "kx", ms=9, mew=2,
+                  label=f"bound ({kind}) at the checkpoints")
         axis.plot(root, [row["features"][kind]["plug_in"] for row in rows], "o-", label=f"plug-in ({kind})")
         for other in FEATURE_KINDS:
             axis.plot(root, [row["features"][other]["probe"]["loss"] for row in rows], ".--",
@@ -324,8 +351,12 @@ def run(config, workdir) -> dict[str, Any]:
               for loss in config.losses}
     summaries = {loss: verdict(rows, loss) for loss, rows in models.items()}
     last = next(iter(models.values()))[-1]
+    gamma = synthetic.task_coverage(language)
+    curve = box_bound_curve(task, gamma, config)
     results = {
-        "gamma": synthetic.task_coverage(language),
+        "gamma": gamma,
+        "epsilon_for_nontrivial_p_f_bound": largest_epsilon_below(curve, LOG_2),
+        "bound_curve_p_f": curve,
         "tau": last["tau"],
         "truth": last["features"]["p_star"]["probe"],
         "verdict": summaries,
@@ -338,7 +369,7 @@ def run(config, workdir) -> dict[str, Any]:
         plot(results, workdir)
         for line in results["verdict_lines"]:
             print("VERDICT", line)
-    headline = {"gamma": results["gamma"]}
+    headline = {"gamma": gamma, "epsilon_for_nontrivial_p_f_bound": results["epsilon_for_nontrivial_p_f_bound"]}
     for loss, summary in summaries.items():
         headline.update({f"{loss}_epsilon": summary["epsilon_last"], f"{loss}_plug_in": summary["plug_in_last"],
                          f"{loss}_bound": float(models[loss][-1]["features"][summary["feature_kind"]]["bound"]),

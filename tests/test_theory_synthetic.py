@@ -70,6 +70,12 @@ def test_mathematical_invariants(finished):
                 assert 0.0 <= entry["probe"]["accuracy"] <= 1.0
             # B = 0 is on the box grid: the constant classifier's log 2 is always an available bound
             assert row["features"]["p_f"]["bound"] <= np.log(2) + 1e-9
+    curve = results["bound_curve_p_f"]
+    assert curve["epsilon"][0] == 0.0 and curve["bound"][0] == pytest.approx(results["tau"]["box"])
+    assert np.all(np.diff(curve["bound"]) >= -1e-12) and max(curve["bound"]) <= np.log(2) + 1e-9
+    for row in results["models"]["xent"]:  # the curve is the same (monotone) bound as each checkpoint's p_f bound
+        right = int(np.searchsorted(curve["epsilon"], row["epsilon"]["mean"]))
+        assert curve["bound"][right - 1] - 1e-9 <= row["features"]["p_f"]["bound"] <= curve["bound"][right] + 1e-9
     xent = results["models"]["xent"]
     assert xent[-1]["epsilon"]["mean"] < xent[0]["epsilon"]["mean"]  # training lowers the KL to p*
 
