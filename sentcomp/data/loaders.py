@@ -128,15 +128,19 @@ def _read_lines(path: Path, keepends: bool = False) -> list[str]:
         raise SentcompError(f"{path} is not UTF-8 text ({error}).") from None
 
 
+def _non_blank_lines(path: Path):
+    """``(line number, "FILE, line N", line)`` for every non-blank line of a text file."""
+    for number, line in enumerate(_read_lines(path), start=1):
+        if line.strip():
+            yield number, f"{path}, line {number}", line
+
+
 def read_tsv(path: str | Path, label_names: Sequence[str]) -> Split:
     """A ``sentence<TAB>label`` file (split at the last tab; optional ``sentence<TAB>label`` header)."""
     path = Path(path)
 
     def examples():
-        for number, line in enumerate(_read_lines(path), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
+        for number, where, line in _non_blank_lines(path):
             if "\t" not in line:
                 raise SentcompError(f"{where}: missing label column; expected 'sentence<TAB>label'.")
             text, label = line.rsplit("\t", 1)
@@ -185,10 +189,7 @@ def read_jsonl(path: str | Path, label_names: Sequence[str], text_columns: Seque
     path = Path(path)
 
     def examples():
-        for number, line in enumerate(_read_lines(path), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
+        for _, where, line in _non_blank_lines(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
