@@ -36,15 +36,23 @@ def xent_per_position(
     return log_partition(h, phi, chunk_size) - target_logits(h, phi, targets)
 
 
+def _gram(phi: jax.Array) -> jax.Array:
+    """``G = ΦᵀΦ = Σ_w φ_w φ_wᵀ`` (d×d; V·d² flops, once per call)."""
+    return jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
+
+
+def _quad_from_gram(h: jax.Array, phi: jax.Array, targets: jax.Array, gram: jax.Array) -> jax.Array:
+    quadratic = 0.5 * jnp.einsum("...d,de,...e->...", h, gram, h, preferred_element_type=jnp.float32)
+    return quadratic - target_logits(h, phi, targets)
+
+
 def quad_per_position(h: jax.Array, phi: jax.Array, targets: jax.Array) -> jax.Array:
     """``−f(s)ᵀφ_w + ½‖Φᵀf(s)‖²`` at every position, via the Gram trick ``½‖Φᵀh‖² = ½ hᵀ G h``, ``G = ΦᵀΦ``.
 
     ``G = Σ_w φ_w φ_wᵀ`` is d×d and costs V·d² once; the quadratic term then costs d² per position instead of
     the V·d of materialised logits.
     """
-    gram = jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
-    quadratic = 0.5 * jnp.einsum("...d,de,...e->...", h, gram, h, preferred_element_type=jnp.float32)
-    return quadratic - target_logits(h, phi, targets)
+    return _quad_from_gram(h, phi, targets, _gram(phi))
 
 
 def xent_loss(
@@ -70,13 +78,13 @@ def quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array)
 
 
 def _quad_loss_fwd(h, phi, targets, mask):
-    return quad_loss(h, phi, targets, mask), (h, phi, targets, mask)
+    gram = _gram(phi)  # kept for the backward pass: G is computed once per step
+    return masked_mean(_quad_from_gram(h, phi, targets, gram), mask), (h, phi, targets, mask, gram)
 
 
 def _quad_loss_bwd(residuals, grad_loss):
-    h, phi, targets, mask = residuals
+    h, phi, targets, mask, gram = residuals
     weights = grad_loss * _masked_weights(mask)[..., None]  # [..., 1]
-    gram = jnp.dot(phi.T, phi, preferred_element_type=jnp.float32)
     target_rows = jnp.take(phi, targets, axis=0)
     grad_h = weights * (jnp.dot(h, gram, preferred_element_type=jnp.float32) - target_rows)
     flat_h, flat_weighted_h = h.reshape(-1, h.shape[-1]), (weights * h).reshape(-1, h.shape[-1])
