@@ -101,6 +101,7 @@ def _naive_quad(h, phi, targets, mask):
 @pytest.mark.parametrize("kernel,naive", [
     (lambda h, p, t, m: kernels.xent_loss(h, p, t, m, 96), _naive_xent),
     (kernels.quad_loss, _naive_quad),
+    (lambda h, p, t, m: kernels.quad_loss(h, p, t, m, 4), _naive_quad),  # 6 interleaved row blocks of 3
 ])
 def test_loss_gradients_match_naive_form(kernel, naive):
     with jax.default_matmul_precision("highest"):
@@ -141,6 +142,7 @@ def test_sharded_batch_equals_single_device():
             kernels.xent_loss(h, phi, targets, mask, 128),
             kernels.quad_loss(h, phi, targets, mask),
             jax.grad(kernels.xent_loss, argnums=(0, 1))(h, phi, targets, mask, 128),
+            jax.grad(kernels.quad_loss, argnums=(0, 1))(h, phi, targets, mask, 16),  # 5 row blocks of 16
         )
 
     single = jax.jit(everything)(h, phi, targets, mask)

@@ -7,6 +7,8 @@ mean over counted positions, and 0 (not NaN) when no position counts.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -66,32 +68,76 @@ def xent_loss(
     return masked_mean(xent_per_position(h, phi, targets, chunk_size), mask)
 
 
-@jax.custom_vjp
-def quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+QUAD_ROW_BLOCK = 2048
+
+
+def _num_row_blocks(n: int, block_size: int) -> int:
+    """How many interleaved blocks the N positions are walked in: the smallest divisor k of N with N/k ≤
+    ``block_size`` (1 when that would leave blocks under an eighth of ``block_size``, e.g. N prime)."""
+    k = next(k for k in range(1, n + 1) if n % k == 0 and n // k <= block_size)
+    return k if n // k >= block_size // 8 else 1
+
+
+def _blocked(h, targets, mask, block_size):
+    """Rows laid out ``[block, k, ...]``: block ``j`` is rows ``i·k + j``. The leading (batch-sharded) axis stays
+    leading, so walking ``j`` slices an unsharded axis and data parallelism is kept."""
+    flat_h = h.reshape(-1, h.shape[-1])
+    k = _num_row_blocks(flat_h.shape[0], block_size)
+    block = flat_h.shape[0] // k
+    return (flat_h.reshape(block, k, -1), targets.reshape(block, k),
+            _masked_weights(mask).reshape(block, k), k)
+
+
+def _block(x: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array,
+              block_size: int = QUAD_ROW_BLOCK) -> jax.Array:
     """Quad ``ℓ_quad(f, Φ) = E_{(s,w)}[−f(s)ᵀφ_w + ½‖Φᵀf(s)‖²]`` averaged over the masked positions.
 
     Gradients (weights ``a_n`` = mask / count): ``∂/∂h_n = a_n (G h_n − φ_{w_n})`` and
-    ``∂/∂Φ = Φ H − Σ_n a_n e_{w_n} h_nᵀ`` with ``H = Σ_n a_n h_n h_nᵀ`` (d×d), written straight into one
-    [V, d] buffer: no V-wide logits, and no second [V, d] temporary.
+    ``∂/∂Φ = Φ H − Σ_n a_n e_{w_n} h_nᵀ`` with ``H = Σ_n a_n h_n h_nᵀ`` (d×d). Both passes walk the positions in
+    blocks of at most ``block_size`` rows, so besides its inputs and outputs the loss needs only G, H and one
+    block's d-wide rows: no V-wide logits and no extra [N, d] or [V, d] buffer.
     """
-    return masked_mean(quad_per_position(h, phi, targets), mask)
+    return _quad_loss_fwd(h, phi, targets, mask, block_size)[0]
 
 
-def _quad_loss_fwd(h, phi, targets, mask):
+def _quad_loss_fwd(h, phi, targets, mask, block_size):
+    rows, row_targets, weights, k = _blocked(h, targets, mask, block_size)
     gram = _gram(phi)  # kept for the backward pass: G is computed once per step
-    return masked_mean(_quad_from_gram(h, phi, targets, gram), mask), (h, phi, targets, mask, gram)
+
+    def step(carry, index):
+        value, second_moment = carry
+        block_rows, block_weights = _block(rows, index), _block(weights, index)
+        value = value + jnp.sum(block_weights * _quad_from_gram(block_rows, phi, _block(row_targets, index), gram))
+        weighted = (block_weights[:, None] * block_rows).T
+        return (value, second_moment + jnp.dot(weighted, block_rows, preferred_element_type=jnp.float32)), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(gram.shape, jnp.float32))
+    (value, second_moment), _ = jax.lax.scan(step, init, jnp.arange(k))
+    return value, (h, phi, targets, mask, gram, second_moment)
 
 
-def _quad_loss_bwd(residuals, grad_loss):
-    h, phi, targets, mask, gram = residuals
-    weights = grad_loss * _masked_weights(mask)[..., None]  # [..., 1]
-    target_rows = jnp.take(phi, targets, axis=0)
-    grad_h = weights * (jnp.dot(h, gram, preferred_element_type=jnp.float32) - target_rows)
-    flat_h, flat_weighted_h = h.reshape(-1, h.shape[-1]), (weights * h).reshape(-1, h.shape[-1])
-    second_moment = jnp.dot(flat_weighted_h.T, flat_h, preferred_element_type=jnp.float32)  # H, d×d
-    grad_phi = jnp.dot(phi, second_moment, preferred_element_type=jnp.float32)
-    grad_phi = grad_phi.at[targets.reshape(-1)].add(-flat_weighted_h)
-    return grad_h.astype(h.dtype), grad_phi.astype(phi.dtype), None, None
+def _quad_loss_bwd(block_size, residuals, grad_loss):
+    h, phi, targets, mask, gram, second_moment = residuals
+    rows, row_targets, weights, k = _blocked(h, targets, mask, block_size)
+
+    def step(carry, index):
+        grad_h, grad_phi = carry
+        block_rows, block_targets = _block(rows, index), _block(row_targets, index)
+        block_weights = grad_loss * _block(weights, index)[:, None]
+        block_grad = block_weights * (jnp.dot(block_rows, gram, preferred_element_type=jnp.float32)
+                                      - jnp.take(phi, block_targets, axis=0))
+        grad_h = jax.lax.dynamic_update_index_in_dim(grad_h, block_grad, index, axis=1)
+        return (grad_h, grad_phi.at[block_targets].add(-block_weights * block_rows)), None
+
+    init = (jnp.zeros(rows.shape, jnp.float32),
+            jnp.dot(phi, grad_loss * second_moment, preferred_element_type=jnp.float32))
+    (grad_h, grad_phi), _ = jax.lax.scan(step, init, jnp.arange(k))
+    return grad_h.reshape(h.shape).astype(h.dtype), grad_phi.astype(phi.dtype), None, None
 
 
 quad_loss.defvjp(_quad_loss_fwd, _quad_loss_bwd)
