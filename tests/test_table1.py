@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sentcomp import evaluate, features, probe, runner, zeroshot
 from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.data import Split, get_task, register_task
+from sentcomp.data import tasks as tasks_module
 from sentcomp.logpartition import load_model
 
 TABLE1 = EXPERIMENTS_DIR / "table1.py"
@@ -135,7 +136,8 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     assert json.loads((workdir / "results.json").read_text())["table"] == before["table"]
 
 
-def test_pooled_task_repeated_splits_mean_and_std(tmp_path):
+def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))  # the test's task stays in this test
     rng = np.random.default_rng(0)
     good, bad = ["a fine film", "great fun", "loved it", "superb acting"], ["dull", "a mess", "boring plot", "awful"]
     rows = [f"{rng.choice(good if label else bad)} number {i}\t{label}" for i, label in enumerate(rng.permutation([0, 1] * 20))]
