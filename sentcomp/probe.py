@@ -17,8 +17,9 @@ Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.probe`):
   (``x_dev, y_dev``) with the final probe trained on train only; without a dev set, by k-fold CV on train
   and a refit.
 * ``"mteb"`` — MTEB's classification probe: C = 1, no search, trained on all of train.
-* ``"ridge"`` — closed-form ridge on one-hot targets (sklearn's ``Ridge``: ``Σ‖y − xᵀW − b‖² + α‖W‖²``),
-  ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev set if given, else k-fold CV and a refit).
+* ``"ridge"`` — ridge regression onto sklearn ``RidgeClassifier``'s targets (one ±1 column for two classes,
+  one-hot otherwise; ``Σ‖y − xᵀW − b‖² + α‖W‖²``), ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev
+  set if given, else k-fold CV and a refit).
 
 Labels may be any sortable values (strings, or integers not in ``0..K−1``); they are mapped to the sorted
 unique training labels, reported as ``result["classes"]``. Folds are stratified and seeded (``seed``), or
@@ -34,6 +35,8 @@ from sentcomp.errors import SentcompError
 
 PROTOCOLS = ("paper", "senteval", "mteb", "ridge")
 PAPER_LARGE_N = 10_000
+RIDGE_TOL = 1e-5  # relative preconditioned residual of the ridge CG solves
+RIDGE_PCG_MIN_ROWS_PER_FEATURE = 2
 
 
 def paper_c_grid(n_train: int) -> np.ndarray:
@@ -70,14 +73,14 @@ def _features(x, name: str) -> np.ndarray:
         raise SentcompError(f"{name} must be a numeric array of shape [examples, features]: {error}") from None
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise SentcompError(f"{name} must have shape [examples, features] with both > 0, got {x.shape}")
+    if np.isfinite(np.sum(x, dtype=np.float64)):  # NaN and ±inf survive a float64 sum of float32s; nothing overflows
+        return x
     bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise SentcompError(
-            f"{name} has {bad.sum()} NaN/inf values in {len(rows)} rows (first rows: {rows[:5].tolist()}); "
-            "fix the feature extraction (e.g. fp16 overflow, empty inputs) or drop those rows"
-        )
-    return x
+    rows = np.flatnonzero(bad.any(axis=1))
+    raise SentcompError(
+        f"{name} has {bad.sum()} NaN/inf values in {len(rows)} rows (first rows: {rows[:5].tolist()}); "
+        "fix the feature extraction (e.g. fp16 overflow, empty inputs) or drop those rows"
+    )
 
 
 def _labels(y, n: int, name: str) -> np.ndarray:
@@ -157,22 +160,45 @@ def _folded(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, n_folds: int)
     return x_folds, y_folds, mask
 
 
+def ridge_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """sklearn ``RidgeClassifier``'s targets: one ±1 column for two classes (score > 0 means class 1), one-hot
+    columns otherwise (±1 one-vs-all and one-hot give the same argmax once there is an intercept)."""
+    if num_classes == 2:
+        return (2.0 * labels - 1.0).astype(np.float32)[:, None]
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def _ridge_fits(moments, grid, split_sizes, n_features: int, standardize: bool):
+    """``(fits, method)``: ``ridge_grid`` by preconditioned CG when every split has ≥
+    ``RIDGE_PCG_MIN_ROWS_PER_FEATURE`` rows per feature (CV splits then resemble the refit, and CG converges
+    in a few steps), else — or if CG did not reach ``RIDGE_TOL`` — by one ``eigh`` per split."""
+    if split_sizes.min() >= RIDGE_PCG_MIN_ROWS_PER_FEATURE * n_features:
+        fits = kernels.ridge_grid(moments, grid, standardize=standardize, tol=RIDGE_TOL)
+        if np.all(np.asarray(fits.grad_norm) <= RIDGE_TOL):
+            return fits, "pcg"
+    return kernels.ridge_grid(moments, grid, standardize=standardize, method="eigh"), "eigh"
+
+
 def _fit(protocol, x_all, y_all, weights, grid, num_classes, folds, n_folds, n_train, *, multi_class, standardize, max_iter, tol):
+    """``(fits, solver)`` for every split × grid value."""
     if protocol != "ridge":
         return kernels.logistic_regression_grid(
             x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
             standardize=standardize, max_iter=max_iter, tol=tol,
-        )
-    targets = np.eye(num_classes, dtype=np.float32)[y_all]
+        ), "lbfgs"
+    targets = ridge_targets(y_all, num_classes)
     if folds is not None:  # fold Gram matrices once, splits as differences (split order as in _splits)
         moments = kernels.kfold_ridge_moments(*_folded(x_all[:n_train], targets[:n_train], folds, n_folds))
     else:
         moments = kernels.ridge_moments(x_all, targets, weights)
-    return kernels.ridge_grid(moments, grid, standardize=standardize)
+    return _ridge_fits(moments, grid, weights.sum(axis=1), x_all.shape[1], standardize)
 
 
-def _accuracy(scores, labels) -> np.ndarray:
-    return np.mean(np.asarray(kernels.predict_labels(scores)) == labels, axis=-1)
+def _path_accuracy(x, labels, coef, intercept) -> np.ndarray:
+    """Accuracy of every probe ``coef [L, d, K']`` on ``(x, labels)``: one product for the whole path."""
+    path, dim, columns = coef.shape
+    scores = (x @ coef.transpose(1, 0, 2).reshape(dim, path * columns)).reshape(len(x), path, columns) + intercept
+    return np.mean(np.asarray(kernels.predict_labels(scores)) == labels[:, None], axis=0)
 
 
 def evaluate(
@@ -202,8 +228,9 @@ def evaluate(
     ``regularisation`` (the chosen C or α, named by ``regularisation_name``), ``grid``, ``cv_scores``
     (validation accuracy ``[grid, fold]``; one column for a dev set, none for ``"mteb"``), ``cv_mean``,
     ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``,
-    solver diagnostics (``converged``, ``iterations``, ``grad_norm``, ``objective`` of the final probe), and
-    ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
+    solver diagnostics (``solver``: lbfgs, pcg or eigh; ``converged``, ``iterations``, ``grad_norm``,
+    ``objective`` of the final probe), and ``test_accuracy_per_regularisation`` — a diagnostic of the whole
+    path, never used for the choice.
     """
     if protocol not in PROTOCOLS:
         raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
@@ -242,7 +269,7 @@ def evaluate(
     x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
     y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
     weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
-    fits = _fit(
+    fits, solver = _fit(
         protocol, x_all, y_all, weights, grid, len(classes), fold_ids, n_folds, n_train,
         multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
     )
@@ -250,12 +277,11 @@ def evaluate(
 
     scored = [s for s in range(len(weights)) if validation[s].any()]
     cv_scores = np.array(
-        [[_accuracy(x_all[validation[s]] @ coef[s, l] + intercept[s, l], y_all[validation[s]]) for s in scored]
-         for l in range(len(grid))]
-    ).reshape(len(grid), len(scored))
+        [_path_accuracy(x_all[validation[s]], y_all[validation[s]], coef[s], intercept[s]) for s in scored]
+    ).T.reshape(len(grid), len(scored))
     cv_mean = cv_scores.mean(axis=1) if scored else np.full(len(grid), np.nan)
     best = int(np.argmax(cv_mean)) if scored else 0
-    test_path = np.array([_accuracy(x_test @ coef[final, l] + intercept[final, l], encoded["y_test"]) for l in range(len(grid))])
+    test_path = _path_accuracy(x_test, encoded["y_test"], coef[final], intercept[final])
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-hot ridge",
@@ -268,12 +294,13 @@ def evaluate(
         "cv_mean": cv_mean,
         "folds": fold_ids,
         "test_accuracy": float(test_path[best]),
-        "train_accuracy": float(_accuracy(x_train @ coef[final, best] + intercept[final, best], train_ids)),
+        "train_accuracy": float(_path_accuracy(x_train, train_ids, coef[final, best][None], intercept[final, best][None])[0]),
         "test_accuracy_per_regularisation": test_path,
         "coef": coef[final, best],
         "intercept": intercept[final, best],
         "objective": float(fits.objective[final, best]),
         "iterations": int(fits.iterations[final, best]),
         "grad_norm": float(fits.grad_norm[final, best]),
-        "converged": bool(protocol == "ridge" or fits.iterations[final, best] < max_iter),
+        "solver": solver,
+        "converged": bool(fits.grad_norm[final, best] <= RIDGE_TOL if protocol == "ridge" else fits.iterations[final, best] < max_iter),
     }

@@ -309,6 +309,7 @@ class RidgeMoments(NamedTuple):
     offset: jax.Array
 
 
+@jax.jit
 def ridge_moments(x: jax.Array, targets: jax.Array, weights: jax.Array) -> RidgeMoments:
     """Moments of every split ``weights [S, N]`` over ``x [N, d]``, ``targets [N, T]``: costs S·N·d²."""
     x = jnp.asarray(x, jnp.float32)
@@ -328,17 +329,19 @@ def ridge_moments(x: jax.Array, targets: jax.Array, weights: jax.Array) -> Ridge
     )
 
 
+@jax.jit
 def kfold_ridge_moments(x_folds: jax.Array, targets_folds: jax.Array, mask: jax.Array) -> RidgeMoments:
     """Moments of the K-fold splits from data laid out by fold: ``x_folds [F, M, d]``, ``mask [F, M]``.
 
     Split ``s < F`` trains on every fold but ``s``; split ``F`` on all of them (the refit). Each fold's Gram
-    matrix is computed once and the splits' are differences of the total, so all F+1 splits cost N·d² (not
+    matrix is computed once and a split's moments are the sum of its folds', so all F+1 splits cost N·d² (not
     (F+1)·N·d²). ``mask`` marks real rows (folds are padded to a common size ``M``).
     """
     x_folds = jnp.asarray(x_folds, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
     offset = jnp.einsum("fm,fmd->d", mask, x_folds) / jnp.sum(mask)
-    centered = (x_folds - offset) * mask[:, :, None]  # padded rows become exact zeros
+    # Materialised once: fused into the Gram product's operands, the centering halves XLA's matmul speed.
+    centered = jax.lax.optimization_barrier((x_folds - offset) * mask[:, :, None])  # padded rows: exact zeros
     per_fold = RidgeMoments(
         n=jnp.sum(mask, axis=1),
         sum_x=jnp.sum(centered, axis=1),
@@ -349,23 +352,34 @@ def kfold_ridge_moments(x_folds: jax.Array, targets_folds: jax.Array, mask: jax.
         sum_yy=jnp.einsum("fm,fmt->f", mask, jnp.square(targets_folds)),
         offset=offset,
     )
+    n_folds = mask.shape[0]
+    membership = jnp.concatenate([1.0 - jnp.eye(n_folds), jnp.ones((1, n_folds))])  # [F + 1, F]: split ∋ fold
+    return per_fold._replace(
+        **{k: jnp.tensordot(membership, v, axes=1) for k, v in per_fold._asdict().items() if k != "offset"}
+    )
 
-    def leave_out(stat):  # [F, ...] → [F + 1, ...]: total minus each fold, then the total itself
-        total = jnp.sum(stat, axis=0, keepdims=True)
-        return jnp.concatenate([total - stat, total], axis=0)
 
-    return per_fold._replace(**{k: leave_out(v) for k, v in per_fold._asdict().items() if k != "offset"})
+RIDGE_METHODS = ("pcg", "eigh")
 
 
-@functools.partial(jax.jit, static_argnames=("standardize",))
-def ridge_grid(moments: RidgeMoments, alphas: jax.Array, standardize: bool = False) -> LinearFits:
-    """Closed-form ridge for every split × α from its moments: one ``eigh`` per split, one rescale per α.
+class CenteredRidge(NamedTuple):
+    """Each split's centered (and optionally standardised) normal equations, from its moments.
 
-    Per split, with weighted means ``m, ȳ`` and scale ``σ`` (1 unless standardising), the centered
-    standardised Gram ``A = D⁻¹(Σ w x xᵀ − n m mᵀ)D⁻¹ = U diag(e) Uᵀ`` and ``B = D⁻¹(Σ w x yᵀ − n m ȳᵀ)``:
-    ``W(α) = U diag(1/(e + α)) UᵀB`` for every α, then ``coef = D⁻¹W``, ``intercept = ȳ − mᵀcoef``
-    (``D = diag σ``). Objective reported: ``Σ w‖y − xᵀcoef − b‖² + α‖W‖²`` from the same moments.
+    ``gram [S, d, d] = D⁻¹(Σ w x xᵀ − n m mᵀ)D⁻¹``, ``cross [S, d, T] = D⁻¹(Σ w x yᵀ − n m ȳᵀ)``, weighted means
+    ``mean_x [S, d]`` (raw features) and ``mean_y [S, T]``, ``scale [S, d]`` (``D = diag σ``, 1 unless
+    standardising) and ``target_ss [S] = Σ w ‖y − ȳ‖²``.
     """
+
+    gram: jax.Array
+    cross: jax.Array
+    mean_x: jax.Array
+    mean_y: jax.Array
+    scale: jax.Array
+    target_ss: jax.Array
+
+
+def centered_ridge(moments: RidgeMoments, standardize: bool) -> CenteredRidge:
+    """Centers (and standardises) every split's normal equations; see :class:`CenteredRidge`."""
     n = moments.n[:, None]
     mean_x, mean_y = moments.sum_x / n, moments.sum_y / n
     if standardize:
@@ -376,19 +390,120 @@ def ridge_grid(moments: RidgeMoments, alphas: jax.Array, standardize: bool = Fal
     gram = moments.gram - n[:, :, None] * mean_x[:, :, None] * mean_x[:, None, :]
     gram = gram / scale[:, :, None] / scale[:, None, :]
     cross = (moments.cross - n[:, :, None] * mean_x[:, :, None] * mean_y[:, None, :]) / scale[:, :, None]
-    eigvals, eigvecs = jnp.linalg.eigh(gram)  # [S, d], [S, d, d]
-    eigvals = jnp.maximum(eigvals, 0.0)
-    projected = jnp.einsum("sde,sdt->set", eigvecs, cross)  # UᵀB
-    alphas = jnp.asarray(alphas, jnp.float32)
-    shrunk = projected[:, None] / (eigvals[:, None, :, None] + alphas[None, :, None, None])  # [S, L, d, T]
-    coef_std = jnp.einsum("sde,slet->sldt", eigvecs, shrunk)
-    coef = coef_std / scale[:, None, :, None]
-    intercept = mean_y[:, None, :] - jnp.einsum("sd,sldt->slt", mean_x + moments.offset, coef)
-    # Residual sum of squares of the centered problem from the moments: Σw‖y − ȳ‖² − 2 tr(WᵀB) + tr(WᵀAW).
     target_ss = moments.sum_yy - moments.n * jnp.sum(jnp.square(mean_y), axis=1)
-    fit_term = jnp.einsum("sldt,sdt->sl", coef_std, cross)
-    quad_term = jnp.einsum("slet,se,slet->sl", shrunk, eigvals, shrunk)
-    penalty = alphas[None, :] * jnp.sum(jnp.square(shrunk), axis=(2, 3))
-    objective = target_ss[:, None] + quad_term - 2.0 * fit_term + penalty
-    zeros = jnp.zeros(objective.shape, jnp.float32)
-    return LinearFits(coef, intercept, objective, zeros, zeros.astype(jnp.int32))
+    return CenteredRidge(gram, cross, mean_x + moments.offset, mean_y, scale, target_ss)
+
+
+def _spectral_solve(eigvals, eigvecs, rhs, shifts):
+    """``U diag(1/(e_s + α_l)) Uᵀ rhs[s, l]`` for ``eigvals [S, d]``, ``rhs [S, L, d, T]``, ``shifts [L]`` and
+    ``eigvecs`` per split ``[S, d, d]`` or shared ``[d, d]``: the ridge solve in a known eigenbasis."""
+    basis = "sde" if eigvecs.ndim == 3 else "de"
+    rotated = jnp.einsum(f"{basis},sldt->slet", eigvecs, rhs)
+    return jnp.einsum(f"{basis},slet->sldt", eigvecs, rotated / (eigvals[:, None, :, None] + shifts[None, :, None, None]))
+
+
+def _eigh_solutions(problem: CenteredRidge, alphas):
+    """Every split's own ``eigh``: ``W_s(α) = U_s diag(1/(e_s + α)) U_sᵀ B_s``. Residuals are taken as 0."""
+    eigvals, eigvecs = jnp.linalg.eigh(problem.gram)
+    rhs = jnp.broadcast_to(problem.cross[:, None], (problem.cross.shape[0], alphas.shape[0]) + problem.cross.shape[1:])
+    solution = _spectral_solve(jnp.maximum(eigvals, 0.0), eigvecs, rhs, alphas)
+    zeros = jnp.zeros(solution.shape[:2], jnp.float32)
+    return solution, jnp.zeros_like(solution), zeros, zeros.astype(jnp.int32)
+
+
+def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: int):
+    """Preconditioned conjugate gradients for every split × α × target column at once.
+
+    The last split (all of train in :func:`kfold_ridge_moments`) is the reference: ``A_r = U diag(e) Uᵀ`` is
+    factorised once, and split ``s`` is preconditioned by ``P_s(α) = c_s A_r + αI``, ``c_s = n_s / n_r``
+    (applied as ``U diag(1/(c_s e + α)) Uᵀ``). A K-fold split's Gram is ~``c_s A_r`` up to the fold's sampling
+    fluctuation, so ``P_s⁻¹(A_s + αI)`` has a condition number near 2 for any α and CG reaches
+    ``√(rᵀP⁻¹r / bᵀP⁻¹b) ≤ tol`` in a handful of iterations; on the reference split itself the start
+    ``P_r⁻¹b`` is the eigendecomposition's solution and CG refines it past float32 ``eigh``'s accuracy.
+    Returns ``(W, residual, relative preconditioned residual [S, L], iterations [S, L])``.
+    """
+    eigvals, eigvecs = jnp.linalg.eigh(problem.gram[-1])
+    ratio = weight_total / weight_total[-1]
+    # Vectors are laid out [S, L, T, d] (d last) so that every product below is one plain matrix multiply.
+    inverse_spectrum = 1.0 / (ratio[:, None, None, None] * jnp.maximum(eigvals, 0.0) + alphas[None, :, None, None])
+
+    def precondition(r):  # U diag(1/(c_s e + α)) Uᵀ r, for all splits in one product each way
+        return ((r @ eigvecs) * inverse_spectrum) @ eigvecs.T
+
+    def apply(w):  # (A_s + αI) w
+        return jnp.einsum("sltd,sde->slte", w, problem.gram) + alphas[None, :, None, None] * w
+
+    def row_dot(a, b):
+        return jnp.sum(a * b, axis=-1)  # [S, L, T]
+
+    rhs = jnp.broadcast_to(jnp.swapaxes(problem.cross, 1, 2)[:, None], inverse_spectrum.shape[:2] + problem.cross.shape[2:0:-1])
+    start = precondition(rhs)
+    rhs_norm = jnp.maximum(row_dot(rhs, start), jnp.finfo(jnp.float32).tiny)
+    residual = rhs - apply(start)
+    direction = precondition(residual)
+    rz = row_dot(residual, direction)
+
+    def unfinished(rz):
+        return rz > tol**2 * rhs_norm
+
+    def step(state):
+        i, w, r, p, rz, count = state
+        active = unfinished(rz)
+        q = apply(p)
+        length = jnp.where(active, rz / jnp.where(active, row_dot(p, q), 1.0), 0.0)[..., None]
+        w, r = w + length * p, r - length * q
+        z = precondition(r)
+        rz_new = jnp.where(active, row_dot(r, z), rz)
+        momentum = jnp.where(active, rz_new / jnp.where(active, rz, 1.0), 0.0)[..., None]
+        p = jnp.where(active[..., None], z + momentum * p, p)
+        return i + 1, w, r, p, rz_new, count + jnp.any(active, axis=-1)
+
+    def keep_going(state):
+        return (state[0] < max_iter) & jnp.any(unfinished(state[4]))
+
+    zeros = jnp.zeros(rz.shape[:2], jnp.int32)
+    _, solution, residual, _, rz, iterations = jax.lax.while_loop(
+        keep_going, step, (0, start, residual, direction, rz, zeros)
+    )
+    solution, residual = jnp.swapaxes(solution, 2, 3), jnp.swapaxes(residual, 2, 3)
+    relative = jnp.sqrt(jnp.max(jnp.maximum(rz, 0.0) / rhs_norm, axis=-1))
+    return solution, residual, relative, iterations
+
+
+@functools.partial(jax.jit, static_argnames=("standardize", "method", "max_iter"))
+def ridge_grid(
+    moments: RidgeMoments,
+    alphas: jax.Array,
+    standardize: bool = False,
+    method: str = "pcg",
+    tol: float = 1e-5,
+    max_iter: int = 50,
+) -> LinearFits:
+    """Ridge for every split × α from the splits' moments.
+
+    Per split, with weighted means ``m, ȳ`` and ``A, B`` as in :class:`CenteredRidge`, the standardised
+    weights are ``W(α) = (A + αI)⁻¹B``; then ``coef = D⁻¹W`` and ``intercept = ȳ − mᵀcoef``. ``method``:
+
+    * ``"pcg"`` (default): one ``eigh`` of the last split's Gram and preconditioned CG for all splits, to a
+      relative preconditioned residual ``tol`` (see :func:`_pcg_solutions`); ``grad_norm`` reports that
+      residual (the objective's gradient is ``−2r``) and ``iterations`` the CG steps. It needs every split to
+      resemble the last one (K-fold splits and their refit do); check ``grad_norm ≤ tol``.
+    * ``"eigh"``: one ``eigh`` per split and every α for one rescale of its eigenvalues — exact in exact
+      arithmetic for any splits (float32 ``eigh`` loses accuracy in ill-conditioned directions).
+
+    Objective reported: ``Σ w‖y − xᵀcoef − b‖² + α‖W‖² = Σw‖y − ȳ‖² − tr(Wᵀ(B + r))`` with the residual
+    ``r = B − (A + αI)W``.
+    """
+    if method not in RIDGE_METHODS:
+        raise ValueError(f"method must be one of {RIDGE_METHODS}, got {method!r}")
+    problem = centered_ridge(moments, standardize)
+    alphas = jnp.asarray(alphas, jnp.float32)
+    if method == "pcg":
+        solution, residual, grad_norm, iterations = _pcg_solutions(problem, moments.n, alphas, tol, max_iter)
+    else:
+        solution, residual, grad_norm, iterations = _eigh_solutions(problem, alphas)
+    coef = solution / problem.scale[:, None, :, None]
+    intercept = problem.mean_y[:, None, :] - jnp.einsum("sd,sldt->slt", problem.mean_x, coef)
+    explained = jnp.sum(solution * (problem.cross[:, None] + residual), axis=(2, 3))
+    objective = problem.target_ss[:, None] - explained
+    return LinearFits(coef, intercept, objective, grad_norm, iterations)
