@@ -253,6 +253,7 @@ def test_bad_inputs_raise_one_clear_error():
         (dict(y_train=np.zeros(40, int)), "single class"),
         (dict(x_train=np.where(np.arange(40)[:, None] == 3, np.nan, x)), "NaN/inf"),
         (dict(x_test=np.full((5, 3), np.inf)), "NaN/inf"),
+        (dict(x_train=np.where(np.arange(40)[:, None] == 7, [[np.inf, -np.inf, 0.0]], x)), "2 NaN/inf values in 1 rows"),
         (dict(y_train=y[:39]), "one label per feature row"),
         (dict(x_test=x[:, :2]), "features"),
         (dict(y_test=y + 5), "never seen"),
@@ -266,3 +267,5 @@ def test_bad_inputs_raise_one_clear_error():
         args = dict(x_train=x, y_train=y, x_test=x, y_test=y) | change
         with pytest.raises(SentcompError, match=message):
             probe.evaluate(**args)
+    huge = np.float32(3e38) * np.sign(x)  # finite values whose sum overflows float32 are no false alarm
+    np.testing.assert_array_equal(probe._features(huge, "x_train"), huge)
