@@ -9,7 +9,7 @@ as in the authors' code (GPT-2 + linear head on the last token, dropout 0.1). Op
 language-modelling loss is added, ``ℓ = ℓ_cls + λ · ℓ_xent(f, Φ)`` over the document's next-token predictions
 (``aux_lm_weight = λ``; causal LMs only), via :func:`sentcomp.kernels.xent_loss`.
 
-Training: AdamW with linear warmup then decay (the optimiser of :mod:`sentcomp.pretrain`), global-norm clipping,
+Training: AdamW with linear warmup then decay (:mod:`sentcomp.training`), global-norm clipping,
 data-parallel over every device (batch sharded, parameters replicated), fixed-shape batches padded to length
 buckets. A validation split is carved from the training split (stratified, seeded); every ``eval_every`` steps
 the validation accuracy is measured, the best parameters are kept, and training stops after ``patience``
@@ -17,7 +17,7 @@ evaluations without improvement (or at ``max_steps``). Test accuracy is that of 
 the training state, so fine-tuning holds two copies of the weights).
 
 Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
-evaluation, through sentcomp.pretrain's checkpoint helpers), ``results.json``. Re-running in the same workdir
+evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``. Re-running in the same workdir
 resumes from the newest checkpoint (the batch order and dropout masks are functions of the seed and the step,
 so an interrupted run ends exactly where an uninterrupted one does) or returns the finished results; a
 different config in the same workdir is an error, never a silent overwrite.
@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, pretrain
+from sentcomp import kernels, parallel, training
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.errors import SentcompError
 from sentcomp.features import _pad_id, effective_prompt, encode_texts, length_buckets, make_batches
@@ -248,16 +248,16 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     d = jax.eval_shape(lm.hidden_fn, lm.params, dummy, jnp.ones_like(dummy)).shape[-1]
     params = {"lm": lm.params,
               "head": init_head(jax.random.key(config.seed + 1), d, num_classes, config.head_init_std)}
-    optimizer = pretrain.make_optimizer(config.optimizer, config.max_steps, params, freeze_phi=False)
-    state = pretrain.initial_state(params, optimizer, mesh)
+    optimizer = training.make_optimizer(config.optimizer, config.max_steps, params, freeze_phi=False)
+    state = training.initial_state(params, optimizer, mesh)
     state["best_params"] = state["params"]
-    factory = functools.partial(pretrain.checkpoint_manager, workdir, config.eval_every, config.checkpoint_keep, False)
-    manager, restored, meta = pretrain.restore_latest(factory(), state, workdir, factory)
+    factory = functools.partial(training.checkpoint_manager, workdir, config.eval_every, config.checkpoint_keep, False)
+    manager, restored, meta = training.restore_latest(factory(), state, workdir, factory)
     progress = {"best_val": -1.0, "best_step": 0, "bad_evals": 0}
     if restored is not None:
         state, progress = restored, {key: meta[key] for key in progress}
         if parallel.is_main_process():
-            pretrain.truncate_metrics(workdir, int(meta["step"]))
+            training.truncate_metrics(workdir, int(meta["step"]))
     start = int(parallel.fetch(state["step"]))
 
     train_step, predict = make_train_step(lm, optimizer, config, mesh), make_predict(lm, mesh)
@@ -283,11 +283,11 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
             else:
                 progress["bad_evals"] += 1
             stopped_early = progress["bad_evals"] >= config.patience
-            pretrain.append_metrics(workdir, {"step": step, "train_loss": float(np.mean(losses)),
+            training.append_metrics(workdir, {"step": step, "train_loss": float(np.mean(losses)),
                                               "val_accuracy": val_acc, **progress})
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_acc:.3f}")
             losses = []
-            pretrain.save_checkpoint(manager, state, {"step": step, "seed": config.seed, **progress})
+            training.save_checkpoint(manager, state, {"step": step, "seed": config.seed, **progress})
         if on_step is not None:
             on_step(step)
     bar.close()

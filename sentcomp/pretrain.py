@@ -49,35 +49,40 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel
+from sentcomp import parallel
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import LanguageModel
+from sentcomp.training import (
+    COMPUTE_DTYPES,
+    LOSSES,
+    DataPlan,
+    TrainingDiverged,
+    append_metrics,
+    checkpoint_manager,
+    initial_state,
+    learning_rate_schedule,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    read_metrics,
+    restore_latest,
+    save_checkpoint,
+    truncate_metrics,
+)
 
-LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DECAYS = ("cosine", "linear")
 TOKENIZERS = {"gpt2": "gpt2_tokenizer", "bytes": "byte_tokenizer"}  # config.tokenizer -> sentcomp.models.tokenizers
-METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
-
-
-class TrainingDiverged(SentcompError):
-    """The loss (or the parameters) became NaN/inf; the last good checkpoint is kept."""
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -110,143 +115,6 @@ def untie(lm: LanguageModel) -> LanguageModel:
     return lm.replace(config=config, params=params, hidden_fn=functools.partial(gpt2.hidden_fn, config))
 
 
-def phi_path(params) -> str:
-    """The top-level parameter holding Φ: ``phi`` if untied, else the shared ``wte``."""
-    return "phi" if "phi" in params else "wte"
-
-
-# -------------------------------------------------------------------------------------------- the optimiser
-
-
-def learning_rate_schedule(opt, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``opt.learning_rate`` over ``opt.warmup_steps``, then cosine or linear decay to
-    ``opt.learning_rate · opt.end_lr_fraction`` at ``num_steps``."""
-    if opt.decay not in DECAYS:
-        raise SentcompError(f"optimizer.decay must be one of {DECAYS}, got {opt.decay!r}.")
-    peak, warmup = opt.learning_rate, min(opt.warmup_steps, num_steps)
-    end, decay_steps = peak * opt.end_lr_fraction, max(num_steps - warmup, 1)
-    decay = (optax.cosine_decay_schedule(peak, decay_steps, opt.end_lr_fraction) if opt.decay == "cosine"
-             else optax.linear_schedule(peak, end, decay_steps))
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), decay], [warmup])
-
-
-def make_optimizer(opt, num_steps: int, params, freeze_phi: bool) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (decay on ≥2-D weights); Φ's updates zeroed when ``freeze_phi``."""
-    adamw = optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(learning_rate_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)),
-    )
-    if not freeze_phi:
-        return adamw
-    frozen = phi_path(params)
-    labels = {key: jax.tree.map(lambda _, k=key: "frozen" if k == frozen else "train", value)
-              for key, value in params.items()}
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
-
-
-# ---------------------------------------------------------------------------------------------- the step
-
-
-def cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def batch_loss(loss_name: str, hidden_fn, params, tokens: jax.Array, mask: jax.Array, compute_dtype) -> jax.Array:
-    """The training objective on blocks ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``), averaged
-    over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``."""
-    params = cast_floats(params, compute_dtype)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-    return LOSSES[loss_name](hidden, gpt2.phi_fn(params), targets, mask)
-
-
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def make_train_step(loss_name: str, hidden_fn, optimizer, compute_dtype, mesh):
-    """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
-    ``accum`` micro-batches (each sharded over the devices), one optimiser update."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn))
-
-    def step(state, tokens):
-        mask = jnp.ones(tokens.shape[:1] + (tokens.shape[2] - 1,), bool)
-
-        def accumulate(carry, micro_tokens):
-            loss, grads = grad_fn(state["params"], micro_tokens, mask, compute_dtype)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.swapaxes(tokens, 0, 1))
-        accum = tokens.shape[1]
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": all_finite(params)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    whole = parallel.replicated(mesh)
-    tokens_sharding = parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(whole, tokens_sharding), out_shardings=(whole, whole), donate_argnums=0)
-
-
-def initial_state(params, optimizer, mesh) -> dict[str, Any]:
-    """``{"params", "opt_state", "step": 0}``, replicated over the mesh."""
-    params = parallel.replicate(params, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=parallel.replicated(mesh))(params)
-    return {"params": params, "opt_state": opt_state, "step": parallel.replicate(jnp.zeros((), jnp.int32), mesh)}
-
-
-def make_eval_step(hidden_fn, compute_dtype, mesh):
-    """The jitted ``(params, tokens [B, T+1], mask [B, T]) -> {xent, quad: summed loss, count}``."""
-
-    def evaluate(params, tokens, mask):
-        params = cast_floats(params, compute_dtype)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-        phi, weights = gpt2.phi_fn(params), mask.astype(jnp.float32)
-        return {
-            "xent": jnp.sum(weights * kernels.xent_per_position(hidden, phi, targets)),
-            "quad": jnp.sum(weights * kernels.quad_per_position(hidden, phi, targets)),
-            "count": jnp.sum(weights),
-        }
-
-    batch = parallel.batch_sharding(mesh)
-    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=parallel.replicated(mesh))
-
-
-# -------------------------------------------------------------------------------------------------- the data
-
-
-@dataclasses.dataclass(frozen=True)
-class DataPlan:
-    """Which rows of each step's global batch this process loads, and from where."""
-
-    blocks: np.ndarray  # train blocks [N, T+1]
-    micro_batch: int
-    grad_accum: int
-    seed: int
-    host_rows: np.ndarray  # this process's rows of a micro-batch
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum
-
-    def position(self, step: int) -> dict[str, int]:
-        """How far through the data a run is after ``step`` steps."""
-        consumed = step * self.global_batch
-        return {"blocks_consumed": consumed, "epoch": consumed // len(self.blocks), "offset": consumed % len(self.blocks)}
-
-    def local_tokens(self, step: int) -> np.ndarray:
-        """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``: stream position
-        ``step·B + k·micro + r`` for micro-batch ``k`` and row ``r``."""
-        positions = (step * self.global_batch + np.arange(self.grad_accum)[None, :] * self.micro_batch
-                     + self.host_rows[:, None])
-        return self.blocks[corpora.block_indices(positions.reshape(-1), len(self.blocks), self.seed)].reshape(
-            *positions.shape, -1)
-
-
 def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, host_rows: np.ndarray):
     """The first ``num_blocks`` validation blocks (all if ≤ 0) in batches of ``batch_size`` (padded rows masked):
     this process's rows of each, as ``(tokens, mask)``."""
@@ -269,67 +137,6 @@ def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:
         corpora.load_blocks(spec, tokenizer, config.data.seq_len, cache, progress=config.progress)
     parallel.sync("sentcomp_pretrain_corpus_ready")
     return corpora.load_blocks(spec, tokenizer, config.data.seq_len, cache, progress=False)
-
-
-# ------------------------------------------------------------------------------------------- checkpointing
-
-
-def checkpoint_manager(workdir: Path, every: int, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
-                                           enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
-    step = int(meta["step"])
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
-
-
-def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory: Callable[[], ocp.CheckpointManager]):
-    """``(manager, state, meta)`` from the newest readable checkpoint, or ``(manager, None, None)`` if none.
-
-    An unreadable checkpoint (corrupt or partial) is moved to ``workdir/checkpoints_corrupt/`` with a warning
-    and the previous one is tried.
-    """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            return manager, restored["state"], dict(restored["meta"])
-        except Exception as error:  # any failure to read means the same: this checkpoint is unusable
-            warnings.warn(f"Checkpoint at step {step} in {manager.directory} cannot be restored "
-                          f"({type(error).__name__}: {str(error)[:200]}); moving it to checkpoints_corrupt/ and "
-                          "falling back to the previous checkpoint.", stacklevel=2)
-            manager.close()
-            if parallel.is_main_process():
-                aside = workdir / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
-                aside.parent.mkdir(exist_ok=True)
-                shutil.move(str(Path(manager.directory) / str(step)), aside)
-            parallel.sync(f"sentcomp_pretrain_corrupt_{step}")
-            manager = factory()
-    return manager, None, None
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-def read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def truncate_metrics(workdir: Path, step: int) -> None:
-    """Drops the metrics lines logged after ``step`` (by a run that died before its next checkpoint)."""
-    kept = [row for row in read_metrics(workdir) if row["step"] <= step]
-    (workdir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
-
-
-def append_metrics(workdir: Path, row: dict[str, Any]) -> None:
-    if parallel.is_main_process():
-        with open(workdir / METRICS_FILE, "a") as file:
-            file.write(json.dumps(row) + "\n")
 
 
 def validation_losses(eval_step, params, batches, mesh) -> dict[str, float]:

@@ -10,7 +10,7 @@
 2. for each loss of ``config.losses`` (``xent``: a GPT-2 with tied Φ; ``quad``: the paper's Quad architecture,
    extra d×d layer + untied Φ) trains a GPT-2 whose vocabulary is the language's own, one document per block
    (inputs ``x_{1:L+1}``, targets ``x_{2:L+2}``: every position is a context of p_L, and attention never crosses
-   documents). The training step, optimiser, data order and Orbax checkpoints are :mod:`sentcomp.pretrain`'s;
+   documents). The training step, optimiser, data order and Orbax checkpoints are :mod:`sentcomp.training`'s;
 3. at ``config.evaluation.num_checkpoints`` steps (geometrically spaced, the last one = ``num_steps``) evaluates
    the current weights with :func:`sentcomp.theory.evaluate_model_on_task`: ε = E_{s~p_L} KL(p*‖p_f) (95% CI
    over documents), the excess Quad loss, and per feature kind (``p_f``, ``phi_p_f``, ``f``) the held-out
@@ -51,7 +51,7 @@ import numpy as np
 import scipy.stats
 from tqdm.auto import tqdm
 
-from sentcomp import parallel, pretrain, theory
+from sentcomp import parallel, theory, training
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
@@ -106,9 +106,9 @@ def evaluation_steps(num_steps: int, count: int) -> list[int]:
 
 
 def check_config(config, language) -> None:
-    unknown = set(config.losses) - set(pretrain.LOSSES)
+    unknown = set(config.losses) - set(training.LOSSES)
     if unknown or not config.losses:
-        raise SentcompError(f"config.losses must be a non-empty subset of {sorted(pretrain.LOSSES)}, got "
+        raise SentcompError(f"config.losses must be a non-empty subset of {sorted(training.LOSSES)}, got "
                             f"{tuple(config.losses)}.")
     if language.num_labels != 2:
         raise SentcompError("The theory's bounds are for binary tasks: set language.num_labels=2.")
@@ -133,20 +133,20 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
     modeldir = workdir / loss
     modeldir.mkdir(exist_ok=True)
     host_rows = parallel.host_row_indices(config.batch_size, mesh)
-    plan = pretrain.DataPlan(corpus, config.batch_size, 1, config.data.seed, host_rows)
-    optimizer = pretrain.make_optimizer(config.optimizer, config.num_steps, lm.params, freeze_phi=False)
-    state = pretrain.initial_state(lm.params, optimizer, mesh)
+    plan = training.DataPlan(corpus, config.batch_size, 1, config.data.seed, host_rows)
+    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, freeze_phi=False)
+    state = training.initial_state(lm.params, optimizer, mesh)
     seeds = {"seed": config.seed, "data_seed": config.data.seed}
-    factory = functools.partial(pretrain.checkpoint_manager, modeldir, 1, config.checkpoint_keep, False)
-    manager, restored, meta = pretrain.restore_latest(factory(), state, modeldir, factory)
+    factory = functools.partial(training.checkpoint_manager, modeldir, 1, config.checkpoint_keep, False)
+    manager, restored, meta = training.restore_latest(factory(), state, modeldir, factory)
     if restored is not None:
         if {key: meta[key] for key in seeds} != seeds:
             raise SentcompError(f"The checkpoint in {modeldir} was trained with seeds {meta} but the config has {seeds}.")
         state = restored
         if parallel.is_main_process():
-            pretrain.truncate_metrics(modeldir, int(meta["step"]))
+            training.truncate_metrics(modeldir, int(meta["step"]))
     start = int(parallel.fetch(state["step"]))
-    train_step = pretrain.make_train_step(loss, lm.hidden_fn, optimizer, jax.numpy.float32, mesh)
+    train_step = training.make_train_step(loss, lm.hidden_fn, optimizer, jax.numpy.float32, mesh)
     gamma = synthetic.task_coverage(language)
     checkpoints = evaluation_steps(config.num_steps, config.evaluation.num_checkpoints)
     losses, train_seconds = [], 0.0
@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
         metrics = parallel.fetch(metrics)
         train_seconds += time.perf_counter() - began
         if not (np.isfinite(metrics["loss"]) and metrics["params_finite"]):
-            raise pretrain.TrainingDiverged(f"Training ({loss}) diverged at step {step + 1}: loss "
+            raise training.TrainingDiverged(f"Training ({loss}) diverged at step {step + 1}: loss "
                                             f"{float(metrics['loss'])}; lower optimizer.learning_rate.")
         losses.append(float(metrics["loss"]))
         bar.update(1)
@@ -168,14 +168,14 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
             row = {"step": done, "train_loss": float(np.mean(losses)), "train_seconds": train_seconds,
                    **evaluate(lm, state["params"], task, gamma, loss, config)}
             row["eval_seconds"] = time.perf_counter() - began
-            pretrain.append_metrics(modeldir, row)
-            pretrain.save_checkpoint(manager, state, {"step": done, **plan.position(done), **seeds})
+            training.append_metrics(modeldir, row)
+            training.save_checkpoint(manager, state, {"step": done, **plan.position(done), **seeds})
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", epsilon=f"{row['epsilon']['mean']:.2e}")
             losses, train_seconds = [], 0.0
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    return pretrain.read_metrics(modeldir)
+    return training.read_metrics(modeldir)
 
 
 # ------------------------------------------------------------------------------------------------ analysis

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import config_files, parallel, pretrain, runner
+from sentcomp import config_files, parallel, pretrain, runner, training
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 
@@ -48,9 +48,9 @@ def checkpoint_steps(workdir):
 def _train(config, mesh, steps=3):
     lm = pretrain.build_model(config)
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
-    optimizer = pretrain.make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
-    state = pretrain.initial_state(lm.params, optimizer, mesh)
-    step_fn = pretrain.make_train_step(config.loss, lm.hidden_fn, optimizer, pretrain.COMPUTE_DTYPES[config.compute_dtype], mesh)
+    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
+    state = training.initial_state(lm.params, optimizer, mesh)
+    step_fn = training.make_train_step(config.loss, lm.hidden_fn, optimizer, training.COMPUTE_DTYPES[config.compute_dtype], mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
@@ -170,7 +170,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 4, "checkpoint.every": 1,
                             "checkpoint.keep": 10})
-    with pytest.raises(pretrain.TrainingDiverged, match=r"Training diverged at step (\d+).*last good checkpoint "
+    with pytest.raises(training.TrainingDiverged, match=r"Training diverged at step (\d+).*last good checkpoint "
                                                         r"\(step \d+\) is kept.*Lower optimizer.learning_rate") as info:
         pretrain.run(config, tmp_path)
     diverged = int(info.value.args[0].split("step ")[1].split(":")[0])
