@@ -63,6 +63,8 @@ def get_config(arg=None):
     config.probe = ml_collections.ConfigDict(dict(
         protocol=args.protocol,
         multi_class="ovr",  # the authors' one-vs-rest (identical to multinomial for binary tasks)
+        # ... except their multinomial probes on SST-5's subset-word features ("task:column" cells)
+        multinomial_cells=("sst5:subset_logits", "sst5:subset_log_probs"),
         standardize=False,
         n_folds=5,
         seed=0,

@@ -187,17 +187,31 @@ class CellLog:
                 os.fsync(file.fileno())
 
 
+def check_multinomial_cells(cells: Sequence[str]) -> None:
+    """``probe.multinomial_cells`` entries are ``"task:column"`` with a known feature column."""
+    bad = [c for c in cells if c.count(":") != 1 or c.split(":")[1] not in FEATURE_COLUMNS]
+    if bad:
+        raise SentcompError(f"config.probe.multinomial_cells entries must be 'task:column' with a column of "
+                            f"{list(FEATURE_COLUMNS)}; got {bad}.")
+
+
+def cell_multi_class(probe_config, task_name: str, column: str) -> str:
+    """``probe.multi_class``, except multinomial for the ``task:column`` cells listed in
+    ``probe.multinomial_cells`` (the authors' one exception: SST-5's subset-word features)."""
+    return "multinomial" if f"{task_name}:{column}" in probe_config.multinomial_cells else probe_config.multi_class
+
+
 def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tuple[Split, Split],
-               probe_config) -> dict[str, Any]:
+               probe_config, multi_class: str) -> dict[str, Any]:
     """Test accuracy (and how it was chosen) of one probe; only JSON-ready numbers are kept."""
     (train_rows, test_rows), (train, test) = pair_rows, pair
     result = probe.evaluate(
         x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
-        multi_class=probe_config.multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
+        multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
         seed=probe_config.seed, max_iter=probe_config.max_iter,
     )
     keep = ("test_accuracy", "train_accuracy", "regularisation", "regularisation_name", "grid", "converged",
-            "iterations")
+            "iterations", "multi_class")
     return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
             "n_features": int(x.shape[1])}
 
@@ -300,13 +314,19 @@ def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], colum
                           ([row, *(format_accuracy(table.get(row, {}).get(c)) for c in columns)] for row in rows))
 
 
+def probe_modes(probe_config: dict) -> str:
+    """``"ovr"``, or ``"ovr; multinomial for sst5:subset_logits, …"`` when some cells are exceptions."""
+    exceptions = probe_config.get("multinomial_cells", ())
+    return probe_config["multi_class"] + (f"; multinomial for {', '.join(exceptions)}" if exceptions else "")
+
+
 def results_markdown(results: dict) -> str:
     rows = [row for task in results["tasks"] for row in (task["name"], task["name"] + "*")]
     parts = [
         f"# Table 1: linear probes on {results['model']} features",
         accuracy_table(results["table"], rows, results["columns"]),
         f"Test accuracy (%). `task*`: the task's prompt appended to every text. Probe protocol "
-        f"`{results['probe']['protocol']}` ({results['probe']['multi_class']}); mean ± std over the splits of "
+        f"`{results['probe']['protocol']}` ({probe_modes(results['probe'])}); mean ± std over the splits of "
         "tasks without an official split. Zero-shot: sentence completion with the label words (prompt rows only).",
         "## Data",
         markdown_table(["task", "N train", "N test", "splits", "prompt", "label words", "truncated texts"],
@@ -381,7 +401,8 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
                          "n_truncated": extracted["metadata"]["n_truncated"],
                          "n_tokens": extracted["metadata"]["n_tokens"]})
             for column, repeat in tqdm(todo, desc=f"probes {name}{'*' if with_prompt else ''}"):
-                cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe)
+                cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe,
+                                  cell_multi_class(config.probe, name, column))
                 kind, group = FEATURE_COLUMNS.get(column, (column, None))
                 log.add({"key": cell_key(name, with_prompt, column, repeat), "row": name + "*" * with_prompt,
                          "column": column, "repeat": repeat, "kind": kind,
@@ -424,6 +445,7 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir)
     if not config.tasks:
         raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
+    check_multinomial_cells(config.probe.multinomial_cells)
     datas = [prepare_task(name, config) for name in config.tasks]
     log = CellLog(workdir / CELLS_FILE)
     lm_cache: list = []

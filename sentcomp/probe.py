@@ -285,7 +285,7 @@ def evaluate(
     test_path = _path_accuracy(x_test, encoded["y_test"], coef[final], intercept[final])
     return {
         "protocol": protocol,
-        "multi_class": multi_class if protocol != "ridge" else "one-hot ridge",
+        "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",
         "classes": classes.tolist(),
         "regularisation_name": "alpha" if protocol == "ridge" else "C",
         "grid": grid.tolist(),

@@ -146,9 +146,12 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
                    "label_words": {"negative": ["bad"], "positive": ["good"]}, "files": {"train": str(tmp_path / "all.tsv")},
                    "splits": ["train"], "official_split": False, "subset_words": ["good", "bad", "fine"]}, overwrite=True)
     config = smoke_config(**{"tasks": ("table1_test_pooled",), "n_train": 0, "n_test": 0, "n_repeats": 3,
-                             "columns": ("f", "subset_logits", "class_logits")})
+                             "columns": ("f", "subset_logits", "class_logits"),
+                             "probe.multinomial_cells": ("table1_test_pooled:subset_logits",)})
     runner.run_program(config, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    modes = {(c["column"], c["multi_class"]) for c in results["cells"] if "column" in c and c["column"] != "zeroshot"}
+    assert modes == {("f", "ovr"), ("subset_logits", "multinomial")}  # no class words: no class_logits cells
     task = results["tasks"][0]
     assert (task["n_splits"], task["n_train"], task["n_test"]) == (3, 36, 4)
     entry = results["table"]["table1_test_pooled*"]["f"]
@@ -156,6 +159,7 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     assert entry["n_splits"] == 3 and entry["std"] == pytest.approx(np.std(accuracies))
     markdown = (tmp_path / "run" / "results.md").read_text()
     assert f"| table1_test_pooled* | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} |" in markdown
+    assert "(ovr; multinomial for table1_test_pooled:subset_logits)" in markdown
     assert "class-word logits" not in markdown  # the task has no class words: no such column
 
 
@@ -170,3 +174,5 @@ def test_subsample_is_stratified_and_seeded():
 def test_unknown_column_is_a_clear_error():
     with pytest.raises(Exception, match="Unknown feature columns"):
         evaluate.columns_for(get_task("sst2"), ["f", "bert_cls"])
+    with pytest.raises(Exception, match="multinomial_cells entries must be 'task:column'"):
+        evaluate.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
