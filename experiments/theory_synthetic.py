@@ -50,6 +50,7 @@ def get_config(arg=None):
     ))
     config.evaluation = ml_collections.ConfigDict(dict(
         num_checkpoints=6, num_documents=1000, train_fraction=0.5, seed=0,
+        probe_cv_metric="loss",  # probes pick C by held-out logistic loss, the quantity the bounds are about
         max_norms=(), penalties=(),  # the naturalness grids (empty = sentcomp.theory's defaults)
     ))
     config.checkpoint_keep = 2

@@ -37,6 +37,7 @@ PROTOCOLS = ("paper", "senteval", "mteb", "ridge")
 PAPER_LARGE_N = 10_000
 RIDGE_TOL = 1e-4  # relative preconditioned residual of the ridge CG solves (float32 Grams carry ~1e-7·κ anyway)
 RIDGE_PCG_MIN_ROWS_PER_FEATURE = 2
+CV_METRICS = ("accuracy", "loss")
 
 
 def paper_c_grid(n_train: int) -> np.ndarray:
@@ -195,11 +196,24 @@ def _fit(protocol, x_all, y_all, weights, grid, num_classes, folds, n_folds, n_t
     return _ridge_fits(moments, grid, weights.sum(axis=1), x_all.shape[1], standardize)
 
 
-def _path_accuracy(x, labels, coef, intercept) -> np.ndarray:
-    """Accuracy of every probe ``coef [L, d, K']`` on ``(x, labels)``: one product for the whole path (in JAX:
-    a numpy BLAS call right after a JAX computation competes with XLA's still-spinning threads)."""
-    predicted = kernels.predict_labels(kernels.linear_scores(x, coef, intercept))  # [L, N]
-    return np.mean(np.asarray(predicted) == labels, axis=-1)
+def _example_losses(protocol: str, num_classes: int, multi_class: str):
+    """Each example's loss under the probe's own objective, ``(scores [..., N, K'], labels [N]) -> [..., N]``:
+    binary or softmax cross-entropy, the sum of the K binary losses for one-vs-rest, the squared error to
+    ``ridge_targets`` for ridge."""
+    if protocol == "ridge":
+        return lambda scores, labels: np.sum(np.square(ridge_targets(labels, num_classes) - scores), axis=-1)
+    sigmoid = kernels.uses_sigmoid(num_classes, multi_class)
+    return lambda scores, labels: kernels.logistic_losses(
+        scores, kernels.logistic_targets(labels, num_classes, multi_class), sigmoid)
+
+
+def _path_scores(x, labels, coef, intercept, example_losses) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and mean loss ``[L]`` of every probe ``coef [L, d, K']`` on ``(x, labels)``: one product for
+    the whole path (in JAX: a numpy BLAS call right after a JAX computation competes with XLA's still-spinning
+    threads)."""
+    scores = kernels.linear_scores(x, coef, intercept)  # [L, N, K']
+    accuracy = np.mean(np.asarray(kernels.predict_labels(scores)) == labels, axis=-1)
+    return accuracy, np.mean(np.asarray(example_losses(scores, labels)), axis=-1)
 
 
 def evaluate(
@@ -219,15 +233,19 @@ def evaluate(
     seed: int = 0,
     max_iter: int = 1000,
     tol: float = 1e-4,
+    cv_metric: str = "accuracy",
 ) -> dict:
     """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
 
     ``x_*`` are ``[examples, features]`` arrays, ``y_*`` labels of any sortable type. ``folds`` (one fold
     index per training example) overrides the seeded stratified ``n_folds`` split (default 5); ``grid``
     overrides the protocol's C (or ridge α) grid; ``standardize`` standardises features with each split's own
-    training statistics. Returns a dict with ``test_accuracy``, ``train_accuracy`` (of the final probe),
-    ``regularisation`` (the chosen C or α, named by ``regularisation_name``), ``grid``, ``cv_scores``
-    (validation accuracy ``[grid, fold]``; one column for a dev set, none for ``"mteb"``), ``cv_mean``,
+    training statistics; ``cv_metric`` chooses the regularisation by the highest mean validation
+    ``"accuracy"`` (the paper's) or the lowest mean validation ``"loss"`` (the probe's own per-example loss:
+    logistic or squared error, see :func:`_example_losses`). Returns a dict with ``test_accuracy``,
+    ``test_loss``, ``train_accuracy`` (of the final probe), ``regularisation`` (the chosen C or α, named by
+    ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
+    a dev set, none for ``"mteb"``), ``cv_mean``,
     ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``,
     solver diagnostics (``solver``: lbfgs, pcg or eigh; ``converged``, ``iterations``, ``grad_norm``,
     ``objective`` of the final probe), and ``test_accuracy_per_regularisation`` — a diagnostic of the whole
@@ -237,6 +255,8 @@ def evaluate(
         raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
     if multi_class not in kernels.MULTI_CLASS_MODES:
         raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
+    if cv_metric not in CV_METRICS:
+        raise SentcompError(f"cv_metric must be one of {CV_METRICS}, got {cv_metric!r}")
     x_train, x_test = _features(x_train, "x_train"), _features(x_test, "x_test")
     y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
     sets = {"y_test": y_test}
@@ -276,13 +296,16 @@ def evaluate(
     )
     coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
 
+    losses = _example_losses(protocol, len(classes), multi_class)
     scored = [s for s in range(len(weights)) if validation[s].any()]
+    metric = CV_METRICS.index(cv_metric)
     cv_scores = np.array(
-        [_path_accuracy(x_all[validation[s]], y_all[validation[s]], coef[s], intercept[s]) for s in scored]
+        [_path_scores(x_all[validation[s]], y_all[validation[s]], coef[s], intercept[s], losses)[metric] for s in scored]
     ).T.reshape(len(grid), len(scored))
     cv_mean = cv_scores.mean(axis=1) if scored else np.full(len(grid), np.nan)
-    best = int(np.argmax(cv_mean)) if scored else 0
-    test_path = _path_accuracy(x_test, encoded["y_test"], coef[final], intercept[final])
+    best = (int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))) if scored else 0
+    test_path, test_losses = _path_scores(x_test, encoded["y_test"], coef[final], intercept[final], losses)
+    train_accuracy, _ = _path_scores(x_train, train_ids, coef[final, best][None], intercept[final, best][None], losses)
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",
@@ -291,11 +314,13 @@ def evaluate(
         "grid": grid.tolist(),
         "regularisation": float(grid[best]),
         "best_index": best,
+        "cv_metric": cv_metric,
         "cv_scores": cv_scores,
         "cv_mean": cv_mean,
         "folds": fold_ids,
         "test_accuracy": float(test_path[best]),
-        "train_accuracy": float(_path_accuracy(x_train, train_ids, coef[final, best][None], intercept[final, best][None])[0]),
+        "test_loss": float(test_losses[best]),
+        "train_accuracy": float(train_accuracy[0]),
         "test_accuracy_per_regularisation": test_path,
         "coef": coef[final, best],
         "intercept": intercept[final, best],

@@ -219,10 +219,11 @@ def tightest_bound(taus, norms, epsilon, gamma, quad: bool = False) -> tuple[flo
 # -------------------------------------------------------------------------------------- one model vs the truth
 
 
-def _probe_scores(train_x, train_y, test_x, test_y, seed) -> dict[str, float]:
+def _probe_scores(train_x, train_y, test_x, test_y, seed, cv_metric) -> dict[str, float]:
     """Held-out logistic loss and accuracy of the paper's probe (``sentcomp.probe.evaluate``, protocol
-    ``"paper"``: L2 logistic regression with intercept, C by 5-fold stratified CV on accuracy, no scaling)."""
-    fitted = probe.evaluate(train_x, train_y, test_x, test_y, protocol="paper", seed=seed)
+    ``"paper"``: L2 logistic regression with intercept, C by 5-fold stratified CV, no scaling), with C chosen
+    by CV ``cv_metric`` (``"accuracy"``, the paper's, or ``"loss"``)."""
+    fitted = probe.evaluate(train_x, train_y, test_x, test_y, protocol="paper", seed=seed, cv_metric=cv_metric)
     scores = np.asarray(test_x, np.float64) @ fitted["coef"][:, 0] + fitted["intercept"][0]
     return {"loss": logistic_loss(scores, test_y), "accuracy": fitted["test_accuracy"], "C": fitted["regularisation"]}
 
@@ -247,6 +248,7 @@ def evaluate_against_truth(
     seed: int = 0,
     max_norms=DEFAULT_MAX_NORMS,
     penalties=DEFAULT_PENALTIES,
+    probe_cv_metric: str = "accuracy",
 ) -> dict:
     """ε, downstream probes and the theory's bounds for one model on documents with exact p*.
 
@@ -258,6 +260,8 @@ def evaluate_against_truth(
       labels: ``[N]`` 0/1 task labels.
       gamma: coverage of the task contexts under p_L.
       objective: ``"xent"`` or ``"quad"`` (what the model was trained with; selects the f(s) bound).
+      probe_cv_metric: how the probes choose C: ``"accuracy"`` (the paper's) or ``"loss"`` (held-out logistic
+        loss, the quantity compared with the bounds: less noisy probe losses).
 
     Returns a JSON-ready dict: ``epsilon`` (E_{s~p_L} KL, with CI over documents), ``epsilon_task``
     (E_{s~p_T} KL), ``excess_quad`` (E_{s~p_L} ½‖Φᵀ(f−θ*)‖²), and per feature kind (``p_f``, ``phi_p_f``, ``f``,
@@ -303,7 +307,7 @@ def evaluate_against_truth(
     }
     for kind, values in task.items():
         results["features"][kind] = {"probe": _probe_scores(values[train], labels[train], values[test],
-                                                            labels[test], seed)}
+                                                            labels[test], seed, probe_cv_metric)}
 
     box = naturalness_frontier(task["p_star"][train], labels[train], max_norms)
     along_phi = phi_naturalness_frontier(task["p_star"][train], labels[train], phi64, penalties)

@@ -123,7 +123,8 @@ def evaluate(lm, params, task, gamma, loss, config) -> dict[str, Any]:
     current = lm.replace(params=parallel.fetch(params))
     grids = {name: tuple(config.evaluation[name]) for name in ("max_norms", "penalties") if config.evaluation[name]}
     return theory.evaluate_model_on_task(current, task, gamma, objective=loss, seed=config.evaluation.seed,
-                                         train_fraction=config.evaluation.train_fraction, **grids)
+                                         train_fraction=config.evaluation.train_fraction,
+                                         probe_cv_metric=config.evaluation.probe_cv_metric, **grids)
 
 
 def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.ndarray, task, mesh) -> list[dict]:

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifier
+from sklearn.metrics import log_loss
 
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
@@ -235,6 +236,31 @@ def test_ridge_protocol_matches_ridge_classifier(n_train, dim, num_classes, meth
     assert ridge["test_accuracy"] == pytest.approx(final.score(x_test.astype(np.float64), y_test), abs=1.01 / len(y_test))
 
 
+def test_cv_metric_loss_selects_by_held_out_loss(paper_data):
+    """``cv_metric="loss"``: each CV cell is the held-out log loss of sklearn's fit at that C (ridge: the mean
+    squared error to RidgeClassifier's ±1 targets), the choice is the lowest mean, ``test_loss`` is the final
+    probe's."""
+    x_train, y_train, x_test, y_test = (np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in paper_data)
+    ours = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper", cv_metric="loss")
+    folds = ours["folds"]
+    for l in (2, 5, 8):
+        for f in (0, 3):
+            train, held = folds != f, folds == f
+            sk = LogisticRegression(C=ours["grid"][l], tol=1e-10, max_iter=10_000).fit(x_train[train], y_train[train])
+            assert ours["cv_scores"][l, f] == pytest.approx(log_loss(y_train[held], sk.predict_proba(x_train[held])), rel=1e-3)
+    assert ours["cv_metric"] == "loss" and ours["best_index"] == int(np.argmin(ours["cv_scores"].mean(1)))
+    final = LogisticRegression(C=ours["regularisation"], tol=1e-10, max_iter=10_000).fit(x_train, y_train)
+    assert ours["test_loss"] == pytest.approx(log_loss(y_test, final.predict_proba(x_test)), rel=1e-3)
+
+    ridge = probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge", cv_metric="loss")
+    for l in (0, 6):
+        train, held = ridge["folds"] != 1, ridge["folds"] == 1
+        sk = RidgeClassifier(alpha=ridge["grid"][l]).fit(x_train[train], y_train[train])
+        expected = np.mean(np.square(2.0 * y_train[held] - 1.0 - sk.decision_function(x_train[held])))
+        assert ridge["cv_scores"][l, 1] == pytest.approx(expected, rel=1e-4)
+    assert ridge["best_index"] == int(np.argmin(ridge["cv_scores"].mean(1)))
+
+
 def test_stratified_folds_are_balanced_and_seeded():
     labels = np.repeat([0, 1, 2], [50, 31, 7])
     folds = probe.stratified_folds(labels, 5, seed=3)
@@ -262,6 +288,7 @@ def test_bad_inputs_raise_one_clear_error():
         (dict(folds=np.zeros(40, int)), "folds"),
         (dict(grid=[1.0, -1.0]), "positive"),
         (dict(multi_class="auto"), "multi_class"),
+        (dict(cv_metric="f1"), "cv_metric must be one of"),
     ]
     for change, message in cases:
         args = dict(x_train=x, y_train=y, x_test=x, y_test=y) | change

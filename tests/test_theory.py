@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from sentcomp import theory
+from sentcomp import probe, theory
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 
@@ -139,6 +139,20 @@ def test_evaluate_against_truth_holds_the_bound_and_improves_with_epsilon(task, 
     # The exact model's features carry p* itself: its probe does as well as the truth's.
     best = "p_f" if objective == "xent" else "f"
     assert abs(exact["features"][best]["probe"]["loss"] - exact["features"]["p_star"]["probe"]["loss"]) < 2e-3
+
+
+def test_probes_can_choose_c_by_held_out_loss(task):
+    """``probe_cv_metric="loss"``: the p* probe is sentcomp.probe's loss-tuned one on the same documents."""
+    language, data = task
+    labels = np.asarray(data.labels)
+    features, phi = _model_near_truth(data, "xent", 0.0, seed=3)
+    result = theory.evaluate_against_truth(features, phi, data.truth.log_next, labels,
+                                           synthetic.task_coverage(language), probe_cv_metric="loss")
+    train, test = theory._train_test_split(len(labels), 0.5, 0)
+    p_star = np.exp(np.asarray(data.truth.log_next, np.float64)[:, -1])
+    direct = probe.evaluate(p_star[train], labels[train], p_star[test], labels[test], cv_metric="loss")
+    assert result["features"]["p_star"]["probe"]["C"] == direct["regularisation"]
+    assert result["features"]["p_star"]["probe"]["loss"] == pytest.approx(direct["test_loss"], rel=1e-4)
 
 
 class _OracleModel:

@@ -24,11 +24,14 @@ from sentcomp.kernels.probe import (
     RidgeMoments,
     kfold_ridge_moments,
     linear_scores,
+    logistic_losses,
     logistic_objective,
     logistic_regression_grid,
+    logistic_targets,
     predict_labels,
     ridge_grid,
     ridge_moments,
+    uses_sigmoid,
     weighted_standardisation,
 )
 
@@ -56,10 +59,13 @@ __all__ = [
     "RidgeMoments",
     "kfold_ridge_moments",
     "linear_scores",
+    "logistic_losses",
     "logistic_objective",
     "logistic_regression_grid",
+    "logistic_targets",
     "predict_labels",
     "ridge_grid",
     "ridge_moments",
+    "uses_sigmoid",
     "weighted_standardisation",
 ]

@@ -98,7 +98,8 @@ def logistic_columns(num_classes: int, multi_class: str) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-def _uses_sigmoid(num_classes: int, multi_class: str) -> bool:
+def uses_sigmoid(num_classes: int, multi_class: str) -> bool:
+    """Whether a logistic probe's columns are sigmoids (binary, or one-vs-rest) rather than one softmax."""
     return num_classes == 2 or multi_class == "ovr"
 
 
@@ -120,7 +121,7 @@ def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax
 def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial"):
     """sklearn's objective ``C Σ_i w_i ℓ(x_iᵀW + b, y_i) + ½‖W‖²`` of one probe on raw features."""
     targets = logistic_targets(labels, num_classes, multi_class)
-    losses = logistic_losses(linear_scores(x, coef, intercept), targets, _uses_sigmoid(num_classes, multi_class))
+    losses = logistic_losses(linear_scores(x, coef, intercept), targets, uses_sigmoid(num_classes, multi_class))
     return c * jnp.dot(weights, losses) + 0.5 * jnp.sum(jnp.square(coef))
 
 
@@ -239,7 +240,7 @@ def logistic_regression_grid(
     x = jnp.asarray(x, jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)
     c_grid = jnp.asarray(c_grid, jnp.float32)
-    sigmoid = _uses_sigmoid(num_classes, multi_class)
+    sigmoid = uses_sigmoid(num_classes, multi_class)
     columns = logistic_columns(num_classes, multi_class)
     targets = logistic_targets(labels, num_classes, multi_class)
     curvature = 0.25 if sigmoid else 1.0 / num_classes
