@@ -36,7 +36,8 @@ def tiny_byte_bpe(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def tiny_hf_llama(directory: Path, tie_word_embeddings: bool, vocab_size: int = 301, seed: int = 0):
+def tiny_hf_llama(directory: Path, tie_word_embeddings: bool, vocab_size: int = 301, seed: int = 0,
+                  rope_scaling: dict | None = None):
     """A random ``LlamaForCausalLM`` with grouped-query attention and odd sizes, saved with ``save_pretrained``
     (with its tokenizer) in ``directory``; weights are scaled up (std 0.3, random norm gains) so that errors
     would show in the logits. Returns the PyTorch model."""
@@ -51,7 +52,7 @@ def tiny_hf_llama(directory: Path, tie_word_embeddings: bool, vocab_size: int = 
         num_attention_heads=6,
         num_key_value_heads=2,
         head_dim=6,
-        rope_theta=500.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0, **(rope_scaling or {})},
         rms_norm_eps=1e-5,
         max_position_embeddings=64,
         initializer_range=0.3,

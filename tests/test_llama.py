@@ -34,6 +34,26 @@ def test_logits_match_hf_llama_with_gqa_odd_sizes_and_right_padding(tmp_path, ti
     np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 3.0},
+    # head_dim 6, θ = 500: wavelengths 6.3, 50 and 395 tokens, one in each llama3 regime for a context of 32
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+])
+def test_rope_scaling_matches_hf(tmp_path, scaling):
+    """Scaled rotary frequencies (Llama 3.1's llama3, linear) over 60 positions: logits as HF's, and not
+    those of the unscaled model with the same weights."""
+    model = tiny_hf_llama(tmp_path / "scaled", tie_word_embeddings=False, rope_scaling=scaling)
+    plain = tiny_hf_llama(tmp_path / "plain", tie_word_embeddings=False)
+    lm = load(str(tmp_path / "scaled"))
+    assert lm.config.rope_type == scaling["rope_type"] and lm.config.rope_factor == scaling["factor"]
+    ids = (np.arange(60)[None] * 7 + 3) % 301
+    mask = np.ones_like(ids)
+    expected = hf_logits(model, ids, mask)
+    np.testing.assert_allclose(our_logits(lm, ids, mask), expected, atol=1e-4, rtol=0)
+    assert np.abs(expected - hf_logits(plain, ids, mask)).max() > 0.1
+
+
 def test_quad_head_starts_as_the_pretrained_model(tmp_path):
     tiny_hf_llama(tmp_path, tie_word_embeddings=True)
     plain, quad = load(str(tmp_path)), load(str(tmp_path), quad_head=True)
@@ -72,8 +92,10 @@ def test_random_init_features_do_not_depend_on_padding_or_sharding():
 
 def test_config_errors_are_clear():
     base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
-    with pytest.raises(SentcompError, match="llama3"):
-        llama.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(SentcompError, match="'yarn' is not implemented"):
+        llama.config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+    with pytest.raises(SentcompError, match="low_freq_factor < high_freq_factor"):
+        llama.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 4.0}})
     with pytest.raises(SentcompError, match="multiple of num_key_value_heads"):
         llama.config_from_hf({**base, "num_key_value_heads": 3, "num_attention_heads": 4})
     with pytest.raises(SentcompError, match="intermediate_size"):

@@ -9,7 +9,8 @@ Attention is causal, masks padded keys, and uses grouped-query attention: ``num_
 ``num_kv_heads`` key/value heads (``num_heads / num_kv_heads`` queries per group). Queries and keys are rotated
 by rotary position embeddings in Hugging Face's half-split convention: for a head vector ``x = [x₁, x₂]``
 (two halves), ``rope(x, p) = x ⊙ cos(p·ω) + [−x₂, x₁] ⊙ sin(p·ω)`` with ``ω_i = base^(−2i/head_dim)``
-(repeated over both halves). Positions count the real tokens (``cumsum(mask) − 1``), so right padding changes
+(repeated over both halves), optionally rescaled (``linear``, or Llama 3.1's ``llama3``:
+:func:`rotary_inverse_frequencies`). Positions count the real tokens (``cumsum(mask) − 1``), so right padding changes
 nothing, and left padding gives the same features as no padding.
 
 The sentcomp view (``sentcomp.models.base.LanguageModel``):
@@ -40,6 +41,9 @@ from sentcomp.models import hf
 from sentcomp.models.base import LanguageModel
 
 FAMILY = "llama"
+ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_SCALING_DEFAULTS = {"factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}  # Hugging Face rope_parameters keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,12 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     quad_head: bool = False  # the paper's Quad architecture: a d×d linear layer (with bias) after the final norm
+    # Rotary frequency scaling (Hugging Face's rope_parameters): "default" (none), "linear" or "llama3".
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position_embeddings: int = 8192  # llama3 only
 
 
     def __post_init__(self):
@@ -72,6 +82,13 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise SentcompError(f"head_dim={self.head_dim} must be even for rotary position embeddings.")
+        if self.rope_type not in ROPE_TYPES:
+            raise SentcompError(
+                f"Rotary scaling type {self.rope_type!r} is not implemented in sentcomp's Llama; it implements "
+                f"{ROPE_TYPES}. Use a model with one of those."
+            )
+        if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise SentcompError("llama3 rope scaling needs low_freq_factor < high_freq_factor.")
 
     @property
     def kv_groups(self) -> int:
@@ -82,15 +99,15 @@ class LlamaConfig:
 def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (transformers 4 or 5 style).
 
-    Rotary scaling variants (Llama 3.1 ``llama3``, ``linear``, ``yarn``, ...) are not implemented and are
-    rejected rather than silently ignored.
+    Rotary scaling: ``default``, ``linear`` and Llama 3.1's ``llama3``; other variants (``yarn``, ``dynamic``,
+    ...) are rejected rather than silently ignored.
     """
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ROPE_TYPES:
         raise SentcompError(
-            f"Rotary scaling type {rope_type!r} is not implemented in sentcomp's Llama (only plain RoPE, "
-            "rope_type 'default'); use a model without rope scaling."
+            f"Rotary scaling type {rope_type!r} is not implemented in sentcomp's Llama; it implements "
+            f"{ROPE_TYPES}. Use a model with one of those."
         )
     activation = config.get("hidden_act", "silu")
     if activation != "silu":
@@ -111,6 +128,8 @@ def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
+            rope_type=rope_type,
+            **{f"rope_{key}": type(default)(rope[key]) for key, default in ROPE_SCALING_DEFAULTS.items() if key in rope},
         )
     except KeyError as error:
         raise SentcompError(f"Llama config is missing the key {error.args[0]!r}.") from None
@@ -119,11 +138,27 @@ def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
 # ----------------------------------------------------------------------------------------------- the network
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """``cos(p·ω), sin(p·ω)``, shape ``positions.shape + (head_dim,)``; ``ω_i = base^(−2i/head_dim)``, repeated
-    over both halves of the head."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+def rotary_inverse_frequencies(c: LlamaConfig) -> np.ndarray:
+    """The rotary frequencies ``ω [head_dim/2]``: ``ω_i = θ^(−2i/head_dim)``, rescaled by ``c.rope_type``.
+
+    ``linear``: ``ω/factor``. ``llama3`` (Llama 3.1): with wavelength ``λ = 2π/ω`` and original context ``L``,
+    ``ω/factor`` where ``λ > L/low_freq_factor``, ``ω`` where ``λ < L/high_freq_factor``, and in between
+    ``(1 − s)·ω/factor + s·ω`` with ``s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor)``.
+    """
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+    if c.rope_type == "linear":
+        return inv_freq / c.rope_factor
+    if c.rope_type == "llama3":
+        context, low, high = c.rope_original_max_position_embeddings, c.rope_low_freq_factor, c.rope_high_freq_factor
+        wavelength = 2 * np.pi / inv_freq
+        smooth = np.clip((context / wavelength - low) / (high - low), 0.0, 1.0)
+        return (1.0 - smooth) * inv_freq / c.rope_factor + smooth * inv_freq
+    return inv_freq
+
+
+def rotary_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``cos(p·ω), sin(p·ω)``, shape ``positions.shape + (head_dim,)``, ω repeated over both halves of the head."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -223,7 +258,7 @@ class LlamaModel(nn.Module):
         if not c.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+        cos, sin = rotary_cos_sin(positions, rotary_inverse_frequencies(c))
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
