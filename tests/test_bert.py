@@ -89,6 +89,7 @@ def test_paper_baseline_feature_with_prompt_matches_transformers(tmp_path):
 
 def test_offline_minilm_has_no_mlm_head_and_falls_back(tmp_path):
     lm = load("all-minilm-l6-v2")
+    assert lm.name == "all-minilm-l6-v2"  # named by the alias, not the resolved directory
     assert lm.family == "bert" and lm.config.hidden_size == 384 and not bert.has_mlm_head(lm.params)
     texts = ["the movie was wonderful", "the plot made no sense at all"]
     with pytest.warns(UserWarning, match="no masked-LM head.*pooling='cls'"):

@@ -47,10 +47,12 @@ def family_module(model_type: str):
 def load(source: str, **options) -> LanguageModel:
     """Loads a language model from a Hub name, a local HF directory, a GGUF file or an alias.
 
-    ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2).
+    ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2). A model loaded by alias
+    is named by the alias (progress bars, result files), not by the file it resolves to.
     """
-    source = ALIASES.get(source, source)
-    source = source() if callable(source) else source
+    if source in ALIASES:
+        resolved = ALIASES[source]
+        return load(resolved() if callable(resolved) else resolved, **options).replace(name=source)
     if source.endswith(".gguf"):
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
     model_dir = hf.resolve_hub_or_dir(source)
