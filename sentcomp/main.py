@@ -23,6 +23,7 @@ import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sentcomp import config_files, parallel, runner, sweep
@@ -89,7 +90,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     config = None
     try:
         config = check_config_flags(argv[1:])
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
+        if flags.FLAGS["verbosity"].using_default_value:  # else app.run turns on INFO, where Orbax logs every
+            flags.FLAGS.verbosity = absl_logging.WARNING  # checkpoint step at length; --verbosity=0 shows it
+        return remaining
     except SentcompError as error:
         _fail(error)
     except flags.Error as error:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from sentcomp import config_files, parallel
 from sentcomp.errors import SentcompError
@@ -122,7 +123,9 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     if parallel.is_main_process():
         write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
     parallel.sync("sentcomp_workdir_ready")
+    logging.info("Running %s in %s", config.program, workdir)
     returned = program.run(config, workdir)
     if parallel.is_main_process():
         write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
+    logging.info("Finished %s in %s", config.program, workdir)
     return returned

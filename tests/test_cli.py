@@ -2,6 +2,7 @@
 a workdir holding a different run), one-line errors with exit code 2, resume, sweeps; config-file helpers."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,10 @@ def error_line(result):
 def test_override_runs_and_records_config(tmp_path):
     result = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=16")
     assert result.returncode == 0, result.stderr[-2000:]
+    info_lines = re.compile(r"^I\d{4} ", re.M)  # absl's INFO prefix: hidden unless --verbosity=0 asks for it
+    assert not info_lines.search(result.stderr), result.stderr[-2000:]
+    verbose = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path / 'verbose'}", "--verbosity=0")
+    assert verbose.returncode == 0 and info_lines.search(verbose.stderr), verbose.stderr[-2000:]
     assert json.loads((tmp_path / "config.json").read_text())["dim"] == 16
     done = json.loads((tmp_path / "done.json").read_text())
     assert done == json.loads((tmp_path / "results.json").read_text())  # headline = the program's return
