@@ -24,8 +24,9 @@ Ridge (sklearn's ``Ridge``)::
 
     minimise_{W, b}   Σ_i w_i ‖y_i − x_iᵀW − b‖²  +  α‖W‖²_F
 
-with one-hot (or ±1) targets ``y_i``: one eigendecomposition of the centered Gram matrix per split, then
-every α for one rescale of the eigenvalues.
+with one-hot (or ±1) targets ``y_i``: one eigendecomposition of the refit's centered Gram matrix, then
+preconditioned conjugate gradients for every split × α (``method="pcg"``), or one eigendecomposition per
+split and every α for one rescale of its eigenvalues (``method="eigh"``).
 
 Standardisation (optional): features are mapped to ``(x − m_s)/σ_s`` with the weighted mean and standard
 deviation of split ``s``'s own training rows, the penalty acts on the standardised weights, and the returned
@@ -395,19 +396,12 @@ def centered_ridge(moments: RidgeMoments, standardize: bool) -> CenteredRidge:
     return CenteredRidge(gram, cross, mean_x + moments.offset, mean_y, scale, target_ss)
 
 
-def _spectral_solve(eigvals, eigvecs, rhs, shifts):
-    """``U diag(1/(e_s + α_l)) Uᵀ rhs[s, l]`` for ``eigvals [S, d]``, ``rhs [S, L, d, T]``, ``shifts [L]`` and
-    ``eigvecs`` per split ``[S, d, d]`` or shared ``[d, d]``: the ridge solve in a known eigenbasis."""
-    basis = "sde" if eigvecs.ndim == 3 else "de"
-    rotated = jnp.einsum(f"{basis},sldt->slet", eigvecs, rhs)
-    return jnp.einsum(f"{basis},slet->sldt", eigvecs, rotated / (eigvals[:, None, :, None] + shifts[None, :, None, None]))
-
-
 def _eigh_solutions(problem: CenteredRidge, alphas):
     """Every split's own ``eigh``: ``W_s(α) = U_s diag(1/(e_s + α)) U_sᵀ B_s``. Residuals are taken as 0."""
     eigvals, eigvecs = jnp.linalg.eigh(problem.gram)
-    rhs = jnp.broadcast_to(problem.cross[:, None], (problem.cross.shape[0], alphas.shape[0]) + problem.cross.shape[1:])
-    solution = _spectral_solve(jnp.maximum(eigvals, 0.0), eigvecs, rhs, alphas)
+    rotated = jnp.einsum("sde,sdt->set", eigvecs, problem.cross)  # UᵀB
+    shrunk = rotated[:, None] / (jnp.maximum(eigvals, 0.0)[:, None, :, None] + alphas[None, :, None, None])
+    solution = jnp.einsum("sde,slet->sldt", eigvecs, shrunk)
     zeros = jnp.zeros(solution.shape[:2], jnp.float32)
     return solution, jnp.zeros_like(solution), zeros, zeros.astype(jnp.int32)
 
@@ -437,7 +431,8 @@ def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: 
     def row_dot(a, b):
         return jnp.sum(a * b, axis=-1)  # [S, L, T]
 
-    rhs = jnp.broadcast_to(jnp.swapaxes(problem.cross, 1, 2)[:, None], inverse_spectrum.shape[:2] + problem.cross.shape[2:0:-1])
+    num_splits, dim, columns = problem.cross.shape
+    rhs = jnp.broadcast_to(jnp.swapaxes(problem.cross, 1, 2)[:, None], (num_splits, alphas.shape[0], columns, dim))
     start = precondition(rhs)
     rhs_norm = jnp.maximum(row_dot(rhs, start), jnp.finfo(jnp.float32).tiny)
     residual = rhs - apply(start)
