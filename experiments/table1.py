@@ -60,6 +60,7 @@ def get_config(arg=None):
     config.max_length = 512  # the paper's; longer documents lose their beginning, never the prompt
     config.truncation = "start"
     config.batch_size = 32
+    config.compute_dtype = "float32"  # the LM's forward pass: "bfloat16" halves its memory (TPU/GPU fast path)
     config.probe = ml_collections.ConfigDict(dict(
         protocol=args.protocol,
         multi_class="ovr",  # the authors' one-vs-rest (identical to multinomial for binary tasks)

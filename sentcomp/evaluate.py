@@ -368,7 +368,7 @@ def prepare_task(name: str, config) -> TaskData:
 
 def _extraction_options(config, workdir: Path) -> dict:
     return dict(max_length=config.max_length, batch_size=config.batch_size, truncation=config.truncation,
-                cache_dir=workdir / "features")
+                compute_dtype=config.compute_dtype, cache_dir=workdir / "features")
 
 
 def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> dict:

@@ -62,9 +62,8 @@ from sentcomp import parallel
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2, tokenizers
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
 from sentcomp.training import (
-    COMPUTE_DTYPES,
     LOSSES,
     DataPlan,
     TrainingDiverged,

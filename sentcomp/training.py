@@ -28,9 +28,9 @@ from sentcomp import kernels, parallel
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
+from sentcomp.models.base import cast_floats
 
 LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DECAYS = ("cosine", "linear")
 METRICS_FILE = "metrics.jsonl"
 
@@ -75,10 +75,6 @@ def make_optimizer(opt, num_steps: int, params, freeze_phi: bool) -> optax.Gradi
 
 
 # ---------------------------------------------------------------------------------------------- the step
-
-
-def cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def batch_loss(loss_name: str, hidden_fn, params, tokens: jax.Array, mask: jax.Array, compute_dtype) -> jax.Array:

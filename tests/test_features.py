@@ -1,10 +1,11 @@
 """Feature extraction: word sets, prompt/truncation, float64 references, sharding/batching invariance, cache."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sentcomp import features, parallel
+from sentcomp import features, kernels, parallel
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 
@@ -163,6 +164,22 @@ def test_full_p_f_goes_to_disk_and_cache_resumes(lm, tmp_path, monkeypatch, base
     assert features.extract_features(retrained, TEXTS, ("f",), **options)["metadata"]["computed_chunks"] == [0, 1, 2, 3]
 
 
+def test_bfloat16_forward_pass_is_close_and_cached_apart(lm, baseline, tmp_path):
+    """``compute_dtype="bfloat16"``: the model (Φ included) runs in bf16, f(s) lands within a few % of
+    float32's, and every kernel after it computes in float32; the two dtypes never share a cache entry."""
+    bf16 = features.extract_features(lm, TEXTS, SMALL_KINDS, words=WORDS, prompt=PROMPT, batch_size=8,
+                                     vocab_chunk=5000, compute_dtype="bfloat16", cache_dir=tmp_path, progress=False)
+    f32 = features.extract_features(lm, TEXTS, ("f",), prompt=PROMPT, batch_size=8, cache_dir=tmp_path, progress=False)
+    assert bf16["metadata"]["cache_dir"] != f32["metadata"]["cache_dir"] and bf16["metadata"]["compute_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(f32["f"], baseline["f"])
+    assert all(bf16[kind].dtype == np.float32 for kind in SMALL_KINDS)
+    error = np.linalg.norm(bf16["f"] - baseline["f"]) / np.linalg.norm(baseline["f"])
+    assert 1e-4 < error < 3e-2, error  # bf16 really ran (not a silent float32 pass), and stayed close
+    phi_bf16 = jnp.asarray(lm.phi).astype(jnp.bfloat16).astype(jnp.float32)
+    float32_kernel = kernels.conditional_mean_features(jnp.asarray(bf16["f"]), phi_bf16, 5000)
+    np.testing.assert_allclose(bf16["phi_p_f"], np.asarray(float32_kernel), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_requests_are_clear_errors(lm, tmp_path):
     with pytest.raises(SentcompError, match="Unknown feature kinds"):
         features.extract_features(lm, TEXTS, ("f", "logits"))
@@ -174,5 +191,7 @@ def test_bad_requests_are_clear_errors(lm, tmp_path):
         features.extract_features(lm, ["fine", ""], ("f",))
     with pytest.raises(SentcompError, match="truncation must be one of"):
         features.extract_features(lm, TEXTS, ("f",), truncation="middle")
+    with pytest.raises(SentcompError, match="compute_dtype must be one of"):
+        features.extract_features(lm, TEXTS, ("f",), compute_dtype="float16")
     with pytest.raises(SentcompError, match="no room left"):
         features.extract_features(lm, TEXTS, ("f",), prompt=" word" * 40)

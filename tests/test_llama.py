@@ -11,6 +11,7 @@ from llama_testing import SENTENCES, hf_logits, tiny_hf_llama
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.models import llama, load
+from sentcomp.models.base import cast_floats
 
 
 def our_logits(lm, token_ids, attention_mask) -> np.ndarray:
@@ -88,6 +89,20 @@ def test_random_init_features_do_not_depend_on_padding_or_sharding():
     batch_mask = (np.arange(9) < np.arange(batch.shape[0])[:, None] % 9 + 1).astype(np.int32)
     sharded = lm.hidden_fn(parallel.replicate(lm.params, mesh), *parallel.shard_batch((batch, batch_mask), mesh))
     np.testing.assert_allclose(sharded, lm.hidden(batch, batch_mask), atol=1e-5)
+
+
+def test_bfloat16_parameters_run_close_to_float32(tmp_path):
+    """The forward pass with bf16-cast parameters (``extract_features(compute_dtype="bfloat16")``) runs (the
+    residual stream stays bf16 through the layer scan) within a few % of float32's hidden states."""
+    tiny_hf_llama(tmp_path, tie_word_embeddings=False)
+    lm = load(str(tmp_path))
+    batch = lm.tokenizer(SENTENCES, padding=True, return_tensors="np")
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    full = np.asarray(lm.hidden_fn(lm.params, ids, mask))
+    half = lm.hidden_fn(cast_floats(lm.params, jnp.bfloat16), ids, mask)
+    real = batch["attention_mask"].astype(bool)
+    error = np.linalg.norm(np.asarray(half, np.float32)[real] - full[real]) / np.linalg.norm(full[real])
+    assert 1e-4 < error < 5e-2, error  # bf16 really ran, and stayed close
 
 
 def test_config_errors_are_clear():

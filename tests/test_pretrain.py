@@ -18,6 +18,7 @@ from flax import traverse_util
 from sentcomp import config_files, parallel, pretrain, runner, training
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
+from sentcomp.models.base import COMPUTE_DTYPES
 
 SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke"
 TINY = {  # a 2-layer d=32 byte-level GPT-2, 16 steps of 8 × 32 tokens
@@ -50,7 +51,7 @@ def _train(config, mesh, steps=3):
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
     optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
     state = training.initial_state(lm.params, optimizer, mesh)
-    step_fn = training.make_train_step(config.loss, lm.hidden_fn, optimizer, training.COMPUTE_DTYPES[config.compute_dtype], mesh)
+    step_fn = training.make_train_step(config.loss, lm.hidden_fn, optimizer, COMPUTE_DTYPES[config.compute_dtype], mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):

@@ -7,8 +7,15 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 HiddenFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # what a model may run in
+
+
+def cast_floats(tree, dtype):
+    """The pytree with every floating-point leaf cast to ``dtype`` (integer leaves untouched)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

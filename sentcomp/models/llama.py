@@ -233,11 +233,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, _):
-        x, cos, sin, bias = carry
+        stream, cos, sin, bias = carry
         c = self.config
-        x = x + Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), cos, sin, bias)
+        x = stream + Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(stream), cos, sin, bias)
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
-        return (x, cos, sin, bias), None
+        # float32 rotary tables promote a bf16 model's activations; the residual stream keeps the params' dtype
+        return (x.astype(stream.dtype), cos, sin, bias), None
 
 
 class LlamaModel(nn.Module):
