@@ -73,6 +73,22 @@ def test_hidden_states_and_logits_match_transformers(tmp_path, name, safe_serial
     np.testing.assert_array_equal(np.asarray(lm.phi), hf_model.lm_head.weight.detach().numpy())
 
 
+def test_left_padding_gives_the_unpadded_features():
+    """Positions count real tokens: a left-padded row's features equal the same text alone (HF would need
+    explicit position_ids for that)."""
+    lm = gpt2.init(gpt2.gpt2_config(n_embd=24, n_head=3, n_layer=2, n_positions=32, initializer_range=0.3), rng=1)
+    rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:3]]
+    width = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    assert mask.min() == 0, "the batch must contain left padding"
+    padded = np.asarray(lm.hidden(ids, mask))
+    for i, row in enumerate(rows):
+        alone = np.asarray(lm.hidden(np.array([row]), np.ones((1, len(row)), np.int32)))[0]
+        np.testing.assert_allclose(padded[i, width - len(row):], alone, atol=1e-5)
+
+
 def test_save_hf_round_trips_through_transformers(tmp_path):
     lm = gpt2.init(gpt2.gpt2_config(vocab_size=50257, n_embd=16, n_head=2, n_layer=1, n_positions=8,
                                     initializer_range=0.3), rng=3)

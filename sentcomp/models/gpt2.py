@@ -18,8 +18,9 @@ Public API:
   - :func:`hidden_fn`, :func:`phi_fn`, :func:`logits_fn`: the pure functions (``lm.hidden_fn`` is
     ``functools.partial(hidden_fn, config)``).
 
-Padding: ``attention_mask`` marks real tokens; pad keys are never attended to. Positions are ``0..T-1`` as in HF
-(use right padding, as sentcomp.features does).
+Padding: ``attention_mask`` marks real tokens; pad keys are never attended to. Positions count the real tokens
+(``cumsum(mask) − 1``, HF's convention when generating): with right padding (sentcomp.features') they are HF's
+``0..T-1``, and left padding gives the same features as no padding.
 """
 
 from __future__ import annotations
@@ -207,9 +208,9 @@ class GPT2(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         mask = attention_mask.astype(bool)
-        positions = jnp.arange(token_ids.shape[1])
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         x = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, name="wte")(token_ids)
-        x = x + nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")(positions)[None]
+        x = x + nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")(positions)
         for i in range(cfg.n_layer):
             x = Block(cfg, i, name=f"h_{i}")(x, mask)
         x = _layer_norm(cfg, "ln_f")(x)
