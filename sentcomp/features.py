@@ -35,9 +35,10 @@ filesystem stays consistent).
 
 **Cache and resume**: with ``cache_dir``, results live in ``cache_dir/<key>/`` where the key hashes the model
 (name, config, parameter values), the tokenizer's definition, prompt, truncation, max length, compute dtype,
-chunk size and the texts. Each chunk of ``chunk_size`` texts is written as ``<kind>.<chunk>.npy`` (word kinds are suffixed
-with a hash of their word ids) as soon as it is done, so an interrupted run resumes where it stopped and a
-later call asking for more kinds only computes the missing ones. ``manifest.json`` records what the key means.
+chunk size and the texts. Each chunk of ``chunk_size`` texts is written as ``<kind>.<chunk>.npy`` (word kinds
+are suffixed with a hash of their word ids) as soon as it is done, so an interrupted run resumes where it
+stopped and a later call asking for more kinds only computes the missing ones. ``manifest.json`` records what
+the key means.
 
 Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name``, ``lm.config`` and
 ``lm.max_length`` are used, so any model family works.
