@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/probe.py                       # 6,920 × 768, 2 and 5 classes (sklearn: minutes)
     .venv/bin/python benchmarks/probe.py --features f.npz      # real features: x_train, y_train, x_test, y_test
     .venv/bin/python benchmarks/probe.py --quick               # 1,000 × 128, for a fast look
+    .venv/bin/python benchmarks/probe.py --skip-logistic --ridge-breakdown   # ridge, and where its time goes
 
 1. Logistic regression, ``protocol="paper"``: 10 Cs (10⁻⁶..10³) × 5 stratified folds + the refit, via
    ``sentcomp.probe.evaluate`` vs sklearn ``LogisticRegressionCV(lbfgs, Cs=same grid, cv=same folds,
@@ -90,6 +91,41 @@ def compare(name, protocol, sklearn_fn, data):
           f"test accuracy difference {100 * (ours['test_accuracy'] - sk_acc):+.2f} points", flush=True)
 
 
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # compile / warm up
+    return float(np.median([_timed(fn)[1] for _ in range(repeats)]))
+
+
+def ridge_breakdown(data) -> None:
+    """Where ``evaluate(protocol="ridge")``'s time goes, piece by piece, next to one sklearn fit (50× the
+    whole protocol means about one sklearn fit per protocol: sklearn does 51)."""
+    import jax
+    from sklearn.linear_model import RidgeClassifier
+
+    from sentcomp import kernels
+    from sentcomp.kernels.probe import centered_ridge
+
+    x_train, y_train, x_test, y_test = data
+    classes = np.unique(y_train)
+    labels = np.searchsorted(classes, y_train)
+    folds = probe.stratified_folds(labels, 5)
+    layout = probe._folded(x_train, probe.ridge_targets(labels, len(classes)), folds, 5)
+    grid = probe.default_grid("ridge", len(x_train))
+    moments = kernels.kfold_ridge_moments(*layout)
+    gram = centered_ridge(moments, False).gram[-1]
+    pieces = {
+        "fold Gram matrices and moments": lambda: jax.block_until_ready(kernels.kfold_ridge_moments(*layout)),
+        "one eigh of the refit's Gram": lambda: jax.block_until_ready(jax.jit(jax.numpy.linalg.eigh)(gram)),
+        "ridge_grid (eigh + CG, all splits × α)": lambda: jax.block_until_ready(kernels.ridge_grid(moments, grid)),
+        "the whole evaluate(protocol='ridge')": lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge"),
+    }
+    for name, fn in pieces.items():
+        print(f"  {name:<42s} {1000 * _median_seconds(fn):7.1f} ms ({_load()})", flush=True)
+    train = folds != 0
+    fit = _median_seconds(lambda: RidgeClassifier(alpha=1.0).fit(x_train[train], y_train[train]), repeats=3)
+    print(f"  {'one sklearn RidgeClassifier fit (of 51)':<42s} {1000 * fit:7.1f} ms ({_load()})", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", help="an .npz with x_train, y_train, x_test, y_test (replaces synthetic data)")
@@ -97,6 +133,7 @@ def main():
     parser.add_argument("--classes", default="2,5", help="comma-separated class counts for synthetic data")
     parser.add_argument("--skip-logistic", action="store_true")
     parser.add_argument("--skip-ridge", action="store_true")
+    parser.add_argument("--ridge-breakdown", action="store_true", help="also time the ridge protocol piece by piece")
     args = parser.parse_args()
     n_train, n_test, dim = (1000, 300, 128) if args.quick else (6920, 1821, 768)
     if args.features:
@@ -113,6 +150,8 @@ def main():
             compare(f"logistic, paper protocol ({label})", "paper", _sklearn_logistic, data)
         if not args.skip_ridge:
             compare(f"ridge grid ({label})", "ridge", _sklearn_ridge, data)
+        if args.ridge_breakdown:
+            ridge_breakdown(data)
 
 
 if __name__ == "__main__":
