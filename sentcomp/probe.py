@@ -189,7 +189,7 @@ def _fit(protocol, x_all, y_all, weights, grid, num_classes, folds, n_folds, n_t
             standardize=standardize, max_iter=max_iter, tol=tol,
         ), "lbfgs"
     targets = ridge_targets(y_all, num_classes)
-    if folds is not None:  # fold Gram matrices once, splits as differences (split order as in _splits)
+    if folds is not None:  # fold Gram matrices once, each split's as the sum of its folds' (order as in _splits)
         moments = kernels.kfold_ridge_moments(*_folded(x_all[:n_train], targets[:n_train], folds, n_folds))
     else:
         moments = kernels.ridge_moments(x_all, targets, weights)

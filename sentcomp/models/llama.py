@@ -42,8 +42,7 @@ from sentcomp.models.base import LanguageModel
 
 FAMILY = "llama"
 ROPE_TYPES = ("default", "linear", "llama3")
-ROPE_SCALING_DEFAULTS = {"factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}  # Hugging Face rope_parameters keys
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")  # HF's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +102,6 @@ def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
     ...) are rejected rather than silently ignored.
     """
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise SentcompError(
-            f"Rotary scaling type {rope_type!r} is not implemented in sentcomp's Llama; it implements "
-            f"{ROPE_TYPES}. Use a model with one of those."
-        )
     activation = config.get("hidden_act", "silu")
     if activation != "silu":
         raise SentcompError(f"hidden_act={activation!r}: sentcomp's Llama implements the SwiGLU MLP (silu) only.")
@@ -128,8 +121,8 @@ def config_from_hf(config: Mapping[str, Any]) -> LlamaConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
-            rope_type=rope_type,
-            **{f"rope_{key}": type(default)(rope[key]) for key, default in ROPE_SCALING_DEFAULTS.items() if key in rope},
+            rope_type=rope.get("rope_type", rope.get("type", "default")),  # checked by LlamaConfig
+            **{f"rope_{key}": rope[key] for key in ROPE_SCALING_KEYS if key in rope},
         )
     except KeyError as error:
         raise SentcompError(f"Llama config is missing the key {error.args[0]!r}.") from None
