@@ -27,6 +27,7 @@ import os
 import time
 import warnings
 
+import sentcomp  # noqa: I001 (before numpy: numpy's OpenBLAS must see sentcomp's OPENBLAS_THREAD_TIMEOUT default)
 import numpy as np
 
 from sentcomp import probe
@@ -111,10 +112,10 @@ def ridge_breakdown(data) -> None:
     folds = probe.stratified_folds(labels, 5)
     layout = probe._folded(x_train, probe.ridge_targets(labels, len(classes)), folds, 5)
     grid = probe.default_grid("ridge", len(x_train))
-    moments = kernels.kfold_ridge_moments(*layout)
+    moments = probe.kfold_moments(*layout)
     gram = centered_ridge(moments, False).gram[-1]
     pieces = {
-        "fold Gram matrices and moments": lambda: jax.block_until_ready(kernels.kfold_ridge_moments(*layout)),
+        "fold Gram matrices and moments": lambda: jax.block_until_ready(probe.kfold_moments(*layout)),
         "one eigh of the refit's Gram": lambda: jax.block_until_ready(jax.jit(jax.numpy.linalg.eigh)(gram)),
         "ridge_grid (eigh + CG, all splits × α)": lambda: jax.block_until_ready(kernels.ridge_grid(moments, grid)),
         "the whole evaluate(protocol='ridge')": lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge"),
@@ -144,6 +145,7 @@ def main():
         for k in map(int, args.classes.split(",")):
             x, y = synthetic_features(n_train + n_test, dim, k, seed=k)
             datasets[f"{k} classes"] = (x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    print(f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']} for sentcomp and sklearn alike", flush=True)
     for label, data in datasets.items():
         print(f"{label}: train {data[0].shape}, test {data[2].shape}", flush=True)
         if not args.skip_logistic:

@@ -28,6 +28,10 @@ given as ``folds`` (one fold index per training example).
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sentcomp import kernels
@@ -150,24 +154,38 @@ def _splits(n_train: int, n_dev: int, folds: np.ndarray | None, n_folds: int):
     return is_train[None].astype(np.float32), (~is_train)[None], 0
 
 
+def _grouped(arrays, row_groups):
+    """Rows of each ``arrays [N, ...]`` gathered per group and zero-padded to the largest group:
+    ``([G, M, ...] per array, mask [G, M])``."""
+    arrays = [np.asarray(a) for a in arrays]
+    size = max(len(rows) for rows in row_groups)
+    mask = np.zeros((len(row_groups), size), np.float32)
+    grouped = [np.zeros((len(row_groups), size) + a.shape[1:], a.dtype) for a in arrays]
+    for g, rows in enumerate(row_groups):
+        mask[g, : len(rows)] = 1.0
+        for out, a in zip(grouped, arrays):
+            out[g, : len(rows)] = a[rows]
+    return grouped, mask
+
+
 def _folded(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, n_folds: int):
     """Rows grouped by fold and zero-padded to the largest fold: ``x [F, M, d]``, ``targets [F, M, T]``, mask."""
-    size = np.bincount(folds, minlength=n_folds).max()
-    x_folds = np.zeros((n_folds, size, x.shape[1]), np.float32)
-    y_folds = np.zeros((n_folds, size, targets.shape[1]), np.float32)
-    mask = np.zeros((n_folds, size), np.float32)
-    for f in range(n_folds):
-        rows = np.flatnonzero(folds == f)
-        x_folds[f, : len(rows)], y_folds[f, : len(rows)], mask[f, : len(rows)] = x[rows], targets[rows], 1.0
+    (x_folds, y_folds), mask = _grouped((x, targets), [np.flatnonzero(folds == f) for f in range(n_folds)])
     return x_folds, y_folds, mask
 
 
-def ridge_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """sklearn ``RidgeClassifier``'s targets: one ±1 column for two classes (score > 0 means class 1), one-hot
-    columns otherwise (±1 one-vs-all and one-hot give the same argmax once there is an intercept)."""
-    if num_classes == 2:
-        return (2.0 * labels - 1.0).astype(np.float32)[:, None]
-    return np.eye(num_classes, dtype=np.float32)[labels]
+def kfold_moments(x_folds: np.ndarray, targets_folds: np.ndarray, mask: np.ndarray):
+    """The K-fold splits' ridge moments from data laid out by fold (:func:`sentcomp.kernels.fold_moments`); on
+    CPU each fold's Gram matrix is numpy's BLAS ``syrk``, about twice as fast as XLA's general product there."""
+    if jax.default_backend() == "cpu":
+        return kernels.kfold_split_moments(kernels.fold_moments(x_folds, targets_folds, mask, xp=np))
+    return kernels.kfold_ridge_moments(x_folds, targets_folds, mask)
+
+
+def ridge_targets(labels, num_classes: int):
+    """sklearn ``RidgeClassifier``'s targets ``[..., K']``: one ±1 column for two classes (score > 0 means class
+    1), one-hot columns otherwise (±1 one-vs-all and one-hot give the same argmax once there is an intercept)."""
+    return kernels.logistic_targets(labels, num_classes, "multinomial")
 
 
 def _ridge_fits(moments, grid, split_sizes, n_features: int, standardize: bool):
@@ -181,39 +199,42 @@ def _ridge_fits(moments, grid, split_sizes, n_features: int, standardize: bool):
     return kernels.ridge_grid(moments, grid, standardize=standardize, method="eigh"), "eigh"
 
 
-def _fit(protocol, x_all, y_all, weights, grid, num_classes, folds, n_folds, n_train, *, multi_class, standardize, max_iter, tol):
-    """``(fits, solver)`` for every split × grid value."""
+def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_class, standardize, max_iter, tol):
+    """``(fits, solver)`` for every split × grid value. ``folded``: K-fold data laid out by fold
+    (``(x [F, M, d], labels [F, M]), mask [F, M]``), or None."""
     if protocol != "ridge":
         return kernels.logistic_regression_grid(
             x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
             standardize=standardize, max_iter=max_iter, tol=tol,
         ), "lbfgs"
-    targets = ridge_targets(y_all, num_classes)
-    if folds is not None:  # fold Gram matrices once, each split's as the sum of its folds' (order as in _splits)
-        moments = kernels.kfold_ridge_moments(*_folded(x_all[:n_train], targets[:n_train], folds, n_folds))
+    if folded is not None:  # fold Gram matrices once, each split's as the sum of its folds' (order as in _splits)
+        (x_folds, y_folds), mask = folded
+        moments = kfold_moments(x_folds, np.asarray(ridge_targets(y_folds, num_classes)), mask)
     else:
-        moments = kernels.ridge_moments(x_all, targets, weights)
+        moments = kernels.ridge_moments(x_all, np.asarray(ridge_targets(y_all, num_classes)), weights)
     return _ridge_fits(moments, grid, weights.sum(axis=1), x_all.shape[1], standardize)
 
 
-def _example_losses(protocol: str, num_classes: int, multi_class: str):
-    """Each example's loss under the probe's own objective, ``(scores [..., N, K'], labels [N]) -> [..., N]``:
-    binary or softmax cross-entropy, the sum of the K binary losses for one-vs-rest, the squared error to
+def _example_losses(scores, labels, protocol: str, num_classes: int, multi_class: str):
+    """Each example's loss under the probe's own objective, ``scores [..., K'], labels [...] -> [...]``: binary or
+    softmax cross-entropy, the sum of the K binary losses for one-vs-rest, the squared error to
     ``ridge_targets`` for ridge."""
     if protocol == "ridge":
-        return lambda scores, labels: np.sum(np.square(ridge_targets(labels, num_classes) - scores), axis=-1)
-    sigmoid = kernels.uses_sigmoid(num_classes, multi_class)
-    return lambda scores, labels: kernels.logistic_losses(
-        scores, kernels.logistic_targets(labels, num_classes, multi_class), sigmoid)
+        return jnp.sum(jnp.square(ridge_targets(labels, num_classes) - scores), axis=-1)
+    targets = kernels.logistic_targets(labels, num_classes, multi_class)
+    return kernels.logistic_losses(scores, targets, kernels.uses_sigmoid(num_classes, multi_class))
 
 
-def _path_scores(x, labels, coef, intercept, example_losses) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy and mean loss ``[L]`` of every probe ``coef [L, d, K']`` on ``(x, labels)``: one product for
-    the whole path (in JAX: a numpy BLAS call right after a JAX computation competes with XLA's still-spinning
-    threads)."""
-    scores = kernels.linear_scores(x, coef, intercept)  # [L, N, K']
-    accuracy = np.mean(np.asarray(kernels.predict_labels(scores)) == labels, axis=-1)
-    return accuracy, np.mean(np.asarray(example_losses(scores, labels)), axis=-1)
+@functools.partial(jax.jit, static_argnames=("protocol", "num_classes", "multi_class"))
+def _path_scores(x, labels, mask, coef, intercept, *, protocol: str, num_classes: int, multi_class: str):
+    """Accuracy and mean loss ``[G, L]`` of each group's probe path ``coef [G, L, d, K']``, ``intercept [G, L,
+    K']`` on that group's rows ``x [G, M, d]``, ``labels [G, M]`` (``mask [G, M]`` marks real rows): one
+    compiled call for every fold × regularisation."""
+    scores = jnp.einsum("gmd,gldk->glmk", x, coef) + intercept[:, :, None, :]
+    labels, weights = labels[:, None], mask[:, None] / jnp.sum(mask, axis=1)[:, None, None]
+    correct = kernels.predict_labels(scores) == labels
+    losses = _example_losses(scores, labels, protocol, num_classes, multi_class)
+    return jnp.sum(weights * correct, axis=-1), jnp.sum(weights * losses, axis=-1)
 
 
 def evaluate(
@@ -290,22 +311,29 @@ def evaluate(
     x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
     y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
     weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
-    fits, solver = _fit(
-        protocol, x_all, y_all, weights, grid, len(classes), fold_ids, n_folds, n_train,
+    scored = [s for s in range(len(weights)) if validation[s].any()]
+    held_out = _grouped((x_all, y_all), [np.flatnonzero(validation[s]) for s in scored]) if scored else None
+    fits, solver = _fit(  # K-fold: held-out group s is fold s, the layout of the ridge moments
+        protocol, x_all, y_all, weights, grid, len(classes), held_out if fold_ids is not None else None,
         multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
     )
     coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
 
-    losses = _example_losses(protocol, len(classes), multi_class)
-    scored = [s for s in range(len(weights)) if validation[s].any()]
-    metric = CV_METRICS.index(cv_metric)
-    cv_scores = np.array(
-        [_path_scores(x_all[validation[s]], y_all[validation[s]], coef[s], intercept[s], losses)[metric] for s in scored]
-    ).T.reshape(len(grid), len(scored))
-    cv_mean = cv_scores.mean(axis=1) if scored else np.full(len(grid), np.nan)
-    best = (int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))) if scored else 0
-    test_path, test_losses = _path_scores(x_test, encoded["y_test"], coef[final], intercept[final], losses)
-    train_accuracy, _ = _path_scores(x_train, train_ids, coef[final, best][None], intercept[final, best][None], losses)
+    def scores(x, labels, probe_coef, probe_intercept, mask=None):
+        mask = np.ones(labels.shape, np.float32) if mask is None else mask
+        accuracy, loss = _path_scores(x, labels, mask, probe_coef, probe_intercept,
+                                      protocol=protocol, num_classes=len(classes), multi_class=multi_class)
+        return np.asarray(accuracy), np.asarray(loss)
+
+    if scored:
+        (x_val, y_val), val_mask = held_out
+        cv_scores = scores(x_val, y_val, coef[scored], intercept[scored], val_mask)[CV_METRICS.index(cv_metric)].T
+        cv_mean = cv_scores.mean(axis=1)
+        best = int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))
+    else:
+        cv_scores, cv_mean, best = np.zeros((len(grid), 0)), np.full(len(grid), np.nan), 0
+    (test_path,), (test_losses,) = scores(x_test[None], encoded["y_test"][None], coef[final][None], intercept[final][None])
+    (train_accuracy,), _ = scores(x_train[None], train_ids[None], coef[final, best][None, None], intercept[final, best][None, None])
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",

@@ -1,4 +1,5 @@
-"""Pure jnp kernels: no I/O, no configs, no global state; jit/vmap/shard friendly."""
+"""Pure jnp kernels: no I/O, no configs, no global state; jit/vmap/shard friendly (``fold_moments`` also runs
+on numpy arrays, for the host BLAS)."""
 
 from sentcomp.kernels.features import (
     conditional_mean_features,
@@ -22,7 +23,9 @@ from sentcomp.kernels.probe import (
     MULTI_CLASS_MODES,
     LinearFits,
     RidgeMoments,
+    fold_moments,
     kfold_ridge_moments,
+    kfold_split_moments,
     linear_scores,
     logistic_losses,
     logistic_objective,
@@ -57,7 +60,9 @@ __all__ = [
     "MULTI_CLASS_MODES",
     "LinearFits",
     "RidgeMoments",
+    "fold_moments",
     "kfold_ridge_moments",
+    "kfold_split_moments",
     "linear_scores",
     "logistic_losses",
     "logistic_objective",
