@@ -4,6 +4,7 @@ tokenizer, and a GGUF writer that lays tensors out the way llama.cpp's converter
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ def tiny_byte_bpe(vocab_size: int):
     )
     backend.train_from_iterator(SENTENCES * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+# head_dim 6, θ = 500: wavelengths 6.3, 50 and 395 tokens, one in each llama3 regime for a context of 32
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
 
 
 def tiny_hf_llama(directory: Path, tie_word_embeddings: bool, vocab_size: int = 301, seed: int = 0,
@@ -84,6 +90,25 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
         weight.shape
     )
+
+
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's convert_hf_to_gguf.py writes for llama3 rotary scaling, written here
+    from its definition: per frequency, 1 below wavelength L/high_freq_factor, ``factor`` above L/low_freq_factor,
+    ``1/((1 − s)/factor + s)`` in between, ``s = (L/wavelength − low)/(high − low)``."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    context = rope["original_max_position_embeddings"]
+    factors = []
+    for frequency in 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
 
 
 _GGUF_NAMES = {
@@ -139,6 +164,8 @@ def write_gguf(path: Path, model, tokenizer, architecture: str = "llama", pre: s
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_add_bos_token(False)
 
+    if config.rope_parameters["rope_type"] == "llama3":  # llama.cpp keeps no scaling metadata, only this tensor
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config.rope_parameters, config.head_dim))
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     for name, tensor in model.state_dict().items():
         weight = tensor.float().numpy()

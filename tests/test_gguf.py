@@ -8,10 +8,11 @@ import math
 from pathlib import Path
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from llama_testing import SENTENCES, hf_logits, tiny_hf_llama, write_gguf
+from llama_testing import LLAMA3_SCALING, SENTENCES, hf_logits, tiny_hf_llama, write_gguf
 
 from sentcomp.data.rotten_tomatoes import read_snippets
 from sentcomp.errors import SentcompError
@@ -49,6 +50,24 @@ def test_gguf_written_like_llama_cpp_matches_hf(tiny, tmp_path):
     real = mask.astype(bool)
     assert np.abs(expected[real]).max() > 1.0
     np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_freqs_tensor_matches_hf(tmp_path):
+    """Llama 3.1's scaling as llama.cpp stores it (a ``rope_freqs`` tensor, no metadata): HF's logits over 60
+    positions, which the same weights without scaling miss."""
+    from transformers import AutoTokenizer
+
+    model = tiny_hf_llama(tmp_path / "scaled", tie_word_embeddings=False, rope_scaling=LLAMA3_SCALING)
+    plain = tiny_hf_llama(tmp_path / "plain", tie_word_embeddings=False)
+    lm = load(str(write_gguf(tmp_path / "scaled.gguf", model, AutoTokenizer.from_pretrained(str(tmp_path / "scaled")))))
+    assert lm.config.rope_type == "default" and len(lm.config.rope_freq_divisors) == 3
+    assert "rope_freqs" not in str(jax.tree_util.tree_structure(lm.params))
+    ids = (np.arange(60)[None] * 7 + 3) % 301
+    mask = np.ones_like(ids)
+    expected = hf_logits(model, ids, mask)
+    got = np.asarray(jnp.einsum("btd,vd->btv", lm.hidden(ids, mask), lm.phi))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.abs(expected - hf_logits(plain, ids, mask)).max() > 0.1
 
 
 def test_unsupported_quantisation_is_named(tiny, tmp_path):

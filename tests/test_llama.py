@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from llama_testing import SENTENCES, hf_logits, tiny_hf_llama
+from llama_testing import LLAMA3_SCALING, SENTENCES, hf_logits, tiny_hf_llama
 
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
@@ -35,12 +37,7 @@ def test_logits_match_hf_llama_with_gqa_odd_sizes_and_right_padding(tmp_path, ti
     np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "linear", "factor": 3.0},
-    # head_dim 6, θ = 500: wavelengths 6.3, 50 and 395 tokens, one in each llama3 regime for a context of 32
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 32},
-])
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 3.0}, LLAMA3_SCALING])
 def test_rope_scaling_matches_hf(tmp_path, scaling):
     """Scaled rotary frequencies (Llama 3.1's llama3, linear) over 60 positions: logits as HF's, and not
     those of the unscaled model with the same weights."""
@@ -117,6 +114,10 @@ def test_config_errors_are_clear():
         llama.config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
     config = llama.config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}})
     assert config.rope_theta == 123.0 and config.head_dim == 4 and config.num_key_value_heads == 2
+    with pytest.raises(SentcompError, match="head_dim/2 = 2 positive values, got 3"):
+        dataclasses.replace(config, rope_freq_divisors=(1.0, 2.0, 3.0))
+    with pytest.raises(SentcompError, match="rope_type must be 'default'"):
+        dataclasses.replace(config, rope_freq_divisors=(1.0, 2.0), rope_type="linear")
 
 
 def test_checkpoint_mismatch_and_missing_tokenizer_are_clear(tmp_path):

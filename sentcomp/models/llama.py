@@ -69,6 +69,8 @@ class LlamaConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_position_embeddings: int = 8192  # llama3 only
+    # Per-frequency divisors of ω (GGUF's rope_freqs tensor: llama.cpp's form of llama3 scaling); () = none.
+    rope_freq_divisors: tuple[float, ...] = ()
 
 
     def __post_init__(self):
@@ -88,6 +90,17 @@ class LlamaConfig:
             )
         if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise SentcompError("llama3 rope scaling needs low_freq_factor < high_freq_factor.")
+        if self.rope_freq_divisors and (
+            len(self.rope_freq_divisors) != self.head_dim // 2 or min(self.rope_freq_divisors) <= 0
+        ):
+            raise SentcompError(
+                f"rope_freq_divisors needs head_dim/2 = {self.head_dim // 2} positive values, got "
+                f"{len(self.rope_freq_divisors)} (min {min(self.rope_freq_divisors):g}); check the GGUF's rope_freqs tensor."
+            )
+        if self.rope_freq_divisors and self.rope_type != "default":
+            raise SentcompError(
+                f"rope_freq_divisors already encode the rotary scaling; rope_type must be 'default', got {self.rope_type!r}."
+            )
 
     @property
     def kv_groups(self) -> int:
@@ -137,6 +150,7 @@ def rotary_inverse_frequencies(c: LlamaConfig) -> np.ndarray:
     ``linear``: ``ω/factor``. ``llama3`` (Llama 3.1): with wavelength ``λ = 2π/ω`` and original context ``L``,
     ``ω/factor`` where ``λ > L/low_freq_factor``, ``ω`` where ``λ < L/high_freq_factor``, and in between
     ``(1 − s)·ω/factor + s·ω`` with ``s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor)``.
+    ``rope_freq_divisors`` (a GGUF's ``rope_freqs`` tensor ``f``, as llama.cpp applies it): ``ω_i/f_i``.
     """
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
     if c.rope_type == "linear":
@@ -146,6 +160,8 @@ def rotary_inverse_frequencies(c: LlamaConfig) -> np.ndarray:
         wavelength = 2 * np.pi / inv_freq
         smooth = np.clip((context / wavelength - low) / (high - low), 0.0, 1.0)
         return (1.0 - smooth) * inv_freq / c.rope_factor + smooth * inv_freq
+    if c.rope_freq_divisors:
+        return inv_freq / np.asarray(c.rope_freq_divisors, np.float64)
     return inv_freq
 
 
