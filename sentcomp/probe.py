@@ -332,8 +332,10 @@ def evaluate(
         best = int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))
     else:
         cv_scores, cv_mean, best = np.zeros((len(grid), 0)), np.full(len(grid), np.nan), 0
-    (test_path,), (test_losses,) = scores(x_test[None], encoded["y_test"][None], coef[final][None], intercept[final][None])
-    (train_accuracy,), _ = scores(x_train[None], train_ids[None], coef[final, best][None, None], intercept[final, best][None, None])
+    (test_path,), (test_losses,) = scores(
+        x_test[None], encoded["y_test"][None], coef[final][None], intercept[final][None])
+    (train_accuracy,), _ = scores(
+        x_train[None], train_ids[None], coef[final, best][None, None], intercept[final, best][None, None])
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",

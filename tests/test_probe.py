@@ -105,9 +105,8 @@ def test_ridge_grid_matches_numpy_solve(standardize, method):
     layout = probe._folded(x, targets, folds, 4)
     by_folds = kernels.ridge_grid(kernels.kfold_ridge_moments(*layout), alphas, standardize=standardize, method=method)
     # numpy's syrk Gram matrices (evaluate's CPU path) combined by the same jitted split sums
-    by_host_folds = kernels.ridge_grid(
-        kernels.kfold_split_moments(kernels.fold_moments(*layout, xp=np)), alphas, standardize=standardize, method=method
-    )
+    host_moments = kernels.kfold_split_moments(kernels.fold_moments(*layout, xp=np))
+    by_host_folds = kernels.ridge_grid(host_moments, alphas, standardize=standardize, method=method)
     for s in range(5):
         rows = weights[s] > 0
         x64 = x[rows].astype(np.float64)

@@ -25,9 +25,10 @@ Ridge (sklearn's ``Ridge``)::
     minimise_{W, b}   Σ_i w_i ‖y_i − x_iᵀW − b‖²  +  α‖W‖²_F
 
 with one-hot (or ±1) targets ``y_i``, from the splits' moments (Gram matrices; for K-fold splits each fold's
-is computed once, by XLA or, through ``fold_moments(xp=numpy)``, by the host BLAS): one eigendecomposition of the refit's centered Gram matrix, then
-preconditioned conjugate gradients for every split × α (``method="pcg"``), or one eigendecomposition per
-split and every α for one rescale of its eigenvalues (``method="eigh"``).
+is computed once, by XLA or, through ``fold_moments(xp=numpy)``, by the host BLAS): one eigendecomposition
+of the refit's centered Gram matrix, then preconditioned conjugate gradients for every split × α
+(``method="pcg"``), or one eigendecomposition per split and every α for one rescale of its eigenvalues
+(``method="eigh"``).
 
 Standardisation (optional): features are mapped to ``(x − m_s)/σ_s`` with the weighted mean and standard
 deviation of split ``s``'s own training rows, the penalty acts on the standardised weights, and the returned
@@ -341,10 +342,9 @@ def fold_moments(x_folds, targets_folds, mask, xp=jnp) -> RidgeMoments:
     any device) or ``numpy``, whose ``cᵀc`` is a BLAS ``syrk`` — half the flops of a general product, about
     twice XLA's CPU speed for these Gram matrices.
     """
-    n_folds, size, dim = x_folds.shape
-    offset = mask.reshape(-1) @ x_folds.reshape(-1, dim) / xp.sum(mask)
+    offset = mask.reshape(-1) @ x_folds.reshape(-1, x_folds.shape[-1]) / xp.sum(mask)
     centered = (x_folds - offset) * mask[:, :, None]  # padded rows: exact zeros
-    if xp is jnp:  # materialised once: fused into the Gram product's operands, the centering halves XLA's matmul speed
+    if xp is jnp:  # materialised once: fused into the Gram product's operands, it halves XLA's matmul speed
         centered = jax.lax.optimization_barrier(centered)
     gram = xp.stack([fold.T @ fold for fold in centered])
     return RidgeMoments(

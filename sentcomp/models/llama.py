@@ -95,11 +95,13 @@ class LlamaConfig:
         ):
             raise SentcompError(
                 f"rope_freq_divisors needs head_dim/2 = {self.head_dim // 2} positive values, got "
-                f"{len(self.rope_freq_divisors)} (min {min(self.rope_freq_divisors):g}); check the GGUF's rope_freqs tensor."
+                f"{len(self.rope_freq_divisors)} (min {min(self.rope_freq_divisors):g}); check the GGUF's "
+                "rope_freqs tensor."
             )
         if self.rope_freq_divisors and self.rope_type != "default":
             raise SentcompError(
-                f"rope_freq_divisors already encode the rotary scaling; rope_type must be 'default', got {self.rope_type!r}."
+                "rope_freq_divisors already encode the rotary scaling; rope_type must be 'default', got "
+                f"{self.rope_type!r}."
             )
 
     @property
