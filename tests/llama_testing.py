@@ -84,6 +84,19 @@ def hf_logits(model, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.nd
     return out.logits.float().numpy()
 
 
+def assert_long_context_logits_match(lm, model, plain) -> None:
+    """Over 60 positions (past the scaled context): ``lm``'s logits match the PyTorch ``model``'s to 1e-4, and
+    differ by > 0.1 from ``plain``, the same weights without rotary scaling."""
+    import jax.numpy as jnp
+
+    ids = (np.arange(60)[None] * 7 + 3) % model.config.vocab_size
+    mask = np.ones_like(ids)
+    expected = hf_logits(model, ids, mask)
+    got = np.asarray(jnp.einsum("btd,vd->btv", lm.hidden(jnp.asarray(ids), jnp.asarray(mask)), lm.phi))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.abs(expected - hf_logits(plain, ids, mask)).max() > 0.1
+
+
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's q/k row permutation (half-split rotary -> interleaved), written here
     from its definition: ``w.reshape(n_heads, 2, head_dim/2, in).swapaxes(1, 2).reshape(w.shape)``."""

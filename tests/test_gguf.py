@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from llama_testing import LLAMA3_SCALING, SENTENCES, hf_logits, tiny_hf_llama, write_gguf
+from llama_testing import (
+    LLAMA3_SCALING, SENTENCES, assert_long_context_logits_match, hf_logits, tiny_hf_llama, write_gguf,
+)
 
 from sentcomp.data.rotten_tomatoes import read_snippets
 from sentcomp.errors import SentcompError
@@ -62,12 +64,7 @@ def test_llama3_rope_freqs_tensor_matches_hf(tmp_path):
     lm = load(str(write_gguf(tmp_path / "scaled.gguf", model, AutoTokenizer.from_pretrained(str(tmp_path / "scaled")))))
     assert lm.config.rope_type == "default" and len(lm.config.rope_freq_divisors) == 3
     assert "rope_freqs" not in str(jax.tree_util.tree_structure(lm.params))
-    ids = (np.arange(60)[None] * 7 + 3) % 301
-    mask = np.ones_like(ids)
-    expected = hf_logits(model, ids, mask)
-    got = np.asarray(jnp.einsum("btd,vd->btv", lm.hidden(ids, mask), lm.phi))
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    assert np.abs(expected - hf_logits(plain, ids, mask)).max() > 0.1
+    assert_long_context_logits_match(lm, model, plain)
 
 
 def test_unsupported_quantisation_is_named(tiny, tmp_path):
