@@ -168,8 +168,9 @@ def _grouped(arrays, row_groups):
     return grouped, mask
 
 
-def _folded(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, n_folds: int):
-    """Rows grouped by fold and zero-padded to the largest fold: ``x [F, M, d]``, ``targets [F, M, T]``, mask."""
+def fold_layout(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, n_folds: int):
+    """Rows grouped by fold and zero-padded to the largest fold: ``(x [F, M, d], targets [F, M, T], mask [F, M])``,
+    the layout of :func:`kfold_moments` and :func:`sentcomp.kernels.kfold_ridge_moments`."""
     (x_folds, y_folds), mask = _grouped((x, targets), [np.flatnonzero(folds == f) for f in range(n_folds)])
     return x_folds, y_folds, mask
 

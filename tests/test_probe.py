@@ -2,6 +2,7 @@
 
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifier
@@ -82,6 +83,20 @@ def test_logistic_grid_reaches_sklearn_optimum(num_classes, multi_class, standar
             assert np.sum(ours_pred != ref_pred) <= 1, (s, c)  # ≤ 1 in 1000 held-out examples
 
 
+def test_softmax_loss_keeps_its_precision_at_large_scores():
+    """At scores ~10⁶ float32 ``logsumexp(z) − z_y`` loses the whole loss (and can go negative, which once let a
+    line search 'decrease' the objective to nonsense); the loss must match float64 wherever the margins do."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 64)
+    targets = np.eye(5, dtype=np.float32)[labels]
+    for offset in (0.0, 1e3, 1e6):
+        scores = (rng.normal(size=(64, 5)) * 2 + offset).astype(np.float32)
+        shifted = scores.astype(np.float64) - scores[np.arange(64), labels][:, None]
+        reference = np.log(np.exp(shifted).sum(axis=1))  # float64, from the same float32 scores
+        losses = kernels.logistic_losses(jnp.asarray(scores), jnp.asarray(targets), sigmoid=False)
+        np.testing.assert_allclose(np.asarray(losses), reference, rtol=1e-6, atol=1e-6, err_msg=str(offset))
+
+
 def _ridge_reference(x, targets, rows, alpha, standardize):
     """float64 ridge on the rows of one split: ``(coef, intercept, objective)`` on raw features."""
     x64 = x[rows].astype(np.float64)
@@ -102,7 +117,7 @@ def test_ridge_grid_matches_numpy_solve(standardize, method):
     alphas = np.array([1e-2, 1.0, 1e2, 1e4])
     weights = np.stack([folds != f for f in range(4)] + [np.ones(len(y), bool)]).astype(np.float32)
     by_weights = kernels.ridge_grid(kernels.ridge_moments(x, targets, weights), alphas, standardize=standardize, method=method)
-    layout = probe._folded(x, targets, folds, 4)
+    layout = probe.fold_layout(x, targets, folds, 4)
     by_folds = kernels.ridge_grid(kernels.kfold_ridge_moments(*layout), alphas, standardize=standardize, method=method)
     # numpy's syrk Gram matrices (evaluate's CPU path) combined by the same jitted split sums
     host_moments = kernels.kfold_split_moments(kernels.fold_moments(*layout, xp=np))
@@ -134,7 +149,7 @@ def test_ridge_pcg_beats_float32_eigh_on_lm_like_features():
     y = (x[:, 5] + rng.normal(size=n) > 0).astype(int)
     targets = probe.ridge_targets(y, 2)
     folds = probe.stratified_folds(y, 5, seed=0)
-    moments = kernels.kfold_ridge_moments(*probe._folded(x, targets, folds, 5))
+    moments = kernels.kfold_ridge_moments(*probe.fold_layout(x, targets, folds, 5))
     alphas = np.array([1e-3, 1.0, 1e3])
     pcg = kernels.ridge_grid(moments, alphas)
     eigh = kernels.ridge_grid(moments, alphas, method="eigh")
@@ -152,7 +167,7 @@ def test_ridge_pcg_beats_float32_eigh_on_lm_like_features():
 def test_ridge_pcg_reports_an_unfinished_solve():
     x, y = _problem(3, 300, 12, 3)
     targets = np.eye(3, dtype=np.float32)[y]
-    moments = kernels.kfold_ridge_moments(*probe._folded(x, targets, probe.stratified_folds(y, 5), 5))
+    moments = kernels.kfold_ridge_moments(*probe.fold_layout(x, targets, probe.stratified_folds(y, 5), 5))
     fits = kernels.ridge_grid(moments, np.array([1e-3, 1.0]), max_iter=1)
     assert np.all(np.asarray(fits.iterations)[:5] == 1) and float(np.max(fits.grad_norm[:5])) > 1e-5
     with pytest.raises(ValueError, match="method must be one of"):

@@ -1,5 +1,8 @@
 """Theory quantities against float64 references and cases with known answers."""
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -172,3 +175,29 @@ def test_evaluate_model_on_task_reads_every_context(task):
     results = theory.evaluate_model_on_task(_OracleModel(language), data, synthetic.task_coverage(language))
     assert results["epsilon"]["mean"] < 1e-4 and results["epsilon"]["n"] == len(data.labels)
     assert abs(results["features"]["p_f"]["plug_in"] - results["features"]["p_f"]["tau"]) < 1e-3
+
+
+def _load_docs_script(name):
+    path = Path(__file__).resolve().parent.parent / "docs" / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_mixture_table_script_follows_the_theory():
+    """docs/scripts/theory_mixture.py (the table in docs/theory.md): the mixture model is exact at α = 0, ε
+    shrinks with α, and the natural classifier's loss stays under the bound on every row."""
+    script = _load_docs_script("theory_mixture")
+    with np.errstate(divide="ignore"):  # a word p* never emits: log 0 = −inf, as in the synthetic truth
+        log_p_star = np.log(np.array([[0.7, 0.2, 0.1, 0.0]]))
+    features, phi = script.mixture_model(log_p_star, 0.2)
+    np.testing.assert_allclose(np.exp(features @ phi.T), [[0.61, 0.21, 0.13, 0.05]], rtol=1e-6)
+    lines = script.table([0.5, 0.001], num_documents=200).splitlines()
+    assert lines[2].startswith("| α | ε (p_L) |") and len(lines) == 6
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[4:]]
+    epsilons = [float(row[1]) for row in rows]
+    assert epsilons[0] > 100 * epsilons[1] > 0
+    for row in rows:
+        bound, plug_in = float(row[3].split()[0]), float(row[5])
+        assert plug_in <= bound + 1e-6, row

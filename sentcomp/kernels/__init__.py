@@ -21,8 +21,10 @@ from sentcomp.kernels.partition import (
 )
 from sentcomp.kernels.probe import (
     MULTI_CLASS_MODES,
+    CenteredRidge,
     LinearFits,
     RidgeMoments,
+    centered_ridge,
     fold_moments,
     kfold_ridge_moments,
     kfold_split_moments,
@@ -58,8 +60,10 @@ __all__ = [
     "gaussian_log_partition",
     "r_squared",
     "MULTI_CLASS_MODES",
+    "CenteredRidge",
     "LinearFits",
     "RidgeMoments",
+    "centered_ridge",
     "fold_moments",
     "kfold_ridge_moments",
     "kfold_split_moments",

@@ -116,10 +116,12 @@ def logistic_targets(labels: jax.Array, num_classes: int, multi_class: str) -> j
 
 
 def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax.Array:
-    """Per-example loss ``[N]``: ``Σ_k log(1 + e^{−y_k z_k})`` (sigmoid) or ``logsumexp(z) − yᵀz`` (softmax)."""
+    """Per-example loss ``[N]``: ``Σ_k log(1 + e^{−y_k z_k})`` (sigmoid) or ``logsumexp(z) − yᵀz`` (softmax,
+    targets summing to 1), computed as ``logsumexp(z − yᵀz)``: subtracting two large float32 numbers would
+    lose the loss entirely at large scores (even make it negative, which a line search then accepts)."""
     if sigmoid:
         return jnp.sum(jax.nn.softplus(-targets * scores), axis=-1)
-    return jax.nn.logsumexp(scores, axis=-1) - jnp.sum(targets * scores, axis=-1)
+    return jax.nn.logsumexp(scores - jnp.sum(targets * scores, axis=-1, keepdims=True), axis=-1)
 
 
 def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial"):
