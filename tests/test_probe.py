@@ -97,6 +97,18 @@ def test_softmax_loss_keeps_its_precision_at_large_scores():
         np.testing.assert_allclose(np.asarray(losses), reference, rtol=1e-6, atol=1e-6, err_msg=str(offset))
 
 
+def test_lbfgs_line_search_backs_off_from_non_finite_values():
+    """A trial point where the objective overflows (NaN here) is a step too long, not the end of the search."""
+    from sentcomp.kernels.probe import _lbfgs_minimise
+
+    def fun(v):  # steep quadratic with its minimum at 3: the first unit step lands at 30, in the NaN region
+        return 5.0 * jnp.sum(jnp.square(v - 3.0)) + jnp.where(jnp.max(jnp.abs(v)) > 10.0, jnp.nan, 0.0)
+
+    params, value, grad_norm, iterations = _lbfgs_minimise(fun, jnp.zeros(4), max_iter=50, tol=1e-4)
+    np.testing.assert_allclose(np.asarray(params), 3.0, atol=1e-4)
+    assert float(grad_norm) < 1e-4 and int(iterations) < 50
+
+
 def _ridge_reference(x, targets, rows, alpha, standardize):
     """float64 ridge on the rows of one split: ``(coef, intercept, objective)`` on raw features."""
     x64 = x[rows].astype(np.float64)

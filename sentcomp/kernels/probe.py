@@ -175,13 +175,14 @@ def _lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int
     history = (jnp.zeros((memory, size), init.dtype), jnp.zeros((memory, size), init.dtype), jnp.zeros((memory,), init.dtype))
 
     def line_search(params, value, grad, direction, active):
-        """Halves the step from 1 until Armijo's decrease holds. ``active`` is False for problems already done:
-        under ``vmap`` every problem runs this loop while any needs it, so finished ones must not search."""
+        """Halves the step from 1 until Armijo's decrease holds (a NaN or infinite trial value counts as too
+        long). ``active`` is False for problems already done: under ``vmap`` every problem runs this loop while
+        any needs it, so finished ones must not search."""
         slope = jnp.dot(grad, direction)
 
         def too_long(carry):
             step, trial_value, _ = carry
-            return active & (trial_value > value + 1e-4 * step * slope) & (step > 2.0**-20)
+            return active & ~(trial_value <= value + 1e-4 * step * slope) & (step > 2.0**-20)
 
         def halve(carry):
             step = 0.5 * carry[0]
