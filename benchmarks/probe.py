@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/probe.py --features f.npz      # real features: x_train, y_train, x_test, y_test
     .venv/bin/python benchmarks/probe.py --quick               # 1,000 × 128, for a fast look
     .venv/bin/python benchmarks/probe.py --skip-logistic --ridge-breakdown   # ridge, and where its time goes
+    .venv/bin/python benchmarks/probe.py --skip-logistic --shape 1000x4096   # wide features: the N × N route
 
 1. Logistic regression, ``protocol="paper"``: 10 Cs (10⁻⁶..10³) × 5 stratified folds + the refit, via
    ``sentcomp.probe.evaluate`` vs sklearn ``LogisticRegressionCV(lbfgs, Cs=same grid, cv=same folds,
@@ -148,12 +149,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", help="an .npz with x_train, y_train, x_test, y_test (replaces synthetic data)")
     parser.add_argument("--quick", action="store_true", help="1,000 × 128 synthetic features")
+    parser.add_argument("--shape", help="train rows × feature dimension of the synthetic features, e.g. 1000x4096 "
+                        "(fewer rows than features: the ridge grid goes through the N × N kernel matrix)")
     parser.add_argument("--classes", default="2,5", help="comma-separated class counts for synthetic data")
     parser.add_argument("--skip-logistic", action="store_true")
     parser.add_argument("--skip-ridge", action="store_true")
     parser.add_argument("--ridge-breakdown", action="store_true", help="also time the ridge protocol piece by piece")
     args = parser.parse_args()
     n_train, n_test, dim = (1000, 300, 128) if args.quick else (6920, 1821, 768)
+    if args.shape:
+        n_train, dim = map(int, args.shape.lower().split("x"))
     if args.features:
         arrays = np.load(args.features)
         datasets = {"features": tuple(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))}

@@ -208,6 +208,9 @@ def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_cl
             x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
             standardize=standardize, max_iter=max_iter, tol=tol,
         ), "lbfgs"
+    if x_all.shape[0] < x_all.shape[1]:  # fewer rows than features: the N × N kernel matrix is the smaller one
+        targets = ridge_targets(y_all, num_classes)
+        return kernels.ridge_grid_dual(x_all, targets, weights, grid, standardize=standardize), "dual"
     if folded is not None:  # fold Gram matrices once, each split's as the sum of its folds' (order as in _splits)
         (x_folds, y_folds), mask = folded
         moments = kfold_moments(x_folds, np.asarray(ridge_targets(y_folds, num_classes)), mask)
@@ -269,7 +272,8 @@ def evaluate(
     ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
     a dev set, none for ``"mteb"``), ``cv_mean``,
     ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``,
-    solver diagnostics (``solver``: lbfgs, pcg or eigh; ``converged``, ``iterations``, ``grad_norm``,
+    solver diagnostics (``solver``: lbfgs; for ridge pcg or eigh on the d × d Gram matrix, dual on the N × N
+    kernel matrix when there are fewer rows than features; ``converged``, ``iterations``, ``grad_norm``,
     ``objective`` of the final probe), and ``test_accuracy_per_regularisation`` — a diagnostic of the whole
     path, never used for the choice.
     """

@@ -150,6 +150,33 @@ def test_ridge_grid_matches_numpy_solve(standardize, method):
                 assert float(fits.grad_norm[s, l]) <= 1e-5  # CG's relative residual; 0 for eigh
 
 
+@pytest.mark.parametrize("standardize", [False, True])
+def test_ridge_grid_dual_matches_numpy_solve(standardize):
+    """Fewer rows than features (40 × 64): the kernel-matrix solve reaches the float64 optimum of every split × α,
+    its objective and its predictions."""
+    x, y = _problem(5, 40, 64, 3)
+    targets = np.eye(3, dtype=np.float32)[y]
+    folds = probe.stratified_folds(y, 4, seed=2)
+    weights = np.stack([folds != f for f in range(4)] + [np.ones(len(y), bool)]).astype(np.float32)
+    alphas = np.array([1e-2, 1.0, 1e2, 1e4])
+    dual = kernels.ridge_grid_dual(x, targets, weights, alphas, standardize=standardize)
+    for s in range(5):
+        rows = weights[s] > 0
+        scale = x[rows].astype(np.float64).std(0) if standardize else np.ones(64)
+        for l, alpha in enumerate(alphas):
+            coef, intercept, objective = _ridge_reference(x, targets, rows, alpha, standardize)
+            ours = np.asarray(dual.coef[s, l], np.float64)
+            achieved = np.sum((targets[rows] - x[rows] @ ours - np.asarray(dual.intercept[s, l], np.float64)) ** 2)
+            achieved += alpha * np.sum((ours * scale[:, None]) ** 2)
+            # N < d: at small α the fit nearly interpolates, so errors are measured against the targets' spread too
+            spread = np.sum((targets[rows] - targets[rows].mean(0)) ** 2)
+            assert abs(achieved - objective) <= 1e-5 * objective + 1e-8 * spread, (s, alpha, achieved, objective)
+            np.testing.assert_allclose(dual.objective[s, l], objective, rtol=1e-4, atol=1e-6 * spread)
+            scores = x @ ours + np.asarray(dual.intercept[s, l])
+            np.testing.assert_allclose(scores, x @ coef + intercept, atol=1e-3 * np.abs(x @ coef).max() + 1e-5)
+    assert not np.any(np.asarray(dual.grad_norm)) and not np.any(np.asarray(dual.iterations))
+
+
 def test_ridge_pcg_beats_float32_eigh_on_lm_like_features():
     """Anisotropic features (a few dimensions ~100× the rest): CG preconditioned by the refit's spectrum gets
     the coefficients to float64's within 1e-3, which per-split float32 eigh does not, in a handful of steps."""
@@ -245,10 +272,14 @@ def test_senteval_mteb_and_ridge_protocols(paper_data):
 
 
 
-@pytest.mark.parametrize(("n_train", "dim", "num_classes", "method"), [(300, 8, 2, "pcg"), (400, 6, 4, "pcg"), (60, 40, 3, "eigh")])
+@pytest.mark.parametrize(
+    ("n_train", "dim", "num_classes", "method"),
+    [(300, 8, 2, "pcg"), (400, 6, 4, "pcg"), (60, 40, 3, "eigh"), (50, 80, 3, "dual"), (40, 120, 2, "dual")],
+)
 def test_ridge_protocol_matches_ridge_classifier(n_train, dim, num_classes, method):
-    """Every CV cell and the final test accuracy equal sklearn ``RidgeClassifier``'s on the same folds, both
-    through preconditioned CG (splits with ≥ 2 rows per feature) and per-split ``eigh`` (fewer rows)."""
+    """Every CV cell and the final test accuracy equal sklearn ``RidgeClassifier``'s on the same folds, through
+    preconditioned CG (splits with ≥ 2 rows per feature), per-split ``eigh`` (fewer rows) and the N × N
+    kernel matrix (fewer rows than features)."""
     x, y = _problem(num_classes, n_train + 500, dim, num_classes, noise=2.0)
     x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     ridge = probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge")
