@@ -210,7 +210,8 @@ def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_cl
         ), "lbfgs"
     if x_all.shape[0] < x_all.shape[1]:  # fewer rows than features: the N × N kernel matrix is the smaller one
         targets = ridge_targets(y_all, num_classes)
-        return kernels.ridge_grid_dual(x_all, targets, weights, grid, standardize=standardize), "dual"
+        support = tuple(np.flatnonzero(split) for split in weights)  # each split's kernel matrix on its own rows
+        return kernels.ridge_grid_dual(x_all, targets, weights, grid, standardize=standardize, support=support), "dual"
     if folded is not None:  # fold Gram matrices once, each split's as the sum of its folds' (order as in _splits)
         (x_folds, y_folds), mask = folded
         moments = kfold_moments(x_folds, np.asarray(ridge_targets(y_folds, num_classes)), mask)

@@ -153,28 +153,30 @@ def test_ridge_grid_matches_numpy_solve(standardize, method):
 @pytest.mark.parametrize("standardize", [False, True])
 def test_ridge_grid_dual_matches_numpy_solve(standardize):
     """Fewer rows than features (40 × 64): the kernel-matrix solve reaches the float64 optimum of every split × α,
-    its objective and its predictions."""
+    its objective and its predictions, on all rows' kernel matrix and on each split's own rows (``support``)."""
     x, y = _problem(5, 40, 64, 3)
     targets = np.eye(3, dtype=np.float32)[y]
     folds = probe.stratified_folds(y, 4, seed=2)
     weights = np.stack([folds != f for f in range(4)] + [np.ones(len(y), bool)]).astype(np.float32)
     alphas = np.array([1e-2, 1.0, 1e2, 1e4])
-    dual = kernels.ridge_grid_dual(x, targets, weights, alphas, standardize=standardize)
-    for s in range(5):
-        rows = weights[s] > 0
-        scale = x[rows].astype(np.float64).std(0) if standardize else np.ones(64)
-        for l, alpha in enumerate(alphas):
-            coef, intercept, objective = _ridge_reference(x, targets, rows, alpha, standardize)
-            ours = np.asarray(dual.coef[s, l], np.float64)
-            achieved = np.sum((targets[rows] - x[rows] @ ours - np.asarray(dual.intercept[s, l], np.float64)) ** 2)
-            achieved += alpha * np.sum((ours * scale[:, None]) ** 2)
-            # N < d: at small α the fit nearly interpolates, so errors are measured against the targets' spread too
+    support = tuple(np.flatnonzero(split) for split in weights)
+    for dual in (kernels.ridge_grid_dual(x, targets, weights, alphas, standardize=standardize),
+                 kernels.ridge_grid_dual(x, targets, weights, alphas, standardize=standardize, support=support)):
+        for s in range(5):
+            rows = weights[s] > 0
+            scale = x[rows].astype(np.float64).std(0) if standardize else np.ones(64)
+            # N < d: at small α the fit nearly interpolates; errors are measured against the targets' spread too
             spread = np.sum((targets[rows] - targets[rows].mean(0)) ** 2)
-            assert abs(achieved - objective) <= 1e-5 * objective + 1e-8 * spread, (s, alpha, achieved, objective)
-            np.testing.assert_allclose(dual.objective[s, l], objective, rtol=1e-4, atol=1e-6 * spread)
-            scores = x @ ours + np.asarray(dual.intercept[s, l])
-            np.testing.assert_allclose(scores, x @ coef + intercept, atol=1e-3 * np.abs(x @ coef).max() + 1e-5)
-    assert not np.any(np.asarray(dual.grad_norm)) and not np.any(np.asarray(dual.iterations))
+            for l, alpha in enumerate(alphas):
+                coef, intercept, objective = _ridge_reference(x, targets, rows, alpha, standardize)
+                ours, ours_intercept = np.asarray(dual.coef[s, l], np.float64), np.asarray(dual.intercept[s, l])
+                achieved = np.sum((targets[rows] - x[rows] @ ours - ours_intercept) ** 2)
+                achieved += alpha * np.sum((ours * scale[:, None]) ** 2)
+                assert abs(achieved - objective) <= 1e-5 * objective + 1e-8 * spread, (s, alpha, achieved, objective)
+                np.testing.assert_allclose(dual.objective[s, l], objective, rtol=1e-4, atol=1e-6 * spread)
+                np.testing.assert_allclose(x @ ours + ours_intercept, x @ coef + intercept,
+                                           atol=1e-3 * np.abs(x @ coef).max() + 1e-5)
+        assert not np.any(np.asarray(dual.grad_norm)) and not np.any(np.asarray(dual.iterations))
 
 
 def test_ridge_pcg_beats_float32_eigh_on_lm_like_features():

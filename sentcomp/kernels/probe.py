@@ -541,18 +541,26 @@ def _centered_kernel(kernel: jax.Array, weights: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("standardize",))
 def ridge_grid_dual(
-    x: jax.Array, targets: jax.Array, weights: jax.Array, alphas: jax.Array, standardize: bool = False
+    x: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    alphas: jax.Array,
+    standardize: bool = False,
+    support: tuple[jax.Array, ...] | None = None,
 ) -> LinearFits:
-    """Ridge for every split × α through the ``N × N`` kernel matrix: the smaller factorisation when ``N < d``.
+    """Ridge for every split × α through the kernel matrix: the smaller factorisation when rows < features.
 
     Same problem and outputs as :func:`ridge_grid` (``x [N, d]``, ``targets [N, T]``, ``weights [S, N]``).
     Per split, with weighted means ``m, ȳ``, ``D = diag σ`` (1 unless standardising),
     ``Z = diag(√w)(X − 1mᵀ)D⁻¹`` and ``Y_c = diag(√w)(Y − 1ȳᵀ)``, the push-through identity gives
-    ``W(α) = (ZᵀZ + αI)⁻¹ZᵀY_c = Zᵀ(ZZᵀ + αI)⁻¹Y_c``. One ``eigh`` ``ZZᵀ = U diag(e) Uᵀ`` per split (N³,
+    ``W(α) = (ZᵀZ + αI)⁻¹ZᵀY_c = Zᵀ(ZZᵀ + αI)⁻¹Y_c``. One ``eigh`` ``ZZᵀ = U diag(e) Uᵀ`` per split (n³,
     against d³ for the Gram matrix), and every α is one rescale: ``W(α) = Zᵀ U diag(1/(e + α)) r``,
-    ``r = UᵀY_c``, with ``objective = ‖Y_c − ZW‖² + α‖W‖² = α Σᵢ ‖rᵢ‖²/(eᵢ + α)``. Without standardisation
-    every split's ``ZZᵀ`` comes from one shared ``XXᵀ`` (N²·d once); with it, each split's own scaling
-    costs N²·d per split. ``grad_norm`` and ``iterations`` are 0 (a direct solve).
+    ``r = UᵀY_c``, with ``objective = ‖Y_c − ZW‖² + α‖W‖² = α Σᵢ ‖rᵢ‖²/(eᵢ + α)``.
+
+    ``support`` (optional): per split, the indices of the rows it may weigh (every row of nonzero weight;
+    default all N). Each split's kernel matrix is then only ``n_s × n_s`` (a K-fold split: ((F−1)/F)³ of the
+    ``eigh``). Without standardisation every split's ``ZZᵀ`` is gathered from one shared ``XXᵀ`` (N²·d
+    once); with it, each split's own scaling costs n_s²·d. ``grad_norm`` and ``iterations`` are 0.
     """
     x = jnp.asarray(x, jnp.float32)
     targets, weights = jnp.asarray(targets, jnp.float32), jnp.asarray(weights, jnp.float32)
@@ -560,24 +568,26 @@ def ridge_grid_dual(
     offset = jnp.mean(x, axis=0)  # split means are then small: no float32 cancellation in the kernel matrix
     centered = x - offset
     shared_kernel = None if standardize else centered @ centered.T
+    if support is None:
+        support = (jnp.arange(x.shape[0]),) * weights.shape[0]
 
-    def one_split(split_weights):
-        mean, scale = weighted_standardisation(centered, split_weights, standardize)
-        scaled = centered / scale
-        raw_kernel = scaled @ scaled.T if standardize else shared_kernel
+    def one_split(rows, split_weights):
+        rows_x, rows_y, split_weights = centered[rows], targets[rows], split_weights[rows]
+        mean, scale = weighted_standardisation(rows_x, split_weights, standardize)
+        scaled = rows_x / scale
+        raw_kernel = scaled @ scaled.T if standardize else shared_kernel[rows[:, None], rows[None, :]]
         eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(raw_kernel, split_weights))
         eigvals = jnp.maximum(eigvals, 0.0)
-        mean_y = split_weights @ targets / jnp.sum(split_weights)
+        mean_y = split_weights @ rows_y / jnp.sum(split_weights)
         root = jnp.sqrt(split_weights)
-        rotated = eigvecs.T @ (root[:, None] * (targets - mean_y))  # r = UᵀY_c  [N, T]
-        shrinkage = 1.0 / (eigvals[None, :] + alphas[:, None])  # [L, N]
+        rotated = eigvecs.T @ (root[:, None] * (rows_y - mean_y))  # r = UᵀY_c  [n, T]
+        shrinkage = 1.0 / (eigvals[None, :] + alphas[:, None])  # [L, n]
         weighted = root[None, :, None] * (eigvecs @ (shrinkage[:, :, None] * rotated))  # diag(√w) U diag(.) r
-        # Zᵀv = D⁻¹(X − 1mᵀ)ᵀ diag(√w) v, without forming Z
-        solution = (centered.T @ weighted - mean[None, :, None] * jnp.sum(weighted, axis=1)[:, None, :])
-        coef = solution / scale[None, :, None] ** 2  # W on standardised features is D⁻¹(...); coef = D⁻¹W
+        # Zᵀv = D⁻¹(X − 1mᵀ)ᵀ diag(√w) v without forming Z; coef = D⁻¹W
+        coef = (rows_x.T @ weighted - mean[None, :, None] * jnp.sum(weighted, axis=1)[:, None, :]) / scale[:, None] ** 2
         objective = alphas * jnp.sum(shrinkage * jnp.sum(jnp.square(rotated), axis=1)[None, :], axis=1)
         return coef, mean_y[None] - (mean + offset) @ coef, objective
 
-    coef, intercept, objective = jax.vmap(one_split)(weights)
+    coef, intercept, objective = (jnp.stack(parts) for parts in zip(*map(one_split, support, weights)))
     zeros = jnp.zeros(objective.shape, jnp.float32)
     return LinearFits(coef, intercept, objective, zeros, zeros.astype(jnp.int32))
