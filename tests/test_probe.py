@@ -258,6 +258,18 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     assert kernels.logistic_regression_grid._cache_size() == compiled
 
 
+def test_converged_means_the_tolerance_was_reached(paper_data):
+    """L-BFGS also stops where float32 cannot lower the objective any more; a tolerance below that floor, or
+    too few iterations, must not be reported as converged."""
+    x_train, y_train, x_test, y_test = paper_data
+    unreachable = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0], tol=1e-9, max_iter=300)
+    assert unreachable["iterations"] < 300 and unreachable["grad_norm"] > 1e-8 and not unreachable["converged"]
+    cut_short = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0], max_iter=2)
+    assert cut_short["iterations"] == 2 and not cut_short["converged"]
+    reached = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0])
+    assert reached["converged"] and reached["grad_norm"] <= probe.LBFGS_CONVERGED_GRAD_FACTOR * 1e-4
+
+
 def test_senteval_mteb_and_ridge_protocols(paper_data):
     x_train, y_train, x_test, y_test = paper_data
     x_dev, y_dev = x_test[:200], y_test[:200]
