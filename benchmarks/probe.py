@@ -120,7 +120,8 @@ def ridge_breakdown(data, sklearn_seconds: float | None) -> None:
 
     x_train, y_train, x_test, y_test = data
     if x_train.shape[0] < x_train.shape[1]:
-        print("  (fewer rows than features: evaluate solves through the N × N kernel matrix; the d × d breakdown does not apply)")
+        print("  (fewer rows than features: evaluate solves through the N × N kernel matrix; "
+              "the d × d breakdown does not apply)")
         return
     classes = np.unique(y_train)
     labels = np.searchsorted(classes, y_train)
