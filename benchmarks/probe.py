@@ -17,9 +17,10 @@
 
 Prints wall times, the speed-up, and test accuracies (target: ≥ 5× for logistic regression at equal test
 accuracy ±0.3 points, ≥ 50× for the ridge grid). The ridge grid is timed against both sklearn's ridge grid
-(above) and, when both protocols run, sklearn's ``LogisticRegressionCV`` (the paper protocol's baseline). The default data are synthetic LM-like features (low-rank
-signal, three dimensions ~100× larger than the rest, as in GPT-2's hidden states, label noise); no GPT-2
-weights exist offline. The machine is shared: the load average is printed with each figure.
+(above) and, when both protocols run, sklearn's ``LogisticRegressionCV`` (the paper protocol's baseline). The
+default data are synthetic LM-like features (low-rank signal, three dimensions ~100× larger than the rest, as
+in GPT-2's hidden states, label noise); no GPT-2 weights exist offline. The machine is shared: the load
+average is printed with each figure.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Timing(NamedTuple):
 
 def compare(name, protocol, sklearn_fn, data) -> Timing:
     x_train, y_train, x_test, y_test = data
-    first, first_time = _timed(lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol))
+    _, first_time = _timed(lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol))
     runs = [_timed(lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol)) for _ in range(3)]
     ours, ours_time = runs[0][0], float(np.median([seconds for _, seconds in runs]))
     print(f"  sentcomp: {ours_time:7.2f} s compiled, {first_time:7.2f} s first call ({_load()}); "

@@ -1,6 +1,5 @@
 """Theory quantities against float64 references and cases with known answers."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -9,6 +8,7 @@ import pytest
 import scipy.optimize
 
 from sentcomp import probe, theory
+from sentcomp.config_files import load_module
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 
@@ -177,18 +177,10 @@ def test_evaluate_model_on_task_reads_every_context(task):
     assert abs(results["features"]["p_f"]["plug_in"] - results["features"]["p_f"]["tau"]) < 1e-3
 
 
-def _load_docs_script(name):
-    path = Path(__file__).resolve().parent.parent / "docs" / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docs_mixture_table_script_follows_the_theory():
     """docs/scripts/theory_mixture.py (the table in docs/theory.md): the mixture model is exact at α = 0, ε
     shrinks with α, and the natural classifier's loss stays under the bound on every row."""
-    script = _load_docs_script("theory_mixture")
+    script = load_module(Path(__file__).resolve().parent.parent / "docs" / "scripts" / "theory_mixture.py")
     with np.errstate(divide="ignore"):  # a word p* never emits: log 0 = −inf, as in the synthetic truth
         log_p_star = np.log(np.array([[0.7, 0.2, 0.1, 0.0]]))
     features, phi = script.mixture_model(log_p_star, 0.2)

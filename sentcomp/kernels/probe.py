@@ -569,14 +569,17 @@ def ridge_grid_dual(
     centered = x - offset
     shared_kernel = None if standardize else centered @ centered.T
     if support is None:
-        support = (jnp.arange(x.shape[0]),) * weights.shape[0]
+        support = (None,) * weights.shape[0]  # every split on all rows: nothing to gather
 
     def one_split(rows, split_weights):
-        rows_x, rows_y, split_weights = centered[rows], targets[rows], split_weights[rows]
+        gather = (lambda a: a) if rows is None else (lambda a: a[rows])
+        rows_x, rows_y, split_weights = gather(centered), gather(targets), gather(split_weights)
         mean, scale = weighted_standardisation(rows_x, split_weights, standardize)
-        scaled = rows_x / scale
-        raw_kernel = scaled @ scaled.T if standardize else shared_kernel[rows[:, None], rows[None, :]]
-        eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(raw_kernel, split_weights))
+        if standardize:
+            split_kernel = (rows_x / scale) @ (rows_x / scale).T
+        else:
+            split_kernel = shared_kernel if rows is None else shared_kernel[rows[:, None], rows[None, :]]
+        eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(split_kernel, split_weights))
         eigvals = jnp.maximum(eigvals, 0.0)
         mean_y = split_weights @ rows_y / jnp.sum(split_weights)
         root = jnp.sqrt(split_weights)
