@@ -1,8 +1,15 @@
-"""Test-wide settings: 8 simulated CPU devices and no hub access (set before JAX or HF libraries load)."""
+"""Test-wide settings (set before JAX or HF libraries load): 8 simulated CPU devices, no hub access, and one
+persistent XLA compilation cache per test run, shared by the xdist workers and the processes tests launch, so
+a program several tests build (the tiny GPT-2's train step, the probe kernels) compiles once per run."""
 
 import os
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))  # the same in every worker of one run
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"sentcomp-xla-{_RUN_ID}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # most programs here compile in < 1 s
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
