@@ -13,3 +13,26 @@ _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))  # the sam
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"sentcomp-xla-{_RUN_ID}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # most programs here compile in < 1 s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402 (after the settings above)
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """``smoke_workdir(name)``: the workdir of ``experiments/<name>.py:smoke`` run through ``runner.run_program``
+    once per test process, checked to have recorded its config and finished. A program's own test module
+    reading this run takes its smoke test over from ``test_experiments`` (which would run it again)."""
+    from sentcomp import runner
+    from sentcomp.config_files import EXPERIMENTS_DIR, load_config
+
+    workdirs = {}
+
+    def workdir(name):
+        if name not in workdirs:
+            path = tmp_path_factory.mktemp(f"{name}_smoke")
+            runner.run_program(load_config(f"{EXPERIMENTS_DIR / name}.py:smoke"), path)
+            assert runner.read_done(path) is not None and (path / runner.CONFIG_FILE).exists()
+            workdirs[name] = path
+        return workdirs[name]
+
+    return workdir

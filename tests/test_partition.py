@@ -84,19 +84,16 @@ def test_affine_fit_recovers_a_known_affine_map_and_r_squared_is_the_usual_one()
     np.testing.assert_allclose(kernels.r_squared(jnp.asarray(y), jnp.asarray(y_hat)), expected, rtol=1e-5)
 
 
-def test_logpartition_smoke_config_runs(tmp_path):
+def test_logpartition_smoke_config_runs(smoke_workdir):
     """The program end to end on a tiny random GPT-2 (random N(0, σ²) embeddings: the Gaussian motivation holds)."""
-    from sentcomp import config_files, runner
-
-    config = config_files.load_config(f"{config_files.EXPERIMENTS_DIR / 'logpartition.py'}:smoke")
-    config.num_texts = 120  # 60 fitting contexts still over-determine the 45 unknowns of the d = 8 quadratic
-    runner.run_program(config, tmp_path)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["num_train"] + results["num_test"] == config.num_texts and results["dim"] == 8
+    workdir = smoke_workdir("logpartition")
+    results = json.loads((workdir / "results.json").read_text())
+    config = json.loads((workdir / "config.json").read_text())
+    assert results["num_train"] + results["num_test"] == config["num_texts"] and results["dim"] == 8
     assert set(results["fits"]) == {"quadratic", "linear", "fixed_a_cov", "gaussian", "affine"}
     fits = results["fits"]
     assert results["log_z_std"] > 0  # small logits (θᵀφ ~ 0.3): log Z is close to its 2nd-order expansion, so
     assert fits["gaussian"]["test_r2"] > 0.9 and fits["affine"]["test_r2"] > 0.99  # ... these hold, and
     assert fits["quadratic"]["test_r2"] > max(0.99, fits["linear"]["test_r2"])  # the quadratic term matters
-    assert (tmp_path / "log_partition_fit.png").stat().st_size > 10_000
-    assert "held-out R²" in (tmp_path / "results.md").read_text()
+    assert (workdir / "log_partition_fit.png").stat().st_size > 10_000
+    assert "held-out R²" in (workdir / "results.md").read_text()

@@ -24,11 +24,8 @@ def smoke_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("table1_smoke")
-    config = smoke_config()
-    runner.run_program(config, workdir)
-    return config, workdir
+def smoke_run(smoke_workdir):
+    return smoke_config(), smoke_workdir("table1")
 
 
 def test_cli_end_to_end_on_smoke(tmp_path):

@@ -6,18 +6,11 @@ import numpy as np
 import pytest
 
 from sentcomp import runner, theory_synthetic
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config
+from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.errors import SentcompError
 
 
-def tiny_config(**overrides):
-    config = load_config(f"{EXPERIMENTS_DIR / 'theory_synthetic.py'}:smoke")
-    config.num_steps = 40
-    config.evaluation.num_documents = 200
-    config.progress = False
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+SMOKE = f"{EXPERIMENTS_DIR / 'theory_synthetic.py'}:smoke"
 
 
 def read_lines(path):
@@ -25,10 +18,9 @@ def read_lines(path):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("theory_synthetic")
-    headline = runner.run_program(tiny_config(), workdir)
-    return workdir, headline
+def finished(smoke_workdir):
+    workdir = smoke_workdir("theory_synthetic")
+    return workdir, runner.read_done(workdir)
 
 
 def test_record_files_and_consistency(finished):
@@ -37,7 +29,8 @@ def test_record_files_and_consistency(finished):
                  "epsilon_over_training.png"):
         assert (workdir / name).stat().st_size > 0, name
     results = json.loads((workdir / "results.json").read_text())
-    steps = theory_synthetic.evaluation_steps(40, 3)
+    config = load_config(SMOKE)
+    steps = theory_synthetic.evaluation_steps(config.num_steps, config.evaluation.num_checkpoints)
     for loss in ("xent", "quad"):
         lines = read_lines(workdir / loss / "metrics.jsonl")
         assert [row["step"] for row in lines] == steps
@@ -49,7 +42,6 @@ def test_record_files_and_consistency(finished):
         assert results["verdict"][loss]["violations"] == violations  # reported, whatever its value
         assert headline[f"{loss}_always_under_bound"] == (violations == 0)
         assert headline[f"{loss}_epsilon"] == pytest.approx(theory_synthetic.headline_epsilon(lines[-1], loss))
-    assert json.loads((workdir / "done.json").read_text()) == pytest.approx(headline)
     table = (workdir / "results.md").read_text()
     assert table.count("\n| xent |") == 3 and table.count("\n| quad |") == 3
     assert all(line in table for line in results["verdict_lines"])
@@ -83,13 +75,13 @@ def test_mathematical_invariants(finished):
 def test_rerun_resumes_without_recomputing(finished):
     workdir, headline = finished
     before = {loss: (workdir / loss / "metrics.jsonl").read_text() for loss in ("xent", "quad")}
-    assert runner.run_program(tiny_config(), workdir) == pytest.approx(headline)
+    assert runner.run_program(load_config(SMOKE), workdir) == pytest.approx(headline)
     assert {loss: (workdir / loss / "metrics.jsonl").read_text() for loss in ("xent", "quad")} == before
 
 
 def test_bad_config(tmp_path):
     with pytest.raises(SentcompError, match="losses"):
-        theory_synthetic.run(tiny_config(losses=("mse",)), tmp_path)
+        theory_synthetic.run(override(load_config(SMOKE), {"losses": ("mse",)}), tmp_path)
     steps = theory_synthetic.evaluation_steps(1500, 6)
     assert steps == sorted(set(steps)) and len(steps) == 6 and steps[-1] == 1500
     with pytest.raises(SentcompError, match="num_checkpoints"):
