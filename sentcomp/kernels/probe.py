@@ -576,7 +576,8 @@ def ridge_grid_dual(
         rows_x, rows_y, split_weights = gather(centered), gather(targets), gather(split_weights)
         mean, scale = weighted_standardisation(rows_x, split_weights, standardize)
         if standardize:
-            split_kernel = (rows_x / scale) @ (rows_x / scale).T
+            scaled = rows_x / scale
+            split_kernel = scaled @ scaled.T
         else:
             split_kernel = shared_kernel if rows is None else shared_kernel[rows[:, None], rows[None, :]]
         eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(split_kernel, split_weights))
