@@ -73,11 +73,12 @@ def throughput(n: int, batch_size: int, repeats: int) -> dict:
     import transformers
 
     from sentcomp import features
+    from sentcomp.data import text
     from sentcomp.models import gpt2
 
     texts = _texts(n)
     lm = gpt2.init(gpt2.gpt2_config("small"), rng=0)
-    n_tokens = sum(len(ids) for ids in features.encode_texts(lm.tokenizer, texts, MAX_LENGTH).token_ids)
+    n_tokens = sum(len(ids) for ids in text.encode_texts(lm.tokenizer, texts, MAX_LENGTH).token_ids)
 
     def ours():
         features.extract_features(lm, texts, ("f",), batch_size=batch_size, max_length=MAX_LENGTH, progress=False)

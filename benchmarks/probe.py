@@ -33,7 +33,6 @@ import time
 import warnings
 from typing import NamedTuple
 
-import sentcomp  # noqa: I001 (before numpy: numpy's OpenBLAS must see sentcomp's OPENBLAS_THREAD_TIMEOUT default)
 import numpy as np
 
 from sentcomp import probe

@@ -72,8 +72,8 @@ def training_step(loss_name: str, devices, repeats: int) -> float:
         b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
     mesh = parallel.data_mesh(devices)
     lm = gpt2.init(gpt2.gpt2_config(n_layer=2, n_embd=64, n_head=2, n_positions=64), 0, quad_head=True)
-    optimizer = training.make_optimizer(config, 100, lm.params, freeze_phi=False)
-    step = training.make_train_step(loss_name, lm.hidden_fn, optimizer, np.float32, mesh)
+    optimizer = training.make_optimizer(config, 100, lm.params)
+    step = training.make_train_step(loss_name, lm.hidden_fn, lm.phi_fn, optimizer, np.float32, mesh)
     state = training.initial_state(lm.params, optimizer, mesh)
     tokens = parallel.shard_batch(np.random.default_rng(0).integers(0, V, (16, 1, 65)).astype(np.int32), mesh)
     state, _ = step(state, tokens)  # compile

@@ -9,14 +9,14 @@ the check over vocabulary sizes × feature dimensions and tabulates the deviatio
 
 import ml_collections
 
-from sentcomp import sweep
-from sentcomp.config_files import parse_config_arg
+from sentcomp.launcher import sweep
+from sentcomp.launcher.config_files import parse_config_arg
 
 
 def get_config(arg=None):
     args = parse_config_arg(arg, smoke=False)
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.kernel_check"
+    config.program = "sentcomp.programs.kernel_check"
     config.vocab_size = 2000
     config.dim = 32
     config.n_contexts = 64

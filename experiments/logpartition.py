@@ -12,13 +12,13 @@ Tomatoes snippets + " This movie is" (the paper's sentiment prompt). Produces re
 
 import ml_collections
 
-from sentcomp.config_files import parse_config_arg
+from sentcomp.launcher.config_files import parse_config_arg
 
 
 def get_config(arg=None):
     args = parse_config_arg(arg, model="smollm2-135m", num_texts=2000, smoke=False)
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.logpartition"
+    config.program = "sentcomp.programs.logpartition"
     config.model = args.model
     config.num_texts = args.num_texts  # ≤ 0: every snippet (12,752)
     config.prompt = " This movie is "

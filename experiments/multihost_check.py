@@ -15,14 +15,14 @@ processes or devices ran it (n_contexts must divide by the device count).
 
 import ml_collections
 
-from sentcomp import sweep
-from sentcomp.config_files import parse_config_arg
+from sentcomp.launcher import sweep
+from sentcomp.launcher.config_files import parse_config_arg
 
 
 def get_config(arg=None):
     args = parse_config_arg(arg, smoke=False)
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.multihost_check"
+    config.program = "sentcomp.programs.multihost_check"
     config.n_contexts = 64  # the global batch; must divide by the number of devices
     config.positions = 8
     config.vocab_size = 4000

@@ -1,4 +1,4 @@
-"""Pretraining GPT-2 with cross-entropy or the paper's Quad loss, then probing downstream (sentcomp.pretrain).
+"""Pretraining GPT-2 with cross-entropy or the paper's Quad loss, then probing downstream (sentcomp.programs.pretrain).
 
 The paper's setting (Section 6 of arXiv 2010.03648): GPT-2 small with the extra d×d linear layer and untied Φ,
 trained from scratch on WikiText-103 with each loss. Those are the default (non-smoke) arguments; WikiText-103
@@ -32,9 +32,9 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from sentcomp import sweep
-from sentcomp.config_files import parse_config_arg
 from sentcomp.data.corpora import CorpusSpec
+from sentcomp.launcher import sweep
+from sentcomp.launcher.config_files import parse_config_arg
 
 SIZES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 64, 2),
@@ -65,7 +65,7 @@ def get_config(arg=None):
 
         raise SentcompError(f"Unknown size {args.size!r}; choose one of {sorted(SIZES)}.")
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.pretrain"
+    config.program = "sentcomp.programs.pretrain"
     config.loss = args.loss
     config.seed = 0  # model initialisation
     n_layer, n_embd, n_head = SIZES[args.size]

@@ -1,5 +1,5 @@
 """The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
-plus zero-shot sentence completion (program: sentcomp.evaluate).
+plus zero-shot sentence completion (program: sentcomp.programs.table1).
 
     # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~10 min on 2 CPU cores)
     python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
@@ -36,7 +36,7 @@ minutes of wall time on 2 idle cores if XLA keeps both busy and under 10 if only
 
 import ml_collections
 
-from sentcomp.config_files import parse_config_arg
+from sentcomp.launcher.config_files import parse_config_arg
 
 MAIN_JOB_TRAIN = 2000
 MAIN_JOB_TEST = 500
@@ -47,7 +47,7 @@ ARG_DEFAULTS = dict(task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_J
 def get_config(arg=None):
     args = parse_config_arg(arg, **ARG_DEFAULTS)
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.evaluate"
+    config.program = "sentcomp.programs.table1"
     config.tasks = tuple(args.task.split("+"))
     config.model = args.model
     config.data_dir = ""  # local task files (see docs/tasks.md); "" = built-in data or TFDS's default
@@ -98,7 +98,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: TFDS or data_dir)."""
-    from sentcomp import sweep
+    from sentcomp.launcher import sweep
 
     smoke = parse_config_arg(arg, **ARG_DEFAULTS).smoke
     tasks = ["rotten_tomatoes"] if smoke else ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]

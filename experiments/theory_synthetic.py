@@ -1,4 +1,4 @@
-"""The theory checked end to end on a language with exact p* (sentcomp.theory_synthetic; docs/theory.md).
+"""The theory checked end to end on a language with exact p* (sentcomp.programs.theory_synthetic; docs/theory.md).
 
     python -m sentcomp.main --config=experiments/theory_synthetic.py --workdir=runs/theory_synthetic
     python -m sentcomp.main --config=experiments/theory_synthetic.py:smoke --workdir=/tmp/theory_smoke
@@ -22,8 +22,8 @@ loss a metrics.jsonl and Orbax checkpoints (re-running resumes).
 
 import ml_collections
 
-from sentcomp import sweep
-from sentcomp.config_files import parse_config_arg
+from sentcomp.launcher import sweep
+from sentcomp.launcher.config_files import parse_config_arg
 
 
 def _args(arg):
@@ -33,7 +33,7 @@ def _args(arg):
 def get_config(arg=None):
     args = _args(arg)
     config = ml_collections.ConfigDict()
-    config.program = "sentcomp.theory_synthetic"
+    config.program = "sentcomp.programs.theory_synthetic"
     config.seed = 0  # model initialisation
     config.losses = ("xent", "quad")
     config.language = ml_collections.ConfigDict(dict(

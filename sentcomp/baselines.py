@@ -1,7 +1,7 @@
 """The paper's BERT baseline (Table 1): sentence features from a BERT-family encoder.
 
 ``bert_features(encoder, texts, prompt=None, pooling="mlm_cls")`` encodes ``[CLS] text prompt [SEP]`` (the prompt
-goes before ``[SEP]``, as in the authors' code; its trailing space is stripped like sentcomp.features does) and
+goes before ``[SEP]``, as in the authors' code; its trailing space is stripped as :mod:`sentcomp.data.text` does) and
 returns one vector per text:
 
 - ``"mlm_cls"`` (the paper's): ``t(h_[CLS])``, the ``[CLS]`` state after the masked-LM head's transform
@@ -19,47 +19,29 @@ under a key hashing the model's parameters, tokenizer, texts, prompt, pooling an
 from __future__ import annotations
 
 import functools
-import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import parallel
+from sentcomp import parallel, storage
+from sentcomp.data.text import (
+    effective_prompt,
+    encode_with_specials,
+    length_buckets,
+    make_batches,
+    pad_id,
+    tokenizer_fingerprint,
+)
 from sentcomp.errors import SentcompError
-from sentcomp.features import (TRUNCATIONS, _hash, _save_npy, effective_prompt, length_buckets, make_batches,
-                               model_fingerprint, texts_fingerprint)
 from sentcomp.models import bert
-from sentcomp.models.base import LanguageModel
-from sentcomp.models.tokenizers import tokenizer_fingerprint
+from sentcomp.models.base import LanguageModel, model_fingerprint
 
 POOLINGS = ("mlm_cls", "cls", "mean")
-
-
-def encode_with_specials(tokenizer, texts: Sequence[str], max_length: int, prompt: str | None = None,
-                         truncation: str = "start") -> list[np.ndarray]:
-    """Token ids of ``[CLS] text prompt [SEP]`` (the tokenizer's own special tokens), ≤ ``max_length`` each.
-
-    ``truncation="start"`` drops the beginning of the text (keeps prompt and specials); ``"end"`` its end.
-    """
-    if truncation not in TRUNCATIONS:
-        raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
-    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise SentcompError("The encoder's tokenizer has no [CLS]/[SEP] tokens: BERT features need a BERT tokenizer.")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-    room = max_length - 2 - len(prompt_ids)
-    if room < 1:
-        raise SentcompError(f"The prompt {prompt!r} leaves no room for text within max_length={max_length}.")
-    text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
-    encoded = []
-    for ids in text_ids:
-        kept = list(ids)[max(0, len(ids) - room):] if truncation == "start" else list(ids)[:room]
-        encoded.append(np.asarray([tokenizer.cls_token_id, *kept, *prompt_ids, tokenizer.sep_token_id], np.int32))
-    return encoded
 
 
 def resolve_pooling(encoder: LanguageModel, pooling: str, fallback_pooling: str = "cls") -> str:
@@ -120,8 +102,8 @@ def bert_features(
     token_ids = encode_with_specials(encoder.tokenizer, texts, max_length, prompt, truncation)
     key = {"model": encoder.name, "model_fingerprint": model_fingerprint(encoder) if cache_dir else None,
            "tokenizer_fingerprint": tokenizer_fingerprint(encoder.tokenizer), "prompt": prompt, "pooling": pooling,
-           "truncation": truncation, "max_length": max_length, "texts_fingerprint": texts_fingerprint(texts)}
-    path = Path(cache_dir) / f"bert-{_hash(key)}.npy" if cache_dir is not None else None
+           "truncation": truncation, "max_length": max_length, "texts_fingerprint": storage.texts_fingerprint(texts)}
+    path = Path(cache_dir) / f"bert-{storage.content_hash(key)}.npy" if cache_dir is not None else None
     if path is not None and path.is_file():
         return np.load(path)
 
@@ -130,13 +112,11 @@ def bert_features(
     fn = _pool_fn(encoder.config, encoder.hidden_fn, pooling, mesh)
     params = parallel.replicate(encoder.params, mesh)
     out = np.zeros((len(texts), encoder.config.hidden_size), np.float32)
-    pad_id = encoder.tokenizer.pad_token_id or 0
-    batches = make_batches(token_ids, batch_size, length_buckets(max_length), pad_id) if texts else []
+    batches = make_batches(token_ids, batch_size, length_buckets(max_length), pad_id(encoder.tokenizer)) if texts else []
     for batch in tqdm(batches, desc=f"bert features {encoder.name}", disable=not progress):
-        ids, mask = parallel.shard_batch((batch.token_ids, batch.mask), mesh)
-        out[batch.indices] = np.asarray(jax.device_get(fn(params, ids, mask)))[: len(batch.indices)]
+        out[batch.indices] = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params)[: len(batch.indices)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _save_npy(path, out)
-        path.with_suffix(".json").write_text(json.dumps(key, indent=2))
+        storage.save_npy(path, out)
+        storage.write_json(path.with_suffix(".json"), key)
     return out

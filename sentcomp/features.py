@@ -20,18 +20,15 @@ plus ``result["metadata"]`` (a dict: model, prompt, truncation, word set, token 
 No V-wide buffer larger than one batch ``[batch, V]`` ever exists (``p_f`` only); the other kinds use the
 streamed kernels of :mod:`sentcomp.kernels`.
 
-**Prompt** (the paper's sentence-completion view): ``text + prompt``, with the prompt's trailing whitespace
-stripped by default (the authors' tokenizer did that, so ``f(s)`` is read at ``" is"`` of
-``" This movie is "``); ``keep_prompt_trailing_space=True`` keeps it. Text and prompt are tokenized separately
-and concatenated. **Truncation** to ``max_length`` tokens: ``"start"`` (default) drops the *beginning* of the
-document so the prompt always survives; ``"end"`` is the authors' behaviour (cut the end, prompt included).
-
-**Batches** are sorted by length and padded (right, masked) to a few length buckets (:func:`length_buckets`) with a fixed batch size,
-so the jitted forward compiles once per bucket; they are split over every device of ``mesh`` (data parallel,
-params replicated). Results do not depend on batch size or device count. With several processes (multi-host),
-every process runs the same call on the same texts, feeds its own rows (:func:`sentcomp.parallel.global_batch`)
-and receives all results; cache files are written identically by each (atomic renames, so a shared
-filesystem stays consistent).
+**Prompt, truncation, word sets and batches** follow :mod:`sentcomp.data.text`: ``text + prompt``, with the
+prompt's trailing whitespace stripped by default (``keep_prompt_trailing_space=True`` keeps it); truncation
+``"start"`` (default) drops the *beginning* of a long document so the prompt always survives, ``"end"`` is the
+authors' behaviour. Batches are sorted by length and padded (right, masked) to a few length buckets with a fixed
+batch size, so the jitted forward compiles once per bucket; they are split over every device of ``mesh`` (data
+parallel, params replicated) by :func:`sentcomp.parallel.apply_to_batch`. Results do not depend on batch size
+or device count. With several processes (multi-host), every process runs the same call on the same texts,
+feeds its own rows and receives all results; cache files are written identically by each (atomic renames, so
+a shared filesystem stays consistent).
 
 **Cache and resume**: with ``cache_dir``, results live in ``cache_dir/<key>/`` where the key hashes the model
 (name, config, parameter values), the tokenizer's definition, prompt, truncation, max length, compute dtype,
@@ -46,197 +43,42 @@ Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel
+from sentcomp import kernels, parallel, storage
+from sentcomp.data import text
+from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
-from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
-from sentcomp.models.tokenizers import tokenizer_fingerprint
+from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
 
 KINDS = ("f", "phi_p_f", "log_z", "word_logits", "word_log_probs", "word_probs", "p_f")
 WORD_KINDS = ("word_logits", "word_log_probs", "word_probs")
-TRUNCATIONS = ("start", "end")
-
-
-# ------------------------------------------------------------------------------------------------ word sets
-
-
-@dataclasses.dataclass(frozen=True)
-class WordSet:
-    """The single-token forms of a word list.
-
-    Attributes:
-      words: the words asked for.
-      token_ids: the kept token ids, in order (``" w"`` before ``"w"``, word by word).
-      forms: the string of each kept token (``" great"`` or ``"great"``).
-      source_words: which asked-for word each kept token comes from.
-      dropped: the words with no single-token form.
-    """
-
-    words: tuple[str, ...]
-    token_ids: tuple[int, ...]
-    forms: tuple[str, ...]
-    source_words: tuple[str, ...]
-    dropped: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def word_set(tokenizer, words: Sequence[str]) -> WordSet:
-    """Resolves ``words`` to token ids with the paper's rule.
-
-    Each word is tried in its ``" w"`` and ``"w"`` forms; a form is kept when the tokenizer makes it a single
-    token, and a token id already kept (a repeated word, or two forms sharing a token) is not added twice.
-    """
-    if isinstance(words, str):
-        raise SentcompError(f"words must be a list of words, not the string {words!r}.")
-    ids: list[int] = []
-    forms: list[str] = []
-    sources: list[str] = []
-    dropped: list[str] = []
-    for word in words:
-        kept_any = False
-        for form in (" " + word, word):
-            encoded = tokenizer(form, add_special_tokens=False)["input_ids"]
-            if len(encoded) == 1:
-                kept_any = True
-                if encoded[0] not in ids:
-                    ids.append(encoded[0])
-                    forms.append(form)
-                    sources.append(word)
-        if not kept_any:
-            dropped.append(word)
-    return WordSet(tuple(words), tuple(ids), tuple(forms), tuple(sources), tuple(dropped))
-
-
-# ----------------------------------------------------------------------------------------------- tokenizing
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoding:
-    """Token ids of every text (prompt appended, truncated) and how many texts were truncated."""
-
-    token_ids: list[np.ndarray]
-    n_truncated: int
-    prompt: str | None
-
-
-def effective_prompt(prompt: str | None, keep_prompt_trailing_space: bool = False) -> str | None:
-    """The prompt as appended: trailing whitespace stripped (the paper's tokenizer did) unless kept."""
-    if prompt is None or keep_prompt_trailing_space:
-        return prompt
-    return prompt.rstrip()
-
-
-def encode_texts(
-    tokenizer,
-    texts: Sequence[str],
-    max_length: int,
-    prompt: str | None = None,
-    keep_prompt_trailing_space: bool = False,
-    truncation: str = "start",
-) -> Encoding:
-    """Token ids of ``special prefix + text + prompt`` for every text, at most ``max_length`` tokens each.
-
-    The special prefix is what the tokenizer adds to an empty string (e.g. a BOS token; nothing for GPT-2).
-    ``truncation="start"`` drops the oldest text tokens and keeps the prefix and the prompt;
-    ``truncation="end"`` keeps the first ``max_length`` tokens (the authors' behaviour: the prompt may be lost).
-    """
-    if truncation not in TRUNCATIONS:
-        raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
-    prompt = effective_prompt(prompt, keep_prompt_trailing_space)
-    prefix = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-    room = max_length - len(prefix) - len(prompt_ids)
-    if room < 1:
-        raise SentcompError(f"The prompt {prompt!r} takes {len(prompt_ids)} tokens: no room left for text within "
-                            f"max_length={max_length}.")
-    text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
-    encoded, n_truncated, empty = [], 0, []
-    for i, ids in enumerate(text_ids):
-        full = prefix + list(ids) + prompt_ids
-        if not full:
-            empty.append(i)
-        if len(full) > max_length:
-            n_truncated += 1
-            full = full[:max_length] if truncation == "end" else prefix + list(ids)[len(ids) - room:] + prompt_ids
-        encoded.append(np.asarray(full, np.int32))
-    if empty:
-        raise SentcompError(f"Texts at positions {empty[:10]} are empty (no tokens) and there is no prompt: features "
-                            "need at least one token; drop them or pass a prompt.")
-    return Encoding(encoded, n_truncated, prompt)
-
-
-# ------------------------------------------------------------------------------------------------- batching
-
-
-def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """Padded lengths ``smallest·{1, 1.5, 2, 3, 4, 6, ...}`` below ``max_length``, then ``max_length`` itself.
-
-    Consecutive buckets differ by ≤ 1.5×, so padding wastes at most a third of a batch while a 512-token
-    context needs only 11 compilations.
-    """
-    buckets, length = [], smallest
-    while length < max_length:
-        buckets += [b for b in (length, length * 3 // 2) if b < max_length]
-        length *= 2
-    return (*buckets, max_length)
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    indices: np.ndarray  # positions (within the chunk) of the real rows
-    token_ids: np.ndarray  # [batch_size, bucket], right-padded
-    mask: np.ndarray  # [batch_size, bucket] int32; padding rows hold one dummy token so no row is empty
-    n_tokens: int
-
-
-def make_batches(token_ids: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int], pad_id: int) -> list[Batch]:
-    """Groups sequences by length (longest first) into fixed-size batches padded to the smallest fitting bucket."""
-    lengths = np.array([len(ids) for ids in token_ids])
-    order = np.argsort(-lengths, kind="stable")
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        longest = lengths[rows].max()
-        fitting = [b for b in buckets if b >= longest]
-        if not fitting:
-            raise SentcompError(f"A sequence of {longest} tokens exceeds the largest bucket {max(buckets)}.")
-        ids = np.full((batch_size, fitting[0]), pad_id, np.int32)
-        mask = np.zeros((batch_size, fitting[0]), np.int32)
-        mask[len(rows):, 0] = 1
-        for row, index in enumerate(rows):
-            ids[row, : lengths[index]] = token_ids[index]
-            mask[row, : lengths[index]] = 1
-        batches.append(Batch(rows, ids, mask, int(lengths[rows].sum())))
-    return batches
 
 
 # ------------------------------------------------------------------------------------------- the computation
 
 
+def last_token_features(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """``f(s)``: each row's state at its last non-pad position, ``[B, d]`` from ``[B, T, d]`` (right padding)."""
+    last = jnp.sum(mask, axis=1) - 1
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 @functools.lru_cache(maxsize=32)
 def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh: jax.sharding.Mesh):
-    """The jitted ``(params, ids, mask, word_ids) -> {kind: [B, ...]}``, batch split over ``mesh``."""
+    """The jitted ``(params, word_ids, ids, mask) -> {kind: [B, ...]}``, batch split over ``mesh``."""
 
-    def compute(params, token_ids, mask, word_ids):
-        hidden = hidden_fn(params, token_ids, mask)
-        last = jnp.sum(mask, axis=1) - 1
-        f = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    def compute(params, word_ids, token_ids, mask):
+        f = last_token_features(hidden_fn(params, token_ids, mask), mask).astype(jnp.float32)
         phi = phi_fn(params).astype(jnp.float32)  # the V-wide kernels compute in float32 whatever the model ran in
         compute_kind = {
             "f": lambda: f,
@@ -250,7 +92,7 @@ def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh:
         return {kind: compute_kind[kind]() for kind in kinds}
 
     batch, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    return jax.jit(compute, in_shardings=(whole, batch, batch, whole), out_shardings=batch)
+    return jax.jit(compute, in_shardings=(whole, whole, batch, batch), out_shardings=batch)
 
 
 def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id, mesh, on_batch):
@@ -259,10 +101,8 @@ def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id,
     ``on_batch(indices, outputs, n_tokens)`` is called after every batch (for ``p_f`` rows and progress).
     """
     outputs: dict[str, np.ndarray] = {}
-    host_rows = parallel.host_row_indices(batch_size, mesh)  # all rows with one process
     for batch in make_batches(token_ids, batch_size, buckets, pad_id):
-        ids, mask = parallel.global_batch((batch.token_ids[host_rows], batch.mask[host_rows]), mesh)
-        result = parallel.fetch(fn(params, ids, mask, word_ids))
+        result = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params, word_ids)
         real = {kind: value[: len(batch.indices)] for kind, value in result.items()}
         on_batch(batch.indices, real, batch.n_tokens)
         for kind, value in real.items():
@@ -275,38 +115,6 @@ def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id,
 # ------------------------------------------------------------------------------------------------- caching
 
 
-def _hash(*parts: Any) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode()
-        digest.update(len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()[:20]
-
-
-def model_fingerprint(lm: LanguageModel) -> str:
-    """A hash of the model's name, family, config and every parameter value (so retrained weights miss)."""
-    digest = hashlib.sha256(json.dumps([lm.name, lm.family, repr(lm.config)]).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
-        array = np.asarray(jax.device_get(leaf))
-        digest.update(jax.tree_util.keystr(path).encode() + str(array.dtype).encode() + array.tobytes())
-    return digest.hexdigest()[:20]
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        data = text.encode()
-        digest.update(len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()[:20]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Writes atomically (temp file + rename) so an interruption never leaves a truncated chunk."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        np.save(tmp, array)
-    os.replace(tmp.name, path)
-
-
 class _ChunkStore:
     """Per-chunk ``.npy`` files of every kind under one key directory (or in memory when no directory)."""
 
@@ -316,7 +124,7 @@ class _ChunkStore:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             if not (directory / "manifest.json").is_file():
-                (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+                storage.write_json(directory / "manifest.json", manifest)
 
     def _path(self, name: str, chunk: int) -> Path:
         return self.directory / f"{name}.{chunk:05d}.npy"
@@ -328,7 +136,7 @@ class _ChunkStore:
         if self.directory is None:
             self.memory[f"{name}.{chunk}"] = array
         else:
-            _save_npy(self._path(name, chunk), array)
+            storage.save_npy(self._path(name, chunk), array)
 
     def get(self, name: str, chunk: int) -> np.ndarray:
         if self.directory is None:
@@ -338,7 +146,7 @@ class _ChunkStore:
 
 def _stored_name(kind: str, words: WordSet | None) -> str:
     """File stem of a kind; word kinds depend on the word ids, so their hash is part of the name."""
-    return f"{kind}-{_hash(list(words.token_ids))[:10]}" if kind in WORD_KINDS else kind
+    return f"{kind}-{storage.content_hash(list(words.token_ids))[:10]}" if kind in WORD_KINDS else kind
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -410,9 +218,7 @@ def extract_features(
     max_length = min(max_length or lm.max_length, lm.max_length)
     mesh = mesh if mesh is not None else parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(max(1, batch_size), mesh.size)
-    buckets = tuple(sorted(b for b in (buckets or length_buckets(max_length)) if b <= max_length)) or (max_length,)
-    if buckets[-1] < max_length:
-        buckets = (*buckets, max_length)
+    buckets = bucket_lengths(max_length, buckets)
 
     tokenizer = lm.tokenizer
     words_resolved = word_set(tokenizer, words) if words else None
@@ -427,9 +233,9 @@ def extract_features(
         "compute_dtype": compute_dtype,
         "chunk_size": chunk_size,
         "n_texts": len(texts),
-        "texts_fingerprint": texts_fingerprint(texts),
+        "texts_fingerprint": storage.texts_fingerprint(texts),
     }
-    key_dir = Path(cache_dir) / _hash(manifest) if cache_dir is not None else None
+    key_dir = Path(cache_dir) / storage.content_hash(manifest) if cache_dir is not None else None
     store = _ChunkStore(key_dir, manifest)
 
     vocab_size = int(lm.phi.shape[0])
@@ -450,13 +256,13 @@ def extract_features(
     if todo:
         params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
         word_ids = parallel.replicate(jnp.asarray(words_resolved.token_ids if words_resolved else [0], jnp.int32), mesh)
-        pad_id = _pad_id(tokenizer)
+        pad_id = text.pad_id(tokenizer)
     for chunk in todo:
         start = chunk * chunk_size
         missing = tuple(k for k in kinds if not store.has(stored[k], chunk))
         fn = _batch_fn(lm.hidden_fn, lm.phi_fn, missing, vocab_chunk, mesh)
 
-        def on_batch(indices, outputs, n_tokens):
+        def on_batch(indices, outputs, n_tokens, start=start):
             if "p_f" in outputs:
                 p_f_file[start + indices] = outputs.pop("p_f")
             bar.update(n_tokens)
@@ -487,11 +293,3 @@ def extract_features(
         "computed_chunks": todo,
     }
     return result
-
-
-def _pad_id(tokenizer) -> int:
-    """Any valid id works (padding is masked); prefer the tokenizer's pad, then EOS, then 0."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0

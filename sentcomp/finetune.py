@@ -1,6 +1,6 @@
 """Full fine-tuning (the FT column of the paper's Table 1): the LM and a linear classification head, trained jointly.
 
-For a document ``s`` (prompt appended as in sentcomp.features) with label ``y`` among ``C`` classes, the head reads
+For a document ``s`` (prompt appended as in :mod:`sentcomp.data.text`) with label ``y`` among ``C`` classes, the head reads
 the LM's features at the last non-pad token, ``f(s)`` (for a BERT-family encoder that is ``[SEP]``'s state):
 
     logits(s) = W · dropout_{0.1}(f(s)) + b,      ℓ_cls = E_(s,y)[ −log softmax(logits(s))_y ]
@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +40,18 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, training
+from sentcomp import kernels, parallel, storage, training
 from sentcomp.data.loaders import Split, stratified_split
+from sentcomp.data.text import (
+    bucket_lengths,
+    effective_prompt,
+    encode_texts,
+    encode_with_specials,
+    make_batches,
+    pad_id,
+)
 from sentcomp.errors import SentcompError
-from sentcomp.features import _pad_id, effective_prompt, encode_texts, length_buckets, make_batches
+from sentcomp.features import last_token_features
 from sentcomp.models.base import LanguageModel
 
 RESULTS_FILE = "results.json"
@@ -54,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         prompt=None,  # appended to every text (e.g. " This movie is "), trailing space stripped
         max_length=512,
-        buckets=None,  # padded lengths of the fixed-shape batches (None: sentcomp.features.length_buckets)
+        buckets=None,  # padded lengths of the fixed-shape batches (None: sentcomp.data.text.length_buckets)
         batch_size=32,  # global, rounded up to a multiple of the device count
         eval_batch_size=64,
         max_steps=2000,
@@ -97,12 +106,6 @@ def with_defaults(config) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-
-
-def last_token_features(hidden: jax.Array, mask: jax.Array) -> jax.Array:
-    """``f(s)``: the states at each row's last non-pad position, ``[B, d]`` (right padding)."""
-    last = jnp.sum(mask, axis=1) - 1
-    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
 def init_head(rng: jax.Array, d: int, num_classes: int, std: float) -> dict[str, jax.Array]:
@@ -157,10 +160,6 @@ def make_predict(lm: LanguageModel, mesh):
 # ------------------------------------------------------------------------------------------------ the data
 
 
-def _local(tree, rows: np.ndarray):
-    return jax.tree.map(lambda x: x[rows], tree)
-
-
 def training_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     """Example indices of step ``step``'s batch: stream positions ``step·B .. step·B+B−1`` through one seeded
     permutation of the ``n`` examples per epoch (a pure function of the step, so resuming replays it exactly)."""
@@ -172,13 +171,11 @@ def training_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     return rows
 
 
-def accuracy(predict, params, token_ids, labels, batch_size, buckets, pad_id, mesh) -> float:
+def accuracy(predict, params, token_ids, labels, batch_size, buckets, padding, mesh) -> float:
     """Fraction of correctly classified examples, in fixed-shape batches split over the mesh."""
-    host_rows = parallel.host_row_indices(batch_size, mesh)
     correct = 0
-    for batch in make_batches(token_ids, batch_size, buckets, pad_id):
-        arrays = parallel.global_batch(_local((batch.token_ids, batch.mask), host_rows), mesh)
-        predicted = parallel.fetch(predict(params, *arrays))[: len(batch.indices)]
+    for batch in make_batches(token_ids, batch_size, buckets, padding):
+        predicted = parallel.apply_to_batch(predict, (batch.token_ids, batch.mask), mesh, params)[: len(batch.indices)]
         correct += int(np.sum(predicted == labels[batch.indices]))
     return correct / max(len(token_ids), 1)
 
@@ -186,8 +183,6 @@ def accuracy(predict, params, token_ids, labels, batch_size, buckets, pad_id, me
 def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> list[np.ndarray]:
     """Token ids of ``text + prompt``; a BERT-family encoder gets ``[CLS] text prompt [SEP]``."""
     if lm.family == "bert":
-        from sentcomp.baselines import encode_with_specials
-
         return encode_with_specials(lm.tokenizer, texts, max_length, effective_prompt(prompt))
     return encode_texts(lm.tokenizer, texts, max_length, prompt).token_ids
 
@@ -204,7 +199,7 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, iden
                                 f"({path}); use a new workdir.")
     elif parallel.is_main_process():
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
+        storage.write_json(path, record)
 
 
 def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, config=None,
@@ -238,9 +233,8 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size)
     eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
     max_length = min(config.max_length, lm.max_length)
-    buckets = tuple(sorted(b for b in (config.buckets or ()) if b < max_length)) + (max_length,) \
-        if config.buckets else length_buckets(max_length)
-    pad_id = _pad_id(lm.tokenizer)
+    buckets = bucket_lengths(max_length, config.buckets)
+    padding = pad_id(lm.tokenizer)
     train_ids, val_ids, test_ids = (encode(lm, split.texts, max_length, config.prompt)
                                     for split in (train, val, test_split))
 
@@ -248,16 +242,13 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     d = jax.eval_shape(lm.hidden_fn, lm.params, dummy, jnp.ones_like(dummy)).shape[-1]
     params = {"lm": lm.params,
               "head": init_head(jax.random.key(config.seed + 1), d, num_classes, config.head_init_std)}
-    optimizer = training.make_optimizer(config.optimizer, config.max_steps, params, freeze_phi=False)
+    optimizer = training.make_optimizer(config.optimizer, config.max_steps, params)
     state = training.initial_state(params, optimizer, mesh)
     state["best_params"] = state["params"]
-    factory = functools.partial(training.checkpoint_manager, workdir, config.eval_every, config.checkpoint_keep, False)
-    manager, restored, meta = training.restore_latest(factory(), state, workdir, factory)
+    manager, state, meta = training.resume(workdir, state, config.eval_every, config.checkpoint_keep)
     progress = {"best_val": -1.0, "best_step": 0, "bad_evals": 0}
-    if restored is not None:
-        state, progress = restored, {key: meta[key] for key in progress}
-        if parallel.is_main_process():
-            training.truncate_metrics(workdir, int(meta["step"]))
+    if meta is not None:
+        progress = {key: meta[key] for key in progress}
     start = int(parallel.fetch(state["step"]))
 
     train_step, predict = make_train_step(lm, optimizer, config, mesh), make_predict(lm, mesh)
@@ -269,14 +260,14 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     step = start
     while step < config.max_steps and not stopped_early:
         rows = training_rows(step, batch_size, len(train), config.seed)
-        (batch,) = make_batches([train_ids[i] for i in rows], batch_size, buckets, pad_id)
+        (batch,) = make_batches([train_ids[i] for i in rows], batch_size, buckets, padding)
         arrays = (batch.token_ids, batch.mask, train.labels[rows][batch.indices].astype(np.int32), weights)
-        state, loss = train_step(state, *parallel.global_batch(_local(arrays, host_rows), mesh))
+        state, loss = train_step(state, *parallel.global_batch(tuple(array[host_rows] for array in arrays), mesh))
         step += 1
         losses.append(float(parallel.fetch(loss)))
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
-            val_acc = accuracy(predict, state["params"], val_ids, val.labels, eval_batch, buckets, pad_id, mesh)
+            val_acc = accuracy(predict, state["params"], val_ids, val.labels, eval_batch, buckets, padding, mesh)
             if val_acc > progress["best_val"]:
                 progress = {"best_val": val_acc, "best_step": step, "bad_evals": 0}
                 state["best_params"] = state["params"]
@@ -294,10 +285,10 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     manager.wait_until_finished()
     manager.close()
 
-    test_acc = accuracy(predict, state["best_params"], test_ids, test_split.labels, eval_batch, buckets, pad_id, mesh)
+    test_acc = accuracy(predict, state["best_params"], test_ids, test_split.labels, eval_batch, buckets, padding, mesh)
     results = {"test_accuracy": test_acc, "val_accuracy": progress["best_val"], "best_step": progress["best_step"],
                "steps": step, "stopped_early": bool(stopped_early), "n_train": len(train), "n_val": len(val),
                "n_test": len(test_split)}
     if parallel.is_main_process():
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        storage.write_json(workdir / RESULTS_FILE, results)
     return results

@@ -5,7 +5,7 @@
     python -m sentcomp.main ... --dry_run       # validate and print the config (and the sweep's points)
 
 The config file's ``get_config(arg)`` returns an ``ml_collections.ConfigDict`` whose ``program`` names a module
-with ``run(config, workdir)`` (conventions in :mod:`sentcomp.runner`; sweeps in :mod:`sentcomp.sweep`). Before
+with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; sweeps in :mod:`sentcomp.launcher.sweep`). Before
 any work: ``--config.key=value`` overrides must name existing keys with values of the right type, required
 fields (placeholders) must be set, and a workdir that already holds a run must have been run with the same
 config, in which case the program resumes. A user mistake prints one ``error:`` line and exits with code 2.
@@ -26,9 +26,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sentcomp import config_files, parallel, runner, sweep
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.runner import run_program
+from sentcomp.launcher import config_files, runner, sweep, sweep_runner
+from sentcomp.launcher.runner import run_program
 
 __all__ = ["run_program", "main"]
 
@@ -108,7 +109,7 @@ def sweep_from_flags(config, workdir: str) -> None:
             runner.validate(config_files.override(config, point), f"{workdir}/{name}")
             print(f"{workdir}/{name}")
         return
-    rows = sweep.run_sweep(config, points, workdir, _PARALLEL.value)
+    rows = sweep_runner.run_sweep(config, points, workdir, _PARALLEL.value)
     print(f"Sweep table: {workdir}/sweep.md")
     failed = [row["name"] for row in rows if row["status"] == "failed"]
     if failed:

@@ -132,6 +132,18 @@ def global_batch(local_tree, mesh: Mesh):
     return jax.tree.map(lambda local: jax.make_array_from_process_local_data(sharding, np.asarray(local)), local_tree)
 
 
+def apply_to_batch(fn, arrays, mesh: Mesh, *args):
+    """``fn(*args, *arrays)`` as whole numpy arrays on every process, for a global batch ``arrays`` (a tuple of
+    arrays with the same leading size) that every process holds whole.
+
+    Each process feeds only its rows (:func:`host_row_indices`), :func:`global_batch` splits the batch over the
+    mesh, and :func:`fetch` gathers the output: the one path of batched inference (features, BERT features,
+    zero-shot scores, fine-tuning accuracy), the same on one host and on many.
+    """
+    rows = host_row_indices(len(arrays[0]), mesh)
+    return fetch(fn(*args, *global_batch(tuple(np.asarray(array)[rows] for array in arrays), mesh)))
+
+
 def fetch(tree):
     """Every array of ``tree`` as a whole numpy array on every process (gathered across hosts if needed)."""
     if jax.process_count() == 1:

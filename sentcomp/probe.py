@@ -4,7 +4,7 @@
     result = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
     result["test_accuracy"], result["regularisation"], result["cv_scores"]   # cv_scores: [grid, fold]
 
-Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.probe`):
+Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, :mod:`sentcomp.kernels.ridge`):
 
 * ``"paper"`` — the authors' recipe (../shared/PAPER.md): L2 logistic regression with intercept, C chosen by
   5-fold stratified cross-validation on train (mean held-out accuracy, first best on ties, i.e. the

@@ -42,7 +42,6 @@ import scipy.stats
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
 
-
 # ---------------------------------------------------------------------------------------------------- ε, Quad
 
 

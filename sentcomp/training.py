@@ -3,7 +3,7 @@
 Losses (``LOSSES``: cross-entropy and the paper's Quad, :mod:`sentcomp.kernels`), the optimiser (optax AdamW
 with warmup and decay, clipping, optionally frozen Φ), the jitted data-parallel train and eval steps, the data
 plan (which stream positions each step reads on this process), Orbax checkpoints that resume exactly (a corrupt
-latest checkpoint is set aside) and the ``metrics.jsonl`` log. :mod:`sentcomp.pretrain` documents how a run
+latest checkpoint is set aside) and the ``metrics.jsonl`` log. :mod:`sentcomp.programs.pretrain` documents how a run
 uses them.
 """
 
@@ -15,8 +15,9 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from sentcomp import kernels, parallel
+from sentcomp import kernels, parallel, storage
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
-from sentcomp.models import gpt2
 from sentcomp.models.base import cast_floats
 
 LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
@@ -37,11 +37,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class TrainingDiverged(SentcompError):
     """The loss (or the parameters) became NaN/inf; the last good checkpoint is kept."""
-
-
-def phi_path(params) -> str:
-    """The top-level parameter holding Φ: ``phi`` if untied, else the shared ``wte``."""
-    return "phi" if "phi" in params else "wte"
 
 
 # -------------------------------------------------------------------------------------------- the optimiser
@@ -59,16 +54,18 @@ def learning_rate_schedule(opt, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), decay], [warmup])
 
 
-def make_optimizer(opt, num_steps: int, params, freeze_phi: bool) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (decay on ≥2-D weights); Φ's updates zeroed when ``freeze_phi``."""
+def make_optimizer(opt, num_steps: int, params, frozen: str | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decay on ≥2-D weights); the updates of the top-level parameter ``frozen``
+    (e.g. the model's Φ, to train with a fixed Φ) are zeroed."""
     adamw = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(learning_rate_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                     weight_decay=opt.weight_decay, mask=lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)),
     )
-    if not freeze_phi:
+    if frozen is None:
         return adamw
-    frozen = phi_path(params)
+    if frozen not in params:
+        raise SentcompError(f"Cannot freeze {frozen!r}: the parameters' top-level keys are {sorted(params)}.")
     labels = {key: jax.tree.map(lambda _, k=key: "frozen" if k == frozen else "train", value)
               for key, value in params.items()}
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
@@ -77,23 +74,25 @@ def make_optimizer(opt, num_steps: int, params, freeze_phi: bool) -> optax.Gradi
 # ---------------------------------------------------------------------------------------------- the step
 
 
-def batch_loss(loss_name: str, hidden_fn, params, tokens: jax.Array, mask: jax.Array, compute_dtype) -> jax.Array:
+def batch_loss(loss_name: str, hidden_fn, phi_fn, params, tokens: jax.Array, mask: jax.Array,
+               compute_dtype) -> jax.Array:
     """The training objective on blocks ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``), averaged
     over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``."""
     params = cast_floats(params, compute_dtype)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-    return LOSSES[loss_name](hidden, gpt2.phi_fn(params), targets, mask)
+    return LOSSES[loss_name](hidden, phi_fn(params), targets, mask)
 
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_name: str, hidden_fn, optimizer, compute_dtype, mesh):
+def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh):
     """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
-    ``accum`` micro-batches (each sharded over the devices), one optimiser update."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn))
+    ``accum`` micro-batches (each sharded over the devices), one optimiser update. ``hidden_fn`` and ``phi_fn``
+    are the model's (:class:`sentcomp.models.LanguageModel`)."""
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn))
 
     def step(state, tokens):
         mask = jnp.ones(tokens.shape[:1] + (tokens.shape[2] - 1,), bool)
@@ -123,14 +122,14 @@ def initial_state(params, optimizer, mesh) -> dict[str, Any]:
     return {"params": params, "opt_state": opt_state, "step": parallel.replicate(jnp.zeros((), jnp.int32), mesh)}
 
 
-def make_eval_step(hidden_fn, compute_dtype, mesh):
+def make_eval_step(hidden_fn, phi_fn, compute_dtype, mesh):
     """The jitted ``(params, tokens [B, T+1], mask [B, T]) -> {xent, quad: summed loss, count}``."""
 
     def evaluate(params, tokens, mask):
         params = cast_floats(params, compute_dtype)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-        phi, weights = gpt2.phi_fn(params), mask.astype(jnp.float32)
+        phi, weights = phi_fn(params), mask.astype(jnp.float32)
         return {
             "xent": jnp.sum(weights * kernels.xent_per_position(hidden, phi, targets)),
             "quad": jnp.sum(weights * kernels.quad_per_position(hidden, phi, targets)),
@@ -213,6 +212,26 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
     return manager, None, None
 
 
+def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = False,
+           expected: dict[str, Any] | None = None):
+    """``(manager, state, meta)``: a checkpoint manager for ``workdir/checkpoints`` and the newest readable
+    checkpoint restored into ``state``'s shapes and shardings (:func:`restore_latest`), with the metrics lines
+    logged after it dropped; ``meta`` is None (and ``state`` returned as given) when there is none.
+
+    ``expected`` (e.g. the seeds) must equal the same entries of the checkpoint's meta, else resuming would
+    continue another run: a :class:`SentcompError` says so.
+    """
+    factory = functools.partial(checkpoint_manager, workdir, every, keep, asynchronous)
+    manager, restored, meta = restore_latest(factory(), state, workdir, factory)
+    if restored is None:
+        return manager, state, None
+    if expected and {key: meta.get(key) for key in expected} != expected:
+        raise SentcompError(f"The checkpoint in {workdir} was trained with {meta} but the config has {expected}.")
+    if parallel.is_main_process():
+        truncate_metrics(workdir, int(meta["step"]))
+    return manager, restored, meta
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -224,10 +243,9 @@ def read_metrics(workdir: Path) -> list[dict[str, Any]]:
 def truncate_metrics(workdir: Path, step: int) -> None:
     """Drops the metrics lines logged after ``step`` (by a run that died before its next checkpoint)."""
     kept = [row for row in read_metrics(workdir) if row["step"] <= step]
-    (workdir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
+    storage.write_text(workdir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def append_metrics(workdir: Path, row: dict[str, Any]) -> None:
     if parallel.is_main_process():
-        with open(workdir / METRICS_FILE, "a") as file:
-            file.write(json.dumps(row) + "\n")
+        storage.append_json_line(workdir / METRICS_FILE, row)

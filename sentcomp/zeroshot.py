@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,28 +36,13 @@ from tqdm.auto import tqdm
 
 from sentcomp import kernels, parallel
 from sentcomp.data.tasks import Task, get_task
+from sentcomp.data.text import encode, length_buckets, prefix_tokens
 from sentcomp.errors import SentcompError
-from sentcomp.features import length_buckets
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
-
-
-def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (a ``tokenizers.Tokenizer`` or a transformers tokenizer)."""
-    texts = list(texts)
-    if hasattr(tokenizer, "encode_batch"):
-        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
-
-
-def prefix_tokens(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before any text (e.g. Llama's BOS; none for GPT-2)."""
-    if hasattr(tokenizer, "encode_batch"):
-        return list(tokenizer.encode("", add_special_tokens=True).ids)
-    return list(tokenizer("", add_special_tokens=True)["input_ids"])
 
 
 def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
@@ -177,7 +162,6 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
     max_tokens = max(len(target) for row in rows for target in row.targets)
     scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
     params = parallel.replicate(lm.params, mesh)
-    local_rows = parallel.host_row_indices(batch_size, mesh)
     buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
     for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {task.name}", disable=not progress):
@@ -185,8 +169,7 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
         longest = max(len(row.input_ids) for row in batch)
         length = next(bucket for bucket in buckets if bucket >= longest)
         arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
-        local = parallel.global_batch(tuple(array[local_rows] for array in arrays), mesh)
-        row_scores = parallel.fetch(scorer(params, *local))
+        row_scores = parallel.apply_to_batch(scorer, arrays, mesh, params)
         for row, values in zip(batch, row_scores):
             scores[row.document, list(row.words)] = values[: len(row.words)]
     return scores

@@ -22,8 +22,8 @@ def smoke_workdir(tmp_path_factory):
     """``smoke_workdir(name)``: the workdir of ``experiments/<name>.py:smoke`` run through ``runner.run_program``
     once per test process, checked to have recorded its config and finished. A program's own test module
     reading this run takes its smoke test over from ``test_experiments`` (which would run it again)."""
-    from sentcomp import runner
-    from sentcomp.config_files import EXPERIMENTS_DIR, load_config
+    from sentcomp.launcher import runner
+    from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
 
     workdirs = {}
 

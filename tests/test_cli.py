@@ -10,9 +10,9 @@ import textwrap
 import ml_collections
 import pytest
 
-from sentcomp import config_files, runner
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
 from sentcomp.errors import SentcompError
+from sentcomp.launcher import config_files, runner
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
 from sentcomp.main import run_program
 
 KERNEL_CHECK = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
@@ -70,7 +70,7 @@ REQUIRED = textwrap.dedent(
 
     def get_config(arg=None):
         config = ml_collections.ConfigDict()
-        config.program = "sentcomp.kernel_check"
+        config.program = "sentcomp.programs.kernel_check"
         config.vocab_size, config.dim, config.n_contexts, config.seed = 50, 4, 2, 0
         config.data = ml_collections.ConfigDict({"path": config_dict.placeholder(str)})
         return config

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sentcomp import runner, sweep
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config, load_module, load_sweep, override
+from sentcomp.launcher import runner, sweep
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, load_module, load_sweep, override
 
 CONFIG_FILES = sorted(EXPERIMENTS_DIR.glob("*.py"))
 

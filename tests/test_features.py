@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sentcomp import features, kernels, parallel
+from sentcomp.data import text
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 
@@ -42,7 +43,7 @@ def _encode(tokenizer, text):
 
 def test_word_set_keeps_single_token_forms_once(lm):
     tokenizer = lm.tokenizer
-    words = features.word_set(tokenizer, WORDS)
+    words = text.word_set(tokenizer, WORDS)
     assert words.dropped == ("xqzjv",)
     assert len(set(words.token_ids)) == len(words.token_ids)
     for token_id, form, word in zip(words.token_ids, words.forms, words.source_words):
@@ -52,7 +53,7 @@ def test_word_set_keeps_single_token_forms_once(lm):
         assert singles and all(_encode(tokenizer, f)[0] in words.token_ids for f in singles)
     assert all(len(_encode(tokenizer, f)) > 1 for f in (" xqzjv", "xqzjv"))
     with pytest.raises(SentcompError, match="list of words"):
-        features.word_set(tokenizer, "great")
+        text.word_set(tokenizer, "great")
 
 
 def test_prompt_is_stripped_and_survives_start_truncation(lm):
@@ -63,15 +64,15 @@ def test_prompt_is_stripped_and_survives_start_truncation(lm):
     text_ids = _encode(tokenizer, long_text)
     assert len(text_ids) + len(prompt_ids) > 32
 
-    start = features.encode_texts(tokenizer, [long_text, "ok"], 32, PROMPT)
+    start = text.encode_texts(tokenizer, [long_text, "ok"], 32, PROMPT)
     assert start.n_truncated == 1 and start.prompt == PROMPT.rstrip()
     np.testing.assert_array_equal(start.token_ids[0], text_ids[-(32 - len(prompt_ids)):] + prompt_ids)
     np.testing.assert_array_equal(start.token_ids[1], _encode(tokenizer, "ok") + prompt_ids)
 
-    end = features.encode_texts(tokenizer, [long_text], 32, PROMPT, truncation="end")
+    end = text.encode_texts(tokenizer, [long_text], 32, PROMPT, truncation="end")
     np.testing.assert_array_equal(end.token_ids[0], text_ids[:32])  # the authors' cut: the prompt is lost
 
-    kept = features.encode_texts(tokenizer, ["ok"], 32, PROMPT, keep_prompt_trailing_space=True)
+    kept = text.encode_texts(tokenizer, ["ok"], 32, PROMPT, keep_prompt_trailing_space=True)
     np.testing.assert_array_equal(kept.token_ids[0], _encode(tokenizer, "ok") + _encode(tokenizer, PROMPT))
 
 
@@ -88,8 +89,8 @@ def _reference(lm, token_ids, word_ids):
 
 
 def test_features_match_unbatched_float64_reference(lm, baseline):
-    encoding = features.encode_texts(lm.tokenizer, TEXTS, lm.max_length, PROMPT)
-    word_ids = list(features.word_set(lm.tokenizer, WORDS).token_ids)
+    encoding = text.encode_texts(lm.tokenizer, TEXTS, lm.max_length, PROMPT)
+    word_ids = list(text.word_set(lm.tokenizer, WORDS).token_ids)
     reference = _reference(lm, encoding.token_ids, word_ids)
     assert reference["p_f"].max() > 10 / 50257  # the distributions are far from uniform: a real check
     for kind in SMALL_KINDS:
@@ -145,8 +146,8 @@ def test_full_p_f_goes_to_disk_and_cache_resumes(lm, tmp_path, monkeypatch, base
     assert resumed["metadata"]["computed_chunks"] == [2, 3] and len(calls) == 2  # 4 chunks of 2 texts
 
     assert isinstance(resumed["p_f"], np.memmap) and resumed["p_f"].shape == (len(TEXTS), 50257)
-    encoding = features.encode_texts(lm.tokenizer, TEXTS, lm.max_length, PROMPT)
-    reference = _reference(lm, encoding.token_ids, list(features.word_set(lm.tokenizer, WORDS).token_ids))
+    encoding = text.encode_texts(lm.tokenizer, TEXTS, lm.max_length, PROMPT)
+    reference = _reference(lm, encoding.token_ids, list(text.word_set(lm.tokenizer, WORDS).token_ids))
     np.testing.assert_allclose(resumed["p_f"], reference["p_f"], atol=1e-6, rtol=1e-4)
     for kind in ("f", "word_log_probs"):
         np.testing.assert_allclose(resumed[kind], baseline[kind], atol=1e-5, rtol=1e-5)

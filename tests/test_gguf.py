@@ -13,7 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from llama_testing import (
-    LLAMA3_SCALING, SENTENCES, assert_long_context_logits_match, hf_logits, tiny_hf_llama, write_gguf,
+    LLAMA3_SCALING,
+    SENTENCES,
+    assert_long_context_logits_match,
+    hf_logits,
+    tiny_hf_llama,
+    write_gguf,
 )
 
 from sentcomp.data.rotten_tomatoes import read_snippets

@@ -78,7 +78,10 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
     h, phi, rng = _random_problem(3, (2, 4), 40, 8)
     targets = rng.integers(0, 40, size=(2, 4))
     mask = np.zeros((2, 4), bool)
-    for loss in (lambda h, p: kernels.xent_loss(h, p, targets, mask, 16), lambda h, p: kernels.quad_loss(h, p, targets, mask)):
+    for loss in (
+        lambda h, p: kernels.xent_loss(h, p, targets, mask, 16),
+        lambda h, p: kernels.quad_loss(h, p, targets, mask),
+    ):
         value, grads = jax.value_and_grad(loss, argnums=(0, 1))(h, phi)
         assert float(value) == 0.0
         for grad in grads:

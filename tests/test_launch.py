@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sentcomp import launch
+from sentcomp.launcher import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--name=exp-tpu", "--bucket=my-bucket", "--repo=https://example.org/sentcomp.git", "--run=table1-a"]
@@ -63,7 +63,7 @@ def test_bad_launcher_arguments_are_refused(capsys):
 
 @pytest.mark.parametrize("action", sorted(launch.ACTIONS))
 def test_shell_wrappers_print_the_generated_commands(action):
-    args = [f"--target=v4-32", *COMMON, CONFIG, "--dry-run", "--", "--sweep"]
+    args = ["--target=v4-32", *COMMON, CONFIG, "--dry-run", "--", "--sweep"]
     result = subprocess.run(
         ["bash", str(ROOT / "tpu_configs" / f"{action}.sh"), *args],
         capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable),

@@ -18,10 +18,10 @@ from sentcomp.data import (
     read_pickles,
     read_tsv,
     repeated_splits,
+    rotten_tomatoes,
     stratified_split,
     task_from_config,
 )
-from sentcomp.data import rotten_tomatoes
 from sentcomp.errors import SentcompError
 
 BINARY = ("negative", "positive")

@@ -1,7 +1,7 @@
 """JAX's multi-process runtime for real on one machine: 2 processes × 4 CPU devices (gloo collectives on
 localhost) run a program through the CLI and get the numbers 1 process × 8 devices gets.
 
-``run_processes`` (on :func:`sentcomp.local_cluster.run_local_processes`) launches any config this way, so
+``run_processes`` (on :func:`sentcomp.launcher.local_cluster.run_local_processes`) launches any config this way, so
 other programs (e.g. pretraining) add a test in a few lines.
 """
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from sentcomp import parallel
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.errors import SentcompError
-from sentcomp.local_cluster import run_local_processes
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.launcher.local_cluster import run_local_processes
 from sentcomp.main import run_program
 
 TIMEOUT_SECONDS = 240

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import config_files, parallel, pretrain, runner, training
+from sentcomp import parallel, training
 from sentcomp.errors import SentcompError
+from sentcomp.launcher import config_files, runner
 from sentcomp.models import gpt2
 from sentcomp.models.base import COMPUTE_DTYPES
+from sentcomp.programs import pretrain
 
 SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke"
 TINY = {  # a 2-layer d=32 byte-level GPT-2, 16 steps of 8 × 32 tokens
@@ -49,9 +51,10 @@ def checkpoint_steps(workdir):
 def _train(config, mesh, steps=3):
     lm = pretrain.build_model(config)
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
-    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
+    frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
+    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     state = training.initial_state(lm.params, optimizer, mesh)
-    step_fn = training.make_train_step(config.loss, lm.hidden_fn, optimizer, COMPUTE_DTYPES[config.compute_dtype], mesh)
+    step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, COMPUTE_DTYPES[config.compute_dtype], mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):

@@ -1,7 +1,5 @@
 """Linear probes against scikit-learn (logistic regression) and float64 numpy solves (ridge)."""
 
-import warnings
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,7 +51,7 @@ C_GRID = np.array([0.003, 0.3, 30.0])
 )
 def test_logistic_grid_reaches_sklearn_optimum(num_classes, multi_class, standardize, warm_start):
     x, y = _problem(num_classes, 1240, 12, num_classes)
-    x_train, y_train, x_test, y_test = x[:240], y[:240], x[240:], y[240:]
+    x_train, y_train, x_test = x[:240], y[:240], x[240:]
     weights = np.ones((2, 240), np.float32)
     weights[0, :60] = 0.0  # split 0 drops a quarter of the rows
     fits = kernels.logistic_regression_grid(
@@ -77,7 +75,8 @@ def test_logistic_grid_reaches_sklearn_optimum(num_classes, multi_class, standar
                 exported = kernels.logistic_objective(x_train, y_train, weights[s], c, fits.coef[s, l],
                                                       fits.intercept[s, l], num_classes, multi_class)
                 np.testing.assert_allclose(float(exported), ours, rtol=1e-4)
-            ours_pred = np.asarray(kernels.predict_labels(kernels.linear_scores(x_test, fits.coef[s, l], fits.intercept[s, l])))
+            ours_scores = kernels.linear_scores(x_test, fits.coef[s, l], fits.intercept[s, l])
+            ours_pred = np.asarray(kernels.predict_labels(ours_scores))
             ref_pred = np.argmax((x_test - mean) / scale @ ref_coef + ref_intercept, 1) if ref_coef.shape[1] > 1 else (
                 ((x_test - mean) / scale @ ref_coef + ref_intercept)[:, 0] > 0)
             assert np.sum(ours_pred != ref_pred) <= 1, (s, c)  # ≤ 1 in 1000 held-out examples
@@ -99,12 +98,12 @@ def test_softmax_loss_keeps_its_precision_at_large_scores():
 
 def test_lbfgs_line_search_backs_off_from_non_finite_values():
     """A trial point where the objective overflows (NaN here) is a step too long, not the end of the search."""
-    from sentcomp.kernels.probe import _lbfgs_minimise
+    from sentcomp.kernels.lbfgs import lbfgs_minimise
 
     def fun(v):  # steep quadratic with its minimum at 3: the first unit step lands at 30, in the NaN region
         return 5.0 * jnp.sum(jnp.square(v - 3.0)) + jnp.where(jnp.max(jnp.abs(v)) > 10.0, jnp.nan, 0.0)
 
-    params, value, grad_norm, iterations = _lbfgs_minimise(fun, jnp.zeros(4), max_iter=50, tol=1e-4)
+    params, value, grad_norm, iterations = lbfgs_minimise(fun, jnp.zeros(4), max_iter=50, tol=1e-4)
     np.testing.assert_allclose(np.asarray(params), 3.0, atol=1e-4)
     assert float(grad_norm) < 1e-4 and int(iterations) < 50
 
@@ -128,7 +127,9 @@ def test_ridge_grid_matches_numpy_solve(standardize, method):
     folds = probe.stratified_folds(y, 4, seed=1)
     alphas = np.array([1e-2, 1.0, 1e2, 1e4])
     weights = np.stack([folds != f for f in range(4)] + [np.ones(len(y), bool)]).astype(np.float32)
-    by_weights = kernels.ridge_grid(kernels.ridge_moments(x, targets, weights), alphas, standardize=standardize, method=method)
+    by_weights = kernels.ridge_grid(
+        kernels.ridge_moments(x, targets, weights), alphas, standardize=standardize, method=method
+    )
     layout = probe.fold_layout(x, targets, folds, 4)
     by_folds = kernels.ridge_grid(kernels.kfold_ridge_moments(*layout), alphas, standardize=standardize, method=method)
     # numpy's syrk Gram matrices (evaluate's CPU path) combined by the same jitted split sums
@@ -307,7 +308,8 @@ def test_ridge_protocol_matches_ridge_classifier(n_train, dim, num_classes, meth
             assert ridge["cv_scores"][l, f] == pytest.approx(sk.score(x64[held], y_train[held]), abs=1.01 / held.sum())
     assert alpha == ridge["grid"][int(np.argmax(ridge["cv_scores"].mean(1)))]
     final = RidgeClassifier(alpha=alpha).fit(x64, y_train)
-    assert ridge["test_accuracy"] == pytest.approx(final.score(x_test.astype(np.float64), y_test), abs=1.01 / len(y_test))
+    final_accuracy = final.score(x_test.astype(np.float64), y_test)
+    assert ridge["test_accuracy"] == pytest.approx(final_accuracy, abs=1.01 / len(y_test))
 
 
 def test_cv_metric_loss_selects_by_held_out_loss(paper_data):
@@ -321,7 +323,8 @@ def test_cv_metric_loss_selects_by_held_out_loss(paper_data):
         for f in (0, 3):
             train, held = folds != f, folds == f
             sk = LogisticRegression(C=ours["grid"][l], tol=1e-10, max_iter=10_000).fit(x_train[train], y_train[train])
-            assert ours["cv_scores"][l, f] == pytest.approx(log_loss(y_train[held], sk.predict_proba(x_train[held])), rel=1e-3)
+            held_loss = log_loss(y_train[held], sk.predict_proba(x_train[held]))
+            assert ours["cv_scores"][l, f] == pytest.approx(held_loss, rel=1e-3)
     assert ours["cv_metric"] == "loss" and ours["best_index"] == int(np.argmin(ours["cv_scores"].mean(1)))
     final = LogisticRegression(C=ours["regularisation"], tol=1e-10, max_iter=10_000).fit(x_train, y_train)
     assert ours["test_loss"] == pytest.approx(log_loss(y_test, final.predict_proba(x_test)), rel=1e-3)
@@ -355,7 +358,10 @@ def test_bad_inputs_raise_one_clear_error():
         (dict(y_train=np.zeros(40, int)), "single class"),
         (dict(x_train=np.where(np.arange(40)[:, None] == 3, np.nan, x)), "NaN/inf"),
         (dict(x_test=np.full((5, 3), np.inf)), "NaN/inf"),
-        (dict(x_train=np.where(np.arange(40)[:, None] == 7, [[np.inf, -np.inf, 0.0]], x)), "2 NaN/inf values in 1 rows"),
+        (
+            dict(x_train=np.where(np.arange(40)[:, None] == 7, [[np.inf, -np.inf, 0.0]], x)),
+            "2 NaN/inf values in 1 rows",
+        ),
         (dict(y_train=y[:39]), "one label per feature row"),
         (dict(x_test=x[:, :2]), "features"),
         (dict(y_test=y + 5), "never seen"),

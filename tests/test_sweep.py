@@ -7,8 +7,8 @@ import textwrap
 import ml_collections
 import pytest
 
-from sentcomp import sweep
 from sentcomp.errors import SentcompError
+from sentcomp.launcher import sweep, sweep_runner
 
 # A tiny program: y = 2x; fails while the file `broken` exists in the shared folder; logs every call.
 PROGRAM = textwrap.dedent(
@@ -76,50 +76,50 @@ def test_product_zip_and_names():
 def test_failure_is_isolated_and_rerun_skips_complete_points(program, tmp_path):
     (tmp_path / "broken").touch()
     points = sweep.axis("x", [1, 2, 3])
-    rows = sweep.run_sweep(program, points, tmp_path / "sweep")
+    rows = sweep_runner.run_sweep(program, points, tmp_path / "sweep")
     assert [row["status"] for row in rows] == ["done", "failed", "done"]
     assert [row["metrics"].get("y") for row in rows] == [2, None, 6]
     assert "x=2 is broken" in rows[1]["error"]
-    assert "Traceback" in (tmp_path / "sweep" / "x=2" / sweep.ERROR_FILE).read_text()
+    assert "Traceback" in (tmp_path / "sweep" / "x=2" / sweep_runner.ERROR_FILE).read_text()
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| x=3 | done | 3 | 6 | x3 |" in table and "x=2 is broken" in table
 
     (tmp_path / "broken").unlink()
-    rows = sweep.run_sweep(program, points, tmp_path / "sweep")
+    rows = sweep_runner.run_sweep(program, points, tmp_path / "sweep")
     assert [row["status"] for row in rows] == ["reused", "done", "reused"]
     assert [row["metrics"]["y"] for row in rows] == [2, 4, 6]
     assert calls(program) == [1, 2, 2, 3]  # only the failed point ran again
-    assert not (tmp_path / "sweep" / "x=2" / sweep.ERROR_FILE).exists()
+    assert not (tmp_path / "sweep" / "x=2" / sweep_runner.ERROR_FILE).exists()
 
 
 def test_complete_point_with_a_changed_config_is_reported_not_reused(program, tmp_path):
-    sweep.run_sweep(program, sweep.axis("x", [1]), tmp_path / "sweep")
+    sweep_runner.run_sweep(program, sweep.axis("x", [1]), tmp_path / "sweep")
     program.unused = 2.0
-    (row,) = sweep.run_sweep(program, sweep.axis("x", [1]), tmp_path / "sweep")
+    (row,) = sweep_runner.run_sweep(program, sweep.axis("x", [1]), tmp_path / "sweep")
     assert row["status"] == "failed" and "unused: 1.0 -> 2.0" in row["error"]
     assert calls(program) == [1]
 
 
 def test_headline_from_results_json_when_run_returns_none(program, tmp_path):
     program.headline_in_results = True
-    (row,) = sweep.run_sweep(program, sweep.axis("x", [5]), tmp_path / "sweep")
+    (row,) = sweep_runner.run_sweep(program, sweep.axis("x", [5]), tmp_path / "sweep")
     assert row["metrics"] == {"y": 10}  # the list-valued entry is not a headline
 
 
 def test_parallel_points_run_in_subprocesses(program, tmp_path):
     (tmp_path / "broken").touch()
-    rows = sweep.run_sweep(program, sweep.axis("x", [1, 2, 3]), tmp_path / "sweep", parallel_points=3)
+    rows = sweep_runner.run_sweep(program, sweep.axis("x", [1, 2, 3]), tmp_path / "sweep", parallel_points=3)
     assert [row["status"] for row in rows] == ["done", "failed", "done"]
     assert "x=2 is broken" in rows[1]["error"]
     assert rows[2]["metrics"] == {"y": 6, "label": "x3"}
     assert calls(program) == [1, 2, 3]
-    assert (tmp_path / "sweep" / "x=2" / sweep.LOG_FILE).exists()
+    assert (tmp_path / "sweep" / "x=2" / sweep_runner.LOG_FILE).exists()
 
 
 def test_bad_points_fail_before_any_point_runs(program, tmp_path):
     with pytest.raises(SentcompError, match="Unknown config key 'y'.*Valid keys: headline_in_results, program"):
-        sweep.run_sweep(program, [{"x": 1}, {"y": 1}], tmp_path / "sweep")
+        sweep_runner.run_sweep(program, [{"x": 1}, {"y": 1}], tmp_path / "sweep")
     with pytest.raises(SentcompError, match="config.x = 'a' has the wrong type"):
-        sweep.run_sweep(program, [{"x": 1}, {"x": "a"}], tmp_path / "sweep")
+        sweep_runner.run_sweep(program, [{"x": 1}, {"x": "a"}], tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()

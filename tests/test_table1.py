@@ -1,4 +1,4 @@
-"""experiments/table1.py + sentcomp.evaluate: the CLI end to end on the smoke config (real rotten_tomatoes data,
+"""experiments/table1.py + sentcomp.programs.table1: the CLI end to end on the smoke config (real rotten_tomatoes data,
 real GPT-2 tokenizer, tiny random GPT-2), resume without recomputation, the pooled-task path (repeated 90/10
 splits, mean ± std), and the pieces the table is built from checked against direct computations."""
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from sentcomp import evaluate, features, probe, runner, zeroshot
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
-from sentcomp.data import Split, get_task, register_task
+from sentcomp import features, models, probe, zeroshot
+from sentcomp.data import Split, get_task, register_task, text
 from sentcomp.data import tasks as tasks_module
-from sentcomp.logpartition import load_model
+from sentcomp.launcher import runner
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.programs import table1
 
 TABLE1 = EXPERIMENTS_DIR / "table1.py"
 
@@ -61,10 +62,10 @@ def test_results_layout_and_words(smoke_run):
     cells = {cell["key"]: cell for cell in results["cells"]}
     assert prompt.split(" | ")[1] == f"{100 * cells['rotten_tomatoes*/f/0']['test_accuracy']:.1f}"
     assert len(cells) == 2 * 6 + 1
-    tokenizer = load_model(config).tokenizer
+    tokenizer = models.from_config(config).tokenizer
     task = get_task("rotten_tomatoes")
     for group, words in (("subset", task.subset_words), ("class", task.class_words), ("posneg", task.posneg_words)):
-        expected = features.word_set(tokenizer, words)
+        expected = text.word_set(tokenizer, words)
         assert results["tasks"][0]["word_sets"][group] == {"forms": list(expected.forms),
                                                            "dropped": list(expected.dropped)}
         assert " ".join(repr(form) for form in expected.forms) in "\n".join(lines)
@@ -75,18 +76,18 @@ def test_cells_match_direct_computation(smoke_run):
     cell equals sklearn's logistic regression at the chosen C on directly extracted features; the zero-shot
     cell equals sentcomp.zeroshot on the test split."""
     config, workdir = smoke_run
-    data = evaluate.prepare_task("rotten_tomatoes", config)
+    data = table1.prepare_task("rotten_tomatoes", config)
     (train, test), = data.pairs
-    lm = load_model(config)
+    lm = models.from_config(config)
     prompt = data.task.prompt
     direct = features.extract_features(lm, data.texts, ("word_logits",), words=data.task.class_words, prompt=prompt,
                                        max_length=config.max_length, progress=False)
-    union = features.word_set(lm.tokenizer, evaluate.union_words(evaluate.word_groups(data.task)))
+    union = text.word_set(lm.tokenizer, table1.union_words(table1.word_groups(data.task)))
     extracted = features.extract_features(lm, data.texts, ("f", "word_logits"), words=union.words, prompt=prompt,
                                           max_length=config.max_length, cache_dir=workdir / "features", progress=False)
     assert extracted["metadata"]["computed_chunks"] == []  # the run's cache answers
-    word_sets = {"class": features.word_set(lm.tokenizer, data.task.class_words)}
-    np.testing.assert_allclose(evaluate.column_features(extracted, "class_logits", word_sets, union),
+    word_sets = {"class": text.word_set(lm.tokenizer, data.task.class_words)}
+    np.testing.assert_allclose(table1.column_features(extracted, "class_logits", word_sets, union),
                                direct["word_logits"], rtol=1e-5, atol=1e-5)
 
     results = json.loads((workdir / "results.json").read_text())
@@ -111,7 +112,7 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed something that was done")
 
-    monkeypatch.setattr(evaluate, "load_model", forbidden)  # every cell done: not even the model is loaded
+    monkeypatch.setattr(models, "from_config", forbidden)  # every cell done: not even the model is loaded
     monkeypatch.setattr(probe, "evaluate", forbidden)
     runner.run_program(config, workdir)
     assert json.loads((workdir / "results.json").read_text())["table"] == before["table"]
@@ -119,10 +120,10 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     # A run killed mid-way: some cells lost and a torn last line. Only those probes run again, from cached
     # features (no model forward pass), and give the same numbers.
     monkeypatch.undo()
-    lines = (workdir / evaluate.CELLS_FILE).read_text().splitlines()
+    lines = (workdir / table1.CELLS_FILE).read_text().splitlines()
     lost = [json.loads(line)["key"] for line in lines if json.loads(line)["key"].endswith(("/f/0", "/phi_p_f/0"))]
     kept = [line for line in lines if json.loads(line)["key"] not in lost]
-    (workdir / evaluate.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
+    (workdir / table1.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
     monkeypatch.setattr(features, "_compute_chunk", forbidden)
     monkeypatch.setattr(zeroshot, "label_word_scores", forbidden)
     calls = []
@@ -162,14 +163,14 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
 
 def test_subsample_is_stratified_and_seeded():
     split = Split([f"t{i}" for i in range(100)], np.array([0] * 70 + [1] * 30))
-    subset = evaluate.subsample(split, 20, seed=3)
+    subset = table1.subsample(split, 20, seed=3)
     assert len(subset) == 20 and np.sum(subset.labels == 1) == 6
-    assert subset.texts == evaluate.subsample(split, 20, seed=3).texts != evaluate.subsample(split, 20, seed=4).texts
-    assert evaluate.subsample(split, 0, seed=3) is split
+    assert subset.texts == table1.subsample(split, 20, seed=3).texts != table1.subsample(split, 20, seed=4).texts
+    assert table1.subsample(split, 0, seed=3) is split
 
 
 def test_unknown_column_is_a_clear_error():
     with pytest.raises(Exception, match="Unknown feature columns"):
-        evaluate.columns_for(get_task("sst2"), ["f", "bert_cls"])
+        table1.columns_for(get_task("sst2"), ["f", "bert_cls"])
     with pytest.raises(Exception, match="multinomial_cells entries must be 'task:column'"):
-        evaluate.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
+        table1.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))

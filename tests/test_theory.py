@@ -8,9 +8,9 @@ import pytest
 import scipy.optimize
 
 from sentcomp import probe, theory
-from sentcomp.config_files import load_module
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
+from sentcomp.launcher.config_files import load_module
 
 
 @pytest.fixture(scope="module")

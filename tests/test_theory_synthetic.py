@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from sentcomp import runner, theory_synthetic
-from sentcomp.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.errors import SentcompError
-
+from sentcomp.launcher import runner
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
+from sentcomp.programs import theory_synthetic
 
 SMOKE = f"{EXPERIMENTS_DIR / 'theory_synthetic.py'}:smoke"
 
@@ -51,7 +51,7 @@ def test_mathematical_invariants(finished):
     workdir, _ = finished
     results = json.loads((workdir / "results.json").read_text())
     assert results["gamma"] == pytest.approx(1 / 5)
-    for loss, rows in results["models"].items():
+    for rows in results["models"].values():
         for row in rows:
             for name in ("epsilon", "excess_quad", "epsilon_task"):
                 estimate = row[name]

@@ -40,21 +40,20 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import glob as globlib
-import hashlib
 import importlib.metadata
-import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from sentcomp import storage
+from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
-from sentcomp.models.tokenizers import tokenizer_fingerprint
 
 KINDS = ("lee", "enwiki", "files", "tfds", "wikitext")
 UNITS = ("file", "line")
@@ -96,7 +95,7 @@ class CorpusSpec:
             raise SentcompError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "CorpusSpec":
+    def from_config(cls, config: Mapping[str, Any]) -> CorpusSpec:
         """A spec from a config dict (an ``ml_collections.ConfigDict`` works); unknown keys are an error."""
         values = dict(config.items())
         known = {field.name for field in dataclasses.fields(cls)}
@@ -326,15 +325,7 @@ def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
 
 def cache_key(spec: CorpusSpec, tokenizer, seq_len: int) -> str:
     """A hash of everything the packed blocks depend on."""
-    described = json.dumps([dataclasses.asdict(spec), tokenizer_fingerprint(tokenizer), seq_len], sort_keys=True)
-    return hashlib.sha256(described.encode()).hexdigest()[:20]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Temp file + rename: a reader never sees a half-written cache file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        np.save(tmp, array)
-    os.replace(tmp.name, path)
+    return storage.content_hash(dataclasses.asdict(spec), tokenizer_fingerprint(tokenizer), seq_len)
 
 
 def load_blocks(spec: CorpusSpec, tokenizer, seq_len: int, cache_dir: str | Path | None = None,
@@ -353,9 +344,9 @@ def load_blocks(spec: CorpusSpec, tokenizer, seq_len: int, cache_dir: str | Path
         manifest = {"spec": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
                     **{f"{split}_documents": len(documents[split]) for split in SPLITS},
                     **{f"{split}_blocks": int(len(blocks[split])) for split in SPLITS}}
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        storage.write_json(folder / "manifest.json", manifest)
         for split, array in blocks.items():
-            _save_npy(folder / f"{split}.npy", array)
+            storage.save_npy(folder / f"{split}.npy", array)
     return blocks
 
 

@@ -28,8 +28,9 @@ import importlib
 import json
 import numbers
 import pickle
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,13 +57,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def take(self, indices: Sequence[int]) -> "Split":
+    def take(self, indices: Sequence[int]) -> Split:
         """The examples at ``indices``, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         return Split([self.texts[i] for i in indices], self.labels[indices])
 
     @staticmethod
-    def concatenate(splits: Iterable["Split"]) -> "Split":
+    def concatenate(splits: Iterable[Split]) -> Split:
         splits = list(splits)
         return Split([text for split in splits for text in split.texts],
                      np.concatenate([split.labels for split in splits]))

@@ -300,3 +300,16 @@ def task_dataset(language: SyntheticLanguage, key: jax.Array, num_documents: int
     """
     documents, labels = sample_documents(language, key, num_documents)
     return TaskData(documents=documents, labels=labels, truth=exact_next_word(language, documents))
+
+
+def synthetic_tokenizer(language: SyntheticLanguage):
+    """A word-level tokenizer naming the language's tokens (``w0``.., ``answer0``.., ``<prompt>``), so the model
+    carries a tokenizer of exactly its vocabulary; the experiment itself feeds token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ([f"w{i}" for i in range(language.num_body_words)] + [f"answer{k}" for k in range(language.num_labels)]
+             + ["<prompt>"])
+    tokenizer = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<prompt>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)

@@ -8,6 +8,20 @@ from sentcomp.kernels.features import (
     word_logits,
     word_probs,
 )
+from sentcomp.kernels.linear import (
+    MULTI_CLASS_MODES,
+    LinearFits,
+    linear_scores,
+    predict_labels,
+    weighted_standardisation,
+)
+from sentcomp.kernels.logistic import (
+    logistic_losses,
+    logistic_objective,
+    logistic_regression_grid,
+    logistic_targets,
+    uses_sigmoid,
+)
 from sentcomp.kernels.losses import masked_mean, quad_loss, quad_per_position, xent_loss, xent_per_position
 from sentcomp.kernels.partition import (
     AffineFit,
@@ -19,26 +33,16 @@ from sentcomp.kernels.partition import (
     gaussian_log_partition,
     r_squared,
 )
-from sentcomp.kernels.probe import (
-    MULTI_CLASS_MODES,
+from sentcomp.kernels.ridge import (
     CenteredRidge,
-    LinearFits,
     RidgeMoments,
     centered_ridge,
     fold_moments,
     kfold_ridge_moments,
     kfold_split_moments,
-    linear_scores,
-    logistic_losses,
-    logistic_objective,
-    logistic_regression_grid,
-    logistic_targets,
-    predict_labels,
     ridge_grid,
     ridge_grid_dual,
     ridge_moments,
-    uses_sigmoid,
-    weighted_standardisation,
 )
 
 __all__ = [

@@ -9,7 +9,7 @@ file, or an alias of an offline asset (see ``ALIASES``). The family is read from
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
@@ -62,4 +62,18 @@ def load(source: str, **options) -> LanguageModel:
     return family_module(config["model_type"]).from_hf(model_dir, config, name=source, **options)
 
 
-__all__ = ["LanguageModel", "load", "FAMILIES", "ALIASES"]
+RANDOM_GPT2 = "random-gpt2"  # config.model of smoke runs: a tiny random GPT-2 shaped by config.random_gpt2
+
+
+def from_config(config) -> LanguageModel:
+    """The model an experiment config names: ``config.model`` is any source :func:`load` accepts, or
+    ``"random-gpt2"``, a random GPT-2 of shape ``config.random_gpt2`` (a dict of ``gpt2_config`` fields, with the
+    real GPT-2 tokenizer) initialised from ``config.seed``, for smoke runs."""
+    if config.model == RANDOM_GPT2:
+        from sentcomp.models import gpt2
+
+        return gpt2.init(gpt2.gpt2_config(**config.random_gpt2.to_dict()), rng=config.seed)
+    return load(config.model)
+
+
+__all__ = ["LanguageModel", "load", "from_config", "FAMILIES", "ALIASES", "RANDOM_GPT2"]

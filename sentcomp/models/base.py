@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HiddenFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # what a model may run in
@@ -56,6 +60,15 @@ class LanguageModel:
         """Features f(s) at every position, ``[B, T, d]`` (jitted)."""
         return self._jitted_hidden(self.params, token_ids, attention_mask)
 
-    def replace(self, **changes) -> "LanguageModel":
+    def replace(self, **changes) -> LanguageModel:
         """A copy with some fields changed (e.g. new ``params`` after training)."""
         return dataclasses.replace(self, **changes)
+
+
+def model_fingerprint(lm: LanguageModel) -> str:
+    """A hash of the model's name, family, config and every parameter value (so retrained weights miss a cache)."""
+    digest = hashlib.sha256(json.dumps([lm.name, lm.family, repr(lm.config)]).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode() + str(array.dtype).encode() + array.tobytes())
+    return digest.hexdigest()[:20]

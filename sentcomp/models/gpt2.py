@@ -403,3 +403,16 @@ def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(hf_config_dict(lm.config), indent=2))
     return directory
+
+
+def untie(lm: LanguageModel) -> LanguageModel:
+    """A copy with Φ untied from ``wte`` (``params["phi"]`` starts as a copy of it)."""
+    config = dataclasses.replace(lm.config, tie_word_embeddings=False)
+    params = {**lm.params, "phi": jnp.array(lm.params["wte"]["embedding"])}
+    return lm.replace(config=config, params=params, hidden_fn=functools.partial(hidden_fn, config))
+
+
+def phi_key(params) -> str:
+    """The top-level parameter holding Φ: ``phi`` if untied, else the shared ``wte`` (freezing it then also
+    freezes the input embedding, the same matrix)."""
+    return "phi" if "phi" in params else "wte"

@@ -27,14 +27,15 @@ the same Hugging Face tensor names and then use ``params_from_state`` below. Ran
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf

@@ -9,8 +9,6 @@ so the folder route is the one that works (and we check the vocabulary size to b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import importlib.metadata
 import os
 import shutil
@@ -73,22 +71,6 @@ def gpt2_tokenizer(cache_dir: str | Path | None = None):
             f"{GPT2_VOCAB_SIZE}; delete {gpt2_tokenizer_dir(cache_dir)} and retry."
         )
     return tokenizer
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides how a tokenizer splits text (its full serialised definition).
-
-    Two tokenizers with the same fingerprint give the same token ids, whatever folder they were loaded from;
-    feature caches use it as part of their key. The transient ``truncation``/``padding`` settings are left out:
-    transformers rewrites them on every call, and callers choose them per call anyway.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return hashlib.sha256(repr(tokenizer).encode()).hexdigest()[:16]
-    definition = json.loads(backend.to_str())
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 BYTE_EOS = "<|endoftext|>"

@@ -1,6 +1,6 @@
 """A multi-host run on one machine: N processes of ``python -m sentcomp.main`` joined on localhost.
 
-    python -m sentcomp.local_cluster --processes=2 --devices=4 -- --config=experiments/X.py --workdir=DIR
+    python -m sentcomp.launcher.local_cluster --processes=2 --devices=4 -- --config=experiments/X.py --workdir=DIR
 
 Each process sees ``--devices`` simulated CPU devices and joins JAX's multi-process runtime (gloo CPU
 collectives) through ``--coordinator_address=localhost:PORT --num_processes --process_id``, exactly as the
@@ -59,7 +59,7 @@ def run_local_processes(
 
 def main(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m sentcomp.local_cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sentcomp.launcher.local_cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices", type=int, default=4, help="simulated CPU devices per process")
     parser.add_argument("--log_dir", default="local_cluster_logs")

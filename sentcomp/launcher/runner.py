@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import json
 import numbers
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from sentcomp import config_files, parallel
+from sentcomp import parallel, storage
 from sentcomp.errors import SentcompError
+from sentcomp.launcher import config_files
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
@@ -42,7 +42,7 @@ RESUME_MAY_CHANGE = "resume_may_change"
 def import_program(config: ml_collections.ConfigDict):
     """The module ``config.program`` names; it must define ``run(config, workdir)``."""
     if "program" not in config:
-        raise SentcompError("The config has no 'program' key: set it to the module to run, e.g. 'sentcomp.evaluate'.")
+        raise SentcompError("The config has no 'program' key: set it to the module to run, e.g. 'sentcomp.programs.table1'.")
     try:
         program = importlib.import_module(config.program)
     except ModuleNotFoundError as error:
@@ -99,13 +99,6 @@ def headline_metrics(returned: Any, workdir: Path) -> dict[str, Any]:
     return {key: value for key, value in scalars.items() if value is not None}
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Writes ``value`` as JSON atomically (a reader never sees half a file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2))
-    os.replace(partial, path)
-
-
 def read_done(workdir: str | Path) -> dict[str, Any] | None:
     """The headline metrics of a completed run, or None if ``workdir`` holds no completed run."""
     path = Path(workdir) / DONE_FILE
@@ -121,11 +114,11 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     program = validate(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if parallel.is_main_process():
-        write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
+        storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
     parallel.sync("sentcomp_workdir_ready")
     logging.info("Running %s in %s", config.program, workdir)
     returned = program.run(config, workdir)
     if parallel.is_main_process():
-        write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
+        storage.write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
     logging.info("Finished %s in %s", config.program, workdir)
     return returned

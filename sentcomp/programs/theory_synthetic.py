@@ -40,8 +40,6 @@ its last checkpoint (metrics lines after it are dropped and recomputed).
 
 from __future__ import annotations
 
-import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ import numpy as np
 import scipy.stats
 from tqdm.auto import tqdm
 
-from sentcomp import parallel, theory, training
+from sentcomp import parallel, storage, theory, training
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
@@ -73,25 +71,12 @@ def build_language(config) -> synthetic.SyntheticLanguage:
     return synthetic.make_language(**config.language)
 
 
-def synthetic_tokenizer(language: synthetic.SyntheticLanguage):
-    """A word-level tokenizer naming the language's tokens (``w0``.., ``answer0``.., ``<prompt>``), so the model
-    carries a tokenizer of exactly its vocabulary; the experiment itself feeds token ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    names = ([f"w{i}" for i in range(language.num_body_words)] + [f"answer{k}" for k in range(language.num_labels)]
-             + ["<prompt>"])
-    tokenizer = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<prompt>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-
-
 def build_model(config, loss: str, language: synthetic.SyntheticLanguage):
     """A random GPT-2 over the language's vocabulary, one document long; the Quad architecture for ``quad``."""
     shape = {key: config.model[key] for key in ("n_embd", "n_layer", "n_head")}
     gpt2_config = gpt2.gpt2_config(**shape, vocab_size=language.vocab_size, n_positions=language.num_contexts)
     return gpt2.init(gpt2_config, jax.random.key(config.seed), quad_head=loss == "quad",
-                     tokenizer=synthetic_tokenizer(language), name=f"synthetic-gpt2-{loss}")
+                     tokenizer=synthetic.synthetic_tokenizer(language), name=f"synthetic-gpt2-{loss}")
 
 
 def evaluation_steps(num_steps: int, count: int) -> list[int]:
@@ -135,19 +120,12 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
     modeldir.mkdir(exist_ok=True)
     host_rows = parallel.host_row_indices(config.batch_size, mesh)
     plan = training.DataPlan(corpus, config.batch_size, 1, config.data.seed, host_rows)
-    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, freeze_phi=False)
-    state = training.initial_state(lm.params, optimizer, mesh)
+    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params)
     seeds = {"seed": config.seed, "data_seed": config.data.seed}
-    factory = functools.partial(training.checkpoint_manager, modeldir, 1, config.checkpoint_keep, False)
-    manager, restored, meta = training.restore_latest(factory(), state, modeldir, factory)
-    if restored is not None:
-        if {key: meta[key] for key in seeds} != seeds:
-            raise SentcompError(f"The checkpoint in {modeldir} was trained with seeds {meta} but the config has {seeds}.")
-        state = restored
-        if parallel.is_main_process():
-            training.truncate_metrics(modeldir, int(meta["step"]))
+    manager, state, _ = training.resume(modeldir, training.initial_state(lm.params, optimizer, mesh), 1,
+                                        config.checkpoint_keep, expected=seeds)
     start = int(parallel.fetch(state["step"]))
-    train_step = training.make_train_step(loss, lm.hidden_fn, optimizer, jax.numpy.float32, mesh)
+    train_step = training.make_train_step(loss, lm.hidden_fn, lm.phi_fn, optimizer, jax.numpy.float32, mesh)
     gamma = synthetic.task_coverage(language)
     checkpoints = evaluation_steps(config.num_steps, config.evaluation.num_checkpoints)
     losses, train_seconds = [], 0.0
@@ -371,8 +349,8 @@ def run(config, workdir) -> dict[str, Any]:
         "models": models,
     }
     if parallel.is_main_process():
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        (workdir / TABLE_FILE).write_text(markdown_table(results))
+        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_text(workdir / TABLE_FILE, markdown_table(results))
         plot(results, workdir)
         for line in results["verdict_lines"]:
             print("VERDICT", line)

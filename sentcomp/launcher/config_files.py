@@ -1,7 +1,7 @@
 """Config files and their validation: loading ``experiments/X.py:arg``, overrides, required fields, diffs.
 
 A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict`` and optionally
-``get_sweep(arg=None) -> list[dict]`` (the points of a hyperparameter sweep, see :mod:`sentcomp.sweep`).
+``get_sweep(arg=None) -> list[dict]`` (the points of a hyperparameter sweep, see :mod:`sentcomp.launcher.sweep`).
 ``arg`` is the text after ``:`` in ``--config=experiments/X.py:arg``, a ``key=value,flag,...`` string that
 :func:`parse_config_arg` reads. A field the user must set is declared with
 ``ml_collections.config_dict.placeholder(type)``; :func:`check_required` refuses to run while one is unset.
@@ -22,7 +22,7 @@ from ml_collections import config_dict
 
 from sentcomp.errors import SentcompError
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def load_module(path: str | Path):

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sentcomp import features, kernels, parallel
+from sentcomp import features, kernels, parallel, storage
 from sentcomp.models import gpt2, tokenizers
 
 EXTRACTION_WORDS = ("a", "e", " ")
@@ -115,6 +115,6 @@ def run(config, workdir: Path) -> dict[str, float]:
     }
     if parallel.is_main_process():
         np.savez(workdir / "arrays.npz", **arrays, **extracted)
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        storage.write_json(workdir / "results.json", results)
     print(json.dumps(results))
     return results

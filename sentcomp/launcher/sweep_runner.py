@@ -1,26 +1,16 @@
-"""Hyperparameter sweeps: the points of a config file's ``get_sweep()``, each run into ``DIR/<point-name>/``.
-
-A config file lists its points with the helpers below; each point is a ``{dotted config key: value}`` dict
-applied on top of the base config (``get_config(arg)`` plus any ``--config.key=value`` overrides)::
-
-    from sentcomp import sweep
-
-    def get_sweep(arg=None):
-        return sweep.product(
-            sweep.axis("task", ["sst2", "agnews"]),
-            sweep.zip(sweep.axis("probe.max_iter", [100, 200]), sweep.axis("seed", [0, 1])),
-        )  # 4 points
+"""Running a sweep: every point of a config file's ``get_sweep()`` (:mod:`sentcomp.launcher.sweep`) into
+``DIR/<point-name>/``::
 
     python -m sentcomp.main --config=experiments/X.py --workdir=DIR --sweep [--parallel=4]
 
 Every point is validated (keys exist, types fit) before the first one runs. Points run one after another
-in this process, or ``parallel`` at a time in subprocesses (``python -m sentcomp.sweep``; output in
-``DIR/<point>/log.txt``), which suits CPU work; on accelerators run them one at a time so each point has
+in this process, or ``parallel`` at a time in subprocesses (``python -m sentcomp.launcher.sweep_runner``; output
+in ``DIR/<point>/log.txt``), which suits CPU work; on accelerators run them one at a time so each point has
 every device (with several hosts, points always run one at a time, all hosts together).
 
-Each point goes through :func:`sentcomp.runner.run_program`, whose ``done.json`` marks it complete and holds
-its headline metrics (the dict the program's ``run`` returns, or the scalars of its ``results.json``; see
-:mod:`sentcomp.runner`). On a re-run, complete points are skipped (after checking their recorded config
+Each point goes through :func:`sentcomp.launcher.runner.run_program`, whose ``done.json`` marks it complete and
+holds its headline metrics (the dict the program's ``run`` returns, or the scalars of its ``results.json``; see
+:mod:`sentcomp.launcher.runner`). On a re-run, complete points are skipped (after checking their recorded config
 still matches). A failing point leaves its traceback in ``DIR/<point>/error.txt`` and the others go on.
 At the end ``DIR/sweep.json`` and ``DIR/sweep.md`` hold one row per point: its status (``done``, ``reused``:
 complete from an earlier run, ``failed``), hyperparameters and headline metrics.
@@ -28,86 +18,25 @@ complete from an earlier run, ``failed``), hyperparameters and headline metrics.
 
 from __future__ import annotations
 
-import builtins
-import hashlib
-import itertools
 import pickle
-import re
 import subprocess
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from sentcomp import config_files, parallel, runner
+from sentcomp import parallel, storage
 from sentcomp.errors import SentcompError
+from sentcomp.launcher import config_files, runner
+from sentcomp.launcher.sweep import Point, format_value, point_names
 
 ERROR_FILE = "error.txt"
 LOG_FILE = "log.txt"
-MAX_NAME_LENGTH = 100
-
-Point = dict[str, Any]
-
-
-def axis(key: str, values: Iterable[Any]) -> list[Point]:
-    """One hyperparameter's values: ``axis("lr", [1, 2])`` -> ``[{"lr": 1}, {"lr": 2}]``."""
-    return [{key: value} for value in values]
-
-
-def _merge(points: tuple[Point, ...]) -> Point:
-    merged: Point = {}
-    for point in points:
-        clash = merged.keys() & point.keys()
-        if clash:
-            raise SentcompError(f"Sweep combines the key(s) {sorted(clash)} twice; each key may vary in one part only.")
-        merged.update(point)
-    return merged
-
-
-def product(*sweeps: list[Point]) -> list[Point]:
-    """Every combination of the points of ``sweeps`` (the last one varies fastest)."""
-    return [_merge(combination) for combination in itertools.product(*sweeps)]
-
-
-def zip(*sweeps: list[Point]) -> list[Point]:  # noqa: A001 - read as sweep.zip in config files
-    """The i-th points of ``sweeps`` merged together; all must have the same length."""
-    lengths = {len(points) for points in sweeps}
-    if len(lengths) > 1:
-        raise SentcompError(f"sweep.zip needs parts of equal length, got lengths {[len(p) for p in sweeps]}.")
-    return [_merge(combination) for combination in builtins.zip(*sweeps)]
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "-".join(_format_value(item) for item in value)
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def point_name(point: Point) -> str:
-    """A directory name for ``point``: ``{"lr": 0.001, "dim": 8}`` -> ``"lr=0.001,dim=8"`` (``"base"`` if empty).
-
-    Characters outside ``[A-Za-z0-9._+=,-]`` become ``_``; a name over 100 characters is cut and suffixed with
-    a hash of the full name so it stays unique.
-    """
-    name = ",".join(f"{key}={_format_value(value)}" for key, value in point.items()) or "base"
-    name = re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
-    if len(name) > MAX_NAME_LENGTH:
-        name = f"{name[: MAX_NAME_LENGTH - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
-
-
-def point_names(points: list[Point]) -> list[str]:
-    """The names of ``points``, which must be distinct."""
-    names = [point_name(point) for point in points]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise SentcompError(f"The sweep lists the same point more than once: {duplicates}.")
-    return names
 
 
 def _last_line(text: str) -> str:
@@ -130,11 +59,11 @@ def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, 
 
 
 def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None]:
-    """Runs one point with ``python -m sentcomp.sweep`` (config pickled on stdin, output in log.txt)."""
+    """Runs one point with ``python -m sentcomp.launcher.sweep_runner`` (config pickled on stdin, output in log.txt)."""
     point_dir.mkdir(parents=True, exist_ok=True)
     with open(point_dir / LOG_FILE, "wb") as log:
         exit_code = subprocess.run(
-            [sys.executable, "-m", "sentcomp.sweep"],
+            [sys.executable, "-m", "sentcomp.launcher.sweep_runner"],
             input=pickle.dumps((config, point_dir)),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -173,10 +102,10 @@ def run_sweep(
     configs = [config_files.override(config, point) for point in points]  # every point is checked up front
     if parallel_points > 1 and jax.process_count() > 1:
         raise SentcompError("--parallel runs points in subprocesses of one host; with several hosts use --parallel=1.")
-    outcomes = {name: _already_done(cfg, sweep_dir / name) for name, cfg in builtins.zip(names, configs)}
+    outcomes = {name: _already_done(cfg, sweep_dir / name) for name, cfg in zip(names, configs)}
     to_run = parallel.broadcast_from_main(np.array([outcomes[name] is None for name in names]))
-    pending = [(name, cfg) for name, cfg, run in builtins.zip(names, configs, to_run) if run]
-    for name, run in builtins.zip(names, to_run):  # process 0 decides for all (its view of the shared workdir)
+    pending = [(name, cfg) for name, cfg, run in zip(names, configs, to_run) if run]
+    for name, run in zip(names, to_run):  # process 0 decides for all (its view of the shared workdir)
         if not run and outcomes[name] is None:
             outcomes[name] = ("reused", None)
     print(f"Sweep of {len(points)} points into {sweep_dir}: {len(points) - len(pending)} already complete.")
@@ -202,21 +131,21 @@ def aggregate(
     """Writes ``sweep.json`` (``{"rows": [...]}``) and ``sweep.md``; a row is ``{"name", "status", "params",
     "metrics", "error"}`` with the metrics read from the point's done.json."""
     rows = []
-    for point, name in builtins.zip(points, point_names(points)):
+    for point, name in zip(points, point_names(points)):
         status, error = outcomes[name]
         metrics = runner.read_done(sweep_dir / name) if status != "failed" else None
         rows.append({"name": name, "status": status, "params": point, "metrics": metrics or {}, "error": error})
     if parallel.is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        runner.write_json(sweep_dir / "sweep.json", {"rows": rows})
-        (sweep_dir / "sweep.md").write_text(markdown_table(rows))
+        storage.write_json(sweep_dir / "sweep.json", {"rows": rows})
+        storage.write_text(sweep_dir / "sweep.md", markdown_table(rows))
     return rows
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    text = f"{value:.4g}" if isinstance(value, float) else _format_value(value)
+    text = f"{value:.4g}" if isinstance(value, float) else format_value(value)
     return text.replace("|", "\\|")
 
 

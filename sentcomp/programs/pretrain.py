@@ -46,21 +46,19 @@ accuracy-vs-loss curves come out of one run.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import parallel
-from sentcomp.data import corpora
+from sentcomp import models, parallel, storage
+from sentcomp import probe as probe_lib
+from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
+from sentcomp.features import extract_features
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
 from sentcomp.training import (
@@ -68,16 +66,14 @@ from sentcomp.training import (
     DataPlan,
     TrainingDiverged,
     append_metrics,
-    checkpoint_manager,
     initial_state,
     learning_rate_schedule,
     make_eval_step,
     make_optimizer,
     make_train_step,
     read_metrics,
-    restore_latest,
+    resume,
     save_checkpoint,
-    truncate_metrics,
 )
 
 TOKENIZERS = {"gpt2": "gpt2_tokenizer", "bytes": "byte_tokenizer"}  # config.tokenizer -> sentcomp.models.tokenizers
@@ -92,12 +88,10 @@ def build_model(config) -> LanguageModel:
     shape ``config.model`` with ``config.tokenizer`` (``vocab_size`` 0 = the tokenizer's size)."""
     model = config.model
     if config.init.source:
-        from sentcomp import models
-
         lm = models.load(config.init.source, quad_head=True if model.quad_head else None)
         if lm.family != "gpt2":
             raise SentcompError(f"Pretraining trains GPT-2 models; {config.init.source!r} is a {lm.family!r} model.")
-        return untie(lm) if not model.tie_word_embeddings and lm.config.tie_word_embeddings else lm
+        return gpt2.untie(lm) if not model.tie_word_embeddings and lm.config.tie_word_embeddings else lm
     if config.tokenizer not in TOKENIZERS:
         raise SentcompError(f"config.tokenizer must be one of {sorted(TOKENIZERS)}, got {config.tokenizer!r}.")
     tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
@@ -105,13 +99,6 @@ def build_model(config) -> LanguageModel:
     gpt2_config = gpt2.gpt2_config(**shape, vocab_size=model.vocab_size or len(tokenizer),
                                    tie_word_embeddings=model.tie_word_embeddings)
     return gpt2.init(gpt2_config, jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
-
-
-def untie(lm: LanguageModel) -> LanguageModel:
-    """A copy with Φ untied from ``wte`` (``params["phi"]`` starts as a copy of it)."""
-    config = dataclasses.replace(lm.config, tie_word_embeddings=False)
-    params = {**lm.params, "phi": jnp.array(lm.params["wte"]["embedding"])}
-    return lm.replace(config=config, params=params, hidden_fn=functools.partial(gpt2.hidden_fn, config))
 
 
 def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, host_rows: np.ndarray):
@@ -153,8 +140,6 @@ def validation_losses(eval_step, params, batches, mesh) -> dict[str, float]:
 
 def probe_task_data(probe) -> dict[str, Any]:
     """Seeded subsets (``probe.num_train``/``num_test`` examples) of a task's train and test splits."""
-    from sentcomp.data import get_task, load_task
-
     task = get_task(probe.task)
     splits = load_task(task)
     rng = np.random.default_rng(probe.seed)
@@ -170,9 +155,6 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
 
     Features are computed data-parallel over ``mesh`` (each process feeds its rows); every process fits the probe.
     """
-    from sentcomp import probe as probe_lib
-    from sentcomp.features import extract_features
-
     current = lm.replace(params=params)
     kinds = tuple(probe.features)
     features = {split: extract_features(current, data[split].texts, kinds, prompt=data["task"].prompt,
@@ -224,27 +206,20 @@ def run(config, workdir) -> dict[str, Any]:
     val_batches = validation_batches(blocks["validation"], config.eval_blocks, eval_batch,
                                      parallel.host_row_indices(eval_batch, mesh))
 
-    optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, config.init.freeze_phi)
-    state = initial_state(lm.params, optimizer, mesh)
+    frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
+    optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     seeds = {"seed": config.seed, "data_seed": config.data.seed}
-    factory = functools.partial(checkpoint_manager, workdir, config.checkpoint.every, config.checkpoint.keep,
-                                config.checkpoint.asynchronous)
-    manager, restored, meta = restore_latest(factory(), state, workdir, factory)
-    if restored is not None:
-        if {key: meta[key] for key in seeds} != seeds:
-            raise SentcompError(f"The checkpoint in {workdir} was trained with seeds {meta} but the config has {seeds}.")
-        state = restored
-        if parallel.is_main_process():
-            truncate_metrics(workdir, int(meta["step"]))
+    manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
+                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
-    train_step = make_train_step(config.loss, lm.hidden_fn, optimizer, compute_dtype, mesh)
-    eval_step = make_eval_step(lm.hidden_fn, compute_dtype, mesh)
+    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh)
+    eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
     tokens_per_step = config.batch_size * config.data.seq_len
-    last_saved = start if restored is not None else None
+    last_saved = start if meta is not None else None
     losses, train_seconds, row = [], 0.0, None
 
     bar = tqdm(total=config.num_steps, initial=start, desc=f"pretrain {config.loss}", unit="step",
@@ -297,5 +272,5 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
     if parallel.is_main_process():
         gpt2.save_hf(trained, workdir / "model")
         trained.tokenizer.save_pretrained(str(workdir / "model"))
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        storage.write_json(workdir / RESULTS_FILE, results)
     return results

@@ -18,28 +18,14 @@ contexts, one panel per variant, with y = x). Features are cached under ``workdi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp import kernels
+from sentcomp import kernels, models, storage
 from sentcomp.errors import SentcompError
-
-RANDOM_GPT2 = "random-gpt2"
-
-
-def load_model(config):
-    """``config.model``: any source :func:`sentcomp.models.load` accepts, or ``"random-gpt2"`` (a tiny random GPT-2
-    of shape ``config.random_gpt2``, for smoke runs)."""
-    if config.model == RANDOM_GPT2:
-        from sentcomp.models import gpt2
-
-        return gpt2.init(gpt2.gpt2_config(**config.random_gpt2.to_dict()), rng=config.seed)
-    from sentcomp import models
-
-    return models.load(config.model)
+from sentcomp.features import extract_features
 
 
 def load_texts(num_texts: int, seed: int) -> list[str]:
@@ -146,12 +132,10 @@ def results_markdown(results: dict) -> str:
 
 
 def run(config, workdir) -> dict:
-    from sentcomp.features import extract_features
-
     workdir = Path(workdir)
     if not 0.0 < config.train_fraction < 1.0:
         raise SentcompError(f"train_fraction must be in (0, 1), got {config.train_fraction}.")
-    lm = load_model(config)
+    lm = models.from_config(config)
     texts = load_texts(config.num_texts, config.seed)
     extracted = extract_features(
         lm, texts, kinds=("f", "phi_p_f", "log_z"), prompt=config.prompt, max_length=config.max_length,
@@ -180,8 +164,8 @@ def run(config, workdir) -> dict:
         "log_z_std": float(log_z.std()),
         "fits": metrics,
     }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    (workdir / "results.md").write_text(results_markdown(results))
+    storage.write_json(workdir / "results.json", results)
+    storage.write_text(workdir / "results.md", results_markdown(results))
     plot_fits(log_z[test], predictions, metrics, f"log Z(f(s)) fits, {config.model}", workdir / "log_partition_fit.png")
     print(results_markdown(results))
     return {f"{name}_test_r2": entry["test_r2"] for name, entry in metrics.items()}

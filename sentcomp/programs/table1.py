@@ -17,7 +17,7 @@ column              features
 is probed with ``sentcomp.probe.evaluate(protocol=config.probe.protocol)`` (the paper's: L2 logistic
 regression, C by 5-fold CV on train) and scored by test accuracy. The ``task*`` row also gets a ``zeroshot``
 column: sentence completion with the task's label words (:mod:`sentcomp.zeroshot`), no training at all.
-Word columns use every single-token form ``" w"``/``"w"`` of their words (``sentcomp.features.word_set``);
+Word columns use every single-token form ``" w"``/``"w"`` of their words (``sentcomp.data.text.word_set``);
 the words kept and dropped are reported.
 
 Tasks with an official split use it; the others (MPQA, CR) are pooled and evaluated on
@@ -43,20 +43,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import parallel, probe, zeroshot
+from sentcomp import models, parallel, probe, storage, zeroshot
 from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
 from sentcomp.data.tasks import Task
+from sentcomp.data.text import WordSet, word_set
 from sentcomp.errors import SentcompError
-from sentcomp.features import WordSet, extract_features, word_set
-from sentcomp.logpartition import load_model
-from sentcomp.runner import write_json
+from sentcomp.features import extract_features
 
 # column -> (kind extracted by sentcomp.features, word group or None)
 FEATURE_COLUMNS = {
@@ -181,10 +180,7 @@ class CellLog:
     def add(self, cell: dict) -> None:
         self.cells[cell["key"]] = cell
         if parallel.is_main_process():
-            with self.path.open("a") as file:
-                file.write(json.dumps(cell) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
+            storage.append_json_line(self.path, cell)
 
 
 def check_multinomial_cells(cells: Sequence[str]) -> None:
@@ -226,8 +222,6 @@ def baseline_columns(config) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _bert_encoder(source: str):
-    from sentcomp import models
-
     return models.load(source)
 
 
@@ -452,7 +446,7 @@ def run(config, workdir) -> dict:
 
     def lm_loader():  # the model is loaded only if some cell needs it
         if not lm_cache:
-            lm_cache.append(load_model(config))
+            lm_cache.append(models.from_config(config))
         return lm_cache[0]
 
     descriptions = [run_task(lm_loader, data, config, workdir, log) for data in datas]
@@ -467,7 +461,7 @@ def run(config, workdir) -> dict:
     }
     markdown = results_markdown(results)
     if parallel.is_main_process():
-        write_json(workdir / "results.json", results)
-        (workdir / "results.md").write_text(markdown)
+        storage.write_json(workdir / "results.json", results)
+        storage.write_text(workdir / "results.md", markdown)
     print(markdown)
     return {f"{row}/{column}": entry["mean"] for row, entries in table.items() for column, entry in entries.items()}

@@ -9,14 +9,13 @@ Writes ``results.json`` with the largest deviation of each identity (float32 ker
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp import kernels
+from sentcomp import kernels, storage
 
 
 def _expected_per_position(per_position_fn, theta, phi, p_star):
@@ -59,7 +58,7 @@ def check_identities(vocab_size: int, dim: int, n_contexts: int, seed: int) -> d
 
 def run(config, workdir: Path) -> dict[str, float]:
     deviations = check_identities(config.vocab_size, config.dim, config.n_contexts, config.seed)
-    (Path(workdir) / "results.json").write_text(json.dumps(deviations, indent=2))
+    storage.write_json(Path(workdir) / "results.json", deviations)
     print(f"{'identity':<34} largest deviation")
     for name, value in deviations.items():
         print(f"{name:<34} {value:.2e}")

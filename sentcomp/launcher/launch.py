@@ -2,12 +2,12 @@
 (one host or a multi-host pod slice) and single-node multi-GPU VMs. Standard library only, so it runs on a
 laptop with just the repository and the gcloud CLI.
 
-    python -m sentcomp.launch create   --target=v4-32 --name=NAME [--zone=Z] [--project=P] [--spot]
-    python -m sentcomp.launch setup    --target=v4-32 --name=NAME --bucket=BUCKET [--repo=URL] [--ref=main]
-    python -m sentcomp.launch launch   --target=v4-32 --name=NAME --bucket=BUCKET --run=RUN \\
+    python -m sentcomp.launcher.launch create   --target=v4-32 --name=NAME [--zone=Z] [--project=P] [--spot]
+    python -m sentcomp.launcher.launch setup    --target=v4-32 --name=NAME --bucket=BUCKET [--repo=URL] [--ref=main]
+    python -m sentcomp.launcher.launch launch   --target=v4-32 --name=NAME --bucket=BUCKET --run=RUN \\
                                        --config=experiments/X.py[:args] [-- --sweep --config.key=value ...]
-    python -m sentcomp.launch logs     --target=v4-32 --name=NAME --run=RUN
-    python -m sentcomp.launch teardown --target=v4-32 --name=NAME
+    python -m sentcomp.launcher.launch logs     --target=v4-32 --name=NAME --run=RUN
+    python -m sentcomp.launcher.launch teardown --target=v4-32 --name=NAME
 
 ``--dry-run`` prints the commands instead of running them. ``tpu_configs/*.sh`` wrap these actions and
 tpu_configs/README.md walks through a run.
@@ -163,7 +163,7 @@ def _local_origin() -> str | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    parse = argparse.ArgumentParser(prog="python -m sentcomp.launch", description=__doc__.split("\n\n")[0])
+    parse = argparse.ArgumentParser(prog="python -m sentcomp.launcher.launch", description=__doc__.split("\n\n")[0])
     parse.add_argument("action", choices=ACTIONS)
     parse.add_argument("--target", required=True, choices=TARGETS, help="machine shape (see TARGETS)")
     parse.add_argument("--name", required=True, help="the TPU / VM name")
@@ -185,7 +185,7 @@ REQUIRED = {"setup": ("bucket", "repo"), "launch": ("run", "config"), "logs": ("
 
 
 def commands(argv: list[str]) -> list[list[str]]:
-    """The commands of ``python -m sentcomp.launch ARGV`` (flags after ``--`` go to sentcomp.main on launch)."""
+    """The commands of ``python -m sentcomp.launcher.launch ARGV`` (flags after ``--`` go to sentcomp.main on launch)."""
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     parse = parser()

@@ -1,0 +1,259 @@
+"""Text plumbing shared by every path that feeds text to a model: tokenisation, prompts, truncation, word sets,
+length buckets and fixed-shape batches.
+
+- **Tokenisation**: :func:`encode` (no special tokens) and :func:`prefix_tokens` (what the tokenizer puts before
+  any text, e.g. Llama's BOS; nothing for GPT-2) work with ``tokenizers.Tokenizer`` and transformers' tokenizers.
+- **Prompt** (the paper's sentence-completion view): appended to the text with its trailing whitespace stripped
+  by default (:func:`effective_prompt`; the authors' tokenizer did that, so ``f(s)`` is read at ``" is"`` of
+  ``" This movie is "``). :func:`encode_texts` gives ``prefix + text + prompt`` for causal LMs,
+  :func:`encode_with_specials` ``[CLS] text prompt [SEP]`` for BERT-family encoders. Text and prompt are
+  tokenised separately and concatenated.
+- **Truncation** to ``max_length`` tokens (``TRUNCATIONS``): ``"start"`` (default) drops the *beginning* of the
+  document so the special tokens and the prompt always survive; ``"end"`` is the authors' behaviour (cut the
+  end, prompt included).
+- **Word sets** (:func:`word_set`): the single-token forms ``" w"``/``"w"`` of a word list, the paper's rule.
+- **Batches**: sequences sorted by length and right-padded (masked) to a few length buckets
+  (:func:`length_buckets`) with a fixed batch size (:func:`make_batches`), so a jitted function compiles once
+  per bucket.
+- :func:`tokenizer_fingerprint`: a hash of a tokenizer's definition, part of every cache key.
+
+Pure Python and numpy: nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sentcomp.errors import SentcompError
+
+TRUNCATIONS = ("start", "end")
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (a ``tokenizers.Tokenizer`` or a transformers tokenizer)."""
+    texts = list(texts)
+    if hasattr(tokenizer, "encode_batch"):
+        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def prefix_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. Llama's BOS; none for GPT-2)."""
+    if hasattr(tokenizer, "encode_batch"):
+        return list(tokenizer.encode("", add_special_tokens=True).ids)
+    return list(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides how a tokenizer splits text (its full serialised definition).
+
+    Two tokenizers with the same fingerprint give the same token ids, whatever folder they were loaded from;
+    feature caches use it as part of their key. The transient ``truncation``/``padding`` settings are left out:
+    transformers rewrites them on every call, and callers choose them per call anyway.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return hashlib.sha256(repr(tokenizer).encode()).hexdigest()[:16]
+    definition = json.loads(backend.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """Token ids of every text (prompt appended, truncated) and how many texts were truncated."""
+
+    token_ids: list[np.ndarray]
+    n_truncated: int
+    prompt: str | None
+
+
+def effective_prompt(prompt: str | None, keep_prompt_trailing_space: bool = False) -> str | None:
+    """The prompt as appended: trailing whitespace stripped (the paper's tokenizer did) unless kept."""
+    if prompt is None or keep_prompt_trailing_space:
+        return prompt
+    return prompt.rstrip()
+
+
+def encode_texts(
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    prompt: str | None = None,
+    keep_prompt_trailing_space: bool = False,
+    truncation: str = "start",
+) -> Encoding:
+    """Token ids of ``special prefix + text + prompt`` for every text, at most ``max_length`` tokens each.
+
+    The special prefix is what the tokenizer adds to an empty string (e.g. a BOS token; nothing for GPT-2).
+    ``truncation="start"`` drops the oldest text tokens and keeps the prefix and the prompt;
+    ``truncation="end"`` keeps the first ``max_length`` tokens (the authors' behaviour: the prompt may be lost).
+    """
+    if truncation not in TRUNCATIONS:
+        raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
+    prompt = effective_prompt(prompt, keep_prompt_trailing_space)
+    prefix = prefix_tokens(tokenizer)
+    prompt_ids = encode(tokenizer, [prompt])[0] if prompt else []
+    room = max_length - len(prefix) - len(prompt_ids)
+    if room < 1:
+        raise SentcompError(f"The prompt {prompt!r} takes {len(prompt_ids)} tokens: no room left for text within "
+                            f"max_length={max_length}.")
+    text_ids = encode(tokenizer, texts) if len(texts) else []
+    encoded, n_truncated, empty = [], 0, []
+    for i, ids in enumerate(text_ids):
+        full = prefix + list(ids) + prompt_ids
+        if not full:
+            empty.append(i)
+        if len(full) > max_length:
+            n_truncated += 1
+            full = full[:max_length] if truncation == "end" else prefix + list(ids)[len(ids) - room:] + prompt_ids
+        encoded.append(np.asarray(full, np.int32))
+    if empty:
+        raise SentcompError(f"Texts at positions {empty[:10]} are empty (no tokens) and there is no prompt: features "
+                            "need at least one token; drop them or pass a prompt.")
+    return Encoding(encoded, n_truncated, prompt)
+
+
+def encode_with_specials(tokenizer, texts: Sequence[str], max_length: int, prompt: str | None = None,
+                         truncation: str = "start") -> list[np.ndarray]:
+    """Token ids of ``[CLS] text prompt [SEP]`` (the tokenizer's own special tokens), ≤ ``max_length`` each.
+
+    ``truncation="start"`` drops the beginning of the text (keeps prompt and specials); ``"end"`` its end.
+    """
+    if truncation not in TRUNCATIONS:
+        raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise SentcompError("The encoder's tokenizer has no [CLS]/[SEP] tokens: BERT features need a BERT tokenizer.")
+    prompt_ids = encode(tokenizer, [prompt])[0] if prompt else []
+    room = max_length - 2 - len(prompt_ids)
+    if room < 1:
+        raise SentcompError(f"The prompt {prompt!r} leaves no room for text within max_length={max_length}.")
+    text_ids = encode(tokenizer, texts) if len(texts) else []
+    encoded = []
+    for ids in text_ids:
+        kept = list(ids)[max(0, len(ids) - room):] if truncation == "start" else list(ids)[:room]
+        encoded.append(np.asarray([tokenizer.cls_token_id, *kept, *prompt_ids, tokenizer.sep_token_id], np.int32))
+    return encoded
+
+
+# ------------------------------------------------------------------------------------------------ word sets
+
+
+@dataclasses.dataclass(frozen=True)
+class WordSet:
+    """The single-token forms of a word list.
+
+    Attributes:
+      words: the words asked for.
+      token_ids: the kept token ids, in order (``" w"`` before ``"w"``, word by word).
+      forms: the string of each kept token (``" great"`` or ``"great"``).
+      source_words: which asked-for word each kept token comes from.
+      dropped: the words with no single-token form.
+    """
+
+    words: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    forms: tuple[str, ...]
+    source_words: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def word_set(tokenizer, words: Sequence[str]) -> WordSet:
+    """Resolves ``words`` to token ids with the paper's rule.
+
+    Each word is tried in its ``" w"`` and ``"w"`` forms; a form is kept when the tokenizer makes it a single
+    token, and a token id already kept (a repeated word, or two forms sharing a token) is not added twice.
+    """
+    if isinstance(words, str):
+        raise SentcompError(f"words must be a list of words, not the string {words!r}.")
+    ids: list[int] = []
+    forms: list[str] = []
+    sources: list[str] = []
+    dropped: list[str] = []
+    for word in words:
+        kept_any = False
+        for form in (" " + word, word):
+            encoded = encode(tokenizer, [form])[0]
+            if len(encoded) == 1:
+                kept_any = True
+                if encoded[0] not in ids:
+                    ids.append(encoded[0])
+                    forms.append(form)
+                    sources.append(word)
+        if not kept_any:
+            dropped.append(word)
+    return WordSet(tuple(words), tuple(ids), tuple(forms), tuple(sources), tuple(dropped))
+
+
+# ------------------------------------------------------------------------------------------------- batching
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Padded lengths ``smallest·{1, 1.5, 2, 3, 4, 6, ...}`` below ``max_length``, then ``max_length`` itself.
+
+    Consecutive buckets differ by ≤ 1.5×, so padding wastes at most a third of a batch while a 512-token
+    context needs only 11 compilations.
+    """
+    buckets, length = [], smallest
+    while length < max_length:
+        buckets += [b for b in (length, length * 3 // 2) if b < max_length]
+        length *= 2
+    return (*buckets, max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    indices: np.ndarray  # positions (within the chunk) of the real rows
+    token_ids: np.ndarray  # [batch_size, bucket], right-padded
+    mask: np.ndarray  # [batch_size, bucket] int32; padding rows hold one dummy token so no row is empty
+    n_tokens: int
+
+
+def bucket_lengths(max_length: int, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The padded lengths to use: ``buckets`` (default :func:`length_buckets`) up to ``max_length``, sorted, always
+    ending with ``max_length`` itself so every sequence fits."""
+    kept = sorted(b for b in (buckets or length_buckets(max_length)) if b < max_length)
+    return (*kept, max_length)
+
+
+def make_batches(token_ids: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int], pad_id: int) -> list[Batch]:
+    """Groups sequences by length (longest first) into fixed-size batches padded to the smallest fitting bucket."""
+    lengths = np.array([len(ids) for ids in token_ids])
+    order = np.argsort(-lengths, kind="stable")
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        longest = lengths[rows].max()
+        fitting = [b for b in buckets if b >= longest]
+        if not fitting:
+            raise SentcompError(f"A sequence of {longest} tokens exceeds the largest bucket {max(buckets)}.")
+        ids = np.full((batch_size, fitting[0]), pad_id, np.int32)
+        mask = np.zeros((batch_size, fitting[0]), np.int32)
+        mask[len(rows):, 0] = 1
+        for row, index in enumerate(rows):
+            ids[row, : lengths[index]] = token_ids[index]
+            mask[row, : lengths[index]] = 1
+        batches.append(Batch(rows, ids, mask, int(lengths[rows].sum())))
+    return batches
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding positions hold. Any valid id works (padding is masked); prefer the tokenizer's pad, then
+    EOS, then 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

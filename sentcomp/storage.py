@@ -1,0 +1,79 @@
+"""The files a run writes, and the content hashes that key its caches.
+
+Every file is written **atomically and durably**: the bytes go to a temporary file in the same folder, are
+flushed and fsynced, and the temporary file is renamed over the target, so a reader (a resumed run, another
+host on a shared filesystem) sees the old file or the new one, never half of one. Logs that grow line by line
+(``metrics.jsonl``, ``cells.jsonl``) are appended with one fsynced write per line; their readers skip a torn
+last line.
+
+:func:`content_hash` is the one hash behind every cache key (features, corpora, BERT features): SHA-256 over
+the length-prefixed parts (bytes as they are, anything else as sorted-key JSON), so ``("ab", "c")`` and
+``("a", "bc")`` differ. Only the file-writing helpers do I/O; none imports JAX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HASH_LENGTH = 20  # hex digits kept: 80 bits, ample for cache keys
+
+
+def content_hash(*parts: Any) -> str:
+    """``sha256(len(p₁) ‖ p₁ ‖ len(p₂) ‖ p₂ ‖ ...)`` in hex, first :data:`HASH_LENGTH` digits; a part is its bytes
+    if it is ``bytes``, else its JSON (sorted keys, ``str`` for what JSON cannot encode)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:HASH_LENGTH]
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """:func:`content_hash` of the texts' UTF-8 bytes, in order."""
+    return content_hash(*(text.encode() for text in texts))
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, and renames it to ``path``."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        try:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically and durably."""
+    _write_atomically(Path(path), lambda file: file.write(text.encode()))
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Writes ``value`` as indented JSON, atomically and durably."""
+    write_text(path, json.dumps(value, indent=2))
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Writes ``array`` in ``.npy`` format atomically and durably (never a truncated chunk)."""
+    _write_atomically(Path(path), lambda file: np.save(file, array))
+
+
+def append_json_line(path: str | Path, row: dict[str, Any]) -> None:
+    """Appends ``row`` as one JSON line, flushed and fsynced before returning."""
+    with open(path, "a") as file:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
