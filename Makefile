@@ -24,6 +24,7 @@ run: install
 	$(PY) -m sentcomp.main --config=$(RUN_CONFIG) --workdir=$(WORKDIR)
 
 test: install
+	$(VENV)/bin/ruff check .
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadscope -q tests $(PYTEST_ARGS)
 
 clean:

@@ -22,7 +22,7 @@ CORE = [
     "matplotlib==3.11.2",
 ]
 TFDS = ["tensorflow-datasets==4.9.10"]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1"]
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6"]
 
 setup(
     name="sentcomp",

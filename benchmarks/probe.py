@@ -97,7 +97,8 @@ def compare(name, protocol, sklearn_fn, data) -> Timing:
     print(f"  sentcomp: {ours_time:7.2f} s compiled, {first_time:7.2f} s first call ({_load()}); "
           f"test acc {100 * ours['test_accuracy']:.2f}, {ours['regularisation_name']} = {ours['regularisation']:g}",
           flush=True)
-    (sk_acc, sk_reg), sk_time = _timed(lambda: sklearn_fn(x_train, y_train, x_test, y_test, np.array(ours["grid"]), ours["folds"]))
+    (sk_acc, sk_reg), sk_time = _timed(lambda: sklearn_fn(x_train, y_train, x_test, y_test, np.array(ours["grid"]),
+                                                          ours["folds"]))
     print(f"  sklearn : {sk_time:7.2f} s ({_load()}); test acc {100 * sk_acc:.2f}, "
           f"{ours['regularisation_name']} = {sk_reg:g}", flush=True)
     print(f"  => {name}: {sk_time / ours_time:.1f}x faster compiled, {sk_time / first_time:.1f}x with compilation; "
@@ -135,7 +136,8 @@ def ridge_breakdown(data, sklearn_seconds: float | None) -> None:
         "fold Gram matrices and moments": lambda: jax.block_until_ready(probe.kfold_moments(*layout)),
         "one eigh of the refit's Gram": lambda: jax.block_until_ready(jax.jit(jax.numpy.linalg.eigh)(gram)),
         "ridge_grid (eigh + CG, all splits × α)": lambda: jax.block_until_ready(kernels.ridge_grid(moments, grid)),
-        "the whole evaluate(protocol='ridge')": lambda: probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge"),
+        "the whole evaluate(protocol='ridge')": lambda: probe.evaluate(x_train, y_train, x_test, y_test,
+                                                                       protocol="ridge"),
     }
     seconds = {}
     for name, fn in pieces.items():

@@ -94,7 +94,8 @@ def main():
 
     ns = [n for n in (512, 1024, 2048, 4096, 8192, 16_384) if n <= args.max_n]
     print(f"Loss head: value + gradients w.r.t. h and Φ, d={D}, V={V:,} ({jax.devices()[0].platform})")
-    print("| N | xent ms | quad ms | speed-up | N/d | xent MiB | quad MiB | memory ratio |\n|---|---|---|---|---|---|---|---|")
+    print("| N | xent ms | quad ms | speed-up | N/d | xent MiB | quad MiB | memory ratio |\n"
+          "|---|---|---|---|---|---|---|---|")
     crossover = None
     for n in ns:
         xent, quad = loss_head("xent", n, args.repeats), loss_head("quad", n, args.repeats)

@@ -20,7 +20,8 @@ The optimiser settings (AdamW 6e-4, 2,000 warmup steps, cosine decay, 512-token 
 Arguments (``:key=value,...``): ``loss=xent|quad``, ``size=tiny|small|medium|large|xl``,
 ``corpus=wikitext|lee|enwiki``, ``smoke``. ``smoke``: a 2-layer d=64 GPT-2 with the byte-level tokenizer
 (V = 257) on the 300 offline news articles of gensim's lee_background.cor, 40 steps of 16 × 64 tokens (well
-under a minute on CPU); the loss visibly drops for both losses. Re-running with the same workdir resumes from the last checkpoint.
+under a minute on CPU); the loss visibly drops for both losses. Re-running with the same workdir resumes from the
+last checkpoint.
 
 Produces metrics.jsonl (train loss, validation cross-entropy and Quad loss, tokens/s, and the downstream probe's
 accuracies of f(s) and Φp_f(s) on Rotten Tomatoes every ``probe.every`` steps), results.json, checkpoints/
@@ -33,6 +34,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from sentcomp.data.corpora import CorpusSpec
+from sentcomp.errors import SentcompError
 from sentcomp.launcher import sweep
 from sentcomp.launcher.config_files import parse_config_arg
 
@@ -61,8 +63,6 @@ def _args(arg):
 def get_config(arg=None):
     args = _args(arg)
     if args.size not in SIZES:
-        from sentcomp.errors import SentcompError
-
         raise SentcompError(f"Unknown size {args.size!r}; choose one of {sorted(SIZES)}.")
     config = ml_collections.ConfigDict()
     config.program = "sentcomp.programs.pretrain"

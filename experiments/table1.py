@@ -1,5 +1,5 @@
 """The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
-plus zero-shot sentence completion (program: sentcomp.programs.table1).
+plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/table1.md).
 
     # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~10 min on 2 CPU cores)
     python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
@@ -25,17 +25,12 @@ Args (``key=value`` joined by commas): ``task`` (one name or several joined by `
 offline all-minilm-l6-v2) and full fine-tuning of the LM (``config.ft``), e.g.
 ``--config=experiments/table1.py:smoke,bert,ft``).
 
-**Subset size of the main job.** Measured with SmolLM2-135M on this project's 2-core machine (CPU time, while
-the machine was shared, so wall time there was ~3× longer): feature extraction costs ~0.11 CPU-s per snippet
-per row (~25 tokens, f/Φp_f/word kinds in one pass; two rows: with and without the prompt), zero-shot
-~0.11 CPU-s per test snippet, each paper-protocol probe 2-8 CPU-s (10 C × 6 fits), model load + compilations
-~60 CPU-s. The whole main job (2,000 train + 500 test snippets, 148k tokens through the model, 12 probes)
-measured 558 CPU-s user + 6 s system (29 min of wall time at a 32% share of the busy machine), i.e. about 5
-minutes of wall time on 2 idle cores if XLA keeps both busy and under 10 if only one: hence this size.
+Why the main job uses 2,000 / 500 snippets, and what it costs: docs/table1.md (Main-job size and cost).
 """
 
 import ml_collections
 
+from sentcomp.launcher import sweep
 from sentcomp.launcher.config_files import parse_config_arg
 
 MAIN_JOB_TRAIN = 2000
@@ -98,8 +93,6 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: TFDS or data_dir)."""
-    from sentcomp.launcher import sweep
-
     smoke = parse_config_arg(arg, **ARG_DEFAULTS).smoke
     tasks = ["rotten_tomatoes"] if smoke else ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
     return sweep.product(sweep.axis("tasks", [(task,) for task in tasks]),

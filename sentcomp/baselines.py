@@ -112,9 +112,11 @@ def bert_features(
     fn = _pool_fn(encoder.config, encoder.hidden_fn, pooling, mesh)
     params = parallel.replicate(encoder.params, mesh)
     out = np.zeros((len(texts), encoder.config.hidden_size), np.float32)
-    batches = make_batches(token_ids, batch_size, length_buckets(max_length), pad_id(encoder.tokenizer)) if texts else []
+    batches = make_batches(token_ids, batch_size, length_buckets(max_length),
+                           pad_id(encoder.tokenizer)) if texts else []
     for batch in tqdm(batches, desc=f"bert features {encoder.name}", disable=not progress):
-        out[batch.indices] = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params)[: len(batch.indices)]
+        out[batch.indices] = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask),
+                                                     mesh, params)[: len(batch.indices)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         storage.save_npy(path, out)

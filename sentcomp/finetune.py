@@ -1,7 +1,7 @@
 """Full fine-tuning (the FT column of the paper's Table 1): the LM and a linear classification head, trained jointly.
 
-For a document ``s`` (prompt appended as in :mod:`sentcomp.data.text`) with label ``y`` among ``C`` classes, the head reads
-the LM's features at the last non-pad token, ``f(s)`` (for a BERT-family encoder that is ``[SEP]``'s state):
+For a document ``s`` (prompt appended as in :mod:`sentcomp.data.text`) with label ``y`` among ``C`` classes, the head
+reads the LM's features at the last non-pad token, ``f(s)`` (for a BERT-family encoder that is ``[SEP]``'s state):
 
     logits(s) = W · dropout_{0.1}(f(s)) + b,      ℓ_cls = E_(s,y)[ −log softmax(logits(s))_y ]
 

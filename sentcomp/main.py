@@ -5,10 +5,11 @@
     python -m sentcomp.main ... --dry_run       # validate and print the config (and the sweep's points)
 
 The config file's ``get_config(arg)`` returns an ``ml_collections.ConfigDict`` whose ``program`` names a module
-with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; sweeps in :mod:`sentcomp.launcher.sweep`). Before
-any work: ``--config.key=value`` overrides must name existing keys with values of the right type, required
-fields (placeholders) must be set, and a workdir that already holds a run must have been run with the same
-config, in which case the program resumes. A user mistake prints one ``error:`` line and exits with code 2.
+with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; sweeps in
+:mod:`sentcomp.launcher.sweep`). Before any work: ``--config.key=value`` overrides must name existing keys with
+values of the right type, required fields (placeholders) must be set, and a workdir that already holds a run
+must have been run with the same config, in which case the program resumes. A user mistake prints one ``error:``
+line and exits with code 2.
 
 Several processes (hosts) run the same command and join JAX's multi-process runtime first:
 
@@ -36,7 +37,8 @@ __all__ = ["run_program", "main"]
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/table1.py:smoke")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the run's record (config, metrics, results).")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config file's get_sweep() into WORKDIR/<point>/.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "With --sweep: how many points run at once (in subprocesses).", lower_bound=1)
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "With --sweep: how many points run at once (in subprocesses).",
+                                 lower_bound=1)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config (and sweep), print what would run, run nothing.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host JAX run, the cluster detected by JAX.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
@@ -113,7 +115,8 @@ def sweep_from_flags(config, workdir: str) -> None:
     print(f"Sweep table: {workdir}/sweep.md")
     failed = [row["name"] for row in rows if row["status"] == "failed"]
     if failed:
-        raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} (see {workdir}/sweep.md).")
+        raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} "
+                            f"(see {workdir}/sweep.md).")
 
 
 def run_from_flags() -> None:
@@ -134,7 +137,8 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
     try:
         if not _DRY_RUN.value:  # a dry run computes nothing, so it can check a cluster's command anywhere
-            parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+            parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                            _DISTRIBUTED.value)
         run_from_flags()
     except SentcompError as error:
         _fail(error)

@@ -102,7 +102,8 @@ def initialize_distributed(
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as error:
-        hint = "" if kwargs else " JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass --coordinator_address, --num_processes and --process_id."
+        hint = "" if kwargs else (" JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass "
+                                  "--coordinator_address, --num_processes and --process_id.")
         raise SentcompError(f"Could not join the multi-process JAX runtime: {str(error).rstrip('.')}.{hint}") from None
     return True
 

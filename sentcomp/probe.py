@@ -82,7 +82,8 @@ def _features(x, name: str) -> np.ndarray:
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise SentcompError(f"{name} must have shape [examples, features] with both > 0, got {x.shape}")
     with np.errstate(invalid="ignore"):  # inf − inf → NaN is the signal here
-        if np.isfinite(np.sum(x, dtype=np.float64)):  # NaN and ±inf survive a float64 sum of float32s, which cannot overflow
+        # NaN and ±inf survive a float64 sum of float32s, which cannot overflow
+        if np.isfinite(np.sum(x, dtype=np.float64)):
             return x
     bad = ~np.isfinite(x)
     rows = np.flatnonzero(bad.any(axis=1))
@@ -104,7 +105,8 @@ def encode_labels(y_train, y_others: dict) -> tuple[np.ndarray, np.ndarray, dict
     try:
         classes, train_ids = np.unique(y_train, return_inverse=True)
     except TypeError:
-        raise SentcompError("y_train mixes label types that cannot be sorted (e.g. str and int); use one type") from None
+        raise SentcompError("y_train mixes label types that cannot be sorted (e.g. str and int); "
+                            "use one type") from None
     if len(classes) < 2:
         raise SentcompError(f"y_train has a single class {classes.tolist()}: a probe needs at least two classes")
     encoded = {}
@@ -125,11 +127,13 @@ def encode_labels(y_train, y_others: dict) -> tuple[np.ndarray, np.ndarray, dict
 def _check_folds(folds, n: int, n_folds) -> tuple[np.ndarray, int]:
     folds = np.asarray(folds)
     if folds.shape != (n,) or folds.dtype.kind not in "iu":
-        raise SentcompError(f"folds must be one integer fold index per training example ({n}), got {folds.shape} {folds.dtype}")
+        raise SentcompError(f"folds must be one integer fold index per training example ({n}), "
+                            f"got {folds.shape} {folds.dtype}")
     count = int(folds.max()) + 1 if n_folds is None else n_folds
     sizes = np.bincount(folds, minlength=count) if folds.min() >= 0 else None
     if sizes is None or len(sizes) != count or count < 2 or (sizes == 0).any():
-        raise SentcompError(f"folds must take every value 0..F−1 (F ≥ 2) at least once, got values {np.unique(folds)[:10].tolist()}")
+        raise SentcompError("folds must take every value 0..F−1 (F ≥ 2) at least once, "
+                            f"got values {np.unique(folds)[:10].tolist()}")
     return folds, count
 
 
@@ -303,7 +307,8 @@ def evaluate(
         raise SentcompError("give both x_dev and y_dev, or neither")
     if x_dev is not None:
         if protocol in ("paper", "mteb"):
-            raise SentcompError(f"protocol {protocol!r} does not use a dev set; use 'senteval' or 'ridge', or drop x_dev")
+            raise SentcompError(f"protocol {protocol!r} does not use a dev set; "
+                                "use 'senteval' or 'ridge', or drop x_dev")
         x_dev = _features(x_dev, "x_dev")
         sets["y_dev"] = _labels(y_dev, len(x_dev), "y_dev")
     for name, x in (("x_test", x_test), ("x_dev", x_dev)):
@@ -315,14 +320,16 @@ def evaluate(
     grid = _grid(grid, protocol, n_train)
     if protocol == "mteb" or x_dev is not None:
         if folds is not None:
-            raise SentcompError(f"folds are not used by protocol {protocol!r}{' with a dev set' if x_dev is not None else ''}")
+            raise SentcompError(f"folds are not used by protocol {protocol!r}"
+                                f"{' with a dev set' if x_dev is not None else ''}")
         fold_ids, n_folds = None, 0
     elif folds is not None:
         fold_ids, n_folds = _check_folds(folds, n_train, n_folds)
     else:
         n_folds = 5 if n_folds is None else int(n_folds)
         if not 2 <= n_folds <= n_train:
-            raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), got {n_folds}")
+            raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), "
+                                f"got {n_folds}")
         fold_ids = stratified_folds(train_ids, n_folds, seed)
 
     n_dev = 0 if x_dev is None else len(x_dev)

@@ -79,7 +79,8 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> Estimate:
 
 
 def quad_optimum(p_star: jax.Array, phi: jax.Array) -> jax.Array:
-    """``θ* = (ΦΦᵀ)⁻¹ Φ p*`` per context: the minimiser of ``ℓ_quad,s`` for fixed Φ. ``p_star [..., V]`` → ``[..., d]``."""
+    """``θ* = (ΦΦᵀ)⁻¹ Φ p*`` per context: the minimiser of ``ℓ_quad,s`` for fixed Φ.
+    ``p_star [..., V]`` → ``[..., d]``."""
     gram = phi.T @ phi
     mean = p_star @ phi
     return jnp.linalg.solve(gram, mean.reshape(-1, mean.shape[-1]).T).T.reshape(mean.shape)

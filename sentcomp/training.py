@@ -137,7 +137,8 @@ def make_eval_step(hidden_fn, phi_fn, compute_dtype, mesh):
         }
 
     batch = parallel.batch_sharding(mesh)
-    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=parallel.replicated(mesh))
+    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), batch, batch),
+                   out_shardings=parallel.replicated(mesh))
 
 
 # -------------------------------------------------------------------------------------------------- the data
@@ -160,7 +161,8 @@ class DataPlan:
     def position(self, step: int) -> dict[str, int]:
         """How far through the data a run is after ``step`` steps."""
         consumed = step * self.global_batch
-        return {"blocks_consumed": consumed, "epoch": consumed // len(self.blocks), "offset": consumed % len(self.blocks)}
+        return {"blocks_consumed": consumed, "epoch": consumed // len(self.blocks),
+                "offset": consumed % len(self.blocks)}
 
     def local_tokens(self, step: int) -> np.ndarray:
         """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``: stream position

@@ -140,7 +140,8 @@ def test_wiki_markup_is_stripped():
 def test_wiki_dump_pages(tmp_path):
     xml = ("<mediawiki xmlns='http://www.mediawiki.org/xml/export-0.10/'>"
            "<page><title>A</title><ns>0</ns><revision><text>'''A''' is [[B|bee]].</text></revision></page>"
-           "<page><title>R</title><ns>0</ns><redirect title='A'/><revision><text>#REDIRECT [[A]]</text></revision></page>"
+           "<page><title>R</title><ns>0</ns><redirect title='A'/>"
+           "<revision><text>#REDIRECT [[A]]</text></revision></page>"
            "<page><title>Talk:A</title><ns>1</ns><revision><text>chat</text></revision></page></mediawiki>")
     path = tmp_path / "dump.xml.bz2"
     path.write_bytes(bz2.compress(xml.encode()))

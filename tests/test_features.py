@@ -171,7 +171,8 @@ def test_bfloat16_forward_pass_is_close_and_cached_apart(lm, baseline, tmp_path)
     bf16 = features.extract_features(lm, TEXTS, SMALL_KINDS, words=WORDS, prompt=PROMPT, batch_size=8,
                                      vocab_chunk=5000, compute_dtype="bfloat16", cache_dir=tmp_path, progress=False)
     f32 = features.extract_features(lm, TEXTS, ("f",), prompt=PROMPT, batch_size=8, cache_dir=tmp_path, progress=False)
-    assert bf16["metadata"]["cache_dir"] != f32["metadata"]["cache_dir"] and bf16["metadata"]["compute_dtype"] == "bfloat16"
+    assert (bf16["metadata"]["cache_dir"] != f32["metadata"]["cache_dir"]
+            and bf16["metadata"]["compute_dtype"] == "bfloat16")
     np.testing.assert_array_equal(f32["f"], baseline["f"])
     assert all(bf16[kind].dtype == np.float32 for kind in SMALL_KINDS)
     error = np.linalg.norm(bf16["f"] - baseline["f"]) / np.linalg.norm(baseline["f"])
@@ -196,3 +197,8 @@ def test_bad_requests_are_clear_errors(lm, tmp_path):
         features.extract_features(lm, TEXTS, ("f",), compute_dtype="float16")
     with pytest.raises(SentcompError, match="no room left"):
         features.extract_features(lm, TEXTS, ("f",), prompt=" word" * 40)
+
+
+def test_bucket_lengths_cap_at_max_length_and_always_end_there():
+    assert text.bucket_lengths(64, (32, 8, 128)) == (8, 32, 64)
+    assert text.bucket_lengths(64) == text.length_buckets(64) == (16, 24, 32, 48, 64)

@@ -121,8 +121,8 @@ def test_quad_architecture_is_in_the_params_and_round_trips(tmp_path):
     np.testing.assert_array_equal(loaded.phi, lm.phi)
     # The head's output is f(s): a linear map of the ln_f output with the stored kernel and bias.
     plain = gpt2.hidden_fn(config, {k: v for k, v in params.items() if k not in ("quad_head", "phi")}, ids, mask)
-    np.testing.assert_allclose(lm.hidden(ids, mask), plain @ params["quad_head"]["kernel"] + params["quad_head"]["bias"],
-                               atol=1e-5)
+    head = params["quad_head"]
+    np.testing.assert_allclose(lm.hidden(ids, mask), plain @ head["kernel"] + head["bias"], atol=1e-5)
 
 
 def test_plain_checkpoint_loaded_with_quad_head_starts_at_identity(tmp_path):

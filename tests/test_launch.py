@@ -25,7 +25,8 @@ def test_tpu_commands(target):
     spec = launch.TARGETS[target]
     (create,) = generated("create", target, "--zone=us-east5-a", "--project=proj", "--spot")
     assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "exp-tpu"]
-    assert {"--zone=us-east5-a", "--project=proj", f"--accelerator-type={spec.machine}", f"--version={spec.image}", "--spot"} <= set(create)
+    assert {"--zone=us-east5-a", "--project=proj", f"--accelerator-type={spec.machine}", f"--version={spec.image}",
+            "--spot"} <= set(create)
     for action in ("setup", "launch", "logs"):
         (ssh,) = generated(action, target)
         assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "exp-tpu"] and "--worker=all" in ssh

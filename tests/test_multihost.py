@@ -27,8 +27,10 @@ def run_processes(config_spec: str, workdir: Path, extra_flags=()) -> None:
     main_args = [f"--config={config_spec}", f"--workdir={workdir}", *extra_flags]
     codes = run_local_processes(main_args, log_dir, processes=2, devices=4, timeout=TIMEOUT_SECONDS)
     if codes != [0, 0]:
-        tails = "\n".join(f"--- process {i} (exit {code}):\n{(log_dir / f'process{i}.log').read_text()[-3000:]}" for i, code in enumerate(codes))
-        raise AssertionError(f"multi-process run failed (negative exit: killed at the {TIMEOUT_SECONDS}s timeout):\n{tails}")
+        tails = "\n".join(f"--- process {i} (exit {code}):\n{(log_dir / f'process{i}.log').read_text()[-3000:]}"
+                          for i, code in enumerate(codes))
+        raise AssertionError(f"multi-process run failed (negative exit: killed at the {TIMEOUT_SECONDS}s timeout):\n"
+                             f"{tails}")
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -114,8 +116,10 @@ def test_two_processes_pretrain_like_one_process(tmp_path):
     two_results = json.loads((two / "results.json").read_text())
     assert two_results["train_loss"] == pytest.approx(one_results["train_loss"], rel=1e-5)
     assert two_results["val_xent"] == pytest.approx(one_results["val_xent"], rel=1e-5)
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(p.name for p in (one / "checkpoints").iterdir())
-    two_params, one_params = load_file(two / "model" / "model.safetensors"), load_file(one / "model" / "model.safetensors")
+    assert (sorted(p.name for p in (two / "checkpoints").iterdir())
+            == sorted(p.name for p in (one / "checkpoints").iterdir()))
+    two_params, one_params = (load_file(two / "model" / "model.safetensors"),
+                              load_file(one / "model" / "model.safetensors"))
     assert two_params.keys() == one_params.keys()
     for name in one_params:
         np.testing.assert_allclose(two_params[name], one_params[name], rtol=1e-4, atol=1e-5, err_msg=name)

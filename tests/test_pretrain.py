@@ -54,7 +54,8 @@ def _train(config, mesh, steps=3):
     frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
     optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     state = training.initial_state(lm.params, optimizer, mesh)
-    step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, COMPUTE_DTYPES[config.compute_dtype], mesh)
+    step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,
+                                       COMPUTE_DTYPES[config.compute_dtype], mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
@@ -144,7 +145,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupte
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
-    assert child.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{child.stderr.read().decode()[-2000:]}"
+    assert child.returncode == -signal.SIGKILL, ("the run was not killed mid-way:\n"
+                                                 f"{child.stderr.read().decode()[-2000:]}")
     assert runner.read_done(workdir) is None and 16 not in checkpoint_steps(workdir)
 
     runner.run_program(tiny_config(loss="quad"), workdir)  # resumes

@@ -53,7 +53,8 @@ def calls(config):
 
 
 def test_product_zip_and_names():
-    grid = sweep.product(sweep.axis("a", [1, 2]), sweep.zip(sweep.axis("b.c", [0.1, 1e-5]), sweep.axis("d", ["x", "y"])))
+    grid = sweep.product(sweep.axis("a", [1, 2]),
+                         sweep.zip(sweep.axis("b.c", [0.1, 1e-5]), sweep.axis("d", ["x", "y"])))
     assert grid == [
         {"a": 1, "b.c": 0.1, "d": "x"},
         {"a": 1, "b.c": 1e-5, "d": "y"},

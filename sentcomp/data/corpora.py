@@ -116,7 +116,8 @@ def gensim_file(kind: str) -> Path:
         raise SentcompError(f"The {kind!r} corpus ships in the gensim package, which is not installed: "
                             "pip install --no-deps gensim==4.4.0") from None
     if not path.is_file():
-        raise SentcompError(f"{path} is missing from the installed gensim; reinstall it (pip install --no-deps gensim==4.4.0).")
+        raise SentcompError(f"{path} is missing from the installed gensim; reinstall it "
+                            "(pip install --no-deps gensim==4.4.0).")
     return path
 
 
@@ -162,7 +163,8 @@ _TABLE = re.compile(r"\{\|.*?\|\}", re.DOTALL)
 _REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
-_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.IGNORECASE)
+_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]",
+                        re.IGNORECASE)
 _PIPED_LINK = re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]")
 _LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 _EXTERNAL_LINK = re.compile(r"\[https?://[^\s\]]*\s?([^\]]*)\]")
@@ -205,7 +207,8 @@ def read_wiki_dump(path: Path) -> list[str]:
             fields = {child.tag.rsplit("}", 1)[-1]: child for child in element.iter()}
             namespace = fields.get("ns")
             text = fields.get("text")
-            if (namespace is None or namespace.text == "0") and text is not None and text.text and "redirect" not in fields:
+            if ((namespace is None or namespace.text == "0") and text is not None and text.text
+                    and "redirect" not in fields):
                 plain = strip_wiki_markup(text.text)
                 if plain:
                     documents.append(plain)
@@ -266,7 +269,8 @@ def read_wikitext(spec: CorpusSpec, split: str) -> list[str]:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise SentcompError("Reading WikiText parquet files needs pyarrow: pip install pyarrow.") from None
-            lines = [line for file in parquets for line in pq.read_table(file, columns=["text"]).column("text").to_pylist()]
+            lines = [line for file in parquets
+                     for line in pq.read_table(file, columns=["text"]).column("text").to_pylist()]
             return wikitext_articles(lines)
         raw = root / f"wiki.{WIKITEXT_SPLIT_FILES[split]}.raw"
         if raw.is_file():

@@ -48,9 +48,13 @@ class Target:
 
 TARGETS = {
     "v4-8": Target("tpu", "v4-8", "us-central2-b", "tpu-ubuntu2204-base", "tpu", "1 host, 4 TPU v4 chips"),
-    "v4-32": Target("tpu", "v4-32", "us-central2-b", "tpu-ubuntu2204-base", "tpu", "pod slice: 4 hosts x 4 TPU v4 chips"),
+    "v4-32": Target(
+        "tpu", "v4-32", "us-central2-b", "tpu-ubuntu2204-base", "tpu", "pod slice: 4 hosts x 4 TPU v4 chips"
+    ),
     "v5e-8": Target("tpu", "v5litepod-8", "europe-west4-b", "v2-alpha-tpuv5-lite", "tpu", "1 host, 8 TPU v5e chips"),
-    "v5e-32": Target("tpu", "v5litepod-32", "europe-west4-b", "v2-alpha-tpuv5-lite", "tpu", "pod slice: 32 TPU v5e chips"),
+    "v5e-32": Target(
+        "tpu", "v5litepod-32", "europe-west4-b", "v2-alpha-tpuv5-lite", "tpu", "pod slice: 32 TPU v5e chips"
+    ),
     "gpu-4xl4": Target(
         "gpu", "g2-standard-48", "us-central1-a", "common-cu128-ubuntu-2204-nvidia-570", "cuda12", "1 VM, 4 NVIDIA L4"
     ),
@@ -81,7 +85,8 @@ def create(target: Target, args) -> list[list[str]]:
     command = ["gcloud", "compute", "instances", "create", args.name, *_location(target, args),
                f"--machine-type={target.machine}", "--maintenance-policy=TERMINATE",
                f"--image-family={target.image}", "--image-project=deeplearning-platform-release",
-               "--boot-disk-size=200GB", "--metadata=install-nvidia-driver=True", "--scopes=cloud-platform"]  # fmt: skip
+               "--boot-disk-size=200GB", "--metadata=install-nvidia-driver=True",
+               "--scopes=cloud-platform"]  # fmt: skip
     return [command + (["--provisioning-model=SPOT"] if args.spot else [])]
 
 
@@ -91,17 +96,20 @@ def setup_script(target: Target, args) -> str:
         "set -ex",
         "sudo apt-get update -q",
         "sudo apt-get install -y -q python3.11 python3.11-venv git curl lsb-release",
-        "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null",
+        "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg "
+        "| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null",
         'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt '
         'gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list',
         "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse",
         f'mkdir -p "{MOUNT_DIR}"',
-        f'(mountpoint -q "{MOUNT_DIR}" || gcsfuse --implicit-dirs --rename-dir-limit=200000 {shlex.quote(args.bucket)} "{MOUNT_DIR}")',
+        f'(mountpoint -q "{MOUNT_DIR}" || gcsfuse --implicit-dirs --rename-dir-limit=200000 '
+        f'{shlex.quote(args.bucket)} "{MOUNT_DIR}")',
         f'(test -d "{REPO_DIR}" || git clone -q {shlex.quote(args.repo)} "{REPO_DIR}")',
         f'git -C "{REPO_DIR}" fetch -q origin {shlex.quote(args.ref)} && git -C "{REPO_DIR}" checkout -q FETCH_HEAD',
         f'cd "{REPO_DIR}" && python3.11 -m venv .venv && .venv/bin/pip install -q -e .',
         # the accelerator build of the very jax version setup.py pinned
-        f'.venv/bin/pip install -q "jax[{target.jax_extra}]==$(.venv/bin/python -c "import jax; print(jax.__version__)")"',
+        f'.venv/bin/pip install -q "jax[{target.jax_extra}]=='
+        '$(.venv/bin/python -c "import jax; print(jax.__version__)")"',
         '.venv/bin/python -c "import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].platform)"',
     ])  # fmt: skip
 
@@ -171,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--project", help="default: gcloud's configured project")
     parse.add_argument("--spot", action="store_true", help="create: a Spot (preemptible) machine")
     parse.add_argument("--bucket", help="setup: the GCS bucket (name only) that holds the runs")
-    parse.add_argument("--repo", default=_local_origin(), help="setup: git URL of sentcomp (default: this clone's origin)")
+    parse.add_argument("--repo", default=_local_origin(),
+                       help="setup: git URL of sentcomp (default: this clone's origin)")
     parse.add_argument("--ref", default="main", help="setup: branch, tag or commit to check out")
     parse.add_argument("--run", help="launch/logs: the run's name; its workdir is gs://BUCKET/runs/RUN")
     parse.add_argument("--config", help="launch: experiments/X.py[:args], relative to the repository")
@@ -185,7 +194,8 @@ REQUIRED = {"setup": ("bucket", "repo"), "launch": ("run", "config"), "logs": ("
 
 
 def commands(argv: list[str]) -> list[list[str]]:
-    """The commands of ``python -m sentcomp.launcher.launch ARGV`` (flags after ``--`` go to sentcomp.main on launch)."""
+    """The commands of ``python -m sentcomp.launcher.launch ARGV`` (flags after ``--`` go to sentcomp.main on
+    launch)."""
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     parse = parser()

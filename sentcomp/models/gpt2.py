@@ -16,7 +16,11 @@ Public API:
   - :func:`save_hf(lm, directory)`: writes ``config.json`` + ``model.safetensors`` in HF naming (loadable by
     transformers' ``GPT2LMHeadModel`` unless the model has a Quad head).
   - :func:`hidden_fn`, :func:`phi_fn`, :func:`logits_fn`: the pure functions (``lm.hidden_fn`` is
-    ``functools.partial(hidden_fn, config)``).
+    ``functools.partial(hidden_fn, config)``); :func:`language_model(config, params, tokenizer, name)` wraps
+    params in the :class:`LanguageModel` view.
+
+The pieces every family shares (LayerNorm, attention masking, the Quad head, ...) are in
+:mod:`sentcomp.models.layers`.
 
 Padding: ``attention_mask`` marks real tokens; pad keys are never attended to. Positions count the real tokens
 (``cumsum(mask) − 1``, HF's convention when generating): with right padding (sentcomp.features') they are HF's
@@ -26,7 +30,6 @@ Padding: ``attention_mask`` marks real tokens; pad keys are never attended to. P
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from pathlib import Path
@@ -39,25 +42,11 @@ import numpy as np
 from flax import traverse_util
 
 from sentcomp.errors import SentcompError
-from sentcomp.models import hf
+from sentcomp.models import hf, layers
 from sentcomp.models.base import LanguageModel
+from sentcomp.models.layers import ACTIVATIONS
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-# HF ``activation_function`` names -> jnp functions (transformers/activations.py semantics).
-ACTIVATIONS = {
-    "gelu_new": lambda x: 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
+FAMILY = "gpt2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +68,7 @@ class GPT2Config:
     quad_head: bool = False  # extra d×d linear layer (with bias) after ln_f; its output is f(s)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise SentcompError(f"GPT-2 config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
-        if self.activation_function not in ACTIVATIONS:
-            raise SentcompError(
-                f"GPT-2 config: activation_function {self.activation_function!r} is not supported; "
-                f"choose one of {sorted(ACTIVATIONS)}."
-            )
+        layers.check_config("GPT-2", self, width="n_embd", heads="n_head", activation="activation_function")
         for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, field) < 1:
                 raise SentcompError(f"GPT-2 config: {field} must be ≥ 1, got {getattr(self, field)}.")
@@ -127,7 +110,9 @@ def config_from_hf(hf_config: dict[str, Any]) -> GPT2Config:
     only matters for fp16 training; we compute attention in fp32) are ignored.
     """
     if hf_config.get("add_cross_attention"):
-        raise SentcompError("GPT-2 with cross-attention (add_cross_attention=true) is not a language model; unsupported.")
+        raise SentcompError(
+            "GPT-2 with cross-attention (add_cross_attention=true) is not a language model; unsupported."
+        )
     fields = {f.name for f in dataclasses.fields(GPT2Config)} - {"quad_head"}
     values = {key: hf_config[key] for key in fields if key in hf_config}
     return GPT2Config(**values, quad_head=bool(hf_config.get(_QUAD_KEY, False)))
@@ -151,24 +136,17 @@ class CausalSelfAttention(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """``x [B, T, d]``, ``mask [B, T]`` bool (real tokens) -> ``[B, T, d]``."""
+    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
+        """``x [B, T, d]``, ``visible [B, T, T]`` (:func:`layers.visible_keys`, causal) -> ``[B, T, d]``."""
         cfg = self.config
         batch, length, _ = x.shape
-        init = nn.initializers.normal(cfg.initializer_range)
-        qkv = nn.Dense(3 * cfg.n_embd, kernel_init=init, name="c_attn")(x)
+        qkv = layers.dense(3 * cfg.n_embd, cfg.initializer_range, "c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         scale = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        allowed = causal[None, None] & mask[:, None, None, :]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, cfg.n_embd)
-        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
-        return nn.Dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(out)
+        out = layers.attend(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, v, visible)
+        return layers.dense(cfg.n_embd, _residual_stddev(cfg), "c_proj")(out)
 
 
 class MLP(nn.Module):
@@ -177,15 +155,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        x = nn.Dense(cfg.inner_dim, kernel_init=nn.initializers.normal(cfg.initializer_range), name="c_fc")(x)
-        x = ACTIVATIONS[cfg.activation_function](x)
-        proj_init = nn.initializers.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
-        return nn.Dense(cfg.n_embd, kernel_init=proj_init, name="c_proj")(x)
+        x = ACTIVATIONS[cfg.activation_function](layers.dense(cfg.inner_dim, cfg.initializer_range, "c_fc")(x))
+        return layers.dense(cfg.n_embd, _residual_stddev(cfg), "c_proj")(x)
 
 
-def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x-μ)²] like torch, not E[x²]-μ² (which loses precision).
-    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_fast_variance=False, name=name)
+def _residual_stddev(cfg: GPT2Config) -> float:
+    """GPT-2's init of the projections into the residual stream: N(0, 0.02) scaled by 1/√(2·n_layer)."""
+    return cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
 
 
 class Block(nn.Module):
@@ -193,9 +169,11 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + CausalSelfAttention(self.config, self.layer_idx, name="attn")(_layer_norm(self.config, "ln_1")(x), mask)
-        return x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
+    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
+        cfg = self.config
+        normed = layers.layer_norm(cfg.layer_norm_epsilon, "ln_1")(x)
+        x = x + CausalSelfAttention(cfg, self.layer_idx, name="attn")(normed, visible)
+        return x + MLP(cfg, name="mlp")(layers.layer_norm(cfg.layer_norm_epsilon, "ln_2")(x))
 
 
 class GPT2(nn.Module):
@@ -207,16 +185,15 @@ class GPT2(nn.Module):
     def __call__(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        mask = attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        visible = layers.visible_keys(attention_mask, causal=True)
         x = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, name="wte")(token_ids)
+        positions = layers.positions(attention_mask)
         x = x + nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")(positions)
         for i in range(cfg.n_layer):
-            x = Block(cfg, i, name=f"h_{i}")(x, mask)
-        x = _layer_norm(cfg, "ln_f")(x)
+            x = Block(cfg, i, name=f"h_{i}")(x, visible)
+        x = layers.layer_norm(cfg.layer_norm_epsilon, "ln_f")(x)
         if cfg.quad_head:
-            eye = lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype)  # noqa: E731
-            x = nn.Dense(cfg.n_embd, kernel_init=eye, name="quad_head")(x)
+            x = layers.quad_head(cfg.n_embd)(x)
         if not cfg.tie_word_embeddings:
             self.param("phi", init, (cfg.vocab_size, cfg.n_embd))
         return x
@@ -224,11 +201,7 @@ class GPT2(nn.Module):
 
 def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
-    if token_ids.shape[1] > config.n_positions:
-        raise SentcompError(
-            f"Sequences of {token_ids.shape[1]} tokens exceed this GPT-2's context of {config.n_positions}; "
-            "truncate them (sentcomp.features does)."
-        )
+    layers.check_length(token_ids, config.n_positions, "GPT-2")
     return GPT2(config).apply({"params": params}, token_ids, attention_mask)
 
 
@@ -242,35 +215,15 @@ def logits_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: 
     return jnp.einsum("btd,vd->btv", hidden_fn(config, params, token_ids, attention_mask), phi_fn(params))
 
 
-def _check_tokenizer_fits(tokenizer, config: GPT2Config, name: str) -> None:
-    if len(tokenizer) > config.vocab_size:
-        raise SentcompError(
-            f"Model {name}: its tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
-            "embeddings; pass a tokenizer matching the model's vocabulary."
-        )
+def language_model(config: GPT2Config, params, tokenizer, name: str) -> LanguageModel:
+    """Wraps parameters of :class:`GPT2` in the :class:`LanguageModel` view."""
+    return layers.language_model_view(FAMILY, config, params, tokenizer, name, hidden_fn, phi_fn, config.n_positions)
 
 
-def _language_model(name: str, config: GPT2Config, params, tokenizer) -> LanguageModel:
-    _check_tokenizer_fits(tokenizer, config, name)
-    return LanguageModel(
-        name=name,
-        family="gpt2",
-        config=config,
-        params=params,
-        hidden_fn=functools.partial(hidden_fn, config),
-        phi_fn=phi_fn,
-        tokenizer=tokenizer,
-        max_length=config.n_positions,
-    )
-
-
-def _with_quad(config: GPT2Config, quad_head: bool | None) -> GPT2Config:
-    """``quad_head=True`` turns on the paper's Quad architecture: the extra linear layer and an untied Φ."""
-    if quad_head:
-        return dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
+def _keep_quad(config: GPT2Config, quad_head: bool | None) -> None:
+    """``quad_head=False`` asks for a model without the Quad head: refused if ``config`` has one."""
     if quad_head is False and config.quad_head:
         raise SentcompError("This checkpoint has a Quad head; quad_head=False cannot drop it.")
-    return config
 
 
 def init(config: GPT2Config, rng: jax.Array | int = 0, quad_head: bool = False, tokenizer=None,
@@ -282,14 +235,15 @@ def init(config: GPT2Config, rng: jax.Array | int = 0, quad_head: bool = False, 
     """
     from sentcomp.models.tokenizers import gpt2_tokenizer
 
-    config = _with_quad(config, quad_head)
+    _keep_quad(config, quad_head)
+    config = layers.quad_config(config) if quad_head else config
     tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
     name = name or f"gpt2-random(d={config.n_embd},L={config.n_layer},quad={config.quad_head})"
-    _check_tokenizer_fits(tokenizer, config, name)
+    layers.check_tokenizer_fits(tokenizer, config.vocab_size, name)  # before the (large) parameters exist
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     dummy = jnp.zeros((1, 1), jnp.int32)
     params = jax.jit(lambda key: GPT2(config).init(key, dummy, jnp.ones_like(dummy))["params"])(rng)
-    return _language_model(name, config, params, tokenizer)
+    return language_model(config, params, tokenizer, name)
 
 
 # -------------------------------------------------------------------------------- HF checkpoint name map
@@ -340,60 +294,50 @@ def _checkpoint_prefix(state: dict[str, np.ndarray]) -> str:
     return "transformer." if any(name.startswith("transformer.") for name in state) else ""
 
 
-def params_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, source: str, quad_head: bool | None):
-    """Our params pytree from a HF state dict, through the explicit name map with shape checks.
-
-    A plain checkpoint loaded with ``quad_head=True`` starts the Quad head at the identity and Φ as a copy of
-    ``wte`` (so f(s) and logits are unchanged until trained).
-    """
+def params_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, source: str) -> dict:
+    """Our params pytree from a HF state dict, through the explicit name map with shape checks."""
     # A tied checkpoint may still store lm_head.weight (equal to wte): it is redundant, not an extra tensor.
     state = dict(state)
     if config.tie_word_embeddings and "lm_head.weight" in state:
         state.pop("lm_head.weight")
-    stored = config
-    wanted = _with_quad(config, quad_head)
     ignored = tuple(name for name in state if name.endswith(_BUFFER_SUFFIXES))
-    flat = hf.assign(state, hf_name_map(stored, _checkpoint_prefix(state)), source, ignored_prefixes=ignored)
+    flat = hf.assign(state, hf_name_map(config, _checkpoint_prefix(state)), source, ignored_prefixes=ignored)
     flat = {k: (v.T if k in _TRANSPOSED else v) for k, v in flat.items()}
-    if wanted.quad_head and not stored.quad_head:
-        flat["quad_head/kernel"] = np.eye(wanted.n_embd, dtype=np.float32)
-        flat["quad_head/bias"] = np.zeros(wanted.n_embd, np.float32)
-    if not wanted.tie_word_embeddings and "phi" not in flat:
-        flat["phi"] = flat["wte/embedding"].copy()
-    params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
-    return wanted, params
+    return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
 
 
 def _tokenizer_for(model_dir: Path):
     """The tokenizer saved with the checkpoint if any, else the real GPT-2 tokenizer (offline package)."""
     from sentcomp.models.tokenizers import gpt2_tokenizer
 
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    return gpt2_tokenizer()
+    tokenizer = hf.read_tokenizer(model_dir, ("tokenizer.json", "vocab.json"))
+    return tokenizer if tokenizer is not None else gpt2_tokenizer()
 
 
 def from_hf(model_dir: str | Path, config: dict[str, Any], name: str | None = None,
             quad_head: bool | None = None, tokenizer=None) -> LanguageModel:
     """A GPT-2 with the weights of a HF-format directory (``config.json`` + safetensors or pytorch_model.bin).
 
-    ``quad_head``: None keeps the checkpoint's architecture; True adds the Quad head and untied Φ.
+    ``quad_head``: None keeps the checkpoint's architecture; True adds the Quad head and untied Φ
+    (:func:`layers.add_quad_head`: a plain checkpoint starts with the head at the identity and Φ as a copy of
+    ``wte``, so f(s) and logits are unchanged until trained).
     ``tokenizer``: default is the checkpoint's own tokenizer files, else the real GPT-2 tokenizer.
     """
     model_dir = Path(model_dir)
     gpt2 = config_from_hf(config)
-    wanted, params = params_from_state_dict(hf.read_state_dict(model_dir), gpt2, str(model_dir), quad_head)
+    _keep_quad(gpt2, quad_head)
+    params = params_from_state_dict(hf.read_state_dict(model_dir), gpt2, str(model_dir))
+    if quad_head:
+        params, gpt2 = layers.add_quad_head(params, gpt2, phi="phi", embedding="wte")
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_dir)
-    return _language_model(name or str(model_dir), wanted, params, tokenizer)
+    return language_model(gpt2, params, tokenizer, name or str(model_dir))
 
 
 def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` with HF ``GPT2LMHeadModel`` names (inverse of from_hf)."""
     from safetensors.numpy import save_file
 
-    if lm.family != "gpt2":
+    if lm.family != FAMILY:
         raise SentcompError(f"save_hf writes GPT-2 checkpoints; got a {lm.family!r} model.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -409,7 +353,7 @@ def untie(lm: LanguageModel) -> LanguageModel:
     """A copy with Φ untied from ``wte`` (``params["phi"]`` starts as a copy of it)."""
     config = dataclasses.replace(lm.config, tie_word_embeddings=False)
     params = {**lm.params, "phi": jnp.array(lm.params["wte"]["embedding"])}
-    return lm.replace(config=config, params=params, hidden_fn=functools.partial(hidden_fn, config))
+    return language_model(config, params, lm.tokenizer, lm.name)
 
 
 def phi_key(params) -> str:

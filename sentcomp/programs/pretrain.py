@@ -174,12 +174,14 @@ def check_config(config) -> None:
     if config.loss not in LOSSES:
         raise SentcompError(f"config.loss must be one of {sorted(LOSSES)}, got {config.loss!r}.")
     if config.compute_dtype not in COMPUTE_DTYPES:
-        raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}.")
+        raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                            f"got {config.compute_dtype!r}.")
     for key in ("num_steps", "batch_size", "grad_accum", "eval_every"):
         if config[key] < 1:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
     if config.batch_size % config.grad_accum:
-        raise SentcompError(f"config.batch_size={config.batch_size} must be a multiple of grad_accum={config.grad_accum}.")
+        raise SentcompError(f"config.batch_size={config.batch_size} must be a multiple of "
+                            f"grad_accum={config.grad_accum}.")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise SentcompError("config.checkpoint.every and config.checkpoint.keep must be ≥ 1.")
 
@@ -195,7 +197,8 @@ def run(config, workdir) -> dict[str, Any]:
                             f"blocks) must split evenly over the {mesh.size} devices.")
     lm = build_model(config)
     if config.data.seq_len > lm.config.n_positions:
-        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of {lm.config.n_positions}.")
+        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of "
+                            f"{lm.config.n_positions}.")
     blocks = load_corpus(config, lm.tokenizer, workdir)
     if int(blocks["train"].max()) >= lm.config.vocab_size:
         raise SentcompError(f"The corpus has token ids up to {int(blocks['train'].max())} but the model only "
@@ -238,7 +241,8 @@ def run(config, workdir) -> dict[str, Any]:
             raise TrainingDiverged(
                 f"Training diverged at step {done}: loss {float(metrics['loss'])}"
                 f"{'' if metrics['params_finite'] else ', non-finite parameters'}; {kept}. Lower "
-                f"optimizer.learning_rate (now {config.optimizer.learning_rate}) or optimizer.clip_norm, or use float32.")
+                f"optimizer.learning_rate (now {config.optimizer.learning_rate}) or optimizer.clip_norm, "
+                "or use float32.")
         losses.append(float(metrics["loss"]))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -86,7 +86,8 @@ def evaluation_steps(num_steps: int, count: int) -> list[int]:
                             f"num_steps={num_steps}.")
     steps = np.unique(np.round(np.geomspace(max(num_steps / 2 ** (count - 1), 1), num_steps, count)).astype(int))
     while len(steps) < count:  # rounding merged some small steps: fill with the smallest unused ones
-        steps = np.unique(np.concatenate([steps, np.setdiff1d(np.arange(1, num_steps + 1), steps)[:count - len(steps)]]))
+        steps = np.unique(np.concatenate([steps,
+                                          np.setdiff1d(np.arange(1, num_steps + 1), steps)[:count - len(steps)]]))
     return [int(step) for step in steps]
 
 
@@ -212,7 +213,8 @@ def verdict(rows: list[dict], loss: str) -> dict[str, Any]:
     }
     correlation = result["plug_in_spearman_with_epsilon"]
     result["plug_in_fell_with_epsilon"] = bool(plug_in[-1] < plug_in[0] - TOLERANCE and correlation > 0)
-    result["probe_fell_with_epsilon"] = bool(probe[-1] < probe[0] - TOLERANCE and result["probe_spearman_with_epsilon"] > 0)
+    result["probe_fell_with_epsilon"] = bool(probe[-1] < probe[0] - TOLERANCE
+                                             and result["probe_spearman_with_epsilon"] > 0)
     result["always_under_bound"] = result["violations"] == 0
     return result
 
