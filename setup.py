@@ -20,6 +20,7 @@ CORE = [
     "scikit-learn==1.9.1",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",  # training metrics as TensorBoard event files (sentcomp.training); needs no TensorFlow
 ]
 TFDS = ["tensorflow-datasets==4.9.10"]
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6"]

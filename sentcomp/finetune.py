@@ -17,7 +17,8 @@ evaluations without improvement (or at ``max_steps``). Test accuracy is that of 
 the training state, so fine-tuning holds two copies of the weights).
 
 Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
-evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``. Re-running in the same workdir
+evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``, ``curves.png`` (training
+loss and validation accuracy against the step, :mod:`sentcomp.plots`). Re-running in the same workdir
 resumes from the newest checkpoint (the batch order and dropout masks are functions of the seed and the step,
 so an interrupted run ends exactly where an uninterrupted one does) or returns the finished results; a
 different config in the same workdir is an error, never a silent overwrite.
@@ -40,7 +41,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, storage, training
+from sentcomp import kernels, parallel, plots, storage, training
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.data.text import (
     bucket_lengths,
@@ -55,6 +56,7 @@ from sentcomp.features import last_token_features
 from sentcomp.models.base import LanguageModel
 
 RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
 CAUSAL_FAMILIES = ("gpt2", "llama")  # families whose hidden states predict the next token (for the aux LM loss)
 
 
@@ -291,4 +293,6 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
                "n_test": len(test_split)}
     if parallel.is_main_process():
         storage.write_json(workdir / RESULTS_FILE, results)
+        plots.training_curves({lm.name: training.read_metrics(workdir)}, workdir / CURVES_FILE,
+                              f"fine-tuning {lm.name}", prefixes=plots.LEARNING_CURVES)
     return results

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -129,6 +130,7 @@ def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     done = runner.read_done(uninterrupted)
     assert done["steps"] == 16 and done["loss"] == "quad" and done["val_loss"] == rows[-1]["val_quad"]
     assert final_params(uninterrupted)["phi"].shape == (257, 32)
+    assert matplotlib.image.imread(uninterrupted / "curves.png").ndim == 3  # the curves of metrics.jsonl
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):

@@ -8,6 +8,10 @@ headline. Programs resume by themselves from what their workdir already holds.
 **Workdir record** written here (by process 0 only when several processes run):
 
 * ``config.json``: the final config (after overrides), written before the program starts;
+* ``runs.jsonl``: one line per start of the run (the first and every resume) recording what produced it:
+  package versions, Python, the sentcomp version and git commit (with a dirty flag), the JAX backend and
+  devices, the process count and the command line (:mod:`sentcomp.launcher.provenance`, which warns when a
+  resume starts in another setting than the previous start);
 * ``done.json``: the headline metrics, written (atomically) when ``run`` returned: its presence means the run
   is complete, and sweeps skip such points and tabulate its metrics.
 
@@ -31,7 +35,7 @@ from absl import logging
 
 from sentcomp import parallel, storage
 from sentcomp.errors import SentcompError
-from sentcomp.launcher import config_files
+from sentcomp.launcher import config_files, provenance
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
@@ -108,7 +112,8 @@ def read_done(workdir: str | Path) -> dict[str, Any] | None:
 
 
 def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
-    """Validates, records ``config.json``, runs ``config.program`` in ``workdir``, then writes ``done.json``.
+    """Validates, records ``config.json`` and this start (``runs.jsonl``), runs ``config.program`` in ``workdir``,
+    then writes ``done.json``.
 
     Returns what the program's ``run`` returned.
     """
@@ -117,6 +122,7 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     workdir.mkdir(parents=True, exist_ok=True)
     if parallel.is_main_process():
         storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
+        provenance.record_start(workdir)
     parallel.sync("sentcomp_workdir_ready")
     logging.info("Running %s in %s", config.program, workdir)
     returned = program.run(config, workdir)

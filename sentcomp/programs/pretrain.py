@@ -26,8 +26,10 @@
 ``CheckpointManager``: every ``checkpoint.every`` steps and at the end, the last ``checkpoint.keep``, written
 asynchronously; each holds params, optimiser state, step, and as JSON the data position and seeds),
 ``metrics.jsonl`` (one line per ``eval_every`` steps: train loss, validation cross-entropy and Quad loss,
-tokens/s, learning rate, gradient norm, and the downstream probe's accuracies when it ran), ``results.json``
-(headline), ``model/`` (final weights in Hugging Face layout, loadable by ``sentcomp.models.load``).
+tokens/s, learning rate, gradient norm, and the downstream probe's accuracies when it ran), ``curves.png`` (the
+losses, validation metrics and probe accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
+``results.json`` (headline), ``model/`` (final weights in Hugging Face layout, loadable by
+``sentcomp.models.load``).
 
 **Resume**: running again with the same workdir restores the latest checkpoint (metrics logged after it are
 dropped) and continues; a run killed at any moment and resumed ends with the parameters an uninterrupted run
@@ -54,7 +56,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, storage
+from sentcomp import models, parallel, plots, storage
 from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
@@ -78,6 +80,7 @@ from sentcomp.training import (
 
 TOKENIZERS = {"gpt2": "gpt2_tokenizer", "bytes": "byte_tokenizer"}  # config.tokenizer -> sentcomp.models.tokenizers
 RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -266,8 +269,9 @@ def run(config, workdir) -> dict[str, Any]:
 
 
 def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> dict[str, Any]:
-    """Writes ``results.json`` and the final weights (``model/``, HF layout); returns the headline."""
-    final = read_metrics(workdir)[-1] if parallel.is_main_process() else {}
+    """Writes ``results.json``, ``curves.png`` and the final weights (``model/``, HF layout); returns the headline."""
+    metrics = read_metrics(workdir) if parallel.is_main_process() else [{}]
+    final = metrics[-1]
     step = int(parallel.fetch(state["step"]))
     results = {"loss": config.loss, "steps": step, "tokens": step * config.batch_size * config.data.seq_len,
                **{key: value for key, value in final.items() if key not in ("step", "tokens")},
@@ -277,4 +281,6 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
         gpt2.save_hf(trained, workdir / "model")
         trained.tokenizer.save_pretrained(str(workdir / "model"))
         storage.write_json(workdir / RESULTS_FILE, results)
+        plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",
+                              prefixes=plots.LEARNING_CURVES)
     return results

@@ -30,9 +30,11 @@ cached under ``workdir/features`` (:func:`sentcomp.features.extract_features`). 
 row, column, split) is appended to ``workdir/cells.jsonl`` at once, so a re-run (or a run resumed after a
 kill) recomputes nothing that is done, and needs no model forward pass at all when every cell is done.
 
-Writes ``workdir/results.json`` (every cell with its configuration, the table, data sizes, word sets) and
+Writes ``workdir/results.json`` (every cell with its configuration, the table, data sizes, word sets),
 ``workdir/results.md`` (the table laid out like the paper's Table 1, then data sizes, words, and the chosen
-regularisation of each probe), and prints the table.
+regularisation of each probe) and ``workdir/results.png`` (the table as grouped bars with 95% Wilson intervals,
+drawn as ``python -m sentcomp.report`` draws several runs: :func:`sentcomp.report.table1_figure`), and prints
+the table.
 
 BERT and fine-tuning columns (the paper's baselines) plug in at :func:`baseline_features` and
 :func:`finetune_cells` (``config.bert`` / ``config.ft``, off by default).
@@ -56,6 +58,7 @@ from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
+from sentcomp.report import markdown_table, table1_figure
 
 # column -> (kind extracted by sentcomp.features, word group or None)
 FEATURE_COLUMNS = {
@@ -81,6 +84,7 @@ COLUMN_TITLES = {
     ZEROSHOT: "zero-shot",
 }
 CELLS_FILE = "cells.jsonl"
+FIGURE_FILE = "results.png"
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -296,12 +300,6 @@ def format_accuracy(entry: dict | None) -> str:
     return text + f" ± {100 * entry['std']:.1f}" if entry["n_splits"] > 1 else text
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], columns: Sequence[str]) -> str:
     """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot)."""
     return markdown_table(["task", *(COLUMN_TITLES[c] for c in columns)],
@@ -322,6 +320,7 @@ def results_markdown(results: dict) -> str:
         f"Test accuracy (%). `task*`: the task's prompt appended to every text. Probe protocol "
         f"`{results['probe']['protocol']}` ({probe_modes(results['probe'])}); mean ± std over the splits of "
         "tasks without an official split. Zero-shot: sentence completion with the label words (prompt rows only).",
+        f"![Test accuracy with 95% Wilson intervals]({FIGURE_FILE})",
         "## Data",
         markdown_table(["task", "N train", "N test", "splits", "prompt", "label words", "truncated texts"],
                        ([t["name"], t["n_train"], t["n_test"], t["n_splits"], repr(t["prompt"]),
@@ -463,5 +462,6 @@ def run(config, workdir) -> dict:
     if parallel.is_main_process():
         storage.write_json(workdir / "results.json", results)
         storage.write_text(workdir / "results.md", markdown)
+        table1_figure(results, workdir / FIGURE_FILE, f"Table 1: linear probes on {config.model} features")
     print(markdown)
     return {f"{row}/{column}": entry["mean"] for row, entries in table.items() for column, entry in entries.items()}
