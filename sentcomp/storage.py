@@ -41,14 +41,23 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
     return content_hash(*(text.encode() for text in texts))
 
 
+def _default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, and renames it to ``path``."""
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, and renames it to ``path``; the file
+    gets the permissions a plain ``open`` would give it (temporary files are private, ``0o600``)."""
     path = Path(path)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
         try:
             write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
+            os.fchmod(tmp.fileno(), _default_file_mode())
         except BaseException:
             tmp.close()
             os.unlink(tmp.name)

@@ -54,3 +54,11 @@ def test_append_json_line_adds_one_line_per_row(tmp_path):
     storage.append_json_line(path, {"step": 1})
     storage.append_json_line(path, {"step": 2, "loss": 0.5})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 2, "loss": 0.5}]
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    (tmp_path / "plain.txt").write_text("x")
+    storage.write_text(tmp_path / "atomic.txt", "x")
+    storage.save_npy(tmp_path / "atomic.npy", np.zeros(1))
+    expected = (tmp_path / "plain.txt").stat().st_mode
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "atomic.npy").stat().st_mode == expected
