@@ -26,6 +26,10 @@ How each quantity is computed
   larger, so the bound stays valid (looser).
 
 :func:`evaluate_against_truth` puts it together for one model checkpoint on the synthetic language.
+
+Precision: the jnp products here (and in the kernels they call) run at ``precision``, default ``"highest"``
+(full float32 on TPU and GPU too; :mod:`sentcomp.kernels.precision`); the numpy/scipy parts are float64 on the
+host.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import scipy.stats
 
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 # ---------------------------------------------------------------------------------------------------- ε, Quad
 
@@ -78,18 +83,22 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> Estimate:
     return Estimate(mean, mean - half_width, mean + half_width, n)
 
 
-def quad_optimum(p_star: jax.Array, phi: jax.Array) -> jax.Array:
+def quad_optimum(p_star: jax.Array, phi: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``θ* = (ΦΦᵀ)⁻¹ Φ p*`` per context: the minimiser of ``ℓ_quad,s`` for fixed Φ.
     ``p_star [..., V]`` → ``[..., d]``."""
-    gram = phi.T @ phi
-    mean = p_star @ phi
+    precision = check_precision(precision)
+    gram = jnp.matmul(phi.T, phi, precision=precision)
+    mean = jnp.matmul(p_star, phi, precision=precision)
     return jnp.linalg.solve(gram, mean.reshape(-1, mean.shape[-1]).T).T.reshape(mean.shape)
 
 
-def excess_quad_loss(theta: jax.Array, phi: jax.Array, p_star: jax.Array) -> jax.Array:
+def excess_quad_loss(theta: jax.Array, phi: jax.Array, p_star: jax.Array, *, precision=DEFAULT_PRECISION
+                     ) -> jax.Array:
     """Per-context ``ℓ_quad,s(θ) − ℓ_quad,s(θ*) = ½‖Φᵀ(θ − θ*)‖² = ½(θ−θ*)ᵀ(ΦΦᵀ)(θ−θ*)``."""
-    delta = theta - quad_optimum(p_star, phi)
-    return 0.5 * jnp.einsum("...d,de,...e->...", delta, phi.T @ phi, delta)
+    precision = check_precision(precision)
+    delta = theta - quad_optimum(p_star, phi, precision=precision)
+    gram = jnp.matmul(phi.T, phi, precision=precision)
+    return 0.5 * jnp.einsum("...d,de,...e->...", delta, gram, delta, precision=precision)
 
 
 def coverage(log_p_pretrain, log_p_task) -> float:
@@ -248,6 +257,7 @@ def evaluate_against_truth(
     max_norms=DEFAULT_MAX_NORMS,
     penalties=DEFAULT_PENALTIES,
     probe_cv_metric: str = "accuracy",
+    precision=DEFAULT_PRECISION,
 ) -> dict:
     """ε, downstream probes and the theory's bounds for one model on documents with exact p*.
 
@@ -261,6 +271,8 @@ def evaluate_against_truth(
       objective: ``"xent"`` or ``"quad"`` (what the model was trained with; selects the f(s) bound).
       probe_cv_metric: how the probes choose C: ``"accuracy"`` (the paper's) or ``"loss"`` (held-out logistic
         loss, the quantity compared with the bounds: less noisy probe losses).
+      precision: of the jnp products (log p_f, Φp_f, ε, the affine fit; :mod:`sentcomp.kernels.precision`).
+        The probes (``sentcomp.probe.evaluate``) keep the kernels' default, ``"highest"``.
 
     Returns a JSON-ready dict: ``epsilon`` (E_{s~p_L} KL, with CI over documents), ``epsilon_task``
     (E_{s~p_T} KL), ``excess_quad`` (E_{s~p_L} ½‖Φᵀ(f−θ*)‖²), and per feature kind (``p_f``, ``phi_p_f``, ``f``,
@@ -275,20 +287,23 @@ def evaluate_against_truth(
     """
     if objective not in ("xent", "quad"):
         raise SentcompError(f"objective must be 'xent' or 'quad', got {objective!r}.")
+    precision = check_precision(precision)
     features, phi, log_p_star = jnp.asarray(features), jnp.asarray(phi), jnp.asarray(log_p_star)
     labels = np.asarray(labels)
-    log_p_model = features @ phi.T - kernels.log_partition(features, phi)[..., None]
+    logits = jnp.matmul(features, phi.T, precision=precision)
+    log_p_model = logits - kernels.log_partition(features, phi, precision=precision)[..., None]
     p_star = jnp.exp(log_p_star)
 
     kl = np.asarray(kl_epsilon(log_p_star, log_p_model), np.float64)  # [N, T]
-    excess = np.asarray(excess_quad_loss(features, phi, p_star), np.float64)
+    excess = np.asarray(excess_quad_loss(features, phi, p_star, precision=precision), np.float64)
     epsilon = mean_confidence_interval(kl.mean(axis=1))
     excess_quad = mean_confidence_interval(excess.mean(axis=1))
 
     task_f = np.asarray(features[:, -1], np.float64)
     task = {
         "f": task_f,
-        "phi_p_f": np.asarray(kernels.conditional_mean_features(features[:, -1], phi), np.float64),
+        "phi_p_f": np.asarray(kernels.conditional_mean_features(features[:, -1], phi, precision=precision),
+                              np.float64),
         "p_f": np.exp(np.asarray(log_p_model[:, -1], np.float64)),
         "p_star": np.asarray(p_star[:, -1], np.float64),
     }
@@ -336,8 +351,9 @@ def evaluate_against_truth(
     else:
         # Under the quadratic log-partition assumption Φp_f = A f + b: fit (A, b) on the train documents and
         # apply the natural classifier λ to A f + b, a linear classifier on f.
-        affine = kernels.fit_affine(jnp.asarray(task_f[train]), jnp.asarray(task["phi_p_f"][train]))
-        affine_test = np.asarray(affine(jnp.asarray(task_f[test])), np.float64)
+        affine = kernels.fit_affine(jnp.asarray(task_f[train]), jnp.asarray(task["phi_p_f"][train]),
+                                    precision=precision)
+        affine_test = np.asarray(affine(jnp.asarray(task_f[test]), precision=precision), np.float64)
         record("f", tau_phi, along_phi.max_norm, epsilon.mean, eps_task, False,
                lambda k: affine_test @ along_phi.weights[k],
                assumption="quadratic log-partition (Φp_f affine in f); plug_in applies λ to the fitted A f + b")

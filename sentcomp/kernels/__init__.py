@@ -1,5 +1,14 @@
 """Pure jnp kernels: no I/O, no configs, no global state; jit/vmap/shard friendly (``fold_moments`` also runs
-on numpy arrays, for the host BLAS)."""
+on numpy arrays, for the host BLAS).
+
+Precision policy (:mod:`sentcomp.kernels.precision`, docs/precision.md): every matrix product in these kernels
+(``jnp.dot``/``matmul``/``einsum``/``tensordot``, forward and in the custom backward passes) runs at
+``jax.lax.Precision.HIGHEST`` by default, so TPUs (bfloat16 inputs at XLA's default) and recent GPUs (TF32)
+compute in full float32, as CPU does. Each public kernel (and the fitted ``QuadraticFit``/``AffineFit``
+when called) takes ``precision=`` (default ``DEFAULT_PRECISION = "highest"``; anything ``jnp.dot``'s
+``precision=`` accepts, e.g. ``"high"``, ``"default"``, or ``None`` for JAX's global setting), passed down to
+every product; it is a static argument of the jitted kernels. ``check_precision`` validates a value.
+"""
 
 from sentcomp.kernels.features import (
     conditional_mean_features,
@@ -33,6 +42,7 @@ from sentcomp.kernels.partition import (
     gaussian_log_partition,
     r_squared,
 )
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 from sentcomp.kernels.ridge import (
     CenteredRidge,
     RidgeMoments,
@@ -46,6 +56,8 @@ from sentcomp.kernels.ridge import (
 )
 
 __all__ = [
+    "DEFAULT_PRECISION",
+    "check_precision",
     "conditional_mean_features",
     "log_partition",
     "word_logits",

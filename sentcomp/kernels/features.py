@@ -5,6 +5,9 @@ shape ``[V, d]`` (row ``w`` is ``φ_w``, as stored in GPT-2's ``wte``); logits `
 
 Every V-wide quantity is computed chunk by chunk with a running max (online log-sum-exp), so memory is
 O(N·chunk + N·d) for N feature vectors, never O(N·V), and no logit overflows however large it is.
+
+Every product runs at ``precision`` (default ``"highest"``: full float32 on TPU and GPU too; see
+:mod:`sentcomp.kernels.precision`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 DEFAULT_VOCAB_CHUNK = 2048
 
@@ -36,13 +41,13 @@ def _vocab_chunk(phi: jax.Array, index: jax.Array, chunk: int) -> tuple[jax.Arra
     return start, rows, valid
 
 
-def _chunk_logits(h: jax.Array, phi_chunk: jax.Array, valid: jax.Array) -> jax.Array:
+def _chunk_logits(h: jax.Array, phi_chunk: jax.Array, valid: jax.Array, precision) -> jax.Array:
     """Logits ``h φ_wᵀ`` of one vocabulary chunk, ``-inf`` on padding rows: ``[N, chunk]``."""
-    logits = jnp.dot(h, phi_chunk.T, preferred_element_type=jnp.float32)
+    logits = jnp.dot(h, phi_chunk.T, precision=precision, preferred_element_type=jnp.float32)
     return jnp.where(valid, logits, -jnp.inf)
 
 
-def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_mean: bool):
+def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_mean: bool, precision):
     """One pass over V computing ``log Z(h)`` and, if ``with_mean``, ``Σ_w softmax(Φᵀh)_w φ_w``.
 
     Online log-sum-exp: carry the running max ``m``, ``s = Σ exp(l_w − m)`` and ``acc = Σ exp(l_w − m) φ_w``;
@@ -55,13 +60,13 @@ def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_
     def step(carry, index):
         _, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
         running_max, sum_exp, acc = carry
-        logits = _chunk_logits(h, phi_chunk, valid_chunk)
+        logits = _chunk_logits(h, phi_chunk, valid_chunk, precision)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         rescale = jnp.exp(running_max - new_max)
         weights = jnp.exp(logits - new_max[:, None])
         sum_exp = sum_exp * rescale + weights.sum(axis=-1)
         if with_mean:
-            acc = acc * rescale[:, None] + jnp.dot(weights, phi_chunk.astype(jnp.float32))
+            acc = acc * rescale[:, None] + jnp.dot(weights, phi_chunk.astype(jnp.float32), precision=precision)
         return (new_max, sum_exp, acc), None
 
     init = (
@@ -79,18 +84,18 @@ def _flatten_features(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     return h.reshape(-1, h.shape[-1]), h.shape[:-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_partition_flat(h: jax.Array, phi: jax.Array, chunk_size: int) -> jax.Array:
-    log_z, _ = _streamed_softmax_stats(h, phi, chunk_size, with_mean=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _log_partition_flat(h: jax.Array, phi: jax.Array, chunk_size: int, precision) -> jax.Array:
+    log_z, _ = _streamed_softmax_stats(h, phi, chunk_size, False, precision)
     return log_z
 
 
-def _log_partition_fwd(h, phi, chunk_size):
-    log_z = _log_partition_flat(h, phi, chunk_size)
+def _log_partition_fwd(h, phi, chunk_size, precision):
+    log_z = _log_partition_flat(h, phi, chunk_size, precision)
     return log_z, (h, phi, log_z)
 
 
-def _log_partition_bwd(chunk_size, residuals, grad_log_z):
+def _log_partition_bwd(chunk_size, precision, residuals, grad_log_z):
     """∂log Z/∂h = Σ_w p_w φ_w and ∂log Z/∂φ_w = p_w h, recomputed chunk by chunk from the saved log Z."""
     h, phi, log_z = residuals
     chunk, n_chunks = _num_chunks(phi.shape[0], chunk_size)
@@ -98,10 +103,12 @@ def _log_partition_bwd(chunk_size, residuals, grad_log_z):
     def step(carry, index):
         grad_h, grad_phi = carry
         start, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
-        probs = jnp.exp(_chunk_logits(h, phi_chunk, valid_chunk) - log_z[:, None])
+        probs = jnp.exp(_chunk_logits(h, phi_chunk, valid_chunk, precision) - log_z[:, None])
         weighted = probs * grad_log_z[:, None]  # [N, chunk], zero on rows already counted
-        grad_h = grad_h + jnp.dot(weighted, phi_chunk.astype(jnp.float32))
-        rows = jax.lax.dynamic_slice_in_dim(grad_phi, start, chunk) + jnp.dot(weighted.T, h.astype(jnp.float32))
+        grad_h = grad_h + jnp.dot(weighted, phi_chunk.astype(jnp.float32), precision=precision)
+        rows = jax.lax.dynamic_slice_in_dim(grad_phi, start, chunk) + jnp.dot(
+            weighted.T, h.astype(jnp.float32), precision=precision
+        )
         return (grad_h, jax.lax.dynamic_update_slice_in_dim(grad_phi, rows, start, axis=0)), None
 
     init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(phi.shape, jnp.float32))
@@ -112,39 +119,46 @@ def _log_partition_bwd(chunk_size, residuals, grad_log_z):
 _log_partition_flat.defvjp(_log_partition_fwd, _log_partition_bwd)
 
 
-def log_partition(h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK) -> jax.Array:
+def log_partition(
+    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
+) -> jax.Array:
     """``log Z(h) = log Σ_w exp(hᵀφ_w)``, shape ``h.shape[:-1]``, float32.
 
     Differentiable with a streamed backward pass (``∇_h log Z = Φ p_f``, ``∇_{φ_w} log Z = p_f(w) h``), so
-    training through it never stores V-wide activations either.
+    training through it never stores V-wide activations either. ``precision``: of every product, forward and
+    backward (:mod:`sentcomp.kernels.precision`).
     """
     flat, batch_shape = _flatten_features(h)
-    return _log_partition_flat(flat, phi, chunk_size).reshape(batch_shape)
+    return _log_partition_flat(flat, phi, chunk_size, check_precision(precision)).reshape(batch_shape)
 
 
 def conditional_mean_features(
-    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
 ) -> jax.Array:
     """Conditional-mean features ``Φ p_f(s) = Σ_w softmax(Φᵀh)_w φ_w = ∇_h log Z(h)``, shape ``[..., d]``."""
     flat, batch_shape = _flatten_features(h)
-    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, with_mean=True)
+    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, True, check_precision(precision))
     return mean.reshape(*batch_shape, phi.shape[-1])
 
 
-def word_logits(h: jax.Array, phi: jax.Array, word_ids: jax.Array) -> jax.Array:
+def word_logits(h: jax.Array, phi: jax.Array, word_ids: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """Logits ``hᵀφ_w`` of the words ``word_ids [k]`` only (the authors' subset-word features): ``[..., k]``."""
-    return jnp.dot(h, jnp.take(phi, word_ids, axis=0).T, preferred_element_type=jnp.float32)
+    words = jnp.take(phi, word_ids, axis=0).T
+    return jnp.dot(h, words, precision=check_precision(precision), preferred_element_type=jnp.float32)
 
 
 def word_log_probs(
-    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
+    precision=DEFAULT_PRECISION,
 ) -> jax.Array:
     """Next-word log-probabilities ``log p_f(s)(w) = hᵀφ_w − log Z(h)`` of the words ``word_ids``: ``[..., k]``."""
-    return word_logits(h, phi, word_ids) - log_partition(h, phi, chunk_size)[..., None]
+    logits = word_logits(h, phi, word_ids, precision=precision)
+    return logits - log_partition(h, phi, chunk_size, precision=precision)[..., None]
 
 
 def word_probs(
-    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK
+    h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
+    precision=DEFAULT_PRECISION,
 ) -> jax.Array:
     """Next-word probabilities ``p_f(s)(w)`` of the words ``word_ids``: ``[..., k]``."""
-    return jnp.exp(word_log_probs(h, phi, word_ids, chunk_size))
+    return jnp.exp(word_log_probs(h, phi, word_ids, chunk_size, precision=precision))

@@ -1,6 +1,8 @@
 """L-BFGS minimiser as a pure jnp kernel (two-loop recursion, Armijo backtracking), ``vmap``-friendly.
 
 Used by :func:`sentcomp.kernels.logistic.logistic_regression_grid` on its preconditioned mean-form objective.
+Its inner products run at ``precision`` (default ``"highest"``, :mod:`sentcomp.kernels.precision`); the
+objective's own products are the caller's to set.
 """
 
 from __future__ import annotations
@@ -8,36 +10,44 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
-def _two_loop_direction(grad, steps, grad_changes, rho):
+
+def _two_loop_direction(grad, steps, grad_changes, rho, precision):
     """L-BFGS search direction ``−H·grad`` from the stored pairs (oldest first; empty slots have ``ρ = 0``).
 
     Nocedal & Wright, Algorithm 7.4, with the initial inverse Hessian ``γI``, ``γ = sᵀy / yᵀy`` of the newest pair.
     """
 
+    def dot(a, b):
+        return jnp.dot(a, b, precision=precision)
+
     def backward(q, pair):
         s, y, r = pair
-        a = r * jnp.dot(s, q)
+        a = r * dot(s, q)
         return q - a * y, a
 
     q, alphas = jax.lax.scan(backward, grad, (steps, grad_changes, rho), reverse=True)
-    newest_yy = jnp.dot(grad_changes[-1], grad_changes[-1])
-    gamma = jnp.where(rho[-1] > 0, jnp.dot(steps[-1], grad_changes[-1]) / jnp.where(newest_yy > 0, newest_yy, 1.0), 1.0)
+    newest_yy = dot(grad_changes[-1], grad_changes[-1])
+    gamma = jnp.where(rho[-1] > 0, dot(steps[-1], grad_changes[-1]) / jnp.where(newest_yy > 0, newest_yy, 1.0), 1.0)
 
     def forward(r, pair):
         s, y, rh, a = pair
-        return r + s * (a - rh * jnp.dot(y, r)), None
+        return r + s * (a - rh * dot(y, r)), None
 
     r, _ = jax.lax.scan(forward, gamma * q, (steps, grad_changes, rho, alphas))
     return -r
 
 
-def lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int = 10):
+def lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int = 10, *,
+                   precision=DEFAULT_PRECISION):
     """Minimises a smooth convex ``fun`` over a vector from ``init`` by L-BFGS with Armijo backtracking.
 
     Stops when ``‖∇fun‖₂ < tol``, after ``max_iter`` steps, or when no step decreases ``fun`` any more (the
-    float32 resolution). Returns ``(params, value, grad_norm, iterations)``.
+    float32 resolution). Returns ``(params, value, grad_norm, iterations)``. ``precision``: of the solver's own
+    inner products (:mod:`sentcomp.kernels.precision`).
     """
+    precision = check_precision(precision)
     value_and_grad = jax.value_and_grad(fun)
     value, grad = value_and_grad(init)
     size = init.shape[0]
@@ -49,7 +59,7 @@ def lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int 
         """Halves the step from 1 until Armijo's decrease holds (a NaN or infinite trial value counts as too
         long). ``active`` is False for problems already done: under ``vmap`` every problem runs this loop while
         any needs it, so finished ones must not search."""
-        slope = jnp.dot(grad, direction)
+        slope = jnp.dot(grad, direction, precision=precision)
 
         def too_long(carry):
             step, trial_value, _ = carry
@@ -70,13 +80,14 @@ def lbfgs_minimise(fun, init: jax.Array, max_iter: int, tol: float, memory: int 
     def iterate(carry):
         params, value, grad, (steps, changes, rho), iteration, stalled = carry
         active = not_done(carry)
-        direction = _two_loop_direction(grad, steps, changes, rho)
-        direction = jnp.where(jnp.dot(direction, grad) < 0, direction, -grad)  # keep a descent direction
+        direction = _two_loop_direction(grad, steps, changes, rho, precision)
+        descends = jnp.dot(direction, grad, precision=precision) < 0
+        direction = jnp.where(descends, direction, -grad)  # keep a descent direction
         step, new_value, new_grad = line_search(params, value, grad, direction, active)
         stalled = stalled | ~(new_value < value)
         accept_step = active & ~stalled
         s, y = step * direction, new_grad - grad
-        curvature = jnp.dot(s, y)
+        curvature = jnp.dot(s, y, precision=precision)
         accept = (curvature > 0) & accept_step
 
         def push(buffer, item):

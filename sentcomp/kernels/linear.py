@@ -9,6 +9,8 @@ training part, or all of train), so shapes stay fixed and every fit shares one m
 Standardisation (optional): features are mapped to ``(x − m_s)/σ_s`` with the weighted mean and standard
 deviation of split ``s``'s own training rows, the penalty acts on the standardised weights, and the returned
 coefficients are mapped back to raw features, so ``x @ coef + intercept`` always scores raw features.
+
+Every product runs at ``precision``, default ``"highest"`` (:mod:`sentcomp.kernels.precision`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 MULTI_CLASS_MODES = ("multinomial", "ovr")
 
@@ -36,23 +40,26 @@ class LinearFits(NamedTuple):
     iterations: jax.Array
 
 
-def weighted_standardisation(x: jax.Array, weights: jax.Array, standardize: bool = True):
+def weighted_standardisation(x: jax.Array, weights: jax.Array, standardize: bool = True, *,
+                             precision=DEFAULT_PRECISION):
     """Weighted mean ``m`` and standard deviation ``σ`` of the rows of ``x [N, d]`` (``σ = 1`` where it is 0).
 
     With ``standardize=False`` returns ``(m, 1)``: centering alone changes no linear probe, only conditioning.
     """
+    precision = check_precision(precision)
     n = jnp.sum(weights)
-    mean = weights @ x / n
+    mean = jnp.matmul(weights, x, precision=precision) / n
     if not standardize:
         return mean, jnp.ones_like(mean)
-    var = weights @ jnp.square(x - mean) / n
+    var = jnp.matmul(weights, jnp.square(x - mean), precision=precision) / n
     std = jnp.sqrt(var)
     return mean, jnp.where(std > 0, std, 1.0)
 
 
-def linear_scores(x: jax.Array, coef: jax.Array, intercept: jax.Array) -> jax.Array:
+def linear_scores(x: jax.Array, coef: jax.Array, intercept: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``x [N, d] @ coef [..., d, K] + intercept [..., K]`` → scores ``[..., N, K]``."""
-    return jnp.einsum("nd,...dk->...nk", x, coef) + intercept[..., None, :]
+    scores = jnp.einsum("nd,...dk->...nk", x, coef, precision=check_precision(precision))
+    return scores + intercept[..., None, :]
 
 
 def predict_labels(scores: jax.Array) -> jax.Array:

@@ -23,6 +23,9 @@ covariance and ``κ`` the loss curvature at the start (¼ for sigmoid columns, 1
 then close to the identity whatever the scale or anisotropy of the features (LM hidden states have a few
 dimensions hundreds of times larger than the rest), which is what lets a first-order method reach a tight
 optimum quickly.
+
+Every product (the solver's and the objective's, hence its gradients') runs at ``precision``, default
+``"highest"`` (:mod:`sentcomp.kernels.precision`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 
 from sentcomp.kernels.lbfgs import lbfgs_minimise
 from sentcomp.kernels.linear import MULTI_CLASS_MODES, LinearFits, linear_scores, weighted_standardisation
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 
 def logistic_columns(num_classes: int, multi_class: str) -> int:
@@ -66,23 +70,28 @@ def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax
     return jax.nn.logsumexp(scores - jnp.sum(targets * scores, axis=-1, keepdims=True), axis=-1)
 
 
-def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial"):
+def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial",
+                       *, precision=DEFAULT_PRECISION):
     """sklearn's objective ``C Σ_i w_i ℓ(x_iᵀW + b, y_i) + ½‖W‖²`` of one probe on raw features."""
+    precision = check_precision(precision)
     targets = logistic_targets(labels, num_classes, multi_class)
-    losses = logistic_losses(linear_scores(x, coef, intercept), targets, uses_sigmoid(num_classes, multi_class))
-    return c * jnp.dot(weights, losses) + 0.5 * jnp.sum(jnp.square(coef))
+    scores = linear_scores(x, coef, intercept, precision=precision)
+    losses = logistic_losses(scores, targets, uses_sigmoid(num_classes, multi_class))
+    return c * jnp.dot(weights, losses, precision=precision) + 0.5 * jnp.sum(jnp.square(coef))
 
 
-def _feature_eigenbasis(x: jax.Array, weights: jax.Array, standardize: bool):
+def _feature_eigenbasis(x: jax.Array, weights: jax.Array, standardize: bool, precision):
     """Eigendecomposition ``(e, V)`` of the (standardised) weighted feature covariance, for preconditioning."""
-    mean, scale = weighted_standardisation(x, weights, standardize)
+    mean, scale = weighted_standardisation(x, weights, standardize, precision=precision)
     centered = (x - mean) / scale
-    cov = (centered * weights[:, None]).T @ centered / jnp.sum(weights)
+    cov = jnp.matmul((centered * weights[:, None]).T, centered, precision=precision) / jnp.sum(weights)
     eigvals, eigvecs = jnp.linalg.eigh(cov)
     return jnp.maximum(eigvals, 0.0), eigvecs
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "multi_class", "standardize", "max_iter", "warm_start"))
+@functools.partial(
+    jax.jit, static_argnames=("num_classes", "multi_class", "standardize", "max_iter", "warm_start", "precision")
+)
 def logistic_regression_grid(
     x: jax.Array,
     labels: jax.Array,
@@ -95,6 +104,7 @@ def logistic_regression_grid(
     max_iter: int = 1000,
     tol: float = 1e-4,
     warm_start: bool = True,
+    precision=DEFAULT_PRECISION,
 ) -> LinearFits:
     """L2 logistic regression with intercept for every split × C in one compiled call.
 
@@ -106,8 +116,14 @@ def logistic_regression_grid(
     ``warm_start=True`` walks the C grid from strong to weak regularisation, each fit starting from the
     previous solution (a ``scan``; fewer iterations in all, and narrow matrix products that stay
     memory-bound); ``False`` solves every (split, C) from zero side by side, one ``[N, d] × [d, S·L·K']``
-    product per step (best when the grid is short or the device is wide).
+    product per step (best when the grid is short or the device is wide). ``precision``: of every product
+    (:mod:`sentcomp.kernels.precision`).
     """
+    precision = check_precision(precision)
+
+    def matmul(a, b):
+        return jnp.matmul(a, b, precision=precision)
+
     x = jnp.asarray(x, jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)
     c_grid = jnp.asarray(c_grid, jnp.float32)
@@ -116,7 +132,7 @@ def logistic_regression_grid(
     targets = logistic_targets(labels, num_classes, multi_class)
     curvature = 0.25 if sigmoid else 1.0 / num_classes
     dim = x.shape[1]
-    eigvals, eigvecs = _feature_eigenbasis(x, jnp.max(weights, axis=0), standardize)
+    eigvals, eigvecs = _feature_eigenbasis(x, jnp.max(weights, axis=0), standardize, precision)
 
     def fit_one(split_weights, mean, scale, c, start):
         """One problem from ``start = (W, b)`` on standardised features; returns its fit and (W, b)."""
@@ -126,28 +142,28 @@ def logistic_regression_grid(
 
         def standardised_probe(theta):  # θ = (Θ, β) → W = V diag(precond) Θ, b = β/√κ
             scaled = precond[:, None] * theta[:-columns].reshape(dim, columns)
-            return eigvecs @ scaled, theta[-columns:] * jax.lax.rsqrt(curvature), scaled
+            return matmul(eigvecs, scaled), theta[-columns:] * jax.lax.rsqrt(curvature), scaled
 
         def raw_probe(coef_std, intercept_std):  # scores of (x − m)/σ = scores of x with coef = W/σ, b − mᵀcoef
             coef = coef_std / scale[:, None]
-            return coef, intercept_std - mean @ coef
+            return coef, intercept_std - matmul(mean, coef)
 
         def mean_objective(theta):
             coef_std, intercept_std, scaled = standardised_probe(theta)
             coef, intercept = raw_probe(coef_std, intercept_std)
-            losses = logistic_losses(x @ coef + intercept, targets, sigmoid)
-            return jnp.dot(split_weights, losses) / n + 0.5 * lam * jnp.sum(jnp.square(scaled))
+            losses = logistic_losses(matmul(x, coef) + intercept, targets, sigmoid)
+            return matmul(split_weights, losses) / n + 0.5 * lam * jnp.sum(jnp.square(scaled))
 
         start_coef, start_intercept = start
         init = jnp.concatenate(
-            [((eigvecs.T @ start_coef) / precond[:, None]).ravel(), start_intercept * jnp.sqrt(curvature)]
+            [(matmul(eigvecs.T, start_coef) / precond[:, None]).ravel(), start_intercept * jnp.sqrt(curvature)]
         )
-        theta, value, grad_norm, iterations = lbfgs_minimise(mean_objective, init, max_iter, tol)
+        theta, value, grad_norm, iterations = lbfgs_minimise(mean_objective, init, max_iter, tol, precision=precision)
         coef_std, intercept_std, _ = standardised_probe(theta)
         coef, intercept = raw_probe(coef_std, intercept_std)
         return LinearFits(coef, intercept, value * n * c, grad_norm, iterations), (coef_std, intercept_std)
 
-    means, scales = jax.vmap(lambda w: weighted_standardisation(x, w, standardize))(weights)
+    means, scales = jax.vmap(lambda w: weighted_standardisation(x, w, standardize, precision=precision))(weights)
     num_splits = weights.shape[0]
     zeros = (jnp.zeros((num_splits, dim, columns), jnp.float32), jnp.zeros((num_splits, columns), jnp.float32))
     fit_splits = jax.vmap(fit_one, in_axes=(0, 0, 0, None, 0))

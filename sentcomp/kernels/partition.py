@@ -11,7 +11,9 @@
 
 Every solve standardises its feature columns first (θ from real LMs reaches norms in the hundreds, and
 θ_iθ_j in the 10⁴s), then maps the coefficients back. ``ridge`` is the L2 penalty on the standardised
-coefficients (0 gives ordinary least squares, via ``lstsq``).
+coefficients (0 gives ordinary least squares, the minimum-norm solution through an SVD, as ``lstsq``).
+Every product runs at ``precision``, default ``"highest"`` (:mod:`sentcomp.kernels.precision`); so do the
+fitted containers' ``__call__``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
+
 
 class QuadraticFit(NamedTuple):
     """``log Z(θ) ≈ ½θᵀAθ + bᵀθ + c``: ``a [d, d]`` (symmetric), ``b [d]``, ``c []``."""
@@ -29,16 +33,32 @@ class QuadraticFit(NamedTuple):
     b: jax.Array
     c: jax.Array
 
-    def __call__(self, theta: jax.Array) -> jax.Array:
-        return quadratic_form(self, theta)
+    def __call__(self, theta: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
+        return quadratic_form(self, theta, precision=precision)
 
 
-def quadratic_form(fit: QuadraticFit, theta: jax.Array) -> jax.Array:
+def quadratic_form(fit: QuadraticFit, theta: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``½θᵀAθ + bᵀθ + c`` for ``theta [..., d]``."""
-    return 0.5 * jnp.einsum("...i,ij,...j->...", theta, fit.a, theta) + theta @ fit.b + fit.c
+    precision = check_precision(precision)
+    quadratic = jnp.einsum("...i,ij,...j->...", theta, fit.a, theta, precision=precision)
+    return 0.5 * quadratic + jnp.matmul(theta, fit.b, precision=precision) + fit.c
 
 
-def least_squares(x: jax.Array, y: jax.Array, ridge: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def _min_norm_solve(a: jax.Array, b: jax.Array, precision) -> jax.Array:
+    """``jnp.linalg.lstsq(a, b)[0]`` (minimum-norm least squares through an SVD, singular values below
+    ``eps·max(N, D)·s_max`` dropped) with its two products at ``precision`` (``lstsq`` fixes them at HIGHEST)."""
+    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+    rcond = float(jnp.finfo(a.dtype).eps) * max(a.shape)
+    keep = (s > 0) & (s >= rcond * s[0])
+    inverse = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+    rotated = jnp.matmul(u.T, b, precision=precision)
+    scaled = (inverse if b.ndim == 1 else inverse[:, None]) * rotated
+    return jnp.matmul(vt.T, scaled, precision=precision)
+
+
+def least_squares(
+    x: jax.Array, y: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION
+) -> tuple[jax.Array, jax.Array]:
     """``min_{w, c} ‖x w + c − y‖² + ridge·‖w ⊙ std(x)‖²``: weights ``[D, ...]`` and intercept ``[...]``.
 
     ``x [N, D]``, ``y [N]`` or ``[N, m]``. Columns are centred and scaled to unit variance (constant columns
@@ -53,9 +73,10 @@ def least_squares(x: jax.Array, y: jax.Array, ridge: float = 0.0) -> tuple[jax.A
         dim = x.shape[1]
         x_std = jnp.concatenate([x_std, jnp.sqrt(ridge) * jnp.eye(dim, dtype=x_std.dtype)])
         y_centred = jnp.concatenate([y_centred, jnp.zeros((dim, *y.shape[1:]), y_centred.dtype)])
-    weights_std = jnp.linalg.lstsq(x_std, y_centred)[0]
+    precision = check_precision(precision)
+    weights_std = _min_norm_solve(x_std, y_centred, precision)
     weights = weights_std / (x_scale if weights_std.ndim == 1 else x_scale[:, None])
-    return weights, y_mean - x_mean @ weights
+    return weights, y_mean - jnp.matmul(x_mean, weights, precision=precision)
 
 
 def quadratic_features(u: jax.Array) -> jax.Array:
@@ -73,40 +94,46 @@ def _symmetric_from_upper(upper: jax.Array, k: int) -> jax.Array:
 
 
 def fit_log_partition(
-    theta: jax.Array, log_z: jax.Array, ridge: float = 0.0, basis: jax.Array | None = None
+    theta: jax.Array, log_z: jax.Array, ridge: float = 0.0, basis: jax.Array | None = None, *,
+    precision=DEFAULT_PRECISION,
 ) -> QuadraticFit:
     """Fits ``log Z(θ) ≈ ½θᵀAθ + bᵀθ + c`` to ``theta [N, d]``, ``log_z [N]``.
 
     With ``basis [k, d]`` (orthonormal rows P) the quadratic part is ``½(Pθ)ᵀA_k(Pθ)``, i.e. ``A = PᵀA_kP``.
     """
+    precision = check_precision(precision)
     dim = theta.shape[-1]
-    projected = theta if basis is None else theta @ basis.T
+    projected = theta if basis is None else jnp.matmul(theta, basis.T, precision=precision)
     k = projected.shape[-1]
     features = jnp.concatenate([quadratic_features(projected), theta], axis=-1)
-    weights, c = least_squares(features, log_z, ridge)
+    weights, c = least_squares(features, log_z, ridge, precision=precision)
     num_quadratic = k * (k + 1) // 2
     a = _symmetric_from_upper(weights[:num_quadratic], k)
     if basis is not None:
-        a = basis.T @ a @ basis
+        a = jnp.matmul(jnp.matmul(basis.T, a, precision=precision), basis, precision=precision)
     return QuadraticFit(a=a, b=weights[num_quadratic:num_quadratic + dim], c=c)
 
 
-def embedding_covariance(phi: jax.Array) -> jax.Array:
+def embedding_covariance(phi: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``Cov(φ_w)`` over the vocabulary (rows of ``phi [V, d]``), ``[d, d]`` (population covariance)."""
     centred = phi - phi.mean(axis=0)
-    return centred.T @ centred / phi.shape[0]
+    return jnp.matmul(centred.T, centred, precision=check_precision(precision)) / phi.shape[0]
 
 
-def fit_log_partition_fixed_a(theta: jax.Array, log_z: jax.Array, a: jax.Array, ridge: float = 0.0) -> QuadraticFit:
+def fit_log_partition_fixed_a(
+    theta: jax.Array, log_z: jax.Array, a: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION
+) -> QuadraticFit:
     """Fits only ``b, c`` in ``log Z(θ) ≈ ½θᵀAθ + bᵀθ + c`` with ``A`` given (e.g. ``embedding_covariance(phi)``)."""
-    residual = log_z - 0.5 * jnp.einsum("ni,ij,nj->n", theta, a, theta)
-    b, c = least_squares(theta, residual, ridge)
+    precision = check_precision(precision)
+    residual = log_z - 0.5 * jnp.einsum("ni,ij,nj->n", theta, a, theta, precision=precision)
+    b, c = least_squares(theta, residual, ridge, precision=precision)
     return QuadraticFit(a=a, b=b, c=c)
 
 
-def gaussian_log_partition(phi: jax.Array) -> QuadraticFit:
+def gaussian_log_partition(phi: jax.Array, *, precision=DEFAULT_PRECISION) -> QuadraticFit:
     """The zero-parameter Gaussian-embedding prediction ``log V + μᵀθ + ½θᵀΣθ`` (μ, Σ: mean and Cov of φ_w)."""
-    return QuadraticFit(a=embedding_covariance(phi), b=phi.mean(axis=0), c=jnp.log(jnp.float32(phi.shape[0])))
+    covariance = embedding_covariance(phi, precision=precision)
+    return QuadraticFit(a=covariance, b=phi.mean(axis=0), c=jnp.log(jnp.float32(phi.shape[0])))
 
 
 class AffineFit(NamedTuple):
@@ -115,13 +142,13 @@ class AffineFit(NamedTuple):
     a: jax.Array
     b: jax.Array
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.a.T + self.b
+    def __call__(self, x: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
+        return jnp.matmul(x, self.a.T, precision=check_precision(precision)) + self.b
 
 
-def fit_affine(x: jax.Array, y: jax.Array, ridge: float = 0.0) -> AffineFit:
+def fit_affine(x: jax.Array, y: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION) -> AffineFit:
     """Fits ``y ≈ A x + b`` (e.g. ``Φp_f(s) ≈ A f(s) + b``) to ``x [N, d]``, ``y [N, m]``."""
-    weights, intercept = least_squares(x, y, ridge)
+    weights, intercept = least_squares(x, y, ridge, precision=precision)
     return AffineFit(a=weights.T, b=intercept)
 
 

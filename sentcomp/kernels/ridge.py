@@ -11,6 +11,9 @@ is computed once, by XLA or, through ``fold_moments(xp=numpy)``, by the host BLA
 of the refit's centered Gram matrix, then preconditioned conjugate gradients for every split × α
 (``method="pcg"``), or one eigendecomposition per split and every α for one rescale of its eigenvalues
 (``method="eigh"``).
+
+Every product runs at ``precision``, default ``"highest"`` (:mod:`sentcomp.kernels.precision`; a static
+argument of the jitted kernels). ``fold_moments(xp=numpy)`` computes in the host BLAS, at full precision.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sentcomp.kernels.linear import LinearFits, weighted_standardisation
+from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 
 class RidgeMoments(NamedTuple):
@@ -43,71 +47,83 @@ class RidgeMoments(NamedTuple):
     offset: jax.Array
 
 
-@jax.jit
-def ridge_moments(x: jax.Array, targets: jax.Array, weights: jax.Array) -> RidgeMoments:
+@functools.partial(jax.jit, static_argnames=("precision",))
+def ridge_moments(
+    x: jax.Array, targets: jax.Array, weights: jax.Array, *, precision=DEFAULT_PRECISION
+) -> RidgeMoments:
     """Moments of every split ``weights [S, N]`` over ``x [N, d]``, ``targets [N, T]``: costs S·N·d²."""
+    precision = check_precision(precision)
     x = jnp.asarray(x, jnp.float32)
     support = jnp.max(weights, axis=0)
-    offset = support @ x / jnp.sum(support)
+    offset = jnp.matmul(support, x, precision=precision) / jnp.sum(support)
     centered = x - offset
     weighted = weights[:, :, None] * centered  # [S, N, d]
     return RidgeMoments(
         n=jnp.sum(weights, axis=1),
         sum_x=jnp.sum(weighted, axis=1),
-        sum_y=weights @ targets,
-        gram=jnp.einsum("snd,ne->sde", weighted, centered),
-        cross=jnp.einsum("snd,nt->sdt", weighted, targets),
-        sum_sq=jnp.einsum("snd,nd->sd", weighted, centered),
-        sum_yy=weights @ jnp.sum(jnp.square(targets), axis=1),
+        sum_y=jnp.matmul(weights, targets, precision=precision),
+        gram=jnp.einsum("snd,ne->sde", weighted, centered, precision=precision),
+        cross=jnp.einsum("snd,nt->sdt", weighted, targets, precision=precision),
+        sum_sq=jnp.einsum("snd,nd->sd", weighted, centered, precision=precision),
+        sum_yy=jnp.matmul(weights, jnp.sum(jnp.square(targets), axis=1), precision=precision),
         offset=offset,
     )
 
 
-def fold_moments(x_folds, targets_folds, mask, xp=jnp) -> RidgeMoments:
+def fold_moments(x_folds, targets_folds, mask, xp=jnp, *, precision=DEFAULT_PRECISION) -> RidgeMoments:
     """Each fold's moments (leading axis F) from data laid out by fold: ``x_folds [F, M, d]``, ``targets_folds
     [F, M, T]``, ``mask [F, M]`` marking real rows (folds are zero-padded to a common size ``M``).
 
     Centered on the global mean first (``offset``). ``xp`` is the array namespace: ``jax.numpy`` (under jit,
     any device) or ``numpy``, whose ``cᵀc`` is a BLAS ``syrk`` — half the flops of a general product, about
-    twice XLA's CPU speed for these Gram matrices.
+    twice XLA's CPU speed for these Gram matrices. ``precision`` applies to ``jax.numpy`` only.
     """
-    offset = mask.reshape(-1) @ x_folds.reshape(-1, x_folds.shape[-1]) / xp.sum(mask)
+    precision = check_precision(precision)
+
+    def matmul(a, b):
+        return jnp.matmul(a, b, precision=precision) if xp is jnp else a @ b
+
+    offset = matmul(mask.reshape(-1), x_folds.reshape(-1, x_folds.shape[-1])) / xp.sum(mask)
     centered = (x_folds - offset) * mask[:, :, None]  # padded rows: exact zeros
     if xp is jnp:  # materialised once: fused into the Gram product's operands, it halves XLA's matmul speed
         centered = jax.lax.optimization_barrier(centered)
-    gram = xp.stack([fold.T @ fold for fold in centered])
+    gram = xp.stack([matmul(fold.T, fold) for fold in centered])
     return RidgeMoments(
         n=xp.sum(mask, axis=1),
         sum_x=xp.sum(centered, axis=1),
         sum_y=xp.sum(mask[:, :, None] * targets_folds, axis=1),
         gram=gram,
-        cross=xp.swapaxes(centered, 1, 2) @ targets_folds,
+        cross=matmul(xp.swapaxes(centered, 1, 2), targets_folds),
         sum_sq=xp.diagonal(gram, axis1=1, axis2=2),
         sum_yy=xp.sum(mask * xp.sum(xp.square(targets_folds), axis=2), axis=1),
         offset=offset,
     )
 
 
-@jax.jit
-def kfold_split_moments(per_fold: RidgeMoments) -> RidgeMoments:
+@functools.partial(jax.jit, static_argnames=("precision",))
+def kfold_split_moments(per_fold: RidgeMoments, *, precision=DEFAULT_PRECISION) -> RidgeMoments:
     """The K-fold splits' moments from their folds': split ``s < F`` trains on every fold but ``s``, split
     ``F`` on all of them (the refit); a split's moments are the sum of its folds' (one tiny product)."""
+    precision = check_precision(precision)
     n_folds = per_fold.n.shape[0]
     membership = jnp.concatenate([1.0 - jnp.eye(n_folds), jnp.ones((1, n_folds))])  # [F + 1, F]: split ∋ fold
     return per_fold._replace(
-        **{k: jnp.tensordot(membership, jnp.asarray(v, jnp.float32), axes=1)
+        **{k: jnp.tensordot(membership, jnp.asarray(v, jnp.float32), axes=1, precision=precision)
            for k, v in per_fold._asdict().items() if k != "offset"},
         offset=jnp.asarray(per_fold.offset, jnp.float32),
     )
 
 
-@jax.jit
-def kfold_ridge_moments(x_folds: jax.Array, targets_folds: jax.Array, mask: jax.Array) -> RidgeMoments:
+@functools.partial(jax.jit, static_argnames=("precision",))
+def kfold_ridge_moments(
+    x_folds: jax.Array, targets_folds: jax.Array, mask: jax.Array, *, precision=DEFAULT_PRECISION
+) -> RidgeMoments:
     """Moments of the K-fold splits (see :func:`kfold_split_moments`) from data laid out by fold (see
     :func:`fold_moments`). Each fold's Gram matrix is computed once, so all F+1 splits cost N·d² (not
     (F+1)·N·d²)."""
     x_folds, targets_folds, mask = (jnp.asarray(a, jnp.float32) for a in (x_folds, targets_folds, mask))
-    return kfold_split_moments(fold_moments(x_folds, targets_folds, mask))
+    per_fold = fold_moments(x_folds, targets_folds, mask, precision=precision)
+    return kfold_split_moments(per_fold, precision=precision)
 
 
 RIDGE_METHODS = ("pcg", "eigh")
@@ -145,17 +161,17 @@ def centered_ridge(moments: RidgeMoments, standardize: bool) -> CenteredRidge:
     return CenteredRidge(gram, cross, mean_x + moments.offset, mean_y, scale, target_ss)
 
 
-def _eigh_solutions(problem: CenteredRidge, alphas):
+def _eigh_solutions(problem: CenteredRidge, alphas, precision):
     """Every split's own ``eigh``: ``W_s(α) = U_s diag(1/(e_s + α)) U_sᵀ B_s``. Residuals are taken as 0."""
     eigvals, eigvecs = jnp.linalg.eigh(problem.gram)
-    rotated = jnp.einsum("sde,sdt->set", eigvecs, problem.cross)  # UᵀB
+    rotated = jnp.einsum("sde,sdt->set", eigvecs, problem.cross, precision=precision)  # UᵀB
     shrunk = rotated[:, None] / (jnp.maximum(eigvals, 0.0)[:, None, :, None] + alphas[None, :, None, None])
-    solution = jnp.einsum("sde,slet->sldt", eigvecs, shrunk)
+    solution = jnp.einsum("sde,slet->sldt", eigvecs, shrunk, precision=precision)
     zeros = jnp.zeros(solution.shape[:2], jnp.float32)
     return solution, jnp.zeros_like(solution), zeros, zeros.astype(jnp.int32)
 
 
-def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: int):
+def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: int, precision):
     """Preconditioned conjugate gradients for every split × α × target column at once.
 
     The last split (all of train in :func:`kfold_ridge_moments`) is the reference: ``A_r = U diag(e) Uᵀ`` is
@@ -171,11 +187,14 @@ def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: 
     # Vectors are laid out [S, L, T, d] (d last) so that every product below is one plain matrix multiply.
     inverse_spectrum = 1.0 / (ratio[:, None, None, None] * jnp.maximum(eigvals, 0.0) + alphas[None, :, None, None])
 
+    def matmul(a, b):
+        return jnp.matmul(a, b, precision=precision)
+
     def precondition(r):  # U diag(1/(c_s e + α)) Uᵀ r, for all splits in one product each way
-        return ((r @ eigvecs) * inverse_spectrum) @ eigvecs.T
+        return matmul(matmul(r, eigvecs) * inverse_spectrum, eigvecs.T)
 
     def apply(w):  # (A_s + αI) w, as one [L·T, d] @ [d, d] product per split (XLA runs this einsum 2× slower)
-        products = jnp.matmul(w.reshape(w.shape[0], -1, w.shape[-1]), problem.gram).reshape(w.shape)
+        products = matmul(w.reshape(w.shape[0], -1, w.shape[-1]), problem.gram).reshape(w.shape)
         return products + alphas[None, :, None, None] * w
 
     def row_dot(a, b):
@@ -216,7 +235,7 @@ def _pcg_solutions(problem: CenteredRidge, weight_total, alphas, tol, max_iter: 
     return solution, residual, relative, iterations
 
 
-@functools.partial(jax.jit, static_argnames=("standardize", "method", "max_iter"))
+@functools.partial(jax.jit, static_argnames=("standardize", "method", "max_iter", "precision"))
 def ridge_grid(
     moments: RidgeMoments,
     alphas: jax.Array,
@@ -224,6 +243,8 @@ def ridge_grid(
     method: str = "pcg",
     tol: float = 1e-5,
     max_iter: int = 50,
+    *,
+    precision=DEFAULT_PRECISION,
 ) -> LinearFits:
     """Ridge for every split × α from the splits' moments.
 
@@ -238,34 +259,37 @@ def ridge_grid(
       arithmetic for any splits (float32 ``eigh`` loses accuracy in ill-conditioned directions).
 
     Objective reported: ``Σ w‖y − xᵀcoef − b‖² + α‖W‖² = Σw‖y − ȳ‖² − tr(Wᵀ(B + r))`` with the residual
-    ``r = B − (A + αI)W``.
+    ``r = B − (A + αI)W``. ``precision``: of every product (:mod:`sentcomp.kernels.precision`).
     """
+    precision = check_precision(precision)
     if method not in RIDGE_METHODS:
         raise ValueError(f"method must be one of {RIDGE_METHODS}, got {method!r}")
     problem = centered_ridge(moments, standardize)
     alphas = jnp.asarray(alphas, jnp.float32)
     if method == "pcg":
-        solution, residual, grad_norm, iterations = _pcg_solutions(problem, moments.n, alphas, tol, max_iter)
+        solution, residual, grad_norm, iterations = _pcg_solutions(problem, moments.n, alphas, tol, max_iter,
+                                                                   precision)
     else:
-        solution, residual, grad_norm, iterations = _eigh_solutions(problem, alphas)
+        solution, residual, grad_norm, iterations = _eigh_solutions(problem, alphas, precision)
     coef = solution / problem.scale[:, None, :, None]
-    intercept = problem.mean_y[:, None, :] - jnp.einsum("sd,sldt->slt", problem.mean_x, coef)
+    intercept = problem.mean_y[:, None, :] - jnp.einsum("sd,sldt->slt", problem.mean_x, coef, precision=precision)
     explained = jnp.sum(solution * (problem.cross[:, None] + residual), axis=(2, 3))
     objective = problem.target_ss[:, None] - explained
     return LinearFits(coef, intercept, objective, grad_norm, iterations)
 
 
-def _centered_kernel(kernel: jax.Array, weights: jax.Array) -> jax.Array:
+def _centered_kernel(kernel: jax.Array, weights: jax.Array, precision) -> jax.Array:
     """``ZZᵀ`` for ``Z = diag(√w)(X − 1mᵀ)``, ``m = Xᵀw̃``, ``w̃ = w/Σw``, from ``G = XXᵀ`` in O(N²):
     ``diag(√w)(G − (Gw̃)1ᵀ − 1(Gw̃)ᵀ + (w̃ᵀGw̃)11ᵀ)diag(√w)``."""
     normalised = weights / jnp.sum(weights)
-    kernel_mean = kernel @ normalised
+    kernel_mean = jnp.matmul(kernel, normalised, precision=precision)
     root = jnp.sqrt(weights)
-    centered = kernel - kernel_mean[:, None] - kernel_mean[None, :] + normalised @ kernel_mean
+    centered = kernel - kernel_mean[:, None] - kernel_mean[None, :] + jnp.matmul(normalised, kernel_mean,
+                                                                                 precision=precision)
     return root[:, None] * centered * root[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("standardize",))
+@functools.partial(jax.jit, static_argnames=("standardize", "precision"))
 def ridge_grid_dual(
     x: jax.Array,
     targets: jax.Array,
@@ -273,6 +297,8 @@ def ridge_grid_dual(
     alphas: jax.Array,
     standardize: bool = False,
     support: tuple[jax.Array, ...] | None = None,
+    *,
+    precision=DEFAULT_PRECISION,
 ) -> LinearFits:
     """Ridge for every split × α through the kernel matrix: the smaller factorisation when rows < features.
 
@@ -287,36 +313,43 @@ def ridge_grid_dual(
     default all N). Each split's kernel matrix is then only ``n_s × n_s`` (a K-fold split: ((F−1)/F)³ of the
     ``eigh``). Without standardisation every split's ``ZZᵀ`` is gathered from one shared ``XXᵀ`` (N²·d
     once); with it, each split's own scaling costs n_s²·d. ``grad_norm`` and ``iterations`` are 0.
+    ``precision``: of every product (:mod:`sentcomp.kernels.precision`).
     """
+    precision = check_precision(precision)
+
+    def matmul(a, b):
+        return jnp.matmul(a, b, precision=precision)
+
     x = jnp.asarray(x, jnp.float32)
     targets, weights = jnp.asarray(targets, jnp.float32), jnp.asarray(weights, jnp.float32)
     alphas = jnp.asarray(alphas, jnp.float32)
     offset = jnp.mean(x, axis=0)  # split means are then small: no float32 cancellation in the kernel matrix
     centered = x - offset
-    shared_kernel = None if standardize else centered @ centered.T
+    shared_kernel = None if standardize else matmul(centered, centered.T)
     if support is None:
         support = (None,) * weights.shape[0]  # every split on all rows: nothing to gather
 
     def one_split(rows, split_weights):
         gather = (lambda a: a) if rows is None else (lambda a: a[rows])
         rows_x, rows_y, split_weights = gather(centered), gather(targets), gather(split_weights)
-        mean, scale = weighted_standardisation(rows_x, split_weights, standardize)
+        mean, scale = weighted_standardisation(rows_x, split_weights, standardize, precision=precision)
         if standardize:
             scaled = rows_x / scale
-            split_kernel = scaled @ scaled.T
+            split_kernel = matmul(scaled, scaled.T)
         else:
             split_kernel = shared_kernel if rows is None else shared_kernel[rows[:, None], rows[None, :]]
-        eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(split_kernel, split_weights))
+        eigvals, eigvecs = jnp.linalg.eigh(_centered_kernel(split_kernel, split_weights, precision))
         eigvals = jnp.maximum(eigvals, 0.0)
-        mean_y = split_weights @ rows_y / jnp.sum(split_weights)
+        mean_y = matmul(split_weights, rows_y) / jnp.sum(split_weights)
         root = jnp.sqrt(split_weights)
-        rotated = eigvecs.T @ (root[:, None] * (rows_y - mean_y))  # r = UᵀY_c  [n, T]
+        rotated = matmul(eigvecs.T, root[:, None] * (rows_y - mean_y))  # r = UᵀY_c  [n, T]
         shrinkage = 1.0 / (eigvals[None, :] + alphas[:, None])  # [L, n]
-        weighted = root[None, :, None] * (eigvecs @ (shrinkage[:, :, None] * rotated))  # diag(√w) U diag(.) r
+        weighted = root[None, :, None] * matmul(eigvecs, shrinkage[:, :, None] * rotated)  # diag(√w) U diag(.) r
         # Zᵀv = D⁻¹(X − 1mᵀ)ᵀ diag(√w) v without forming Z; coef = D⁻¹W
-        coef = (rows_x.T @ weighted - mean[None, :, None] * jnp.sum(weighted, axis=1)[:, None, :]) / scale[:, None] ** 2
+        projected = matmul(rows_x.T, weighted) - mean[None, :, None] * jnp.sum(weighted, axis=1)[:, None, :]
+        coef = projected / scale[:, None] ** 2
         objective = alphas * jnp.sum(shrinkage * jnp.sum(jnp.square(rotated), axis=1)[None, :], axis=1)
-        return coef, mean_y[None] - (mean + offset) @ coef, objective
+        return coef, mean_y[None] - matmul(mean + offset, coef), objective
 
     coef, intercept, objective = (jnp.stack(parts) for parts in zip(*map(one_split, support, weights)))
     zeros = jnp.zeros(objective.shape, jnp.float32)
