@@ -97,7 +97,8 @@ class SelfAttention(nn.Module):
         std = cfg.initializer_range
         q, k, v = (layers.dense(d, std, name)(x).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
                    for name in ("query", "key", "value"))
-        out = layers.attend(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim), v, visible)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(cfg.head_dim)  # scaled in float32
+        out = layers.attend(scores, v, visible)
         return layers.dense(d, std, "output")(out)
 
 

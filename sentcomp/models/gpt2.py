@@ -106,8 +106,10 @@ _QUAD_KEY = "sentcomp_quad_head"  # config.json flag of checkpoints with the Qua
 def config_from_hf(hf_config: dict[str, Any]) -> GPT2Config:
     """The :class:`GPT2Config` of a HF ``config.json`` dict.
 
-    Keys that do not change inference (dropout rates, other tasks' heads, ``reorder_and_upcast_attn``, which
-    only matters for fp16 training; we compute attention in fp32) are ignored.
+    Keys that do not change our forward pass are ignored: dropout rates, other tasks' heads, and
+    ``reorder_and_upcast_attn`` (HF's option to compute QKᵀ and the softmax in float32 under fp16 autocast; we
+    always scale and mask the scores and compute the softmax in float32, and QKᵀ and attention·V in the
+    parameters' dtype: float32, or bf16 with bf16 parameters; see :func:`layers.attend`).
     """
     if hf_config.get("add_cross_attention"):
         raise SentcompError(
@@ -145,7 +147,8 @@ class CausalSelfAttention(nn.Module):
         scale = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        out = layers.attend(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, v, visible)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # scaled in float32
+        out = layers.attend(scores, v, visible)
         return layers.dense(cfg.n_embd, _residual_stddev(cfg), "c_proj")(out)
 
 

@@ -4,7 +4,7 @@
 - Config checks: :func:`check_config` (heads split the width, a known activation from :data:`ACTIVATIONS`).
 - Layers: :func:`layer_norm` (torch's LayerNorm, exactly), :func:`dense` (Dense with an N(0, σ²) kernel).
 - Attention: :func:`positions` (rotary/learned positions count the real tokens), :func:`visible_keys` (which keys
-  a query may see), :func:`attend` (softmax over the visible keys, times the values).
+  a query may see), :func:`attend` (softmax over the visible keys in float32, times the values in their dtype).
 - The paper's **Quad head** (Section 6 of arXiv 2010.03648): one d×d linear layer with bias after the final norm,
   ``f(s) = W·h + b`` where ``h`` is the final-norm output, with Φ untied from the input embeddings.
   :func:`quad_head` is the layer (initialised to the identity, so ``f(s) = h`` until trained), :func:`quad_config`
@@ -63,7 +63,8 @@ def check_config(model: str, config, width: str, heads: str, activation: str) ->
 
 
 def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
-    """``γ ⊙ (x − μ)/sqrt(σ² + ε) + β`` over the last axis, as torch computes it."""
+    """``γ ⊙ (x − μ)/sqrt(σ² + ε) + β`` over the last axis, as torch computes it: statistics and normalisation in
+    float32 (Flax's default), the output in the dtype of ``x`` and the parameters (bf16 for a bf16 model)."""
     # use_fast_variance=False: E[(x-μ)²] like torch, not E[x²]-μ² (which loses precision).
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
 
@@ -94,11 +95,17 @@ def visible_keys(attention_mask: jax.Array, causal: bool) -> jax.Array:
 
 def attend(scores: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
     """Multi-head attention output ``[B, T, heads·head_dim]``: ``softmax(scores)`` over the visible keys (the
-    others get the dtype's most negative score: finite, so a query that sees no key averages uniformly instead of
+    others get float32's most negative score: finite, so a query that sees no key averages uniformly instead of
     giving NaN), times ``values [B, T, heads, head_dim]``. ``scores [B, heads, T, T]`` (query, key), already
-    scaled; ``visible`` as :func:`visible_keys` gives it."""
+    scaled; ``visible`` as :func:`visible_keys` gives it.
+
+    Precision: the masking and softmax are computed in float32 (bf16 scores are upcast), and the attention
+    weights are cast back to the values' dtype, so the product with V runs in the model's dtype (bf16 with bf16
+    parameters) and the output has that dtype."""
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     scores = jnp.where(visible[:, None], scores, jnp.finfo(scores.dtype).min)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), values)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
     return out.reshape(*out.shape[:2], -1)
 
 

@@ -178,10 +178,11 @@ def rotary_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Arra
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x ⊙ cos + [−x₂, x₁] ⊙ sin`` for ``x [B, T, heads, head_dim]`` and ``cos, sin [B, T, head_dim]``."""
+    """``x ⊙ cos + [−x₂, x₁] ⊙ sin`` for ``x [B, T, heads, head_dim]`` and ``cos, sin [B, T, head_dim]``,
+    computed in float32 (the tables' dtype) and returned in ``x``'s dtype (bf16 for a bf16 model)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
@@ -192,15 +193,16 @@ def attention_bias(attention_mask: jax.Array) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """``g ⊙ x / sqrt(mean(x²) + ε)``, computed in float32."""
+    """``g ⊙ x / sqrt(mean(x²) + ε)``, computed in float32 and returned in ``x``'s dtype (a bf16 model's
+    activations stay bf16)."""
 
     eps: float
 
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x = x.astype(jnp.float32)
-        return scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps))
+        dtype, x = x.dtype, x.astype(jnp.float32)
+        return (scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps))).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -219,8 +221,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Query head h = group g of KV head k, h = k·kv_groups + g (Hugging Face's repeat_kv order).
         q = q.reshape(batch, length, c.num_key_value_heads, c.kv_groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(c.head_dim) + bias
-        weights = jax.nn.softmax(scores, axis=-1)
+        # QKᵀ and weights·V run in the parameters' dtype; scaling, mask and softmax in float32 (like bias)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(c.head_dim) + bias
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, length, -1)
         return nn.Dense(c.hidden_size, use_bias=c.attention_bias, name="o_proj")(out)
 
@@ -250,8 +253,7 @@ class DecoderLayer(nn.Module):
         normed = RMSNorm(c.rms_norm_eps, name="input_layernorm")(stream)
         x = stream + Attention(c, name="self_attn")(normed, cos, sin, bias)
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
-        # float32 rotary tables promote a bf16 model's activations; the residual stream keeps the params' dtype
-        return (x.astype(stream.dtype), cos, sin, bias), None
+        return (x, cos, sin, bias), None  # the residual stream keeps the parameters' dtype (nn.scan checks)
 
 
 class LlamaModel(nn.Module):
