@@ -165,9 +165,12 @@ def sweep_points(points: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], 
                  title: str = "") -> Path:
     """Each numeric headline metric against each swept hyperparameter: ``points`` is ``[(params, metrics)]`` (one
     per finished sweep point). A panel per (metric, parameter); points sharing the other parameters are joined
-    by a line labelled with them; numeric parameters spanning over a factor 10 get a log axis."""
+    by a line labelled with them; numeric parameters spanning over a factor 10 get a log axis. Metrics with the
+    same value at every point (step counts, data sizes) are left out when some metric varies: they say nothing
+    about the sweep."""
     params = list(dict.fromkeys(key for point, _ in points for key in point))
-    metrics = list(dict.fromkeys(key for _, values in points for key, value in values.items() if is_number(value)))
+    numeric = list(dict.fromkeys(key for _, values in points for key, value in values.items() if is_number(value)))
+    metrics = [key for key in numeric if len({values.get(key) for _, values in points}) > 1] or numeric
     if not params or not metrics:
         raise ValueError("sweep_points: need swept parameters and numeric metrics.")
     figure, axes = panel_grid(len(metrics) * len(params), width=3.6, height=2.8, max_columns=len(params))
