@@ -3,6 +3,7 @@ interruption."""
 
 import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -42,6 +43,7 @@ def test_learns_a_separable_task(tiny_lm, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [10, 20, 30, 40]
     assert results["best_step"] in (10, 20, 30, 40) and results["n_val"] == 32
+    assert plt.imread(tmp_path / "curves.png").ndim == 3  # the run's loss and validation curves, readable
     # Finished: the same call returns the recorded results; another config in the same workdir is refused.
     assert finetune.finetune_accuracy(tiny_lm, separable_split(128, 0), separable_split(64, 1),
                                       dict(CONFIG, max_steps=40), tmp_path) == results
