@@ -16,6 +16,10 @@ the validation accuracy is measured, the best parameters are kept, and training 
 evaluations without improvement (or at ``max_steps``). Test accuracy is that of the best parameters (kept in
 the training state, so fine-tuning holds two copies of the weights).
 
+Throughput: each metrics row has ``tokens_per_s`` (the real, unpadded tokens of the batches over the time of
+their train steps, waited for) and ``mfu`` (:mod:`sentcomp.throughput`: model FLOPs of those tokens, attention
+over the padded length, the output projection Φ only with the auxiliary LM loss, over the devices' peak).
+
 Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
 evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``, ``curves.png`` (training
 loss and validation accuracy against the step, :mod:`sentcomp.plots`). Re-running in the same workdir
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, plots, storage, training
+from sentcomp import kernels, parallel, plots, storage, throughput, training
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.data.text import (
     bucket_lengths,
@@ -257,6 +262,8 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     host_rows = parallel.host_row_indices(batch_size, mesh)
     weights = np.ones(batch_size, np.float32)
     stopped_early, losses = progress["bad_evals"] >= config.patience, []
+    peak, window = throughput.peak_flops(jax.devices()[0]), {"tokens": 0, "flops": 0.0, "seconds": 0.0}
+    n_matmul, attention = throughput.matmul_params(lm, config.aux_lm_weight > 0), throughput.attention_shape(lm)
     bar = tqdm(total=config.max_steps, initial=start, desc=f"finetune {lm.name}", unit="step",
                disable=not (config.progress and parallel.is_main_process()))
     step = start
@@ -264,9 +271,14 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
         rows = training_rows(step, batch_size, len(train), config.seed)
         (batch,) = make_batches([train_ids[i] for i in rows], batch_size, buckets, padding)
         arrays = (batch.token_ids, batch.mask, train.labels[rows][batch.indices].astype(np.int32), weights)
+        began = time.perf_counter()
         state, loss = train_step(state, *parallel.global_batch(tuple(array[host_rows] for array in arrays), mesh))
-        step += 1
         losses.append(float(parallel.fetch(loss)))
+        seconds, tokens = time.perf_counter() - began, int(batch.mask.sum())
+        flops = tokens * throughput.transformer_flops_per_token(n_matmul, *attention, batch.token_ids.shape[1])
+        window = {"tokens": window["tokens"] + tokens, "flops": window["flops"] + flops,
+                  "seconds": window["seconds"] + seconds}
+        step += 1
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
             val_acc = accuracy(predict, state["params"], val_ids, val.labels, eval_batch, buckets, padding, mesh)
@@ -276,10 +288,14 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
             else:
                 progress["bad_evals"] += 1
             stopped_early = progress["bad_evals"] >= config.patience
+            speed = window["tokens"] / max(window["seconds"], 1e-9)
+            utilisation = throughput.mfu(speed, window["flops"] / max(window["tokens"], 1), peak, mesh.size)
             training.append_metrics(workdir, {"step": step, "train_loss": float(np.mean(losses)),
-                                              "val_accuracy": val_acc, **progress})
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_acc:.3f}")
-            losses = []
+                                              "val_accuracy": val_acc, **progress, "tokens_per_s": speed,
+                                              "mfu": utilisation})
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_acc:.3f}", tok_s=f"{speed:.3g}",
+                            mfu=f"{utilisation:.1%}")
+            losses, window = [], {"tokens": 0, "flops": 0.0, "seconds": 0.0}
             training.save_checkpoint(manager, state, {"step": step, "seed": config.seed, **progress})
         if on_step is not None:
             on_step(step)

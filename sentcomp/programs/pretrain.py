@@ -26,8 +26,9 @@
 ``CheckpointManager``: every ``checkpoint.every`` steps and at the end, the last ``checkpoint.keep``, written
 asynchronously; each holds params, optimiser state, step, and as JSON the data position and seeds),
 ``metrics.jsonl`` (one line per ``eval_every`` steps: train loss, validation cross-entropy and Quad loss,
-tokens/s, learning rate, gradient norm, and the downstream probe's accuracies when it ran), ``curves.png`` (the
-losses, validation metrics and probe accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
+tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.throughput`), learning rate, gradient norm, and
+the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
+accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
 ``results.json`` (headline), ``model/`` (final weights in Hugging Face layout, loadable by
 ``sentcomp.models.load``).
 
@@ -56,7 +57,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, plots, storage
+from sentcomp import models, parallel, plots, storage, throughput
 from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
@@ -225,6 +226,8 @@ def run(config, workdir) -> dict[str, Any]:
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
     tokens_per_step = config.batch_size * config.data.seq_len
+    flops_per_token = throughput.lm_flops_per_token(lm, config.data.seq_len)
+    peak = throughput.peak_flops(jax.devices()[0])
     last_saved = start if meta is not None else None
     losses, train_seconds, row = [], 0.0, None
 
@@ -235,7 +238,8 @@ def run(config, workdir) -> dict[str, Any]:
         began = time.perf_counter()
         state, metrics = train_step(state, tokens)
         metrics = parallel.fetch(metrics)
-        train_seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        train_seconds += seconds
         done = step + 1
         if not (np.isfinite(metrics["loss"]) and metrics["params_finite"]):
             manager.wait_until_finished()
@@ -248,11 +252,15 @@ def run(config, workdir) -> dict[str, Any]:
                 "or use float32.")
         losses.append(float(metrics["loss"]))
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        speed = tokens_per_step / max(seconds, 1e-9)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{speed:.3g}",
+                        mfu=f"{throughput.mfu(speed, flops_per_token, peak, mesh.size):.1%}")
         if done % config.eval_every == 0 or done == config.num_steps:
+            tokens_per_s = len(losses) * tokens_per_step / max(train_seconds, 1e-9)
             row = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(losses)),
                    **validation_losses(eval_step, state["params"], val_batches, mesh),
-                   "tokens_per_s": len(losses) * tokens_per_step / max(train_seconds, 1e-9),
+                   "tokens_per_s": tokens_per_s,
+                   "mfu": throughput.mfu(tokens_per_s, flops_per_token, peak, mesh.size),
                    "learning_rate": float(schedule(step)), "grad_norm": float(metrics["grad_norm"])}
             row["val_loss"] = row[f"val_{config.loss}"]
             if probe_data is not None and (done % config.probe.every == 0 or done == config.num_steps):
