@@ -15,6 +15,7 @@ the same path, which must be on a filesystem all hosts share).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -113,15 +114,19 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+@functools.lru_cache(maxsize=64)
 def host_row_indices(global_size: int, mesh: Mesh) -> np.ndarray:
     """The rows of a ``global_size``-row batch that this process must load, in the order :func:`global_batch`
-    expects them (``global_size`` must divide evenly over the mesh's devices)."""
+    expects them (``global_size`` must divide evenly over the mesh's devices). Computed once per size and mesh
+    (:func:`apply_to_batch` asks for every batch); the array is read-only."""
     if global_size % mesh.size:
         raise SentcompError(f"A global batch of {global_size} rows does not split over {mesh.size} devices.")
     device_slices = batch_sharding(mesh).addressable_devices_indices_map((global_size,)).values()
     starts = sorted({index[0].start or 0 for index in device_slices})
     rows_per_device = global_size // mesh.size
-    return np.concatenate([np.arange(start, start + rows_per_device) for start in starts])
+    rows = np.concatenate([np.arange(start, start + rows_per_device) for start in starts])
+    rows.setflags(write=False)
+    return rows
 
 
 def global_batch(local_tree, mesh: Mesh):

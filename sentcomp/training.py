@@ -27,6 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import scalar
 
 from sentcomp import kernels, parallel, plots, storage
 from sentcomp.data import corpora
@@ -301,9 +305,6 @@ class _EventLog:
     background thread and its ``flush()`` does not wait for them, so a row could sit unwritten for minutes."""
 
     def __init__(self, directory: Path, purge_step: int | None):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
         directory.mkdir(parents=True, exist_ok=True)
         # names sort by start time; the suffix keeps a log reopened within the same second from overwriting
         # the previous one (tensorboardX names files by the second and opens them with "wb")
@@ -315,10 +316,6 @@ class _EventLog:
         self.writer.flush()
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.proto.summary_pb2 import Summary
-        from tensorboardX.summary import scalar
-
         values = [value for tag, number in scalars.items() for value in scalar(tag, number).value]
         self.writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
         self.writer.flush()
