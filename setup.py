@@ -23,6 +23,7 @@ CORE = [
     "tensorboardX==2.6.5",  # training metrics as TensorBoard event files (sentcomp.training); needs no TensorFlow
 ]
 TFDS = ["tensorflow-datasets==4.9.10"]
+HUB = ["pyarrow==26.0.1"]  # Parquet files of Hugging Face Hub datasets (sentcomp.data.hub); JSON lines need nothing
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6"]
 
 setup(
@@ -32,5 +33,5 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["sentcomp", "sentcomp.*"]),
     install_requires=CORE,
-    extras_require={"tfds": TFDS, "test": TEST + TFDS},
+    extras_require={"tfds": TFDS, "hub": HUB, "test": TEST + TFDS + HUB},
 )

@@ -98,6 +98,7 @@ def get_config(arg=None):
         every=5000, task="rotten_tomatoes", num_train=2000, num_test=1000, features=("f", "phi_p_f"),
         max_length=128, batch_size=64, seed=0,
         protocol="mteb", standardize=True,  # C = 1 logistic regression (cheap); "paper" = the 5-fold CV recipe
+        samples_per_label=0,  # mteb: 0 = one probe on all of train; MTEB's own protocol: 8 per label, 10 times
     ))
     config.progress = True
 

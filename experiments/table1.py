@@ -51,7 +51,10 @@ def get_config(arg=None):
     config.n_test = 0 if args.full else args.n_test
     config.n_repeats = 10  # tasks without an official split (MPQA, CR): seeded 90/10 splits, mean ± std
     config.seed = 0
+    # more: "p_f" (the full next-word distribution, V-dim) and "projected_p_f" (A p_f(s), A a seeded random
+    # orthonormal d × V matrix), the paper's other two feature sets
     config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")
+    config.projection_seed = 0
     config.max_length = 512  # the paper's; longer documents lose their beginning, never the prompt
     config.truncation = "start"
     config.batch_size = 32
@@ -59,12 +62,15 @@ def get_config(arg=None):
     config.probe = ml_collections.ConfigDict(dict(
         protocol=args.protocol,
         multi_class="ovr",  # the authors' one-vs-rest (identical to multinomial for binary tasks)
-        # ... except their multinomial probes on SST-5's subset-word features ("task:column" cells)
-        multinomial_cells=("sst5:subset_logits", "sst5:subset_log_probs"),
+        # ... except their multinomial probes (solver sag) on SST-5 for every feature but f(s) ("task:column")
+        multinomial_cells=tuple(f"sst5:{column}" for column in (
+            "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")),
         standardize=False,
         n_folds=5,
         seed=0,
         max_iter=1000,
+        n_experiments=10,  # protocol mteb: MTEB's 10 seeded experiments of samples_per_label examples per label
+        samples_per_label=8,
     ))
     config.zeroshot = ml_collections.ConfigDict(dict(enabled=True, calibrate=False))
     # The paper's baseline columns (on with the args bert / ft): BERT [CLS] features after the MLM transform

@@ -101,11 +101,13 @@ def bert_features(
     max_length = min(max_length or encoder.max_length, encoder.max_length)
     token_ids = encode_with_specials(encoder.tokenizer, texts, max_length, prompt, truncation)
     key = {"model": encoder.name, "model_fingerprint": model_fingerprint(encoder) if cache_dir else None,
+           "code_fingerprint": storage.code_fingerprint(__name__, "sentcomp.models.bert", "sentcomp.models.layers"),
            "tokenizer_fingerprint": tokenizer_fingerprint(encoder.tokenizer), "prompt": prompt, "pooling": pooling,
            "truncation": truncation, "max_length": max_length, "texts_fingerprint": storage.texts_fingerprint(texts)}
     path = Path(cache_dir) / f"bert-{storage.content_hash(key)}.npy" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        return np.load(path)
+    cached = parallel.main_decides(lambda: np.load(path) if path is not None and path.is_file() else None)
+    if cached is not None:
+        return cached
 
     mesh = mesh if mesh is not None else parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(max(1, batch_size), mesh.size)
@@ -117,7 +119,7 @@ def bert_features(
     for batch in tqdm(batches, desc=f"bert features {encoder.name}", disable=not progress):
         out[batch.indices] = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask),
                                                      mesh, params)[: len(batch.indices)]
-    if path is not None:
+    if path is not None and parallel.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         storage.save_npy(path, out)
         storage.write_json(path.with_suffix(".json"), key)

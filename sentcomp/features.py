@@ -12,6 +12,9 @@ kind               shape        value
 ``word_logits``    ``[N, k]``   ``hᵀφ_w`` for the k single-token forms of ``words`` (the authors' features)
 ``word_log_probs`` ``[N, k]``   ``log p_f(s)(w)``
 ``word_probs``     ``[N, k]``   ``p_f(s)(w)``
+``projected_p_f``  ``[N, d']``  ``A p_f(s) = Σ_w p_f(s)(w) a_w`` for a seeded random orthonormal ``d' × V``
+                                matrix ``A`` (columns ``a_w``; :func:`random_projection`, ``d' = d`` by
+                                default), streamed over V like ``phi_p_f``
 ``p_f``            ``[N, V]``   the full next-word distribution, written to ``cache_dir`` chunk by chunk and
                                 returned as a read-only ``np.memmap`` (never held whole in memory)
 =================  ===========  ===========================================================================
@@ -27,15 +30,18 @@ authors' behaviour. Batches are sorted by length and padded (right, masked) to a
 batch size, so the jitted forward compiles once per bucket; they are split over every device of ``mesh`` (data
 parallel, params replicated) by :func:`sentcomp.parallel.apply_to_batch`. Results do not depend on batch size
 or device count. With several processes (multi-host), every process runs the same call on the same texts,
-feeds its own rows and receives all results; cache files are written identically by each (atomic renames, so
-a shared filesystem stays consistent).
+feeds its own rows and receives all results; process 0 alone reads and writes the cache and decides which
+chunks are missing, and sends what it read to the others (:func:`sentcomp.parallel.main_decides`), so the hosts
+need no shared filesystem and cannot disagree about what is done.
 
 **Cache and resume**: with ``cache_dir``, results live in ``cache_dir/<key>/`` where the key hashes the model
-(name, config, parameter values), the tokenizer's definition, prompt, truncation, max length, compute dtype,
+(name, config, parameter values), the code that computes them (:func:`computation_fingerprint`: after a model
+or kernel fix old features are not served), the tokenizer's definition, prompt, truncation, max length, compute dtype,
 chunk size and the texts. Each chunk of ``chunk_size`` texts is written as ``<kind>.<chunk>.npy`` (word kinds
 are suffixed with a hash of their word ids) as soon as it is done, so an interrupted run resumes where it
-stopped and a later call asking for more kinds only computes the missing ones. ``manifest.json`` records what
-the key means.
+stopped and a later call asking for more kinds only computes the missing ones. Each chunk has a checksum file
+beside it; a chunk whose bytes do not match (truncated, empty, overwritten) is recomputed, never used.
+``manifest.json`` records what the key means.
 
 Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name``, ``lm.config`` and
 ``lm.max_length`` are used, so any model family works.
@@ -44,6 +50,7 @@ Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +67,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
 
-KINDS = ("f", "phi_p_f", "log_z", "word_logits", "word_log_probs", "word_probs", "p_f")
+KINDS = ("f", "phi_p_f", "log_z", "word_logits", "word_log_probs", "word_probs", "p_f", "projected_p_f")
 WORD_KINDS = ("word_logits", "word_log_probs", "word_probs")
 
 
@@ -75,9 +82,11 @@ def last_token_features(hidden: jax.Array, mask: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh: jax.sharding.Mesh):
-    """The jitted ``(params, word_ids, ids, mask) -> {kind: [B, ...]}``, batch split over ``mesh``."""
+    """The jitted ``(params, tables, ids, mask) -> {kind: [B, ...]}``, batch split over ``mesh``; ``tables``
+    holds the replicated ``word_ids [k]`` and ``projection [V, d']`` (:func:`random_projection`)."""
 
-    def compute(params, word_ids, token_ids, mask):
+    def compute(params, tables, token_ids, mask):
+        word_ids = tables["word_ids"]
         f = last_token_features(hidden_fn(params, token_ids, mask), mask).astype(jnp.float32)
         phi = phi_fn(params).astype(jnp.float32)  # the V-wide kernels compute in float32 whatever the model ran in
         compute_kind = {
@@ -87,7 +96,9 @@ def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh:
             "word_logits": lambda: kernels.word_logits(f, phi, word_ids),
             "word_log_probs": lambda: kernels.word_log_probs(f, phi, word_ids, vocab_chunk),
             "word_probs": lambda: kernels.word_probs(f, phi, word_ids, vocab_chunk),
-            "p_f": lambda: jax.nn.softmax(jnp.dot(f, phi.T, preferred_element_type=jnp.float32), axis=-1),
+            "p_f": lambda: jax.nn.softmax(jnp.dot(f, phi.T, preferred_element_type=jnp.float32,
+                                                  precision=kernels.DEFAULT_PRECISION), axis=-1),
+            "projected_p_f": lambda: kernels.expected_values(f, phi, tables["projection"], vocab_chunk),
         }
         return {kind: compute_kind[kind]() for kind in kinds}
 
@@ -95,14 +106,22 @@ def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh:
     return jax.jit(compute, in_shardings=(whole, whole, batch, batch), out_shardings=batch)
 
 
-def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id, mesh, on_batch):
+def computation_fingerprint(lm: LanguageModel) -> str:
+    """A hash of the code that turns texts into features for ``lm``: this module, the kernels, the text
+    plumbing, the shared layers and the model's family module (part of the cache key)."""
+    family_module = getattr(lm.hidden_fn, "func", lm.hidden_fn).__module__
+    return storage.code_fingerprint(__name__, "sentcomp.kernels.features", "sentcomp.kernels.precision",
+                                    text.__name__, "sentcomp.models.layers", family_module)
+
+
+def _compute_chunk(fn, params, tables, token_ids, batch_size, buckets, pad_id, mesh, on_batch):
     """All kinds for one chunk of sequences, in their original order: ``{kind: [n, ...]}``.
 
     ``on_batch(indices, outputs, n_tokens)`` is called after every batch (for ``p_f`` rows and progress).
     """
     outputs: dict[str, np.ndarray] = {}
     for batch in make_batches(token_ids, batch_size, buckets, pad_id):
-        result = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params, word_ids)
+        result = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params, tables)
         real = {kind: value[: len(batch.indices)] for kind, value in result.items()}
         on_batch(batch.indices, real, batch.n_tokens)
         for kind, value in real.items():
@@ -116,12 +135,16 @@ def _compute_chunk(fn, params, word_ids, token_ids, batch_size, buckets, pad_id,
 
 
 class _ChunkStore:
-    """Per-chunk ``.npy`` files of every kind under one key directory (or in memory when no directory)."""
+    """Per-chunk ``.npy`` files of every kind under one key directory (or in memory when no directory).
+
+    Only process 0 writes the directory (manifest and chunks) and reads it; other processes receive what it
+    read (:func:`sentcomp.parallel.main_decides`), so hosts need no shared filesystem and never disagree.
+    """
 
     def __init__(self, directory: Path | None, manifest: dict[str, Any]):
         self.directory = directory
         self.memory: dict[str, np.ndarray] = {}
-        if directory is not None:
+        if directory is not None and parallel.is_main_process():
             directory.mkdir(parents=True, exist_ok=True)
             if not (directory / "manifest.json").is_file():
                 storage.write_json(directory / "manifest.json", manifest)
@@ -130,13 +153,22 @@ class _ChunkStore:
         return self.directory / f"{name}.{chunk:05d}.npy"
 
     def has(self, name: str, chunk: int) -> bool:
-        return self.directory is not None and self._path(name, chunk).is_file()
+        """Whether the chunk is stored *intact*: its file's bytes hash to the checksum written beside it. A
+        truncated, empty or overwritten chunk counts as missing and is recomputed."""
+        if self.directory is None:
+            return False
+        path = self._path(name, chunk)
+        checksum = path.with_suffix(".sha256")
+        return (path.is_file() and checksum.is_file()
+                and storage.content_hash(path.read_bytes()) == checksum.read_text().strip())
 
     def put(self, name: str, chunk: int, array: np.ndarray) -> None:
         if self.directory is None:
             self.memory[f"{name}.{chunk}"] = array
-        else:
-            storage.save_npy(self._path(name, chunk), array)
+        elif parallel.is_main_process():
+            path = self._path(name, chunk)
+            storage.save_npy(path, array)
+            storage.write_text(path.with_suffix(".sha256"), storage.content_hash(path.read_bytes()) + "\n")
 
     def get(self, name: str, chunk: int) -> np.ndarray:
         if self.directory is None:
@@ -144,9 +176,41 @@ class _ChunkStore:
         return np.load(self._path(name, chunk))
 
 
-def _stored_name(kind: str, words: WordSet | None) -> str:
-    """File stem of a kind; word kinds depend on the word ids, so their hash is part of the name."""
-    return f"{kind}-{storage.content_hash(list(words.token_ids))[:10]}" if kind in WORD_KINDS else kind
+def _stored_name(kind: str, words: WordSet | None, projection: tuple[int, int]) -> str:
+    """File stem of a kind; word kinds depend on the word ids, so their hash is part of the name, and the
+    projected distribution on the projection's ``(dimension, seed)``."""
+    if kind in WORD_KINDS:
+        return f"{kind}-{storage.content_hash(list(words.token_ids))[:10]}"
+    return f"{kind}-{projection[0]}-seed{projection[1]}" if kind == "projected_p_f" else kind
+
+
+def random_projection(vocab_size: int, dim: int, seed: int) -> np.ndarray:
+    """``Aᵀ``, ``[V, dim]`` float32 with orthonormal columns (``A Aᵀ = I``): the paper's seeded random
+    orthonormal ``d × V`` projection of ``p_f(s)``, the Q factor of a seeded Gaussian ``[V, dim]`` matrix (its
+    column space is uniformly distributed; signs fixed so the result depends on the seed alone)."""
+    if not 0 < dim <= vocab_size:
+        raise SentcompError(f"A random projection of a {vocab_size}-word distribution needs 0 < dim ≤ {vocab_size}, "
+                            f"got {dim}.")
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((vocab_size, dim)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _p_f_memmap(key_dir: Path, n_texts: int, vocab_size: int, chunk_size: int,
+                missing: dict[int, tuple[str, ...]]) -> np.memmap:
+    """The ``[N, V]`` float32 file ``p_f`` rows are written into: ``key_dir/p_f.npy`` on process 0 (the cache);
+    on other processes a scratch file of their own, into which the rows process 0 has cached are copied
+    (sent chunk by chunk), so every process returns the whole ``p_f``."""
+    shape = (n_texts, vocab_size)
+    if parallel.is_main_process():
+        path = key_dir / "p_f.npy"
+        return np.lib.format.open_memmap(path, mode="r+" if path.is_file() else "w+", dtype=np.float32, shape=shape)
+    scratch = np.lib.format.open_memmap(Path(tempfile.mkdtemp(prefix="sentcomp-p_f-")) / "p_f.npy", mode="w+",
+                                        dtype=np.float32, shape=shape)
+    for chunk in (c for c, kinds in missing.items() if "p_f" not in kinds):
+        rows = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
+        scratch[rows] = parallel.main_decides(lambda rows=rows: np.asarray(
+            np.load(key_dir / "p_f.npy", mmap_mode="r")[rows]))
+    return scratch
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -180,6 +244,8 @@ def extract_features(
     mesh: jax.sharding.Mesh | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     compute_dtype: str = "float32",
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Features of every text; see the module docstring for kinds, prompt, truncation, caching.
@@ -203,6 +269,8 @@ def extract_features(
         to and its forward pass runs in (bf16 halves parameter memory and is the fast path on TPUs and recent
         GPUs; f(s) differs from float32's by ~1% relative). The kernels after it compute in float32 from f(s)
         and Φ's values. Part of the cache key.
+      projection_dim, projection_seed: shape and seed of ``projected_p_f``'s random orthonormal projection
+        (:func:`random_projection`; default dimension: the model's ``d``, as the paper).
       progress: show a tqdm bar (tokens/s).
 
     Returns:
@@ -226,6 +294,7 @@ def extract_features(
     manifest = {
         "model": lm.name,
         "model_fingerprint": model_fingerprint(lm) if cache_dir is not None else None,
+        "code_fingerprint": computation_fingerprint(lm),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prompt": encoding.prompt,
         "truncation": truncation,
@@ -238,16 +307,14 @@ def extract_features(
     key_dir = Path(cache_dir) / storage.content_hash(manifest) if cache_dir is not None else None
     store = _ChunkStore(key_dir, manifest)
 
-    vocab_size = int(lm.phi.shape[0])
-    p_f_file = None
-    if "p_f" in kinds:
-        p_f_path = key_dir / "p_f.npy"
-        mode = "r+" if p_f_path.is_file() else "w+"
-        p_f_file = np.lib.format.open_memmap(p_f_path, mode=mode, dtype=np.float32, shape=(len(texts), vocab_size))
-
     n_chunks = -(-len(texts) // chunk_size)
-    stored = {kind: _stored_name(kind, words_resolved) for kind in kinds}
-    todo = [c for c in range(n_chunks) if not all(store.has(stored[k], c) for k in kinds)]
+    vocab_size, model_dim = (int(n) for n in lm.phi.shape)
+    projection = (projection_dim or model_dim, projection_seed)
+    stored = {kind: _stored_name(kind, words_resolved, projection) for kind in kinds}
+    missing = parallel.main_decides(lambda: {c: tuple(k for k in kinds if not store.has(stored[k], c))
+                                             for c in range(n_chunks)})
+    todo = [c for c in range(n_chunks) if missing[c]]
+    p_f_file = _p_f_memmap(key_dir, len(texts), vocab_size, chunk_size, missing) if "p_f" in kinds else None
     lengths = np.array([len(ids) for ids in encoding.token_ids])
     chunk_tokens = [int(lengths[c * chunk_size:(c + 1) * chunk_size].sum()) for c in range(n_chunks)]
     bar = tqdm(total=int(lengths.sum()), initial=sum(chunk_tokens) - sum(chunk_tokens[c] for c in todo),
@@ -255,34 +322,42 @@ def extract_features(
 
     if todo:
         params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
-        word_ids = parallel.replicate(jnp.asarray(words_resolved.token_ids if words_resolved else [0], jnp.int32), mesh)
+        tables = parallel.replicate({
+            "word_ids": jnp.asarray(words_resolved.token_ids if words_resolved else [0], jnp.int32),
+            "projection": (random_projection(vocab_size, *projection) if "projected_p_f" in kinds
+                           else jnp.zeros((vocab_size, 1), jnp.float32)),
+        }, mesh)
         pad_id = text.pad_id(tokenizer)
+    fresh: dict[tuple[str, int], np.ndarray] = {}
     for chunk in todo:
         start = chunk * chunk_size
-        missing = tuple(k for k in kinds if not store.has(stored[k], chunk))
-        fn = _batch_fn(lm.hidden_fn, lm.phi_fn, missing, vocab_chunk, mesh)
+        fn = _batch_fn(lm.hidden_fn, lm.phi_fn, missing[chunk], vocab_chunk, mesh)
 
         def on_batch(indices, outputs, n_tokens, start=start):
             if "p_f" in outputs:
                 p_f_file[start + indices] = outputs.pop("p_f")
             bar.update(n_tokens)
 
-        outputs = _compute_chunk(fn, params, word_ids, encoding.token_ids[start:start + chunk_size], batch_size,
+        outputs = _compute_chunk(fn, params, tables, encoding.token_ids[start:start + chunk_size], batch_size,
                                  buckets, pad_id, mesh, on_batch)
-        if p_f_file is not None and "p_f" in missing:
+        if p_f_file is not None and "p_f" in missing[chunk]:
             p_f_file.flush()
             store.put("p_f", chunk, np.zeros(0, np.int8))  # marker: this chunk's rows of p_f.npy are written
         for kind, value in outputs.items():
             store.put(stored[kind], chunk, value)
+            fresh[stored[kind], chunk] = value
     bar.close()
 
+    wanted = [(stored[kind], c) for kind in kinds if kind != "p_f" for c in range(n_chunks)]
+    cached = parallel.main_decides(lambda: {key: store.get(*key) for key in wanted if key not in fresh})
     result: dict[str, Any] = {
-        kind: np.concatenate([store.get(stored[kind], c) for c in range(n_chunks)]) if n_chunks else np.zeros(0)
+        kind: np.concatenate([fresh.get((stored[kind], c), cached.get((stored[kind], c)))
+                              for c in range(n_chunks)]) if n_chunks else np.zeros(0)
         for kind in kinds if kind != "p_f"
     }
     if p_f_file is not None:
+        result["p_f"] = np.load(p_f_file.filename, mmap_mode="r")
         del p_f_file
-        result["p_f"] = np.load(key_dir / "p_f.npy", mmap_mode="r")
     result["metadata"] = {
         **manifest,
         "kinds": list(kinds),

@@ -198,15 +198,15 @@ def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> lis
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, identity: dict[str, Any]) -> None:
-    record = {"config": config.to_dict(), **identity}
+    record = json.loads(json.dumps({"config": config.to_dict(), **identity}))
     path = workdir / "config.json"
-    if path.is_file():
-        if json.loads(path.read_text()) != json.loads(json.dumps(record)):
-            raise SentcompError(f"{workdir} holds a fine-tuning run with a different config, model or data "
-                                f"({path}); use a new workdir.")
-    elif parallel.is_main_process():
+    recorded = parallel.main_decides(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    if recorded is None and parallel.is_main_process():
         workdir.mkdir(parents=True, exist_ok=True)
         storage.write_json(path, record)
+    elif recorded is not None and recorded != record:
+        raise SentcompError(f"{workdir} holds a fine-tuning run with a different config, model or data "
+                            f"({path}); use a new workdir.")
 
 
 def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, config=None,
@@ -233,8 +233,10 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
                             "empty training or validation split.")
     _check_workdir_config(workdir, config, {"model": lm.name, "n_train": len(train_split), "n_test": len(test_split),
                                             "num_classes": num_classes})
-    if (workdir / RESULTS_FILE).is_file():
-        return json.loads((workdir / RESULTS_FILE).read_text())
+    finished = parallel.main_decides(lambda: json.loads((workdir / RESULTS_FILE).read_text())
+                                     if (workdir / RESULTS_FILE).is_file() else None)
+    if finished is not None:
+        return finished
 
     mesh = parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size)
@@ -262,7 +264,7 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     host_rows = parallel.host_row_indices(batch_size, mesh)
     weights = np.ones(batch_size, np.float32)
     stopped_early, losses = progress["bad_evals"] >= config.patience, []
-    peak, window = throughput.peak_flops(jax.devices()[0]), {"tokens": 0, "flops": 0.0, "seconds": 0.0}
+    peak, window = throughput.peak_flops(jax.local_devices()[0]), {"tokens": 0, "flops": 0.0, "seconds": 0.0}
     n_matmul, attention = throughput.matmul_params(lm, config.aux_lm_weight > 0), throughput.attention_shape(lm)
     bar = tqdm(total=config.max_steps, initial=start, desc=f"finetune {lm.name}", unit="step",
                disable=not (config.progress and parallel.is_main_process()))

@@ -2,7 +2,7 @@
 
     python -m sentcomp.main --config=experiments/X.py[:args] --workdir=DIR [--config.key=value ...]
     python -m sentcomp.main --config=experiments/X.py --workdir=DIR --sweep [--parallel=N]
-    python -m sentcomp.main ... --dry_run       # validate and print the config (and the sweep's points)
+    python -m sentcomp.main ... --dry_run       # validate and print the config (the sweep's points, the stages)
 
 The config file's ``get_config(arg)`` returns an ``ml_collections.ConfigDict`` whose ``program`` names a module
 with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; sweeps in
@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.launcher import config_files, runner, sweep, sweep_runner
+from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
 
 __all__ = ["run_program", "main"]
@@ -108,8 +108,10 @@ def sweep_from_flags(config, workdir: str) -> None:
     points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
     if _DRY_RUN.value:
         for point, name in zip(points, sweep.point_names(points)):
-            runner.validate(config_files.override(config, point), f"{workdir}/{name}")
+            point_config = config_files.override(config, point)
+            runner.validate(point_config, f"{workdir}/{name}")
             print(f"{workdir}/{name}")
+            print_stages(point_config, f"{workdir}/{name}")
         return
     rows = sweep_runner.run_sweep(config, points, workdir, _PARALLEL.value)
     print(f"Sweep table: {workdir}/sweep.md")
@@ -117,6 +119,12 @@ def sweep_from_flags(config, workdir: str) -> None:
     if failed:
         raise SentcompError(f"{len(failed)} of {len(rows)} sweep points failed: {', '.join(failed)} "
                             f"(see {workdir}/sweep.md).")
+
+
+def print_stages(config, workdir: str) -> None:
+    """A composed config's stages, one line each (what a dry run would run); nothing for a single program."""
+    if stages.is_composed(config):
+        print(stages.describe(config, workdir, runner.stages_complete(config, workdir)))
 
 
 def run_from_flags() -> None:
@@ -128,6 +136,7 @@ def run_from_flags() -> None:
     elif _DRY_RUN.value:
         runner.validate(config, workdir)
         print(config)
+        print_stages(config, workdir)
     else:
         run_program(config, workdir)
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -26,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sentcomp.errors import SentcompError
 
 DATA_AXIS = "data"
+T = TypeVar("T")
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -151,10 +155,12 @@ def apply_to_batch(fn, arrays, mesh: Mesh, *args):
 
 
 def fetch(tree):
-    """Every array of ``tree`` as a whole numpy array on every process (gathered across hosts if needed)."""
+    """Every array of ``tree`` as a whole numpy array on every process: gathered across hosts when it spans
+    several, as it is when this process holds all of it (e.g. computed on a mesh of this host's devices)."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True)
+                        else multihost_utils.process_allgather(x, tiled=True), tree)
 
 
 def broadcast_from_main(tree):
@@ -162,6 +168,38 @@ def broadcast_from_main(tree):
     if jax.process_count() == 1:
         return tree
     return multihost_utils.broadcast_one_to_all(tree)
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` evaluated on process 0 alone, its value returned on every process.
+
+    The one way a multi-host program reads what its workdir holds (finished cells, cached feature chunks, the
+    checkpoint to restore, a cached corpus): hosts never read a shared filesystem independently, where one may
+    see a file another does not yet, so they cannot diverge. The value travels pickled (any picklable object,
+    numpy arrays included) through :func:`broadcast_from_main`; an exception raised by ``decide`` on process 0
+    is raised on every process. With one process this is just ``decide()``.
+    """
+    if jax.process_count() == 1:
+        return decide()
+    payload = b""
+    if is_main_process():
+        try:
+            payload = pickle.dumps((True, decide()))
+        except Exception as error:  # every process must leave this call the same way
+            payload = pickle.dumps((False, error))
+    size = int(broadcast_from_main(np.int32(len(payload))))
+    buffer = np.frombuffer(payload, np.uint8) if is_main_process() else np.zeros(size, np.uint8)
+    succeeded, value = pickle.loads(np.asarray(broadcast_from_main(buffer)).tobytes())
+    if not succeeded:
+        raise value
+    return value
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on at least one process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def sync(name: str) -> None:

@@ -2,7 +2,7 @@
 
     from sentcomp import probe
     result = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
-    result["test_accuracy"], result["regularisation"], result["cv_scores"]   # cv_scores: [grid, fold]
+    result["test_accuracy"], result["test_macro_f1"], result["regularisation"], result["cv_scores"]  # [grid, fold]
 
 Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, :mod:`sentcomp.kernels.ridge`):
 
@@ -16,10 +16,18 @@ Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, 
 * ``"senteval"`` — SentEval's logistic-regression probe: ``C ∈ {2⁻², …, 2³}`` chosen on the dev set
   (``x_dev, y_dev``) with the final probe trained on train only; without a dev set, by k-fold CV on train
   and a refit.
-* ``"mteb"`` — MTEB's classification probe: C = 1, no search, trained on all of train.
+* ``"mteb"`` — MTEB's classification protocol (``AbsTaskClassification`` with its logistic-regression evaluator):
+  ``n_experiments`` (10) experiments, each trained on ``samples_per_label`` (8) training examples per label —
+  the first of each label in a seeded random order of train, all of a label with fewer — by L2 logistic
+  regression with C = 1 and no search (sklearn's ``LogisticRegression()`` defaults), scored on all of test;
+  accuracy and macro-F1 are the means over the experiments. ``samples_per_label=None`` trains one probe on
+  all of train instead.
 * ``"ridge"`` — ridge regression onto sklearn ``RidgeClassifier``'s targets (one ±1 column for two classes,
   one-hot otherwise; ``Σ‖y − xᵀW − b‖² + α‖W‖²``), ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev
   set if given, else k-fold CV and a refit).
+
+Every protocol also reports the test set's macro-F1 (sklearn's ``f1_score(average="macro")``: the unweighted
+mean of the per-class F1 over the classes in the test labels or the predictions).
 
 Labels may be any sortable values (strings, or integers not in ``0..K−1``); they are mapped to the sorted
 unique training labels, reported as ``result["classes"]``. Folds are stratified and seeded (``seed``), or
@@ -45,6 +53,31 @@ RIDGE_PCG_MIN_ROWS_PER_FEATURE = 2
 # gradient within a few × tol (≤ 6× measured on the benchmark's features), far from it it signals a failure.
 LBFGS_CONVERGED_GRAD_FACTOR = 10.0
 CV_METRICS = ("accuracy", "loss")
+MTEB_N_EXPERIMENTS = 10  # MTEB's AbsTaskClassification defaults
+MTEB_SAMPLES_PER_LABEL = 8
+
+
+def row_space_features(x, column_chunk: int = 8192) -> np.ndarray:
+    """Lossless ``[N, r]`` coordinates of ``N`` feature vectors ``x [N, D]`` with ``D > N`` (e.g. the full
+    next-word distribution ``p_f(s)``, ``D = V``), for every probe here, from the ``N × N`` kernel matrix.
+
+    With ``K = X Xᵀ = U Λ Uᵀ`` (float64, accumulated over ``column_chunk`` columns at a time, so ``x`` may be a
+    memory-mapped file never read whole), ``Z = U Λ^½`` over the ``r`` eigenvalues above ``10⁻¹²·λ_max``
+    satisfies ``Z Zᵀ = K``: ``Z`` is ``X`` written in an orthonormal basis of its row space, ``X = Z Qᵀ`` with
+    ``QᵀQ = I``. An L2-penalised linear probe (logistic or ridge, with intercept, no feature standardisation)
+    fitted on any subset of the rows has its optimal ``w`` in that row space (the representer theorem), and
+    ``⟨w, x⟩ = ⟨Qᵀw, z⟩``, ``‖w‖ = ‖Qᵀw‖``, so fitting on ``Z`` gives the same predictions, losses and chosen
+    regularisation as fitting on ``X``, at ``N`` features instead of ``D``. Rows of every split (train and test)
+    must all be in ``x``.
+    """
+    n, d = x.shape
+    gram = np.zeros((n, n))
+    for start in range(0, d, column_chunk):
+        block = np.asarray(x[:, start:start + column_chunk], np.float64)
+        gram += block @ block.T
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    kept = eigenvalues > 1e-12 * max(eigenvalues.max(), 0.0)
+    return (eigenvectors[:, kept] * np.sqrt(eigenvalues[kept])).astype(np.float32)
 
 
 def paper_c_grid(n_train: int) -> np.ndarray:
@@ -72,6 +105,46 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndar
     folds = np.empty(len(labels), np.int64)
     folds[order] = np.arange(len(labels)) % n_folds
     return folds
+
+
+def undersample(labels: np.ndarray, samples_per_label: int, n_experiments: int, seed: int = 0) -> list[np.ndarray]:
+    """MTEB's training subsets, one per experiment: experiment ``e`` walks the rows in the order of the ``e``-th
+    permutation drawn from ``numpy.random.default_rng(seed)`` and keeps the first ``samples_per_label`` rows of
+    each label (every row of a label with fewer). Each subset's row indices are returned sorted."""
+    rng = np.random.default_rng(seed)
+    subsets = []
+    for _ in range(n_experiments):
+        order = rng.permutation(len(labels))
+        ordered = labels[order]
+        subsets.append(np.sort(np.concatenate(
+            [order[ordered == label][:samples_per_label] for label in np.unique(labels)])))
+    return subsets
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """sklearn's ``f1_score(labels, predictions, average="macro")`` for class indices: the mean over the classes
+    present in ``labels`` or ``predictions`` of ``F1 = 2·TP / (2·TP + FP + FN) = 2·TP / (#true + #predicted)``."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    size = int(max(labels.max(), predictions.max())) + 1
+    true_count = np.bincount(labels, minlength=size)
+    predicted_count = np.bincount(predictions, minlength=size)
+    true_positives = np.bincount(labels[labels == predictions], minlength=size)
+    present = (true_count + predicted_count) > 0
+    return float(np.mean(2.0 * true_positives[present] / (true_count + predicted_count)[present]))
+
+
+def _mteb_splits(train_ids: np.ndarray, n_experiments: int, samples_per_label: int | None, seed: int):
+    """``(rows, weights [E, R])``: the training rows any experiment uses, and one 0/1 row of weights over them
+    per experiment (:func:`undersample`; a single experiment on every row when ``samples_per_label`` is None)."""
+    if samples_per_label is None:
+        return np.arange(len(train_ids)), np.ones((1, len(train_ids)), np.float32)
+    if not (isinstance(n_experiments, int) and n_experiments >= 1
+            and isinstance(samples_per_label, int) and samples_per_label >= 1):
+        raise SentcompError("n_experiments and samples_per_label must be positive integers (samples_per_label=None: "
+                            f"all of train), got {n_experiments!r} and {samples_per_label!r}")
+    subsets = undersample(train_ids, samples_per_label, n_experiments, seed)
+    rows = np.unique(np.concatenate(subsets))
+    return rows, np.stack([np.isin(rows, subset) for subset in subsets]).astype(np.float32)
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -249,13 +322,13 @@ def _example_losses(scores, labels, protocol: str, num_classes: int, multi_class
 @functools.partial(jax.jit, static_argnames=("protocol", "num_classes", "multi_class"))
 def _path_scores(x, labels, mask, coef, intercept, *, protocol: str, num_classes: int, multi_class: str):
     """Accuracy and mean loss ``[G, L]`` of each group's probe path ``coef [G, L, d, K']``, ``intercept [G, L,
-    K']`` on that group's rows ``x [G, M, d]``, ``labels [G, M]`` (``mask [G, M]`` marks real rows): one
-    compiled call for every fold × regularisation."""
+    K']`` on that group's rows ``x [G, M, d]``, ``labels [G, M]`` (``mask [G, M]`` marks real rows), and the
+    predictions ``[G, L, M]``: one compiled call for every fold × regularisation."""
     scores = jnp.einsum("gmd,gldk->glmk", x, coef) + intercept[:, :, None, :]
     labels, weights = labels[:, None], mask[:, None] / jnp.sum(mask, axis=1)[:, None, None]
-    correct = kernels.predict_labels(scores) == labels
+    predictions = kernels.predict_labels(scores)
     losses = _example_losses(scores, labels, protocol, num_classes, multi_class)
-    return jnp.sum(weights * correct, axis=-1), jnp.sum(weights * losses, axis=-1)
+    return jnp.sum(weights * (predictions == labels), axis=-1), jnp.sum(weights * losses, axis=-1), predictions
 
 
 def evaluate(
@@ -276,6 +349,8 @@ def evaluate(
     max_iter: int = 1000,
     tol: float = 1e-4,
     cv_metric: str = "accuracy",
+    n_experiments: int = MTEB_N_EXPERIMENTS,
+    samples_per_label: int | None = MTEB_SAMPLES_PER_LABEL,
 ) -> dict:
     """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
 
@@ -284,15 +359,21 @@ def evaluate(
     overrides the protocol's C (or ridge α) grid; ``standardize`` standardises features with each split's own
     training statistics; ``cv_metric`` chooses the regularisation by the highest mean validation
     ``"accuracy"`` (the paper's) or the lowest mean validation ``"loss"`` (the probe's own per-example loss:
-    logistic or squared error, see :func:`_example_losses`). Returns a dict with ``test_accuracy``,
-    ``test_loss``, ``train_accuracy`` (of the final probe), ``regularisation`` (the chosen C or α, named by
+    logistic or squared error, see :func:`_example_losses`). ``n_experiments`` and ``samples_per_label`` (seeded
+    by ``seed``) are the ``"mteb"`` protocol's undersampling (module docstring; other protocols ignore them).
+    Returns a dict with ``test_accuracy``, ``test_macro_f1``, ``test_loss``, ``train_accuracy`` (of the final
+    probe, on the rows it was trained on), ``regularisation`` (the chosen C or α, named by
     ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
     a dev set, none for ``"mteb"``), ``cv_mean``,
-    ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``,
+    ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``
+    (``[E, d, K']``, ``[E, K']`` for ``"mteb"``'s ``E > 1`` experiments, whose test scores are averaged; each
+    experiment's are in ``experiment_test_accuracy`` and ``experiment_test_macro_f1``, one entry otherwise),
     solver diagnostics (``solver``: lbfgs; for ridge pcg or eigh on the d × d Gram matrix, dual on the N × N
     kernel matrix when there are fewer rows than features; ``converged``, ``iterations``, ``grad_norm``,
-    ``objective`` of the final probe), and ``test_accuracy_per_regularisation`` — a diagnostic of the whole
-    path, never used for the choice.
+    ``objective`` of the final probe, for several experiments the mean objective and the largest iteration count
+    and gradient, ``converged`` if all did; ``cv_fits`` and ``cv_not_converged``: how many of the cross-validation
+    fits that chose the regularisation there were, and how many of them stopped short of their tolerance), and
+    ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
     """
     if protocol not in PROTOCOLS:
         raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
@@ -318,6 +399,8 @@ def evaluate(
 
     n_train = len(x_train)
     grid = _grid(grid, protocol, n_train)
+    if protocol == "mteb" and len(grid) != 1:
+        raise SentcompError(f"protocol 'mteb' fits one C and searches none; give one grid value, got {grid.tolist()}")
     if protocol == "mteb" or x_dev is not None:
         if folds is not None:
             raise SentcompError(f"folds are not used by protocol {protocol!r}"
@@ -332,10 +415,16 @@ def evaluate(
                                 f"got {n_folds}")
         fold_ids = stratified_folds(train_ids, n_folds, seed)
 
-    n_dev = 0 if x_dev is None else len(x_dev)
-    x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
-    y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
-    weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
+    if protocol == "mteb":  # the experiments' training subsets; no validation
+        rows, weights = _mteb_splits(train_ids, n_experiments, samples_per_label, seed)
+        x_all, y_all, validation = x_train[rows], train_ids[rows], np.zeros(weights.shape, bool)
+        finals = np.arange(len(weights))
+    else:
+        n_dev = 0 if x_dev is None else len(x_dev)
+        x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
+        y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
+        weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
+        finals = np.array([final])
     scored = [s for s in range(len(weights)) if validation[s].any()]
     held_out = _grouped((x_all, y_all), [np.flatnonzero(validation[s]) for s in scored]) if scored else None
     fits, solver = _fit(  # K-fold: held-out group s is fold s, the layout of the ridge moments
@@ -346,9 +435,9 @@ def evaluate(
 
     def scores(x, labels, probe_coef, probe_intercept, mask=None):
         mask = np.ones(labels.shape, np.float32) if mask is None else mask
-        accuracy, loss = _path_scores(x, labels, mask, probe_coef, probe_intercept,
-                                      protocol=protocol, num_classes=len(classes), multi_class=multi_class)
-        return np.asarray(accuracy), np.asarray(loss)
+        accuracy, loss, predictions = _path_scores(x, labels, mask, probe_coef, probe_intercept, protocol=protocol,
+                                                   num_classes=len(classes), multi_class=multi_class)
+        return np.asarray(accuracy), np.asarray(loss), np.asarray(predictions)
 
     if scored:
         (x_val, y_val), val_mask = held_out
@@ -357,10 +446,18 @@ def evaluate(
         best = int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))
     else:
         cv_scores, cv_mean, best = np.zeros((len(grid), 0)), np.full(len(grid), np.nan), 0
-    (test_path,), (test_losses,) = scores(
-        x_test[None], encoded["y_test"][None], coef[final][None], intercept[final][None])
-    (train_accuracy,), _ = scores(
-        x_train[None], train_ids[None], coef[final, best][None, None], intercept[final, best][None, None])
+    # every final probe (the refit, or each mteb experiment) along the grid, flattened into one path
+    n_finals, n_grid = len(finals), len(grid)
+    (test_path,), (test_losses,), (test_predictions,) = scores(
+        x_test[None], encoded["y_test"][None], coef[finals].reshape(1, n_finals * n_grid, *coef.shape[2:]),
+        intercept[finals].reshape(1, n_finals * n_grid, -1))
+    test_path, test_losses = test_path.reshape(n_finals, n_grid), test_losses.reshape(n_finals, n_grid)
+    test_f1 = [macro_f1(encoded["y_test"], predictions)
+               for predictions in test_predictions.reshape(n_finals, n_grid, -1)[:, best]]
+    (x_fitted, y_fitted), fitted_mask = _grouped((x_all, y_all), [np.flatnonzero(weights[s]) for s in finals])
+    train_accuracy = scores(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],
+                            fitted_mask)[0]
+    final_coef, final_intercept = coef[finals, best], intercept[finals, best]
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",
@@ -373,15 +470,21 @@ def evaluate(
         "cv_scores": cv_scores,
         "cv_mean": cv_mean,
         "folds": fold_ids,
-        "test_accuracy": float(test_path[best]),
-        "test_loss": float(test_losses[best]),
-        "train_accuracy": float(train_accuracy[0]),
-        "test_accuracy_per_regularisation": test_path,
-        "coef": coef[final, best],
-        "intercept": intercept[final, best],
-        "objective": float(fits.objective[final, best]),
-        "iterations": int(fits.iterations[final, best]),
-        "grad_norm": float(fits.grad_norm[final, best]),
+        "test_accuracy": float(test_path[:, best].mean()),
+        "test_macro_f1": float(np.mean(test_f1)),
+        "test_loss": float(test_losses[:, best].mean()),
+        "train_accuracy": float(train_accuracy.mean()),
+        "test_accuracy_per_regularisation": test_path.mean(axis=0),
+        "experiment_test_accuracy": test_path[:, best].tolist(),
+        "experiment_test_macro_f1": test_f1,
+        "coef": final_coef[0] if n_finals == 1 else final_coef,
+        "intercept": final_intercept[0] if n_finals == 1 else final_intercept,
+        "objective": float(np.mean(np.asarray(fits.objective)[finals, best])),
+        "iterations": int(np.max(np.asarray(fits.iterations)[finals, best])),
+        "grad_norm": float(np.max(np.asarray(fits.grad_norm)[finals, best])),
         "solver": solver,
-        "converged": _converged(protocol, fits, final, best, max_iter, tol),
+        "converged": all(_converged(protocol, fits, split, best, max_iter, tol) for split in finals),
+        "cv_fits": len(scored) * len(grid),
+        "cv_not_converged": sum(not _converged(protocol, fits, split, index, max_iter, tol)
+                                for split in scored for index in range(len(grid))),
     }

@@ -14,10 +14,11 @@ the length-prefixed parts (bytes as they are, anything else as sorted-key JSON),
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,43 @@ def content_hash(*parts: Any) -> str:
         data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode()
         digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()[:HASH_LENGTH]
+
+
+def code_fingerprint(*module_names: str) -> str:
+    """:func:`content_hash` of the source files of the named modules, in order: part of a cache key, so results
+    computed by earlier code (before a model or kernel fix) are never served as if the current code made them.
+    Any edit of those files, comments included, invalidates the cache: recomputing is the safe side."""
+    return content_hash(*(Path(importlib.import_module(name).__file__).read_bytes() for name in module_names))
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level of dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_fingerprint(settings: Mapping[str, Any], ignore: Sequence[str] = ()) -> str:
+    """:func:`content_hash` of the settings (e.g. ``config.to_dict()``) minus the dotted keys in ``ignore`` (and
+    everything under them): what a resumed result is keyed by, so one computed under other settings is never
+    returned."""
+    kept = {key: value for key, value in flatten(settings).items()
+            if not any(key == name or key.startswith(name + ".") for name in ignore)}
+    return content_hash(kept)
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """:func:`content_hash` of the names, sizes and modification times of the files at ``path`` (a file or a
+    directory, recursively): cheap, and it changes when the files are rewritten (e.g. a model directory whose
+    weights a new training run replaced)."""
+    path = Path(path)
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    return content_hash([(str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in files])
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

@@ -197,30 +197,81 @@ def save_checkpoint(manager: ocp.CheckpointManager, state, meta: dict[str, Any])
                  force=True)
 
 
+# Orbax/TensorStore failures that mean "these bytes are damaged or missing" (a kill mid-write, a disk fault):
+# unparsable JSON metadata, or TensorStore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE statuses.
+_DAMAGED_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+# ... and those that mean "this checkpoint is fine but holds another model or optimiser" (a changed config).
+_INCOMPATIBLE_MESSAGES = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+def restore_failure(error: Exception) -> str:
+    """``"damaged"`` (the checkpoint's files are corrupt or partial), ``"incompatible"`` (it holds a state of
+    another structure or shape) or ``"other"`` (I/O, sharding, ...: nothing to do with the checkpoint)."""
+    message = str(error)
+    if isinstance(error, json.JSONDecodeError) or message.startswith(_DAMAGED_STATUSES):
+        return "damaged"
+    if any(text in message for text in _INCOMPATIBLE_MESSAGES):
+        return "incompatible"
+    return "other"
+
+
+def _try_restore(manager: ocp.CheckpointManager, step: int, abstract):
+    """``(restored, None)``, or ``(None, error)`` if step ``step`` cannot be read."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore())), None
+    except Exception as error:  # classified by restore_failure: only damage is survivable
+        return None, error
+
+
 def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory: Callable[[], ocp.CheckpointManager]):
     """``(manager, state, meta)`` from the newest readable checkpoint, or ``(manager, None, None)`` if none.
 
-    An unreadable checkpoint (corrupt or partial) is moved to ``workdir/checkpoints_corrupt/`` with a warning
-    and the previous one is tried.
+    A *damaged* checkpoint (corrupt or partial files, :func:`restore_failure`) is moved to
+    ``workdir/checkpoints_corrupt/`` with a warning and the previous one is tried. Any other failure stops with
+    a :class:`SentcompError` and moves nothing: a checkpoint of another model or optimiser (the config changed),
+    or an I/O or sharding error, says nothing against the checkpoint, and falling back would silently restart
+    training. With several processes, process 0 lists the steps, and a step counts as restored only if every
+    process restored it (else all fall back, or all stop), so the hosts always continue from the same step.
     """
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    steps = parallel.main_decides(lambda: sorted(manager.all_steps(), reverse=True))
+    for step in steps:
+        restored, error = _try_restore(manager, step, abstract)
+        failure = restore_failure(error) if error is not None else None
+        if parallel.any_process(failure in ("incompatible", "other")):
+            reason = f"{type(error).__name__}: {str(error)[:300]}" if error is not None else "on another process"
+            hint = ("It holds a model or optimiser state of another structure or shape than this config builds: "
+                    "resume with the config that wrote it, or use a new workdir." if failure == "incompatible"
+                    else "The checkpoint's files were found intact, so nothing was moved; fix the cause and resume.")
+            raise SentcompError(f"Cannot restore the checkpoint at step {step} in {manager.directory} ({reason}). "
+                                f"{hint}")
+        if not parallel.any_process(failure == "damaged"):
             return manager, restored["state"], dict(restored["meta"])
-        except Exception as error:  # any failure to read means the same: this checkpoint is unusable
-            warnings.warn(f"Checkpoint at step {step} in {manager.directory} cannot be restored "
-                          f"({type(error).__name__}: {str(error)[:200]}); moving it to checkpoints_corrupt/ and "
-                          "falling back to the previous checkpoint.", stacklevel=2)
-            manager.close()
-            if parallel.is_main_process():
-                aside = workdir / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
-                aside.parent.mkdir(exist_ok=True)
-                shutil.move(str(Path(manager.directory) / str(step)), aside)
-            parallel.sync(f"sentcomp_checkpoint_corrupt_{step}")
-            manager = factory()
+        warnings.warn(f"Checkpoint at step {step} in {manager.directory} is damaged ({type(error).__name__}: "
+                      f"{str(error)[:200]}); moving it to checkpoints_corrupt/ and falling back to the previous "
+                      "checkpoint." if error is not None else
+                      f"Checkpoint at step {step} is damaged on another process; falling back to the previous one.",
+                      stacklevel=2)
+        manager.close()
+        if parallel.is_main_process():
+            aside = workdir / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
+            aside.parent.mkdir(exist_ok=True)
+            shutil.move(str(Path(manager.directory) / str(step)), aside)
+        parallel.sync(f"sentcomp_checkpoint_corrupt_{step}")
+        manager = factory()
     return manager, None, None
+
+
+RESUME_MAY_CHANGE = "resume_may_change"
+
+
+def resume_settings(config) -> str:
+    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but ``progress``
+    and the keys it lists in ``resume_may_change``): stored in every checkpoint's meta and required equal on
+    resume, so ``run(config, workdir)`` never continues a run trained under other settings."""
+    may_change = (RESUME_MAY_CHANGE, "progress", *config.get(RESUME_MAY_CHANGE, ()))
+    return storage.settings_fingerprint(config.to_dict(), ignore=may_change)
 
 
 def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = False,
@@ -239,7 +290,9 @@ def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = Fal
             truncate_metrics(workdir, 0)  # a run that died before its first checkpoint starts again from step 0
         return manager, state, None
     if expected and {key: meta.get(key) for key in expected} != expected:
-        raise SentcompError(f"The checkpoint in {workdir} was trained with {meta} but the config has {expected}.")
+        raise SentcompError(f"The checkpoint in {workdir} was trained with {meta} but the config has {expected} "
+                            "(settings: the fingerprint of the config, training.resume_settings): resume with the "
+                            "config that wrote it, or use a new workdir.")
     if parallel.is_main_process():
         truncate_metrics(workdir, int(meta["step"]))
     return manager, restored, meta

@@ -14,13 +14,14 @@ continuation is the prompt's trailing whitespace (a single space if it has none)
 continuation's tokens are those of ``tokenize(context + continuation)`` after ``tokenize(context)``; the
 tokenizer's own prefix tokens (a BOS, for Llama-style tokenizers; none for GPT-2) start every sequence.
 
-Long documents are truncated from the start (their beginning is dropped), so the prompt and every
-continuation token always fit in ``lm.max_length``; the same truncated context is used for all of a
-document's words. Words whose continuations share all tokens but the last are scored in one forward pass
-(single-token words: one pass per document). Batches have a fixed size (padded with copies of a real row)
-and lengths padded to a few buckets, so the jitted scorer compiles once per bucket; every row is scored
-independently of the others, so results do not depend on the batch size. log Z is streamed over the
-vocabulary (``sentcomp.kernels``), only at the scored positions: no ``[B, T, V]`` buffer.
+The context is built exactly as features build theirs (:func:`sentcomp.data.text.encode_texts`: prefix tokens,
+``text + π.rstrip()`` tokenised as one string, the same ``truncation`` rule), within ``max_length`` minus the
+room the longest continuation needs; the same truncated context is used for all of a document's words. Words
+whose continuations share all tokens but the last are scored in one forward pass (single-token words: one pass
+per document). Batches have a fixed size (padded with copies of a real row) and lengths padded to a few buckets,
+so the jitted scorer compiles once per bucket; every row is scored independently of the others, so results do
+not depend on the batch size. log Z is streamed over the vocabulary (``sentcomp.kernels``), only at the scored
+positions: no ``[B, T, V]`` buffer.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from tqdm.auto import tqdm
 
 from sentcomp import kernels, parallel
 from sentcomp.data.tasks import Task, get_task
-from sentcomp.data.text import encode, length_buckets, prefix_tokens
+from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
@@ -73,32 +74,40 @@ class _Row:
     targets: tuple[tuple[int, ...], ...]
 
 
-def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str], max_length: int) -> list[_Row]:
-    """The forward passes scoring every word after every ``text + prompt`` (see the module docstring)."""
+def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str], max_length: int,
+               truncation: str = "start") -> list[_Row]:
+    """The forward passes scoring every word after every ``text + prompt`` (see the module docstring).
+
+    Each context is ``prefix + tokens(text + prompt.rstrip())`` as features build it
+    (:func:`sentcomp.data.text.encode_texts`, same ``truncation`` rule), within ``max_length`` minus the room the
+    longest continuation needs after it.
+    """
     context_suffix, delimiter = split_prompt(prompt)
     contexts = [text + context_suffix for text in texts]
     context_ids = encode(tokenizer, contexts)
-    prefix = prefix_tokens(tokenizer)
-    prompt_length = len(encode(tokenizer, [context_suffix])[0])
     continuations = [encode(tokenizer, [context + delimiter + word for context in contexts]) for word in words]
-    rows = []
-    for document, ids in enumerate(context_ids):
-        conts = [full[len(ids):] for full in (continuation[document] for continuation in continuations)]
-        if not all(conts):
+    conts = [[full[len(ids):] for full in (continuation[document] for continuation in continuations)]
+             for document, ids in enumerate(context_ids)]
+    for document, document_conts in enumerate(conts):
+        if not all(document_conts):
             raise SentcompError(f"Document {document}: a label word tokenizes to nothing after the prompt.")
-        budget = max_length - len(prefix) - (max(map(len, conts)) - 1)
-        if budget < prompt_length + 1:
-            raise SentcompError(
-                f"The prompt {prompt!r} and the label words need {len(prefix) + prompt_length + max(map(len, conts))} "
-                f"tokens with one token of text, more than max_length {max_length}."
-            )
-        context = tuple(prefix) + tuple(ids[-budget:])
+    longest = max(len(cont) for document_conts in conts for cont in document_conts) if conts else 1
+    prefix = prefix_tokens(tokenizer)
+    needed = len(prefix) + len(encode(tokenizer, [context_suffix])[0]) + longest
+    if max_length - (longest - 1) < needed - longest + 2:
+        raise SentcompError(f"The prompt {prompt!r} and the label words need {needed} tokens with one token of text, "
+                            f"more than max_length {max_length}.")
+    encoding = encode_texts(tokenizer, texts, max_length - (longest - 1), context_suffix,
+                            keep_prompt_trailing_space=True, truncation=truncation)
+    rows = []
+    for document, (context, document_conts) in enumerate(zip(encoding.token_ids, conts)):
+        context = tuple(int(token) for token in context)
         groups: dict[tuple[int, ...], list[int]] = {}
-        for word, cont in enumerate(conts):
+        for word, cont in enumerate(document_conts):
             groups.setdefault(tuple(cont[:-1]), []).append(word)
         for shared, members in groups.items():
             rows.append(_Row(document, context + shared, len(context) - 1, tuple(members),
-                             tuple(tuple(conts[word]) for word in members)))
+                             tuple(tuple(document_conts[word]) for word in members)))
     return rows
 
 
@@ -111,8 +120,9 @@ def _continuation_log_probs(hidden_fn, phi_fn, chunk_size, params, ids, mask, po
     hidden = hidden_fn(params, ids, mask)  # [B, T, d]
     batch, words, length = positions.shape
     picked = jnp.take_along_axis(hidden, positions.reshape(batch, words * length, 1), axis=1)
-    picked = picked.reshape(batch, words, length, hidden.shape[-1])
-    log_probs = -kernels.xent_per_position(picked, phi_fn(params), targets, chunk_size)
+    picked = picked.reshape(batch, words, length, hidden.shape[-1]).astype(jnp.float32)
+    phi = phi_fn(params).astype(jnp.float32)  # log p in float32, whatever the model ran in
+    log_probs = -kernels.xent_per_position(picked, phi, targets, chunk_size)
     return jnp.sum(jnp.where(valid, log_probs, 0.0), axis=-1)
 
 
@@ -141,27 +151,33 @@ def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int
 
 def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str], batch_size: int = 32,
                       max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
-                      progress: bool = True) -> np.ndarray:
+                      progress: bool = True, compute_dtype: str = "float32", truncation: str = "start") -> np.ndarray:
     """``[N, W]``: summed log-probability of each label word (``label_word_list(task)`` order) after each
     ``text + task.prompt``.
 
-    Sequences hold at most ``max_length`` tokens (default and cap: ``lm.max_length``; the paper used 512).
+    Sequences hold at most ``max_length`` tokens (default and cap: ``lm.max_length``; the paper used 512), long
+    documents cut by ``truncation`` as features cut them. The model runs in ``compute_dtype`` (``"float32"`` or
+    ``"bfloat16"``, as :func:`sentcomp.features.extract_features`); log-probabilities are computed in float32.
     Batches are split over ``mesh`` (default: every device of every process; each process passes the same
-    texts); ``batch_size`` is rounded up to a multiple of the mesh size.
+    texts); ``batch_size`` (≥ 1) is rounded up to a multiple of the mesh size.
     """
     task = get_task(task)
     if not len(texts):
         raise SentcompError("label_word_scores got no texts to score.")
+    if batch_size < 1:
+        raise SentcompError(f"batch_size must be a positive number of sequences, got {batch_size}.")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise SentcompError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}.")
     words, _ = label_word_list(task)
     max_length = min(max_length or lm.max_length, lm.max_length)
-    rows = build_rows(lm.tokenizer, texts, task.prompt, words, max_length)
+    rows = build_rows(lm.tokenizer, texts, task.prompt, words, max_length, truncation)
     rows.sort(key=lambda row: len(row.input_ids))
     mesh = mesh if mesh is not None else parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(batch_size, mesh.size)
     max_words = max(len(row.words) for row in rows)
     max_tokens = max(len(target) for row in rows for target in row.targets)
     scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
-    params = parallel.replicate(lm.params, mesh)
+    params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
     buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
     for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {task.name}", disable=not progress):

@@ -11,7 +11,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from sentcomp.features import last_token_features
-from sentcomp.models import bert, gpt2, llama
+from sentcomp.models import bert, decoder, gpt2, llama
 from sentcomp.models.base import cast_floats
 
 LENGTH = 7
@@ -30,6 +30,13 @@ def _llama(tied, quad_head=False):
     return llama.init(config, 0, quad_head=quad_head)
 
 
+def _decoder(family, **fields):
+    """A tiny random model of a rotary decoder family, its config's switches set as the family's loader does."""
+    sizes = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=16, tie_word_embeddings=False)
+    return decoder.init(family, decoder.DecoderConfig(**{**sizes, **fields}), 0)
+
+
 def _bert():
     config = bert.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=40, max_position_embeddings=16)
@@ -43,6 +50,12 @@ MODELS = {
     "llama-untied": lambda: _llama(tied=False),
     "llama-quad": lambda: _llama(tied=False, quad_head=True),
     "bert": _bert,
+    "qwen2-sliding": lambda: _decoder("qwen2", qkv_bias=True, sliding_window=3),
+    "gpt_neox": lambda: _decoder("gpt_neox", num_key_value_heads=4, norm="layer", mlp="plain", hidden_act="gelu",
+                                 mlp_bias=True, qkv_bias=True, output_bias=True, fused_qkv=True,
+                                 parallel_residual=True, partial_rotary_factor=0.25),
+    "gemma": lambda: _decoder("gemma", head_dim=10, norm="rms_plus_one", scale_embeddings=True,
+                              hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
 }
 
 

@@ -1,5 +1,7 @@
 """Feature extraction: word sets, prompt/truncation, float64 references, sharding/batching invariance, cache."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +165,21 @@ def test_full_p_f_goes_to_disk_and_cache_resumes(lm, tmp_path, monkeypatch, base
     assert other_prompt["metadata"]["cache_dir"] != resumed["metadata"]["cache_dir"]
     retrained = lm.replace(params=jax.tree_util.tree_map(lambda x: x * 1.01, lm.params))
     assert features.extract_features(retrained, TEXTS, ("f",), **options)["metadata"]["computed_chunks"] == [0, 1, 2, 3]
+
+
+def test_damaged_cache_chunks_are_recomputed_and_code_changes_miss_the_cache(lm, baseline, tmp_path, monkeypatch):
+    """A chunk whose bytes are wrong but whose shape is right, or a truncated one, is recomputed, not served;
+    a change in the code that computes features gives another cache key."""
+    options = dict(batch_size=8, chunk_size=4, cache_dir=tmp_path, progress=False, words=WORDS, prompt=PROMPT)
+    first = features.extract_features(lm, TEXTS, ("f",), **options)
+    key_dir = Path(first["metadata"]["cache_dir"])
+    np.save(key_dir / "f.00000.npy", np.zeros_like(first["f"][:4]))  # same shape, wrong bytes
+    (key_dir / "f.00001.npy").write_bytes((key_dir / "f.00001.npy").read_bytes()[:50])  # torn
+    again = features.extract_features(lm, TEXTS, ("f",), **options)
+    assert again["metadata"]["computed_chunks"] == [0, 1]
+    np.testing.assert_array_equal(again["f"], first["f"])
+    monkeypatch.setattr(features, "computation_fingerprint", lambda lm: "the code after a model fix")
+    assert features.extract_features(lm, TEXTS, ("f",), **options)["metadata"]["cache_dir"] != str(key_dir)
 
 
 def test_bfloat16_forward_pass_is_close_and_cached_apart(lm, baseline, tmp_path):

@@ -12,7 +12,7 @@ from llama_testing import LLAMA3_SCALING, SENTENCES, assert_long_context_logits_
 
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.models import llama, load
+from sentcomp.models import hf, llama, load
 from sentcomp.models.base import cast_floats
 
 
@@ -46,6 +46,19 @@ def test_rope_scaling_matches_hf(tmp_path, scaling):
     lm = load(str(tmp_path / "scaled"))
     assert lm.config.rope_type == scaling["rope_type"] and lm.config.rope_factor == scaling["factor"]
     assert_long_context_logits_match(lm, model, plain)
+
+
+def test_save_hf_round_trips_through_transformers(tmp_path):
+    """A llama3-scaled, untied Llama loaded and written back with save_hf: transformers' AutoModelForCausalLM
+    reads the export with the original logits over 60 positions (the rotary scaling survives the config)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_hf_llama(tmp_path / "original", tie_word_embeddings=False, rope_scaling=LLAMA3_SCALING)
+    llama.save_hf(load(str(tmp_path / "original")), tmp_path / "exported")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = (np.arange(60)[None] * 7 + 3) % 301
+    np.testing.assert_allclose(hf_logits(exported, ids, np.ones_like(ids)), hf_logits(model, ids, np.ones_like(ids)),
+                               atol=1e-5, rtol=0)
 
 
 def test_quad_head_starts_as_the_pretrained_model(tmp_path):
@@ -118,7 +131,7 @@ def test_config_errors_are_clear():
 
 def test_checkpoint_mismatch_and_missing_tokenizer_are_clear(tmp_path):
     tiny_hf_llama(tmp_path, tie_word_embeddings=False)
-    config = llama.hf.read_config(tmp_path)
+    config = hf.read_config(tmp_path)
     with pytest.raises(SentcompError, match="intermediate_size|shape"):
         llama.from_hf(tmp_path, {**config, "intermediate_size": 54})
     (tmp_path / "tokenizer.json").unlink()

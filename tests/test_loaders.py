@@ -195,8 +195,8 @@ def test_auto_source_prefers_local_files_then_tfds(tmp_path):
     records = [{"text": b"from tfds", "label": np.int64(0)}]
     with tfds.testing.mock_data(as_data_source_fn=_fake_source(records)):
         assert load_task("imdb", data_dir=tmp_path / "empty")["train"].texts == ["from tfds"]
-    with pytest.raises(SentcompError, match="Unknown data source 'hub'"):
-        load_task("imdb", source="hub")
+    with pytest.raises(SentcompError, match="Unknown data source 'kaggle'"):
+        load_task("imdb", source="kaggle")
 
 
 # ------------------------------------------------------------------------------------------- splits

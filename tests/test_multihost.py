@@ -21,15 +21,15 @@ from sentcomp.main import run_program
 TIMEOUT_SECONDS = 240
 
 
-def run_processes(config_spec: str, workdir: Path, extra_flags=()) -> None:
+def run_processes(config_spec: str, workdir: Path, extra_flags=(), timeout: float = TIMEOUT_SECONDS) -> None:
     """Runs the config as 2 processes × 4 CPU devices; fails with their logs unless both succeed in time."""
     log_dir = workdir.parent / f"{workdir.name}.logs"
     main_args = [f"--config={config_spec}", f"--workdir={workdir}", *extra_flags]
-    codes = run_local_processes(main_args, log_dir, processes=2, devices=4, timeout=TIMEOUT_SECONDS)
+    codes = run_local_processes(main_args, log_dir, processes=2, devices=4, timeout=timeout)
     if codes != [0, 0]:
         tails = "\n".join(f"--- process {i} (exit {code}):\n{(log_dir / f'process{i}.log').read_text()[-3000:]}"
                           for i, code in enumerate(codes))
-        raise AssertionError(f"multi-process run failed (negative exit: killed at the {TIMEOUT_SECONDS}s timeout):\n"
+        raise AssertionError(f"multi-process run failed (negative exit: killed at the {timeout}s timeout):\n"
                              f"{tails}")
 
 
@@ -123,3 +123,55 @@ def test_two_processes_pretrain_like_one_process(tmp_path):
     assert two_params.keys() == one_params.keys()
     for name in one_params:
         np.testing.assert_allclose(two_params[name], one_params[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _prompt_row_artifacts(workdir: Path) -> list[Path]:
+    """The cached features (LM and BERT) and the fine-tuning run of the prompt row (``task*``) of a Table-1
+    workdir."""
+    features = workdir / "features"
+    lm = [path.parent for path in features.glob("*/manifest.json") if json.loads(path.read_text())["prompt"]]
+    bert = [key for key in features.glob("bert-*.json") if json.loads(key.read_text())["prompt"]]
+    return [*lm, *bert, *(key.with_suffix(".npy") for key in bert), *(workdir / "finetune").glob("*[*]-*")]
+
+
+def _feature_arrays(workdir: Path) -> dict[str, np.ndarray]:
+    return {str(path.relative_to(workdir)): np.load(path) for path in (workdir / "features").rglob("*.npy")}
+
+
+def test_table1_with_baselines_resumed_on_two_processes_matches_one_process(tmp_path):
+    """``table1.py:smoke,bert,ft``: one process × 8 devices runs it all; a copy with the prompt row's cells, cached
+    features (LM and BERT) and fine-tuning run removed is resumed by 2 processes × 4 devices. Process 0 alone
+    decides what is done (the text-only row is reused, not recomputed) and alone writes; the recomputed features,
+    fine-tuning curve and accuracies equal the single process's."""
+    spec = f"{EXPERIMENTS_DIR}/table1.py:smoke,bert,ft"
+    smaller = {"n_train": 24, "n_test": 12, "ft.num_epochs": 2}
+    one = tmp_path / "one_process"
+    run_program(override(load_config(spec), smaller), one)
+    two = tmp_path / "two_processes"
+    shutil.copytree(one, two)
+    removed = _prompt_row_artifacts(two)
+    assert len(removed) == 4  # the LM features, BERT features and their key file, and the fine-tuning run
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    kept = [line for line in (two / "cells.jsonl").read_text().splitlines() if "rotten_tomatoes*" not in line]
+    (two / "cells.jsonl").write_text("\n".join(kept) + "\n")
+    (two / "done.json").unlink()
+
+    run_processes(spec, two, extra_flags=[f"--config.{key}={value}" for key, value in smaller.items()], timeout=900)
+
+    cells = [json.loads(line) for line in (two / "cells.jsonl").read_text().splitlines()]
+    assert len(cells) == len({cell["key"] for cell in cells})  # appended once, by process 0 alone
+    expected = {cell["key"]: cell for cell in map(json.loads, (one / "cells.jsonl").read_text().splitlines())}
+    assert {cell["key"] for cell in cells} == set(expected)
+    for cell in cells:
+        assert cell.get("test_accuracy") == pytest.approx(expected[cell["key"]].get("test_accuracy")), cell["key"]
+    arrays_one, arrays_two = _feature_arrays(one), _feature_arrays(two)
+    assert arrays_one.keys() == arrays_two.keys()
+    for name, value in arrays_one.items():
+        np.testing.assert_allclose(arrays_two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    curve = "finetune/rotten_tomatoes*-0/metrics.jsonl"
+    losses = [[row["train_loss"] for row in map(json.loads, (run / curve).read_text().splitlines())]
+              for run in (one, two)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    starts = [json.loads(line) for line in (two / "runs.jsonl").read_text().splitlines()]
+    assert [start["process_count"] for start in starts][-1] == 2

@@ -167,13 +167,40 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
         if path.is_file():
             path.write_bytes(b"\0garbage")
     (workdir / "done.json").unlink()
-    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* cannot be restored.*previous checkpoint"):
+    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* is damaged .*previous checkpoint"):
         runner.run_program(tiny_config(loss="quad"), workdir)
     assert any(p.name.startswith("16-") for p in (workdir / "checkpoints_corrupt").iterdir())
     assert checkpoint_steps(workdir) == [12, 16]
     expected = final_params(uninterrupted)
     for name, value in final_params(workdir).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(uninterrupted, tmp_path):
+    """Only damage falls back: a valid checkpoint of another shape (the config changed under the runner's check,
+    as a direct ``run`` call can) stops with a clear error; the checkpoints and metrics are left as they were."""
+    workdir = tmp_path / "wider"
+    shutil.copytree(uninterrupted, workdir)
+    (workdir / "done.json").unlink()
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    with pytest.raises(SentcompError, match=r"Cannot restore the checkpoint at step 16 .*another structure or "
+                                            r"shape.*new workdir"):
+        pretrain.run(tiny_config(loss="quad", **{"model.n_embd": 48}), workdir)
+    assert checkpoint_steps(workdir) == checkpoint_steps(uninterrupted)
+    assert not (workdir / "checkpoints_corrupt").exists()
+    assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+@pytest.mark.parametrize("error, kind", [
+    (json.JSONDecodeError("Expecting value", "", 0), "damaged"),
+    (ValueError('DATA_LOSS: Error decoding local file "manifest.ocdbt"'), "damaged"),
+    (ValueError('NOT_FOUND: Error reading "w/.zarray" in OCDBT database'), "damaged"),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do not match"), "incompatible"),
+    (PermissionError(13, "Permission denied"), "other"),
+    (ValueError("PERMISSION_DENIED: Error reading local file"), "other"),
+])
+def test_restore_failures_are_classified(error, kind):
+    assert training.restore_failure(error) == kind
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):

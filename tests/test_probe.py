@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifier
-from sklearn.metrics import log_loss
+from sklearn.metrics import f1_score, log_loss
 
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
@@ -271,6 +271,16 @@ def test_converged_means_the_tolerance_was_reached(paper_data):
     assert reached["converged"] and reached["grad_norm"] <= probe.LBFGS_CONVERGED_GRAD_FACTOR * 1e-4
 
 
+def test_cross_validation_fits_report_their_convergence(paper_data):
+    """``converged`` is the final refit's; ``cv_not_converged`` counts the fits that chose C and fell short."""
+    x_train, y_train, x_test, y_test = paper_data
+    cut_short = probe.evaluate(x_train, y_train, x_test, y_test, grid=[0.1, 1.0], n_folds=3, max_iter=2)
+    assert cut_short["cv_fits"] == 3 * 2 and cut_short["cv_not_converged"] == 6
+    reached = probe.evaluate(x_train, y_train, x_test, y_test, grid=[0.1, 1.0], n_folds=3)
+    assert reached["cv_fits"] == 6 and reached["cv_not_converged"] == 0
+    assert probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb")["cv_fits"] == 0  # no search
+
+
 def test_senteval_mteb_and_ridge_protocols(paper_data):
     x_train, y_train, x_test, y_test = paper_data
     x_dev, y_dev = x_test[:200], y_test[:200]
@@ -280,7 +290,7 @@ def test_senteval_mteb_and_ridge_protocols(paper_data):
                   .score(x_dev.astype(np.float64), y_dev) for c in senteval["grid"]]
     assert np.abs(senteval["cv_scores"][:, 0] - dev_scores).max() <= 1.0 / len(y_dev) + 1e-9
 
-    mteb = probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb")
+    mteb = probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb", samples_per_label=None)  # all of train
     reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64), y_train)
     assert mteb["regularisation"] == 1.0 and mteb["cv_scores"].shape == (1, 0)
     assert abs(mteb["test_accuracy"] - reference.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
@@ -352,6 +362,54 @@ def test_stratified_folds_are_balanced_and_seeded():
     assert not np.array_equal(folds, probe.stratified_folds(labels, 5, seed=4))
 
 
+def test_undersample_draws_seeded_subsets_of_each_label():
+    labels = np.repeat([0, 1, 2], [30, 20, 5])
+    subsets = probe.undersample(labels, 8, 10, seed=3)
+    assert len(subsets) == 10
+    for subset in subsets:
+        assert np.bincount(labels[subset]).tolist() == [8, 8, 5]  # every row of a label with fewer
+        assert len(np.unique(subset)) == len(subset)
+    assert len({tuple(subset) for subset in subsets}) == 10  # a new draw per experiment
+    np.testing.assert_array_equal(np.concatenate(subsets), np.concatenate(probe.undersample(labels, 8, 10, seed=3)))
+    assert not np.array_equal(subsets[0], probe.undersample(labels, 8, 10, seed=4)[0])
+
+
+def test_mteb_protocol_matches_sklearn_on_the_same_subsets():
+    """MTEB: 10 experiments of C = 1 logistic regression on 8 examples per label; mean accuracy and macro-F1."""
+    x, y = _problem(7, 900, 6, 3, noise=1.0)
+    x_train, y_train, x_test, y_test = x[:400], y[:400], x[400:], y[400:]
+    ours = probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb", seed=5)
+    accuracies, f1s = [], []
+    for subset in probe.undersample(y_train, 8, 10, seed=5):
+        reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x_train[subset].astype(np.float64),
+                                                                               y_train[subset])
+        predictions = reference.predict(x_test.astype(np.float64))
+        accuracies.append(np.mean(predictions == y_test))
+        f1s.append(f1_score(y_test, predictions, average="macro"))
+    assert ours["regularisation"] == 1.0 and ours["cv_fits"] == 0 and ours["converged"]
+    np.testing.assert_allclose(ours["experiment_test_accuracy"], accuracies, atol=2 / len(y_test))
+    np.testing.assert_allclose(ours["experiment_test_macro_f1"], f1s, atol=4 / len(y_test))
+    assert abs(ours["test_accuracy"] - np.mean(accuracies)) <= 1 / len(y_test)
+    assert abs(ours["test_macro_f1"] - np.mean(f1s)) <= 2 / len(y_test)
+    assert ours["coef"].shape[0] == 10 and ours["train_accuracy"] > 0.5
+    assert np.std(accuracies) > 0  # the experiments differ: the mean is over real repeats
+
+
+def test_macro_f1_matches_sklearn_for_every_protocol(paper_data):
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 4, 50), rng.integers(1, 5, 50)  # class 0 never predicted, 4 never true
+    assert probe.macro_f1(labels, predictions) == pytest.approx(f1_score(labels, predictions, average="macro"))
+    x_train, y_train, x_test, y_test = paper_data
+    for protocol in probe.PROTOCOLS:  # one C (α) and two folds: the metric, not the search, is under test
+        folds = {} if protocol == "mteb" else {"n_folds": 2}
+        result = probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol, grid=[1.0], **folds,
+                                samples_per_label=None)
+        scores = x_test @ result["coef"] + result["intercept"]
+        predictions = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(axis=1)
+        assert np.mean(predictions == y_test) == pytest.approx(result["test_accuracy"], abs=1e-6)  # float32 sum
+        assert result["test_macro_f1"] == pytest.approx(f1_score(y_test, predictions, average="macro"), abs=1e-9)
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, y = _problem(5, 40, 3, 2)
     cases = [
@@ -371,6 +429,8 @@ def test_bad_inputs_raise_one_clear_error():
         (dict(grid=[1.0, -1.0]), "positive"),
         (dict(multi_class="auto"), "multi_class"),
         (dict(cv_metric="f1"), "cv_metric must be one of"),
+        (dict(protocol="mteb", grid=[0.5, 1.0]), "one grid value"),
+        (dict(protocol="mteb", samples_per_label=0), "positive integers"),
     ]
     for change, message in cases:
         args = dict(x_train=x, y_train=y, x_test=x, y_test=y) | change

@@ -134,6 +134,34 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     assert json.loads((workdir / "results.json").read_text())["table"] == before["table"]
 
 
+def test_a_run_under_other_determinants_recomputes_instead_of_returning_old_cells(smoke_run, tmp_path, monkeypatch):
+    """``run`` on a finished workdir with another probe protocol (no runner check in between): the old cells are
+    ignored with a warning and every probe is refitted (from the cached features: no feature forward pass)."""
+    config, original = smoke_run
+    workdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(original), str(workdir)], check=True)
+    monkeypatch.setattr(features, "_compute_chunk", lambda *a, **k: pytest.fail("features were recomputed"))
+    with pytest.warns(UserWarning, match="cells computed under another model, data, protocol or code version"):
+        table1.run(smoke_config(**{"probe.protocol": "ridge"}), workdir)
+    cells = json.loads((workdir / "results.json").read_text())["cells"]
+    probed = [cell for cell in cells if "regularisation" in cell]
+    assert probed and all(cell["regularisation_name"] == "alpha" for cell in probed)  # ridge, not the old C
+    old = {json.loads(line)["determinants"] for line in (original / table1.CELLS_FILE).read_text().splitlines()}
+    assert {cell["determinants"] for cell in cells}.isdisjoint(old)
+
+
+def test_results_fingerprint_follows_the_model_files(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(b"trained once")
+    config = smoke_config(model=str(model_dir))
+    first = table1.results_fingerprint(config)
+    assert table1.results_fingerprint(smoke_config(model=str(model_dir), batch_size=8)) == first  # batch-invariant
+    (model_dir / "weights.bin").write_bytes(b"trained again, longer")
+    assert table1.results_fingerprint(config) != first
+    assert table1.results_fingerprint(smoke_config(n_test=12)) != table1.results_fingerprint(smoke_config())
+
+
 def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))  # the test's task stays in this test
     rng = np.random.default_rng(0)

@@ -30,8 +30,12 @@ def test_builtin_tasks_follow_the_paper():
     agnews = get_task("agnews")
     assert not agnews.is_sentiment and agnews.class_words == ("foreign", "sports", "financial", "scientific")
     assert get_task("sst5").num_classes == 5 and get_task("agnews").num_classes == 4
-    assert [name for name, task in TASKS.items() if not task.official_split] == ["mpqa", "cr"]
+    assert [name for name, task in TASKS.items() if not task.official_split] == ["mpqa", "cr", "mr", "subj"]
     assert get_task("sst2").tfds.splits["test"] == "validation"  # GLUE's test split has no labels
+    hub_repos = {name: task.hub.repo_id for name, task in TASKS.items() if task.hub}
+    assert hub_repos["sst2"] == "SetFit/sst2" and hub_repos["sst5"] == "SetFit/sst5"  # sentence-level splits
+    assert {"mr", "subj", "trec", "mpqa", "cr"} <= set(hub_repos)  # SentEval's classification tasks
+    assert get_task("trec").label_names == ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
 
 
 def test_unknown_task_lists_the_registered_ones():

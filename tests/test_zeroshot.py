@@ -9,6 +9,7 @@ import pytest
 
 from sentcomp import parallel, zeroshot
 from sentcomp.data import get_task, task_from_config
+from sentcomp.data.text import encode_texts
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 from sentcomp.models.base import LanguageModel
@@ -176,3 +177,25 @@ def test_errors_are_explained(tokenizer):
         zeroshot.zero_shot(lm, TASK, TEXTS[:1], progress=False)
     with pytest.raises(SentcompError, match="no texts"):
         zeroshot.zero_shot(_toy_lm(tokenizer, 32), TASK, [], progress=False)
+
+
+def test_compute_dtype_and_truncation_reach_the_scorer(tokenizer):
+    """bfloat16 really runs (scores move, a little) and truncation="end" keeps the text's first tokens."""
+    config = gpt2.gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=24)
+    lm = gpt2.init(config, rng=1, tokenizer=tokenizer)
+    full = zeroshot.label_word_scores(lm, "sst2", TEXTS[:3], batch_size=8, progress=False)
+    half = zeroshot.label_word_scores(lm, "sst2", TEXTS[:3], batch_size=8, progress=False, compute_dtype="bfloat16")
+    assert not np.array_equal(full, half)
+    np.testing.assert_allclose(half, full, atol=0.1)
+    words = zeroshot.label_word_list(get_task("sst2"))[0]
+    long_text = " ".join(["a genuinely long review that keeps going"] * 6)
+    for truncation in ("start", "end"):
+        rows = zeroshot.build_rows(tokenizer, [long_text], " This movie is ", words, 20, truncation)
+        longest = max(len(target) for row in rows for target in row.targets)
+        context = encode_texts(tokenizer, [long_text], 20 - (longest - 1), " This movie is",
+                                    truncation=truncation).token_ids[0]
+        assert all(list(row.input_ids[: row.start + 1]) == list(context) for row in rows)
+    with pytest.raises(SentcompError, match="compute_dtype must be one of"):
+        zeroshot.label_word_scores(lm, "sst2", TEXTS[:1], compute_dtype="float16", progress=False)
+    with pytest.raises(SentcompError, match="batch_size must be a positive"):
+        zeroshot.label_word_scores(lm, "sst2", TEXTS[:1], batch_size=0, progress=False)

@@ -1,4 +1,5 @@
-"""Reading a task's labeled texts: TFDS (without TensorFlow), local files, or a built-in offline corpus.
+"""Reading a task's labeled texts: TFDS (without TensorFlow), the Hugging Face Hub, local files, or a built-in
+offline corpus.
 
 Every reader returns a :class:`Split` (``texts: list[str]``, ``labels: int64 [N]``) and validates each example:
 a missing column, an unknown label or an empty text raises a :class:`~sentcomp.errors.SentcompError` naming
@@ -10,6 +11,8 @@ Local file formats (the formats the authors' data comes in, plus two common ones
   ``label`` is a header and skipped; blank lines are skipped.
 * CSV (``.csv``) with a header naming the task's ``text_columns`` and ``label_column``.
 * JSON lines (``.jsonl``/``.json``): one object per line with the same fields.
+* Parquet (``.parquet``, the Hub's format; needs ``pyarrow``: ``pip install 'sentcomp[hub]'``) with the same
+  columns.
 * The authors' pickled lists: ``tr_inp.pkl``/``tr_labels.pkl`` (train) and ``te_inp.pkl``/``te_labels.pkl``
   (test). Unpickling runs code stored in the file: load only pickles you trust.
 
@@ -34,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from sentcomp.data import hub
 from sentcomp.data.tasks import Task, get_task
 from sentcomp.errors import SentcompError
 
-SOURCES = ("auto", "files", "tfds", "builtin")
+SOURCES = ("auto", "files", "hub", "tfds", "builtin")
 SPLIT_FILE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 AUTHORS_PICKLE_PREFIXES = {"train": "tr", "test": "te"}
 
@@ -204,6 +208,29 @@ def read_jsonl(path: str | Path, label_names: Sequence[str], text_columns: Seque
     return build_split(examples(), label_names, str(path))
 
 
+def read_parquet(path: str | Path, label_names: Sequence[str], text_columns: Sequence[str] = ("text",),
+                 label_column: str = "label") -> Split:
+    """A Parquet file with columns ``text_columns`` (joined with a space) and ``label_column``."""
+    path = Path(path)
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise SentcompError(f"Reading {path} needs pyarrow: pip install 'sentcomp[hub]'.") from None
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (OSError, pyarrow.ArrowException) as error:
+        raise SentcompError(f"{path} is not a readable Parquet file ({error}).") from None
+    missing = [column for column in (*text_columns, label_column) if column not in table.column_names]
+    if missing:
+        raise SentcompError(
+            f"{path}: missing column(s) {missing}; the file has {table.column_names} (set the task's text/label "
+            "columns to match it)."
+        )
+    examples = ((*_record_example(record, text_columns, label_column, f"{path}, row {index}"), f"{path}, row {index}")
+                for index, record in enumerate(table.select([*text_columns, label_column]).to_pylist()))
+    return build_split(examples, label_names, str(path))
+
+
 def _unpickle_list(path: Path) -> list:
     if not path.is_file():
         raise SentcompError(f"Data file {path} does not exist.")
@@ -230,24 +257,29 @@ def read_pickles(texts_path: str | Path, labels_path: str | Path, label_names: S
     return build_split(examples, label_names, str(texts_path))
 
 
+def read_data_file(path: str | Path, label_names: Sequence[str], text_columns: Sequence[str] = ("text",),
+                   label_column: str = "label") -> Split:
+    """One data file, its format by suffix: ``.tsv``/``.txt``, ``.csv``, ``.jsonl``/``.json`` or ``.parquet``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        return read_tsv(path, label_names)
+    readers = {".csv": read_csv, ".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
+    if suffix not in readers:
+        raise SentcompError(
+            f"{path}: unknown data file type {suffix!r}; use .tsv (sentence<TAB>label), .csv, .jsonl, .parquet, "
+            "or a [texts.pkl, labels.pkl] pair."
+        )
+    return readers[suffix](path, label_names, text_columns, label_column)
+
+
 def read_split_file(file: Any, task: Task) -> Split:
     """One split from a file path (format by suffix) or a ``(texts.pkl, labels.pkl)`` pair."""
     if isinstance(file, (list, tuple)):
         if len(file) != 2:
             raise SentcompError(f"Task {task.name!r}: a pickled split is a [texts.pkl, labels.pkl] pair, got {file}.")
         return read_pickles(file[0], file[1], task.label_names)
-    path = Path(file)
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".txt"):
-        return read_tsv(path, task.label_names)
-    if suffix == ".csv":
-        return read_csv(path, task.label_names, task.text_columns, task.label_column)
-    if suffix in (".jsonl", ".json"):
-        return read_jsonl(path, task.label_names, task.text_columns, task.label_column)
-    raise SentcompError(
-        f"{path}: unknown data file type {suffix!r}; use .tsv (sentence<TAB>label), .csv, .jsonl, or a "
-        "[texts.pkl, labels.pkl] pair."
-    )
+    return read_data_file(file, task.label_names, task.text_columns, task.label_column)
 
 
 def _split_file_in(folder: Path, split: str):
@@ -360,6 +392,37 @@ def _tfds_text(record: dict, text_keys: Sequence[str], where: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The Hugging Face Hub (files read directly from the hub cache; no ``datasets`` package)
+
+
+def load_hub(task: Task | str, cache_dir: str | Path | None = None, download: bool = False) -> dict[str, Split]:
+    """The task's splits from its Hub dataset (``task.hub``), every split its source names (e.g. also
+    ``validation``).
+
+    ``cache_dir`` defaults to the Hub's cache (``$HF_HUB_CACHE``, ``~/.cache/huggingface/hub``). With
+    ``download=False`` the dataset must already be there (``hf download REPO --repo-type dataset``); nothing
+    is fetched, so an offline miss fails at once with that command in the error.
+    """
+    task = get_task(task)
+    if task.hub is None:
+        raise SentcompError(f"Task {task.name!r} has no Hugging Face Hub source; use source='files' or 'tfds'.")
+    source = task.hub
+    files = hub.split_files(hub.snapshot_dir(source, cache_dir, download), source)
+    return {split: Split.concatenate(read_data_file(path, task.label_names, source.text_columns, source.label_column)
+                                     for path in paths)
+            for split, paths in files.items()}
+
+
+def _hub_cached(task: Task, cache_dir) -> bool:
+    """Whether the task's Hub dataset is in the local cache (checked without any network access)."""
+    try:
+        hub.snapshot_dir(task.hub, cache_dir, download=False)
+    except SentcompError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
 # One entry point
 
 
@@ -376,10 +439,13 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
               download: bool = False) -> dict[str, Split]:
     """A task's labeled splits, ``{split name: Split}``.
 
-    ``source``: ``"files"`` (``task.files`` or files found in ``data_dir``), ``"tfds"`` (``data_dir`` is the TFDS
+    ``source``: ``"files"`` (``task.files`` or files found in ``data_dir``), ``"hub"`` (``data_dir`` is the Hub
+    cache dir, default the Hub's; ``download`` lets it fetch the dataset), ``"tfds"`` (``data_dir`` is the TFDS
     data dir; ``download`` lets TFDS fetch and prepare it), ``"builtin"`` (offline corpora), or ``"auto"``:
     built-in data if the task has it, else local files if ``task.files`` is set or ``data_dir`` holds them,
-    else TFDS if the task is there.
+    else the Hub if the task is there and its dataset is in the default Hub cache (or ``download``), else TFDS
+    if the task is there; otherwise the error says which files ``data_dir`` should hold or, without a
+    ``data_dir``, the Hub download command.
     """
     task = get_task(task)
     if source not in SOURCES:
@@ -389,12 +455,17 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
             source = "builtin"
         elif task.files or (data_dir is not None and find_split_files(task, data_dir) is not None):
             source = "files"
+        elif task.hub is not None and (download or _hub_cached(task, None)):
+            source, data_dir = "hub", None
         elif task.tfds is not None:
             source = "tfds"
         else:
-            source = "files"  # raises the error that says which files are expected
+            # raises the error saying what is expected: files if a data_dir was given, else the Hub's download command
+            source = "files" if data_dir is not None or task.hub is None else "hub"
     if source == "builtin":
         return load_builtin(task)
+    if source == "hub":
+        return load_hub(task, data_dir, download=download)
     if source == "tfds":
         return load_tfds(task, data_dir, download=download)
     return load_files(task, data_dir)

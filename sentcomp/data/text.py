@@ -5,9 +5,11 @@ length buckets and fixed-shape batches.
   any text, e.g. Llama's BOS; nothing for GPT-2) work with ``tokenizers.Tokenizer`` and transformers' tokenizers.
 - **Prompt** (the paper's sentence-completion view): appended to the text with its trailing whitespace stripped
   by default (:func:`effective_prompt`; the authors' tokenizer did that, so ``f(s)`` is read at ``" is"`` of
-  ``" This movie is "``). :func:`encode_texts` gives ``prefix + text + prompt`` for causal LMs,
-  :func:`encode_with_specials` ``[CLS] text prompt [SEP]`` for BERT-family encoders. Text and prompt are
-  tokenised separately and concatenated.
+  ``" This movie is "``). :func:`encode_texts` gives ``prefix + tokens(text + prompt)`` for causal LMs (features,
+  zero-shot and fine-tuning alike), :func:`encode_with_specials` ``[CLS] tokens(text + prompt) [SEP]`` for
+  BERT-family encoders. Text and prompt are tokenised **together**, as the model sees them in running text
+  (:func:`encode_joined`), and told apart by the tokenizer's character offsets; a causal LM gets only the special
+  tokens its tokenizer puts *before* a text (:func:`special_tokens`), never those after (BERT's ``[SEP]``).
 - **Truncation** to ``max_length`` tokens (``TRUNCATIONS``): ``"start"`` (default) drops the *beginning* of the
   document so the special tokens and the prompt always survive; ``"end"`` is the authors' behaviour (cut the
   end, prompt included).
@@ -46,11 +48,49 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def prefix_tokens(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before any text (e.g. Llama's BOS; none for GPT-2)."""
+def _encode_with_specials(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "encode_batch"):
-        return list(tokenizer.encode("", add_special_tokens=True).ids)
-    return list(tokenizer("", add_special_tokens=True)["input_ids"])
+        return list(tokenizer.encode(text, add_special_tokens=True).ids)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """``(before, after)``: the special tokens the tokenizer puts before and after any text (Llama: ``([BOS],
+    [])``; BERT: ``([CLS], [SEP])``; GPT-2: ``([], [])``), found by locating a plain text's tokens inside its
+    encoding with special tokens."""
+    plain = encode(tokenizer, ["a"])[0]
+    full = _encode_with_specials(tokenizer, "a")
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise SentcompError(f"Cannot tell this tokenizer's special tokens apart: 'a' encodes to {plain} without them "
+                        f"and {full} with them.")
+
+
+def prefix_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Llama's BOS, BERT's ``[CLS]``; none for GPT-2): what
+    starts every causal LM input. Tokens it puts *after* the text (BERT's ``[SEP]``, an EOS) are never given to
+    a causal LM, whose ``f(s)`` is read at the last token."""
+    return special_tokens(tokenizer)[0]
+
+
+def encode_joined(tokenizer, texts: Sequence[str], suffix: str) -> list[tuple[list[int], int]]:
+    """For each text, the token ids of ``text + suffix`` tokenised **as one string** (what the model sees in
+    running text), and how many of them are the text's: the tokens that end within the text's characters
+    (from the tokenizer's offsets). The rest cover the suffix (a token straddling the boundary counts as the
+    suffix's). Tokenising the two apart would differ with SentencePiece-style tokenizers, which mark a word's
+    leading space as "▁" and may give ``suffix`` alone an extra "▁" token the model never sees there."""
+    joined = [text + suffix for text in texts]
+    if not joined:
+        return []
+    if hasattr(tokenizer, "encode_batch"):
+        encodings = tokenizer.encode_batch(joined, add_special_tokens=False)
+        pieces = [(encoding.ids, encoding.offsets) for encoding in encodings]
+    else:
+        out = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = list(zip(out["input_ids"], out["offset_mapping"]))
+    return [(list(ids), sum(1 for _, end in offsets if end <= len(text)))
+            for (ids, offsets), text in zip(pieces, texts)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -93,31 +133,17 @@ def encode_texts(
     keep_prompt_trailing_space: bool = False,
     truncation: str = "start",
 ) -> Encoding:
-    """Token ids of ``special prefix + text + prompt`` for every text, at most ``max_length`` tokens each.
+    """Token ids of ``prefix + tokens(text + prompt)`` for every text, at most ``max_length`` tokens each: the
+    causal-LM input of features, zero-shot scoring and fine-tuning alike.
 
-    The special prefix is what the tokenizer adds to an empty string (e.g. a BOS token; nothing for GPT-2).
-    ``truncation="start"`` drops the oldest text tokens and keeps the prefix and the prompt;
-    ``truncation="end"`` keeps the first ``max_length`` tokens (the authors' behaviour: the prompt may be lost).
+    ``prefix`` is what the tokenizer puts before any text (:func:`prefix_tokens`, e.g. a BOS; nothing for GPT-2);
+    text and prompt are tokenised together (:func:`encode_joined`). ``truncation="start"`` drops the oldest text
+    tokens and keeps the prefix and the prompt's tokens; ``truncation="end"`` keeps the first ``max_length``
+    tokens (the authors' behaviour: the prompt may be lost).
     """
-    if truncation not in TRUNCATIONS:
-        raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
     prompt = effective_prompt(prompt, keep_prompt_trailing_space)
-    prefix = prefix_tokens(tokenizer)
-    prompt_ids = encode(tokenizer, [prompt])[0] if prompt else []
-    room = max_length - len(prefix) - len(prompt_ids)
-    if room < 1:
-        raise SentcompError(f"The prompt {prompt!r} takes {len(prompt_ids)} tokens: no room left for text within "
-                            f"max_length={max_length}.")
-    text_ids = encode(tokenizer, texts) if len(texts) else []
-    encoded, n_truncated, empty = [], 0, []
-    for i, ids in enumerate(text_ids):
-        full = prefix + list(ids) + prompt_ids
-        if not full:
-            empty.append(i)
-        if len(full) > max_length:
-            n_truncated += 1
-            full = full[:max_length] if truncation == "end" else prefix + list(ids)[len(ids) - room:] + prompt_ids
-        encoded.append(np.asarray(full, np.int32))
+    encoded, n_truncated = _assemble(tokenizer, texts, max_length, prompt, truncation, with_suffix=False)
+    empty = [i for i, ids in enumerate(encoded) if not len(ids)]
     if empty:
         raise SentcompError(f"Texts at positions {empty[:10]} are empty (no tokens) and there is no prompt: features "
                             "need at least one token; drop them or pass a prompt.")
@@ -126,24 +152,41 @@ def encode_texts(
 
 def encode_with_specials(tokenizer, texts: Sequence[str], max_length: int, prompt: str | None = None,
                          truncation: str = "start") -> list[np.ndarray]:
-    """Token ids of ``[CLS] text prompt [SEP]`` (the tokenizer's own special tokens), ≤ ``max_length`` each.
+    """Token ids of ``[CLS] tokens(text + prompt) [SEP]`` (the tokenizer's own special tokens, before and after),
+    ≤ ``max_length`` each: a BERT-family encoder's input. Truncation drops the text's beginning (``"start"``)
+    or its end (``"end"``); the prompt and the special tokens always survive."""
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise SentcompError("The encoder's tokenizer has no [CLS]/[SEP] tokens: BERT features need a BERT tokenizer.")
+    return _assemble(tokenizer, texts, max_length, prompt, truncation, with_suffix=True)[0]
 
-    ``truncation="start"`` drops the beginning of the text (keeps prompt and specials); ``"end"`` its end.
+
+def _assemble(tokenizer, texts: Sequence[str], max_length: int, prompt: str | None, truncation: str,
+              with_suffix: bool) -> tuple[list[np.ndarray], int]:
+    """``before + tokens(text + prompt) [+ after]`` per text, truncated to ``max_length``; and how many were cut.
+
+    ``"start"`` keeps the specials and the prompt's tokens and the last text tokens that fit; ``"end"`` keeps
+    the first tokens (of a causal LM's input: its prompt may be lost; of an encoder's input: the text's end is
+    cut, the prompt and the closing special tokens kept).
     """
     if truncation not in TRUNCATIONS:
         raise SentcompError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}.")
-    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise SentcompError("The encoder's tokenizer has no [CLS]/[SEP] tokens: BERT features need a BERT tokenizer.")
-    prompt_ids = encode(tokenizer, [prompt])[0] if prompt else []
-    room = max_length - 2 - len(prompt_ids)
-    if room < 1:
-        raise SentcompError(f"The prompt {prompt!r} leaves no room for text within max_length={max_length}.")
-    text_ids = encode(tokenizer, texts) if len(texts) else []
-    encoded = []
-    for ids in text_ids:
-        kept = list(ids)[max(0, len(ids) - room):] if truncation == "start" else list(ids)[:room]
-        encoded.append(np.asarray([tokenizer.cls_token_id, *kept, *prompt_ids, tokenizer.sep_token_id], np.int32))
-    return encoded
+    before, after = special_tokens(tokenizer)
+    after = after if with_suffix else []
+    encoded, n_truncated = [], 0
+    for ids, n_text in encode_joined(tokenizer, texts, prompt or ""):
+        text_ids, prompt_ids = ids[:n_text], ids[n_text:]
+        room = max_length - len(before) - len(prompt_ids) - len(after)
+        if room < 1:
+            raise SentcompError(f"The prompt {prompt!r} takes {len(prompt_ids)} tokens: no room left for text within "
+                                f"max_length={max_length}.")
+        if len(text_ids) > room:
+            n_truncated += 1
+            if truncation == "end" and not with_suffix:
+                text_ids, prompt_ids = (text_ids + prompt_ids)[:max_length - len(before)], []
+            else:
+                text_ids = text_ids[len(text_ids) - room:] if truncation == "start" else text_ids[:room]
+        encoded.append(np.asarray([*before, *text_ids, *prompt_ids, *after], np.int32))
+    return encoded, n_truncated
 
 
 # ------------------------------------------------------------------------------------------------ word sets

@@ -12,6 +12,7 @@ every product; it is a static argument of the jitted kernels. ``check_precision`
 
 from sentcomp.kernels.features import (
     conditional_mean_features,
+    expected_values,
     log_partition,
     word_log_probs,
     word_logits,
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_PRECISION",
     "check_precision",
     "conditional_mean_features",
+    "expected_values",
     "log_partition",
     "word_logits",
     "word_log_probs",

@@ -47,36 +47,37 @@ def _chunk_logits(h: jax.Array, phi_chunk: jax.Array, valid: jax.Array, precisio
     return jnp.where(valid, logits, -jnp.inf)
 
 
-def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, with_mean: bool, precision):
-    """One pass over V computing ``log Z(h)`` and, if ``with_mean``, ``Σ_w softmax(Φᵀh)_w φ_w``.
+def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, values: jax.Array | None, precision):
+    """One pass over V computing ``log Z(h)`` and, if ``values [V, k]`` is given, ``Σ_w softmax(Φᵀh)_w v_w``.
 
-    Online log-sum-exp: carry the running max ``m``, ``s = Σ exp(l_w − m)`` and ``acc = Σ exp(l_w − m) φ_w``;
+    Online log-sum-exp: carry the running max ``m``, ``s = Σ exp(l_w − m)`` and ``acc = Σ exp(l_w − m) v_w``;
     when a chunk raises the max to ``m'`` the carried sums are rescaled by ``exp(m − m')``.
-    ``h`` is ``[N, d]``; returns ``log_z [N]`` and ``mean [N, d]`` (or None).
+    ``h`` is ``[N, d]``; returns ``log_z [N]`` and ``mean [N, k]`` (or None).
     """
     chunk, n_chunks = _num_chunks(phi.shape[0], chunk_size)
-    n, dim = h.shape
+    n = h.shape[0]
 
     def step(carry, index):
-        _, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
+        start, phi_chunk, valid_chunk = _vocab_chunk(phi, index, chunk)
         running_max, sum_exp, acc = carry
         logits = _chunk_logits(h, phi_chunk, valid_chunk, precision)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         rescale = jnp.exp(running_max - new_max)
         weights = jnp.exp(logits - new_max[:, None])
         sum_exp = sum_exp * rescale + weights.sum(axis=-1)
-        if with_mean:
-            acc = acc * rescale[:, None] + jnp.dot(weights, phi_chunk.astype(jnp.float32), precision=precision)
+        if values is not None:
+            value_chunk = jax.lax.dynamic_slice_in_dim(values, start, chunk).astype(jnp.float32)
+            acc = acc * rescale[:, None] + jnp.dot(weights, value_chunk, precision=precision)
         return (new_max, sum_exp, acc), None
 
     init = (
         jnp.full((n,), -jnp.inf, jnp.float32),
         jnp.zeros((n,), jnp.float32),
-        jnp.zeros((n, dim) if with_mean else (0,), jnp.float32),
+        jnp.zeros((n, values.shape[1]) if values is not None else (0,), jnp.float32),
     )
     (running_max, sum_exp, acc), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
     log_z = running_max + jnp.log(sum_exp)
-    mean = acc / sum_exp[:, None] if with_mean else None
+    mean = acc / sum_exp[:, None] if values is not None else None
     return log_z, mean
 
 
@@ -86,7 +87,7 @@ def _flatten_features(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _log_partition_flat(h: jax.Array, phi: jax.Array, chunk_size: int, precision) -> jax.Array:
-    log_z, _ = _streamed_softmax_stats(h, phi, chunk_size, False, precision)
+    log_z, _ = _streamed_softmax_stats(h, phi, chunk_size, None, precision)
     return log_z
 
 
@@ -136,9 +137,22 @@ def conditional_mean_features(
     h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
 ) -> jax.Array:
     """Conditional-mean features ``Φ p_f(s) = Σ_w softmax(Φᵀh)_w φ_w = ∇_h log Z(h)``, shape ``[..., d]``."""
+    return expected_values(h, phi, phi, chunk_size, precision=precision)
+
+
+def expected_values(
+    h: jax.Array, phi: jax.Array, values: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
+    precision=DEFAULT_PRECISION,
+) -> jax.Array:
+    """``E_{w ~ p_f(s)}[v_w] = Σ_w softmax(Φᵀh)_w v_w`` for a table ``values [V, k]`` (row ``v_w`` per word),
+    shape ``[..., k]``, streamed over V with ``Φ``: ``values = Φ`` gives :func:`conditional_mean_features`,
+    ``values = Aᵀ`` the projected distribution ``A p_f(s)`` of a ``k × V`` matrix ``A`` (the paper's random
+    projection features), never materialising the ``[N, V]`` distribution."""
+    if values.shape[0] != phi.shape[0]:
+        raise ValueError(f"values has {values.shape[0]} rows but the vocabulary has {phi.shape[0]} words.")
     flat, batch_shape = _flatten_features(h)
-    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, True, check_precision(precision))
-    return mean.reshape(*batch_shape, phi.shape[-1])
+    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, values, check_precision(precision))
+    return mean.reshape(*batch_shape, values.shape[1])
 
 
 def word_logits(h: jax.Array, phi: jax.Array, word_ids: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:

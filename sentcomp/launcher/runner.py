@@ -12,6 +12,7 @@ headline. Programs resume by themselves from what their workdir already holds.
   package versions, Python, the sentcomp version and git commit (with a dirty flag), the JAX backend and
   devices, the process count and the command line (:mod:`sentcomp.launcher.provenance`, which warns when a
   resume starts in another setting than the previous start);
+* ``.lock``: held (``flock``) by the run writing the workdir; a second run on it stops at once (:func:`exclusive`);
 * ``done.json``: the headline metrics, written (atomically) when ``run`` returned: its presence means the run
   is complete, and sweeps skip such points and tabulate its metrics.
 
@@ -19,32 +20,47 @@ Before any work :func:`validate` checks that the program exists, that every requ
 ``ml_collections`` placeholder) is set, and, if the workdir already holds a run, that its ``config.json``
 equals the new config except for the dotted keys the config lists in ``resume_may_change`` (e.g.
 ``("num_steps",)`` to extend a training run); otherwise it fails and shows the difference.
+
+A **composed config** (``config.stages``, :mod:`sentcomp.launcher.stages`) runs each of its stages through
+:func:`run_program` into ``workdir/<stage>/``, in order, skipping complete ones; all are validated first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import numbers
+import os
+import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from sentcomp import parallel, storage
 from sentcomp.errors import SentcompError
-from sentcomp.launcher import config_files, provenance
+from sentcomp.launcher import config_files, provenance, stages
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
 RESULTS_FILE = "results.json"
+LOCK_FILE = ".lock"
 RESUME_MAY_CHANGE = "resume_may_change"
 
 
 def import_program(config: ml_collections.ConfigDict):
-    """The module ``config.program`` names; it must define ``run(config, workdir)``."""
+    """The module ``config.program`` names; it must define ``run(config, workdir)``. A composed config has no
+    program of its own: every stage's is imported (checked) and None is returned."""
+    if stages.is_composed(config):
+        for name in stages.stage_names(config):
+            import_program(config[stages.STAGES][name])
+        return None
     if "program" not in config:
         raise SentcompError("The config has no 'program' key: set it to the module to run, "
                             "e.g. 'sentcomp.programs.table1'.")
@@ -76,7 +92,14 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | Path):
-    """All checks that must pass before any work starts; returns the program module."""
+    """All checks that must pass before any work starts; returns the program module, or None for a composed
+    config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against its own stage workdir."""
+    if stages.is_composed(config):
+        config_files.check_required(config)
+        for name, stage in stages.stage_configs(config, workdir):
+            validate(stage, Path(workdir) / name)
+        check_resume(config, Path(workdir))
+        return None
     program = import_program(config)
     config_files.check_required(config)
     check_resume(config, Path(workdir))
@@ -111,22 +134,72 @@ def read_done(workdir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
-    """Validates, records ``config.json`` and this start (``runs.jsonl``), runs ``config.program`` in ``workdir``,
-    then writes ``done.json``.
+def stages_complete(config: ml_collections.ConfigDict, workdir: str | Path) -> list[bool]:
+    """For each stage of a composed config, in order: whether ``workdir/<stage>`` holds a completed run (process 0
+    decides for all)."""
+    names = stages.stage_names(config)
+    return [bool(done) for done in parallel.broadcast_from_main(
+        np.array([read_done(Path(workdir) / name) is not None for name in names]))]
 
-    Returns what the program's ``run`` returned.
+
+def run_stages(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any] | None:
+    """Runs each stage of a composed config into ``workdir/<stage>`` in order, skipping the complete ones;
+    returns the last stage's headline (its done.json)."""
+    staged = stages.stage_configs(config, workdir)
+    for index, ((name, stage), done) in enumerate(zip(staged, stages_complete(config, workdir))):
+        print(f"[stages] {index + 1}/{len(staged)} {name}: {'complete, skipped' if done else 'running'}", flush=True)
+        if not done:
+            run_program(stage, workdir / name)
+    return read_done(workdir / staged[-1][0])
+
+
+def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
+    """Validates, records ``config.json`` and this start (``runs.jsonl``), runs ``config.program`` in ``workdir``
+    (a composed config: each of its stages, :func:`run_stages`), then writes ``done.json``.
+
+    Returns what the program's ``run`` returned (a composed config: its last stage's headline).
     """
     workdir = Path(workdir)
     program = validate(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main_process():
-        storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
-        provenance.record_start(workdir)
-    parallel.sync("sentcomp_workdir_ready")
-    logging.info("Running %s in %s", config.program, workdir)
-    returned = program.run(config, workdir)
-    if parallel.is_main_process():
-        storage.write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
-    logging.info("Finished %s in %s", config.program, workdir)
+    with exclusive(workdir):
+        if parallel.is_main_process():
+            (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
+            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
+            provenance.record_start(workdir)
+        parallel.sync("sentcomp_workdir_ready")
+        logging.info("Running %s in %s", config.get("program", "a composed config"), workdir)
+        returned = program.run(config, workdir) if program is not None else run_stages(config, workdir)
+        if parallel.is_main_process():
+            storage.write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
+    logging.info("Finished %s in %s", config.get("program", "a composed config"), workdir)
     return returned
+
+
+@contextlib.contextmanager
+def exclusive(workdir: Path):
+    """Holds ``workdir/.lock`` (an exclusive ``flock``, taken by process 0) while a run writes the workdir, so a
+    second run started on the same workdir stops at once with a clear message instead of interleaving its
+    files with the first's. The lock dies with its process (a killed run leaves nothing to clean up); the file
+    names the holder. ``flock`` is advisory and may be ignored by some network filesystems."""
+    if not parallel.is_main_process():
+        yield
+        return
+    with open(workdir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SentcompError(f"{workdir} is being written by another run ({holder}); two runs in one workdir "
+                                "would interleave their results. Wait for it to finish, or use another "
+                                "--workdir.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -13,7 +13,9 @@ holds its headline metrics (the dict the program's ``run`` returns, or the scala
 :mod:`sentcomp.launcher.runner`). On a re-run, complete points are skipped (after checking their recorded config
 still matches). A failing point leaves its traceback in ``DIR/<point>/error.txt`` and the others go on.
 At the end ``DIR/sweep.json`` and ``DIR/sweep.md`` hold one row per point: its status (``done``, ``reused``:
-complete from an earlier run, ``failed``), hyperparameters and headline metrics.
+complete from an earlier run, ``failed``), hyperparameters and headline metrics; when the config has a
+``sweep_selection`` group (``{label: headline metric}``, e.g. ``{"xent": "xent/val_loss"}``), they also name, per
+label, the complete point with the lowest value of that metric (model selection by a validation metric).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.sweep import Point, format_value, point_names
 
 ERROR_FILE = "error.txt"
+SELECTION = "sweep_selection"  # optional config group {label: headline metric}; sweep.md names each minimiser
 LOG_FILE = "log.txt"
 
 
@@ -122,23 +125,40 @@ def run_sweep(
     else:
         with ThreadPoolExecutor(max_workers=parallel_points) as pool:
             outcomes.update(pool.map(run_one, pending))
-    return aggregate(points, sweep_dir, outcomes)
+    return aggregate(points, sweep_dir, outcomes, dict(config.get(SELECTION, {})))
+
+
+def select_points(rows: list[dict[str, Any]], selection: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+    """For each ``label: metric`` of ``selection``, the complete point with the lowest value of the headline
+    ``metric`` (e.g. a validation loss): ``{"metric", "point", "value"}``, or None if no point has a finite one."""
+    chosen = {}
+    for label, metric in selection.items():
+        candidates = [(row["metrics"][metric], row["name"]) for row in rows if row["status"] != "failed"
+                      and isinstance(row["metrics"].get(metric), (int, float)) and np.isfinite(row["metrics"][metric])]
+        chosen[label] = None
+        if candidates:
+            value, name = min(candidates)
+            chosen[label] = {"metric": metric, "point": name, "value": value}
+    return chosen
 
 
 def aggregate(
-    points: list[Point], sweep_dir: Path, outcomes: dict[str, tuple[str, str | None]]
+    points: list[Point], sweep_dir: Path, outcomes: dict[str, tuple[str, str | None]],
+    selection: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Writes ``sweep.json`` (``{"rows": [...]}``) and ``sweep.md``; a row is ``{"name", "status", "params",
-    "metrics", "error"}`` with the metrics read from the point's done.json."""
+    """Writes ``sweep.json`` (``{"rows": [...], "selected": {...}}``) and ``sweep.md``; a row is ``{"name",
+    "status", "params", "metrics", "error"}`` with the metrics read from the point's done.json; ``selected``:
+    :func:`select_points` for the config's ``sweep_selection`` (``{label: headline metric to minimise}``)."""
     rows = []
     for point, name in zip(points, point_names(points)):
         status, error = outcomes[name]
         metrics = runner.read_done(sweep_dir / name) if status != "failed" else None
         rows.append({"name": name, "status": status, "params": point, "metrics": metrics or {}, "error": error})
+    selected = select_points(rows, selection or {})
     if parallel.is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage.write_json(sweep_dir / "sweep.json", {"rows": rows})
-        storage.write_text(sweep_dir / "sweep.md", markdown_table(rows))
+        storage.write_json(sweep_dir / "sweep.json", {"rows": rows, "selected": selected})
+        storage.write_text(sweep_dir / "sweep.md", markdown_table(rows) + selection_markdown(selected))
     return rows
 
 
@@ -169,6 +189,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if failures:
         lines += ["", "## Failures", ""]
         lines += [f"- `{row['name']}`: {row['error']} (see {row['name']}/{ERROR_FILE})" for row in failures]
+    return "\n".join(lines) + "\n"
+
+
+def selection_markdown(selected: dict[str, dict[str, Any] | None]) -> str:
+    """The ``## Chosen points`` section of sweep.md (empty without a selection)."""
+    if not selected:
+        return ""
+    lines = ["", "## Chosen points (lowest value of the metric; never chosen by test accuracy)", "",
+             "| for | metric | point | value |", "|---|---|---|---|"]
+    for label, choice in selected.items():
+        lines.append(f"| {label} | — | no complete point | — |" if choice is None else
+                     f"| {label} | {choice['metric']} | {choice['point']} | {_cell(choice['value'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,15 +1,16 @@
 """Language models: ``load(source)`` gives a :class:`LanguageModel` for any family sentcomp implements.
 
-A source is a Hub name (``"gpt2"``), a local Hugging Face directory (``config.json`` + weights), a ``.gguf``
-file, or an alias of an offline asset (see ``ALIASES``). The family is read from ``config.json``'s
-``model_type`` and dispatched to the module that implements it; each family module exposes
-``from_hf(model_dir, config: dict, **options) -> LanguageModel``.
+A source is a Hub name (``"gpt2"``), a local Hugging Face directory (``config.json`` + weights), a training run's
+workdir (the weights it saved in ``model/``), a ``.gguf`` file, or an alias of an offline asset (see ``ALIASES``).
+The family is read from ``config.json``'s ``model_type`` and dispatched to the module that implements it; each
+family module exposes ``from_hf(model_dir, config: dict, **options) -> LanguageModel``.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
@@ -19,6 +20,10 @@ from sentcomp.models.base import LanguageModel
 FAMILIES = {
     "gpt2": "sentcomp.models.gpt2",
     "llama": "sentcomp.models.llama",
+    "qwen2": "sentcomp.models.qwen2",
+    "mistral": "sentcomp.models.mistral",
+    "gpt_neox": "sentcomp.models.gpt_neox",
+    "gemma": "sentcomp.models.gemma",
     "bert": "sentcomp.models.bert",
 }
 
@@ -44,8 +49,21 @@ def family_module(model_type: str):
         raise
 
 
+RUN_MODEL_DIR = "model"  # where a training run (e.g. sentcomp.programs.pretrain) saves its final weights
+
+
+def run_model_dir(directory: Path) -> Path:
+    """``directory/model`` when ``directory`` is a training run's workdir (its own ``config.json``, if any, is the
+    launcher's record, without ``model_type``, and ``model/config.json`` exists); else ``directory`` itself."""
+    own, inner = directory / "config.json", directory / RUN_MODEL_DIR / "config.json"
+    if inner.is_file() and not (own.is_file() and "model_type" in hf.read_config(directory)):
+        return directory / RUN_MODEL_DIR
+    return directory
+
+
 def load(source: str, **options) -> LanguageModel:
-    """Loads a language model from a Hub name, a local HF directory, a GGUF file or an alias.
+    """Loads a language model from a Hub name, a local HF directory, a training run's workdir (its ``model/``,
+    e.g. a pretraining run's, Quad head and untied Φ included), a GGUF file or an alias.
 
     ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2). A model loaded by alias
     is named by the alias (progress bars, result files), not by the file it resolves to.
@@ -55,7 +73,7 @@ def load(source: str, **options) -> LanguageModel:
         return load(resolved() if callable(resolved) else resolved, **options).replace(name=source)
     if source.endswith(".gguf"):
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
-    model_dir = hf.resolve_hub_or_dir(source)
+    model_dir = run_model_dir(hf.resolve_hub_or_dir(source))
     config = hf.read_config(model_dir)
     if "model_type" not in config:
         raise SentcompError(f"{model_dir}/config.json has no 'model_type'; cannot tell the architecture.")

@@ -100,7 +100,7 @@ def gpt2_config(size: str | None = None, **overrides) -> GPT2Config:
     return GPT2Config(**{**PRESETS.get(size, {}), **overrides})
 
 
-_QUAD_KEY = "sentcomp_quad_head"  # config.json flag of checkpoints with the Quad head (written by save_hf)
+_QUAD_KEY = layers.QUAD_CONFIG_KEY  # config.json flag of checkpoints with the Quad head (written by save_hf)
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> GPT2Config:

@@ -1,10 +1,14 @@
-"""The shared transformer pieces, written once: what the GPT-2, Llama and BERT families (``sentcomp.models.gpt2``,
-``llama``, ``bert``) build their networks and their :class:`LanguageModel` views from.
+"""The shared transformer pieces, written once: what the GPT-2 and BERT families (``sentcomp.models.gpt2``,
+``bert``) and the rotary decoder families (:mod:`sentcomp.models.decoder`: Llama, Qwen2, Mistral, GPT-NeoX,
+Gemma) build their networks and their :class:`LanguageModel` views from.
 
 - Config checks: :func:`check_config` (heads split the width, a known activation from :data:`ACTIVATIONS`).
-- Layers: :func:`layer_norm` (torch's LayerNorm, exactly), :func:`dense` (Dense with an N(0, σ²) kernel).
+- Layers: :func:`layer_norm` (torch's LayerNorm, exactly), :class:`RMSNorm` (``g ⊙ x/rms(x)``, or Gemma's
+  ``(1 + g) ⊙ x/rms(x)``), :func:`dense` (Dense with an N(0, σ²) kernel).
 - Attention: :func:`positions` (rotary/learned positions count the real tokens), :func:`visible_keys` (which keys
-  a query may see), :func:`attend` (softmax over the visible keys in float32, times the values in their dtype).
+  a query may see), :func:`rotary_cos_sin` + :func:`apply_rotary` (rotary position embeddings, full or partial),
+  :func:`attend` (softmax over the visible keys in float32, times the values in their dtype; grouped-query
+  attention when there are fewer value heads than score heads).
 - The paper's **Quad head** (Section 6 of arXiv 2010.03648): one d×d linear layer with bias after the final norm,
   ``f(s) = W·h + b`` where ``h`` is the final-norm output, with Φ untied from the input embeddings.
   :func:`quad_head` is the layer (initialised to the identity, so ``f(s) = h`` until trained), :func:`quad_config`
@@ -24,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sentcomp.errors import SentcompError
 from sentcomp.models.base import LanguageModel
@@ -46,6 +51,7 @@ ACTIVATIONS = {
 }
 
 QUAD_HEAD = "quad_head"  # the Quad head's parameters, ``params["quad_head"] = {"kernel" [d, d], "bias" [d]}``
+QUAD_CONFIG_KEY = "sentcomp_quad_head"  # config.json flag of HF-format checkpoints saved with the Quad head
 
 
 def check_config(model: str, config, width: str, heads: str, activation: str) -> None:
@@ -67,6 +73,23 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
     float32 (Flax's default), the output in the dtype of ``x`` and the parameters (bf16 for a bf16 model)."""
     # use_fast_variance=False: E[(x-μ)²] like torch, not E[x²]-μ² (which loses precision).
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
+
+
+class RMSNorm(nn.Module):
+    """``(offset + g) ⊙ x / sqrt(mean(x²) + ε)`` over the last axis: ``offset = 0`` is Llama's RMSNorm (``g``
+    initialised to 1), ``offset = 1`` Gemma's, which stores ``w = g − 1`` (initialised to 0). Computed in float32
+    (the gain too) and returned in ``x``'s dtype, so a bf16 model's activations stay bf16."""
+
+    eps: float
+    offset: float = 0.0
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32).astype(jnp.float32)
+        dtype, x = x.dtype, x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return ((self.offset + scale) * normed).astype(dtype)
 
 
 def dense(features: int, stddev: float, name: str) -> nn.Dense:
@@ -93,11 +116,34 @@ def visible_keys(attention_mask: jax.Array, causal: bool) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), bool))[None] & real
 
 
+def rotary_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``cos(p·ω), sin(p·ω)`` in float32, shape ``positions.shape + (rotary_dim,)``: the ``rotary_dim/2``
+    frequencies ``ω`` repeated over both halves (Hugging Face's half-split convention)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary position embedding of ``x [B, T, heads, head_dim]`` with ``cos, sin [B, T, r]`` (:func:`rotary_cos_sin`):
+    the first ``r`` dims ``y = [y₁, y₂]`` (two halves) become ``y ⊙ cos + [−y₂, y₁] ⊙ sin``, the other
+    ``head_dim − r`` pass unchanged (partial rotary, GPT-NeoX's ``rotary_pct``). Computed in float32 (the tables'
+    dtype), returned in ``x``'s dtype (bf16 for a bf16 model)."""
+    r = cos.shape[-1]
+    y, rest = x[..., :r], x[..., r:]
+    y1, y2 = jnp.split(y, 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = (y * cos + jnp.concatenate([-y2, y1], axis=-1) * sin).astype(x.dtype)
+    return jnp.concatenate([rotated, rest], axis=-1) if rest.shape[-1] else rotated
+
+
 def attend(scores: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
     """Multi-head attention output ``[B, T, heads·head_dim]``: ``softmax(scores)`` over the visible keys (the
     others get float32's most negative score: finite, so a query that sees no key averages uniformly instead of
-    giving NaN), times ``values [B, T, heads, head_dim]``. ``scores [B, heads, T, T]`` (query, key), already
-    scaled; ``visible`` as :func:`visible_keys` gives it.
+    giving NaN), times ``values [B, T, kv_heads, head_dim]``. ``scores [B, heads, T, T]`` (query, key), already
+    scaled; ``visible [B, T, T]`` as :func:`visible_keys` gives it. Grouped-query attention: with
+    ``kv_heads < heads``, score head ``h`` uses value head ``h // (heads / kv_heads)`` (Hugging Face's
+    ``repeat_kv`` order); ``kv_heads = heads`` is plain multi-head attention.
 
     Precision: the masking and softmax are computed in float32 (bf16 scores are upcast), and the attention
     weights are cast back to the values' dtype, so the product with V runs in the model's dtype (bf16 with bf16
@@ -105,8 +151,11 @@ def attend(scores: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Arra
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     scores = jnp.where(visible[:, None], scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
-    return out.reshape(*out.shape[:2], -1)
+    batch, heads, queries, keys = weights.shape
+    kv_heads = values.shape[2]
+    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, queries, keys)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", grouped, values)
+    return out.reshape(batch, queries, -1)
 
 
 # -------------------------------------------------------------------------------------------- the Quad head

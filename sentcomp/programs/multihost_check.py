@@ -16,9 +16,10 @@ few seeded texts, giving ``f(s)``, ``Φ p_f(s)`` and word log-probabilities.
 
 The arrays are written to ``arrays.npz`` and round-tripped through an Orbax checkpoint that all processes
 write together (``checkpoint/``); on a re-run the checkpoint is restored instead of written (resume).
-``results.json`` holds the headline numbers. Run it on a new Cloud TPU slice before a real experiment
-(tpu_configs/README.md); tests/test_multihost.py runs it as 2 processes × 4 CPU devices and compares with
-1 process × 8 devices.
+Every process also checks that :func:`sentcomp.parallel.main_decides` (how programs read what their workdir
+holds) hands it process 0's value. ``results.json`` holds the headline numbers. Run it on a new Cloud TPU
+slice before a real experiment (tpu_configs/README.md); tests/test_multihost.py runs it as 2 processes × 4
+CPU devices and compares with 1 process × 8 devices.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def run(config, workdir: Path) -> dict[str, float]:
     restored = checkpoint_round_trip(outputs, workdir / "checkpoint")
     arrays, restored = parallel.fetch(outputs), parallel.fetch(restored)
     extracted = extracted_features(config.n_contexts, config.seed)
+    decided_by = parallel.main_decides(jax.process_index)  # what process 0 read is what every process gets
+    if decided_by != 0:
+        raise RuntimeError(f"parallel.main_decides gave process {jax.process_index()} the value of process "
+                           f"{decided_by}, not process 0's.")
     results = {
         "loss": float(arrays["loss"]),
         "grad_phi_norm": float(np.linalg.norm(arrays["grad_phi"])),

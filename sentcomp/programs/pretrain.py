@@ -29,7 +29,8 @@ asynchronously; each holds params, optimiser state, step, and as JSON the data p
 tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.throughput`), learning rate, gradient norm, and
 the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
 accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
-``results.json`` (headline), ``model/`` (final weights in Hugging Face layout, loadable by
+``results.json`` (headline, with ``data_stream_sha256``: a digest of every token the run read, in order, so two
+runs can prove they saw the same data), ``model/`` (final weights in Hugging Face layout, loadable by
 ``sentcomp.models.load``).
 
 **Resume**: running again with the same workdir restores the latest checkpoint (metrics logged after it are
@@ -49,6 +50,7 @@ accuracy-vs-loss curves come out of one run.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ from sentcomp.training import (
     make_train_step,
     read_metrics,
     resume,
+    resume_settings,
     save_checkpoint,
 )
 
@@ -120,13 +123,11 @@ def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, hos
 
 
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:
-    """Packed blocks of the corpus, built once by process 0 into ``workdir/corpus`` and read by every process."""
+    """Packed blocks of the corpus, built (or read from its cache ``workdir/corpus``) by process 0 alone and sent
+    to the other processes, so hosts need no shared filesystem."""
     spec = corpora.CorpusSpec.from_config(config.data.corpus)
-    cache = workdir / "corpus"
-    if parallel.is_main_process():
-        corpora.load_blocks(spec, tokenizer, config.data.seq_len, cache, progress=config.progress)
-    parallel.sync("sentcomp_pretrain_corpus_ready")
-    return corpora.load_blocks(spec, tokenizer, config.data.seq_len, cache, progress=False)
+    return parallel.main_decides(lambda: corpora.load_blocks(spec, tokenizer, config.data.seq_len,
+                                                             workdir / "corpus", progress=config.progress))
 
 
 def validation_losses(eval_step, params, batches, mesh) -> dict[str, float]:
@@ -167,7 +168,8 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
                 for split in ("train", "test")}
     return {f"probe_{kind}": probe_lib.evaluate(features["train"][kind], data["train"].labels, features["test"][kind],
                                                 data["test"].labels, protocol=probe.protocol,
-                                                standardize=probe.standardize, seed=probe.seed)["test_accuracy"]
+                                                standardize=probe.standardize, seed=probe.seed,
+                                                samples_per_label=probe.samples_per_label or None)["test_accuracy"]
             for kind in kinds}
 
 
@@ -215,7 +217,7 @@ def run(config, workdir) -> dict[str, Any]:
 
     frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
     optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
-    seeds = {"seed": config.seed, "data_seed": config.data.seed}
+    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
     manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
                                   config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
     start = int(parallel.fetch(state["step"]))
@@ -227,7 +229,7 @@ def run(config, workdir) -> dict[str, Any]:
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
     tokens_per_step = config.batch_size * config.data.seq_len
     flops_per_token = throughput.lm_flops_per_token(lm, config.data.seq_len)
-    peak = throughput.peak_flops(jax.devices()[0])
+    peak = throughput.peak_flops(jax.local_devices()[0])
     last_saved = start if meta is not None else None
     losses, train_seconds, row = [], 0.0, None
 
@@ -276,6 +278,19 @@ def run(config, workdir) -> dict[str, Any]:
     return finish(config, workdir, lm, state, plan)
 
 
+def stream_digest(plan: DataPlan, steps: int, chunk: int = 1 << 14) -> str:
+    """SHA-256 of the token stream ``steps`` steps read: the token ids of the blocks at stream positions
+    ``0 .. steps·B − 1`` in order (``B`` = global batch; step ``t`` reads positions ``t·B .. t·B + B − 1``,
+    :func:`sentcomp.data.corpora.block_indices`). Two runs with equal digests trained on identical data."""
+    digest = hashlib.sha256()
+    total = steps * plan.global_batch
+    for start in range(0, total, chunk):
+        positions = np.arange(start, min(start + chunk, total))
+        digest.update(np.ascontiguousarray(plan.blocks[corpora.block_indices(positions, len(plan.blocks),
+                                                                              plan.seed)], np.int32).tobytes())
+    return digest.hexdigest()
+
+
 def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> dict[str, Any]:
     """Writes ``results.json``, ``curves.png`` and the final weights (``model/``, HF layout); returns the headline."""
     metrics = read_metrics(workdir) if parallel.is_main_process() else [{}]
@@ -283,7 +298,8 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
     step = int(parallel.fetch(state["step"]))
     results = {"loss": config.loss, "steps": step, "tokens": step * config.batch_size * config.data.seq_len,
                **{key: value for key, value in final.items() if key not in ("step", "tokens")},
-               "train_blocks": int(len(plan.blocks)), "epochs": step * plan.global_batch / len(plan.blocks)}
+               "train_blocks": int(len(plan.blocks)), "epochs": step * plan.global_batch / len(plan.blocks),
+               "data_stream_sha256": stream_digest(plan, step)}
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
         gpt2.save_hf(trained, workdir / "model")

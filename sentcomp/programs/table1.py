@@ -12,6 +12,10 @@ column              features
 ``subset_log_probs`` ``log p_f(s)(w)`` for the same words
 ``class_logits``    ``hᵀφ_w`` for the class words (``:)``, ``:(`` for sentiment)
 ``posneg_logits``   ``hᵀφ_w`` for ``positive``/``negative`` (sentiment tasks only)
+``p_f``             the full next-word distribution ``p_f(s)`` (``[V]``; off by default: it is written to disk,
+                    ``N × V`` floats, and probed exactly through its ``N × N`` kernel matrix)
+``projected_p_f``   ``A p_f(s)`` for a seeded random orthonormal ``d × V`` matrix ``A`` (off by default;
+                    streamed over V, ``config.projection_seed``)
 ==================  =====================================================================================
 
 is probed with ``sentcomp.probe.evaluate(protocol=config.probe.protocol)`` (the paper's: L2 logistic
@@ -28,7 +32,9 @@ Features are extracted once per task and row, all kinds in one pass over the mod
 union of all word sets, whose columns are then selected per set), for the unique texts of all splits, and
 cached under ``workdir/features`` (:func:`sentcomp.features.extract_features`). Every finished cell (task,
 row, column, split) is appended to ``workdir/cells.jsonl`` at once, so a re-run (or a run resumed after a
-kill) recomputes nothing that is done, and needs no model forward pass at all when every cell is done.
+kill) recomputes nothing that is done, and needs no model forward pass at all when every cell is done. Each
+cell records what determined it (:func:`results_fingerprint`: model, data, protocol, code); a run under other
+determinants ignores it (with a warning) and recomputes, so it never returns another configuration's numbers.
 
 Writes ``workdir/results.json`` (every cell with its configuration, the table, data sizes, word sets),
 ``workdir/results.md`` (the table laid out like the paper's Table 1, then data sizes, words, and the chosen
@@ -45,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +75,8 @@ FEATURE_COLUMNS = {
     "subset_log_probs": ("word_log_probs", "subset"),
     "class_logits": ("word_logits", "class"),
     "posneg_logits": ("word_logits", "posneg"),
+    "p_f": ("p_f", None),
+    "projected_p_f": ("projected_p_f", None),
 }
 ZEROSHOT = "zeroshot"
 BERT = "bert"
@@ -79,6 +88,8 @@ COLUMN_TITLES = {
     "subset_log_probs": "subset log-probs",
     "class_logits": "class-word logits",
     "posneg_logits": "pos/neg logits",
+    "p_f": "p_f(s)",
+    "projected_p_f": "A p_f(s)",
     BERT: "BERT",
     FINETUNE: "fine-tune",
     ZEROSHOT: "zero-shot",
@@ -149,6 +160,8 @@ def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: di
                     union: WordSet | None) -> np.ndarray:
     """The ``[N, features]`` matrix of one column from one extraction."""
     kind, group = FEATURE_COLUMNS[column]
+    if kind == "p_f":  # V-dimensional: probed through its N × N kernel matrix, exactly (probe.row_space_features)
+        return probe.row_space_features(extracted[kind])
     if group is None:
         return extracted[kind]
     return extracted[kind][:, word_columns(union, word_sets[group])]
@@ -161,27 +174,57 @@ def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
     return f"{task}{'*' if prompt else ''}/{column}/{repeat}"
 
 
+# Config keys that choose which cells exist or how they are shown, not their values.
+NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", "ft.enabled", "ft.progress",
+                   "zeroshot.enabled", "resume_may_change")
+# The code behind a cell's value once features exist (features carry their own code fingerprint).
+RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
+               "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
+
+
+def results_fingerprint(config) -> str:
+    """What decides every cell's value: the config but :data:`NOT_DETERMINING`, the model's files when
+    ``config.model`` is a local path (a retrained model in the same place), and the probe/zero-shot code."""
+    model = Path(config.model)
+    return storage.content_hash(storage.settings_fingerprint(config.to_dict(), ignore=NOT_DETERMINING),
+                                storage.path_fingerprint(model) if model.exists() else config.model,
+                                storage.code_fingerprint(*RESULT_CODE))
+
+
+def read_cells(path: Path) -> dict[str, dict]:
+    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped, the cell recomputed."""
+    cells = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            cell = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        cells[cell["key"]] = cell
+    return cells
+
+
 class CellLog:
     """Finished cells, one JSON object per line in ``workdir/cells.jsonl``, appended as each finishes.
 
-    A torn last line (a kill mid-write) is ignored on reading; the cell is then recomputed.
+    Every cell records ``determinants`` (:func:`results_fingerprint`); only the cells computed under the current
+    ones count as done. Process 0 reads the file and sends its cells to the other processes (hosts never read
+    it independently) and alone appends to it.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, determinants: str):
         self.path = path
-        self.cells: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    cell = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.cells[cell["key"]] = cell
+        self.determinants = determinants
+        cells = parallel.main_decides(lambda: read_cells(path))
+        self.cells = {key: cell for key, cell in cells.items() if cell.get("determinants") == determinants}
+        if len(self.cells) < len(cells):
+            warnings.warn(f"{path} holds {len(cells) - len(self.cells)} cells computed under another model, data, "
+                          "protocol or code version; they are ignored and recomputed.", stacklevel=2)
 
     def __contains__(self, key: str) -> bool:
         return key in self.cells
 
     def add(self, cell: dict) -> None:
+        cell = {**cell, "determinants": self.determinants}
         self.cells[cell["key"]] = cell
         if parallel.is_main_process():
             storage.append_json_line(self.path, cell)
@@ -208,10 +251,11 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
     result = probe.evaluate(
         x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
         multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
-        seed=probe_config.seed, max_iter=probe_config.max_iter,
+        seed=probe_config.seed, max_iter=probe_config.max_iter, n_experiments=probe_config.n_experiments,
+        samples_per_label=probe_config.samples_per_label,
     )
-    keep = ("test_accuracy", "train_accuracy", "regularisation", "regularisation_name", "grid", "converged",
-            "iterations", "multi_class")
+    keep = ("test_accuracy", "test_macro_f1", "train_accuracy", "regularisation", "regularisation_name", "grid",
+            "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
     return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
             "n_features": int(x.shape[1])}
 
@@ -312,6 +356,12 @@ def probe_modes(probe_config: dict) -> str:
     return probe_config["multi_class"] + (f"; multinomial for {', '.join(exceptions)}" if exceptions else "")
 
 
+def cv_convergence(cell: dict) -> str:
+    """``"0 / 40"``, or ``"⚠ 3 / 40"`` when some cross-validation fit did not converge."""
+    missed, fits = cell.get("cv_not_converged", 0), cell.get("cv_fits", 0)
+    return f"{'⚠ ' if missed else ''}{missed} / {fits}"
+
+
 def results_markdown(results: dict) -> str:
     rows = [row for task in results["tasks"] for row in (task["name"], task["name"] + "*")]
     parts = [
@@ -331,10 +381,13 @@ def results_markdown(results: dict) -> str:
                        ([t["name"], group, " ".join(repr(f) for f in ws["forms"]), ", ".join(ws["dropped"]) or "—"]
                         for t in results["tasks"] for group, ws in t["word_sets"].items())),
         "## Probes",
-        markdown_table(["cell", "regularisation", "train acc", "test acc", "features", "converged"],
+        markdown_table(["cell", "regularisation", "train acc", "test acc", "features", "converged",
+                        "CV fits not converged"],
                        ([c["key"], f"{c['regularisation_name']}={c['regularisation']:g}",
                          f"{100 * c['train_accuracy']:.1f}", f"{100 * c['test_accuracy']:.1f}", c["n_features"],
-                         c["converged"]] for c in results["cells"] if "regularisation" in c)),
+                         c["converged"], cv_convergence(c)] for c in results["cells"] if "regularisation" in c)),
+        "`converged`: the final probe's fit; the last column counts the cross-validation fits that chose the "
+        "regularisation and stopped short of their tolerance (⚠ when any did: raise `probe.max_iter`).",
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -361,7 +414,8 @@ def prepare_task(name: str, config) -> TaskData:
 
 def _extraction_options(config, workdir: Path) -> dict:
     return dict(max_length=config.max_length, batch_size=config.batch_size, truncation=config.truncation,
-                compute_dtype=config.compute_dtype, cache_dir=workdir / "features")
+                compute_dtype=config.compute_dtype, projection_seed=config.projection_seed,
+                cache_dir=workdir / "features")
 
 
 def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> dict:
@@ -418,7 +472,8 @@ def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
         return
     test_texts = list(dict.fromkeys(text for r in todo for text in data.pairs[r][1].texts))
     result = zeroshot.zero_shot(lm_loader(), data.task, test_texts, calibrate=config.zeroshot.calibrate,
-                                batch_size=config.batch_size, max_length=config.max_length)
+                                batch_size=config.batch_size, max_length=config.max_length,
+                                compute_dtype=config.compute_dtype, truncation=config.truncation)
     pool = {text: row for row, text in enumerate(test_texts)}
     for r in todo:
         test = data.pairs[r][1]
@@ -440,7 +495,7 @@ def run(config, workdir) -> dict:
         raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
     check_multinomial_cells(config.probe.multinomial_cells)
     datas = [prepare_task(name, config) for name in config.tasks]
-    log = CellLog(workdir / CELLS_FILE)
+    log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
     def lm_loader():  # the model is loaded only if some cell needs it
