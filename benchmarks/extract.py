@@ -3,19 +3,24 @@
     .venv/bin/python benchmarks/extract.py                  # 256 texts, batch 32 (~2-4 min on 2 cores)
     .venv/bin/python benchmarks/extract.py --n 64 --memory-n 2000   # quicker look
 
-1. Throughput, side by side in one process on the same CPU: GPT-2-small-shaped models with random weights
-   (d=768, 12 layers, 12 heads, V=50,257), the same real texts (Rotten Tomatoes snippets, real GPT-2
-   tokenizer, at most 512 tokens) and the same batch size. Ours: ``sentcomp.features.extract_features`` for
-   kind ``f`` (tokenize, bucket, forward, gather the last token). HF: ``GPT2Model`` under
+1. Throughput, side by side in one process on the same CPU: one GPT-2-small-shaped model with random weights
+   (d=768, 12 layers, 12 heads, V=50,257), the same weights on both sides (ours written with ``gpt2.save_hf``
+   and read by HF's ``GPT2LMHeadModel.from_pretrained``), the same real texts (Rotten Tomatoes snippets, real
+   GPT-2 tokenizer, at most 512 tokens) and the same batch size. Ours: ``sentcomp.features.extract_features``
+   for kind ``f`` (tokenize, bucket, forward, gather the last token). HF: its ``GPT2Model`` under
    ``torch.inference_mode`` on tokenizer-padded batches (right padding, last non-pad hidden state), once in
-   the given text order (what a user writes) and once length-sorted (what our bucketing does). Compilation is
-   excluded (one warm-up pass each); the best of ``--repeats`` timed passes is reported as real tokens/s
-   (padding not counted) and the ratio ours / best HF variant. Target ≥ 1.0×.
+   the given text order (what a user writes) and once length-sorted (what our bucketing does). Before any
+   ratio, ours and HF's features must agree (``FEATURE_TOLERANCE``, relative to their largest magnitude).
+   Both timed alike (``timing.time_calls``): one warm-up pass (compilation), then the median of ``--repeats``
+   passes, reported as real tokens/s (padding not counted) and the ratio ours / best HF variant. Target
+   ≥ 1.0×. PyTorch uses its default thread count (printed), XLA every core.
 2. Memory: ``phi_p_f`` for ``--memory-n`` (default 20,000) texts and for a tenth of them, each in a fresh
    subprocess, with GPT-2-small's embedding shape (V=50,257, d=768) but one transformer layer and at most 64
    tokens (Φp_f's memory depends on neither; 12 layers would take ~10 min here). Reported: the rise of peak
    RSS during the call (compilation and the per-batch activations included) for both N, next to the N×V
-   float32 buffer a materialised softmax would need. Bounded = the rise does not grow with N.
+   float32 buffer a materialised softmax would need: a computed size, not a measurement (no materialised
+   run is made), so the two are not like for like; the measured claim is "bounded" = the rise does not grow
+   with N.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
+from timing import assert_same_output, load_average, speedup, time_calls
 
 MAX_LENGTH = 512
 MEMORY_MAX_LENGTH = 64
+FEATURE_TOLERANCE = {"rtol": 1e-4}  # max|ours − HF| ≤ 1e-4 · max|HF| (float32, 12 layers, different kernels)
 
 
 def _texts(n: int) -> list[str]:
@@ -38,16 +46,6 @@ def _texts(n: int) -> list[str]:
 
     snippets = read_snippets().texts
     return [snippets[i % len(snippets)] for i in range(n)]
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation / allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _hf_pass(model, tokenizer, texts, batch_size, sort_by_length):
@@ -65,10 +63,12 @@ def _hf_pass(model, tokenizer, texts, batch_size, sort_by_length):
             hidden = model(**encoded).last_hidden_state
             last = encoded["attention_mask"].sum(1) - 1
             outputs.append(hidden[torch.arange(len(batch)), last])
-    return torch.cat(outputs)
+    return torch.cat(outputs)[np.argsort(order, kind="stable")]  # back to the given order
 
 
-def throughput(n: int, batch_size: int, repeats: int) -> dict:
+def throughput(n: int, batch_size: int, repeats: int, config=None) -> dict:
+    """Ours vs HF PyTorch on the same weights and texts: features checked equal, then tokens/s of each.
+    ``config``: the ``gpt2.GPT2Config`` of the random model (default GPT-2 small)."""
     import torch
     import transformers
 
@@ -77,31 +77,40 @@ def throughput(n: int, batch_size: int, repeats: int) -> dict:
     from sentcomp.models import gpt2
 
     texts = _texts(n)
-    lm = gpt2.init(gpt2.gpt2_config("small"), rng=0)
+    lm = gpt2.init(config or gpt2.gpt2_config("small"), rng=0)
+    with tempfile.TemporaryDirectory() as directory:
+        gpt2.save_hf(lm, directory)
+        model = transformers.GPT2LMHeadModel.from_pretrained(directory).transformer.eval()
     n_tokens = sum(len(ids) for ids in text.encode_texts(lm.tokenizer, texts, MAX_LENGTH).token_ids)
-
-    def ours():
-        features.extract_features(lm, texts, ("f",), batch_size=batch_size, max_length=MAX_LENGTH, progress=False)
-
-    torch.manual_seed(0)
-    model = transformers.GPT2Model(transformers.GPT2Config()).eval()
     tokenizer = lm.tokenizer  # the same real GPT-2 tokenizer
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    outputs = {}
+    runs = {
+        "sentcomp_jax": lambda: features.extract_features(lm, texts, ("f",), batch_size=batch_size,
+                                                          max_length=MAX_LENGTH, progress=False)["f"],
+        "hf_torch_given_order": lambda: _hf_pass(model, tokenizer, texts, batch_size, False),
+        "hf_torch_length_sorted": lambda: _hf_pass(model, tokenizer, texts, batch_size, True),
+    }
     results = {"n_texts": n, "batch_size": batch_size, "real_tokens": n_tokens,
                "torch_threads": torch.get_num_threads()}
-    for name, fn in [
-        ("sentcomp_jax", ours),
-        ("hf_torch_given_order", lambda: _hf_pass(model, tokenizer, texts, batch_size, False)),
-        ("hf_torch_length_sorted", lambda: _hf_pass(model, tokenizer, texts, batch_size, True)),
-    ]:
-        seconds = _best_seconds(fn, repeats)
-        results[name] = {"seconds": round(seconds, 3), "tokens_per_s": round(n_tokens / seconds, 1)}
-        print(f"{name:24s} {n_tokens / seconds:9.1f} tokens/s  ({seconds:.2f} s)", flush=True)
-    best_hf = max(results[k]["tokens_per_s"] for k in ("hf_torch_given_order", "hf_torch_length_sorted"))
-    results["ratio_vs_best_hf"] = round(results["sentcomp_jax"]["tokens_per_s"] / best_hf, 3)
+
+    def recorded(name):
+        def call():
+            outputs[name] = np.asarray(runs[name]())
+        return call
+
+    timings = {name: time_calls(recorded(name), repeats) for name in runs}
+    for name in ("hf_torch_given_order", "hf_torch_length_sorted"):
+        assert_same_output(f"f(s) of {name} vs sentcomp", outputs["sentcomp_jax"], outputs[name], **FEATURE_TOLERANCE)
+    for name, timing in timings.items():
+        results[name] = {"seconds": round(timing.median, 3), "tokens_per_s": round(n_tokens / timing.median, 1)}
+        print(f"{name:24s} {n_tokens / timing.median:9.1f} tokens/s  ({timing.median:.2f} s; {load_average()})",
+              flush=True)
+    best_hf = min(timings["hf_torch_given_order"].median, timings["hf_torch_length_sorted"].median)
+    results["ratio_vs_best_hf"] = round(speedup(best_hf, timings["sentcomp_jax"].median), 3)
     results["ratio_vs_hf_given_order"] = round(
-        results["sentcomp_jax"]["tokens_per_s"] / results["hf_torch_given_order"]["tokens_per_s"], 3)
+        speedup(timings["hf_torch_given_order"].median, timings["sentcomp_jax"].median), 3)
     return results
 
 
@@ -144,7 +153,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=256, help="texts for the throughput comparison")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (median reported)")
     parser.add_argument("--memory-n", type=int, default=20_000, help="texts for the Φp_f memory check (0: skip)")
     parser.add_argument("--memory-case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,14 +161,15 @@ def main():
         print(json.dumps(memory_case(args.memory_n, args.batch_size)))
         return
     results = {"throughput": throughput(args.n, args.batch_size, args.repeats)}
-    print(f"ratio sentcomp / best HF torch: {results['throughput']['ratio_vs_best_hf']:.2f}x "
-          f"(vs HF in given order: {results['throughput']['ratio_vs_hf_given_order']:.2f}x)", flush=True)
+    print(f"same features (within {FEATURE_TOLERANCE}); ratio sentcomp / best HF torch: "
+          f"{results['throughput']['ratio_vs_best_hf']:.2f}× (vs HF in given order: "
+          f"{results['throughput']['ratio_vs_hf_given_order']:.2f}×)", flush=True)
     if args.memory_n:
         results["memory_phi_p_f"] = [_run_memory_case(n, args.batch_size) for n in (args.memory_n // 10, args.memory_n)]
         for m in results["memory_phi_p_f"]:
-            print(f"Φp_f over {m['n_texts']:6d} texts: peak RSS rise {m['peak_rss_rise_mb']:7.1f} MB; a materialised "
-                  f"N×V float32 softmax: {m['n_by_v_float32_mb']:8.1f} MB; result N×d {m['n_by_d_result_mb']} MB; "
-                  f"{m['seconds']} s", flush=True)
+            print(f"Φp_f over {m['n_texts']:6d} texts: peak RSS rise {m['peak_rss_rise_mb']:7.1f} MB (measured); "
+                  f"a materialised N×V float32 softmax would be {m['n_by_v_float32_mb']:8.1f} MB (computed, not "
+                  f"measured); result N×d {m['n_by_d_result_mb']} MB; {m['seconds']} s", flush=True)
     print(json.dumps(results, indent=2))
 
 

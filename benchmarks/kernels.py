@@ -4,162 +4,145 @@
     .venv/bin/python benchmarks/kernels.py --quick    # smaller N, for a fast look
 
 1. ``quad_loss`` value + gradients (w.r.t. h and Φ): Gram trick (V·d² once) vs materialised [N, V] logits
-   (N·V·d), the form the authors' code uses, for a range of N; prints time and peak-memory ratios and the
-   N where the two cross.
-2. ``conditional_mean_features`` (streamed over V) vs ``scipy.special.softmax`` of the whole [N, V] logit
-   matrix followed by a numpy matmul, as the authors' code does.
+   (N·V·d), the form the authors' code uses, written in jnp and compiled the same way, for a range of N;
+   prints time and memory ratios and the N where the two cross.
+2. ``conditional_mean_features`` (streamed over V) vs the materialised softmax of the whole [N, V] logit
+   matrix followed by a matmul: in jnp (compiled, the like-for-like reference for time and memory) and with
+   ``scipy.special.softmax`` + numpy, as the authors' code does (time only).
 
-Each measurement runs in a fresh subprocess. Memory counts the bytes the computation allocates besides its
-inputs: for JAX the compiled program's temporaries + outputs (``memory_analysis()``; "scratch" = temporaries
-alone: for Quad the outputs, chiefly the [V, d] gradient of Φ = 147 MiB, are the same on both sides); for
-numpy its peak traced allocation (tracemalloc).
+Before any ratio is printed, ours and each reference must give the same outputs (the loss value and both
+gradients; the features) within the tolerance printed with them (``timing.assert_same_output``). Both sides
+are timed alike (``timing.time_calls``: one warm-up call, then the median of ``--repeats`` calls, JAX outputs
+waited for). Memory is XLA's own account of each compiled program (``memory_analysis()``), the same on both
+sides: "peak" = temporaries + outputs (for Quad the outputs, chiefly the [V, d] gradient of Φ = 147 MiB, are
+the same on both sides), "scratch" = temporaries alone. The numpy reference's memory is not measured: numpy has
+no account comparable to XLA's (its float32 [N, V] buffers are N·V·4 bytes each, printed as a computed size,
+not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
-import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import assert_same_output, format_ratio, speedup, time_calls, xla_bytes
+
+from sentcomp import kernels
 
 D, V = 768, 50_257
+# max|ours − reference| ≤ rtol · max|reference| per output: float32 sums over V = 50,257 terms in other orders
+QUAD_TOLERANCE = {"rtol": 1e-4}
+MEAN_TOLERANCE = {"rtol": 1e-4}
 
 
-def _time(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up (compilation) call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return min(times)
-
-
-def _xla_bytes(compiled) -> dict:
-    """Bytes a compiled XLA program allocates besides its inputs: scratch (temporaries) and scratch + outputs."""
-    analysis = compiled.memory_analysis()
-    scratch = analysis.temp_size_in_bytes
-    return {"scratch_bytes": scratch, "peak_bytes": scratch + analysis.output_size_in_bytes}
-
-
-def _numpy_peak_bytes(fn) -> int:
-    """Peak bytes numpy allocates during ``fn()`` (numpy reports its buffers to tracemalloc)."""
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak
-
-
-def _inputs(n: int, seed: int = 0):
-    import numpy as np
-
+def inputs(n: int, dim: int = D, vocab: int = V, seed: int = 0):
+    """``h [n, d]`` (scale 0.1), ``phi [V, d]`` (scale 0.02, GPT-2's init), target ids and an all-true mask."""
     rng = np.random.default_rng(seed)
-    h = (rng.normal(size=(n, D)) * 0.1).astype(np.float32)
-    phi = (rng.normal(size=(V, D)) * 0.02).astype(np.float32)
-    targets = rng.integers(0, V, size=n)
-    mask = np.ones(n, bool)
-    return h, phi, targets, mask
+    h = (rng.normal(size=(n, dim)) * 0.1).astype(np.float32)
+    phi = (rng.normal(size=(vocab, dim)) * 0.02).astype(np.float32)
+    return h, phi, rng.integers(0, vocab, size=n).astype(np.int32), np.ones(n, bool)
 
 
-def _case_quad(variant: str, n: int, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from sentcomp import kernels
-
-    def materialised(h, phi, targets, mask):
-        logits = h @ phi.T  # [N, V]: the paper code's form
-        picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-        return kernels.masked_mean(-picked + 0.5 * jnp.sum(logits**2, axis=-1), mask)
-
-    loss = kernels.quad_loss if variant == "ours" else materialised
-    args = [jax.device_put(x) for x in _inputs(n)]
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
-    return {"seconds": _time(lambda: jax.block_until_ready(step(*args)), repeats), **_xla_bytes(step)}
+def materialised_quad(h, phi, targets, mask):
+    """The paper code's Quad: ``[N, V]`` logits, then ``−logit_w + ½ Σ_v logit_v²``, masked mean."""
+    logits = jnp.dot(h, phi.T, precision="highest")
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return kernels.masked_mean(-picked + 0.5 * jnp.sum(logits**2, axis=-1), mask)
 
 
-def _case_mean(variant: str, n: int, repeats: int) -> dict:
-    h, phi, _, _ = _inputs(n)
-    if variant == "ours":
-        import jax
+def materialised_xent(h, phi, targets, mask):
+    """Cross-entropy through the whole ``[N, V]`` log-softmax, masked mean."""
+    log_p = jax.nn.log_softmax(jnp.dot(h, phi.T, precision="highest"), axis=-1)
+    return kernels.masked_mean(-jnp.take_along_axis(log_p, targets[:, None], axis=-1)[:, 0], mask)
 
-        from sentcomp import kernels
 
-        h_dev, phi_dev = jax.device_put(h), jax.device_put(phi)
-        features = jax.jit(kernels.conditional_mean_features).lower(h_dev, phi_dev).compile()
-        return {"seconds": _time(lambda: jax.block_until_ready(features(h_dev, phi_dev)), repeats),
-                **_xla_bytes(features)}
+def materialised_mean(h, phi):
+    """``softmax(h Φᵀ) Φ`` through the whole ``[N, V]`` probability matrix."""
+    return jnp.dot(jax.nn.softmax(jnp.dot(h, phi.T, precision="highest"), axis=-1), phi, precision="highest")
+
+
+def scipy_mean(h, phi):
+    """The authors' code: scipy's softmax of the whole float32 [N, V] logit matrix, then a numpy matmul."""
     from scipy.special import softmax
 
-    def reference():
-        return softmax(h @ phi.T, axis=-1) @ phi
-
-    return {"seconds": _time(reference, repeats), "peak_bytes": _numpy_peak_bytes(reference)}
+    return softmax(h @ phi.T, axis=-1) @ phi
 
 
-def _run_case(case: str, variant: str, n: int, repeats: int) -> dict:
-    """Runs one measurement in a fresh interpreter so peak RSS belongs to it alone."""
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import kernels as b; "
-        f"print(json.dumps(b._case_{case}({variant!r}, {n}, {repeats})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure_compiled(fn, args, repeats: int) -> dict:
+    """Compiles ``fn`` for ``args``; its output, timing (warm-up + median) and XLA memory account."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return {"output": compiled(*args), "seconds": time_calls(lambda: compiled(*args), repeats).median,
+            **xla_bytes(compiled)}
 
 
-def _ratio(ours: dict, ref: dict, key: str) -> str:
-    return f"{ref[key] / max(ours[key], 1):.1f}×"
+def compare_quad(n: int, repeats: int, dim: int = D, vocab: int = V) -> dict:
+    """Ours vs the materialised Quad loss (value + gradients w.r.t. h and Φ), checked equal, then measured."""
+    args = [jax.device_put(x) for x in inputs(n, dim, vocab)]
+    ours, reference = (measure_compiled(jax.value_and_grad(loss, argnums=(0, 1)), args, repeats)
+                       for loss in (kernels.quad_loss, materialised_quad))
+    assert_same_output(f"quad_loss at N={n}", ours.pop("output"), reference.pop("output"), **QUAD_TOLERANCE)
+    return {"ours": ours, "reference": reference}
 
 
-def _row(label: str, ours: dict, ref: dict) -> str:
-    cells = [
-        f"{ours['seconds']*1e3:,.0f}",
-        f"{ref['seconds']*1e3:,.0f}",
-        _ratio(ours, ref, "seconds"),
-        f"{ours['peak_bytes']/2**20:,.1f}",
-        f"{ref['peak_bytes']/2**20:,.1f}",
-        _ratio(ours, ref, "peak_bytes"),
-    ]
-    if "scratch_bytes" in ref:
-        cells += [f"{ours['scratch_bytes']/2**20:,.1f}", f"{ref['scratch_bytes']/2**20:,.1f}",
-                  _ratio(ours, ref, "scratch_bytes")]
+def compare_mean(n: int, repeats: int, dim: int = D, vocab: int = V) -> dict:
+    """Ours vs the materialised jnp form (time and memory) and vs scipy + numpy (time), checked equal first."""
+    h, phi, _, _ = inputs(n, dim, vocab)
+    args = [jax.device_put(h), jax.device_put(phi)]
+    ours = measure_compiled(kernels.conditional_mean_features, args, repeats)
+    reference = measure_compiled(materialised_mean, args, repeats)
+    scipy_output = scipy_mean(h, phi)
+    assert_same_output(f"conditional_mean_features at N={n} vs jnp", ours["output"], reference.pop("output"),
+                       **MEAN_TOLERANCE)
+    assert_same_output(f"conditional_mean_features at N={n} vs scipy", ours.pop("output"), scipy_output,
+                       **MEAN_TOLERANCE)
+    scipy_seconds = time_calls(lambda: scipy_mean(h, phi), repeats).median
+    return {"ours": ours, "reference": reference, "scipy_seconds": scipy_seconds}
+
+
+def row(label: str, ours: dict, reference: dict) -> str:
+    cells = [f"{ours['seconds'] * 1e3:,.0f}", f"{reference['seconds'] * 1e3:,.0f}",
+             format_ratio(speedup(reference["seconds"], ours["seconds"]))]
+    for key in ("peak_bytes", "scratch_bytes"):
+        cells += [f"{ours[key] / 2**20:,.1f}", f"{reference[key] / 2**20:,.1f}",
+                  format_ratio(reference[key] / max(ours[key], 1))]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def _header(what: str, with_scratch: bool) -> str:
-    header = f"| {what} | ours ms | reference ms | speed-up | ours peak MiB | reference peak MiB | memory ratio |"
-    if with_scratch:
-        header += " ours scratch MiB | reference scratch MiB | scratch ratio |"
-    return header + "\n" + "|---" * (header.count("|") - 1) + "|"
+HEADER = ("| {what} | ours ms | reference ms | speed-up | ours peak MiB | reference peak MiB | memory ratio | "
+          "ours scratch MiB | reference scratch MiB | scratch ratio |\n" + "|---" * 10 + "|")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller N (fast look, not the issue's sizes)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (median reported)")
     args = parser.parse_args()
 
     quad_ns = [128, 256, 512, 1024, 2048] + ([] if args.quick else [16_384])
     mean_n = 1024 if args.quick else 8192
 
-    print(f"quad_loss value + grads (h, Φ), d={D}, V={V:,}: Gram trick vs materialised [N, V] logits")
-    print(_header("N positions", with_scratch=True))
+    print(f"quad_loss value + grads (h, Φ), d={D}, V={V:,}: Gram trick vs materialised [N, V] logits (jnp); "
+          f"outputs equal within {QUAD_TOLERANCE}; median of {args.repeats} after a warm-up")
+    print(HEADER.format(what="N positions"))
     crossover = None
     for n in quad_ns:
-        ours, ref = _run_case("quad", "ours", n, args.repeats), _run_case("quad", "materialised", n, args.repeats)
-        print(_row(f"{n:,}", ours, ref), flush=True)
-        if crossover is None and ours["seconds"] < ref["seconds"]:
+        result = compare_quad(n, args.repeats)
+        print(row(f"{n:,}", result["ours"], result["reference"]), flush=True)
+        if crossover is None and result["ours"]["seconds"] < result["reference"]["seconds"]:
             crossover = n
-    print(f"time crossover: ours is faster from N = {crossover} on (of those measured)\n")
+    print(f"time crossover: ours is faster from N = {crossover} on (of those measured)\n" if crossover
+          else "time crossover: ours was not faster at any N measured\n")
 
-    print(f"conditional_mean_features, N={mean_n:,}: streamed over V vs scipy softmax + numpy matmul")
-    print(_header("N contexts", with_scratch=False))
-    print(_row(f"{mean_n:,}", _run_case("mean", "ours", mean_n, args.repeats),
-               _run_case("mean", "scipy", mean_n, args.repeats)))
+    print(f"conditional_mean_features, N={mean_n:,}: streamed over V vs materialised softmax (jnp); outputs equal "
+          f"within {MEAN_TOLERANCE}")
+    print(HEADER.format(what="N contexts"))
+    result = compare_mean(mean_n, args.repeats)
+    print(row(f"{mean_n:,}", result["ours"], result["reference"]))
+    print(f"scipy softmax + numpy matmul (the authors' code, same outputs): {result['scipy_seconds'] * 1e3:,.0f} ms, "
+          f"{format_ratio(speedup(result['scipy_seconds'], result['ours']['seconds']))} ours' time; memory not "
+          f"measured (its float32 [N, V] softmax alone is {mean_n * V * 4 / 2**20:,.0f} MiB, computed)")
 
 
 if __name__ == "__main__":

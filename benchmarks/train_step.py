@@ -13,52 +13,41 @@
    16 × 64 tokens) with each loss, on 1 device and on every device (8 simulated CPU devices share the same cores
    here, so 8 shows the sharding overhead, not a speed-up).
 
-Times are the best of ``--repeats`` calls after compilation.
+Both losses are timed alike (``timing.time_calls``): one warm-up call (compilation), then the median of
+``--repeats`` calls. Before the table, each loss head is checked at the smallest N against its materialised
+form (``[N, V]`` logits in jnp, ``benchmarks/kernels.py``): value and both gradients within a relative
+tolerance of 1e-4 (``timing.assert_same_output``), so the ratio compares two correct computations.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import numpy as np
+from kernels import QUAD_TOLERANCE, inputs, materialised_quad, materialised_xent
+from timing import assert_same_output, format_ratio, speedup, time_calls, xla_bytes
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from sentcomp import kernels
 
 D, V = 768, 50_257
+LOSS_HEADS = {"xent": (kernels.xent_loss, materialised_xent), "quad": (kernels.quad_loss, materialised_quad)}
 
 
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+def check_loss_heads(n: int, dim: int = D, vocab: int = V) -> None:
+    """Each loss kernel's value and gradients (h, Φ) equal its materialised form's at ``n`` positions."""
+    args = [jax.device_put(x) for x in inputs(n, dim, vocab)]
+    for name, (ours, reference) in LOSS_HEADS.items():
+        got, want = (jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(*args) for fn in (ours, reference))
+        assert_same_output(f"{name} loss head at N={n}", got, want, **QUAD_TOLERANCE)
 
 
-def xla_bytes(compiled) -> int:
-    analysis = compiled.memory_analysis()
-    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
-
-
-def loss_head(loss_name: str, n: int, repeats: int) -> dict:
-    from sentcomp import kernels
-
-    rng = np.random.default_rng(0)
-    args = [jax.device_put(x) for x in (
-        (rng.normal(size=(n, D)) * 0.1).astype(np.float32),
-        (rng.normal(size=(V, D)) * 0.02).astype(np.float32),
-        rng.integers(0, V, size=n).astype(np.int32),
-        np.ones(n, bool),
-    )]
-    loss = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}[loss_name]
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
-    return {"seconds": best_seconds(lambda: step(*args), repeats), "bytes": xla_bytes(step)}
+def loss_head(loss_name: str, n: int, repeats: int, dim: int = D, vocab: int = V) -> dict:
+    """Compiled value + gradients of one loss kernel: median seconds and XLA's temporaries + outputs."""
+    args = [jax.device_put(x) for x in inputs(n, dim, vocab)]
+    step = jax.jit(jax.value_and_grad(LOSS_HEADS[loss_name][0], argnums=(0, 1))).lower(*args).compile()
+    return {"seconds": time_calls(lambda: step(*args), repeats).median, "bytes": xla_bytes(step)["peak_bytes"]}
 
 
 def training_step(loss_name: str, devices, repeats: int) -> float:
@@ -76,34 +65,35 @@ def training_step(loss_name: str, devices, repeats: int) -> float:
     step = training.make_train_step(loss_name, lm.hidden_fn, lm.phi_fn, optimizer, np.float32, mesh)
     state = training.initial_state(lm.params, optimizer, mesh)
     tokens = parallel.shard_batch(np.random.default_rng(0).integers(0, V, (16, 1, 65)).astype(np.int32), mesh)
-    state, _ = step(state, tokens)  # compile
     holder = {"state": state}
 
     def one_step():
         holder["state"], metrics = step(holder["state"], tokens)
         return metrics["loss"]
 
-    return best_seconds(one_step, repeats)
+    return time_calls(one_step, repeats).median
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-n", type=int, default=16_384)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (median reported)")
     args = parser.parse_args()
 
     ns = [n for n in (512, 1024, 2048, 4096, 8192, 16_384) if n <= args.max_n]
+    check_loss_heads(ns[0])
+    print(f"checked: each loss head equals its materialised [N, V] form at N = {ns[0]} ({QUAD_TOLERANCE})")
     print(f"Loss head: value + gradients w.r.t. h and Φ, d={D}, V={V:,} ({jax.devices()[0].platform})")
     print("| N | xent ms | quad ms | speed-up | N/d | xent MiB | quad MiB | memory ratio |\n"
           "|---|---|---|---|---|---|---|---|")
     crossover = None
     for n in ns:
         xent, quad = loss_head("xent", n, args.repeats), loss_head("quad", n, args.repeats)
-        speedup = xent["seconds"] / quad["seconds"]
-        crossover = crossover or (n if speedup > 1 else None)
-        print(f"| {n:,} | {xent['seconds']*1e3:,.0f} | {quad['seconds']*1e3:,.0f} | {speedup:.1f}× | {n / D:.2f} | "
-              f"{xent['bytes']/2**20:,.0f} | {quad['bytes']/2**20:,.0f} | {xent['bytes']/max(quad['bytes'], 1):.1f}× |",
-              flush=True)
+        ratio = speedup(xent["seconds"], quad["seconds"])
+        crossover = crossover or (n if ratio > 1 else None)
+        print(f"| {n:,} | {xent['seconds']*1e3:,.0f} | {quad['seconds']*1e3:,.0f} | {format_ratio(ratio)} | "
+              f"{n / D:.2f} | {xent['bytes']/2**20:,.0f} | {quad['bytes']/2**20:,.0f} | "
+              f"{format_ratio(xent['bytes'] / max(quad['bytes'], 1))} |", flush=True)
     print(f"Crossover: Quad is faster from N = {crossover} on (of those measured).\n" if crossover
           else "Crossover: Quad was not faster at any measured N.\n")
 
@@ -116,4 +106,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # Read when JAX first starts its backends (in main), so set here, not on import (tests import this file).
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main()

@@ -45,6 +45,7 @@ def get_config(arg=None):
     config.program = "sentcomp.programs.table1"
     config.tasks = tuple(args.task.split("+"))
     config.model = args.model
+    config.revision = ""  # the Hub revision of config.model (e.g. Pythia's "step1000"); "" = the default branch
     config.data_dir = ""  # local task files (see docs/tasks.md); "" = built-in data or TFDS's default
     config.data_source = "auto"  # auto, files, tfds, builtin
     config.n_train = 0 if args.full else args.n_train  # seeded stratified subset; ≤ 0: the whole split
@@ -62,7 +63,8 @@ def get_config(arg=None):
     config.probe = ml_collections.ConfigDict(dict(
         protocol=args.protocol,
         multi_class="ovr",  # the authors' one-vs-rest (identical to multinomial for binary tasks)
-        # ... except their multinomial probes (solver sag) on SST-5 for every feature but f(s) ("task:column")
+        # ... except their multinomial probes (solver sag) on SST-5's Φp_f, subset-word, class-word and
+        # positive/negative features ("task:column" cells; f(s), p_f and projected_p_f stay one-vs-rest)
         multinomial_cells=tuple(f"sst5:{column}" for column in (
             "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")),
         standardize=False,

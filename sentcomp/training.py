@@ -1,7 +1,8 @@
 """The training machinery shared by pretraining, fine-tuning and the synthetic-language runs.
 
 Losses (``LOSSES``: cross-entropy and the paper's Quad, :mod:`sentcomp.kernels`), the optimiser (optax AdamW
-with warmup and decay, clipping, optionally frozen Φ), the jitted data-parallel train and eval steps, the data
+with warmup and decay, clipping, optionally frozen Φ), the jitted data-parallel train and eval steps and the
+validation losses (:func:`validation_losses`, also :mod:`sentcomp.programs.lm_loss`'s), the data
 plan (which stream positions each step reads on this process), Orbax checkpoints that resume exactly (a corrupt
 latest checkpoint is set aside) and the metrics log: ``metrics.jsonl``, mirrored live as TensorBoard scalars in
 ``workdir/tensorboard/`` and, when ``SENTCOMP_WANDB_PROJECT`` is set and ``wandb`` installed, to Weights & Biases
@@ -148,6 +149,30 @@ def make_eval_step(hidden_fn, phi_fn, compute_dtype, mesh):
     batch = parallel.batch_sharding(mesh)
     return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), batch, batch),
                    out_shardings=parallel.replicated(mesh))
+
+
+def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, host_rows: np.ndarray):
+    """The first ``num_blocks`` validation blocks (all if ≤ 0) in batches of ``batch_size`` (padded rows masked):
+    this process's rows of each, as ``(tokens, mask)``."""
+    blocks = blocks[:num_blocks] if num_blocks > 0 else blocks
+    batches = []
+    for start in range(0, len(blocks), batch_size):
+        chunk = blocks[start:start + batch_size]
+        tokens = np.zeros((batch_size, blocks.shape[1]), np.int32)
+        mask = np.zeros((batch_size, blocks.shape[1] - 1), bool)
+        tokens[:len(chunk)], mask[:len(chunk)] = chunk, True
+        batches.append((tokens[host_rows], mask[host_rows]))
+    return batches
+
+
+def validation_losses(eval_step, params, batches, mesh) -> dict[str, float]:
+    """Validation cross-entropy and Quad loss: means over every counted position of ``batches``."""
+    totals = {"xent": 0.0, "quad": 0.0, "count": 0.0}
+    for tokens, mask in batches:
+        out = parallel.fetch(eval_step(params, *parallel.global_batch((tokens, mask), mesh)))
+        totals = {key: totals[key] + float(out[key]) for key in totals}
+    count = max(totals["count"], 1.0)
+    return {"val_xent": totals["xent"] / count, "val_quad": totals["quad"] / count}
 
 
 # -------------------------------------------------------------------------------------------------- the data

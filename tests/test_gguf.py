@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import sys
 from pathlib import Path
 
 import gguf
@@ -25,6 +26,9 @@ from sentcomp.data.rotten_tomatoes import read_snippets
 from sentcomp.errors import SentcompError
 from sentcomp.kernels import xent_loss
 from sentcomp.models import gguf_loader, load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import perplexity  # noqa: E402  benchmarks/perplexity.py: the logit check its --check-hf runs
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +133,29 @@ def test_smollm2_smoke_perplexity_is_that_of_a_trained_model(smollm2):
     hidden = smollm2.hidden(ids, mask)
     nll = float(xent_loss(hidden[:, :-1], smollm2.phi, ids[:, 1:], mask[:, 1:]))
     assert math.exp(nll) < smollm2.config.vocab_size / 100, math.exp(nll)
+
+
+def _rotary_layout_swapped(kernel: jax.Array, head_dim: int) -> jax.Array:
+    """A q/k projection's output columns with each head's rotary pairs interleaved instead of split in halves:
+    the layout llama.cpp writes, i.e. a loader that forgot to undo it."""
+    rows, columns = kernel.shape
+    return kernel.reshape(rows, columns // head_dim, 2, head_dim // 2).swapaxes(2, 3).reshape(rows, columns)
+
+
+def test_smollm2_logits_match_transformers_own_gguf_reader(smollm2):
+    """The same GGUF file through transformers' own reader (``load_gguf_checkpoint``, as ``from_pretrained(gguf_file=
+    ...)``, into PyTorch): our logits equal its logits at every real position within ``perplexity.HF_LOGIT_TOLERANCE``
+    (1e-3 of the largest logit); the rotary layout left permuted in one layer of 30 fails that check."""
+    texts = ["A gorgeous, witty, seductive movie.", "The plot is a mess and the acting is worse", "Fine."]
+    batch = smollm2.tokenizer(texts, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.all()
+    theirs = perplexity.transformers_gguf_logits(gguf_loader.smollm2_135m_path(), ids, mask)
+    assert perplexity.assert_logits_match(smollm2, ids, mask, theirs) < perplexity.HF_LOGIT_TOLERANCE["rtol"] / 10
+    attention = smollm2.params["layers"]["self_attn"]
+    head_dim = smollm2.config.hidden_size // smollm2.config.num_attention_heads
+    wrong = {name: {"kernel": attention[name]["kernel"].at[3].set(
+        _rotary_layout_swapped(attention[name]["kernel"][3], head_dim))} for name in ("q_proj", "k_proj")}
+    params = {**smollm2.params, "layers": {**smollm2.params["layers"], "self_attn": {**attention, **wrong}}}
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        perplexity.assert_logits_match(smollm2.replace(params=params), ids, mask, theirs)

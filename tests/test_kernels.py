@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sentcomp import kernels, parallel
+from sentcomp.kernels.losses import IGNORE_INDEX
 
 
 def _np_log_softmax(logits):
@@ -54,24 +55,15 @@ def test_extreme_logits_do_not_overflow():
     np.testing.assert_allclose(mean, np.exp(log_p) @ phi.astype(np.float64), atol=1e-4)
 
 
-def _np_losses(h, phi, targets, mask):
-    h64, phi64 = h.astype(np.float64), phi.astype(np.float64)
-    logits = h64 @ phi64.T
-    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    xent = -np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
-    quad = -picked + 0.5 * (logits**2).sum(-1)
-    count = max(mask.sum(), 1)
-    return (xent * mask).sum() / count, (quad * mask).sum() / count
-
-
 @pytest.mark.parametrize("batch_shape,vocab_size,dim,chunk", SHAPES)
 def test_losses_match_float64_reference(batch_shape, vocab_size, dim, chunk):
     h, phi, rng = _random_problem(2, batch_shape, vocab_size, dim, scale=0.5)
     targets = rng.integers(0, vocab_size, size=batch_shape)
     mask = rng.random(batch_shape) < 0.7
-    xent, quad = _np_losses(h, phi, targets, mask)
-    np.testing.assert_allclose(kernels.xent_loss(h, phi, targets, mask, chunk), xent, rtol=1e-5)
-    np.testing.assert_allclose(kernels.quad_loss(h, phi, targets, mask), quad, rtol=1e-5)
+    np.testing.assert_allclose(kernels.xent_loss(h, phi, targets, mask, chunk),
+                               _np_loss_and_grads("xent", h, phi, targets, mask)[0], rtol=1e-5)
+    np.testing.assert_allclose(kernels.quad_loss(h, phi, targets, mask),
+                               _np_loss_and_grads("quad", h, phi, targets, mask)[0], rtol=1e-5)
 
 
 def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
@@ -88,47 +80,124 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
             assert np.all(np.asarray(grad) == 0.0)
 
 
-def _naive_xent(h, phi, targets, mask):
-    log_p = jax.nn.log_softmax(h @ phi.T)
-    per_position = -jnp.take_along_axis(log_p, targets[..., None], -1)[..., 0]
-    return jnp.sum(per_position * mask) / jnp.maximum(mask.sum(), 1)
+def _np_loss_and_grads(kind, h, phi, targets, counted):
+    """Float64 numpy ``(loss, ∂/∂h, ∂/∂Φ)`` of the masked mean over the ``counted`` positions only, by the closed
+    forms: xent ``∂/∂h_n = a_n(Φp_n − φ_{w_n})``, ``∂/∂Φ = Σ_n a_n(p_n − e_{w_n}) h_nᵀ``; Quad ``∂/∂h_n = a_n(G h_n −
+    φ_{w_n})``, ``∂/∂Φ = Σ_n a_n(Φ h_n − e_{w_n}) h_nᵀ``, with ``a_n = 1/#counted`` (uncounted rows are never read)."""
+    dim = h.shape[-1]
+    rows, words = h.reshape(-1, dim)[counted.ravel()].astype(np.float64), targets.ravel()[counted.ravel()]
+    phi64 = phi.astype(np.float64)
+    logits = rows @ phi64.T
+    a = 1.0 / max(len(rows), 1)
+    one_hot = np.eye(len(phi))[words]
+    if kind == "xent":
+        probs = np.exp(_np_log_softmax(logits))
+        values, residual = -np.log(probs[np.arange(len(rows)), words]), probs - one_hot
+    else:
+        values, residual = -logits[np.arange(len(rows)), words] + 0.5 * (logits**2).sum(-1), logits - one_hot
+    grad_h = np.zeros((counted.size, dim))
+    grad_h[counted.ravel()] = a * residual @ phi64
+    return a * values.sum(), grad_h.reshape(h.shape), a * residual.T @ rows
 
 
-def _naive_quad(h, phi, targets, mask):
-    logits = h @ phi.T  # the paper code's materialised [tokens, V] form
-    picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    per_position = -picked + 0.5 * jnp.sum(logits**2, -1)
-    return jnp.sum(per_position * mask) / jnp.maximum(mask.sum(), 1)
+LOSS_KERNELS = {
+    "xent": lambda h, p, t, m: kernels.xent_loss(h, p, t, m, 96),
+    "quad": kernels.quad_loss,
+    "quad, 6 row blocks of 3": lambda h, p, t, m: kernels.quad_loss(h, p, t, m, 4),
+}
 
 
-@pytest.mark.parametrize("kernel,naive", [
-    (lambda h, p, t, m: kernels.xent_loss(h, p, t, m, 96), _naive_xent),
-    (kernels.quad_loss, _naive_quad),
-    (lambda h, p, t, m: kernels.quad_loss(h, p, t, m, 4), _naive_quad),  # 6 interleaved row blocks of 3
-])
-def test_loss_gradients_match_naive_form(kernel, naive):
-    with jax.default_matmul_precision("highest"):
-        h, phi, rng = _random_problem(4, (3, 6), 500, 12, scale=0.4)
-        targets = rng.integers(0, 500, size=(3, 6))
-        mask = rng.random((3, 6)) < 0.6
-        ours = jax.grad(kernel, argnums=(0, 1))(h, phi, targets, mask)
-        reference = jax.grad(naive, argnums=(0, 1))(h, phi, targets, mask)
-    for got, want in zip(ours, reference):
+@pytest.mark.parametrize("name", LOSS_KERNELS)
+def test_loss_gradients_match_float64_closed_forms(name):
+    h, phi, rng = _random_problem(4, (3, 6), 500, 12, scale=0.4)
+    targets = rng.integers(0, 500, size=(3, 6))
+    mask = rng.random((3, 6)) < 0.6
+    value, grads = jax.value_and_grad(LOSS_KERNELS[name], argnums=(0, 1))(h, phi, targets, mask)
+    want_value, *want_grads = _np_loss_and_grads(name[:4], h, phi, targets, mask)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", LOSS_KERNELS)
+def test_ignored_positions_never_reach_the_loss_or_its_gradients(name):
+    """Masked positions holding NaN/inf features and out-of-range or negative target ids, and an unmasked
+    position with the ignore index: the loss and gradients are those of the other positions alone (float64)."""
+    vocab = 500
+    h, phi, rng = _random_problem(8, (3, 6), vocab, 12, scale=0.4)
+    targets = rng.integers(0, vocab, size=(3, 6))
+    mask = np.ones((3, 6), bool)
+    mask[0, 4:] = mask[2, 5] = False
+    h[0, 4], h[0, 5], h[2, 5] = np.nan, np.inf, -1e30
+    targets[0, 4], targets[0, 5], targets[2, 5] = vocab + 7, -1, -(10**6)
+    targets[1, 2] = IGNORE_INDEX  # counted by the mask, ignored by its target id
+    counted = mask & (targets >= 0)
+    value, grads = jax.value_and_grad(LOSS_KERNELS[name], argnums=(0, 1))(h, phi, targets, mask)
+    want_value, *want_grads = _np_loss_and_grads(name[:4], np.where(counted[..., None], h, 0), phi,
+                                                 np.where(counted, targets, 0), counted)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(grads[0])[~counted] == 0.0)
+
+
+def test_per_position_losses_ignore_negative_targets():
+    h, phi, rng = _random_problem(9, (2, 3), 40, 8)
+    targets = rng.integers(0, 40, size=(2, 3))
+    targets[1, 1] = IGNORE_INDEX
+    h[1, 1] = np.nan
+    for kind, kernel in (("xent", kernels.xent_per_position), ("quad", kernels.quad_per_position)):
+        values, grad_h = jax.value_and_grad(lambda x: kernel(x, phi, targets).sum())(h)  # noqa: B023
+        assert values == pytest.approx(_np_loss_and_grads(kind, h, phi, targets, targets >= 0)[0] * 5, rel=1e-5)
+        assert np.all(np.asarray(grad_h[1, 1]) == 0.0) and np.all(np.isfinite(grad_h))
+
+
+@pytest.mark.parametrize("name", LOSS_KERNELS)
+def test_empty_batch_gives_zero_loss_and_empty_gradients(name):
+    h, phi = np.zeros((0, 8), np.float32), np.ones((40, 8), np.float32)
+    value, (grad_h, grad_phi) = jax.value_and_grad(LOSS_KERNELS[name], argnums=(0, 1))(
+        h, phi, np.zeros(0, np.int32), np.zeros(0, bool))
+    assert float(value) == 0.0 and grad_h.shape == (0, 8) and np.all(np.asarray(grad_phi) == 0.0)
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    h, phi, _ = _random_problem(10, (2, 3), 40, 8)
+    for loss in (kernels.xent_loss, kernels.quad_loss):
+        with pytest.raises(ValueError, match=r"same leading shape; got h \(2, 3, 8\).*mask \(3,\)"):
+            loss(h, phi, np.zeros((2, 3), np.int32), np.ones(3, bool))
+        with pytest.raises(ValueError, match="phi \\(40, 7\\)"):
+            loss(h, phi[:, :7], np.zeros((2, 3), np.int32), np.ones((2, 3), bool))
+
+
+def test_forward_mode_is_a_clear_error_and_the_plain_quad_form_supports_it():
+    h, phi, rng = _random_problem(11, (5,), 60, 6, scale=0.5)
+    targets, mask = rng.integers(0, 60, size=5), np.array([True, True, False, True, True])
+    for name, loss in (("xent_loss", kernels.xent_loss), ("quad_loss", kernels.quad_loss)):
+        with pytest.raises(TypeError, match=f"{name} supports reverse-mode differentiation only.*jax.jacrev"):
+            jax.jvp(lambda x: loss(x, phi, targets, mask), (h,), (h,))  # noqa: B023
+        with pytest.raises(TypeError, match=f"{name} supports reverse-mode"):
+            jax.jacfwd(loss)(h, phi, targets, mask)
+    with pytest.raises(TypeError, match="log_partition supports reverse-mode differentiation only"):
+        jax.jacfwd(lambda x: kernels.log_partition(x, phi))(h)
+    forward = jax.jacfwd(lambda x: kernels.masked_mean(kernels.quad_per_position(x, phi, targets), mask))(h)
+    np.testing.assert_allclose(forward, _np_loss_and_grads("quad", h, phi, targets, mask)[1], rtol=1e-4, atol=1e-6)
 
 
 def test_log_partition_gradient_is_conditional_mean():
     h, phi, _ = _random_problem(5, (9,), 333, 6)
+    want = np.exp(_np_log_softmax(h.astype(np.float64) @ phi.T.astype(np.float64))) @ phi.astype(np.float64)
     grad = jax.grad(lambda x: kernels.log_partition(x, phi, 50).sum())(h)
-    np.testing.assert_allclose(grad, kernels.conditional_mean_features(h, phi, 50), atol=1e-6)
+    np.testing.assert_allclose(grad, want, atol=1e-5)
+    np.testing.assert_allclose(kernels.conditional_mean_features(h, phi, 50), want, atol=1e-5)
 
 
 def test_kernels_vmap_and_jit():
     h, phi, rng = _random_problem(6, (4, 3), 100, 8)
-    word_ids = jnp.asarray([1, 5, 7])
-    direct = kernels.word_log_probs(h, phi, word_ids, 32)
-    mapped = jax.jit(jax.vmap(lambda x: kernels.word_log_probs(x, phi, word_ids, 32)))(h)
-    np.testing.assert_allclose(mapped, direct, atol=1e-6)
+    word_ids = np.array([1, 5, 7])
+    want = _np_log_softmax(h.astype(np.float64) @ phi.T.astype(np.float64))[..., word_ids]
+    mapped = jax.jit(jax.vmap(lambda x: kernels.word_log_probs(x, phi, jnp.asarray(word_ids), 32)))(h)
+    np.testing.assert_allclose(mapped, want, atol=1e-5)
 
 
 def test_sharded_batch_equals_single_device():

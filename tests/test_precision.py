@@ -41,6 +41,8 @@ COEF, INTERCEPT = _normal(D, 1), _normal(1)
 KERNEL_CASES = {
     "conditional_mean_features": lambda p: (lambda h, phi: kernels.conditional_mean_features(
         h, phi, 4, precision=p), (H, PHI)),  # chunk 4 < V: several chunks, the last one shifted
+    "expected_values": lambda p: (lambda h, phi: kernels.expected_values(h, phi, PHI[:, :3], 4, precision=p),
+                                  (H, PHI)),
     "log_partition": lambda p: (lambda h, phi: kernels.log_partition(h, phi, 4, precision=p), (H, PHI)),
     "log_partition/grad": lambda p: (jax.grad(lambda h, phi: kernels.log_partition(
         h, phi, 4, precision=p).sum(), argnums=(0, 1)), (H, PHI)),
@@ -110,7 +112,7 @@ MATMUL_FREE = {
 # Public names that are no array computation: containers of results, constants, the policy itself.
 NOT_KERNELS = {
     "LinearFits", "RidgeMoments", "CenteredRidge",  # NamedTuples of arrays (AffineFit/QuadraticFit are called)
-    "MULTI_CLASS_MODES", "DEFAULT_PRECISION",  # constants
+    "MULTI_CLASS_MODES", "DEFAULT_PRECISION", "IGNORE_INDEX",  # constants
     "uses_sigmoid",  # Python ints in, bool out
     "check_precision",  # the policy's validator (tested below)
 }

@@ -90,10 +90,27 @@ def test_task_dataset_and_closed_form_coverage():
     answer_probs = np.exp(np.asarray(language.log_answer))[:, language.answer_ids]
     posterior = np.exp(np.asarray(task.truth.log_label_posterior[:, -1]))
     np.testing.assert_allclose(np.exp(task.log_p_star)[:, language.answer_ids], posterior @ answer_probs, atol=1e-5)
-    # γ from its definition on the sampled task contexts: p_L(s) = p(s)/(L+1) (uniform position), p_T(s) = p(s).
-    log_p_task = task.truth.log_prefix[:, -1]
-    gamma = theory.coverage(log_p_task - np.log(language.num_contexts), log_p_task)
-    np.testing.assert_allclose(gamma, synthetic.task_coverage(language), rtol=1e-6)
+
+
+def test_coverage_closed_form_matches_sampled_frequencies():
+    """γ = inf_s p_L(s)/p_T(s), estimated by counting: p_L from the contexts pretraining sees (every prefix of
+    sampled documents, positions uniform), p_T from sampled task contexts; each ratio ≈ the closed form 1/(L+1)."""
+    language = synthetic.make_language(1, vocab_size=6, num_states=2, body_length=2)  # 3 body words: 9 contexts
+    length = language.body_length + 1
+    documents, _ = synthetic.sample_documents(language, jax.random.key(3), 40_000)
+    prefixes = [tuple(row) for row in np.asarray(documents)[:, :length]]  # pretraining contexts of that length
+    task_contexts = [tuple(row) for row in np.asarray(synthetic.task_dataset(language, jax.random.key(4),
+                                                                              40_000).contexts)]
+    contexts = sorted(set(task_contexts))
+    unique, counts = np.unique(np.asarray(prefixes), axis=0, return_counts=True)
+    # each document gives L+1 pretraining contexts, one of each length: p_L(s) = #(prefix = s) / (N·(L+1))
+    p_pretrain = {tuple(s): count / (len(prefixes) * language.num_contexts) for s, count in zip(unique, counts)}
+    p_task = {s: task_contexts.count(s) / len(task_contexts) for s in contexts}
+    ratios = np.array([p_pretrain[s] / p_task[s] for s in contexts if p_task[s] > 0.02])
+    assert len(ratios) >= 6
+    np.testing.assert_allclose(ratios, synthetic.task_coverage(language), rtol=0.12)  # ~1,000+ samples each
+    gamma = theory.coverage(np.log([p_pretrain[s] for s in contexts]), np.log([p_task[s] for s in contexts]))
+    assert 0.8 * synthetic.task_coverage(language) < gamma <= 1.05 * synthetic.task_coverage(language)
 
 
 def test_bad_sizes_raise_clear_errors():

@@ -45,6 +45,8 @@ def test_record_files_and_consistency(finished):
     table = (workdir / "results.md").read_text()
     assert table.count("\n| xent |") == 3 and table.count("\n| quad |") == 3
     assert all(line in table for line in results["verdict_lines"])
+    assert results["probe_cv_metric"] == "loss" and "C picked by cross-validated logistic loss" in table
+    assert "C picked by cross-validated accuracy" not in table  # what it said whatever the config chose
 
 
 def test_mathematical_invariants(finished):

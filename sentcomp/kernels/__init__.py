@@ -32,7 +32,14 @@ from sentcomp.kernels.logistic import (
     logistic_targets,
     uses_sigmoid,
 )
-from sentcomp.kernels.losses import masked_mean, quad_loss, quad_per_position, xent_loss, xent_per_position
+from sentcomp.kernels.losses import (
+    IGNORE_INDEX,
+    masked_mean,
+    quad_loss,
+    quad_per_position,
+    xent_loss,
+    xent_per_position,
+)
 from sentcomp.kernels.partition import (
     AffineFit,
     QuadraticFit,
@@ -60,6 +67,7 @@ __all__ = [
     "DEFAULT_PRECISION",
     "check_precision",
     "conditional_mean_features",
+    "IGNORE_INDEX",
     "expected_values",
     "log_partition",
     "word_logits",

@@ -12,6 +12,7 @@ Every product runs at ``precision`` (default ``"highest"``: full float32 on TPU 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -81,6 +82,24 @@ def _streamed_softmax_stats(h: jax.Array, phi: jax.Array, chunk_size: int, value
     return log_z, mean
 
 
+@contextlib.contextmanager
+def reverse_mode_only(kernel: str):
+    """Turns JAX's bare "can't apply forward-mode autodiff (jvp) to a custom_vjp function" into one that names
+    ``kernel`` and says what to do."""
+    try:
+        yield
+    except TypeError as error:
+        if "forward-mode" not in str(error) and "supports reverse-mode" not in str(error):
+            raise  # not JAX's forward-mode refusal (nor an inner kernel's rewording of it, renamed here)
+        raise TypeError(
+            f"{kernel} supports reverse-mode differentiation only (jax.grad, jax.vjp, jax.jacrev): its gradient is "
+            "a custom VJP (jax.custom_vjp) that streams over V, which JAX cannot run in forward mode (jax.jvp, "
+            "jax.jacfwd, jax.hessian). Use jax.jacrev instead of jax.jacfwd; in forward mode, the plain-jnp forms "
+            "work: masked_mean(quad_per_position(h, phi, targets), mask) for the Quad loss, "
+            "jax.nn.logsumexp(h @ phi.T, axis=-1) for log Z (V-wide)."
+        ) from error
+
+
 def _flatten_features(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     return h.reshape(-1, h.shape[-1]), h.shape[:-1]
 
@@ -126,11 +145,13 @@ def log_partition(
     """``log Z(h) = log Σ_w exp(hᵀφ_w)``, shape ``h.shape[:-1]``, float32.
 
     Differentiable with a streamed backward pass (``∇_h log Z = Φ p_f``, ``∇_{φ_w} log Z = p_f(w) h``), so
-    training through it never stores V-wide activations either. ``precision``: of every product, forward and
-    backward (:mod:`sentcomp.kernels.precision`).
+    training through it never stores V-wide activations either. Reverse mode only: ``jax.jvp``/``jacfwd`` raise
+    a ``TypeError`` saying so. ``precision``: of every product, forward and backward
+    (:mod:`sentcomp.kernels.precision`).
     """
     flat, batch_shape = _flatten_features(h)
-    return _log_partition_flat(flat, phi, chunk_size, check_precision(precision)).reshape(batch_shape)
+    with reverse_mode_only("log_partition"):
+        return _log_partition_flat(flat, phi, chunk_size, check_precision(precision)).reshape(batch_shape)
 
 
 def conditional_mean_features(

@@ -61,19 +61,22 @@ def run_model_dir(directory: Path) -> Path:
     return directory
 
 
-def load(source: str, **options) -> LanguageModel:
-    """Loads a language model from a Hub name, a local HF directory, a training run's workdir (its ``model/``,
-    e.g. a pretraining run's, Quad head and untied Φ included), a GGUF file or an alias.
+def load(source: str, revision: str = "", **options) -> LanguageModel:
+    """Loads a language model from a Hub name (at ``revision``, e.g. ``"step1000"``; ``""`` = the default branch),
+    a local HF directory, a training run's workdir (its ``model/``, e.g. a pretraining run's, Quad head and untied Φ
+    included), a GGUF file or an alias.
 
     ``options`` are passed to the family's loader (e.g. ``quad_head=True`` for GPT-2). A model loaded by alias
     is named by the alias (progress bars, result files), not by the file it resolves to.
     """
+    if revision and (source in ALIASES or source.endswith(".gguf")):
+        raise SentcompError(f"A revision ({revision!r}) applies to Hub names only, not to {source!r}.")
     if source in ALIASES:
         resolved = ALIASES[source]
         return load(resolved() if callable(resolved) else resolved, **options).replace(name=source)
     if source.endswith(".gguf"):
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
-    model_dir = run_model_dir(hf.resolve_hub_or_dir(source))
+    model_dir = run_model_dir(hf.resolve_hub_or_dir(source, revision))
     config = hf.read_config(model_dir)
     if "model_type" not in config:
         raise SentcompError(f"{model_dir}/config.json has no 'model_type'; cannot tell the architecture.")
@@ -86,12 +89,13 @@ RANDOM_GPT2 = "random-gpt2"  # config.model of smoke runs: a tiny random GPT-2 s
 def from_config(config) -> LanguageModel:
     """The model an experiment config names: ``config.model`` is any source :func:`load` accepts, or
     ``"random-gpt2"``, a random GPT-2 of shape ``config.random_gpt2`` (a dict of ``gpt2_config`` fields, with the
-    real GPT-2 tokenizer) initialised from ``config.seed``, for smoke runs."""
+    real GPT-2 tokenizer) initialised from ``config.seed``, for smoke runs. An optional ``config.revision`` is the
+    Hub revision of ``config.model``."""
     if config.model == RANDOM_GPT2:
         from sentcomp.models import gpt2
 
         return gpt2.init(gpt2.gpt2_config(**config.random_gpt2.to_dict()), rng=config.seed)
-    return load(config.model)
+    return load(config.model, revision=config.get("revision", ""))
 
 
 __all__ = ["LanguageModel", "load", "from_config", "FAMILIES", "ALIASES", "RANDOM_GPT2"]

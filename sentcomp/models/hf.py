@@ -16,31 +16,40 @@ import numpy as np
 from sentcomp.errors import SentcompError
 
 
-def resolve_hub_or_dir(source: str) -> Path:
-    """A local directory as is; otherwise a Hub repo name, downloaded (or found in the cache) by huggingface-hub."""
+def resolve_hub_or_dir(source: str, revision: str = "") -> Path:
+    """A local directory as is; otherwise a Hub repo name, downloaded (or found in the cache) by huggingface-hub at
+    ``revision`` (a branch, tag or commit, e.g. Pythia's ``"step1000"``; ``""`` = the default branch)."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision:
+            raise SentcompError(f"{source!r} is a local directory; a revision ({revision!r}) applies to Hub names "
+                                "only. Pass each checkpoint's directory as the source, without a revision.")
         return path
     if path.exists():
         raise SentcompError(f"{source!r} is a file, not a model directory; pass the directory holding config.json.")
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:  # no Hub name looks so
+        raise SentcompError(f"Model directory {source!r} does not exist (and it is not a Hub name 'org/name').")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(
             snapshot_download(
-                source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"]
+                source, revision=revision or None,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin"],
             )
         )
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = (
-            "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
+            f"HF_HUB_OFFLINE is set and the model{f' at revision {revision!r}' if revision else ''} is not in the "
+            "local Hugging Face cache"
             if offline
-            else "the Hub could not be reached or has no such repo"
+            else f"the Hub could not be reached or has no such repo{' or revision' if revision else ''}"
         )
+        at = f" (revision {revision!r})" if revision else ""
         raise SentcompError(
-            f"Cannot load model {source!r}: it is not a local directory and {hint}. Pass a local directory in "
+            f"Cannot load model {source!r}{at}: it is not a local directory and {hint}. Pass a local directory in "
             f"HF format (config.json + model.safetensors), or download it first on a machine with network "
             f"({type(error).__name__}: {error})."
         ) from None

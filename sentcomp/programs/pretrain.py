@@ -80,6 +80,8 @@ from sentcomp.training import (
     resume,
     resume_settings,
     save_checkpoint,
+    validation_batches,
+    validation_losses,
 )
 
 TOKENIZERS = {"gpt2": "gpt2_tokenizer", "bytes": "byte_tokenizer"}  # config.tokenizer -> sentcomp.models.tokenizers
@@ -108,36 +110,12 @@ def build_model(config) -> LanguageModel:
     return gpt2.init(gpt2_config, jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
 
 
-def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, host_rows: np.ndarray):
-    """The first ``num_blocks`` validation blocks (all if ≤ 0) in batches of ``batch_size`` (padded rows masked):
-    this process's rows of each, as ``(tokens, mask)``."""
-    blocks = blocks[:num_blocks] if num_blocks > 0 else blocks
-    batches = []
-    for start in range(0, len(blocks), batch_size):
-        chunk = blocks[start:start + batch_size]
-        tokens = np.zeros((batch_size, blocks.shape[1]), np.int32)
-        mask = np.zeros((batch_size, blocks.shape[1] - 1), bool)
-        tokens[:len(chunk)], mask[:len(chunk)] = chunk, True
-        batches.append((tokens[host_rows], mask[host_rows]))
-    return batches
-
-
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:
     """Packed blocks of the corpus, built (or read from its cache ``workdir/corpus``) by process 0 alone and sent
     to the other processes, so hosts need no shared filesystem."""
     spec = corpora.CorpusSpec.from_config(config.data.corpus)
     return parallel.main_decides(lambda: corpora.load_blocks(spec, tokenizer, config.data.seq_len,
                                                              workdir / "corpus", progress=config.progress))
-
-
-def validation_losses(eval_step, params, batches, mesh) -> dict[str, float]:
-    """Validation cross-entropy and Quad loss: means over every counted position of ``batches``."""
-    totals = {"xent": 0.0, "quad": 0.0, "count": 0.0}
-    for tokens, mask in batches:
-        out = parallel.fetch(eval_step(params, *parallel.global_batch((tokens, mask), mesh)))
-        totals = {key: totals[key] + float(out[key]) for key in totals}
-    count = max(totals["count"], 1.0)
-    return {"val_xent": totals["xent"] / count, "val_quad": totals["quad"] / count}
 
 
 # -------------------------------------------------------------------------------------------------- probe

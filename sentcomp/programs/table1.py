@@ -240,7 +240,7 @@ def check_multinomial_cells(cells: Sequence[str]) -> None:
 
 def cell_multi_class(probe_config, task_name: str, column: str) -> str:
     """``probe.multi_class``, except multinomial for the ``task:column`` cells listed in
-    ``probe.multinomial_cells`` (the authors' one exception: SST-5's subset-word features)."""
+    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s))."""
     return "multinomial" if f"{task_name}:{column}" in probe_config.multinomial_cells else probe_config.multi_class
 
 
