@@ -10,7 +10,7 @@ in one table and plots (a composed config: sentcomp.launcher.stages; docs/checkp
     # local directories (HF layout, or training runs' workdirs) as the checkpoints, with their training steps
     python -m sentcomp.main --config=experiments/checkpoints.py:revisions=/ckpt/a+/ckpt/b,steps=1000+2000 \
         --workdir=runs/mine
-    # a minute or two of CPU: a tiny GPT-2 pretrained by sentcomp in three chained stages, each one a checkpoint
+    # a minute or two of CPU: a tiny GPT-2 pretrained by sentcomp in two chained stages, each one a checkpoint
     python -m sentcomp.main --config=experiments/checkpoints.py:smoke --workdir=/tmp/checkpoints_smoke
     # task × probe protocol sweep (get_sweep), a whole series per point
     python -m sentcomp.main --config=experiments/checkpoints.py --workdir=runs/series_sweep --sweep
@@ -45,7 +45,7 @@ from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_module, parse_c
 
 ARG_DEFAULTS = dict(model="", revisions="", steps="", task="rotten_tomatoes", corpus="enwiki", smoke=False)
 PYTHIA_REVISIONS = "+".join(f"step{step}" for step in (1000, 3000, 10000, 20000, 40000, 80000, 110000, 143000))
-SMOKE_STAGES = 3  # smoke without revisions: a tiny GPT-2 pretrained in this many chained stages
+SMOKE_STAGES = 2  # smoke without revisions: a tiny GPT-2 pretrained in this many chained stages
 SMOKE_STEPS = 5  # optimiser steps per smoke pretraining stage
 
 

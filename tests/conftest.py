@@ -36,3 +36,14 @@ def smoke_workdir(tmp_path_factory):
         return workdirs[name]
 
     return workdir
+
+
+@pytest.fixture
+def registry():
+    """The task registry (``sentcomp.data.tasks.TASKS``), restored after the test."""
+    from sentcomp.data.tasks import TASKS
+
+    saved = dict(TASKS)
+    yield TASKS
+    TASKS.clear()
+    TASKS.update(saved)

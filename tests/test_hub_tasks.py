@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentcomp.data import TASKS, evaluation_splits, get_task, load_task, register_task
+from sentcomp.data import evaluation_splits, get_task, load_task, register_task
 from sentcomp.errors import SentcompError
 
 
@@ -97,14 +97,6 @@ def test_auto_source_uses_the_hub_cache_when_it_holds_the_dataset(tmp_path, monk
                                              "test.jsonl": records(["c"], [1])})
     assert load_task("subj")["test"].texts == ["c"]
 
-
-@pytest.fixture
-def registry():
-    """The registry, restored after the test."""
-    saved = dict(TASKS)
-    yield TASKS
-    TASKS.clear()
-    TASKS.update(saved)
 
 
 def test_registered_task_with_a_hub_source(registry, tmp_path):

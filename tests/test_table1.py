@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
 
 from sentcomp import features, models, probe, zeroshot
@@ -60,7 +61,11 @@ def test_results_layout_and_words(smoke_run):
     assert no_prompt.startswith("| rotten_tomatoes |") and no_prompt.endswith("| — |")
     assert prompt.startswith("| rotten_tomatoes* |")
     cells = {cell["key"]: cell for cell in results["cells"]}
-    assert prompt.split(" | ")[1] == f"{100 * cells['rotten_tomatoes*/f/0']['test_accuracy']:.1f}"
+    accuracy, n_test = cells["rotten_tomatoes*/f/0"]["test_accuracy"], results["tasks"][0]["n_test"]
+    interval = binomtest(round(accuracy * n_test), n_test).proportion_ci(method="wilson")  # scipy's Wilson
+    assert prompt.split(" | ")[1] == f"{100 * accuracy:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+    f1_table = lines[lines.index("## Macro-F1") + 2:]
+    assert f1_table[2].split(" | ")[1] == f"{100 * cells['rotten_tomatoes/f/0']['test_macro_f1']:.1f}"
     assert len(cells) == 2 * 6 + 1
     tokenizer = models.from_config(config).tokenizer
     task = get_task("rotten_tomatoes")
@@ -187,7 +192,9 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
                   if c["row"] == "table1_test_pooled*" and c["column"] == "f"]
     assert entry["n_splits"] == 3 and entry["std"] == pytest.approx(np.std(accuracies))
     markdown = (tmp_path / "run" / "results.md").read_text()
-    assert f"| table1_test_pooled* | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} |" in markdown
+    pooled = binomtest(round(entry["mean"] * 3 * 4), 3 * 4).proportion_ci(method="wilson")  # 3 splits × 4 tests
+    assert (f"| table1_test_pooled* | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} "
+            f"[{100 * pooled.low:.1f}, {100 * pooled.high:.1f}] |") in markdown
     assert "(ovr; multinomial for table1_test_pooled:subset_logits)" in markdown
     assert "class-word logits" not in markdown  # the task has no class words: no such column
 

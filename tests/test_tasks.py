@@ -9,15 +9,6 @@ from sentcomp.data import TASKS, Task, get_task, load_task, register_task, task_
 from sentcomp.errors import SentcompError
 
 
-@pytest.fixture
-def registry():
-    """The registry, restored after the test."""
-    saved = dict(TASKS)
-    yield TASKS
-    TASKS.clear()
-    TASKS.update(saved)
-
-
 def test_builtin_tasks_follow_the_paper():
     expected_prompts = {"sst2": " This movie is ", "sst5": " This movie is ", "imdb": " This movie is ",
                         "mpqa": " The sentiment is ", "cr": " The sentiment is ", "agnews": " This article is about "}

@@ -37,10 +37,10 @@ cell records what determined it (:func:`results_fingerprint`: model, data, proto
 determinants ignores it (with a warning) and recomputes, so it never returns another configuration's numbers.
 
 Writes ``workdir/results.json`` (every cell with its configuration, the table, data sizes, word sets),
-``workdir/results.md`` (the table laid out like the paper's Table 1, then data sizes, words, and the chosen
-regularisation of each probe) and ``workdir/results.png`` (the table as grouped bars with 95% Wilson intervals,
-drawn as ``python -m sentcomp.report`` draws several runs: :func:`sentcomp.report.table1_figure`), and prints
-the table.
+``workdir/results.md`` (the table laid out like the paper's Table 1, every accuracy with its 95% Wilson interval,
+the probes' macro-F1, then data sizes, words, and the chosen regularisation of each probe) and
+``workdir/results.png`` (the table as grouped bars with 95% Wilson intervals, drawn as ``python -m
+sentcomp.report`` draws several runs: :func:`sentcomp.report.table1_figure`), and prints the table.
 
 BERT and fine-tuning columns (the paper's baselines) plug in at :func:`baseline_features` and
 :func:`finetune_cells` (``config.bert`` / ``config.ft``, off by default).
@@ -65,7 +65,7 @@ from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
-from sentcomp.report import markdown_table, table1_figure
+from sentcomp.report import markdown_table, table1_figure, wilson_interval
 
 # column -> (kind extracted by sentcomp.features, word group or None)
 FEATURE_COLUMNS = {
@@ -322,11 +322,13 @@ def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path,
 # ------------------------------------------------------------------------------------------------- tables
 
 
-def summarise(cells: Iterable[dict]) -> dict[str, dict[str, dict]]:
-    """``{row: {column: {"mean", "std", "n_splits", "accuracies"}}}`` of test accuracy over each cell's splits."""
+def summarise(cells: Iterable[dict], metric: str = "test_accuracy") -> dict[str, dict[str, dict]]:
+    """``{row: {column: {"mean", "std", "n_splits", "accuracies"}}}`` of ``metric`` (test accuracy, or e.g.
+    ``"test_macro_f1"``) over each cell's splits; cells without the metric are left out."""
     grouped: dict[tuple[str, str], list[float]] = {}
     for cell in cells:
-        grouped.setdefault((cell["row"], cell["column"]), []).append(cell["test_accuracy"])
+        if cell.get(metric) is not None:
+            grouped.setdefault((cell["row"], cell["column"]), []).append(cell[metric])
     table: dict[str, dict[str, dict]] = {}
     for (row, column), accuracies in grouped.items():
         table.setdefault(row, {})[column] = {
@@ -336,18 +338,29 @@ def summarise(cells: Iterable[dict]) -> dict[str, dict[str, dict]]:
     return table
 
 
-def format_accuracy(entry: dict | None) -> str:
-    """``85.3`` (percent), ``85.3 ± 1.2`` over several splits, ``—`` when the cell does not apply."""
+def format_accuracy(entry: dict | None, n_test: int | None = None) -> str:
+    """``85.3`` (percent), ``85.3 ± 1.2`` over several splits, ``—`` when the cell does not apply; with
+    ``n_test``, followed by the 95% Wilson interval ``[82.0, 88.1]`` of the accuracy over all the cell's test
+    predictions (``n_test`` per split, pooled)."""
     if entry is None:
         return "—"
     text = f"{100 * entry['mean']:.1f}"
-    return text + f" ± {100 * entry['std']:.1f}" if entry["n_splits"] > 1 else text
+    text = text + f" ± {100 * entry['std']:.1f}" if entry["n_splits"] > 1 else text
+    if not n_test:
+        return text
+    trials = n_test * entry["n_splits"]
+    low, high = wilson_interval(entry["mean"] * trials, trials)
+    return f"{text} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], columns: Sequence[str]) -> str:
-    """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot)."""
+def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], columns: Sequence[str],
+                   n_test: dict[str, int] | None = None) -> str:
+    """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot); with
+    ``n_test`` (row -> test examples per split), every accuracy gets its 95% interval."""
+    n_test = n_test or {}
     return markdown_table(["task", *(COLUMN_TITLES[c] for c in columns)],
-                          ([row, *(format_accuracy(table.get(row, {}).get(c)) for c in columns)] for row in rows))
+                          ([row, *(format_accuracy(table.get(row, {}).get(c), n_test.get(row)) for c in columns)]
+                           for row in rows))
 
 
 def probe_modes(probe_config: dict) -> str:
@@ -364,13 +377,20 @@ def cv_convergence(cell: dict) -> str:
 
 def results_markdown(results: dict) -> str:
     rows = [row for task in results["tasks"] for row in (task["name"], task["name"] + "*")]
+    n_test = {row: task["n_test"] for task in results["tasks"] for row in (task["name"], task["name"] + "*")}
+    f1_columns = [c for c in results["columns"] if any(c in entries for entries in results["macro_f1"].values())]
     parts = [
         f"# Table 1: linear probes on {results['model']} features",
-        accuracy_table(results["table"], rows, results["columns"]),
-        f"Test accuracy (%). `task*`: the task's prompt appended to every text. Probe protocol "
-        f"`{results['probe']['protocol']}` ({probe_modes(results['probe'])}); mean ± std over the splits of "
-        "tasks without an official split. Zero-shot: sentence completion with the label words (prompt rows only).",
+        accuracy_table(results["table"], rows, results["columns"], n_test),
+        f"Test accuracy (%) [95% Wilson interval over the test predictions]. `task*`: the task's prompt appended "
+        f"to every text. Probe protocol `{results['probe']['protocol']}` ({probe_modes(results['probe'])}); mean "
+        "± std over the splits of tasks without an official split (their interval pools every split's "
+        "predictions, which overlap across splits: read it as indicative). Zero-shot: sentence completion with "
+        "the label words (prompt rows only).",
         f"![Test accuracy with 95% Wilson intervals]({FIGURE_FILE})",
+        "## Macro-F1",
+        accuracy_table(results["macro_f1"], rows, f1_columns),
+        "Test macro-F1 (%) of the same probes (the mean over classes of each class's F1).",
         "## Data",
         markdown_table(["task", "N train", "N test", "splits", "prompt", "label words", "truncated texts"],
                        ([t["name"], t["n_train"], t["n_test"], t["n_splits"], repr(t["prompt"]),
@@ -510,7 +530,7 @@ def run(config, workdir) -> dict:
     present = [c for c in table_columns(config) if any(c in row for row in table.values())]
     results = {
         "model": config.model, "probe": config.probe.to_dict(), "columns": present, "tasks": descriptions,
-        "table": table, "cells": sorted(cells, key=lambda c: c["key"]),
+        "table": table, "macro_f1": summarise(cells, "test_macro_f1"), "cells": sorted(cells, key=lambda c: c["key"]),
         "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
     }
     markdown = results_markdown(results)
