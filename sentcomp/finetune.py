@@ -62,7 +62,8 @@ from sentcomp.models.base import LanguageModel
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
-CAUSAL_FAMILIES = ("gpt2", "llama")  # families whose hidden states predict the next token (for the aux LM loss)
+# families whose hidden states predict the next token (for the aux LM loss): all but the BERT encoders
+CAUSAL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sentcomp.models.decoder import DecoderConfig
+
 # Dense bf16 peak FLOP/s per JAX device (``device.device_kind``, matched case-insensitively as a substring, first
 # match wins, so the more specific names come first). Vendor figures:
 #   TPU: cloud.google.com/tpu/docs/system-architecture-tpu-vm and the per-version pages (v2, v3: per chip, a JAX
@@ -53,7 +55,7 @@ _measured: dict[str, float] = {}  # device_kind -> measured peak FLOP/s (one ben
 # (the lookup table that doubles as the output projection when there is no untied one, under ``untied``).
 _EMBEDDINGS = {
     "gpt2": {"lookups": ("wte", "wpe"), "tied": "wte", "untied": "phi"},
-    "llama": {"lookups": ("embed_tokens",), "tied": "embed_tokens", "untied": "lm_head"},
+    "decoder": {"lookups": ("embed_tokens",), "tied": "embed_tokens", "untied": "lm_head"},  # Llama, Qwen2, ...
     "bert": {"lookups": ("word_embeddings", "position_embeddings", "token_type_embeddings"),
              "tied": "word_embeddings", "untied": None},
 }
@@ -77,9 +79,9 @@ def matmul_params(lm, output_projection: bool = True) -> int:
     position and token-type embeddings), plus ``V·d`` for the output projection Φ when it is tied to the input
     embedding (a tied Φ is still a ``[V, d]`` matmul per token). ``output_projection=False`` leaves Φ (and BERT's
     MLM transform) out, for training that never computes word logits (fine-tuning a classifier head)."""
-    if lm.family not in _EMBEDDINGS:
-        raise ValueError(f"matmul_params knows the families {sorted(_EMBEDDINGS)}, not {lm.family!r}.")
-    names = _EMBEDDINGS[lm.family]
+    names = _EMBEDDINGS.get(_layout(lm))
+    if names is None:
+        raise ValueError(f"matmul_params knows GPT-2, BERT and the shared-decoder families, not {lm.family!r}.")
     skip = set(names["lookups"])
     if not output_projection:
         skip |= {names["untied"], *_OUTPUT_HEADS.get(lm.family, ())}
@@ -92,14 +94,20 @@ def matmul_params(lm, output_projection: bool = True) -> int:
 
 def attention_shape(lm) -> tuple[int, int]:
     """``(n_layer, d_attn)`` of a LanguageModel: its layer count and attention width (heads × head size)."""
-    c = lm.config
-    if lm.family == "gpt2":
+    c, layout = lm.config, _layout(lm)
+    if layout == "gpt2":
         return c.n_layer, c.n_embd
-    if lm.family == "llama":
+    if layout == "decoder":
         return c.num_hidden_layers, c.num_attention_heads * c.head_dim
-    if lm.family == "bert":
+    if layout == "bert":
         return c.num_hidden_layers, c.hidden_size
-    raise ValueError(f"attention_shape knows gpt2, llama and bert, not {lm.family!r}.")
+    raise ValueError(f"attention_shape knows GPT-2, BERT and the shared-decoder families, not {lm.family!r}.")
+
+
+def _layout(lm) -> str:
+    """``"decoder"`` for every family on :mod:`sentcomp.models.decoder` (Llama, Qwen2, Mistral, GPT-NeoX,
+    Gemma: one parameter layout), else the family's name."""
+    return "decoder" if isinstance(lm.config, DecoderConfig) else lm.family
 
 
 def lm_flops_per_token(lm, seq_len: int, training: bool = True, output_projection: bool = True) -> float:

@@ -19,7 +19,9 @@ from llama_testing import SENTENCES, hf_logits, tiny_byte_bpe
 from sentcomp.data import text
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.models import decoder, gemma, gpt_neox, load, mistral, qwen2
+from sentcomp.programs import table1
 
 VOCAB = 301
 PROMPT = " This movie is"
@@ -148,6 +150,19 @@ def test_table1_features_run_on_each_family(variant):
     logits = out["f"].astype(np.float64) @ phi.T
     p = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(out["phi_p_f"], (p / p.sum(1, keepdims=True)) @ phi, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-tied-sliding", "mistral", "gpt_neox-parallel", "gemma"], indirect=True)
+def test_table1_smoke_runs_on_each_family(variant, tmp_path):
+    """The Table-1 program on the family's checkpoint directory (experiments/table1.py:smoke, real Rotten
+    Tomatoes snippets): both rows of f(s) and Φp_f probes, and zero-shot completion with the label words."""
+    config = override(load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke"), {
+        "model": variant[4].name, "columns": ("f", "phi_p_f"), "n_train": 24, "n_test": 12})
+    headline = table1.run(config, tmp_path)
+    rows = ("rotten_tomatoes", "rotten_tomatoes*")
+    assert set(headline) == {f"{row}/{column}" for row in rows for column in ("f", "phi_p_f")} | {
+        "rotten_tomatoes*/zeroshot"}
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in headline.values())
 
 
 @pytest.mark.parametrize("variant", ["gemma"], indirect=True)

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from sentcomp import throughput
-from sentcomp.models import gpt2, llama
+from sentcomp.models import gpt2, llama, qwen2
+from sentcomp.models.decoder import DecoderConfig
 from sentcomp.models.tokenizers import byte_tokenizer
 
 V, T, D, L = 257, 32, 32, 2  # vocabulary, context, width, layers
@@ -51,6 +52,19 @@ def test_llama_flops_match_a_hand_count():
     n = L * per_layer + D + V * D
     assert throughput.matmul_params(lm) == n
     assert throughput.lm_flops_per_token(lm, T) == 3 * (2 * n + 4 * L * T * heads * head_dim)
+
+
+def test_every_shared_decoder_family_is_counted_like_llama():
+    """Qwen2's q/k/v biases are matmul parameters too (heads·head_dim + 2·kv_heads·head_dim per layer)."""
+    heads, kv_heads, head_dim, inner = 4, 2, 8, 48
+    config = DecoderConfig(vocab_size=V, hidden_size=D, intermediate_size=inner, num_hidden_layers=L,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                           tie_word_embeddings=True, qkv_bias=True)
+    lm = qwen2.init(config, rng=0)
+    per_layer = (2 * D * heads * head_dim + 2 * D * kv_heads * head_dim + 3 * D * inner + 2 * D
+                 + heads * head_dim + 2 * kv_heads * head_dim)
+    assert lm.family == "qwen2" and throughput.matmul_params(lm) == L * per_layer + D + V * D
+    assert throughput.attention_shape(lm) == (L, heads * head_dim)
 
 
 def test_mfu_arithmetic():
