@@ -1,4 +1,5 @@
-"""Pretraining GPT-2 with cross-entropy or the paper's Quad loss, then probing downstream (sentcomp.programs.pretrain).
+"""Pretraining GPT-2 (or a Llama-family LM) with cross-entropy or the paper's Quad loss, then probing downstream
+(sentcomp.programs.pretrain).
 
 The paper's setting (Section 6 of arXiv 2010.03648): GPT-2 small with the extra d×d linear layer and untied Φ,
 trained from scratch on WikiText-103 with each loss. Those are the default (non-smoke) arguments; WikiText-103
@@ -13,19 +14,31 @@ must be on disk in the Hub's layout (``huggingface-cli download Salesforce/wikit
     python -m sentcomp.main --config=experiments/pretrain.py --workdir=runs/pretrain_sweep --sweep \
         --config.data.corpus.path=/data/wikitext
     # on a Cloud TPU slice: the same command on every host with --distributed (tpu_configs/README.md)
+    # a GPT-2-small-shaped Llama with the Quad head; or continue pretraining the offline SmolLM2-135M
+    python -m sentcomp.main --config=experiments/pretrain.py:family=llama,loss=quad --workdir=runs/llama_quad \
+        --config.data.corpus.path=/data/wikitext
+    python -m sentcomp.main --config=experiments/pretrain.py:family=llama,loss=quad --workdir=runs/smollm2_quad \
+        --config.init.source=smollm2-135m --config.data.corpus.path=/data/wikitext
 
 The optimiser settings (AdamW 6e-4, 2,000 warmup steps, cosine decay, 512-token blocks, 64 blocks per step,
 50,000 steps) are our choices: the paper does not state its pretraining hyperparameters.
 
 Arguments (``:key=value,...``): ``loss=xent|quad``, ``size=tiny|small|medium|large|xl``,
-``corpus=wikitext|lee|enwiki``, ``smoke``. ``smoke``: a 2-layer d=64 GPT-2 with the byte-level tokenizer
-(V = 257) on the 300 offline news articles of gensim's lee_background.cor, 40 steps of 16 × 64 tokens (well
-under a minute on CPU); the loss visibly drops for both losses. Re-running with the same workdir resumes from the
-last checkpoint.
+``corpus=wikitext|lee|enwiki``, ``family=gpt2|llama|qwen2|mistral|gemma|gpt_neox``, ``smoke``. ``smoke``: a
+2-layer d=64 GPT-2 (or ``family``) with the byte-level tokenizer (V = 257) on the 300 offline news articles of
+gensim's lee_background.cor, 40 steps of 16 × 64 tokens (well under a minute on CPU); the loss visibly drops for
+both losses. Re-running with the same workdir resumes from the last checkpoint.
+
+``family`` other than gpt2 (a rotary decoder, sentcomp.models.decoder) adds to ``config.model``
+``intermediate_size`` (0: 8·d/3 rounded up to a multiple of 64, GPT-NeoX 4·d), ``num_key_value_heads`` (0:
+``n_head``; fewer for grouped-query attention) and ``rope_theta`` (10000); ``n_embd``, ``n_layer``, ``n_head``,
+``n_positions`` are its hidden size, layers, query heads and context (sentcomp.programs.pretrain.hf_model_config).
+``config.init.source`` (any causal LM sentcomp.models.load reads) replaces family, shape and tokenizer by the
+checkpoint's.
 
 Produces metrics.jsonl (train loss, validation cross-entropy and Quad loss, tokens/s, and the downstream probe's
 accuracies of f(s) and Φp_f(s) on Rotten Tomatoes every ``probe.every`` steps), results.json, checkpoints/
-(Orbax) and model/ (final weights, HF layout, loadable with sentcomp.models.load).
+(Orbax) and model/ (final weights, the family's HF layout, loadable with sentcomp.models.load).
 """
 
 import dataclasses
@@ -37,6 +50,7 @@ from sentcomp.data.corpora import CorpusSpec
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import sweep
 from sentcomp.launcher.config_files import parse_config_arg
+from sentcomp.models import CAUSAL_FAMILIES
 
 SIZES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 64, 2),
@@ -57,23 +71,27 @@ def corpus_config(kind: str) -> ml_collections.ConfigDict:
 
 
 def _args(arg):
-    return parse_config_arg(arg, loss="xent", size="small", corpus="wikitext", smoke=False)
+    return parse_config_arg(arg, loss="xent", size="small", corpus="wikitext", family="gpt2", smoke=False)
 
 
 def get_config(arg=None):
     args = _args(arg)
     if args.size not in SIZES:
         raise SentcompError(f"Unknown size {args.size!r}; choose one of {sorted(SIZES)}.")
+    if args.family not in CAUSAL_FAMILIES:
+        raise SentcompError(f"Unknown family {args.family!r}; choose one of {list(CAUSAL_FAMILIES)}.")
     config = ml_collections.ConfigDict()
     config.program = "sentcomp.programs.pretrain"
     config.loss = args.loss
     config.seed = 0  # model initialisation
     n_layer, n_embd, n_head = SIZES[args.size]
     config.model = ml_collections.ConfigDict(dict(
-        vocab_size=0, n_positions=1024, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+        family=args.family, vocab_size=0, n_positions=1024, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         quad_head=True,  # the paper's Quad architecture (extra d×d linear layer, untied Φ), for both losses
         tie_word_embeddings=False,
     ))
+    if args.family != "gpt2":  # a rotary decoder; 0 = derived (sentcomp.programs.pretrain.hf_model_config)
+        config.model.update(intermediate_size=0, num_key_value_heads=0, rope_theta=10000.0)
     config.tokenizer = "gpt2"  # or "bytes" (V = 257); vocab_size 0 = the tokenizer's size
     config.init = ml_collections.ConfigDict(dict(source="", freeze_phi=False))  # source: e.g. "gpt2"; "" = scratch
 
@@ -85,6 +103,9 @@ def get_config(arg=None):
     config.num_steps = 50_000
     config.batch_size = 64  # blocks per optimiser step (global, whatever the device count)
     config.grad_accum = 1
+    # devices per mesh axis (-1: the rest): batches split over all; "fsdp" > 1 shards parameters and optimiser
+    # state over that many devices (sentcomp.parallel.leaf_sharding), e.g. {"data": -1, "fsdp": 8} for GPT-2 xl
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     config.compute_dtype = "float32"
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=6e-4, warmup_steps=2000, decay="cosine", end_lr_fraction=0.1,

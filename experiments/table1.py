@@ -1,7 +1,7 @@
 """The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
 plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/table1.md).
 
-    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~10 min on 2 CPU cores)
+    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~13 min on 2 CPU cores)
     python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
     # the full split (10,202 train / 2,550 test; ~5× longer)
     python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_full
@@ -12,18 +12,26 @@ plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/tabl
     python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_sweep --sweep
     # seconds on CPU: tiny random GPT-2 (real GPT-2 tokenizer) on a few dozen rotten_tomatoes snippets
     python -m sentcomp.main --config=experiments/table1.py:smoke --workdir=/tmp/table1_smoke
+    # the paper's Table 1 as one sweep: GPT-2 on SST-2, SST-5, IMDb, AG News, MPQA, CR (full splits), the paper's
+    # columns + BERT + fine-tuning + zero/few-shot; needs the downloads of docs/table1.md (The paper's sweep)
+    python -m sentcomp.main --config=experiments/table1.py:paper --workdir=runs/table1_paper --sweep
+    # the same composition, smoke-sized and offline (random GPT-2, rotten_tomatoes, MiniLM as BERT)
+    python -m sentcomp.main --config=experiments/table1.py:paper,smoke --workdir=/tmp/table1_paper --sweep
 
 Produces in the workdir: ``results.md`` (rows ``task`` / ``task*`` = with the prompt, columns f(s), Φp_f(s),
 subset logits / log-probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words kept and
-dropped, each probe's chosen C), ``results.json`` (every number with its configuration), ``cells.jsonl``
-(each finished cell, so a killed run resumes) and ``features/`` (the feature cache); the table is also printed.
+dropped, each probe's chosen C; the zero/few-shot sections: accuracy [95% interval], ECE and Brier of every
+scoring rule at k = 0 and 4, and the prompt-sensitivity table over templates × verbalizers), ``results.json``
+(every number with its configuration), ``cells.jsonl`` (each finished cell, so a killed run resumes) and
+``features/`` (the feature cache); the table is also printed.
 
 Args (``key=value`` joined by commas): ``task`` (one name or several joined by ``+``), ``model`` (anything
 ``sentcomp.models.load`` takes, or ``random-gpt2``), ``n_train``/``n_test`` (seeded stratified subset sizes;
 ≤ 0 = all), ``full`` (the whole split), ``protocol`` (paper, senteval, mteb, ridge), ``smoke``, ``bert`` and
 ``ft`` (add the paper's baseline columns: BERT [CLS] features (``config.bert.model``; the smoke variant uses the
 offline all-minilm-l6-v2) and full fine-tuning of the LM (``config.ft``), e.g.
-``--config=experiments/table1.py:smoke,bert,ft``).
+``--config=experiments/table1.py:smoke,bert,ft``), ``paper`` (the paper's sweep: GPT-2, its tasks and columns,
+BERT and FT on, full splits).
 
 Why the main job uses 2,000 / 500 snippets, and what it costs: docs/table1.md (Main-job size and cost).
 """
@@ -36,7 +44,11 @@ from sentcomp.launcher.config_files import parse_config_arg
 MAIN_JOB_TRAIN = 2000
 MAIN_JOB_TEST = 500
 ARG_DEFAULTS = dict(task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_JOB_TRAIN, n_test=MAIN_JOB_TEST,
-                    full=False, protocol="paper", smoke=False, bert=False, ft=False)
+                    full=False, protocol="paper", smoke=False, bert=False, ft=False, paper=False)
+# The paper's Table 1: its tasks (get_sweep: one point each) and feature columns (p_f, the full V-dimensional
+# distribution, left out: N × V floats on disk for IMDb's 50,000 reviews; its projection A p_f(s) kept).
+PAPER_TASKS = ("sst2", "sst5", "imdb", "agnews", "mpqa", "cr")
+PAPER_COLUMNS = ("f", "phi_p_f", "subset_logits", "class_logits", "posneg_logits", "projected_p_f")
 
 
 def get_config(arg=None):
@@ -74,7 +86,18 @@ def get_config(arg=None):
         n_experiments=10,  # protocol mteb: MTEB's 10 seeded experiments of samples_per_label examples per label
         samples_per_label=8,
     ))
-    config.zeroshot = ml_collections.ConfigDict(dict(enabled=True, calibrate=False))
+    # Zero-/few-shot sentence completion (docs/zeroshot.md): every scoring rule (ll, acc_norm, pmi, calibrated) is
+    # computed; `rule` picks the table's zero-shot column. `shots`: k of the scoring-rule table (task's first
+    # template and verbalizer); `sensitivity_shots`: k at which every template × verbalizer is scored.
+    # templates / verbalizers: () = each task's own; else prompts, and "w_label0;w_label1" strings (a label's
+    # alternatives joined by ","). Demonstrations: seeded (`seed`), class-balanced, joined by `separator`.
+    config.zeroshot = ml_collections.ConfigDict(dict(
+        enabled=True, rule="ll", shots=(0, 4), sensitivity_shots=(0,), templates=(), verbalizers=(),
+        balanced=True, separator="\n\n", seed=0, ece_bins=10,
+    ))
+    # The prompt row's probes again under each other zero-shot template (rows task*t1, ...) and after a k-shot
+    # prefix (row task*k<shots>): one more feature extraction per template / split each, so off by default.
+    config.prompt_probes = ml_collections.ConfigDict(dict(templates=False, shots=0))
     # The paper's baseline columns (on with the args bert / ft): BERT [CLS] features after the MLM transform
     # (pooling mlm_cls | cls | mean; a checkpoint without MLM head falls back to cls), and full fine-tuning of the
     # LM with a linear head (any key of sentcomp.finetune.default_config(); num_epochs > 0 sets max_steps).
@@ -88,6 +111,12 @@ def get_config(arg=None):
     config.random_gpt2 = ml_collections.ConfigDict(
         dict(n_embd=16, n_layer=1, n_head=2, n_positions=128, initializer_range=0.1)
     )
+    if args.paper:
+        config.model = "gpt2"
+        config.tasks = (PAPER_TASKS[0],) if args.task == ARG_DEFAULTS["task"] and not args.smoke else config.tasks
+        config.n_train = config.n_test = 0
+        config.columns = PAPER_COLUMNS
+        config.bert.enabled = config.ft.enabled = True
     if args.smoke:
         config.model = "random-gpt2"
         config.n_train, config.n_test = 48, 24
@@ -100,8 +129,11 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: TFDS or data_dir)."""
-    smoke = parse_config_arg(arg, **ARG_DEFAULTS).smoke
-    tasks = ["rotten_tomatoes"] if smoke else ["sst2", "sst5", "imdb", "agnews", "mpqa", "cr", "rotten_tomatoes"]
+    """The paper's tasks × probe protocols (data for tasks other than rotten_tomatoes: the Hub, TFDS or data_dir);
+    with ``paper``, the paper's tasks under its protocol only (smoke: rotten_tomatoes, the one offline task)."""
+    args = parse_config_arg(arg, **ARG_DEFAULTS)
+    if args.paper:
+        return sweep.axis("tasks", [("rotten_tomatoes",)] if args.smoke else [(task,) for task in PAPER_TASKS])
+    tasks = ["rotten_tomatoes"] if args.smoke else [*PAPER_TASKS, "rotten_tomatoes"]
     return sweep.product(sweep.axis("tasks", [(task,) for task in tasks]),
                          sweep.axis("probe.protocol", ["paper", "ridge"]))

@@ -3,3 +3,14 @@
 
 class SentcompError(Exception):
     """A problem the user can fix; the message says what was expected and how to fix it."""
+
+
+def check_sizes(config, *keys: str) -> None:
+    """Each dotted ``key`` of ``config`` (a count: a size, a batch, a length) must be ≥ 1; otherwise
+    :class:`SentcompError` names the first that is not."""
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value < 1:
+            raise SentcompError(f"config.{key} must be ≥ 1, got {value}.")

@@ -50,6 +50,7 @@ Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,6 +135,15 @@ def _compute_chunk(fn, params, tables, token_ids, batch_size, buckets, pad_id, m
 # ------------------------------------------------------------------------------------------------- caching
 
 
+def _read_manifest(path: Path) -> Any:
+    """A key directory's ``manifest.json`` as JSON, or None if it is missing or unreadable (e.g. the 0-byte file
+    a full disk leaves); the manifest only describes the key, so a damaged one is simply written again."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class _ChunkStore:
     """Per-chunk ``.npy`` files of every kind under one key directory (or in memory when no directory).
 
@@ -146,8 +156,8 @@ class _ChunkStore:
         self.memory: dict[str, np.ndarray] = {}
         if directory is not None and parallel.is_main_process():
             directory.mkdir(parents=True, exist_ok=True)
-            if not (directory / "manifest.json").is_file():
-                storage.write_json(directory / "manifest.json", manifest)
+            if _read_manifest(directory / "manifest.json") != json.loads(json.dumps(manifest)):
+                storage.write_json(directory / "manifest.json", manifest)  # missing, empty or damaged: rewritten
 
     def _path(self, name: str, chunk: int) -> Path:
         return self.directory / f"{name}.{chunk:05d}.npy"

@@ -9,12 +9,16 @@ as in the authors' code (GPT-2 + linear head on the last token, dropout 0.1). Op
 language-modelling loss is added, ``ℓ = ℓ_cls + λ · ℓ_xent(f, Φ)`` over the document's next-token predictions
 (``aux_lm_weight = λ``; causal LMs only), via :func:`sentcomp.kernels.xent_loss`.
 
-Training: AdamW with linear warmup then decay (:mod:`sentcomp.training`), global-norm clipping,
-data-parallel over every device (batch sharded, parameters replicated), fixed-shape batches padded to length
-buckets. A validation split is carved from the training split (stratified, seeded); every ``eval_every`` steps
-the validation accuracy is measured, the best parameters are kept, and training stops after ``patience``
-evaluations without improvement (or at ``max_steps``). Test accuracy is that of the best parameters (kept in
-the training state, so fine-tuning holds two copies of the weights).
+Training: AdamW with linear warmup then decay (:mod:`sentcomp.training`), global-norm clipping, fixed-shape
+batches padded to length buckets, on the mesh ``config.mesh`` names (:mod:`sentcomp.parallel`): each batch split
+over every device; parameters and optimiser state replicated (the default, ``{"data": -1, "fsdp": 1}``) or, with
+``fsdp`` > 1, their large leaves split over that many devices (FSDP). ``grad_accum`` > 1 sums the gradients of
+that many micro-batches per step (the same update as one batch: each micro-batch contributes its share of the
+batch's mean loss); ``compute_dtype="bfloat16"`` runs the LM in bfloat16 with float32 master weights, optimiser
+state and head (docs/precision.md). A validation split is carved from the training split (stratified, seeded);
+every ``eval_every`` steps the validation accuracy is measured, the best parameters are kept, and training stops
+after ``patience`` evaluations without improvement (or at ``max_steps``). Test accuracy is that of the best
+parameters (kept in the training state, so fine-tuning holds two copies of the weights).
 
 Throughput: each metrics row has ``tokens_per_s`` (the real, unpadded tokens of the batches over the time of
 their train steps, waited for) and ``mfu`` (:mod:`sentcomp.throughput`: model FLOPs of those tokens, attention
@@ -58,7 +62,7 @@ from sentcomp.data.text import (
 )
 from sentcomp.errors import SentcompError
 from sentcomp.features import last_token_features
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
@@ -72,7 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
         prompt=None,  # appended to every text (e.g. " This movie is "), trailing space stripped
         max_length=512,
         buckets=None,  # padded lengths of the fixed-shape batches (None: sentcomp.data.text.length_buckets)
-        batch_size=32,  # global, rounded up to a multiple of the device count
+        batch_size=32,  # global, rounded up to a multiple of the device count × grad_accum
+        grad_accum=1,  # micro-batches per optimiser step (the gradient is the whole batch's either way)
+        compute_dtype="float32",  # or "bfloat16": the LM computes in bf16, master weights and head in float32
+        mesh=ml_collections.ConfigDict(parallel.DEFAULT_MESH),  # devices per axis (sentcomp.parallel)
         eval_batch_size=64,
         max_steps=2000,
         eval_every=100,  # steps between validation accuracies (and checkpoints)
@@ -104,12 +111,20 @@ def with_defaults(config) -> ml_collections.ConfigDict:
                 raise SentcompError(f"Unknown fine-tuning optimizer keys {sorted(unknown)}; known: "
                                     f"{sorted(merged.optimizer.keys())}.")
             merged.optimizer.update(value)
+        elif key == "mesh":  # axes merged into the default's (checked by parallel.mesh_shape below)
+            merged.mesh.update(value)
         else:
             setattr(merged, key, value)
     if not 0 < merged.val_fraction < 1 or not 0 <= merged.dropout < 1 or merged.eval_every < 1 or merged.max_steps < 1:
         raise SentcompError("Fine-tuning config: need 0 < val_fraction < 1, 0 ≤ dropout < 1, eval_every ≥ 1 and "
                             f"max_steps ≥ 1; got {merged.val_fraction}, {merged.dropout}, {merged.eval_every}, "
                             f"{merged.max_steps}.")
+    if not isinstance(merged.grad_accum, int) or merged.grad_accum < 1:
+        raise SentcompError(f"Fine-tuning config: grad_accum must be an integer ≥ 1, got {merged.grad_accum!r}.")
+    if merged.compute_dtype not in COMPUTE_DTYPES:
+        raise SentcompError(f"Fine-tuning config: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                            f"{merged.compute_dtype!r}.")
+    parallel.mesh_shape(merged.mesh, jax.device_count())
     return merged
 
 
@@ -120,49 +135,83 @@ def init_head(rng: jax.Array, d: int, num_classes: int, std: float) -> dict[str,
     return {"kernel": std * jax.random.normal(rng, (d, num_classes)), "bias": jnp.zeros((num_classes,))}
 
 
-def classification_loss(hidden_fn, phi_fn, dropout: float, aux_lm_weight: float, params, token_ids, mask, labels,
-                        weights, key):
-    """``ℓ_cls + λ·ℓ_xent`` on one batch; rows with ``weights == 0`` (padding rows) count for nothing."""
-    hidden = hidden_fn(params["lm"], token_ids, mask)
+def lm_targets(mask: jax.Array, weights: jax.Array) -> jax.Array:
+    """``[B, L−1]``: the next-token predictions the auxiliary LM loss counts (both tokens real, row weighted)."""
+    return mask[:, 1:] * mask[:, :-1] * weights[:, None]
+
+
+def classification_loss(hidden_fn, phi_fn, dropout: float, aux_lm_weight: float, compute_dtype, params, token_ids,
+                        mask, labels, weights, keep, totals):
+    """One micro-batch's share of the batch loss ``ℓ_cls + λ·ℓ_xent``:
+
+        Σ_rows w·ℓ_cls / W  +  λ · n·ℓ̄_xent / N
+
+    with ``W = totals["rows"]`` (the whole batch's summed row weights; padding rows weigh 0) and ``N =
+    totals["targets"]`` (its counted next-token positions), ``ℓ̄_xent`` this micro-batch's mean over its ``n``
+    positions; summed over the micro-batches, the shares are the whole batch's means exactly. ``keep [B, d]``:
+    the dropout mask on ``f(s)``. The LM runs in ``compute_dtype`` (its float32 weights cast), the head in
+    float32."""
+    lm_params = cast_floats(params["lm"], compute_dtype)
+    hidden = hidden_fn(lm_params, token_ids, mask)
     f = last_token_features(hidden, mask).astype(jnp.float32)
     if dropout > 0:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, f.shape)
         f = jnp.where(keep, f / (1.0 - dropout), 0.0)
     logits = f @ params["head"]["kernel"] + params["head"]["bias"]
     per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    loss = jnp.sum(weights * per_row) / jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(weights * per_row) / totals["rows"]
     if aux_lm_weight > 0:
-        targets_mask = mask[:, 1:] * mask[:, :-1] * weights[:, None]
-        loss = loss + aux_lm_weight * kernels.xent_loss(hidden[:, :-1], phi_fn(params["lm"]), token_ids[:, 1:],
-                                                        targets_mask)
+        targets_mask = lm_targets(mask, weights)
+        mean = kernels.xent_loss(hidden[:, :-1], phi_fn(lm_params), token_ids[:, 1:], targets_mask)
+        loss = loss + aux_lm_weight * mean * jnp.sum(targets_mask) / totals["targets"]
     return loss
 
 
 def make_train_step(lm: LanguageModel, optimizer, config, mesh):
-    """Jitted ``(state, ids, mask, labels, weights) -> (state, loss)``; dropout key = fold_in(seed, step)."""
-    loss_fn = functools.partial(classification_loss, lm.hidden_fn, lm.phi_fn, config.dropout, config.aux_lm_weight)
+    """Jitted ``(state, ids, mask, labels, weights) -> (state, loss)`` on a global batch of ``B`` rows: the
+    summed gradients of its ``config.grad_accum`` micro-batches (rows ``r`` with ``r mod accum = k``, each split
+    over the devices; :func:`classification_loss`), one optimiser update. The dropout mask is drawn for the whole
+    batch from ``fold_in(seed, step)``, so neither it nor the update depends on ``grad_accum`` (up to float
+    summation order). The state keeps its layout (:func:`sentcomp.parallel.state_shardings`)."""
+    loss_fn = functools.partial(classification_loss, lm.hidden_fn, lm.phi_fn, config.dropout, config.aux_lm_weight,
+                                COMPUTE_DTYPES[config.compute_dtype])
+    grad_fn = jax.value_and_grad(loss_fn)
     base_key = jax.random.key(config.seed)
+    accum = config.grad_accum
 
     def step(state, token_ids, mask, labels, weights):
-        key = jax.random.fold_in(base_key, state["step"])
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], token_ids, mask, labels, weights, key)
+        rows, d = token_ids.shape[0], state["params"]["head"]["kernel"].shape[0]
+        keep = jax.random.bernoulli(jax.random.fold_in(base_key, state["step"]), 1.0 - config.dropout, (rows, d))
+        totals = {"rows": jnp.maximum(jnp.sum(weights), 1.0),
+                  "targets": jnp.maximum(jnp.sum(lm_targets(mask, weights)), 1.0)}
+        micro_batches = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows // accum, accum, *x.shape[1:]), 0, 1),
+                                     (token_ids, mask, labels, weights, keep))
+
+        def accumulate(carry, micro):
+            loss, grads = grad_fn(state["params"], *micro, totals)
+            return jax.tree.map(jnp.add, carry, (loss, parallel.constrain_state(grads, mesh))), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return parallel.constrain_state(new_state, mesh), loss
 
-    whole, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(whole, batch, batch, batch, batch), out_shardings=(whole, whole))
+    batch = parallel.batch_sharding(mesh)  # the state: None = its own layout
+    return jax.jit(step, in_shardings=(None, batch, batch, batch, batch),
+                   out_shardings=(None, parallel.replicated(mesh)))
 
 
-def make_predict(lm: LanguageModel, mesh):
-    """Jitted ``(params, ids, mask) -> predicted class [B]`` (no dropout)."""
+def make_predict(lm: LanguageModel, mesh, compute_dtype=jnp.float32):
+    """Jitted ``(params, ids, mask) -> predicted class [B]`` (no dropout; the LM in ``compute_dtype``)."""
 
     def predict(params, token_ids, mask):
-        f = last_token_features(lm.hidden_fn(params["lm"], token_ids, mask), mask).astype(jnp.float32)
+        hidden = lm.hidden_fn(cast_floats(params["lm"], compute_dtype), token_ids, mask)
+        f = last_token_features(hidden, mask).astype(jnp.float32)
         return jnp.argmax(f @ params["head"]["kernel"] + params["head"]["bias"], axis=-1)
 
-    batch = parallel.batch_sharding(mesh)
-    return jax.jit(predict, in_shardings=(parallel.replicated(mesh), batch, batch), out_shardings=batch)
+    batch = parallel.batch_sharding(mesh)  # params: None = their own layout
+    return jax.jit(predict, in_shardings=(None, batch, batch), out_shardings=batch)
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -199,7 +248,8 @@ def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> lis
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, identity: dict[str, Any]) -> None:
-    record = json.loads(json.dumps({"config": config.to_dict(), **identity}))
+    settings = {key: value for key, value in config.to_dict().items() if key != "mesh"}  # any mesh may resume it
+    record = json.loads(json.dumps({"config": settings, **identity}))
     path = workdir / "config.json"
     recorded = parallel.main_decides(lambda: json.loads(path.read_text()) if path.is_file() else None)
     if recorded is None and parallel.is_main_process():
@@ -239,8 +289,8 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     if finished is not None:
         return finished
 
-    mesh = parallel.data_mesh()
-    batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size)
+    mesh = parallel.make_mesh(config.mesh)
+    batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size * config.grad_accum)
     eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
     max_length = min(config.max_length, lm.max_length)
     buckets = bucket_lengths(max_length, config.buckets)
@@ -261,7 +311,8 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
         progress = {key: meta[key] for key in progress}
     start = int(parallel.fetch(state["step"]))
 
-    train_step, predict = make_train_step(lm, optimizer, config, mesh), make_predict(lm, mesh)
+    train_step = make_train_step(lm, optimizer, config, mesh)
+    predict = make_predict(lm, mesh, COMPUTE_DTYPES[config.compute_dtype])
     host_rows = parallel.host_row_indices(batch_size, mesh)
     weights = np.ones(batch_size, np.float32)
     stopped_early, losses = progress["bad_evals"] >= config.patience, []

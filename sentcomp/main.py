@@ -20,6 +20,8 @@ Several processes (hosts) run the same command and join JAX's multi-process runt
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
 
@@ -32,7 +34,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
 
-__all__ = ["run_program", "main"]
+__all__ = ["run_program", "main", "run_cli"]
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/table1.py:smoke")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the run's record (config, metrics, results).")
@@ -44,6 +46,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host JAX ru
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
+_RESUME_MAY_CHANGE = flags.DEFINE_list(
+    "resume_may_change", [], "Dotted config keys allowed to differ from the run WORKDIR already holds (added to the "
+    "config's own resume_may_change), e.g. --resume_may_change=num_steps,checkpoint.keep.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _OVERRIDE = re.compile(r"^--(?:no)?config\.([^=\s]+)")
@@ -73,7 +78,21 @@ def check_config_flags(args: list[str]):
         return None  # absl reports the missing required flag
     config = config_files.load_config(spec)
     for key in (match.group(1) for match in map(_OVERRIDE.match, args) if match):
+        if key == runner.RESUME_MAY_CHANGE and key not in config:
+            raise SentcompError(f"This config has no {key} field: list the keys allowed to change with "
+                                f"--{key}=key1,key2 (a flag of its own, not --config.{key}).")
         config_files.check_key(config, key)
+    return config
+
+
+def with_resume_may_change(config, keys: list[str]):
+    """``config`` with ``keys`` added to its ``resume_may_change`` (created if the config has none)."""
+    if not keys:
+        return config
+    for key in keys:
+        config_files.check_key(config, key)
+    with config.unlocked():
+        config[runner.RESUME_MAY_CHANGE] = tuple(dict.fromkeys((*config.get(runner.RESUME_MAY_CHANGE, ()), *keys)))
     return config
 
 
@@ -88,6 +107,16 @@ def _expected_type(config, message: str) -> str:
     return f" (config.{match.group(1)} has type {type(value).__name__}, default {value!r})"
 
 
+def _orbax_one_line(record: logging.LogRecord) -> bool:
+    """Logging filter: Orbax logs a failed background write with its traceback once per thread involved (hundreds
+    of lines for one full disk); the failure itself is raised as one SentcompError naming the cause
+    (:func:`sentcomp.training.save_checkpoint`), so at the default verbosity these records keep their message
+    line only (``--verbosity=0`` shows the tracebacks)."""
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with override keys checked first and flag errors shown as one clean line."""
     config = None
@@ -96,6 +125,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         remaining = flags.FLAGS(argv)
         if flags.FLAGS["verbosity"].using_default_value:  # else app.run turns on INFO, where Orbax logs every
             flags.FLAGS.verbosity = absl_logging.WARNING  # checkpoint step at length; --verbosity=0 shows it
+            logging.getLogger("absl").addFilter(_orbax_one_line)
         return remaining
     except SentcompError as error:
         _fail(error)
@@ -103,9 +133,22 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(f"{error}{_expected_type(config, str(error))}")
 
 
+def check_swept_overrides(overrides: list[str], points: list[dict]) -> None:
+    """A ``--config.KEY`` override of a key the sweep sets (or of a group holding one) would be replaced at every
+    point, silently: refused, naming the keys."""
+    swept = {key for point in points for key in point}
+    clashes = sorted(key for key in overrides
+                     if any(name == key or name.startswith(key + ".") or key.startswith(name + ".") for name in swept))
+    if clashes:
+        raise SentcompError(f"--config.{clashes[0]} overrides a key the sweep sets at every point "
+                            f"({', '.join(clashes)}; swept: {', '.join(sorted(swept))}), so it would be ignored. "
+                            "Drop the override, or change the values in the config file's get_sweep().")
+
+
 def sweep_from_flags(config, workdir: str) -> None:
     """``--sweep``: every point of the config file's ``get_sweep()`` into ``workdir/<point>/``."""
     points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+    check_swept_overrides(list(config_flags.get_override_values(flags.FLAGS["config"])), points)
     if _DRY_RUN.value:
         for point, name in zip(points, sweep.point_names(points)):
             point_config = config_files.override(config, point)
@@ -128,7 +171,7 @@ def print_stages(config, workdir: str) -> None:
 
 
 def run_from_flags() -> None:
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = with_resume_may_change(_CONFIG.value, _RESUME_MAY_CHANGE.value), _WORKDIR.value
     if _PARALLEL.value > 1 and not _SWEEP.value:
         raise SentcompError("--parallel sets how many sweep points run at once: use it with --sweep.")
     if _SWEEP.value:
@@ -151,6 +194,23 @@ def main(argv: list[str]) -> None:
         run_from_flags()
     except SentcompError as error:
         _fail(error)
+
+
+def run_cli(args: list[str]) -> int:
+    """``python -m sentcomp.main ARGS`` in this process (tests, notebooks: no new interpreter, no JAX import):
+    parses ``args`` afresh and runs; returns the exit code (2 after a user mistake, whose ``error:`` line went to
+    stderr). absl's flags are global: the previous parse is forgotten first."""
+    for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+        delattr(flags.FLAGS, name)  # the override flags ml_collections defined for the previous config
+    flags.FLAGS.unparse_flags()
+    saved, sys.argv = sys.argv, ["sentcomp.main", *args]  # ml_collections reads the overrides from sys.argv
+    try:
+        main(parse_flags(sys.argv))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":

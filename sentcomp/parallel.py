@@ -4,6 +4,12 @@ Data parallelism is ``jax.jit`` over one 1-D mesh whose axis ``"data"`` spans ev
 batches are sharded along their leading axis, parameters are replicated. Kernels never choose shardings;
 the programs do, through these helpers.
 
+Training can also shard its state (FSDP, fully sharded data parallelism): :func:`make_mesh` builds the 2-D mesh
+``("data", "fsdp")`` a config names (e.g. ``{"data": -1, "fsdp": 4}``). Batches are split over *both* axes (every
+device gets its own rows); each parameter and optimiser-state leaf is split over the ``"fsdp"`` axis along one
+dimension chosen from its shape alone (:func:`leaf_sharding`) and replicated over ``"data"``, so a device holds
+``1/fsdp`` of the large leaves. XLA inserts the all-gathers (forward/backward) and reduce-scatters (gradients).
+
 Several hosts (a Cloud TPU pod slice, several GPU nodes, or several processes on one machine) use JAX's own
 multi-controller runtime: every process runs the same program, :func:`initialize_distributed` joins them
 before any JAX computation, :func:`data_mesh` then spans all processes' devices, and each process loads only
@@ -18,10 +24,11 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -29,6 +36,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sentcomp.errors import SentcompError
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_MESH = {DATA_AXIS: -1, FSDP_AXIS: 1}  # every device on the data axis: parameters replicated
+MIN_SHARDED_SIZE = 2**14  # leaves with fewer elements are replicated (biases, norms, scalars)
 T = TypeVar("T")
 
 
@@ -38,9 +49,71 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def mesh_shape(axes: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+    """``{"data": n_data, "fsdp": n_fsdp}`` from a config's mapping (axis name -> size; one size may be -1 for
+    "the rest"; a missing axis has size 1), checked to use exactly ``num_devices`` devices."""
+    axes = dict(DEFAULT_MESH if axes is None else axes)
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown:
+        raise SentcompError(f"Unknown mesh axes {sorted(unknown)}; config.mesh names sizes of {list(MESH_AXES)}, "
+                            'e.g. {"data": -1, "fsdp": 4}.')
+    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES}
+    if list(sizes.values()).count(-1) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise SentcompError(f"config.mesh sizes must be ≥ 1, with at most one -1 (the remaining devices); got {axes}.")
+    fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+    if num_devices % fixed or (-1 not in sizes.values() and fixed != num_devices):
+        raise SentcompError(f"config.mesh {axes} does not fit {num_devices} devices: the sizes must multiply to "
+                            f"{num_devices} (set one axis to -1 to take the remaining devices).")
+    return {name: num_devices // fixed if size == -1 else size for name, size in sizes.items()}
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """The 2-D mesh ``("data", "fsdp")`` over ``devices`` (default: every device of every process) with the
+    sizes of ``axes`` (:func:`mesh_shape`; None = :data:`DEFAULT_MESH`, data parallelism over every device).
+    The fsdp axis is the inner one, so an fsdp group's devices are neighbours (on one host when it fits)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(axes, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape[DATA_AXIS], shape[FSDP_AXIS]), MESH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the mesh, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over all the mesh's axes (each device its own rows), the rest replicated."""
+    axes = mesh.axis_names
+    return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else tuple(axes)))
+
+
+def leaf_sharding(mesh: Mesh, shape: Sequence[int], min_size: int = MIN_SHARDED_SIZE) -> NamedSharding:
+    """How a parameter-shaped leaf of ``shape`` is laid out: its largest dimension that the fsdp axis size ``n``
+    divides is split ``n`` ways over ``"fsdp"`` (the first such if several are as large); the leaf is replicated
+    if the mesh has no fsdp axis or ``n = 1``, if it has fewer than ``min_size`` elements, or if no dimension is
+    divisible by ``n``. A function of the shape alone (never of parameter names), so optimiser moments, which
+    mirror the parameters' shapes, are laid out like their parameters, and scalars (step counts) replicate."""
+    n = mesh.shape.get(FSDP_AXIS, 1)
+    divisible = [axis for axis, size in enumerate(shape) if size % n == 0]
+    if n == 1 or int(np.prod(shape)) < min_size or not divisible:
+        return replicated(mesh)
+    axis = max(divisible, key=lambda a: (shape[a], -a))
+    return NamedSharding(mesh, PartitionSpec(*[FSDP_AXIS if a == axis else None for a in range(len(shape))]))
+
+
+def state_shardings(mesh: Mesh, tree):
+    """:func:`leaf_sharding` of every leaf of ``tree`` (arrays, tracers or ``jax.ShapeDtypeStruct``s)."""
+    return jax.tree.map(lambda leaf: leaf_sharding(mesh, np.shape(leaf)), tree)
+
+
+def shard_state(tree, mesh: Mesh):
+    """A copy of every array of ``tree`` (parameters, optimiser state) placed by :func:`state_shardings` (never the
+    caller's buffers, which a train step donating its state would delete); with several processes every process
+    passes the same whole values and keeps its devices' shards."""
+    shardings = state_shardings(mesh, tree)
+    # device_put may hand back the caller's buffer as one shard (e.g. device 0's copy of a replicated array)
+    return jax.jit(functools.partial(jax.tree.map, jnp.copy), out_shardings=shardings)(jax.device_put(tree, shardings))
+
+
+def constrain_state(tree, mesh: Mesh):
+    """Inside a jitted function: ``tree`` pinned to :func:`state_shardings` (e.g. gradients and the new state,
+    so XLA reduce-scatters the gradients instead of all-reducing them)."""
+    return jax.lax.with_sharding_constraint(tree, state_shardings(mesh, tree))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -325,10 +325,11 @@ def _path_scores(x, labels, mask, coef, intercept, *, protocol: str, num_classes
     K']`` on that group's rows ``x [G, M, d]``, ``labels [G, M]`` (``mask [G, M]`` marks real rows), and the
     predictions ``[G, L, M]``: one compiled call for every fold × regularisation."""
     scores = jnp.einsum("gmd,gldk->glmk", x, coef) + intercept[:, :, None, :]
-    labels, weights = labels[:, None], mask[:, None] / jnp.sum(mask, axis=1)[:, None, None]
+    labels, mask, rows = labels[:, None], mask[:, None], jnp.sum(mask, axis=1)[:, None]
     predictions = kernels.predict_labels(scores)
     losses = _example_losses(scores, labels, protocol, num_classes, multi_class)
-    return jnp.sum(weights * (predictions == labels), axis=-1), jnp.sum(weights * losses, axis=-1), predictions
+    correct = jnp.sum(jnp.where(mask > 0, predictions == labels, False), axis=-1)  # an integer count, exactly
+    return correct / rows, jnp.sum(mask * losses, axis=-1) / rows, predictions
 
 
 def evaluate(

@@ -3,8 +3,9 @@
 Every file is written **atomically and durably**: the bytes go to a temporary file in the same folder, are
 flushed and fsynced, and the temporary file is renamed over the target, so a reader (a resumed run, another
 host on a shared filesystem) sees the old file or the new one, never half of one. Logs that grow line by line
-(``metrics.jsonl``, ``cells.jsonl``) are appended with one fsynced write per line; their readers skip a torn
-last line.
+(``metrics.jsonl``, ``cells.jsonl``) are appended with one fsynced write per line; their readers
+(:func:`read_json_lines`) skip a torn line with a warning naming it. :func:`write_failure_cause` tells a write
+that cannot succeed until the user acts (no space, no permission) from other errors.
 
 :func:`content_hash` is the one hash behind every cache key (features, corpora, BERT features): SHA-256 over
 the length-prefixed parts (bytes as they are, anything else as sorted-key JSON), so ``("ab", "c")`` and
@@ -13,11 +14,13 @@ the length-prefixed parts (bytes as they are, anything else as sorted-key JSON),
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,68 @@ def write_json(path: str | Path, value: Any) -> None:
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Writes ``array`` in ``.npy`` format atomically and durably (never a truncated chunk)."""
     _write_atomically(Path(path), lambda file: np.save(file, array))
+
+
+def read_json_lines(path: str | Path) -> list[Any]:
+    """The rows of a JSON-lines log (``metrics.jsonl``, ``cells.jsonl``); [] if the file does not exist.
+
+    A line that is not valid JSON (a torn last line left by a kill or a full disk mid-append) is skipped with a
+    warning naming the file and line: what it held is recomputed by the run that reads the log."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}, line {number}: not valid JSON (a torn write); skipped.", stacklevel=2)
+    return rows
+
+
+def read_json_file(path: str | Path, what: str, kind: type = dict) -> Any:
+    """The JSON value of type ``kind`` in ``path``, or None if the file is missing, empty, not valid JSON or of
+    another type (then a warning names the file and says ``what`` follows, e.g. ``"the run runs again"``)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, kind):
+            raise ValueError(f"a JSON {type(value).__name__}, expected a {kind.__name__}")
+        return value
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{path} is unreadable ({type(error).__name__}: {error}); {what}.", stacklevel=2)
+        return None
+
+
+# errno values that mean a write cannot succeed until the user acts (free space, fix permissions or quota)
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "read-only file system"}
+
+
+def write_failure_cause(error: BaseException) -> str | None:
+    """The cause of a failed write when it is one the user must fix (:data:`WRITE_FAILURES`), found in the
+    exception, its causes and contexts, or the text of a wrapped error (TensorStore reports OS errors as text);
+    None for any other error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+            return f"{WRITE_FAILURES[error.errno]} ({error})"
+        for code, cause in WRITE_FAILURES.items():
+            if os.strerror(code) in str(error):
+                return f"{cause} ({str(error).splitlines()[0][:300]})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def copy_file(source: str | Path, path: str | Path) -> None:
+    """Copies ``source`` to ``path`` atomically and durably, with the permissions a plain ``open`` gives."""
+    _write_atomically(Path(path), lambda file: file.write(Path(source).read_bytes()))
 
 
 def append_json_line(path: str | Path, row: dict[str, Any]) -> None:

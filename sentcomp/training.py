@@ -1,10 +1,11 @@
 """The training machinery shared by pretraining, fine-tuning and the synthetic-language runs.
 
 Losses (``LOSSES``: cross-entropy and the paper's Quad, :mod:`sentcomp.kernels`), the optimiser (optax AdamW
-with warmup and decay, clipping, optionally frozen Φ), the jitted data-parallel train and eval steps and the
-validation losses (:func:`validation_losses`, also :mod:`sentcomp.programs.lm_loss`'s), the data
-plan (which stream positions each step reads on this process), Orbax checkpoints that resume exactly (a corrupt
-latest checkpoint is set aside) and the metrics log: ``metrics.jsonl``, mirrored live as TensorBoard scalars in
+with warmup and decay, clipping, optionally frozen Φ), the jitted train and eval steps (data-parallel, the
+state replicated or FSDP-sharded, :mod:`sentcomp.parallel`) and the validation losses (:func:`validation_losses`,
+also :mod:`sentcomp.programs.lm_loss`'s), the data plan (which stream positions each step reads on this process),
+Orbax checkpoints that resume exactly (a corrupt latest checkpoint is set aside, and one written under one mesh
+restores onto another) and the metrics log: ``metrics.jsonl``, mirrored live as TensorBoard scalars in
 ``workdir/tensorboard/`` and, when ``SENTCOMP_WANDB_PROJECT`` is set and ``wandb`` installed, to Weights & Biases
 (:func:`append_metrics`). :mod:`sentcomp.programs.pretrain` documents how a run uses them.
 """
@@ -100,8 +101,13 @@ def all_finite(tree) -> jax.Array:
 
 def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh):
     """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
-    ``accum`` micro-batches (each sharded over the devices), one optimiser update. ``hidden_fn`` and ``phi_fn``
-    are the model's (:class:`sentcomp.models.LanguageModel`)."""
+    ``accum`` micro-batches (each sharded over all the mesh's devices), one optimiser update. ``hidden_fn`` and
+    ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`).
+
+    The state keeps the layout it comes with (:func:`initial_state`, :func:`resume`: :func:`parallel.state_shardings`
+    on ``mesh``) and the new state, like the gradients, is pinned to that layout, so with an fsdp axis the
+    parameters and optimiser state stay sharded: XLA gathers each weight where it is used and reduce-scatters
+    its gradient."""
     grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn))
 
     def step(state, tokens):
@@ -109,7 +115,7 @@ def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype,
 
         def accumulate(carry, micro_tokens):
             loss, grads = grad_fn(state["params"], micro_tokens, mask, compute_dtype)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.tree.map(jnp.add, carry, (loss, parallel.constrain_state(grads, mesh))), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.swapaxes(tokens, 0, 1))
@@ -118,17 +124,20 @@ def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype,
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": all_finite(params)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return parallel.constrain_state(new_state, mesh), metrics
 
-    whole = parallel.replicated(mesh)
-    tokens_sharding = parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(whole, tokens_sharding), out_shardings=(whole, whole), donate_argnums=0)
+    # the state: None = the layout of the arrays passed in (initial_state's, resume's)
+    return jax.jit(step, in_shardings=(None, parallel.batch_sharding(mesh)),
+                   out_shardings=(None, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def initial_state(params, optimizer, mesh) -> dict[str, Any]:
-    """``{"params", "opt_state", "step": 0}``, replicated over the mesh."""
-    params = parallel.replicate(params, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=parallel.replicated(mesh))(params)
+    """``{"params", "opt_state", "step": 0}`` laid out on ``mesh`` by :func:`parallel.state_shardings`: replicated
+    on a data-only mesh, large leaves split over the fsdp axis otherwise."""
+    params = parallel.shard_state(params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=parallel.state_shardings(
+        mesh, jax.eval_shape(optimizer.init, params)))(params)
     return {"params": params, "opt_state": opt_state, "step": parallel.replicate(jnp.zeros((), jnp.int32), mesh)}
 
 
@@ -146,9 +155,8 @@ def make_eval_step(hidden_fn, phi_fn, compute_dtype, mesh):
             "count": jnp.sum(weights),
         }
 
-    batch = parallel.batch_sharding(mesh)
-    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh), batch, batch),
-                   out_shardings=parallel.replicated(mesh))
+    batch = parallel.batch_sharding(mesh)  # params: None = their own layout (replicated or fsdp-sharded)
+    return jax.jit(evaluate, in_shardings=(None, batch, batch), out_shardings=parallel.replicated(mesh))
 
 
 def validation_batches(blocks: np.ndarray, num_blocks: int, batch_size: int, host_rows: np.ndarray):
@@ -210,13 +218,59 @@ class DataPlan:
 # ------------------------------------------------------------------------------------------- checkpointing
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's manager whose write failures that only the user can fix (no space left, no permission:
+    :func:`sentcomp.storage.write_failure_cause`) raise one :class:`SentcompError` at once: from ``save`` itself,
+    or, for an asynchronous save, from the next ``save`` or ``wait_until_finished``. The checkpoints already
+    written are kept (Orbax writes a step into a temporary directory, renamed only when complete, and deletes
+    old steps only after a save succeeded)."""
+
+    _saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
+    _failed = False  # a write failure was reported
+
+    def _reporting(self, call):
+        try:
+            return call()
+        except Exception as error:
+            cause = storage.write_failure_cause(error)
+            if cause is None:
+                raise
+            self._failed = True
+            kept = [step for step in self.all_steps() if step != self._saving]
+            raise SentcompError(
+                f"Writing the checkpoint of step {self._saving} to {self.directory} failed: {cause}. The last "
+                f"complete checkpoint ({f'step {max(kept)}' if kept else 'none yet'}) is kept: free space or fix "
+                "the permissions, then re-run the same command to resume from it."
+            ) from None
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self._reporting(self.check_for_errors)  # a previous asynchronous save's failure
+        self._saving = step
+        return self._reporting(lambda: super(_CheckpointManager, self).save(step, *args, **kwargs))
+
+    def wait_until_finished(self) -> None:
+        self._reporting(super().wait_until_finished)
+
+    def close(self) -> None:
+        """Closes the manager; a failed asynchronous save already reported is not raised a second time."""
+        try:
+            self._reporting(super().close)
+        except SentcompError:
+            if not self._failed:
+                raise
+
+
 def checkpoint_manager(workdir: Path, every: int, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
+    """The run's Orbax manager for ``workdir/checkpoints`` (write failures reported as :class:`_CheckpointManager`
+    says)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                            enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    return _CheckpointManager(workdir / "checkpoints", options=options)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
+    """Saves ``state`` and ``meta`` (with its ``"step"``) as a checkpoint; a write that fails for lack of space or
+    permission raises :class:`SentcompError` naming the cause, the last complete checkpoint kept."""
     step = int(meta["step"])
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  force=True)
@@ -292,10 +346,11 @@ RESUME_MAY_CHANGE = "resume_may_change"
 
 
 def resume_settings(config) -> str:
-    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but ``progress``
-    and the keys it lists in ``resume_may_change``): stored in every checkpoint's meta and required equal on
-    resume, so ``run(config, workdir)`` never continues a run trained under other settings."""
-    may_change = (RESUME_MAY_CHANGE, "progress", *config.get(RESUME_MAY_CHANGE, ()))
+    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but ``progress``,
+    ``mesh`` (a checkpoint restores onto any mesh shape) and the keys it lists in ``resume_may_change``): stored in
+    every checkpoint's meta and required equal on resume, so ``run(config, workdir)`` never continues a run trained
+    under other settings."""
+    may_change = (RESUME_MAY_CHANGE, "progress", "mesh", *config.get(RESUME_MAY_CHANGE, ()))
     return storage.settings_fingerprint(config.to_dict(), ignore=may_change)
 
 

@@ -7,7 +7,12 @@ next-token log-probabilities of its tokens ``c_1..c_m`` after the context ``s + 
     score(w) = Σ_i log p_f(ctx, c_1..c_{i-1})(c_i),      log p_f(s)(c) = f(s)ᵀφ_c − log Z(f(s))
 
 a label by the total probability of its words, ``score(y) = log Σ_{w∈W_y} exp score(w)``, and the prediction
-is ``argmax_y score(y)``.
+is ``argmax_y score(y)``. Other scoring rules (:data:`SCORING_RULES`, :func:`rule_scores`): ``acc_norm`` (÷ the
+word's length in characters, lm-evaluation-harness), ``pmi`` (− the word's log-probability after the template
+alone) and ``calibrated`` (contextual calibration); one pass of the model (:func:`score_words`: the texts and
+:data:`CONTENT_FREE_TEXTS`) gives them all. A k-shot ``prefix`` (:func:`sentcomp.data.text.demonstration_prefix`)
+goes before every text, content-free ones included. Templates and verbalizers are arguments of
+:func:`zero_shot` (default: the task's prompt and label words). Formulas and conventions: docs/zeroshot.md.
 
 Conventions (lm-evaluation-harness's loglikelihood requests): the context is ``s + π.rstrip()`` and the
 continuation is the prompt's trailing whitespace (a single space if it has none) followed by the word; the
@@ -35,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel
+from sentcomp import kernels, metrics, parallel
 from sentcomp.data.tasks import Task, get_task
-from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens
+from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens, split_prompt
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
@@ -46,20 +51,19 @@ from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 # Tokenization
 
 
-def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
-    """All label words in label order, and the label index of each."""
+def verbalizer_words(label_names: Sequence[str], label_words) -> tuple[tuple[str, ...], np.ndarray]:
+    """All words of a verbalizer (label name -> words) in label order, and the label index of each."""
     words, labels = [], []
-    for index, label in enumerate(task.label_names):
-        for word in task.label_words[label]:
+    for index, label in enumerate(label_names):
+        for word in label_words[label]:
             words.append(word.strip())
             labels.append(index)
     return tuple(words), np.asarray(labels, np.int64)
 
 
-def split_prompt(prompt: str) -> tuple[str, str]:
-    """``(context suffix, continuation delimiter)``: the prompt without, and its trailing whitespace (or " ")."""
-    stripped = prompt.rstrip()
-    return stripped, prompt[len(stripped):] or " "
+def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
+    """The task's label words in label order, and the label index of each."""
+    return verbalizer_words(task.label_names, task.label_words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +153,17 @@ def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int
     return ids, mask, positions, targets, valid
 
 
-def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str], batch_size: int = 32,
-                      max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
-                      progress: bool = True, compute_dtype: str = "float32", truncation: str = "start") -> np.ndarray:
-    """``[N, W]``: summed log-probability of each label word (``label_word_list(task)`` order) after each
-    ``text + task.prompt``.
+def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str], **options) -> np.ndarray:
+    """``[N, W]``: :func:`word_scores` of the task's label words (``label_word_list(task)`` order) after each
+    ``text + task.prompt``."""
+    task = get_task(task)
+    return word_scores(lm, texts, task.prompt, label_word_list(task)[0], **options)
+
+
+def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Sequence[str], batch_size: int = 32,
+                max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
+                progress: bool = True, compute_dtype: str = "float32", truncation: str = "start") -> np.ndarray:
+    """``[N, W]``: summed log-probability of each of ``words`` after each ``text + prompt``.
 
     Sequences hold at most ``max_length`` tokens (default and cap: ``lm.max_length``; the paper used 512), long
     documents cut by ``truncation`` as features cut them. The model runs in ``compute_dtype`` (``"float32"`` or
@@ -161,16 +171,14 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
     Batches are split over ``mesh`` (default: every device of every process; each process passes the same
     texts); ``batch_size`` (≥ 1) is rounded up to a multiple of the mesh size.
     """
-    task = get_task(task)
     if not len(texts):
-        raise SentcompError("label_word_scores got no texts to score.")
+        raise SentcompError("Zero-shot scoring got no texts to score.")
     if batch_size < 1:
         raise SentcompError(f"batch_size must be a positive number of sequences, got {batch_size}.")
     if compute_dtype not in COMPUTE_DTYPES:
         raise SentcompError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}.")
-    words, _ = label_word_list(task)
     max_length = min(max_length or lm.max_length, lm.max_length)
-    rows = build_rows(lm.tokenizer, texts, task.prompt, words, max_length, truncation)
+    rows = build_rows(lm.tokenizer, texts, prompt, words, max_length, truncation)
     rows.sort(key=lambda row: len(row.input_ids))
     mesh = mesh if mesh is not None else parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(batch_size, mesh.size)
@@ -180,7 +188,7 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
     params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
     buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
-    for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {task.name}", disable=not progress):
+    for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {prompt.strip()!r}", disable=not progress):
         batch = rows[first: first + batch_size]
         longest = max(len(row.input_ids) for row in batch)
         length = next(bucket for bucket in buckets if bucket >= longest)
@@ -191,20 +199,41 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
     return scores
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Scoring rules
+
+
 @dataclasses.dataclass(frozen=True)
-class ZeroShotResult:
-    """Scores of one zero-shot run: per label word ``[N, W]``, per label ``[N, K]`` (calibrated if asked), the
-    calibration's log prior ``[K]`` (or None), and predictions ``[N]``."""
+class WordScores:
+    """Summed continuation log-probabilities of ``words`` after each text (``texts``, ``[N, W]``) and after each
+    of :data:`CONTENT_FREE_TEXTS` (``content_free``, ``[C, W]``), every text behind the same k-shot prefix: all
+    a scoring rule needs, from one pass of the model (:func:`score_words`)."""
 
     words: tuple[str, ...]
-    word_labels: np.ndarray
-    word_scores: np.ndarray
-    label_scores: np.ndarray
-    log_prior: np.ndarray | None
-    predictions: np.ndarray
+    texts: np.ndarray
+    content_free: np.ndarray
 
-    def accuracy(self, labels: Sequence[int]) -> float:
-        return float(np.mean(self.predictions == np.asarray(labels)))
+    def select(self, words: Sequence[str]) -> WordScores:
+        """The columns of ``words`` (which must all be among ``self.words``)."""
+        columns = [self.words.index(word) for word in words]
+        return WordScores(tuple(words), self.texts[:, columns], self.content_free[:, columns])
+
+
+# Zhao et al. 2021, "Calibrate Before Use": inputs with no content, whose label distribution is the LM's bias.
+CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
+# PMI's null context (Holtzman et al. 2021's domain premise): the template with an empty text.
+NULL_TEXT = CONTENT_FREE_TEXTS.index("")
+SCORING_RULES = ("ll", "acc_norm", "pmi", "calibrated")
+
+
+def score_words(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Sequence[str], prefix: str = "",
+                **options) -> WordScores:
+    """:func:`word_scores` of ``prefix + text`` for every text and every content-free text, in one call."""
+    if not len(texts):
+        raise SentcompError("Zero-shot scoring got no texts to score.")
+    inputs = [prefix + text for text in (*texts, *CONTENT_FREE_TEXTS)]
+    scores = word_scores(lm, inputs, prompt, words, **options)
+    return WordScores(tuple(words), scores[: len(texts)], scores[len(texts):])
 
 
 def label_scores_from_words(word_scores: np.ndarray, word_labels: np.ndarray, num_labels: int) -> np.ndarray:
@@ -213,37 +242,101 @@ def label_scores_from_words(word_scores: np.ndarray, word_labels: np.ndarray, nu
                      for label in range(num_labels)], axis=1)
 
 
-# Zhao et al. 2021, "Calibrate Before Use": inputs with no content, whose label distribution is the LM's bias.
-CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
+def completion_lengths(words: Sequence[str]) -> np.ndarray:
+    """lm-evaluation-harness's ``acc_norm`` divisor: ``len(choice)``, the word's length in characters, without
+    the target delimiter (``completion_len = [float(len(c)) for c in choices]`` in its ``process_results``)."""
+    return np.array([float(len(word.strip())) for word in words])
 
 
-def content_free_log_prior(lm: LanguageModel, task: Task | str, **options) -> np.ndarray:
-    """``log p_cf(y)``, ``[K]``: the label distribution (normalised over labels) averaged over
-    ``CONTENT_FREE_TEXTS`` (contextual calibration, Zhao et al., ICML 2021)."""
-    task = get_task(task)
-    _, word_labels = label_word_list(task)
-    word_scores = label_word_scores(lm, task, CONTENT_FREE_TEXTS, **options)
-    scores = label_scores_from_words(word_scores, word_labels, task.num_classes)
-    normalised = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+def contextual_log_prior(content_free_label_scores: np.ndarray) -> np.ndarray:
+    """``log p_cf(y) = log mean_c softmax_y(score_c(y))``, ``[K]``: the label distribution of the content-free
+    inputs, each normalised over labels, averaged (contextual calibration, Zhao et al., ICML 2021)."""
+    normalised = content_free_label_scores - np.logaddexp.reduce(content_free_label_scores, axis=1, keepdims=True)
     return np.log(np.mean(np.exp(normalised), axis=0))
 
 
-def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], calibrate: bool = False,
-              **options) -> ZeroShotResult:
-    """Zero-shot sentence-completion predictions for ``texts`` (``options`` as :func:`label_word_scores`).
+def rule_scores(scores: WordScores, word_labels: np.ndarray, num_labels: int) -> dict[str, np.ndarray]:
+    """Label scores ``[N, K]`` under every rule of :data:`SCORING_RULES`, from one :class:`WordScores`:
 
-    Default: the label with the highest score. ``calibrate=True`` divides each label's probability by its
-    content-free prior (:func:`content_free_log_prior`) first, which removes the LM's preference for some
-    label words regardless of the text (an addition of ours; the paper has no zero-shot column).
+    - ``ll``: ``s(w) = log p(w | x)`` (summed over the word's tokens);
+    - ``acc_norm``: ``s(w) = log p(w | x) / len(w)`` (characters, :func:`completion_lengths`);
+    - ``pmi``: ``s(w) = log p(w | x) − log p(w | x₀)``, ``x₀`` the template with an empty text (:data:`NULL_TEXT`);
+    - per label ``score(y) = log Σ_{w∈W_y} exp s(w)`` (one word per label: ``s(w)`` itself);
+    - ``calibrated``: ``score_ll(y) − log p_cf(y)`` (:func:`contextual_log_prior`).
+    """
+    def labels_of(word_scores):
+        return label_scores_from_words(word_scores, word_labels, num_labels)
+
+    ll = labels_of(scores.texts)
+    return {
+        "ll": ll,
+        "acc_norm": labels_of(scores.texts / completion_lengths(scores.words)),
+        "pmi": labels_of(scores.texts - scores.content_free[NULL_TEXT]),
+        "calibrated": ll - contextual_log_prior(labels_of(scores.content_free)),
+    }
+
+
+def evaluate_scores(label_scores: np.ndarray, labels: Sequence[int], n_bins: int = metrics.DEFAULT_BINS) -> dict:
+    """Accuracy of ``argmax_y score(y)``, and ECE / Brier of ``softmax_y score(y)`` (:mod:`sentcomp.metrics`)."""
+    labels = np.asarray(labels)
+    probabilities = metrics.softmax(label_scores)
+    return {"accuracy": float(np.mean(label_scores.argmax(axis=1) == labels)),
+            "ece": metrics.expected_calibration_error(probabilities, labels, n_bins),
+            "brier": metrics.brier_score(probabilities, labels), "n": int(len(labels))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotResult:
+    """One zero-shot run: per label word ``[N, W]``, label scores ``[N, K]`` under every rule
+    (``rule_scores``) and under the chosen ``rule`` (``label_scores``), the contextual-calibration log prior
+    ``[K]``, and the chosen rule's predictions ``[N]``."""
+
+    words: tuple[str, ...]
+    word_labels: np.ndarray
+    word_scores: np.ndarray
+    rule: str
+    rule_scores: dict[str, np.ndarray]
+    log_prior: np.ndarray
+    prefix: str = ""
+
+    @property
+    def label_scores(self) -> np.ndarray:
+        return self.rule_scores[self.rule]
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.label_scores.argmax(axis=1)
+
+    def accuracy(self, labels: Sequence[int]) -> float:
+        return float(np.mean(self.predictions == np.asarray(labels)))
+
+    def evaluate(self, labels: Sequence[int], n_bins: int = metrics.DEFAULT_BINS) -> dict[str, dict]:
+        """``{rule: {"accuracy", "ece", "brier", "n"}}`` for every rule (:func:`evaluate_scores`)."""
+        return {rule: evaluate_scores(scores, labels, n_bins) for rule, scores in self.rule_scores.items()}
+
+
+def check_rule(rule: str) -> None:
+    if rule not in SCORING_RULES:
+        raise SentcompError(f"Unknown zero-shot scoring rule {rule!r}; choose one of {list(SCORING_RULES)}.")
+
+
+def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: str = "ll", prompt: str | None = None,
+              label_words: dict[str, Sequence[str]] | None = None, prefix: str = "", **options) -> ZeroShotResult:
+    """Zero-shot (``prefix=""``) or k-shot (``prefix`` from :func:`sentcomp.data.text.demonstration_prefix`)
+    sentence-completion predictions for ``texts`` under ``rule`` (every rule is computed: ``rule_scores``).
+
+    ``prompt`` and ``label_words`` (default: the task's) choose the template and the verbalizer; ``options`` as
+    :func:`word_scores`. Rules: :func:`rule_scores`; ``calibrated`` divides each label's probability by its
+    content-free prior, removing the LM's preference for some label words whatever the text (an addition of
+    ours; the paper has no zero-shot column).
     """
     task = get_task(task)
-    words, word_labels = label_word_list(task)
-    word_scores = label_word_scores(lm, task, texts, **options)
-    label_scores = label_scores_from_words(word_scores, word_labels, task.num_classes)
-    log_prior = content_free_log_prior(lm, task, **options) if calibrate else None
-    if calibrate:
-        label_scores = label_scores - log_prior
-    return ZeroShotResult(words, word_labels, word_scores, label_scores, log_prior, label_scores.argmax(axis=1))
+    check_rule(rule)
+    words, word_labels = verbalizer_words(task.label_names, label_words or task.label_words)
+    scores = score_words(lm, texts, prompt if prompt is not None else task.prompt, words, prefix, **options)
+    label_scores = rule_scores(scores, word_labels, task.num_classes)
+    log_prior = contextual_log_prior(label_scores_from_words(scores.content_free, word_labels, task.num_classes))
+    return ZeroShotResult(words, word_labels, scores.texts, rule, label_scores, log_prior, prefix)
 
 
 def zero_shot_accuracy(lm: LanguageModel, task: Task | str, split, **options) -> float:

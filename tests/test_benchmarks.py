@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import kernels as kernel_benchmark  # noqa: E402  benchmarks/kernels.py
+import layer_stack as layer_stack_benchmark  # noqa: E402
 import probe as probe_benchmark  # noqa: E402
 import timing  # noqa: E402
 import train_step  # noqa: E402
@@ -73,3 +74,11 @@ def test_kernel_and_loss_head_benchmarks_check_their_outputs_on_tiny_sizes():
     for result in (quad, mean):
         assert "output" not in result["ours"] and result["ours"]["seconds"] > 0 and result["reference"]["peak_bytes"]
     train_step.check_loss_heads(24, dim=8, vocab=50)
+
+
+def test_layer_stack_benchmark_checks_executions_and_attention_on_tiny_sizes():
+    config = layer_stack_benchmark.gpt2.gpt2_config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8)
+    executions = {name: layer_stack_benchmark.EXECUTIONS[name] for name in ("scanned", "unrolled + remat dots")}
+    rows = layer_stack_benchmark.layer_stack_rows(config, batch=2, seq=8, repeats=1, executions=executions)
+    assert [row["name"] for row in rows] == list(executions) and all(row["step"] > 0 for row in rows)
+    layer_stack_benchmark.check_attention(length=37, heads=2, head_dim=8, chunk=16)

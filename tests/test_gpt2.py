@@ -143,9 +143,12 @@ def test_name_map_covers_every_parameter(size, quad_head):
     shapes = jax.eval_shape(lambda: gpt2.GPT2(config).init(jax.random.key(0), dummy, dummy)["params"])
     flat = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
     name_map = gpt2.hf_name_map(config)
-    assert set(flat) == set(name_map)
+    stacked = {k: flat[k][1:] for k in flat if k.startswith("h/")}  # block i is index i of the stacked params["h"]
+    assert all(flat[k][0] == config.n_layer for k in stacked)
+    assert set(flat) == {"/".join(["h", *k.split("/")[2:]]) if k.startswith("h/") else k for k in name_map}
+    per_layer = {k: stacked["/".join(["h", *k.split("/")[2:]])] if k.startswith("h/") else flat[k] for k in name_map}
     transposed = {"quad_head/kernel"}
-    assert all(flat[k] == (shape[::-1] if k in transposed else shape) for k, (_, shape) in name_map.items())
+    assert all(per_layer[k] == (shape[::-1] if k in transposed else shape) for k, (_, shape) in name_map.items())
     n_params = sum(int(np.prod(s)) for s in flat.values())
     expected_hf = {"small": 124_439_808, "xl": 1_557_611_200}[size]  # GPT2Model.num_parameters()
     assert n_params == expected_hf + (config.n_embd * (config.n_embd + 1) + 50257 * config.n_embd) * quad_head

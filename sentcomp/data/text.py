@@ -18,6 +18,10 @@ length buckets and fixed-shape batches.
   (:func:`length_buckets`) with a fixed batch size (:func:`make_batches`), so a jitted function compiles once
   per bucket.
 - :func:`tokenizer_fingerprint`: a hash of a tokenizer's definition, part of every cache key.
+- **k-shot contexts** (:func:`sample_demonstrations`, :func:`demonstration_prefix`): ``k`` seeded labelled train
+  examples, each written as ``text + prompt.rstrip() + delimiter + gold word + separator``, put before the test
+  text. The prefix is part of the text, so ``truncation="start"`` drops it from the left first, then the test
+  text's beginning; the test text's end and the prompt always survive.
 
 Pure Python and numpy: nothing here imports JAX.
 """
@@ -187,6 +191,59 @@ def _assemble(tokenizer, texts: Sequence[str], max_length: int, prompt: str | No
                 text_ids = text_ids[len(text_ids) - room:] if truncation == "start" else text_ids[:room]
         encoded.append(np.asarray([*before, *text_ids, *prompt_ids, *after], np.int32))
     return encoded, n_truncated
+
+
+# ---------------------------------------------------------------------------------------- k-shot contexts
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """``(context suffix, continuation delimiter)``: the prompt without its trailing whitespace, and that
+    whitespace (a single space if it has none: lm-evaluation-harness's default ``target_delimiter``)."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] or " "
+
+
+def sample_demonstrations(texts: Sequence[str], labels: Sequence[int], k: int, seed: int, balanced: bool = True,
+                          exclude: Sequence[str] = ()) -> np.ndarray:
+    """Indices of ``k`` demonstrations drawn from the labelled pool ``(texts, labels)`` (a train split), seeded.
+
+    A pool item whose text is in ``exclude`` (the test texts) is never drawn, so a test example never shows up
+    as its own demonstration. ``balanced``: the classes present get ``⌊k/C⌋`` demonstrations each and a seeded
+    choice of ``k mod C`` of them one more; otherwise ``k`` items uniformly without replacement. The order is a
+    seeded shuffle (no class blocks). The same arguments always give the same indices.
+    """
+    if k < 0:
+        raise SentcompError(f"k (the number of demonstrations) must be ≥ 0, got {k}.")
+    excluded = set(exclude)
+    labels = np.asarray(labels)
+    eligible = np.array([i for i, text in enumerate(texts) if text not in excluded], np.int64)
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        if k > len(eligible):
+            raise SentcompError(f"{k} demonstrations asked for, but only {len(eligible)} train examples are "
+                                "not test texts: lower k.")
+        return rng.permutation(rng.choice(eligible, size=k, replace=False))
+    classes = np.unique(labels[eligible]) if len(eligible) else np.array([], np.int64)
+    if k and not len(classes):
+        raise SentcompError("No train example is eligible as a demonstration (all are test texts).")
+    counts = np.full(len(classes), k // max(len(classes), 1))
+    counts[rng.choice(len(classes), size=k % max(len(classes), 1), replace=False)] += 1
+    chosen = []
+    for label, count in zip(classes, counts):
+        members = eligible[labels[eligible] == label]
+        if count > len(members):
+            raise SentcompError(f"A balanced {k}-shot context needs {count} demonstrations of label {label}, but "
+                                f"train has only {len(members)}: lower k or set balanced=False.")
+        chosen.extend(rng.choice(members, size=count, replace=False))
+    return rng.permutation(np.asarray(chosen, np.int64))
+
+
+def demonstration_prefix(texts: Sequence[str], words: Sequence[str], prompt: str, separator: str = "\n\n") -> str:
+    """The k-shot prefix: ``Σ_i texts[i] + prompt.rstrip() + delimiter + words[i] + separator`` (each
+    demonstration with its gold label word, in the test example's format; ``""`` for no demonstrations).
+    ``prefix + test_text`` is then completed as any text (:func:`split_prompt`)."""
+    suffix, delimiter = split_prompt(prompt)
+    return "".join(f"{text}{suffix}{delimiter}{word.strip()}{separator}" for text, word in zip(texts, words))
 
 
 # ------------------------------------------------------------------------------------------------ word sets

@@ -9,10 +9,12 @@ A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict`` and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import inspect
 import json
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,28 @@ def load_module(path: str | Path):
         raise SentcompError(f"Config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location(f"sentcomp_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with _reported(f"Config file {path}"):
+        spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _reported(what: str):
+    """Turns an exception raised by a config file's own code (a syntax or name error, a typo in ``get_config``)
+    into one :class:`SentcompError` naming the file and line, instead of a traceback through the launcher."""
+    try:
+        yield
+    except SentcompError:
+        raise
+    except Exception as error:
+        if isinstance(error, SyntaxError):
+            where = f"line {error.lineno}: {error.msg}"
+        else:
+            frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+                      if Path(frame.filename).name != Path(__file__).name]
+            where = f"line {frames[-1].lineno} ({frames[-1].filename}): " if frames else ""
+            where += f"{type(error).__name__}: {error}"
+        raise SentcompError(f"{what} failed to load: {where}. Fix the config file.") from None
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -48,7 +70,27 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise SentcompError(f"Config file {path} has no get_config(arg) function.")
-    return module.get_config(arg)
+    with _reported(f"{path}: get_config({arg!r})"):
+        config = module.get_config(arg)
+    check_args_kept(config, arg, path)
+    return config
+
+
+def check_args_kept(config: ml_collections.ConfigDict, arg: str | None, path: str) -> None:
+    """Every ``name=value`` of ``arg`` that names a top-level config field must have set it: a variant such as
+    ``smoke`` that replaced an explicit value (``smoke,model=gpt2``) would run another experiment than asked."""
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, text = (part.strip() for part in item.partition("="))
+        if not has_value or name not in config or isinstance(config[name], ml_collections.ConfigDict):
+            continue
+        try:
+            asked = _parse_value(name, text, config[name])
+        except SentcompError:
+            continue
+        if asked != config[name]:
+            raise SentcompError(f"{path}:{arg}: {name}={text} was replaced by config.{name} = {config[name]!r} "
+                                "(another argument of the list sets it). Drop one of them, or set it after: "
+                                f"--config.{name}=...")
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:
@@ -58,7 +100,8 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
     if not hasattr(module, "get_sweep"):
         raise SentcompError(f"Config file {path} defines no get_sweep(): it has nothing to sweep over.")
     takes_arg = bool(inspect.signature(module.get_sweep).parameters)
-    points = module.get_sweep(arg) if takes_arg else module.get_sweep()
+    with _reported(f"{path}: get_sweep({arg!r})"):
+        points = module.get_sweep(arg) if takes_arg else module.get_sweep()
     if not points or not all(isinstance(point, Mapping) for point in points):
         raise SentcompError(f"{path}: get_sweep() must return a non-empty list of {{config key: value}} dicts.")
     return [dict(point) for point in points]

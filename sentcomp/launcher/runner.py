@@ -16,10 +16,13 @@ headline. Programs resume by themselves from what their workdir already holds.
 * ``done.json``: the headline metrics, written (atomically) when ``run`` returned: its presence means the run
   is complete, and sweeps skip such points and tabulate its metrics.
 
-Before any work :func:`validate` checks that the program exists, that every required field (an
-``ml_collections`` placeholder) is set, and, if the workdir already holds a run, that its ``config.json``
-equals the new config except for the dotted keys the config lists in ``resume_may_change`` (e.g.
-``("num_steps",)`` to extend a training run); otherwise it fails and shows the difference.
+Before any work, and before the workdir is written, :func:`validate` checks that ``--workdir`` can be a
+directory, that the program exists, that every required field (an ``ml_collections`` placeholder) is set, the
+program's own ``check_config(config)`` (:func:`check_program_config`: sizes, names, data and model paths), and,
+if the workdir already holds a run, that its ``config.json`` equals the new config except for the dotted keys
+the config lists in ``resume_may_change`` (e.g. ``("num_steps",)`` to extend a training run); otherwise it fails
+and shows the difference. A run that produced no results (:func:`holds_results`) is replaced by the new config,
+and an unreadable ``config.json`` or ``done.json`` is treated as absent, each with a warning naming the file.
 
 A **composed config** (``config.stages``, :mod:`sentcomp.launcher.stages`) runs each of its stages through
 :func:`run_program` into ``workdir/<stage>/``, in order, skipping complete ones; all are validated first.
@@ -35,6 +38,7 @@ import numbers
 import os
 import socket
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,9 @@ DONE_FILE = "done.json"
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".lock"
 RESUME_MAY_CHANGE = "resume_may_change"
+# what the launcher itself writes in a workdir, and caches keyed by everything that determines their content
+RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, "error.txt", "log.txt")
+KEYED_CACHES = ("features", "corpus")
 
 
 def import_program(config: ml_collections.ConfigDict):
@@ -75,15 +82,33 @@ def import_program(config: ml_collections.ConfigDict):
     return program
 
 
+def holds_results(workdir: Path) -> bool:
+    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`)
+    and the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them). A
+    workdir without results may be taken over by a run with another config."""
+    return any(entry.name not in RECORD_FILES + KEYED_CACHES for entry in Path(workdir).iterdir())
+
+
 def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change``)."""
+    """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change``).
+
+    Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
+    replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1
+    cells, checkpoints, feature caches); and a run that never produced results (:func:`holds_results`, e.g. one
+    that failed at once) is replaced by the corrected config."""
     recorded_path = Path(workdir) / CONFIG_FILE
     if not recorded_path.exists():
         return
-    recorded = json.loads(recorded_path.read_text())
+    recorded = storage.read_json_file(recorded_path, "it is replaced by this run's config (results the workdir "
+                                      "holds are reused only where their own fingerprint matches)")
+    if recorded is None:
+        return
     may_change = (RESUME_MAY_CHANGE, *config.get(RESUME_MAY_CHANGE, ()))
     differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
-    if differences:
+    if differences and not holds_results(workdir):
+        warnings.warn(f"{workdir} holds a run with another config that produced no results "
+                      f"({'; '.join(differences)}); this run replaces it.", stacklevel=2)
+    elif differences:
         raise SentcompError(
             f"{workdir} already holds a run with a different config ({'; '.join(differences)}). Resuming would "
             "mix two experiments: use a new --workdir, or list the keys allowed to change in "
@@ -91,17 +116,40 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
         )
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | Path):
-    """All checks that must pass before any work starts; returns the program module, or None for a composed
-    config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against its own stage workdir."""
+def check_workdir_path(workdir: Path) -> None:
+    """``workdir`` must be a directory or not exist yet, and no folder above it may be a file."""
+    workdir = Path(workdir)
+    for path in (workdir, *workdir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == workdir else f"is under {path}, which is a file"
+            raise SentcompError(f"--workdir {workdir} {where}: pass a directory (it is created if missing).")
+
+
+def check_program_config(program, config: ml_collections.ConfigDict) -> None:
+    """The program's own checks, ``check_config(config)`` if its module defines one: cheap checks of values,
+    names and paths (sizes > 0, known tasks, data and model found offline) that must pass before the workdir is
+    claimed, so a mistake never leaves a workdir holding a config that produced nothing."""
+    check = getattr(program, "check_config", None)
+    if callable(check):
+        check(config)
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True):
+    """All checks that must pass before any work starts (also those of ``--dry_run``); returns the program
+    module, or None for a composed config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against
+    its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks
+    (:func:`check_program_config`, ``program_checks``) when it starts, once that output exists."""
+    check_workdir_path(Path(workdir))
     if stages.is_composed(config):
         config_files.check_required(config)
         for name, stage in stages.stage_configs(config, workdir):
-            validate(stage, Path(workdir) / name)
+            validate(stage, Path(workdir) / name, not stages.has_references(config[stages.STAGES][name]))
         check_resume(config, Path(workdir))
         return None
     program = import_program(config)
     config_files.check_required(config)
+    if program_checks:
+        check_program_config(program, config)
     check_resume(config, Path(workdir))
     return program
 
@@ -129,9 +177,9 @@ def headline_metrics(returned: Any, workdir: Path) -> dict[str, Any]:
 
 
 def read_done(workdir: str | Path) -> dict[str, Any] | None:
-    """The headline metrics of a completed run, or None if ``workdir`` holds no completed run."""
-    path = Path(workdir) / DONE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    """The headline metrics of a completed run, or None if ``workdir`` holds no completed run; an empty or
+    corrupt ``done.json`` (a full disk) counts as not complete, with a warning, so the run is done again."""
+    return storage.read_json_file(Path(workdir) / DONE_FILE, "the run is treated as not complete and runs again")
 
 
 def stages_complete(config: ml_collections.ConfigDict, workdir: str | Path) -> list[bool]:
@@ -161,7 +209,15 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     """
     workdir = Path(workdir)
     program = validate(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    done = read_done(workdir) if parallel.is_main_process() else None
+    if done is not None and not writable(workdir):
+        print(f"{workdir} holds a complete run and cannot be written; its headline (done.json): {done}")
+        return done
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SentcompError(f"Cannot create --workdir {workdir} ({error.strerror}): pass a directory you can "
+                            "write.") from None
     with exclusive(workdir):
         if parallel.is_main_process():
             (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
@@ -176,6 +232,16 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     return returned
 
 
+def writable(workdir: Path) -> bool:
+    """Whether a file can be opened for writing in ``workdir`` (its lock file; permission bits do not bind root,
+    and a read-only mount shows only when writing)."""
+    try:
+        open(Path(workdir) / LOCK_FILE, "a").close()
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def exclusive(workdir: Path):
     """Holds ``workdir/.lock`` (an exclusive ``flock``, taken by process 0) while a run writes the workdir, so a
@@ -185,7 +251,12 @@ def exclusive(workdir: Path):
     if not parallel.is_main_process():
         yield
         return
-    with open(workdir / LOCK_FILE, "a+") as handle:
+    try:
+        handle = open(workdir / LOCK_FILE, "a+")
+    except OSError as error:
+        raise SentcompError(f"Cannot write in --workdir {workdir} ({error.strerror}): pass a directory you can "
+                            "write.") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -100,6 +100,19 @@ def resolve_value(value: Any, where: str, workdir: Path, earlier: Sequence[str],
     return str(workdir / name / path) if path else str(workdir / name)
 
 
+def has_references(stage: ml_collections.ConfigDict) -> bool:
+    """Whether a stage config holds a stage reference anywhere (nested groups, tuples and lists included): what it
+    refers to exists only once the earlier stage has run."""
+    def refers(value: Any) -> bool:
+        if isinstance(value, ml_collections.ConfigDict):
+            return any(refers(item) for item in value.values())
+        if isinstance(value, (tuple, list)):
+            return any(refers(item) for item in value)
+        return parse_reference(value) is not None
+
+    return refers(stage)
+
+
 def resolve_references(stage: ml_collections.ConfigDict, where: str, workdir: Path, earlier: Sequence[str],
                        later: Sequence[str]) -> ml_collections.ConfigDict:
     """A copy of the stage config ``stage`` (at ``config.<where>``) with its stage references resolved

@@ -57,7 +57,7 @@ def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, 
         details = traceback.format_exc()
         if parallel.is_main_process():
             point_dir.mkdir(parents=True, exist_ok=True)
-            (point_dir / ERROR_FILE).write_text(details)
+            storage.write_text(point_dir / ERROR_FILE, details)
         return "failed", _last_line(details)
 
 
@@ -77,7 +77,7 @@ def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path)
     if error_file.exists():
         return "failed", _last_line(error_file.read_text())
     reason = f"the point's process exited with code {exit_code}: {_last_line((point_dir / LOG_FILE).read_text())}"
-    error_file.write_text(reason + "\n")
+    storage.write_text(error_file, reason + "\n")
     return "failed", reason
 
 

@@ -8,9 +8,12 @@ family module exposes ``from_hf(model_dir, config: dict, **options) -> LanguageM
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+
+import jax.numpy as jnp
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
@@ -26,6 +29,7 @@ FAMILIES = {
     "gemma": "sentcomp.models.gemma",
     "bert": "sentcomp.models.bert",
 }
+CAUSAL_FAMILIES = tuple(name for name in FAMILIES if name != "bert")  # next-token LMs (BERT is a masked-LM encoder)
 
 # Short names of models that exist offline -> a loadable source (a path), or a function returning one (called
 # by load(), so a missing offline package is reported only when its alias is used); families add theirs.
@@ -83,6 +87,47 @@ def load(source: str, revision: str = "", **options) -> LanguageModel:
     return family_module(config["model_type"]).from_hf(model_dir, config, name=source, **options)
 
 
+# ------------------------------------------------------------------------- any causal family: build, untie, save
+
+
+def init(model_type: str, hf_config: dict, rng=0, quad_head: bool = False, tokenizer=None) -> LanguageModel:
+    """A randomly initialised causal LM of ``model_type`` (``"gpt2"`` or a shared-decoder family: ``"llama"``,
+    ``"qwen2"``, ...), shaped by ``hf_config``, the family's Hugging Face ``config.json`` keys (the family's own
+    defaults fill the rest). ``quad_head=True``: the Quad architecture (head at the identity, Φ untied)."""
+    if model_type not in CAUSAL_FAMILIES:
+        raise SentcompError(f"Random {model_type!r} models are not available; choose one of {list(CAUSAL_FAMILIES)}.")
+    module = family_module(model_type)
+    return module.init(module.config_from_hf(hf_config), rng, quad_head=quad_head, tokenizer=tokenizer)
+
+
+def untie(lm: LanguageModel) -> LanguageModel:
+    """``lm`` with Φ untied from the input embeddings (the new Φ starts as a copy of them, so the outputs do not
+    change); an untied model is returned as it is. For GPT-2 and every shared-decoder family."""
+    if not lm.config.tie_word_embeddings:
+        return lm
+    if lm.family == "gpt2":
+        from sentcomp.models import gpt2
+
+        return gpt2.untie(lm)
+    from sentcomp.models import decoder
+
+    spec = getattr(family_module(lm.family), "SPEC", None)
+    if not isinstance(spec, decoder.Family):
+        raise SentcompError(f"Untying Φ is implemented for GPT-2 and the decoder families, not {lm.family!r}.")
+    config = dataclasses.replace(lm.config, tie_word_embeddings=False)
+    params = {**lm.params, "lm_head": jnp.array(lm.phi)}  # the decoder's untied Φ (decoder.phi_fn)
+    return decoder.language_model(lm.family, config, params, lm.tokenizer, lm.name)
+
+
+def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
+    """Writes ``lm`` in its family's Hugging Face layout (the family module's ``save_hf``: ``config.json`` and
+    safetensors, a Quad head included as sentcomp's own tensors), loadable by :func:`load`."""
+    module = family_module(lm.family)
+    if not hasattr(module, "save_hf"):
+        raise SentcompError(f"Saving {lm.family!r} models in Hugging Face layout is not implemented.")
+    return module.save_hf(lm, directory)
+
+
 RANDOM_GPT2 = "random-gpt2"  # config.model of smoke runs: a tiny random GPT-2 shaped by config.random_gpt2
 
 
@@ -98,4 +143,5 @@ def from_config(config) -> LanguageModel:
     return load(config.model, revision=config.get("revision", ""))
 
 
-__all__ = ["LanguageModel", "load", "from_config", "FAMILIES", "ALIASES", "RANDOM_GPT2"]
+__all__ = ["LanguageModel", "load", "from_config", "init", "untie", "save_hf", "FAMILIES", "CAUSAL_FAMILIES", "ALIASES",
+           "RANDOM_GPT2"]

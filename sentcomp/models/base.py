@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sentcomp.errors import SentcompError
+
 HiddenFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # what a model may run in
 
@@ -63,6 +65,18 @@ class LanguageModel:
     def replace(self, **changes) -> LanguageModel:
         """A copy with some fields changed (e.g. new ``params`` after training)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def phi_param(self) -> str:
+        """The top-level parameter holding Φ (the one to freeze to keep Φ fixed), in any family: the key whose
+        leaves include the very array ``phi_fn`` returns (e.g. GPT-2's ``phi``, a decoder's ``lm_head``, or the
+        input embeddings of a tied model, which are then frozen too)."""
+        phi = self.phi_fn(self.params)
+        for key, value in self.params.items():
+            if any(leaf is phi for leaf in jax.tree.leaves(value)):
+                return key
+        raise SentcompError(f"{self.name}: Φ is computed from the parameters, not stored in one of them "
+                            f"({sorted(self.params)}), so it cannot be frozen on its own.")
 
 
 def model_fingerprint(lm: LanguageModel) -> str:

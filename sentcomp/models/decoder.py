@@ -24,8 +24,12 @@ One block, for hidden states ``x [B, T, d]`` (``N₁``, ``N₂`` the block's two
   to the input ones or untied (``params["lm_head"]``).
 
 Positions count the real tokens (``cumsum(mask) − 1``): right padding changes nothing, and left padding gives the
-same features as no padding. The blocks are one ``nn.scan`` over layer-stacked parameters (leading axis = layer),
-so a 30-layer model compiles like a 1-layer one.
+same features as no padding. The blocks are one ``nn.scan`` over layer-stacked parameters (leading axis = layer,
+:func:`layers.layer_stack`), so a 30-layer model compiles like a 1-layer one; ``scan_layers=False`` unrolls the same
+parameters, ``remat`` rematerialises each layer in the backward pass, and ``attention`` picks the attention
+kernel (:func:`layers.self_attention`: XLA, cuDNN, or query chunks whose memory grows as T, not T²). These four
+execution fields (:data:`layers.EXECUTION_FIELDS`) change how the model runs, not what it computes, and are not
+written to Hugging Face configs; :func:`layers.with_execution` changes them on a loaded model.
 
 The sentcomp view: ``hidden_fn(params, ids, mask) -> [B, T, d]`` is the final norm's output f(s) (or the Quad
 head's output), ``phi_fn(params) -> [V, d]`` is Φ. Parameter names (the same in every family): ``embed_tokens``,
@@ -100,8 +104,14 @@ class DecoderConfig:
     rope_original_max_position_embeddings: int = 8192  # llama3 only
     # Per-frequency divisors of ω (GGUF's rope_freqs tensor: llama.cpp's form of llama3 scaling); () = none.
     rope_freq_divisors: tuple[float, ...] = ()
+    # How the model executes, not what it computes (layers.EXECUTION_FIELDS; not in Hugging Face's config.json):
+    scan_layers: bool = True  # the layers as one compiled loop body (False: unrolled; the same parameters)
+    remat: str = "none"  # rematerialisation of each layer in the backward pass, a layers.REMAT_POLICIES key
+    attention: str = "xla"  # a layers.ATTENTION implementation ("cudnn" on NVIDIA GPUs, "chunked" for long T)
+    attention_chunk: int = 512  # query rows per block of the "chunked" attention
 
     def __post_init__(self):
+        layers.check_execution("Decoder", self)
         if self.quad_head and self.tie_word_embeddings:
             raise SentcompError("quad_head=True needs untied output embeddings (tie_word_embeddings=False).")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -296,7 +306,8 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, visible):
+    def __call__(self, x, cos, sin, attention_mask, window):
+        """``window``: this layer's sliding window in real tokens (None: full causal attention)."""
         c = self.config
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -307,10 +318,8 @@ class Attention(nn.Module):
             q, k, v = (nn.Dense(n * head_dim, use_bias=c.qkv_bias, name=name)(x).reshape(batch, length, n, head_dim)
                        for n, name in ((heads, "q_proj"), (kv_heads, "k_proj"), (kv_heads, "v_proj")))
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        # query head h = k·kv_groups + g uses key/value head k (Hugging Face's repeat_kv order)
-        q = q.reshape(batch, length, kv_heads, c.kv_groups, head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).reshape(batch, heads, length, length)
-        out = layers.attend(scores.astype(jnp.float32) * head_dim**-0.5, v, visible)
+        out = layers.self_attention(q, k, v, attention_mask, scale=head_dim**-0.5, causal=True, window=window,
+                                    implementation=c.attention, chunk=c.attention_chunk)
         return nn.Dense(c.hidden_size, use_bias=c.output_bias, name="o_proj")(out)
 
 
@@ -332,23 +341,23 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; signature ``(carry, window) -> (carry, None)`` for ``nn.scan`` over the layers."""
+    """One pre-norm block; signature ``(carry, window) -> (carry, None)`` for the layer stack (``window``: this
+    layer's entry of :func:`layer_windows`)."""
 
     config: DecoderConfig
 
     @nn.compact
     def __call__(self, carry, window):
-        x, cos, sin, visible, distance = carry
+        x, cos, sin, attention_mask = carry
         c = self.config
-        attention = Attention(c, name="self_attn")(
-            _norm(c, "input_layernorm")(x), cos, sin, visible & (distance < window)
-        )
+        window = window if c.sliding_window is not None else None  # no window: no position arithmetic at all
+        attention = Attention(c, name="self_attn")(_norm(c, "input_layernorm")(x), cos, sin, attention_mask, window)
         if c.parallel_residual:
             out = x + attention + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
         else:
             out = x + attention
             out = out + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(out))
-        return (out, cos, sin, visible, distance), None  # the residual stream keeps the parameters' dtype
+        return (out, cos, sin, attention_mask), None  # the residual stream keeps the parameters' dtype
 
 
 class DecoderModel(nn.Module):
@@ -369,11 +378,8 @@ class DecoderModel(nn.Module):
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         position = layers.positions(attention_mask)
         cos, sin = layers.rotary_cos_sin(position, rotary_inverse_frequencies(c))
-        visible = layers.visible_keys(attention_mask, causal=True)
-        distance = position[:, :, None] - position[:, None, :]  # query − key, in real tokens
-        decoder = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          length=c.num_hidden_layers)(c, name="layers")
-        (x, *_), _ = decoder((x, cos, sin, visible, distance), jnp.asarray(layer_windows(c)))
+        decoder = layers.layer_stack(DecoderLayer, c, c.num_hidden_layers, name="layers")
+        (x, *_), _ = decoder((x, cos, sin, attention_mask), jnp.asarray(layer_windows(c)))
         x = _norm(c, "norm")(x)
         if c.quad_head:
             x = layers.quad_head(c.hidden_size)(x)
@@ -489,17 +495,10 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: DecoderConfi
              if not key.endswith(names.ignored_suffixes)}
     ignored = (names.output + ".",) if config.tie_word_embeddings else ()
     tensors = hf.assign(state, hf_name_map(config, names), source, ignored_prefixes=ignored)
-    flat = {}
-    for path, value in tensors.items():
-        keys = tuple(path.split("/"))
-        value = value.T if path.endswith("kernel") else value
-        if keys[0] == "layers":  # layer i's tensor goes to index i of the stacked one
-            flat.setdefault(("layers", *keys[2:]), [None] * config.num_hidden_layers)[int(keys[1])] = value
-        else:
-            flat[keys] = value
+    tensors = {path: value.T if path.endswith("kernel") else value for path, value in tensors.items()}
+    flat = layers.stack_layer_paths(tensors, "layers", config.num_hidden_layers)  # layer i -> index i
     return traverse_util.unflatten_dict(
-        {keys: jnp.asarray(np.stack(v) if isinstance(v, list) else v, jnp.float32) for keys, v in flat.items()}
-    )
+        {tuple(path.split("/")): jnp.asarray(value, jnp.float32) for path, value in flat.items()})
 
 
 def state_dict_from_params(params, config: DecoderConfig, names: HFNames) -> dict[str, np.ndarray]:
@@ -508,8 +507,7 @@ def state_dict_from_params(params, config: DecoderConfig, names: HFNames) -> dic
             for keys, value in traverse_util.flatten_dict(jax.device_get(params)).items()}
     state = {}
     for path, (theirs, _) in hf_name_map(config, names).items():
-        keys = path.split("/")
-        value = flat["/".join(["layers", *keys[2:]])][int(keys[1])] if keys[0] == "layers" else flat[path]
+        value = layers.unstack_layer_path(flat, path, "layers")
         state[theirs] = np.ascontiguousarray(value.T if path.endswith("kernel") else value)
     return state
 

@@ -4,6 +4,13 @@ Architecture (Radford et al. 2019; HF ``GPT2Model``): token + learned position e
 blocks ``x += attn(ln_1(x)); x += mlp(ln_2(x))`` with causal multi-head self-attention, and a final LayerNorm
 ``ln_f``. Features ``f(s)`` are the ``ln_f`` outputs; logits are ``f(s)ᵀφ_w`` with ``Φ = wte`` (tied).
 
+Parameters: ``wte``, ``wpe``, ``h`` (the blocks, stacked on a leading layer axis: ``h/attn/c_attn/kernel`` is
+``[n_layer, d, 3d]``; HF's ``h.<i>.*`` is index i), ``ln_f``, and ``phi`` / ``quad_head`` when present. The blocks
+run as one ``nn.scan`` (:func:`layers.layer_stack`): ``scan_layers=False`` unrolls the same parameters, ``remat``
+rematerialises each block in the backward pass, ``attention`` picks the kernel (:func:`layers.self_attention`).
+These execution fields are not written to HF configs; :func:`layers.with_execution` changes them on a loaded
+model. Parameters saved by sentcomp before the stacking (``h_0 … h_{L-1}``) are converted by :func:`stack_layers`.
+
 The paper's **Quad architecture** (``quad_head=True``, Section 6 of arXiv 2010.03648) adds one d×d linear layer
 with bias after ``ln_f``, whose output is ``f(s)``, and unties Φ from ``wte``. Both live in the params pytree
 (``params["quad_head"]`` and ``params["phi"]``), so training code differentiates them like any other weight.
@@ -47,6 +54,8 @@ from sentcomp.models.base import LanguageModel
 from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "gpt2"
+LAYERS = "h"  # params["h"]: the blocks' parameters, stacked on a leading layer axis
+_LEGACY_LAYER = "h_{}"  # block i's parameters in sentcomp's layout before the stacking (see stack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +75,15 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
     quad_head: bool = False  # extra d×d linear layer (with bias) after ln_f; its output is f(s)
+    # How the model executes, not what it computes (layers.EXECUTION_FIELDS; not in Hugging Face's config.json):
+    scan_layers: bool = True  # the blocks as one compiled loop body (False: unrolled; the same parameters)
+    remat: str = "none"  # rematerialisation of each block in the backward pass, a layers.REMAT_POLICIES key
+    attention: str = "xla"  # a layers.ATTENTION implementation ("cudnn" on NVIDIA GPUs, "chunked" for long T)
+    attention_chunk: int = 512  # query rows per block of the "chunked" attention
 
     def __post_init__(self):
         layers.check_config("GPT-2", self, width="n_embd", heads="n_head", activation="activation_function")
+        layers.check_execution("GPT-2", self)
         for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, field) < 1:
                 raise SentcompError(f"GPT-2 config: {field} must be ≥ 1, got {getattr(self, field)}.")
@@ -115,14 +130,16 @@ def config_from_hf(hf_config: dict[str, Any]) -> GPT2Config:
         raise SentcompError(
             "GPT-2 with cross-attention (add_cross_attention=true) is not a language model; unsupported."
         )
-    fields = {f.name for f in dataclasses.fields(GPT2Config)} - {"quad_head"}
+    fields = {f.name for f in dataclasses.fields(GPT2Config)} - {"quad_head", *layers.EXECUTION_FIELDS}
     values = {key: hf_config[key] for key in fields if key in hf_config}
     return GPT2Config(**values, quad_head=bool(hf_config.get(_QUAD_KEY, False)))
 
 
 def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
-    """The HF ``config.json`` of ``config`` (``GPT2LMHeadModel``), with sentcomp's Quad flag when set."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "quad_head"}
+    """The HF ``config.json`` of ``config`` (``GPT2LMHeadModel``), with sentcomp's Quad flag when set; the
+    execution fields (:data:`layers.EXECUTION_FIELDS`) are not written: they are chosen where the model runs."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("quad_head", *layers.EXECUTION_FIELDS)}
     out = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **values}
     out.update(bos_token_id=50256, eos_token_id=50256, n_ctx=config.n_positions)
     if config.quad_head:
@@ -135,20 +152,21 @@ def hf_config_dict(config: GPT2Config) -> dict[str, Any]:
 
 class CausalSelfAttention(nn.Module):
     config: GPT2Config
-    layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
-        """``x [B, T, d]``, ``visible [B, T, T]`` (:func:`layers.visible_keys`, causal) -> ``[B, T, d]``."""
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, layer_idx: jax.Array) -> jax.Array:
+        """``x [B, T, d]``, ``attention_mask [B, T]``, ``layer_idx`` (a traced int: the layers are scanned) ->
+        ``[B, T, d]``. Scores ``q·k · s`` with ``s = 1/sqrt(head_dim)`` (if ``scale_attn_weights``), times
+        ``1/(layer_idx + 1)`` if ``scale_attn_by_inverse_layer_idx``, applied in float32."""
         cfg = self.config
         batch, length, _ = x.shape
         qkv = layers.dense(3 * cfg.n_embd, cfg.initializer_range, "c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         scale = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= self.layer_idx + 1
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # scaled in float32
-        out = layers.attend(scores, v, visible)
+            scale = scale / (layer_idx + 1).astype(jnp.float32)
+        out = layers.self_attention(q, k, v, attention_mask, scale=scale, causal=True, implementation=cfg.attention,
+                                    chunk=cfg.attention_chunk)
         return layers.dense(cfg.n_embd, _residual_stddev(cfg), "c_proj")(out)
 
 
@@ -168,15 +186,19 @@ def _residual_stddev(cfg: GPT2Config) -> float:
 
 
 class Block(nn.Module):
+    """One pre-norm block; signature ``((x, attention_mask), layer_idx) -> ((x, attention_mask), None)`` for the
+    layer stack (:func:`layers.layer_stack`)."""
+
     config: GPT2Config
-    layer_idx: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, visible: jax.Array) -> jax.Array:
+    def __call__(self, carry: tuple[jax.Array, jax.Array], layer_idx: jax.Array):
+        x, attention_mask = carry
         cfg = self.config
         normed = layers.layer_norm(cfg.layer_norm_epsilon, "ln_1")(x)
-        x = x + CausalSelfAttention(cfg, self.layer_idx, name="attn")(normed, visible)
-        return x + MLP(cfg, name="mlp")(layers.layer_norm(cfg.layer_norm_epsilon, "ln_2")(x))
+        x = x + CausalSelfAttention(cfg, name="attn")(normed, attention_mask, layer_idx)
+        x = x + MLP(cfg, name="mlp")(layers.layer_norm(cfg.layer_norm_epsilon, "ln_2")(x))
+        return (x, attention_mask), None
 
 
 class GPT2(nn.Module):
@@ -188,12 +210,11 @@ class GPT2(nn.Module):
     def __call__(self, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        visible = layers.visible_keys(attention_mask, causal=True)
         x = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, name="wte")(token_ids)
         positions = layers.positions(attention_mask)
         x = x + nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, name="wpe")(positions)
-        for i in range(cfg.n_layer):
-            x = Block(cfg, i, name=f"h_{i}")(x, visible)
+        blocks = layers.layer_stack(Block, cfg, cfg.n_layer, name=LAYERS)
+        (x, _), _ = blocks((x, attention_mask), jnp.arange(cfg.n_layer))
         x = layers.layer_norm(cfg.layer_norm_epsilon, "ln_f")(x)
         if cfg.quad_head:
             x = layers.quad_head(cfg.n_embd)(x)
@@ -205,6 +226,9 @@ class GPT2(nn.Module):
 def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
     layers.check_length(token_ids, config.n_positions, "GPT-2")
+    if _LEGACY_LAYER.format(0) in params:
+        raise SentcompError("These GPT-2 parameters have one entry per block (h_0, h_1, ...: sentcomp's layout "
+                            "before the blocks were stacked); convert them with sentcomp.models.gpt2.stack_layers.")
     return GPT2(config).apply({"params": params}, token_ids, attention_mask)
 
 
@@ -260,6 +284,8 @@ def hf_name_map(config: GPT2Config, prefix: str = "transformer.") -> dict[str, t
 
     GPT-2's Conv1D weights are already ``[in, out]`` like Flax Dense kernels; ``lm_head.weight`` is ``[V, d]``
     like Φ. ``prefix`` is ``"transformer."`` for ``GPT2LMHeadModel`` checkpoints, ``""`` for ``GPT2Model``'s.
+    Block ``i``'s paths are ``h/<i>/...``: index ``i`` of the stacked ``params["h"]``
+    (:func:`layers.stack_layer_paths`).
     """
     d, inner = config.n_embd, config.inner_dim
     names = {
@@ -283,7 +309,7 @@ def hf_name_map(config: GPT2Config, prefix: str = "transformer.") -> dict[str, t
             "mlp/c_proj/kernel": ("mlp.c_proj.weight", (inner, d)),
             "mlp/c_proj/bias": ("mlp.c_proj.bias", (d,)),
         }
-        names.update({f"h_{i}/{ours}": (f"h.{i}.{theirs}", shape) for ours, (theirs, shape) in layer.items()})
+        names.update({f"{LAYERS}/{i}/{ours}": (f"h.{i}.{theirs}", shape) for ours, (theirs, shape) in layer.items()})
     names = {ours: (prefix + theirs, shape) for ours, (theirs, shape) in names.items()}
     if config.quad_head:
         names["quad_head/kernel"] = ("quad_head.weight", (d, d))
@@ -306,6 +332,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, sou
     ignored = tuple(name for name in state if name.endswith(_BUFFER_SUFFIXES))
     flat = hf.assign(state, hf_name_map(config, _checkpoint_prefix(state)), source, ignored_prefixes=ignored)
     flat = {k: (v.T if k in _TRANSPOSED else v) for k, v in flat.items()}
+    flat = layers.stack_layer_paths(flat, LAYERS, config.n_layer)  # block i -> index i of params["h"]
     return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
 
 
@@ -345,8 +372,10 @@ def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(lm.params).items()}
-    state = {theirs: (flat[ours].T if ours in _TRANSPOSED else flat[ours])
-             for ours, (theirs, _) in hf_name_map(lm.config).items()}
+    state = {}
+    for ours, (theirs, _) in hf_name_map(lm.config).items():
+        value = layers.unstack_layer_path(flat, ours, LAYERS)
+        state[theirs] = value.T if ours in _TRANSPOSED else value
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(hf_config_dict(lm.config), indent=2))
     return directory
@@ -357,6 +386,17 @@ def untie(lm: LanguageModel) -> LanguageModel:
     config = dataclasses.replace(lm.config, tie_word_embeddings=False)
     params = {**lm.params, "phi": jnp.array(lm.params["wte"]["embedding"])}
     return language_model(config, params, lm.tokenizer, lm.name)
+
+
+def stack_layers(params) -> dict:
+    """GPT-2 parameters in sentcomp's earlier layout (one entry per block, ``h_0 … h_{L-1}``, e.g. restored from an
+    Orbax checkpoint an older pretraining run wrote) in today's: the blocks stacked as ``params["h"]`` (leaf shapes
+    ``[L, ...]``, block i at index i). Parameters already stacked are returned unchanged."""
+    legacy = [_LEGACY_LAYER.format(i) for i in range(len(params)) if _LEGACY_LAYER.format(i) in params]
+    if not legacy:
+        return dict(params)
+    rest = {key: value for key, value in params.items() if key not in legacy}
+    return {**rest, LAYERS: jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[key] for key in legacy))}
 
 
 def phi_key(params) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def resolve_hub_or_dir(source: str, revision: str = "") -> Path:
         return path
     if path.exists():
         raise SentcompError(f"{source!r} is a file, not a model directory; pass the directory holding config.json.")
-    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:  # no Hub name looks so
+    if not looks_like_hub_name(source):
         raise SentcompError(f"Model directory {source!r} does not exist (and it is not a Hub name 'org/name').")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -55,6 +56,35 @@ def resolve_hub_or_dir(source: str, revision: str = "") -> Path:
         ) from None
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_name(source: str) -> bool:
+    """Whether ``source`` can be a Hub repo name (``name`` or ``org/name``: letters, digits, ``-``, ``_``, ``.``);
+    anything else (an absolute path, ``./x``, ``~/x``, ``a/b/c``, a trailing ``/``) is meant as a local path."""
+    return bool(_HUB_NAME.match(source)) and not source.endswith((".", "/")) and ".." not in source
+
+
+def check_source(source: str, revision: str = "", known: tuple[str, ...] = ()) -> None:
+    """Cheap check, before any work, that a model ``source`` can be loaded here: a name in ``known`` (aliases)
+    passes; a ``.gguf`` file must exist; a local directory must hold a readable ``config.json`` (or ``model/``
+    with one: a training run's workdir); a Hub name must be in the local cache when ``HF_HUB_OFFLINE`` is set.
+    Raises :class:`SentcompError` saying what is missing; the weights are checked when the model loads."""
+    if source in known:
+        return
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise SentcompError(f"Model file {source!r} does not exist.")
+        return
+    if path.is_dir():
+        read_config(path / "model" if (path / "model" / "config.json").is_file() else path)
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline or not looks_like_hub_name(source) or path.exists():  # online, a Hub name is checked on download
+        resolve_hub_or_dir(source, revision)
+
+
 def packaged_file(package: str, inside: str, what: str, version: str | None = None) -> Path:
     """The file ``inside`` the installed pip package ``package`` (an offline model); a clear error naming ``what``
     it is and the install command (``version`` pinned, if given) when the package or the file is missing."""
@@ -76,7 +106,13 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise SentcompError(f"{model_dir} has no config.json: expected a Hugging Face model directory.")
-    return json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SentcompError(f"{config_path} is not valid JSON ({error}): restore the model's config.json.") from None
+    if not isinstance(config, dict):
+        raise SentcompError(f"{config_path} holds a {type(config).__name__}, expected a JSON object of settings.")
+    return config
 
 
 def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
@@ -87,7 +123,11 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
 
         state: dict[str, np.ndarray] = {}
         for shard in shards:
-            state.update(load_file(shard))
+            try:
+                state.update(load_file(shard))
+            except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for bad bytes
+                raise SentcompError(f"{shard} cannot be read ({type(error).__name__}: {error}): the weights file is "
+                                    "truncated or corrupt; copy or download it again.") from None
         return {name: np.asarray(value, np.float32) for name, value in state.items()}
     bin_path = model_dir / "pytorch_model.bin"
     if bin_path.is_file():

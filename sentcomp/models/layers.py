@@ -6,9 +6,16 @@ Gemma) build their networks and their :class:`LanguageModel` views from.
 - Layers: :func:`layer_norm` (torch's LayerNorm, exactly), :class:`RMSNorm` (``g ⊙ x/rms(x)``, or Gemma's
   ``(1 + g) ⊙ x/rms(x)``), :func:`dense` (Dense with an N(0, σ²) kernel).
 - Attention: :func:`positions` (rotary/learned positions count the real tokens), :func:`visible_keys` (which keys
-  a query may see), :func:`rotary_cos_sin` + :func:`apply_rotary` (rotary position embeddings, full or partial),
-  :func:`attend` (softmax over the visible keys in float32, times the values in their dtype; grouped-query
-  attention when there are fewer value heads than score heads).
+  a query may see: padding, causality, a sliding window), :func:`rotary_cos_sin` + :func:`apply_rotary` (rotary
+  position embeddings, full or partial), :func:`attend` (softmax over the visible keys in float32, times the values
+  in their dtype; grouped-query attention when there are fewer value heads than score heads), and
+  :func:`self_attention`, the whole of it from queries, keys and values by one of :data:`ATTENTION`
+  implementations (``jax.nn.dot_product_attention`` on XLA or cuDNN, or query chunks whose memory grows as T, not
+  T²).
+- The layer stack: :func:`layer_stack` (one ``nn.scan`` over layer-stacked parameters, compiled once or unrolled,
+  with an optional rematerialisation policy, :data:`REMAT_POLICIES`), :func:`check_execution` (the config fields
+  :data:`EXECUTION_FIELDS` that choose them), :func:`with_execution` (a loaded model run another way),
+  :func:`stack_layer_paths` / :func:`unstack_layer_path` (per-layer checkpoint names to stacked parameters).
 - The paper's **Quad head** (Section 6 of arXiv 2010.03648): one d×d linear layer with bias after the final norm,
   ``f(s) = W·h + b`` where ``h`` is the final-norm output, with Φ untied from the input embeddings.
   :func:`quad_head` is the layer (initialised to the identity, so ``f(s) = h`` until trained), :func:`quad_config`
@@ -106,14 +113,22 @@ def positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
 
-def visible_keys(attention_mask: jax.Array, causal: bool) -> jax.Array:
-    """Whether query t may attend to key s, bool, broadcastable to ``[B, T, T]`` (query, key): s is a real token
-    (``attention_mask [B, T]``) and, if ``causal``, ``s ≤ t``."""
+def visible_keys(attention_mask: jax.Array, causal: bool, window: jax.Array | int | None = None,
+                 queries: jax.Array | None = None) -> jax.Array:
+    """Whether query t may attend to key s, bool, broadcastable to ``[B, Tq, T]`` (query, key): s is a real token
+    (``attention_mask [B, T]``), if ``causal`` ``s ≤ t``, and if ``window`` is given ``p_t − p_s < window`` with
+    ``p`` = :func:`positions` (the distance in real tokens; Mistral's and Qwen2's sliding window). ``queries``: the
+    query indices ``t`` (int ``[Tq]``; default all ``0..T-1``); indices past the end see what ``T − 1`` sees (they
+    are the padding of the last query chunk, see :func:`self_attention`)."""
     real = attention_mask.astype(bool)[:, None, :]
-    if not causal:
-        return real
     length = attention_mask.shape[1]
-    return jnp.tril(jnp.ones((length, length), bool))[None] & real
+    queries = jnp.arange(length) if queries is None else queries
+    visible = real & (jnp.arange(length)[None, :] <= queries[:, None])[None] if causal else real
+    if window is not None:
+        position = positions(attention_mask)
+        query_position = jnp.take(position, jnp.minimum(queries, length - 1), axis=1)
+        visible = visible & (query_position[:, :, None] - position[:, None, :] < window)
+    return visible
 
 
 def rotary_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -156,6 +171,144 @@ def attend(scores: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Arra
     grouped = weights.reshape(batch, kv_heads, heads // kv_heads, queries, keys)
     out = jnp.einsum("bkgqs,bskd->bqkgd", grouped, values)
     return out.reshape(batch, queries, -1)
+
+
+ATTENTION = ("xla", "cudnn", "chunked")  # implementations of :func:`self_attention`
+
+
+def _scores_attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale) -> jax.Array:
+    """Dense attention of queries ``q [B, Tq, heads, D]`` over keys/values ``[B, T, kv_heads, D]``: scores
+    ``scale · q·k`` accumulated in float32 (from bf16 operands for a bf16 model), then :func:`attend`."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)  # head h = kv·groups + g
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    return attend(scores.reshape(batch, heads, length, k.shape[1]) * scale, v, visible)
+
+
+def _chunked_attention(q, k, v, attention_mask, scale, causal, window, chunk: int) -> jax.Array:
+    """:func:`self_attention` over query chunks of ``chunk`` rows, one after the other (``lax.map``): each chunk
+    takes its softmax over all keys, so the result is the dense one; only one ``[B, heads, chunk, T]`` block of
+    scores (and its mask) exists at a time, and each chunk is rematerialised in the backward pass
+    (``jax.checkpoint``), so memory grows as ``T·chunk``, not ``T²``, forward and backward. The queries are padded
+    to a multiple of ``chunk``; the padded rows are dropped."""
+    batch, length, heads, head_dim = q.shape
+    count = -(-length // chunk)
+    padded = jnp.pad(q, ((0, 0), (0, count * chunk - length), (0, 0), (0, 0)))
+    blocks = padded.reshape(batch, count, chunk, heads, head_dim).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(block_and_start):
+        block, start = block_and_start
+        visible = visible_keys(attention_mask, causal, window, queries=start + jnp.arange(chunk))
+        return _scores_attend(block, k, v, visible, scale)
+
+    out = jax.lax.map(one_chunk, (blocks, jnp.arange(count) * chunk))  # [count, B, chunk, heads·D]
+    return out.swapaxes(0, 1).reshape(batch, count * chunk, -1)[:, :length]
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array, *, scale, causal: bool,
+                   window: jax.Array | int | None = None, implementation: str = "xla",
+                   chunk: int = 512) -> jax.Array:
+    """``softmax(scale · q·kᵀ + mask) v`` over the keys :func:`visible_keys` allows, ``[B, T, heads·head_dim]``.
+
+    ``q [B, T, heads, D]``, ``k, v [B, T, kv_heads, D]`` (grouped-query when ``kv_heads < heads``: query head
+    ``h`` uses key/value head ``h // (heads/kv_heads)``, Hugging Face's ``repeat_kv`` order); ``attention_mask
+    [B, T]`` marks real tokens; ``scale`` a float or a traced scalar (GPT-2's per-layer ``1/(layer+1)``);
+    ``window`` a sliding window in real tokens (None: none). A query that sees no key (a row of padding) averages
+    the values uniformly instead of giving NaN.
+
+    ``implementation`` (one of :data:`ATTENTION`): ``"xla"``, ``jax.nn.dot_product_attention`` with a dense
+    ``[B, 1, T, T]`` mask (memory ∝ T²); ``"cudnn"``, the same call on cuDNN's fused kernel (NVIDIA GPUs only,
+    fp16/bf16 only; a traced scale is folded into the queries; JAX hands cuDNN our mask as a dense bias, so memory
+    is still ∝ T²); ``"chunked"``, :func:`_chunked_attention` (queries in
+    blocks of ``chunk``; memory ∝ T·chunk on every backend). Precision, all three: scores accumulated and
+    softmaxed in float32, the weights cast to the values' dtype for the product with V (bf16 in a bf16 model).
+    """
+    if implementation == "chunked":
+        return _chunked_attention(q, k, v, attention_mask, scale, causal, window, chunk)
+    if implementation not in ("xla", "cudnn"):
+        raise SentcompError(f"attention={implementation!r} is not an attention implementation; choose one of "
+                            f"{ATTENTION}.")
+    if implementation == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise SentcompError(f"attention='cudnn' needs an NVIDIA GPU; this is a {jax.default_backend()!r} "
+                                "backend. Use attention='xla' (or 'chunked' for long sequences).")
+        if not isinstance(scale, int | float):  # cuDNN takes a static scale; GPT-2's per-layer one is traced
+            q, scale = (q * scale).astype(q.dtype), 1.0
+    mask = visible_keys(attention_mask, causal, window)[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    return out.reshape(*q.shape[:2], -1)
+
+
+# ------------------------------------------------------------------------------------------- the layer stack
+
+# How a layer's activations are kept for the backward pass: "none" stores them all; "full" stores only the
+# layer's input and recomputes the rest; "dots" stores the results of the weight matmuls (no batch dims) and
+# recomputes the elementwise ops and the attention scores (jax.checkpoint_policies).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Config fields that choose how a model executes, not what it computes: not written to Hugging Face config.json.
+EXECUTION_FIELDS = ("scan_layers", "remat", "attention", "attention_chunk")
+
+
+def check_execution(model: str, config) -> None:
+    """Clear errors (naming the ``model``) for the :data:`EXECUTION_FIELDS` of ``config``."""
+    if config.remat not in REMAT_POLICIES:
+        raise SentcompError(f"{model} config: remat={config.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
+    if config.attention not in ATTENTION:
+        raise SentcompError(f"{model} config: attention={config.attention!r}; choose one of {ATTENTION}.")
+    if config.attention_chunk < 1:
+        raise SentcompError(f"{model} config: attention_chunk must be ≥ 1, got {config.attention_chunk}.")
+
+
+def layer_stack(block: type[nn.Module], config, num_layers: int, name: str) -> nn.Module:
+    """``num_layers`` copies of ``block(config)`` as one ``nn.scan`` over parameters stacked on a leading layer
+    axis (``params[name]``, leaf shapes ``[num_layers, ...]``). ``block`` has the scan signature ``(carry, x_i) ->
+    (carry, None)``, ``x_i`` the layer's slice of the scanned input. ``config.scan_layers``: True compiles the body
+    once (a loop); False unrolls it (``unroll=num_layers``: L copies, no loop; the same parameters, so the two
+    read each other's checkpoints). ``config.remat``: a :data:`REMAT_POLICIES` policy wraps the body in
+    ``nn.remat`` (same values and gradients, less activation memory, more compute)."""
+    policy = REMAT_POLICIES[config.remat]
+    if policy is not None:  # a loop body is safe from XLA's CSE merging recomputation into the forward pass;
+        block = nn.remat(block, policy=policy, prevent_cse=not config.scan_layers)  # unrolled copies are not
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=num_layers,
+                   unroll=1 if config.scan_layers else num_layers)(config, name=name)
+
+
+def with_execution(lm: LanguageModel, **fields) -> LanguageModel:
+    """``lm`` run another way: its config with the :data:`EXECUTION_FIELDS` ``fields`` changed (e.g.
+    ``remat="dots"``, ``attention="chunked"``), the same parameters; ``lm.hidden_fn`` rebound to the new config."""
+    unknown = set(fields) - set(EXECUTION_FIELDS)
+    if unknown:
+        raise SentcompError(f"with_execution sets {EXECUTION_FIELDS}, not {sorted(unknown)}.")
+    config = dataclasses.replace(lm.config, **fields)
+    return lm.replace(config=config, hidden_fn=functools.partial(lm.hidden_fn.func, config))
+
+
+def stack_layer_paths(flat: dict[str, Any], key: str, num_layers: int) -> dict[str, Any]:
+    """Per-layer tensors ``{"<key>/<i>/<rest>": a_i}`` stacked as ``{"<key>/<rest>": stack_i a_i}`` (numpy), other
+    paths unchanged; the inverse of :func:`unstack_layer_path`."""
+    out, stacks = {}, {}
+    for path, value in flat.items():
+        parts = path.split("/")
+        if parts[0] == key:
+            stacks.setdefault("/".join([key, *parts[2:]]), [None] * num_layers)[int(parts[1])] = value
+        else:
+            out[path] = value
+    return {**out, **{path: np.stack(values) for path, values in stacks.items()}}
+
+
+def unstack_layer_path(flat: dict[str, Any], path: str, key: str) -> Any:
+    """The tensor at per-layer ``path`` (``"<key>/<i>/<rest>"``: layer i's slice of ``flat["<key>/<rest>"]``), or
+    ``flat[path]`` for any other path."""
+    parts = path.split("/")
+    if parts[0] != key:
+        return flat[path]
+    return flat["/".join([key, *parts[2:]])][int(parts[1])]
 
 
 # -------------------------------------------------------------------------------------------- the Quad head

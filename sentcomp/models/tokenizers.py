@@ -10,10 +10,9 @@ so the folder route is the one that works (and we check the vocabulary size to b
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from sentcomp import storage
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
 
@@ -42,10 +41,7 @@ def gpt2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for source, name in sources:
-        # Copy then rename, so a concurrent reader never sees a half-written file.
-        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-            shutil.copyfile(source, tmp.name)
-        os.replace(tmp.name, folder / name)
+        storage.copy_file(source, folder / name)  # atomic: a concurrent reader never sees a half-written file
     return folder
 
 

@@ -117,14 +117,20 @@ def headline(records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run(config, workdir) -> dict[str, float]:
-    """Reads the runs of ``config.loss_runs`` / ``config.table1_runs`` (named by ``config.labels``); writes
-    results.json, results.md and the figures; returns the headline."""
-    workdir = Path(workdir)
+def check_config(config) -> None:
+    """One label, one loss run and one Table-1 run per checkpoint (checked before the workdir is claimed)."""
     runs: Sequence = (config.labels, config.loss_runs, config.table1_runs)
     if not config.labels or len({len(items) for items in runs}) != 1:
         raise SentcompError(f"config.labels, config.loss_runs and config.table1_runs must name the same checkpoints, "
                             f"in order; got {[len(items) for items in runs]} entries.")
+
+
+def run(config, workdir) -> dict[str, float]:
+    """Reads the runs of ``config.loss_runs`` / ``config.table1_runs`` (named by ``config.labels``); writes
+    results.json, results.md and the figures; returns the headline."""
+    check_config(config)
+    workdir = Path(workdir)
+    runs: Sequence = (config.labels, config.loss_runs, config.table1_runs)
     records = {label: checkpoint_record(Path(loss), Path(table1)) for label, loss, table1 in zip(*runs)}
     if parallel.is_main_process():
         figures = [name for x, name in FIGURES.items() if accuracy_figure(records, x, workdir / name)]

@@ -204,13 +204,18 @@ def results_markdown(models: Mapping[str, Mapping[str, Any]], same: bool, differ
     return "\n\n".join(parts) + "\n"
 
 
-def run(config, workdir) -> dict[str, Any]:
-    """Reads the runs of ``config.pretrain_runs`` / ``config.table1_runs`` (paired by position); writes
-    results.json, results.md and the figures; returns the headline."""
-    workdir = Path(workdir)
+def check_config(config) -> None:
+    """One Table-1 run per pretraining run (checked before the workdir is claimed)."""
     if len(config.pretrain_runs) != len(config.table1_runs) or not config.pretrain_runs:
         raise SentcompError(f"config.pretrain_runs and config.table1_runs must pair one Table-1 run with each "
                             f"pretraining run; got {len(config.pretrain_runs)} and {len(config.table1_runs)}.")
+
+
+def run(config, workdir) -> dict[str, Any]:
+    """Reads the runs of ``config.pretrain_runs`` / ``config.table1_runs`` (paired by position); writes
+    results.json, results.md and the figures; returns the headline."""
+    check_config(config)
+    workdir = Path(workdir)
     records = [model_record(Path(p), Path(t)) for p, t in zip(config.pretrain_runs, config.table1_runs)]
     models = dict(zip(model_labels([record["loss"] for record in records]), records))
     same, differences = same_stream(records), config_differences(records)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sentcomp import kernels, storage
+from sentcomp.errors import check_sizes
 
 
 def _expected_per_position(per_position_fn, theta, phi, p_star):
@@ -54,6 +55,11 @@ def check_identities(vocab_size: int, dim: int, n_contexts: int, seed: int) -> d
         "xent_excess_vs_kl": float(np.abs((xent - entropy) - kl).max()),
         "quad_excess_vs_half_sq_norm": float(np.abs((quad - quad_star) - quad_excess).max()),
     }
+
+
+def check_config(config) -> None:
+    """The sizes must be ≥ 1 (checked by the launcher before it claims the workdir)."""
+    check_sizes(config, "vocab_size", "dim", "n_contexts")
 
 
 def run(config, workdir: Path) -> dict[str, float]:

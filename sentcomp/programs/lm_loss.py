@@ -35,10 +35,11 @@ RESULTS_FILE = "results.json"
 
 
 def check_config(config) -> None:
-    """Clear errors for values the run cannot use."""
+    """Clear errors for values the run cannot use, before any work: sizes, dtype, the model found offline."""
     if config.seq_len < 1 or config.batch_size < 1:
         raise SentcompError(f"config.seq_len ({config.seq_len}) and config.batch_size ({config.batch_size}) "
                             "must be ≥ 1.")
+    models.hf.check_source(config.model, config.revision, known=tuple(models.ALIASES))
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                             f"got {config.compute_dtype!r}.")

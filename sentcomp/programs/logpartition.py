@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sentcomp import kernels, models, storage
-from sentcomp.errors import SentcompError
+from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.features import extract_features
 
 
@@ -131,10 +131,17 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config, workdir) -> dict:
-    workdir = Path(workdir)
+def check_config(config) -> None:
+    """Checked by the launcher before it claims the workdir: sizes, the train fraction, the model found offline."""
+    check_sizes(config, "max_length", "batch_size", "quadratic_rank")
     if not 0.0 < config.train_fraction < 1.0:
         raise SentcompError(f"train_fraction must be in (0, 1), got {config.train_fraction}.")
+    models.hf.check_source(config.model, known=(models.RANDOM_GPT2, *models.ALIASES))
+
+
+def run(config, workdir) -> dict:
+    check_config(config)
+    workdir = Path(workdir)
     lm = models.from_config(config)
     texts = load_texts(config.num_texts, config.seed)
     extracted = extract_features(

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sentcomp import features, kernels, parallel, storage
+from sentcomp.errors import check_sizes
 from sentcomp.models import gpt2, tokenizers
 
 EXTRACTION_WORDS = ("a", "e", " ")
@@ -93,6 +94,11 @@ def checkpoint_round_trip(outputs, directory: Path):
     parallel.sync("multihost_check_checkpoint")
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), outputs)
     return checkpointer.restore(directory, target)
+
+
+def check_config(config) -> None:
+    """The sizes must be ≥ 1 (checked by the launcher before it claims the workdir)."""
+    check_sizes(config, "n_contexts", "positions", "vocab_size", "dim")
 
 
 def run(config, workdir: Path) -> dict[str, float]:

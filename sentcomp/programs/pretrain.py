@@ -1,4 +1,5 @@
-"""Pretraining a GPT-2 with cross-entropy or the paper's Quad loss: data-parallel, checkpointed, resumable.
+"""Pretraining a GPT-2 or a Llama-family LM with cross-entropy or the paper's Quad loss: data-parallel,
+checkpointed, resumable.
 
     python -m sentcomp.main --config=experiments/pretrain.py:loss=quad --workdir=runs/pretrain_quad
 
@@ -8,7 +9,9 @@
   or ``quad``: ``ℓ_quad = E[−f(s)ᵀφ_w + ½ f(s)ᵀ(ΦᵀΦ)f(s)]`` (:func:`sentcomp.kernels.quad_loss`, Gram trick and a
   fused backward: no V-wide logits), both averaged over the target positions (../shared/PAPER.md);
 * **model**: ``config.model`` (tied or untied Φ; ``quad_head`` = the paper's extra d×d linear layer + untied Φ),
-  from scratch or from a pretrained model (``config.init.source``, anything :func:`sentcomp.models.load` takes);
+  from scratch (``config.model.family``: ``gpt2``, or a rotary decoder ``llama``, ``qwen2``, ``mistral``,
+  ``gemma``, ``gpt_neox``, shaped by :func:`hf_model_config`) or from a pretrained causal LM of any of those
+  families (``config.init.source``, anything :func:`sentcomp.models.load` takes, e.g. the offline SmolLM2-135M);
   ``config.init.freeze_phi`` keeps Φ at its initial value (for a tied model that also freezes the input
   embedding, which is the same matrix);
 * **optimiser**: optax AdamW (weight decay on matrices only), linear warmup then cosine or linear decay, global-norm
@@ -30,8 +33,8 @@ tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.throughput`), learn
 the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
 accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
 ``results.json`` (headline, with ``data_stream_sha256``: a digest of every token the run read, in order, so two
-runs can prove they saw the same data), ``model/`` (final weights in Hugging Face layout, loadable by
-``sentcomp.models.load``).
+runs can prove they saw the same data), ``model/`` (final weights in the family's Hugging Face layout, loadable by
+``sentcomp.models.load`` with the Quad head, and by transformers' ``AutoModelForCausalLM``, which ignores it).
 
 **Resume**: running again with the same workdir restores the latest checkpoint (metrics logged after it are
 dropped) and continues; a run killed at any moment and resumed ends with the parameters an uninterrupted run
@@ -64,7 +67,7 @@ from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
-from sentcomp.models import gpt2, tokenizers
+from sentcomp.models import tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
 from sentcomp.training import (
     LOSSES,
@@ -93,21 +96,59 @@ CURVES_FILE = "curves.png"
 
 
 def build_model(config) -> LanguageModel:
-    """The LM to train: ``config.init.source`` loaded (pretrained, with its own tokenizer), or a random GPT-2 of
-    shape ``config.model`` with ``config.tokenizer`` (``vocab_size`` 0 = the tokenizer's size)."""
+    """The LM to train: ``config.init.source`` loaded (pretrained, any causal family, with its own tokenizer;
+    ``config.model``'s family and shape are then the checkpoint's), or a random model of ``config.model.family``
+    and shape ``config.model`` (:func:`hf_model_config`) with ``config.tokenizer`` (``vocab_size`` 0 = the
+    tokenizer's size). Either way ``quad_head`` adds the Quad head and untied Φ, and ``tie_word_embeddings=False``
+    unties a tied Φ (a copy of the input embeddings to start from)."""
     model = config.model
     if config.init.source:
         lm = models.load(config.init.source, quad_head=True if model.quad_head else None)
-        if lm.family != "gpt2":
-            raise SentcompError(f"Pretraining trains GPT-2 models; {config.init.source!r} is a {lm.family!r} model.")
-        return gpt2.untie(lm) if not model.tie_word_embeddings and lm.config.tie_word_embeddings else lm
+        if lm.family not in models.CAUSAL_FAMILIES:
+            raise SentcompError(f"Pretraining trains causal LMs ({', '.join(models.CAUSAL_FAMILIES)}); "
+                                f"{config.init.source!r} is a {lm.family!r} model.")
+        return lm if model.tie_word_embeddings else models.untie(lm)
     if config.tokenizer not in TOKENIZERS:
         raise SentcompError(f"config.tokenizer must be one of {sorted(TOKENIZERS)}, got {config.tokenizer!r}.")
     tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
-    shape = {key: model[key] for key in ("n_positions", "n_embd", "n_layer", "n_head")}
-    gpt2_config = gpt2.gpt2_config(**shape, vocab_size=model.vocab_size or len(tokenizer),
-                                   tie_word_embeddings=model.tie_word_embeddings)
-    return gpt2.init(gpt2_config, jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
+    return models.init(model.family, hf_model_config(model, model.vocab_size or len(tokenizer)),
+                       jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
+
+
+ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families
+
+
+def default_intermediate_size(family: str, n_embd: int) -> int:
+    """The MLP width of a rotary family when ``config.model.intermediate_size`` is 0: ``4·d`` for GPT-NeoX's plain
+    MLP (as GPT-2), else ``8·d/3`` rounded up to a multiple of 64, so that the gated MLP's three ``d × width``
+    matrices hold about as many weights as GPT-2's two ``d × 4d`` ones (1536 for d = 576, as SmolLM2-135M)."""
+    return 4 * n_embd if family == "gpt_neox" else -(-8 * n_embd // (3 * 64)) * 64
+
+
+def hf_model_config(model, vocab_size: int) -> dict[str, Any]:
+    """``config.model`` as its family's Hugging Face ``config.json`` keys (:func:`sentcomp.models.init`).
+
+    GPT-2: ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``. A rotary family (Llama, Qwen2, Mistral, Gemma,
+    GPT-NeoX): the same four as ``max_position_embeddings``, ``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, and ``intermediate_size`` (0: :func:`default_intermediate_size`),
+    ``num_key_value_heads`` (0: ``n_head``, plain multi-head attention), ``rope_theta`` (absent: the family's
+    default, 10000); the family's own defaults fill the rest (e.g. Gemma's ``sqrt(d)``-scaled embeddings).
+    """
+    common = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_word_embeddings}
+    if model.family == "gpt2":
+        misplaced = [key for key in ROTARY_KEYS if key in model]
+        if misplaced:
+            raise SentcompError(f"config.model.{misplaced[0]} applies to rotary families (e.g. family=llama), not "
+                                "GPT-2; remove it or change config.model.family.")
+        return {**common, **{key: model[key] for key in ("n_positions", "n_embd", "n_layer", "n_head")}}
+    rotary = {"rope_theta": model.rope_theta} if "rope_theta" in model else {}
+    width = model.get("intermediate_size", 0) or default_intermediate_size(model.family, model.n_embd)
+    kv_heads = model.get("num_key_value_heads", 0) or model.n_head
+    if model.family == "gpt_neox" and kv_heads != model.n_head:
+        raise SentcompError("GPT-NeoX has no grouped-query attention; set config.model.num_key_value_heads to 0.")
+    return {**common, **rotary, "hidden_size": model.n_embd, "num_hidden_layers": model.n_layer,
+            "num_attention_heads": model.n_head, "max_position_embeddings": model.n_positions,
+            "intermediate_size": width, "num_key_value_heads": kv_heads}
 
 
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:
@@ -160,29 +201,33 @@ def check_config(config) -> None:
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                             f"got {config.compute_dtype!r}.")
-    for key in ("num_steps", "batch_size", "grad_accum", "eval_every"):
+    for key in ("num_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
         if config[key] < 1:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
+    if config.data.seq_len < 1:
+        raise SentcompError(f"config.data.seq_len must be ≥ 1, got {config.data.seq_len}.")
+    if not config.optimizer.learning_rate > 0:
+        raise SentcompError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
     if config.batch_size % config.grad_accum:
         raise SentcompError(f"config.batch_size={config.batch_size} must be a multiple of "
                             f"grad_accum={config.grad_accum}.")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise SentcompError("config.checkpoint.every and config.checkpoint.keep must be ≥ 1.")
+    parallel.mesh_shape(config.get("mesh"), jax.device_count())
 
 
 def run(config, workdir) -> dict[str, Any]:
     """Trains (or resumes training) in ``workdir``; returns the headline metrics (also in ``results.json``)."""
     check_config(config)
     workdir = Path(workdir).resolve()
-    mesh = parallel.data_mesh()
+    mesh = parallel.make_mesh(config.get("mesh"))
     micro_batch = config.batch_size // config.grad_accum
     if micro_batch % mesh.size:
         raise SentcompError(f"Each micro-batch ({config.batch_size} // grad_accum {config.grad_accum} = {micro_batch} "
                             f"blocks) must split evenly over the {mesh.size} devices.")
     lm = build_model(config)
-    if config.data.seq_len > lm.config.n_positions:
-        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of "
-                            f"{lm.config.n_positions}.")
+    if config.data.seq_len > lm.max_length:
+        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of {lm.max_length}.")
     blocks = load_corpus(config, lm.tokenizer, workdir)
     if int(blocks["train"].max()) >= lm.config.vocab_size:
         raise SentcompError(f"The corpus has token ids up to {int(blocks['train'].max())} but the model only "
@@ -193,7 +238,7 @@ def run(config, workdir) -> dict[str, Any]:
     val_batches = validation_batches(blocks["validation"], config.eval_blocks, eval_batch,
                                      parallel.host_row_indices(eval_batch, mesh))
 
-    frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
+    frozen = lm.phi_param if config.init.freeze_phi else None
     optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
     manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
@@ -244,7 +289,8 @@ def run(config, workdir) -> dict[str, Any]:
                    "learning_rate": float(schedule(step)), "grad_norm": float(metrics["grad_norm"])}
             row["val_loss"] = row[f"val_{config.loss}"]
             if probe_data is not None and (done % config.probe.every == 0 or done == config.num_steps):
-                row.update(probe_accuracies(lm, state["params"], config.probe, probe_data, mesh))
+                whole = parallel.replicate(state["params"], mesh)  # feature extraction takes replicated weights
+                row.update(probe_accuracies(lm, whole, config.probe, probe_data, mesh))
             append_metrics(workdir, row)
             losses, train_seconds = [], 0.0
         if done % config.checkpoint.every == 0 or done == config.num_steps:
@@ -280,7 +326,7 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
                "data_stream_sha256": stream_digest(plan, step)}
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
-        gpt2.save_hf(trained, workdir / "model")
+        models.save_hf(trained, workdir / "model")
         trained.tokenizer.save_pretrained(str(workdir / "model"))
         storage.write_json(workdir / RESULTS_FILE, results)
         plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",

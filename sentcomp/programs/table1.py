@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from sentcomp import models, parallel, probe, storage, zeroshot
 from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
 from sentcomp.data.tasks import Task
-from sentcomp.data.text import WordSet, word_set
+from sentcomp.data.text import WordSet, demonstration_prefix, sample_demonstrations, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.report import markdown_table, table1_figure, wilson_interval
@@ -175,8 +175,12 @@ def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
 
 
 # Config keys that choose which cells exist or how they are shown, not their values.
+# The zero-shot variant settings are part of each variant cell's key (ZeroShotVariant.key) instead; the zero-shot
+# column's cell records its rule and is re-derived from its variant cell when config.zeroshot.rule changes.
 NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", "ft.enabled", "ft.progress",
-                   "zeroshot.enabled", "resume_may_change")
+                   "zeroshot.enabled", "zeroshot.shots", "zeroshot.sensitivity_shots", "zeroshot.templates",
+                   "zeroshot.verbalizers", "zeroshot.balanced", "zeroshot.separator", "zeroshot.seed",
+                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
 RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
@@ -375,7 +379,24 @@ def cv_convergence(cell: dict) -> str:
     return f"{'⚠ ' if missed else ''}{missed} / {fits}"
 
 
+def probe_variants_markdown(entries: Sequence[dict]) -> list[str]:
+    """The prompt-row probes under other templates and after a k-shot prefix (``config.prompt_probes``)."""
+    rows = list(dict.fromkeys(row for entry in entries for row in entry["accuracies"]))
+    return [
+        "## Prompt-row probes: templates and k-shot prefix",
+        markdown_table(["task", "column", *rows, "mean", "min", "max"],
+                       ([e["task"], COLUMN_TITLES[e["column"]],
+                         *(f"{100 * e['accuracies'][row]:.1f}" if row in e["accuracies"] else "—" for row in rows),
+                         f"{100 * e['mean']:.1f}", f"{100 * e['min']:.1f}", f"{100 * e['max']:.1f}"]
+                        for e in entries)),
+        "Test accuracy (%) of each probe with the task's prompt (`task*`), each other template (`task*tT`, the "
+        "templates of the prompt-sensitivity table) and after a k-shot prefix (`task*kK`; its demonstrations are "
+        "left out of the probe's training set); mean, min and max over the templates (k-shot row excluded).",
+    ]
+
+
 def results_markdown(results: dict) -> str:
+    """results.md: the accuracy table, macro-F1, the zero-shot sections (when run), data, words and probes."""
     rows = [row for task in results["tasks"] for row in (task["name"], task["name"] + "*")]
     n_test = {row: task["n_test"] for task in results["tasks"] for row in (task["name"], task["name"] + "*")}
     f1_columns = [c for c in results["columns"] if any(c in entries for entries in results["macro_f1"].values())]
@@ -391,6 +412,8 @@ def results_markdown(results: dict) -> str:
         "## Macro-F1",
         accuracy_table(results["macro_f1"], rows, f1_columns),
         "Test macro-F1 (%) of the same probes (the mean over classes of each class's F1).",
+        *(zeroshot_markdown(results["zeroshot"], results["tasks"]) if "zeroshot" in results else []),
+        *(probe_variants_markdown(results["probe_variants"]) if "probe_variants" in results else []),
         "## Data",
         markdown_table(["task", "N train", "N test", "splits", "prompt", "label words", "truncated texts"],
                        ([t["name"], t["n_train"], t["n_test"], t["n_splits"], repr(t["prompt"]),
@@ -438,6 +461,90 @@ def _extraction_options(config, workdir: Path) -> dict:
                 cache_dir=workdir / "features")
 
 
+def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], prompt: str | None, config,
+                 workdir: Path) -> tuple[dict[str, np.ndarray], dict[str, WordSet], dict]:
+    """The feature matrix of every column for ``texts`` (+ ``prompt``), from one extraction; the word sets; and
+    the raw extraction (its metadata)."""
+    groups = word_groups(task)
+    word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
+    union = word_set(lm.tokenizer, union_words(groups)) if groups else None
+    kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
+    extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
+                                 **_extraction_options(config, workdir))
+    return {c: column_features(extracted, c, word_sets, union) for c in columns}, word_sets, extracted
+
+
+def probe_variants(task: Task, config) -> list[tuple[str, str, int]]:
+    """``(row, template, k)`` of the extra prompt rows ``config.prompt_probes`` asks for: the prompt row under
+    each other template (``templates``; rows ``task*t1``, ``task*t2``, ...), and after a k-shot prefix of the
+    task's prompt and label words (``shots`` > 0; row ``task*k<shots>``)."""
+    variants = []
+    if config.prompt_probes.templates:
+        templates = zeroshot_templates(task, config.zeroshot)[0]
+        variants += [(f"{task.name}*t{t}", template, 0) for t, template in enumerate(templates) if t]
+    if config.prompt_probes.shots:
+        variants.append((f"{task.name}*k{config.prompt_probes.shots}", task.prompt, config.prompt_probes.shots))
+    return variants
+
+
+def probe_variant_key(row: str, template: str, k: int, column: str, repeat: int, zs) -> str:
+    """A probe-variant cell's key: the template and k-shot sampling settings hashed in (they are not determinants)."""
+    return f"{row}@{storage.content_hash(template, k, (zs.balanced, zs.separator, zs.seed) if k else None)}/" \
+           f"{column}/{repeat}"
+
+
+def run_probe_variants(lm_loader, data: TaskData, config, workdir: Path, log: CellLog, columns: Sequence[str]) -> None:
+    """The prompt row's probes under :func:`probe_variants` (off by default: one feature extraction per variant
+    and split). With a k-shot prefix, the demonstrations come from the split's train set (never a test text),
+    precede every train and test text alike, and are left out of the probe's training set."""
+    task, zs = data.task, config.zeroshot
+    for row, template, k in probe_variants(task, config):
+        for r, (train, test) in enumerate(data.pairs):
+            todo = [c for c in columns if probe_variant_key(row, template, k, c, r, zs) not in log]
+            if not todo:
+                continue
+            variant = ZeroShotVariant(k, 0, 0, template, dict(task.label_words))
+            prefix, chosen = _demonstrations(variant, task, train, test, zs)
+            keep = np.setdiff1d(np.arange(len(train)), chosen)
+            kept_train = Split([train.texts[i] for i in keep], train.labels[keep])
+            texts = list(dict.fromkeys([*kept_train.texts, *test.texts]))
+            features, word_sets, _ = row_features(lm_loader(), task, [prefix + text for text in texts], todo,
+                                                  template, config, workdir)
+            pool = {text: i for i, text in enumerate(texts)}
+            pair_rows = (rows_of(kept_train.texts, pool), rows_of(test.texts, pool))
+            for column in todo:
+                cell = probe_cell(features[column], pair_rows, (kept_train, test), config.probe,
+                                  cell_multi_class(config.probe, task.name, column))
+                log.add({"key": probe_variant_key(row, template, k, column, r, zs), "kind": "probe_variant",
+                         "row": row, "variant_column": column, "repeat": r, "template": template, "k": k,
+                         "demonstrations": chosen, "n_train": len(kept_train), **cell})
+
+
+def probe_variant_cells(data: TaskData, config, log: CellLog) -> list[dict]:
+    """The probe-variant cells of the current config."""
+    columns = columns_for(data.task, config.columns)
+    return [log.cells[probe_variant_key(row, template, k, c, r, config.zeroshot)]
+            for row, template, k in probe_variants(data.task, config) for c in columns for r in range(len(data.pairs))]
+
+
+def probe_sensitivity(table: dict[str, dict[str, dict]], variant_cells: Sequence[dict],
+                      tasks: Sequence[str]) -> list[dict]:
+    """Per task and probe column: the accuracy of the prompt row (``task*``) and of each probe variant row
+    (mean over splits), and their mean, min and max over the templates (the ``t`` rows with ``task*``)."""
+    by_row = summarise({**cell, "column": cell["variant_column"]} for cell in variant_cells)
+    entries = []
+    for name in tasks:
+        for column, entry in table.get(name + "*", {}).items():
+            if column not in FEATURE_COLUMNS:
+                continue
+            rows = {name + "*": entry["mean"], **{row: cells[column]["mean"] for row, cells in by_row.items()
+                                                  if row.startswith(name + "*") and column in cells}}
+            templates = [value for row, value in rows.items() if row == name + "*" or row[len(name) + 1] == "t"]
+            entries.append({"task": name, "column": column, "accuracies": rows, "mean": float(np.mean(templates)),
+                            "min": min(templates), "max": max(templates), "n_templates": len(templates)})
+    return entries
+
+
 def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> dict:
     """Every cell of one task (skipping those in ``log``); returns the task's description for results.json."""
     task, name = data.task, data.task.name
@@ -455,13 +562,8 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
                 if cell_key(name, with_prompt, c, r) not in log]
         needs_metadata = with_prompt and meta_key not in log
         if todo or needs_metadata:
-            lm = lm_loader()
-            word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
-            union = word_set(lm.tokenizer, union_words(groups)) if groups else None
-            kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
-            extracted = extract_features(lm, data.texts, kinds, words=union.words if union else None,
-                                         prompt=prompt, **_extraction_options(config, workdir))
-            features = {c: column_features(extracted, c, word_sets, union) for c in columns}
+            features, word_sets, extracted = row_features(lm_loader(), task, data.texts, columns, prompt, config,
+                                                          workdir)
             features.update(baseline_features(config, data.texts, prompt, workdir / "features"))
             if needs_metadata:
                 log.add({"key": meta_key, "word_sets": {g: ws.to_json() for g, ws in word_sets.items()},
@@ -476,35 +578,260 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
                          "words": list(word_sets[group].forms) if group else None, **cell})
         for cell in finetune_cells(config, task, data.pairs, prompt, workdir, lm_loader, log):
             log.add(cell)
+    run_probe_variants(lm_loader, data, config, workdir, log, columns)
     if config.zeroshot.enabled:
         run_zeroshot(lm_loader, data, config, log)
+        templates, verbalizers = zeroshot_templates(task, config.zeroshot)
+        description.update(templates=list(templates), verbalizers=[
+            {label: list(words) for label, words in verbalizer.items()} for verbalizer in verbalizers])
     meta = log.cells[meta_key]
     description.update(word_sets={g: {k: meta["word_sets"][g][k] for k in ("forms", "dropped")} for g in groups},
                        n_truncated=meta["n_truncated"], n_tokens_with_prompt=meta["n_tokens"])
     return description
 
 
+# ----------------------------------------------------------------------------------------------- zero-shot
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotVariant:
+    """One way of asking the LM: ``k`` demonstrations, template ``templates[t]``, verbalizer ``verbalizers[v]``."""
+
+    k: int
+    t: int
+    v: int
+    template: str
+    verbalizer: dict[str, tuple[str, ...]]
+
+    def key(self, task: str, repeat: int, zs) -> str:
+        """The cell key: the variant's content (and the k-shot sampling settings) hashed, so changing the
+        templates, verbalizers or shots never reuses another variant's cell (nor invalidates the others)."""
+        sampling = (zs.balanced, zs.separator, zs.seed) if self.k else None
+        digest = storage.content_hash(self.template, self.verbalizer, self.k, sampling)
+        return cell_key(task, True, f"{ZEROSHOT}:{self.k}-shot:{digest}", repeat)
+
+    def describe(self) -> dict:
+        return {"k": self.k, "t": self.t, "v": self.v, "template": self.template,
+                "verbalizer": {label: list(words) for label, words in self.verbalizer.items()}}
+
+
+def parse_verbalizer(text: str, label_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``"terrible;great"`` (one entry per label, in label order; a label's alternatives joined by ``,``, e.g.
+    ``"bad,awful;good"``) -> ``{label: words}``."""
+    parts = [tuple(word.strip() for word in part.split(",")) for part in text.split(";")]
+    if len(parts) != len(label_names) or not all(all(parts_) for parts_ in parts):
+        raise SentcompError(f"config.zeroshot.verbalizers entry {text!r} must give non-blank word(s) for each of the "
+                            f"{len(label_names)} labels {list(label_names)}, separated by ';' (alternatives by ','), "
+                            "e.g. 'terrible;great'.")
+    return dict(zip(label_names, parts))
+
+
+def zeroshot_templates(task: Task, zs) -> tuple[tuple[str, ...], tuple[dict[str, tuple[str, ...]], ...]]:
+    """The templates and verbalizers to use: ``config.zeroshot.templates`` / ``.verbalizers``, or the task's
+    (:attr:`Task.prompt_templates`, :attr:`Task.label_verbalizers`: its prompt and label words first)."""
+    templates = tuple(zs.templates) or task.prompt_templates
+    verbalizers = (tuple(parse_verbalizer(v, task.label_names) for v in zs.verbalizers)
+                   or task.label_verbalizers)
+    return templates, verbalizers
+
+
+def zeroshot_plan(task: Task, zs) -> list[ZeroShotVariant]:
+    """Every variant to score: template 0 with verbalizer 0 at ``k = 0`` (the table's zero-shot column) and at
+    each k of ``zs.shots`` (the scoring-rule table), and every template × verbalizer at each k of
+    ``zs.sensitivity_shots`` (the prompt-sensitivity table)."""
+    templates, verbalizers = zeroshot_templates(task, zs)
+    chosen = {(0, 0, 0), *((k, 0, 0) for k in zs.shots)}
+    chosen |= {(k, t, v) for k in zs.sensitivity_shots for t in range(len(templates)) for v in range(len(verbalizers))}
+    return [ZeroShotVariant(k, t, v, templates[t], verbalizers[v]) for k, t, v in sorted(chosen)]
+
+
+def check_zeroshot_config(config) -> None:
+    """``config.zeroshot`` and ``config.prompt_probes`` are usable: a known headline ``rule``, shots ≥ 0 (k > 0
+    needs ``truncation="start"``,
+    which drops the demonstrations before the test text), non-blank templates, verbalizers that fit every task
+    of ``config.tasks``, ``ece_bins`` ≥ 1. Raises one :class:`SentcompError` naming the key and the fix."""
+    zs = config.zeroshot
+    zeroshot.check_rule(zs.rule)
+    for key in ("shots", "sensitivity_shots"):
+        values = zs[key]
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in values):
+            raise SentcompError(f"config.zeroshot.{key} must be a tuple of numbers of demonstrations k ≥ 0, got "
+                                f"{values!r}; e.g. --config.zeroshot.{key}='(0, 4)'.")
+    shots = config.prompt_probes.shots
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise SentcompError(f"config.prompt_probes.shots must be a number of demonstrations k ≥ 0 (0: none), got "
+                            f"{shots!r}.")
+    if config.truncation != "start" and any(k > 0 for k in (*zs.shots, *zs.sensitivity_shots, shots)):
+        raise SentcompError("k-shot contexts (config.zeroshot.shots / sensitivity_shots, prompt_probes.shots > 0) need "
+                            f"config.truncation='start' (got {config.truncation!r}): with 'end' a long context "
+                            "would lose the test text and the prompt instead of the demonstrations.")
+    if not all(isinstance(t, str) and t.strip() for t in zs.templates):
+        raise SentcompError(f"config.zeroshot.templates must be non-blank prompts such as ' This movie is ', got "
+                            f"{tuple(zs.templates)!r} (empty tuple: each task's own templates).")
+    if not isinstance(zs.separator, str):
+        raise SentcompError(f"config.zeroshot.separator must be a string such as '\\n\\n', got {zs.separator!r}.")
+    if not isinstance(zs.ece_bins, int) or zs.ece_bins < 1:
+        raise SentcompError(f"config.zeroshot.ece_bins must be a positive number of bins, got {zs.ece_bins!r}.")
+    for name in config.tasks:
+        zeroshot_templates(get_task(name), zs)
+
+
+def _score_options(config) -> dict:
+    return dict(batch_size=config.batch_size, max_length=config.max_length, compute_dtype=config.compute_dtype,
+                truncation=config.truncation)
+
+
+def _demonstrations(variant: ZeroShotVariant, task: Task, train: Split, test: Split, zs) -> tuple[str, list[int]]:
+    """The k-shot prefix of ``variant`` for one split (demonstrations from its train set, never a test text)."""
+    if not variant.k:
+        return "", []
+    chosen = sample_demonstrations(train.texts, train.labels, variant.k, zs.seed, zs.balanced, exclude=test.texts)
+    words = [variant.verbalizer[task.label_names[train.labels[i]]][0] for i in chosen]
+    prefix = demonstration_prefix([train.texts[i] for i in chosen], words, variant.template, zs.separator)
+    return prefix, [int(i) for i in chosen]
+
+
 def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
-    """Zero-shot accuracy of every split's test set (one pass over the unique test texts)."""
-    name = data.task.name
-    todo = [r for r in range(len(data.pairs)) if cell_key(name, True, ZEROSHOT, r) not in log]
-    if not todo:
-        return
-    test_texts = list(dict.fromkeys(text for r in todo for text in data.pairs[r][1].texts))
-    result = zeroshot.zero_shot(lm_loader(), data.task, test_texts, calibrate=config.zeroshot.calibrate,
-                                batch_size=config.batch_size, max_length=config.max_length,
-                                compute_dtype=config.compute_dtype, truncation=config.truncation)
-    pool = {text: row for row, text in enumerate(test_texts)}
-    for r in todo:
-        test = data.pairs[r][1]
-        accuracy = float(np.mean(result.predictions[rows_of(test.texts, pool)] == test.labels))
-        log.add({"key": cell_key(name, True, ZEROSHOT, r), "row": name + "*", "column": ZEROSHOT, "repeat": r,
-                 "test_accuracy": accuracy, "words": list(result.words), "calibrated": config.zeroshot.calibrate})
+    """Every zero-shot variant cell of :func:`zeroshot_plan` not yet in ``log`` (each holds accuracy, ECE and
+    Brier under every scoring rule), then the table's ``zeroshot`` column (template 0, verbalizer 0, k = 0, rule
+    ``config.zeroshot.rule``). One model pass per template at k = 0 (the union of its verbalizers' words over the
+    unique test texts of all splits), one per variant and split at k > 0 (the prefix depends on both)."""
+    task, zs, name = data.task, config.zeroshot, data.task.name
+    todo = [(variant, r) for variant in zeroshot_plan(task, zs) for r in range(len(data.pairs))
+            if variant.key(name, r, zs) not in log]
+    passes: dict[tuple, list[tuple[ZeroShotVariant, int]]] = {}
+    for variant, r in todo:  # k = 0: one pass per template; k > 0: one per variant and split
+        passes.setdefault((variant.t,) if not variant.k else (variant.t, variant.k, variant.v, r), []).append(
+            (variant, r))
+    for members in passes.values():
+        template = members[0][0].template
+        repeats = list(dict.fromkeys(r for _, r in members))
+        texts = list(dict.fromkeys(text for r in repeats for text in data.pairs[r][1].texts))
+        words = list(dict.fromkeys(w for variant, _ in members for w in zeroshot.verbalizer_words(
+            task.label_names, variant.verbalizer)[0]))
+        train, test = data.pairs[members[0][1]]
+        prefix, chosen = _demonstrations(members[0][0], task, train, test, zs)
+        scores = zeroshot.score_words(lm_loader(), texts, template, words, prefix, **_score_options(config))
+        pool = {text: row for row, text in enumerate(texts)}
+        for variant, r in members:
+            variant_words, word_labels = zeroshot.verbalizer_words(task.label_names, variant.verbalizer)
+            by_rule = zeroshot.rule_scores(scores.select(variant_words), word_labels, task.num_classes)
+            test = data.pairs[r][1]
+            rows = rows_of(test.texts, pool)
+            log.add({"key": variant.key(name, r, zs), "kind": "zeroshot_variant", "row": name + "*", "repeat": r,
+                     **variant.describe(), "demonstrations": chosen, "prefix_chars": len(prefix),
+                     "rules": {rule: zeroshot.evaluate_scores(scores_[rows], test.labels, zs.ece_bins)
+                               for rule, scores_ in by_rule.items()}})
+    headline = ZeroShotVariant(0, 0, 0, *(first[0] for first in zeroshot_templates(task, zs)))
+    for r in range(len(data.pairs)):
+        key = cell_key(name, True, ZEROSHOT, r)
+        if key not in log or log.cells[key].get("rule") != zs.rule:
+            variant_cell = log.cells[headline.key(name, r, zs)]
+            log.add({"key": key, "row": name + "*", "column": ZEROSHOT, "repeat": r,
+                     "test_accuracy": variant_cell["rules"][zs.rule]["accuracy"], "rule": zs.rule,
+                     "words": list(zeroshot.verbalizer_words(task.label_names, headline.verbalizer)[0])})
+
+
+def zeroshot_cells(data: TaskData, config, log: CellLog) -> list[dict]:
+    """The variant cells of the current plan (cells of other templates or shots in the log are left out)."""
+    return [log.cells[v.key(data.task.name, r, config.zeroshot)] for v in zeroshot_plan(data.task, config.zeroshot)
+            for r in range(len(data.pairs))]
+
+
+RULE_TITLES = {"ll": "log-likelihood", "acc_norm": "acc_norm (÷ characters)", "pmi": "PMI (template alone)",
+               "calibrated": "contextual calibration"}
+
+
+def zeroshot_summary(cells: Sequence[dict], sensitivity_shots: Sequence[int]) -> dict[str, list[dict]]:
+    """``{"rules": [...], "sensitivity": [...]}`` from variant cells.
+
+    ``rules``: per row, k and rule, template 0 / verbalizer 0: accuracy (mean, std over splits; Wilson interval
+    over the pooled test predictions), mean ECE and Brier. ``sensitivity``: per row, k of ``sensitivity_shots``
+    and rule, the accuracy of each template × verbalizer (mean over splits) and their mean, min and max.
+    """
+    grouped: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        grouped.setdefault((cell["row"], cell["k"], cell["t"], cell["v"]), []).append(cell)
+    rules, sensitivity = [], []
+    for (row, k, t, v), group in grouped.items():
+        if (t, v) != (0, 0):
+            continue
+        for rule in zeroshot.SCORING_RULES:
+            values = [cell["rules"][rule] for cell in group]
+            accuracies = [value["accuracy"] for value in values]
+            trials = sum(value["n"] for value in values)
+            low, high = wilson_interval(sum(value["accuracy"] * value["n"] for value in values), trials)
+            rules.append({"row": row, "k": k, "rule": rule, "mean": float(np.mean(accuracies)),
+                          "std": float(np.std(accuracies)), "n_splits": len(values), "low": low, "high": high,
+                          "ece": float(np.mean([value["ece"] for value in values])),
+                          "brier": float(np.mean([value["brier"] for value in values]))})
+    for row, k in dict.fromkeys((row, k) for row, k, _, _ in grouped if k in sensitivity_shots):
+        variants = {(t, v): group for (row_, k_, t, v), group in grouped.items() if (row_, k_) == (row, k)}
+        for rule in zeroshot.SCORING_RULES:
+            accuracy = {f"t{t}/v{v}": float(np.mean([cell["rules"][rule]["accuracy"] for cell in group]))
+                        for (t, v), group in sorted(variants.items())}
+            values = list(accuracy.values())
+            sensitivity.append({"row": row, "k": k, "rule": rule, "mean": float(np.mean(values)),
+                                "min": min(values), "max": max(values), "best": max(accuracy, key=accuracy.get),
+                                "accuracies": accuracy})
+    return {"rules": rules, "sensitivity": sensitivity}
+
+
+def zeroshot_markdown(summary: dict, tasks: Sequence[dict]) -> list[str]:
+    """The zero-shot sections of results.md: scoring rules × k, prompt sensitivity, templates and verbalizers."""
+    def interval(entry):
+        spread = f" ± {100 * entry['std']:.1f}" if entry["n_splits"] > 1 else ""
+        return f"{100 * entry['mean']:.1f}{spread} [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
+
+    return [
+        "## Zero- and few-shot scoring rules",
+        markdown_table(["task", "k", "rule", "accuracy", "ECE", "Brier"],
+                       ([e["row"], e["k"], RULE_TITLES[e["rule"]], interval(e), f"{e['ece']:.3f}", f"{e['brier']:.3f}"]
+                        for e in summary["rules"])),
+        "Sentence completion with each task's first template and verbalizer, after k seeded demonstrations from "
+        "train (docs/zeroshot.md). Accuracy (%) [95% Wilson interval]; ECE (10 equal-width bins of the top "
+        "probability) and multi-class Brier score of the softmax over the labels' scores.",
+        "## Prompt sensitivity",
+        markdown_table(["task", "k", "rule", "mean", "min", "max", "best", "variants"],
+                       ([e["row"], e["k"], RULE_TITLES[e["rule"]], f"{100 * e['mean']:.1f}", f"{100 * e['min']:.1f}",
+                         f"{100 * e['max']:.1f}", e["best"], len(e["accuracies"])] for e in summary["sensitivity"])),
+        "Zero-shot accuracy (%) over every template × verbalizer (`tT/vV`, listed below).",
+        markdown_table(["task", "templates", "verbalizers"],
+                       ([t["name"], "; ".join(f"t{i}: {template!r}" for i, template in enumerate(t["templates"])),
+                         "; ".join(f"v{i}: " + " / ".join(",".join(words) for words in verbalizer.values())
+                                   for i, verbalizer in enumerate(t["verbalizers"]))] for t in tasks)),
+    ]
 
 
 def table_columns(config) -> list[str]:
     extra = [c for c, sub in ((BERT, config.bert), (FINETUNE, config.ft)) if sub.enabled]
     return [*config.columns, *extra, *([ZEROSHOT] if config.zeroshot.enabled else [])]
+
+
+def check_config(config) -> None:
+    """What can be checked before any work (the launcher calls this before it claims the workdir): the tasks
+    exist, ``data_dir`` is a directory, the model loads offline (:func:`sentcomp.models.hf.check_source`), the
+    sizes are ≥ 1, and the feature columns and multinomial cells are known."""
+    if not config.tasks:
+        raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
+    for name in config.tasks:
+        get_task(name)
+    if config.data_dir and not Path(config.data_dir).expanduser().is_dir():
+        raise SentcompError(f"config.data_dir={config.data_dir!r} is not a directory: pass the folder holding the "
+                            "task files (docs/tasks.md), or \"\" for built-in data and TFDS's default.")
+    sizes = {"max_length": config.max_length, "batch_size": config.batch_size}
+    if config.ft.enabled:
+        sizes.update({f"ft.{key}": config.ft[key] for key in ("batch_size", "eval_batch_size", "eval_every")})
+    for key, value in sizes.items():
+        if value < 1:
+            raise SentcompError(f"config.{key} must be ≥ 1, got {value}.")
+    unknown = [column for column in config.columns if column not in FEATURE_COLUMNS]
+    if unknown:
+        raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
+    check_multinomial_cells(config.probe.multinomial_cells)
+    models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
+    if config.bert.enabled:
+        models.hf.check_source(config.bert.model, known=tuple(models.ALIASES))
 
 
 def run(config, workdir) -> dict:
@@ -514,6 +841,7 @@ def run(config, workdir) -> dict:
     if not config.tasks:
         raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
     check_multinomial_cells(config.probe.multinomial_cells)
+    check_zeroshot_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
@@ -533,6 +861,12 @@ def run(config, workdir) -> dict:
         "table": table, "macro_f1": summarise(cells, "test_macro_f1"), "cells": sorted(cells, key=lambda c: c["key"]),
         "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
     }
+    variant_cells = [cell for data in datas for cell in probe_variant_cells(data, config, log)]
+    if variant_cells:
+        results["probe_variants"] = probe_sensitivity(table, variant_cells, [data.task.name for data in datas])
+    if config.zeroshot.enabled:
+        results["zeroshot"] = zeroshot_summary([cell for data in datas for cell in zeroshot_cells(data, config, log)],
+                                               config.zeroshot.sensitivity_shots)
     markdown = results_markdown(results)
     if parallel.is_main_process():
         storage.write_json(workdir / "results.json", results)

@@ -92,7 +92,10 @@ def evaluation_steps(num_steps: int, count: int) -> list[int]:
     return [int(step) for step in steps]
 
 
-def check_config(config, language) -> None:
+def check_config(config, language=None) -> None:
+    """Clear errors before any work (the launcher calls it with the config alone: ``language`` is then built
+    from ``config.language``)."""
+    language = language or build_language(config)
     unknown = set(config.losses) - set(training.LOSSES)
     if unknown or not config.losses:
         raise SentcompError(f"config.losses must be a non-empty subset of {sorted(training.LOSSES)}, got "
