@@ -89,6 +89,9 @@ def get_config(arg=None):
         family=args.family, vocab_size=0, n_positions=1024, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         quad_head=True,  # the paper's Quad architecture (extra d×d linear layer, untied Φ), for both losses
         tie_word_embeddings=False,
+        # how the layer stack runs (same parameters and results; docs/pretraining.md "Layer stack and attention"):
+        # scanned (one compiled layer body) or unrolled, remat none | full | dots, attention xla | cudnn | chunked
+        scan_layers=True, remat="none", attention="xla", attention_chunk=512,
     ))
     if args.family != "gpt2":  # a rotary decoder; 0 = derived (sentcomp.programs.pretrain.hf_model_config)
         config.model.update(intermediate_size=0, num_key_value_heads=0, rope_theta=10000.0)

@@ -92,7 +92,7 @@ def get_config(arg=None):
     # templates / verbalizers: () = each task's own; else prompts, and "w_label0;w_label1" strings (a label's
     # alternatives joined by ","). Demonstrations: seeded (`seed`), class-balanced, joined by `separator`.
     config.zeroshot = ml_collections.ConfigDict(dict(
-        enabled=True, rule="ll", shots=(0, 4), sensitivity_shots=(0,), templates=(), verbalizers=(),
+        enabled=True, rule="ll", shots=(0, 2), sensitivity_shots=(0,), templates=(), verbalizers=(),
         balanced=True, separator="\n\n", seed=0, ece_bins=10,
     ))
     # The prompt row's probes again under each other zero-shot template (rows task*t1, ...) and after a k-shot

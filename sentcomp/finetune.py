@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, plots, storage, throughput, training
+from sentcomp import kernels, models, parallel, plots, storage, throughput, training
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.data.text import (
     bucket_lengths,
@@ -66,8 +66,6 @@ from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
-# families whose hidden states predict the next token (for the aux LM loss): all but the BERT encoders
-CAUSAL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -270,8 +268,9 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     """
     config = with_defaults(config)
     workdir = Path(workdir).resolve()
-    if config.aux_lm_weight > 0 and lm.family not in CAUSAL_FAMILIES:
-        raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({CAUSAL_FAMILIES}); {lm.name} is {lm.family!r}.")
+    if config.aux_lm_weight > 0 and lm.family not in models.CAUSAL_FAMILIES:
+        raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({models.CAUSAL_FAMILIES}); {lm.name} is "
+                            f"{lm.family!r}.")
     if lm.tokenizer is None:
         raise SentcompError(f"{lm.name} has no tokenizer; fine-tuning needs one to encode the texts.")
     labels_all = np.concatenate([train_split.labels, test_split.labels])

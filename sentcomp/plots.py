@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sentcomp import storage
+
 # the metrics.jsonl columns a training program's own curves.png shows: losses, validation metrics, probes
 LEARNING_CURVES = ("train_loss", "val_", "probe_")
 
@@ -33,18 +35,6 @@ def pyplot():
 def is_number(value: Any) -> bool:
     """A finite-or-not real number that is not a bool (``True`` is a verdict, not a measurement)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "", separator: str = ".") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (keys joined by ``separator``; lists and scalars are leaves)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + separator, separator))
-        else:
-            flat[name] = value
-    return flat
 
 
 def panel_grid(count: int, width: float = 4.0, height: float = 3.0, max_columns: int = 4):
@@ -113,7 +103,7 @@ def metric_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[flo
     for row in rows:
         if not is_number(row.get("step")):
             continue
-        for name, value in flatten(row).items():
+        for name, value in storage.flatten(row).items():
             if name != "step" and is_number(value):
                 series.setdefault(name, []).append((row["step"], value))
     return {name: sorted(points) for name, points in series.items()}

@@ -98,17 +98,6 @@ def read_json(path: Path) -> Any:
         raise ReportError(f"{path} is not valid JSON ({error}).") from None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One dict per line; a torn line (a run killed mid-write) is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def last_line(text: str) -> str:
     """The last non-blank line (of a traceback: the exception and its message)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -188,7 +177,7 @@ def read_run(path: Path, name: str, sweep: str = "", sweep_row: dict[str, Any] |
     status, error = run_status(path)
     if status == "unfinished" and sweep_row and sweep_row.get("status") == "failed":
         status, error = "failed", sweep_row.get("error") or "failed (sweep.json)"
-    config = plots.flatten(read_json(path / CONFIG_FILE) or {})
+    config = storage.flatten(read_json(path / CONFIG_FILE) or {})
     return Run(name=name, path=path, program=program_name(config), status=status, config=config,
                headline=read_json(path / DONE_FILE) or {}, error=error, sweep=sweep,
                params=dict((sweep_row or {}).get("params") or {}))
@@ -257,7 +246,7 @@ def measurements(run: Run) -> list[dict[str, Any]]:
     """A finished run's records without run fields: Table-1 cells (from results.json, else cells.jsonl), or the
     done.json headline."""
     if run.program == "table1":
-        results = read_json(run.path / RESULTS_FILE) or {"cells": read_jsonl(run.path / CELLS_FILE)}
+        results = read_json(run.path / RESULTS_FILE) or {"cells": storage.read_json_lines(run.path / CELLS_FILE)}
         cells = table1_cells(results)
         if cells:
             return cells
@@ -315,11 +304,11 @@ def progress(run: Run) -> str:
     if run.status == "failed":
         return run.error or "failed"
     parts = []
-    cells = [cell for cell in read_jsonl(run.path / CELLS_FILE) if "column" in cell]
+    cells = [cell for cell in storage.read_json_lines(run.path / CELLS_FILE) if "column" in cell]
     if cells:
         parts.append(f"{len(cells)} Table-1 cells done")
     for sub, file in metrics_files(run.path):
-        steps = [row["step"] for row in read_jsonl(file) if plots.is_number(row.get("step"))]
+        steps = [row["step"] for row in storage.read_json_lines(file) if plots.is_number(row.get("step"))]
         if steps:
             parts.append(f"{sub + ': ' if sub else ''}last logged step {max(steps)}")
     return "; ".join(parts) or ("no done.json and no results yet" if (run.path / CONFIG_FILE).is_file()
@@ -470,7 +459,7 @@ def write_figures(runs: Sequence[Run], records: Sequence[dict[str, Any]], outdir
         if groups:
             written.append(plots.accuracy_bars(groups, outdir / "accuracy.png", "Table 1: test accuracy"))
     for program in dict.fromkeys(run.program for run in runs):
-        curves = {f"{run.name}/{sub}" if sub else run.name: read_jsonl(file)
+        curves = {f"{run.name}/{sub}" if sub else run.name: storage.read_json_lines(file)
                   for run in runs if run.program == program for sub, file in metrics_files(run.path)}
         if any(plots.metric_series(rows) for rows in curves.values()):
             written.append(plots.training_curves(curves, outdir / f"curves_{slug(program)}.png",

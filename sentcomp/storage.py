@@ -47,23 +47,34 @@ def code_fingerprint(*module_names: str) -> str:
     return content_hash(*(Path(importlib.import_module(name).__file__).read_bytes() for name in module_names))
 
 
-def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as one level of dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", separator: str = ".") -> dict[str, Any]:
+    """Nested settings or records as one level of keys joined by ``separator``: ``{"a": {"b": 1}} -> {"a.b": 1}``
+    (lists, scalars and empty mappings are leaves)."""
     flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}{separator}", separator))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# Config keys that choose how a run executes, not what it computes (the same numbers up to float summation order):
+# the progress bar, the device mesh (a checkpoint restores onto any mesh shape) and how the model's layer stack
+# runs (sentcomp.models.layers.EXECUTION_FIELDS). A resumed run may change them.
+EXECUTION_KEYS = ("progress", "mesh", "model.scan_layers", "model.remat", "model.attention", "model.attention_chunk")
+
+
+def is_under(key: str, names: Sequence[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``names`` or lies under one (``"mesh.fsdp"`` is under ``"mesh"``)."""
+    return any(key == name or key.startswith(name + ".") for name in names)
 
 
 def settings_fingerprint(settings: Mapping[str, Any], ignore: Sequence[str] = ()) -> str:
     """:func:`content_hash` of the settings (e.g. ``config.to_dict()``) minus the dotted keys in ``ignore`` (and
     everything under them): what a resumed result is keyed by, so one computed under other settings is never
     returned."""
-    kept = {key: value for key, value in flatten(settings).items()
-            if not any(key == name or key.startswith(name + ".") for name in ignore)}
+    kept = {key: value for key, value in flatten(settings).items() if not is_under(key, ignore)}
     return content_hash(kept)
 
 

@@ -321,7 +321,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
         if parallel.any_process(failure in ("incompatible", "other")):
             reason = f"{type(error).__name__}: {str(error)[:300]}" if error is not None else "on another process"
             hint = ("It holds a model or optimiser state of another structure or shape than this config builds: "
-                    "resume with the config that wrote it, or use a new workdir." if failure == "incompatible"
+                    "resume with the config that wrote it, or use a new workdir. (GPT-2 checkpoints written before "
+                    "GPT-2's layers were stacked hold blocks h_0, h_1, ...: sentcomp.models.gpt2.stack_layers "
+                    "converts their parameters.)" if failure == "incompatible"
                     else "The checkpoint's files were found intact, so nothing was moved; fix the cause and resume.")
             raise SentcompError(f"Cannot restore the checkpoint at step {step} in {manager.directory} ({reason}). "
                                 f"{hint}")
@@ -346,11 +348,11 @@ RESUME_MAY_CHANGE = "resume_may_change"
 
 
 def resume_settings(config) -> str:
-    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but ``progress``,
-    ``mesh`` (a checkpoint restores onto any mesh shape) and the keys it lists in ``resume_may_change``): stored in
-    every checkpoint's meta and required equal on resume, so ``run(config, workdir)`` never continues a run trained
-    under other settings."""
-    may_change = (RESUME_MAY_CHANGE, "progress", "mesh", *config.get(RESUME_MAY_CHANGE, ()))
+    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but
+    :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. ``mesh``: a checkpoint restores onto any mesh shape, and the keys
+    it lists in ``resume_may_change``): stored in every checkpoint's meta and required equal on resume, so
+    ``run(config, workdir)`` never continues a run trained under other settings."""
+    may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
     return storage.settings_fingerprint(config.to_dict(), ignore=may_change)
 
 
@@ -382,8 +384,8 @@ def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = Fal
 
 
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    path = workdir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of ``workdir/metrics.jsonl``; a torn last line (a kill mid-append) is skipped with a warning."""
+    return storage.read_json_lines(workdir / METRICS_FILE)
 
 
 def truncate_metrics(workdir: Path, step: int) -> None:
@@ -399,7 +401,7 @@ def truncate_metrics(workdir: Path, step: int) -> None:
 def scalar_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics row by tag: nested dicts flattened with "/" (``{"probe": {"sst2": 0.8}}`` ->
     ``"probe/sst2"``); the top-level ``"step"`` and what is not a number (strings, booleans, lists) left out."""
-    return {tag: float(value) for tag, value in plots.flatten(row, separator="/").items()
+    return {tag: float(value) for tag, value in storage.flatten(row, separator="/").items()
             if tag != "step" and plots.is_number(value)}
 
 

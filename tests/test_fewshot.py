@@ -231,9 +231,11 @@ def test_zeroshot_config_errors_name_the_key():
     assert templates[0] == get_task("rotten_tomatoes").prompt
 
 
-def test_paper_sweep_builds_and_validates_and_its_smoke_composition_runs(tmp_path):
+def test_paper_sweep_builds_and_validates_and_its_smoke_composition_too(tmp_path):
     """``table1.py:paper`` (GPT-2, the paper's tasks and columns, BERT, FT, full splits) builds and validates
-    offline (its data and GPT-2 are downloads); ``paper,smoke`` runs the same composition on offline assets."""
+    offline (its data and GPT-2 are downloads); ``paper,smoke`` is the same composition on offline assets and passes
+    every check a run makes before it starts. (Its pieces run in other tests: the columns in test_table1, BERT and
+    fine-tuning in test_multihost's ``smoke,bert,ft`` run; running it all again here would cost minutes.)"""
     table1_file = EXPERIMENTS_DIR / "table1.py"
     paper = load_config(f"{table1_file}:paper")
     points = load_sweep(f"{table1_file}:paper")
@@ -245,14 +247,10 @@ def test_paper_sweep_builds_and_validates_and_its_smoke_composition_runs(tmp_pat
         runner.validate(config, tmp_path / "paper" / point["tasks"][0], program_checks=False)
         table1.check_zeroshot_config(config)
     (point,) = load_sweep(f"{table1_file}:paper,smoke")
-    smoke = override(load_config(f"{table1_file}:paper,smoke"), {
-        **point, "n_train": 24, "n_test": 12, "ft.num_epochs": 1, "zeroshot.shots": (0,),
-        "zeroshot.sensitivity_shots": ()})
+    smoke = override(load_config(f"{table1_file}:paper,smoke"), point)
     assert smoke.columns == paper.columns and smoke.bert.enabled and smoke.ft.enabled
-    runner.run_program(smoke, tmp_path / "smoke")
-    results = json.loads((tmp_path / "smoke" / "results.json").read_text())
-    assert results["columns"] == [*paper.columns, "bert", "finetune", "zeroshot"]
-    assert set(results["table"]["rotten_tomatoes*"]) == set(results["columns"])
+    runner.validate(smoke, tmp_path / "smoke")
+    assert table1.table_columns(smoke) == [*paper.columns, "bert", "finetune", "zeroshot"]
 
 
 def test_prompt_row_probes_under_templates_and_a_k_shot_prefix(smoke_run, tmp_path):

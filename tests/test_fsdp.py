@@ -3,13 +3,11 @@
 Pretraining steps on 1 device, 8 devices data-parallel, data × fsdp = 2 × 4 and 1 × 8 give the same parameters
 (float32, within ``ATOL``: only the order of float sums differs), with the large leaves really split over the fsdp
 axis; an Orbax checkpoint written under fsdp = 8 restores onto fsdp = 2 and onto a data-only mesh and training
-continues to the parameters of an uninterrupted run; 2 processes × 4 devices with fsdp = 4 pretrain to one
-process's parameters. Fine-tuning: grad_accum = 2 equals grad_accum = 1 on the same global batch (also under
-FSDP), and bfloat16 compute really runs the LM's matmuls in bf16 and stays close to float32.
+continues to the parameters of an uninterrupted run (2 processes × 4 devices with fsdp = 4 pretraining to one
+process's parameters: tests/test_multihost.py). Fine-tuning: grad_accum = 2 equals grad_accum = 1 on the same
+global batch (also under FSDP), and bfloat16 compute really runs the LM's matmuls in bf16 and stays close to float32.
 """
 
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +17,10 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from test_bf16 import dot_operand_dtypes
-from test_multihost import run_processes
 
-from sentcomp import finetune, parallel, training
+from sentcomp import finetune, parallel, storage, training
 from sentcomp.errors import SentcompError
-from sentcomp.launcher import config_files, runner
+from sentcomp.launcher import config_files
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import byte_tokenizer
 from sentcomp.programs import pretrain
@@ -97,6 +94,17 @@ def test_mesh_from_the_config():
         pretrain.check_config(config_files.override(config, {"mesh.fsdp": 3}))
 
 
+def test_the_launcher_resumes_a_run_on_another_mesh_but_not_under_other_settings(tmp_path):
+    from sentcomp.launcher import runner
+
+    config = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke")
+    storage.write_json(tmp_path / runner.CONFIG_FILE, config_files.to_plain(config))
+    (tmp_path / "checkpoints").mkdir()  # the workdir holds results: its config must match
+    runner.check_resume(config_files.override(config, {"mesh.fsdp": 8, "model.remat": "dots"}), tmp_path)
+    with pytest.raises(SentcompError, match=r"loss: 'xent' -> 'quad'"):
+        runner.check_resume(config_files.override(config, {"mesh.fsdp": 8, "loss": "quad"}), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- pretraining
 
 
@@ -161,31 +169,6 @@ def test_a_checkpoint_restores_onto_other_meshes_and_training_continues(tiny_lm,
         np.testing.assert_array_equal(flat(parallel.fetch(restored["params"]))["wte/embedding"],
                                       flat(parallel.fetch(trained["fsdp 8"]["params"]))["wte/embedding"])
         assert_close(parallel.fetch(pretrain_steps(tiny_lm, mesh, 2, restored, first=2)["params"]), uninterrupted)
-
-
-def test_two_processes_with_fsdp_pretrain_like_one_process(tmp_path):
-    """pretrain.run through the CLI on 2 processes × 4 devices (mesh data 2 × fsdp 4, every fsdp group on one
-    process) against this process's 8 devices as one fsdp group, which also runs the downstream probe on its
-    sharded weights."""
-    spec = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke"
-    tiny = {"model.n_positions": 32, "data.seq_len": 32, "num_steps": 3, "batch_size": 8, "eval_every": 3,
-            "eval_blocks": 8, "eval_batch_size": 8, "checkpoint.every": 3, "probe.every": 0, "progress": False}
-    run_processes(spec, tmp_path / "two", [f"--config.{key}={value}" for key, value in tiny.items()]
-                  + ["--config.mesh.fsdp=4"])
-    assert json.loads((tmp_path / "two" / runner.CONFIG_FILE).read_text())["mesh"] == {"data": -1, "fsdp": 4}
-    probe = {"mesh.fsdp": 8, "probe.every": 3, "probe.num_train": 40, "probe.num_test": 20, "probe.max_length": 32,
-             "probe.batch_size": 8}
-    runner.run_program(config_files.override(config_files.load_config(spec), {**tiny, **probe}), tmp_path / "one")
-
-    def final(workdir: Path):
-        lm = gpt2.from_hf(workdir / "model", json.loads((workdir / "model" / "config.json").read_text()))
-        return lm.params
-
-    assert_close(final(tmp_path / "two"), final(tmp_path / "one"))
-    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
-    assert two["data_stream_sha256"] == one["data_stream_sha256"]
-    np.testing.assert_allclose(two["val_xent"], one["val_xent"], rtol=1e-5)
-    assert 0 <= one["probe_f"] <= 1 and "probe_f" not in two
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning

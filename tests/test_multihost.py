@@ -102,16 +102,22 @@ def test_single_process_helpers(monkeypatch):
 
 
 def test_two_processes_pretrain_like_one_process(tmp_path):
-    """Pretraining smoke (data-parallel train steps, per-host data, Orbax checkpoints written by both
-    processes): 2 processes × 4 devices end with the parameters of 1 process × 8 devices."""
+    """Pretraining smoke (per-host data, Orbax checkpoints written by both processes) with FSDP: 2 processes × 4
+    devices on a data 2 × fsdp 4 mesh (parameters and optimiser state sharded within each process) end with the
+    parameters of 1 process × 8 devices on a data 1 × fsdp 8 mesh, which also runs the downstream probe on its
+    sharded weights."""
     from safetensors.numpy import load_file
 
     spec = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
     short = {"num_steps": 4, "eval_every": 2, "checkpoint.every": 2, "probe.every": 0, "progress": False}
     two = tmp_path / "two_processes"
-    run_processes(spec, two, extra_flags=[f"--config.{key}={value}" for key, value in short.items()])
+    run_processes(spec, two, extra_flags=[f"--config.{key}={value}" for key, value in short.items()]
+                  + ["--config.mesh.fsdp=4"])
+    assert json.loads((two / "config.json").read_text())["mesh"] == {"data": -1, "fsdp": 4}
     one = tmp_path / "one_process"
-    one_results = run_program(override(load_config(spec), short), one)
+    probe = {"mesh.fsdp": 8, "probe.every": 4, "probe.num_train": 40, "probe.num_test": 20}
+    one_results = run_program(override(load_config(spec), {**short, **probe}), one)
+    assert 0 <= one_results["probe_f"] <= 1
 
     two_results = json.loads((two / "results.json").read_text())
     assert two_results["train_loss"] == pytest.approx(one_results["train_loss"], rel=1e-5)

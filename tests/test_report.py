@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 from scipy.stats import binomtest
 
-from sentcomp import plots, report
+from sentcomp import plots, report, storage
 
 TABLE1 = "sentcomp.programs.table1"
 PRETRAIN = "sentcomp.programs.pretrain"
@@ -200,7 +200,7 @@ def test_training_curves_from_a_metrics_file(tmp_path):
     rows = [{"step": s, "train_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, "best_val": 0.6, "best_step": 10,
              "bad_evals": 0, "nested": {"a": s, "text": "x"}} for s in (10, 20, 30)]
     write(tmp_path, {"metrics.jsonl": rows})
-    series = plots.metric_series(report.read_jsonl(tmp_path / "metrics.jsonl"))
+    series = plots.metric_series(storage.read_json_lines(tmp_path / "metrics.jsonl"))
     assert series["nested.a"] == [(10, 10), (20, 20), (30, 30)] and "nested.text" not in series
     path = plots.training_curves({"run": rows}, tmp_path / "curves.png", prefixes=plots.LEARNING_CURVES)
     assert matplotlib.image.imread(path).shape[2] in (3, 4)

@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from sentcomp import storage
 from sentcomp.errors import SentcompError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -198,23 +199,13 @@ def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Lines ``key: old -> new`` for the dotted keys that differ between two plain configs, except ``ignore``."""
-    old_flat, new_flat = flatten(old), flatten(new)
+    """Lines ``key: old -> new`` for the dotted keys that differ between two plain configs, except ``ignore`` (and
+    the keys under them)."""
+    old_flat, new_flat = storage.flatten(old), storage.flatten(new)
     lines = []
     for key in sorted(old_flat.keys() | new_flat.keys()):
-        if key in ignore:
+        if storage.is_under(key, ignore):
             continue
         before, after = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
         if before != after:

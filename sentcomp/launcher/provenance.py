@@ -97,20 +97,10 @@ def collect() -> dict[str, Any]:
     }
 
 
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: old -> new"`` for each (dotted, e.g. ``packages.jax``) key whose value differs between two
     records, except :data:`IGNORED_KEYS`."""
-    old, new = _flatten(previous), _flatten(current)
+    old, new = storage.flatten(previous), storage.flatten(current)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if key not in IGNORED_KEYS and old.get(key) != new.get(key)]
 

@@ -90,7 +90,8 @@ def holds_results(workdir: Path) -> bool:
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change``).
+    """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change`` and the
+    :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. the mesh).
 
     Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
     replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1
@@ -103,7 +104,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
                                       "holds are reused only where their own fingerprint matches)")
     if recorded is None:
         return
-    may_change = (RESUME_MAY_CHANGE, *config.get(RESUME_MAY_CHANGE, ()))
+    may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
     differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
     if differences and not holds_results(workdir):
         warnings.warn(f"{workdir} holds a run with another config that produced no results "

@@ -109,7 +109,7 @@ def model_record(pretrain_dir: Path, table1_dir: Path) -> dict[str, Any]:
 def config_differences(records: Sequence[Mapping[str, Any]], allowed: Sequence[str] = ("loss",)) -> list[str]:
     """Dotted keys, other than ``allowed``, whose value differs between the pretraining runs' recorded configs
     (``config.json``): empty when the models differ only in their loss."""
-    flat = [plots.flatten(record["pretrain_config"]) for record in records]
+    flat = [storage.flatten(record["pretrain_config"]) for record in records]
     keys = dict.fromkeys(key for config in flat for key in config)
     return [key for key in keys if key not in allowed and len({json.dumps(c.get(key)) for c in flat}) > 1]
 

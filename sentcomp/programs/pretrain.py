@@ -17,10 +17,14 @@ checkpointed, resumable.
 * **optimiser**: optax AdamW (weight decay on matrices only), linear warmup then cosine or linear decay, global-norm
   gradient clipping, ``grad_accum`` micro-batches per step; ``compute_dtype="bfloat16"`` runs the model and loss in
   bf16 with float32 master weights and optimiser state;
-* **data parallelism**: one jitted step on the mesh of every device (:mod:`sentcomp.parallel`): each micro-batch
-  sharded over the devices, parameters and optimiser state replicated. The global batch (``batch_size`` blocks
-  per step) does not depend on the device count, so neither does the loss (up to float summation order). With
-  several processes each loads only its rows (``parallel.host_row_indices``).
+* **data parallelism and FSDP**: one jitted step on the mesh ``config.mesh`` names (:mod:`sentcomp.parallel`;
+  ``{"data": -1, "fsdp": 1}`` by default): each micro-batch sharded over all the devices, parameters and optimiser
+  state replicated along ``data`` and split along ``fsdp`` (each large leaf along its largest dimension the fsdp
+  size divides, :func:`sentcomp.parallel.leaf_sharding`). The global batch (``batch_size`` blocks per step) does
+  not depend on the device count or mesh shape, so neither does the loss (up to float summation order), and a
+  checkpoint restores onto any mesh shape. With several processes each loads only its rows
+  (``parallel.host_row_indices``). The layer stack runs scanned or unrolled, with optional rematerialisation and
+  chunked attention (``config.model``'s execution keys, docs/pretraining.md).
 
 **Data order**: step ``t`` reads the blocks at stream positions ``t·B .. t·B + B − 1``
 (:func:`sentcomp.data.corpora.block_indices`): a pure function of ``(data seed, step)``.
@@ -67,7 +71,7 @@ from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
-from sentcomp.models import tokenizers
+from sentcomp.models import layers, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
 from sentcomp.training import (
     LOSSES,
@@ -100,19 +104,23 @@ def build_model(config) -> LanguageModel:
     ``config.model``'s family and shape are then the checkpoint's), or a random model of ``config.model.family``
     and shape ``config.model`` (:func:`hf_model_config`) with ``config.tokenizer`` (``vocab_size`` 0 = the
     tokenizer's size). Either way ``quad_head`` adds the Quad head and untied Φ, and ``tie_word_embeddings=False``
-    unties a tied Φ (a copy of the input embeddings to start from)."""
+    unties a tied Φ (a copy of the input embeddings to start from). The layer stack runs as ``config.model``'s
+    execution keys say (:data:`sentcomp.models.layers.EXECUTION_FIELDS`: scanned or unrolled layers, remat policy,
+    attention implementation), whichever the model's origin."""
     model = config.model
     if config.init.source:
         lm = models.load(config.init.source, quad_head=True if model.quad_head else None)
         if lm.family not in models.CAUSAL_FAMILIES:
             raise SentcompError(f"Pretraining trains causal LMs ({', '.join(models.CAUSAL_FAMILIES)}); "
                                 f"{config.init.source!r} is a {lm.family!r} model.")
-        return lm if model.tie_word_embeddings else models.untie(lm)
-    if config.tokenizer not in TOKENIZERS:
-        raise SentcompError(f"config.tokenizer must be one of {sorted(TOKENIZERS)}, got {config.tokenizer!r}.")
-    tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
-    return models.init(model.family, hf_model_config(model, model.vocab_size or len(tokenizer)),
-                       jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
+        lm = lm if model.tie_word_embeddings else models.untie(lm)
+    else:
+        if config.tokenizer not in TOKENIZERS:
+            raise SentcompError(f"config.tokenizer must be one of {sorted(TOKENIZERS)}, got {config.tokenizer!r}.")
+        tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
+        lm = models.init(model.family, hf_model_config(model, model.vocab_size or len(tokenizer)),
+                         jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
+    return layers.with_execution(lm, **{key: model[key] for key in layers.EXECUTION_FIELDS if key in model})
 
 
 ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families

@@ -811,7 +811,8 @@ def table_columns(config) -> list[str]:
 def check_config(config) -> None:
     """What can be checked before any work (the launcher calls this before it claims the workdir): the tasks
     exist, ``data_dir`` is a directory, the model loads offline (:func:`sentcomp.models.hf.check_source`), the
-    sizes are ≥ 1, and the feature columns and multinomial cells are known."""
+    sizes are ≥ 1, the feature columns and multinomial cells are known, and the zero-shot settings are usable
+    (:func:`check_zeroshot_config`)."""
     if not config.tasks:
         raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
     for name in config.tasks:
@@ -829,6 +830,7 @@ def check_config(config) -> None:
     if unknown:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
+    check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
         models.hf.check_source(config.bert.model, known=tuple(models.ALIASES))
@@ -838,10 +840,7 @@ def run(config, workdir) -> dict:
     """Runs (or resumes) every task of ``config.tasks``; writes results.json/.md; returns the headline
     accuracies ``{"<row>/<column>": mean test accuracy}``."""
     workdir = Path(workdir)
-    if not config.tasks:
-        raise SentcompError("config.tasks is empty: name at least one task, e.g. --config.tasks=\"('sst2',)\".")
-    check_multinomial_cells(config.probe.multinomial_cells)
-    check_zeroshot_config(config)
+    check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
