@@ -50,7 +50,6 @@ from sentcomp.data.corpora import CorpusSpec
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import sweep
 from sentcomp.launcher.config_files import parse_config_arg
-from sentcomp.models import CAUSAL_FAMILIES
 
 SIZES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 64, 2),
@@ -78,8 +77,6 @@ def get_config(arg=None):
     args = _args(arg)
     if args.size not in SIZES:
         raise SentcompError(f"Unknown size {args.size!r}; choose one of {sorted(SIZES)}.")
-    if args.family not in CAUSAL_FAMILIES:
-        raise SentcompError(f"Unknown family {args.family!r}; choose one of {list(CAUSAL_FAMILIES)}.")
     config = ml_collections.ConfigDict()
     config.program = "sentcomp.programs.pretrain"
     config.loss = args.loss

@@ -41,19 +41,24 @@ def read_json(path):
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    """(workdir, {directory name: torch model}, runs.jsonl line counts of the first checkpoints' stages after
-    the interrupted run) of the experiment on SERIES, run twice."""
+    """(workdir, {directory name: torch model}, runs.jsonl line counts of the first checkpoints' stages before
+    the re-run) of the experiment on SERIES: refused while the last checkpoint is missing, then run, then its last
+    checkpoint's stages undone (as if killed there) and run again."""
     root = tmp_path_factory.mktemp("series")
     names = list(SERIES)
     models = {name: tiny_neox(root / name, *SERIES[name]) for name in names[:-1]}
     spec = f"experiments/checkpoints.py:smoke,revisions={'+'.join(str(root / n) for n in names)}"
     config = config_files.load_config(spec)
     workdir = root / "run"
-    with pytest.raises(SentcompError, match="does not exist"):  # the last checkpoint is not there yet
+    with pytest.raises(SentcompError, match="does not exist"):  # the last checkpoint is not there yet:
         runner.run_program(config, workdir)
+    assert not workdir.exists()  # refused before any stage ran or the workdir was claimed
+    models[names[-1]] = tiny_neox(root / names[-1], *SERIES[names[-1]])
+    runner.run_program(config, workdir)
+    for stage in (f"loss_{names[-1]}", f"table1_{names[-1]}", "compare", "."):
+        (workdir / stage / runner.DONE_FILE).unlink()
     starts = {stage: len((workdir / stage / "runs.jsonl").read_text().splitlines())
               for name in names[:-1] for stage in (f"loss_{name}", f"table1_{name}")}
-    models[names[-1]] = tiny_neox(root / names[-1], *SERIES[names[-1]])
     runner.run_program(config, workdir)
     return workdir, models, starts
 
@@ -110,7 +115,7 @@ def test_resumed_run_does_not_redo_finished_checkpoints(series):
     for stage, count in starts.items():
         assert count == 1
         assert len((workdir / stage / "runs.jsonl").read_text().splitlines()) == count  # skipped on the re-run
-    assert len((workdir / "loss_neox_step_30" / "runs.jsonl").read_text().splitlines()) == 2  # failed, then ran
+    assert len((workdir / "loss_neox_step_30" / "runs.jsonl").read_text().splitlines()) == 2  # ran, then ran again
 
 
 def test_revision_of_a_local_directory_or_missing_offline_is_refused(tmp_path):

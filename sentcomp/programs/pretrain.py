@@ -206,6 +206,9 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
 def check_config(config) -> None:
     if config.loss not in LOSSES:
         raise SentcompError(f"config.loss must be one of {sorted(LOSSES)}, got {config.loss!r}.")
+    if config.model.family not in models.CAUSAL_FAMILIES:
+        raise SentcompError(f"Unknown config.model.family {config.model.family!r}; choose one of "
+                            f"{list(models.CAUSAL_FAMILIES)}.")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                             f"got {config.compute_dtype!r}.")

@@ -532,10 +532,11 @@ def probe_sensitivity(table: dict[str, dict[str, dict]], variant_cells: Sequence
     """Per task and probe column: the accuracy of the prompt row (``task*``) and of each probe variant row
     (mean over splits), and their mean, min and max over the templates (the ``t`` rows with ``task*``)."""
     by_row = summarise({**cell, "column": cell["variant_column"]} for cell in variant_cells)
+    varied = {cell["variant_column"] for cell in variant_cells}  # the config's columns, not every one logged
     entries = []
     for name in tasks:
         for column, entry in table.get(name + "*", {}).items():
-            if column not in FEATURE_COLUMNS:
+            if column not in varied:
                 continue
             rows = {name + "*": entry["mean"], **{row: cells[column]["mean"] for row, cells in by_row.items()
                                                   if row.startswith(name + "*") and column in cells}}
