@@ -135,6 +135,48 @@ def _jitted_scorer(hidden_fn, phi_fn, chunk_size):
     return jax.jit(functools.partial(_continuation_log_probs, hidden_fn, phi_fn, chunk_size))
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_cached_scorer(continue_fn, phi_fn, chunk_size):
+    """:func:`_continuation_log_probs` of rows continuing a cached prefix: ``(params, cache, ids, ...)``."""
+    def log_probs(params, cache, *arrays):
+        def hidden_fn(params, ids, mask):
+            return continue_fn(params, cache, ids, mask)
+
+        return _continuation_log_probs(hidden_fn, phi_fn, chunk_size, params, *arrays)
+
+    return jax.jit(log_probs)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_prefill(prefill_fn):
+    return jax.jit(prefill_fn)
+
+
+# A shared token prefix shorter than this is not worth its own compiled programs (k = 0 texts share ~0 tokens).
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(rows: Sequence[_Row], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """``P``, the number of leading tokens the rows continuing a common prefix share with ``rows[0]`` (a k-shot
+    prefix: BOS + the demonstrations, up to where the text's first token may merge with the separator), or 0
+    when fewer than ``minimum``. Rows sharing fewer tokens (their demonstrations cut by truncation) do not
+    count; ``P`` leaves every sharing row's scored positions (``start`` on) after the prefix."""
+    reference = np.asarray(rows[0].input_ids)
+    shared = []
+    for row in rows:
+        ids = np.asarray(row.input_ids[: len(reference)])
+        differ = np.flatnonzero(ids != reference[: len(ids)])
+        common = min(int(differ[0]) if len(differ) else len(ids), row.start)
+        if common >= minimum:
+            shared.append(common)
+    return min(shared, default=0)
+
+
+def _shifted(row: _Row, prefix_length: int) -> _Row:
+    """``row`` without its first ``prefix_length`` tokens (read from a cache), positions shifted alike."""
+    return dataclasses.replace(row, input_ids=row.input_ids[prefix_length:], start=row.start - prefix_length)
+
+
 def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int, tokens: int):
     """Fixed-shape arrays for ``rows``, padded to ``batch_size`` rows with copies of the first (scores ignored)."""
     padded = list(rows) + [rows[0]] * (batch_size - len(rows))
@@ -162,7 +204,8 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
 
 def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Sequence[str], batch_size: int = 32,
                 max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
-                progress: bool = True, compute_dtype: str = "float32", truncation: str = "start") -> np.ndarray:
+                progress: bool = True, compute_dtype: str = "float32", truncation: str = "start",
+                kv_cache: bool = True) -> np.ndarray:
     """``[N, W]``: summed log-probability of each of ``words`` after each ``text + prompt``.
 
     Sequences hold at most ``max_length`` tokens (default and cap: ``lm.max_length``; the paper used 512), long
@@ -170,6 +213,11 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
     ``"bfloat16"``, as :func:`sentcomp.features.extract_features`); log-probabilities are computed in float32.
     Batches are split over ``mesh`` (default: every device of every process; each process passes the same
     texts); ``batch_size`` (≥ 1) is rounded up to a multiple of the mesh size.
+
+    Shared prefix (``kv_cache``, models with a key/value cache, ``lm.prefill_fn``): when the texts start with the
+    same ≥ :data:`MIN_SHARED_PREFIX` tokens (a k-shot prefix, :func:`shared_prefix_length`), the model reads them
+    once and every row that starts with them continues from their cached keys/values: the same scores (to
+    float32 rounding) for the cost of the rows' own tokens. ``kv_cache=False`` reads every row whole.
     """
     if not len(texts):
         raise SentcompError("Zero-shot scoring got no texts to score.")
@@ -182,21 +230,42 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
     rows.sort(key=lambda row: len(row.input_ids))
     mesh = mesh if mesh is not None else parallel.data_mesh()
     batch_size = parallel.pad_to_multiple(batch_size, mesh.size)
-    max_words = max(len(row.words) for row in rows)
-    max_tokens = max(len(target) for row in rows for target in row.targets)
-    scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
+    shape = (max(len(row.words) for row in rows), max(len(target) for row in rows for target in row.targets))
     params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
     buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
-    for first in tqdm(range(0, len(rows), batch_size), desc=f"zero-shot {prompt.strip()!r}", disable=not progress):
-        batch = rows[first: first + batch_size]
-        longest = max(len(row.input_ids) for row in batch)
-        length = next(bucket for bucket in buckets if bucket >= longest)
-        arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
-        row_scores = parallel.apply_to_batch(scorer, arrays, mesh, params)
-        for row, values in zip(batch, row_scores):
-            scores[row.document, list(row.words)] = values[: len(row.words)]
+    scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
+    shared = shared_prefix_length(rows) if kv_cache and lm.prefill_fn is not None else 0
+    passes = [(rows, scorer, (params,))]  # (rows, jitted scorer, its leading arguments)
+    if shared:
+        prefix = rows[0].input_ids[:shared]
+        continues = [row.input_ids[:shared] == prefix for row in rows]
+        passes = [([row for row, yes in zip(rows, continues) if not yes], scorer, (params,)),
+                  ([_shifted(row, shared) for row, yes in zip(rows, continues) if yes],
+                   _jitted_cached_scorer(lm.continue_fn, lm.phi_fn, chunk_size),
+                   (params, prefix_cache(lm, params, prefix, buckets, mesh)))]
+    bar = tqdm(total=len(rows), desc=f"zero-shot {prompt.strip()!r}", disable=not progress)
+    for pass_rows, scorer, args in passes:
+        for first in range(0, len(pass_rows), batch_size):
+            batch = pass_rows[first: first + batch_size]
+            length = next(bucket for bucket in buckets if bucket >= max(len(row.input_ids) for row in batch))
+            row_scores = parallel.apply_to_batch(scorer, _batch_arrays(batch, batch_size, length, *shape), mesh, *args)
+            for row, values in zip(batch, row_scores):
+                scores[row.document, list(row.words)] = values[: len(row.words)]
+            bar.update(len(batch))
+    bar.close()
     return scores
+
+
+def prefix_cache(lm: LanguageModel, params, prefix: Sequence[int], buckets: Sequence[int], mesh):
+    """The :class:`sentcomp.models.layers.KVCache` of the token ids ``prefix`` (one row, padded to a length of
+    ``buckets`` with masked positions, so prefixes of other lengths reuse the compiled programs), on every device
+    of ``mesh``."""
+    length = next(bucket for bucket in buckets if bucket >= len(prefix))
+    ids, mask = np.zeros((1, length), np.int32), np.zeros((1, length), np.int32)
+    ids[0, : len(prefix)], mask[0, : len(prefix)] = prefix, 1
+    _, cache = _jitted_prefill(lm.prefill_fn)(params, ids, mask)
+    return parallel.replicate(cache, mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ class LanguageModel:
       phi_fn: pure ``phi_fn(params) -> [V, d]``, the output word embeddings Φ (rows φ_w).
       tokenizer: a Hugging Face tokenizer (``tokenizers``/``transformers`` fast tokenizer).
       max_length: the longest sequence the model accepts.
+      prefill_fn, continue_fn: a key/value cache, for families that have one (the rotary decoders; None
+        otherwise): ``prefill_fn(params, token_ids, attention_mask) -> (hidden, cache)`` reads a sequence and
+        keeps its keys/values; ``continue_fn(params, cache, token_ids, attention_mask) -> [B, T, d]`` gives the
+        features of tokens continuing it, as ``hidden_fn`` over the whole sequence would
+        (:class:`sentcomp.models.layers.KVCache`).
     """
 
     name: str
@@ -48,6 +53,8 @@ class LanguageModel:
     phi_fn: Callable[[Any], jax.Array]
     tokenizer: Any
     max_length: int
+    prefill_fn: Callable | None = None
+    continue_fn: Callable | None = None
 
     @property
     def phi(self) -> jax.Array:

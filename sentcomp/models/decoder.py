@@ -34,7 +34,10 @@ written to Hugging Face configs; :func:`layers.with_execution` changes them on a
 The sentcomp view: ``hidden_fn(params, ids, mask) -> [B, T, d]`` is the final norm's output f(s) (or the Quad
 head's output), ``phi_fn(params) -> [V, d]`` is Φ. Parameter names (the same in every family): ``embed_tokens``,
 ``layers/{self_attn/{q,k,v,o}_proj | self_attn/qkv_proj, mlp/{gate,up,down}_proj, input_layernorm,
-post_attention_layernorm}``, ``norm``, ``lm_head`` (untied), ``quad_head``.
+post_attention_layernorm}``, ``norm``, ``lm_head`` (untied), ``quad_head``. Key/value cache: ``prefill(params, ids,
+mask) -> (hidden, cache)`` reads a sequence and keeps its keys/values (:class:`layers.KVCache`), and
+``continue_hidden(params, cache, ids, mask) -> [B, T, d]`` gives the features of tokens continuing it, equal to
+the whole sequence's (``lm.prefill_fn`` / ``lm.continue_fn``; a k-shot prefix shared by every text is read once).
 
 Precision: with bf16-cast parameters every matrix product takes bf16 operands and the residual stream stays bf16;
 norms, the rotary rotation and the attention softmax compute in float32 and return bf16.
@@ -306,8 +309,11 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, attention_mask, window):
-        """``window``: this layer's sliding window in real tokens (None: full causal attention)."""
+    def __call__(self, x, cos, sin, attention_mask, window, past=None):
+        """``window``: this layer's sliding window in real tokens (None: full causal attention). ``past``: this
+        layer's cached ``(keys, values)`` ``[B or 1, P, kv_heads, head_dim]`` of ``P`` earlier positions that
+        ``x`` continues (``attention_mask [B, P + T]`` then covers both). Returns the output and this call's
+        keys (after rotary) and values, ``[B, T, kv_heads, head_dim]`` each."""
         c = self.config
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -318,9 +324,14 @@ class Attention(nn.Module):
             q, k, v = (nn.Dense(n * head_dim, use_bias=c.qkv_bias, name=name)(x).reshape(batch, length, n, head_dim)
                        for n, name in ((heads, "q_proj"), (kv_heads, "k_proj"), (kv_heads, "v_proj")))
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        out = layers.self_attention(q, k, v, attention_mask, scale=head_dim**-0.5, causal=True, window=window,
-                                    implementation=c.attention, chunk=c.attention_chunk)
-        return nn.Dense(c.hidden_size, use_bias=c.output_bias, name="o_proj")(out)
+        if past is None:
+            out = layers.self_attention(q, k, v, attention_mask, scale=head_dim**-0.5, causal=True, window=window,
+                                        implementation=c.attention, chunk=c.attention_chunk)
+        else:
+            every_k, every_v = (jnp.concatenate([layers.broadcast_rows(cached, batch), new], axis=1)
+                                for cached, new in zip(past, (k, v)))
+            out = layers.attend_continuation(q, every_k, every_v, attention_mask, scale=head_dim**-0.5, window=window)
+        return nn.Dense(c.hidden_size, use_bias=c.output_bias, name="o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -341,34 +352,43 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; signature ``(carry, window) -> (carry, None)`` for the layer stack (``window``: this
-    layer's entry of :func:`layer_windows`)."""
+    """One pre-norm block; signature ``(carry, per_layer) -> (carry, kv)`` for the layer stack. ``per_layer``:
+    this layer's entry of :func:`layer_windows`, or ``(window, cached keys, cached values)`` when continuing a
+    :class:`layers.KVCache`; ``kv``: this call's ``(keys, values)`` if ``keep_kv``, else None."""
 
     config: DecoderConfig
+    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, carry, window):
+    def __call__(self, carry, per_layer):
         x, cos, sin, attention_mask = carry
         c = self.config
+        window, *past = per_layer if isinstance(per_layer, tuple) else (per_layer,)
         window = window if c.sliding_window is not None else None  # no window: no position arithmetic at all
-        attention = Attention(c, name="self_attn")(_norm(c, "input_layernorm")(x), cos, sin, attention_mask, window)
+        attention, kv = Attention(c, name="self_attn")(_norm(c, "input_layernorm")(x), cos, sin, attention_mask,
+                                                       window, tuple(past) or None)
         if c.parallel_residual:
             out = x + attention + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
         else:
             out = x + attention
             out = out + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(out))
-        return (out, cos, sin, attention_mask), None  # the residual stream keeps the parameters' dtype
+        return (out, cos, sin, attention_mask), kv if self.keep_kv else None  # residual: the parameters' dtype
 
 
 class DecoderModel(nn.Module):
     """Token ids ``[B, T]`` + mask ``[B, T]`` -> final-norm hidden states ``[B, T, d]`` (then the Quad head's
     output, if any). Parameters: see the module docstring (Dense kernels are ``[in, out]``; ``lm_head [V, d]``
-    has rows φ_w and is not used in the forward pass)."""
+    has rows φ_w and is not used in the forward pass).
+
+    With ``cache`` (a :class:`layers.KVCache` of ``P`` earlier positions), the tokens continue that sequence: the
+    hidden states are those the whole sequence would give at these positions. With ``keep_kv``, returns
+    ``(hidden, cache)``, the cache now covering these tokens too (a new one without ``cache``)."""
 
     config: DecoderConfig
+    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, token_ids, attention_mask):
+    def __call__(self, token_ids, attention_mask, cache: layers.KVCache | None = None):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         if not c.tie_word_embeddings:
@@ -376,14 +396,24 @@ class DecoderModel(nn.Module):
         x = embed(token_ids)
         if c.scale_embeddings:  # in the embeddings' dtype, as Hugging Face's Gemma
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
-        position = layers.positions(attention_mask)
+        windows = jnp.asarray(layer_windows(c))
+        every_mask, per_layer = attention_mask, windows
+        if cache is not None:  # the keys cover the cached positions, then these
+            every_mask = jnp.concatenate([layers.broadcast_rows(cache.mask, token_ids.shape[0]).astype(
+                attention_mask.dtype), attention_mask], axis=1)
+            per_layer = (windows, cache.keys, cache.values)
+        position = layers.positions(every_mask)[:, every_mask.shape[1] - token_ids.shape[1]:]
         cos, sin = layers.rotary_cos_sin(position, rotary_inverse_frequencies(c))
-        decoder = layers.layer_stack(DecoderLayer, c, c.num_hidden_layers, name="layers")
-        (x, *_), _ = decoder((x, cos, sin, attention_mask), jnp.asarray(layer_windows(c)))
+        decoder = layers.layer_stack(DecoderLayer, c, c.num_hidden_layers, name="layers", keep_kv=self.keep_kv)
+        (x, *_), kv = decoder((x, cos, sin, every_mask), per_layer)
         x = _norm(c, "norm")(x)
         if c.quad_head:
             x = layers.quad_head(c.hidden_size)(x)
-        return x
+        if not self.keep_kv:
+            return x
+        if cache is None:
+            return x, layers.KVCache(*kv, attention_mask)
+        return x, cache.extended(*kv, attention_mask)
 
 
 # ------------------------------------------------------------------------------------ the sentcomp view
@@ -395,6 +425,24 @@ def hidden_fn(config: DecoderConfig, params, token_ids: jax.Array, attention_mas
     return DecoderModel(config).apply({"params": params}, token_ids, attention_mask)
 
 
+def prefill(config: DecoderConfig, params, token_ids: jax.Array, attention_mask: jax.Array
+            ) -> tuple[jax.Array, layers.KVCache]:
+    """``(hidden_fn(...), cache)``: the features at every position and the :class:`layers.KVCache` of these
+    tokens, which :func:`continue_hidden` (or a further ``prefill`` of a continuation, e.g. one generated token
+    at a time, through ``DecoderModel(config, keep_kv=True)``) reads instead of recomputing them."""
+    layers.check_length(token_ids, config.max_position_embeddings, "model")
+    return DecoderModel(config, keep_kv=True).apply({"params": params}, token_ids, attention_mask)
+
+
+def continue_hidden(config: DecoderConfig, params, cache: layers.KVCache, token_ids: jax.Array,
+                    attention_mask: jax.Array) -> jax.Array:
+    """Features ``[B, T, d]`` of tokens that continue the sequence ``cache`` holds (:func:`prefill`): equal to
+    the last ``T`` positions of :func:`hidden_fn` over the whole sequence (cached prefix + these tokens), at the
+    cost of the ``T`` new positions only. ``cache`` rows: 1 (a prefix shared by every row) or ``B``."""
+    layers.check_length(token_ids, config.max_position_embeddings - cache.length, "model after its cached prefix")
+    return DecoderModel(config).apply({"params": params}, token_ids, attention_mask, cache)
+
+
 def phi_fn(params) -> jax.Array:
     """Output word embeddings Φ ``[V, d]``: the untied ``params["lm_head"]`` if present, else the tied
     ``embed_tokens``."""
@@ -403,8 +451,10 @@ def phi_fn(params) -> jax.Array:
 
 def language_model(family: str, config: DecoderConfig, params, tokenizer, name: str) -> LanguageModel:
     """Parameters of :class:`DecoderModel` as the ``family``'s :class:`LanguageModel`."""
-    return layers.language_model_view(family, config, params, tokenizer, name, hidden_fn, phi_fn,
+    view = layers.language_model_view(family, config, params, tokenizer, name, hidden_fn, phi_fn,
                                       config.max_position_embeddings)
+    return view.replace(prefill_fn=functools.partial(prefill, config),
+                        continue_fn=functools.partial(continue_hidden, config))
 
 
 def init(family: str, config: DecoderConfig, rng: jax.Array | int = 0, quad_head: bool = False, tokenizer=None,

@@ -8,10 +8,10 @@ Gemma) build their networks and their :class:`LanguageModel` views from.
 - Attention: :func:`positions` (rotary/learned positions count the real tokens), :func:`visible_keys` (which keys
   a query may see: padding, causality, a sliding window), :func:`rotary_cos_sin` + :func:`apply_rotary` (rotary
   position embeddings, full or partial), :func:`attend` (softmax over the visible keys in float32, times the values
-  in their dtype; grouped-query attention when there are fewer value heads than score heads), and
+  in their dtype; grouped-query attention when there are fewer value heads than score heads),
   :func:`self_attention`, the whole of it from queries, keys and values by one of :data:`ATTENTION`
   implementations (``jax.nn.dot_product_attention`` on XLA or cuDNN, or query chunks whose memory grows as T, not
-  T²).
+  T²), and :class:`KVCache` + :func:`attend_continuation`: tokens continuing a prefix whose keys/values are kept.
 - The layer stack: :func:`layer_stack` (one ``nn.scan`` over layer-stacked parameters, compiled once or unrolled,
   with an optional rematerialisation policy, :data:`REMAT_POLICIES`), :func:`check_execution` (the config fields
   :data:`EXECUTION_FIELDS` that choose them), :func:`with_execution` (a loaded model run another way),
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,6 +242,59 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
     return out.reshape(*q.shape[:2], -1)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """The keys and values a causal decoder computed for a sequence it has read (its prefix), so that tokens
+    continuing it attend to them without recomputing them: a shared k-shot prefix read once for every text
+    (:func:`sentcomp.zeroshot.word_scores`), or the tokens generated so far in greedy decoding.
+
+    ``keys``, ``values`` ``[L, B, P, kv_heads, head_dim]`` (layer, row, position; keys after the rotary
+    rotation, in the model's compute dtype); ``mask [B, P]`` marks the real tokens (1) among them. ``B`` may
+    be 1 for a prefix every row shares (broadcast against the continuation's rows). A continuation's positions
+    count on from the prefix's real tokens (:func:`positions` over ``[mask, continuation mask]``), and each of its
+    queries sees every real prefix key (within a sliding window, if any) and the continuation's keys causally:
+    the very attention the whole sequence would get in one pass (:func:`attend_continuation`).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+
+    @property
+    def length(self) -> int:
+        """``P``, the positions held (real or padding)."""
+        return self.keys.shape[2]
+
+    def extended(self, keys: jax.Array, values: jax.Array, mask: jax.Array) -> KVCache:
+        """This cache followed by the ``[L, B, T, kv_heads, head_dim]`` keys/values of ``T`` more positions
+        (``mask [B, T]``): the cache a further continuation (the next generated token) reads."""
+        batch = keys.shape[1]
+        grow = functools.partial(broadcast_rows, batch=batch, axis=1)
+        return KVCache(jnp.concatenate([grow(self.keys), keys], axis=2),
+                       jnp.concatenate([grow(self.values), values], axis=2),
+                       jnp.concatenate([broadcast_rows(self.mask, batch, 0), mask.astype(self.mask.dtype)], axis=1))
+
+
+def broadcast_rows(x: jax.Array, batch: int, axis: int = 0) -> jax.Array:
+    """``x`` with its row axis ``axis`` (of size 1 or ``batch``) broadcast to ``batch`` rows."""
+    shape = list(x.shape)
+    shape[axis] = batch
+    return jnp.broadcast_to(x, shape)
+
+
+def attend_continuation(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array, *, scale,
+                        window: jax.Array | int | None = None) -> jax.Array:
+    """Causal attention of ``T`` continuation queries ``q [B, T, heads, D]`` over ``P`` cached positions followed
+    by the continuation itself: ``k, v [B, P + T, kv_heads, D]``, ``attention_mask [B, P + T]`` (real tokens).
+    Query ``t`` is position ``P + t`` of the whole sequence, so it sees key ``s`` iff ``s`` is real, ``s ≤ P + t``
+    and (with a ``window``) within the window (:func:`visible_keys`): the rows :func:`self_attention` gives
+    these positions when run over the whole sequence. Dense scores (memory ∝ T·(P + T)), float32 softmax as
+    :func:`attend`."""
+    prefix = k.shape[1] - q.shape[1]
+    visible = visible_keys(attention_mask, True, window, queries=prefix + jnp.arange(q.shape[1]))
+    return _scores_attend(q, k, v, visible, scale)
+
+
 # ------------------------------------------------------------------------------------------- the layer stack
 
 # How a layer's activations are kept for the backward pass: "none" stores them all; "full" stores only the
@@ -265,18 +319,19 @@ def check_execution(model: str, config) -> None:
         raise SentcompError(f"{model} config: attention_chunk must be ≥ 1, got {config.attention_chunk}.")
 
 
-def layer_stack(block: type[nn.Module], config, num_layers: int, name: str) -> nn.Module:
+def layer_stack(block: type[nn.Module], config, num_layers: int, name: str, **fields) -> nn.Module:
     """``num_layers`` copies of ``block(config)`` as one ``nn.scan`` over parameters stacked on a leading layer
     axis (``params[name]``, leaf shapes ``[num_layers, ...]``). ``block`` has the scan signature ``(carry, x_i) ->
     (carry, None)``, ``x_i`` the layer's slice of the scanned input. ``config.scan_layers``: True compiles the body
     once (a loop); False unrolls it (``unroll=num_layers``: L copies, no loop; the same parameters, so the two
     read each other's checkpoints). ``config.remat``: a :data:`REMAT_POLICIES` policy wraps the body in
-    ``nn.remat`` (same values and gradients, less activation memory, more compute)."""
+    ``nn.remat`` (same values and gradients, less activation memory, more compute). ``fields``: the block's
+    other attributes (e.g. a decoder layer's ``keep_kv``); its per-layer outputs are stacked on the layer axis."""
     policy = REMAT_POLICIES[config.remat]
     if policy is not None:  # a loop body is safe from XLA's CSE merging recomputation into the forward pass;
         block = nn.remat(block, policy=policy, prevent_cse=not config.scan_layers)  # unrolled copies are not
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=num_layers,
-                   unroll=1 if config.scan_layers else num_layers)(config, name=name)
+                   unroll=1 if config.scan_layers else num_layers)(config, name=name, **fields)
 
 
 def with_execution(lm: LanguageModel, **fields) -> LanguageModel:
@@ -286,7 +341,9 @@ def with_execution(lm: LanguageModel, **fields) -> LanguageModel:
     if unknown:
         raise SentcompError(f"with_execution sets {EXECUTION_FIELDS}, not {sorted(unknown)}.")
     config = dataclasses.replace(lm.config, **fields)
-    return lm.replace(config=config, hidden_fn=functools.partial(lm.hidden_fn.func, config))
+    rebound = {name: functools.partial(fn.func, config) for name in ("hidden_fn", "prefill_fn", "continue_fn")
+               if (fn := getattr(lm, name)) is not None}
+    return lm.replace(config=config, **rebound)
 
 
 def stack_layer_paths(flat: dict[str, Any], key: str, num_layers: int) -> dict[str, Any]:
