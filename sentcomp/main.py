@@ -29,7 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sentcomp import parallel
+from sentcomp import parallel, timings
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
@@ -191,6 +191,7 @@ def main(argv: list[str]) -> None:
         if not _DRY_RUN.value:  # a dry run computes nothing, so it can check a cluster's command anywhere
             parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                             _DISTRIBUTED.value)
+            timings.enable_compilation_cache()  # compiled programs kept for the next run (SENTCOMP_XLA_CACHE=off)
         run_from_flags()
     except SentcompError as error:
         _fail(error)

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, probe, storage, zeroshot
+from sentcomp import models, parallel, probe, storage, timings, zeroshot
 from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
 from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, demonstration_prefix, sample_demonstrations, word_set
@@ -431,8 +431,23 @@ def results_markdown(results: dict) -> str:
                          c["converged"], cv_convergence(c)] for c in results["cells"] if "regularisation" in c)),
         "`converged`: the final probe's fit; the last column counts the cross-validation fits that chose the "
         "regularisation and stopped short of their tolerance (⚠ when any did: raise `probe.max_iter`).",
+        *(timings_markdown(results["timings"]) if "timings" in results else []),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def timings_markdown(record: dict) -> list[str]:
+    """The cost section of results.md: each part's wall seconds and XLA compilations (:mod:`sentcomp.timings`)."""
+    rows = [*record["parts"], {"part": "total", **record["total"]}]
+    return [
+        "## Timings",
+        markdown_table(["part", "seconds", "compilations", "compile s", "from the compilation cache"],
+                       ([entry["part"], f"{entry['seconds']:.1f}", entry["compilations"],
+                         f"{entry['compile_seconds']:.1f}", entry["cache_hits"]] for entry in rows)),
+        f"Wall time of this run's parts (parts resumed from an earlier run are not run, so not listed); load "
+        f"average (1, 5, 15 min) at the end: {', '.join(str(x) for x in record['load_average'])}; compilation cache: "
+        f"{record['compilation_cache'] or 'off'}.",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -508,8 +523,10 @@ def run_probe_variants(lm_loader, data: TaskData, config, workdir: Path, log: Ce
             keep = np.setdiff1d(np.arange(len(train)), chosen)
             kept_train = Split([train.texts[i] for i in keep], train.labels[keep])
             texts = list(dict.fromkeys([*kept_train.texts, *test.texts]))
-            features, word_sets, _ = row_features(lm_loader(), task, [prefix + text for text in texts], todo,
-                                                  template, config, workdir)
+            lm = lm_loader()
+            with timings.part(f"features {row}"):
+                features, word_sets, _ = row_features(lm, task, [prefix + text for text in texts], todo, template,
+                                                      config, workdir)
             pool = {text: i for i, text in enumerate(texts)}
             pair_rows = (rows_of(kept_train.texts, pool), rows_of(test.texts, pool))
             for column in todo:
@@ -563,16 +580,18 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
                 if cell_key(name, with_prompt, c, r) not in log]
         needs_metadata = with_prompt and meta_key not in log
         if todo or needs_metadata:
-            features, word_sets, extracted = row_features(lm_loader(), task, data.texts, columns, prompt, config,
-                                                          workdir)
-            features.update(baseline_features(config, data.texts, prompt, workdir / "features"))
+            lm = lm_loader()
+            with timings.part(f"features {name}{'*' * with_prompt}"):
+                features, word_sets, extracted = row_features(lm, task, data.texts, columns, prompt, config, workdir)
+                features.update(baseline_features(config, data.texts, prompt, workdir / "features"))
             if needs_metadata:
                 log.add({"key": meta_key, "word_sets": {g: ws.to_json() for g, ws in word_sets.items()},
                          "n_truncated": extracted["metadata"]["n_truncated"],
                          "n_tokens": extracted["metadata"]["n_tokens"]})
             for column, repeat in tqdm(todo, desc=f"probes {name}{'*' if with_prompt else ''}"):
-                cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe,
-                                  cell_multi_class(config.probe, name, column))
+                with timings.part(f"probes {name}{'*' * with_prompt}"):
+                    cell = probe_cell(features[column], data.pair_rows[repeat], data.pairs[repeat], config.probe,
+                                      cell_multi_class(config.probe, name, column))
                 kind, group = FEATURE_COLUMNS.get(column, (column, None))
                 log.add({"key": cell_key(name, with_prompt, column, repeat), "row": name + "*" * with_prompt,
                          "column": column, "repeat": repeat, "kind": kind,
@@ -712,7 +731,9 @@ def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
             task.label_names, variant.verbalizer)[0]))
         train, test = data.pairs[members[0][1]]
         prefix, chosen = _demonstrations(members[0][0], task, train, test, zs)
-        scores = zeroshot.score_words(lm_loader(), texts, template, words, prefix, **_score_options(config))
+        lm = lm_loader()
+        with timings.part(f"zero-shot {name}* {template.strip()!r} k={members[0][0].k}"):
+            scores = zeroshot.score_words(lm, texts, template, words, prefix, **_score_options(config))
         pool = {text: row for row, text in enumerate(texts)}
         for variant, r in members:
             variant_words, word_labels = zeroshot.verbalizer_words(task.label_names, variant.verbalizer)
@@ -848,10 +869,12 @@ def run(config, workdir) -> dict:
 
     def lm_loader():  # the model is loaded only if some cell needs it
         if not lm_cache:
-            lm_cache.append(models.from_config(config))
+            with timings.part("load"):
+                lm_cache.append(models.from_config(config))
         return lm_cache[0]
 
-    descriptions = [run_task(lm_loader, data, config, workdir, log) for data in datas]
+    with timings.recording() as record:  # the cost of each part of this run (resumed parts: not run, not timed)
+        descriptions = [run_task(lm_loader, data, config, workdir, log) for data in datas]
     row_names = {name for data in datas for name in (data.task.name, data.task.name + "*")}
     cells = [c for c in log.cells.values() if "column" in c and c["row"] in row_names]
     table = summarise(cells)
@@ -860,6 +883,7 @@ def run(config, workdir) -> dict:
         "model": config.model, "probe": config.probe.to_dict(), "columns": present, "tasks": descriptions,
         "table": table, "macro_f1": summarise(cells, "test_macro_f1"), "cells": sorted(cells, key=lambda c: c["key"]),
         "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
+        "timings": record.to_json(),
     }
     variant_cells = [cell for data in datas for cell in probe_variant_cells(data, config, log)]
     if variant_cells:

@@ -1,0 +1,164 @@
+"""Where a run's time goes: wall time and XLA compilations per named part, and JAX's persistent compilation cache.
+
+A program wraps each part of its work in :func:`part` inside one :func:`recording`::
+
+    with timings.recording() as record:
+        with timings.part("load"):
+            lm = models.load(...)
+        with timings.part("features task*"):
+            ...
+    results["timings"] = record.to_json()
+
+Each part gets its wall seconds and the XLA compilations that happened during it (counted from
+``jax.monitoring``'s ``/jax/core/compile/backend_compile_duration`` events, one per compiled program, with their
+seconds; those served from the persistent cache counted apart, with the compile seconds JAX says they saved).
+A part entered again (a second pass of the same kind) accumulates. Outside a recording, :func:`part` does
+nothing, so library code may mark its parts unconditionally.
+
+:func:`enable_compilation_cache` points JAX's persistent compilation cache (programs keyed as JAX keys them:
+the computation, compile options, JAX/XLA versions and devices) at ``~/.cache/sentcomp/xla`` (or
+``$XDG_CACHE_HOME/sentcomp/xla``; ``SENTCOMP_XLA_CACHE=<dir>`` elsewhere, ``SENTCOMP_XLA_CACHE=off`` not at
+all; a ``JAX_COMPILATION_CACHE_DIR`` already set wins), so a second run, or a resumed one, loads its compiled
+programs instead of compiling them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
+CACHE_ENV = "SENTCOMP_XLA_CACHE"
+CACHE_OFF = ("off", "0", "false", "no")
+
+
+@dataclasses.dataclass
+class Counts:
+    """Totals since the process started (or a difference of two snapshots)."""
+
+    compilations: int = 0
+    compile_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_saved_seconds: float = 0.0
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+_TOTALS = Counts()
+_LISTENING = False
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == COMPILE_EVENT:
+        _TOTALS.compilations += 1
+        _TOTALS.compile_seconds += seconds
+    elif event == CACHE_SAVED_EVENT:
+        _TOTALS.cache_saved_seconds += seconds
+
+
+def _on_event(event: str, **_) -> None:
+    if event == CACHE_HIT_EVENT:
+        _TOTALS.cache_hits += 1
+
+
+def compile_counts() -> Counts:
+    """A snapshot of the process's compilation totals (listening starts at the first call)."""
+    global _LISTENING
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _LISTENING = True
+    return dataclasses.replace(_TOTALS)
+
+
+@dataclasses.dataclass
+class Record:
+    """Wall seconds and compilation counts per part, in the order the parts first ran."""
+
+    parts: dict[str, tuple[float, Counts]] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    at_start: Counts = dataclasses.field(default_factory=compile_counts)
+
+    def add(self, name: str, seconds: float, counts: Counts) -> None:
+        before_seconds, before_counts = self.parts.get(name, (0.0, Counts()))
+        self.parts[name] = (before_seconds + seconds, before_counts + counts)
+
+    def to_json(self) -> dict:
+        """``{"parts": [{"part", "seconds", "compilations", "compile_seconds", "cache_hits",
+        "cache_saved_seconds"}], "total": {...}, "load_average": [1, 5, 15 min]}`` (seconds rounded to 0.01)."""
+        def entry(seconds, counts):
+            return {"seconds": round(seconds, 2), "compilations": counts.compilations,
+                    "compile_seconds": round(counts.compile_seconds, 2), "cache_hits": counts.cache_hits,
+                    "cache_saved_seconds": round(counts.cache_saved_seconds, 2)}
+
+        return {"parts": [{"part": name, **entry(*value)} for name, value in self.parts.items()],
+                "total": entry(time.perf_counter() - self.started, compile_counts() - self.at_start),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "compilation_cache": compilation_cache_dir()}
+
+
+_ACTIVE: list[Record] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Record]:
+    """Collects the :func:`part` timings made inside it (nested recordings each get their own)."""
+    record = Record()
+    _ACTIVE.append(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE.remove(record)
+
+
+@contextlib.contextmanager
+def part(name: str) -> Iterator[None]:
+    """Times the block as part ``name`` of the innermost :func:`recording` (nothing outside one)."""
+    if not _ACTIVE:
+        yield
+        return
+    record, start, counts = _ACTIVE[-1], time.perf_counter(), compile_counts()
+    try:
+        yield
+    finally:
+        record.add(name, time.perf_counter() - start, compile_counts() - counts)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sentcomp/xla`` (default ``~/.cache/sentcomp/xla``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sentcomp" / "xla"
+
+
+def compilation_cache_dir() -> str | None:
+    """Where JAX's persistent compilation cache is (None: off)."""
+    return jax.config.jax_compilation_cache_dir or None
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns JAX's persistent compilation cache on in :func:`default_cache_dir`, ``$SENTCOMP_XLA_CACHE`` if set,
+    or leaves it off when that is ``off``; every program is cached (no minimum compile time). A directory JAX
+    was already given (``JAX_COMPILATION_CACHE_DIR``, as the test suite sets) is kept. Returns the directory
+    (None: off). Call before the first compilation."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in CACHE_OFF:
+        return None
+    if compilation_cache_dir():
+        return compilation_cache_dir()
+    directory = Path(setting).expanduser() if setting else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(directory)
