@@ -1,4 +1,5 @@
-"""Feature-extraction throughput vs HF transformers' PyTorch GPT2Model, and bounded memory for Φp_f.
+"""Feature-extraction throughput vs HF transformers' PyTorch GPT2Model, bounded memory for Φp_f, float32 vs
+bfloat16 and KV-cached vs uncached k-shot scoring on SmolLM2-135M's real weights.
 
     .venv/bin/python benchmarks/extract.py                  # 256 texts, batch 32 (~2-4 min on 2 cores)
     .venv/bin/python benchmarks/extract.py --n 64 --memory-n 2000   # quicker look
@@ -21,6 +22,13 @@
    float32 buffer a materialised softmax would need: a computed size, not a measurement (no materialised
    run is made), so the two are not like for like; the measured claim is "bounded" = the rise does not grow
    with N.
+3. ``--dtypes``: the main job's model (SmolLM2-135M, real weights, offline asset) extracting f(s) of the same
+   ``--n`` snippets in float32 and in bfloat16, side by side (warm-up, median of ``--repeats``): f(s) checked
+   close first (``BF16_TOLERANCE``: bf16 rounds every activation), then tokens/s of each and bf16 / f32.
+4. ``--kv-cache``: the same model scoring the main job's 2-shot zero-shot pass (``--n`` test snippets after two
+   seeded, class-balanced train demonstrations, the task's template and words): ``zeroshot.word_scores`` with
+   the shared prefix's keys/values cached vs every row read whole; scores checked equal first
+   (``KV_TOLERANCE``), then the ratio uncached / cached time.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from timing import assert_same_output, load_average, speedup, time_calls
 MAX_LENGTH = 512
 MEMORY_MAX_LENGTH = 64
 FEATURE_TOLERANCE = {"rtol": 1e-4}  # max|ours − HF| ≤ 1e-4 · max|HF| (float32, 12 layers, different kernels)
+BF16_TOLERANCE = {"rtol": 0.1}  # max|f_bf16 − f_f32| ≤ 0.1 · max|f_f32| (bf16 keeps 8 bits; 30 layers)
+KV_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}  # summed log-probs, float32, the same model two ways
 
 
 def _texts(n: int) -> list[str]:
@@ -114,6 +124,75 @@ def throughput(n: int, batch_size: int, repeats: int, config=None) -> dict:
     return results
 
 
+def _smollm2():
+    from sentcomp import models
+
+    return models.load("smollm2-135m")
+
+
+def dtype_ratio(n: int, batch_size: int, repeats: int) -> dict:
+    """f(s) of ``n`` snippets with SmolLM2-135M in float32 and in bfloat16: checked close, then timed alike."""
+    from sentcomp import features
+    from sentcomp.data import text
+
+    lm, texts = _smollm2(), _texts(n)
+    n_tokens = sum(len(ids) for ids in text.encode_texts(lm.tokenizer, texts, MAX_LENGTH).token_ids)
+    outputs = {}
+
+    def run(dtype):
+        def call():
+            outputs[dtype] = features.extract_features(lm, texts, ("f",), batch_size=batch_size, max_length=MAX_LENGTH,
+                                                       compute_dtype=dtype, progress=False)["f"]
+        return call
+
+    timings = {dtype: time_calls(run(dtype), repeats) for dtype in ("float32", "bfloat16")}
+    worst = assert_same_output("f(s) in bfloat16 vs float32", outputs["bfloat16"], outputs["float32"], **BF16_TOLERANCE)
+    results = {"model": lm.name, "n_texts": n, "batch_size": batch_size, "real_tokens": n_tokens,
+               "relative_difference": round(worst, 4)}
+    for dtype, timing in timings.items():
+        results[dtype] = {"seconds": round(timing.median, 3), "tokens_per_s": round(n_tokens / timing.median, 1)}
+        print(f"f(s) {dtype:9s} {n_tokens / timing.median:9.1f} tokens/s  ({timing.median:.2f} s; {load_average()})",
+              flush=True)
+    results["bf16_over_f32"] = round(speedup(timings["bfloat16"].median, timings["float32"].median) ** -1, 3)
+    print(f"bfloat16 / float32 speed: {results['bf16_over_f32']:.2f}× (f(s) max difference "
+          f"{worst:.3%} of max|f|)", flush=True)
+    return results
+
+
+def kv_cache_ratio(n: int, batch_size: int, repeats: int, k: int = 2) -> dict:
+    """The main job's k-shot pass with SmolLM2-135M, with and without the shared prefix's KV cache."""
+    from sentcomp import zeroshot
+    from sentcomp.data import get_task, load_task
+    from sentcomp.data.text import demonstration_prefix, sample_demonstrations
+
+    lm, task = _smollm2(), get_task("rotten_tomatoes")
+    splits = load_task(task)
+    train, texts = splits["train"], _texts(n)
+    chosen = sample_demonstrations(train.texts, train.labels, k, 0, True, exclude=texts)
+    words = [task.label_words[task.label_names[train.labels[i]]][0] for i in chosen]
+    prefix = demonstration_prefix([train.texts[i] for i in chosen], words, task.prompt)
+    label_words = zeroshot.label_word_list(task)[0]
+    outputs = {}
+
+    def run(cached):
+        def call():
+            outputs[cached] = zeroshot.score_words(lm, texts, task.prompt, label_words, prefix, batch_size=batch_size,
+                                                   max_length=MAX_LENGTH, progress=False, kv_cache=cached).texts
+        return call
+
+    timings = {cached: time_calls(run(cached), repeats) for cached in (True, False)}
+    worst = assert_same_output("k-shot scores with the KV cache vs without", outputs[True], outputs[False],
+                               **KV_TOLERANCE)
+    results = {"model": lm.name, "n_texts": n, "k": k, "prefix_chars": len(prefix),
+               "cached_seconds": round(timings[True].median, 3), "uncached_seconds": round(timings[False].median, 3),
+               "max_relative_difference": worst,
+               "speedup": round(speedup(timings[False].median, timings[True].median), 3)}
+    print(f"{k}-shot scoring of {n} texts: uncached {timings[False].median:.2f} s, KV-cached "
+          f"{timings[True].median:.2f} s: {results['speedup']:.2f}× (scores equal within {KV_TOLERANCE}; "
+          f"{load_average()})", flush=True)
+    return results
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -156,9 +235,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (median reported)")
     parser.add_argument("--memory-n", type=int, default=20_000, help="texts for the Φp_f memory check (0: skip)")
     parser.add_argument("--memory-case", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", action="store_true", help="only: SmolLM2-135M f(s) in float32 vs bfloat16")
+    parser.add_argument("--kv-cache", action="store_true", help="only: SmolLM2-135M 2-shot scoring, KV-cached vs not")
     args = parser.parse_args()
     if args.memory_case:
         print(json.dumps(memory_case(args.memory_n, args.batch_size)))
+        return
+    if args.dtypes or args.kv_cache:
+        results = {"load_average": load_average()}
+        if args.dtypes:
+            results["dtypes"] = dtype_ratio(args.n, args.batch_size, args.repeats)
+        if args.kv_cache:
+            results["kv_cache"] = kv_cache_ratio(args.n, args.batch_size, args.repeats)
+        print(json.dumps(results, indent=2))
         return
     results = {"throughput": throughput(args.n, args.batch_size, args.repeats)}
     print(f"same features (within {FEATURE_TOLERANCE}); ratio sentcomp / best HF torch: "

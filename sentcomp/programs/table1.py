@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from sentcomp import models, parallel, probe, storage, timings, zeroshot
 from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
 from sentcomp.data.tasks import Task
-from sentcomp.data.text import WordSet, demonstration_prefix, sample_demonstrations, word_set
+from sentcomp.data.text import WordSet, demonstration_prefix, encode_texts, sample_demonstrations, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.report import markdown_table, table1_figure, wilson_interval
@@ -459,6 +459,7 @@ class TaskData:
     pairs: list[tuple[Split, Split]]
     texts: list[str]  # the unique texts of every split: rows of the feature matrices
     pair_rows: list[tuple[np.ndarray, np.ndarray]]
+    prompt_extraction: dict | None = None  # the prompt row's extraction, when this run made it (zero-shot reuses it)
 
 
 def prepare_task(name: str, config) -> TaskData:
@@ -477,13 +478,16 @@ def _extraction_options(config, workdir: Path) -> dict:
 
 
 def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], prompt: str | None, config,
-                 workdir: Path) -> tuple[dict[str, np.ndarray], dict[str, WordSet], dict]:
+                 workdir: Path, extra_words: Sequence[str] = ()
+                 ) -> tuple[dict[str, np.ndarray], dict[str, WordSet], dict]:
     """The feature matrix of every column for ``texts`` (+ ``prompt``), from one extraction; the word sets; and
-    the raw extraction (its metadata)."""
+    the raw extraction (its metadata; with ``extra_words``, also their ``word_log_probs``, the union's columns)."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
-    union = word_set(lm.tokenizer, union_words(groups)) if groups else None
-    kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
+    every_word = list(dict.fromkeys([*union_words(groups), *extra_words]))
+    union = word_set(lm.tokenizer, every_word) if every_word else None
+    kinds = tuple(dict.fromkeys([*(FEATURE_COLUMNS[c][0] for c in columns),
+                                 *(("word_log_probs",) if extra_words else ())])) or ("f",)
     extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
                                  **_extraction_options(config, workdir))
     return {c: column_features(extracted, c, word_sets, union) for c in columns}, word_sets, extracted
@@ -581,9 +585,13 @@ def run_task(lm_loader, data: TaskData, config, workdir: Path, log: CellLog) -> 
         needs_metadata = with_prompt and meta_key not in log
         if todo or needs_metadata:
             lm = lm_loader()
+            extra_words = prompt_zeroshot_words(task, config) if with_prompt else ()
             with timings.part(f"features {name}{'*' * with_prompt}"):
-                features, word_sets, extracted = row_features(lm, task, data.texts, columns, prompt, config, workdir)
+                features, word_sets, extracted = row_features(lm, task, data.texts, columns, prompt, config, workdir,
+                                                              extra_words)
                 features.update(baseline_features(config, data.texts, prompt, workdir / "features"))
+            if extra_words:
+                data.prompt_extraction = extracted
             if needs_metadata:
                 log.add({"key": meta_key, "word_sets": {g: ws.to_json() for g, ws in word_sets.items()},
                          "n_truncated": extracted["metadata"]["n_truncated"],
@@ -733,7 +741,10 @@ def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
         prefix, chosen = _demonstrations(members[0][0], task, train, test, zs)
         lm = lm_loader()
         with timings.part(f"zero-shot {name}* {template.strip()!r} k={members[0][0].k}"):
-            scores = zeroshot.score_words(lm, texts, template, words, prefix, **_score_options(config))
+            reuse = not prefix and template == task.prompt and data.prompt_extraction is not None
+            scores = scores_from_prompt_features(lm, data, texts, template, words, config) if reuse else None
+            if scores is None:
+                scores = zeroshot.score_words(lm, texts, template, words, prefix, **_score_options(config))
         pool = {text: row for row, text in enumerate(texts)}
         for variant, r in members:
             variant_words, word_labels = zeroshot.verbalizer_words(task.label_names, variant.verbalizer)
@@ -752,6 +763,43 @@ def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
             log.add({"key": key, "row": name + "*", "column": ZEROSHOT, "repeat": r,
                      "test_accuracy": variant_cell["rules"][zs.rule]["accuracy"], "rule": zs.rule,
                      "words": list(zeroshot.verbalizer_words(task.label_names, headline.verbalizer)[0])})
+
+
+def prompt_zeroshot_words(task: Task, config) -> tuple[str, ...]:
+    """The zero-shot words scored at k = 0 right after the task's prompt (the variants of :func:`zeroshot_plan`
+    with k = 0 whose template is ``task.prompt``): the prompt row's feature pass extracts their log-probabilities
+    too, so those variants need no pass of their own (:func:`scores_from_prompt_features`)."""
+    if not config.zeroshot.enabled:
+        return ()
+    return tuple(dict.fromkeys(word for variant in zeroshot_plan(task, config.zeroshot)
+                               if not variant.k and variant.template == task.prompt
+                               for word in zeroshot.verbalizer_words(task.label_names, variant.verbalizer)[0]))
+
+
+def scores_from_prompt_features(lm, data: TaskData, texts: Sequence[str], template: str, words: Sequence[str],
+                                config) -> zeroshot.WordScores | None:
+    """:func:`sentcomp.zeroshot.score_words` of ``texts`` at k = 0 read off the prompt row's extraction
+    (``data.prompt_extraction``, ``word_log_probs`` at f(s) of ``text + template``), when that is the same
+    computation: every word's continuation is one token among the extraction's words and every context is the
+    extraction's token sequence (so ``log p(w | context)`` is the extracted value). The content-free texts are
+    scored by the model (one small batch). None when any of this does not hold (the caller runs its own pass)."""
+    extraction = data.prompt_extraction
+    max_length = min(config.max_length, lm.max_length)
+    rows = zeroshot.build_rows(lm.tokenizer, texts, template, words, max_length, config.truncation)
+    contexts = encode_texts(lm.tokenizer, texts, max_length, template, truncation=config.truncation).token_ids
+    columns = {token: column for column, token in enumerate(extraction["metadata"]["words"]["token_ids"])}
+    if not all(row.start == len(row.input_ids) - 1 and tuple(int(t) for t in contexts[row.document]) == row.input_ids
+               and all(len(target) == 1 and target[0] in columns for target in row.targets) for row in rows):
+        return None
+    pool = {text: index for index, text in enumerate(data.texts)}
+    log_probs = extraction["word_log_probs"]
+    scores = np.full((len(texts), len(words)), np.nan)
+    for row in rows:
+        scores[row.document, list(row.words)] = log_probs[pool[texts[row.document]],
+                                                          [columns[target[0]] for target in row.targets]]
+    content_free = zeroshot.word_scores(lm, zeroshot.CONTENT_FREE_TEXTS, template, words, progress=False,
+                                        **_score_options(config))
+    return zeroshot.WordScores(tuple(words), scores, content_free)
 
 
 def zeroshot_cells(data: TaskData, config, log: CellLog) -> list[dict]:
