@@ -95,18 +95,26 @@ class Record:
         before_seconds, before_counts = self.parts.get(name, (0.0, Counts()))
         self.parts[name] = (before_seconds + seconds, before_counts + counts)
 
-    def to_json(self) -> dict:
+    def to_json(self, matmul_rate: bool = False) -> dict:
         """``{"parts": [{"part", "seconds", "compilations", "compile_seconds", "cache_hits",
-        "cache_saved_seconds"}], "total": {...}, "load_average": [1, 5, 15 min]}`` (seconds rounded to 0.01)."""
+        "cache_saved_seconds"}], "total": {...}, "load_average": [1, 5, 15 min], "compilation_cache": dir}``
+        (seconds rounded to 0.01); with ``matmul_rate``, also ``"float32_matmul_gflops"``, the machine's rate
+        now (:func:`sentcomp.throughput.measured_peak`, a 2048² float32 matmul; ~1 s), which wall times on
+        machines of other speeds, or under other load, are compared by."""
         def entry(seconds, counts):
             return {"seconds": round(seconds, 2), "compilations": counts.compilations,
                     "compile_seconds": round(counts.compile_seconds, 2), "cache_hits": counts.cache_hits,
                     "cache_saved_seconds": round(counts.cache_saved_seconds, 2)}
 
-        return {"parts": [{"part": name, **entry(*value)} for name, value in self.parts.items()],
-                "total": entry(time.perf_counter() - self.started, compile_counts() - self.at_start),
-                "load_average": [round(x, 2) for x in os.getloadavg()],
-                "compilation_cache": compilation_cache_dir()}
+        result = {"parts": [{"part": name, **entry(*value)} for name, value in self.parts.items()],
+                  "total": entry(time.perf_counter() - self.started, compile_counts() - self.at_start),
+                  "load_average": [round(x, 2) for x in os.getloadavg()],
+                  "compilation_cache": compilation_cache_dir()}
+        if matmul_rate:
+            from sentcomp.throughput import measured_peak
+
+            result["float32_matmul_gflops"] = round(measured_peak(jax.devices()[0]) / 1e9, 1)
+        return result
 
 
 _ACTIVE: list[Record] = []

@@ -445,7 +445,8 @@ def timings_markdown(record: dict) -> list[str]:
                        ([entry["part"], f"{entry['seconds']:.1f}", entry["compilations"],
                          f"{entry['compile_seconds']:.1f}", entry["cache_hits"]] for entry in rows)),
         f"Wall time of this run's parts (parts resumed from an earlier run are not run, so not listed); load "
-        f"average (1, 5, 15 min) at the end: {', '.join(str(x) for x in record['load_average'])}; compilation cache: "
+        f"average (1, 5, 15 min) at the end: {', '.join(str(x) for x in record['load_average'])}; float32 2048² "
+        f"matmul rate at the end: {record.get('float32_matmul_gflops', '?')} GFLOP/s; compilation cache: "
         f"{record['compilation_cache'] or 'off'}.",
     ]
 
@@ -931,7 +932,7 @@ def run(config, workdir) -> dict:
         "model": config.model, "probe": config.probe.to_dict(), "columns": present, "tasks": descriptions,
         "table": table, "macro_f1": summarise(cells, "test_macro_f1"), "cells": sorted(cells, key=lambda c: c["key"]),
         "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
-        "timings": record.to_json(),
+        "timings": record.to_json(matmul_rate=True),
     }
     variant_cells = [cell for data in datas for cell in probe_variant_cells(data, config, log)]
     if variant_cells:
