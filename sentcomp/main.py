@@ -9,7 +9,8 @@ with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; s
 :mod:`sentcomp.launcher.sweep`). Before any work: ``--config.key=value`` overrides must name existing keys with
 values of the right type, required fields (placeholders) must be set, and a workdir that already holds a run
 must have been run with the same config, in which case the program resumes. A user mistake prints one ``error:``
-line and exits with code 2.
+line and exits with code 2. Compiled programs go to JAX's persistent compilation cache
+(:func:`sentcomp.timings.enable_compilation_cache`: ``~/.cache/sentcomp/xla``; ``SENTCOMP_XLA_CACHE=off`` to not).
 
 Several processes (hosts) run the same command and join JAX's multi-process runtime first:
 
