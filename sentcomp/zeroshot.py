@@ -159,17 +159,22 @@ MIN_SHARED_PREFIX = 16
 def shared_prefix_length(rows: Sequence[_Row], minimum: int = MIN_SHARED_PREFIX) -> int:
     """``P``, the number of leading tokens the rows continuing a common prefix share with ``rows[0]`` (a k-shot
     prefix: BOS + the demonstrations, up to where the text's first token may merge with the separator), or 0
-    when fewer than ``minimum``. Rows sharing fewer tokens (their demonstrations cut by truncation) do not
-    count; ``P`` leaves every sharing row's scored positions (``start`` on) after the prefix."""
+    when fewer than ``minimum``, or when fewer than half of the documents (and fewer than 2) share them (e.g. the
+    rows of one document's multi-token words, which share its whole context). Rows sharing fewer tokens (their
+    demonstrations cut by truncation) do not count; ``P`` leaves every sharing row's scored positions (``start``
+    on) after the prefix."""
     reference = np.asarray(rows[0].input_ids)
-    shared = []
+    shared, documents = [], set()
     for row in rows:
         ids = np.asarray(row.input_ids[: len(reference)])
         differ = np.flatnonzero(ids != reference[: len(ids)])
         common = min(int(differ[0]) if len(differ) else len(ids), row.start)
         if common >= minimum:
             shared.append(common)
-    return min(shared, default=0)
+            documents.add(row.document)
+    if len(documents) < max(2, len({row.document for row in rows}) / 2):
+        return 0
+    return min(shared)
 
 
 def _shifted(row: _Row, prefix_length: int) -> _Row:

@@ -58,11 +58,12 @@ def test_kshot_scores_with_the_prefix_cached_equal_the_uncached_scores():
     prompt, words = " It was", ["gorgeous", "terrible", "fine movie"]
     prefix = demonstration_prefix(SENTENCES[:3], ["great", "bad", "great"], prompt)
     texts = [prefix + text for text in SENTENCES[3:]] + [prefix + " ".join(SENTENCES) * 2]
-    rows = zeroshot.build_rows(lm.tokenizer, texts, prompt, words, 160)
+    rows = zeroshot.build_rows(lm.tokenizer, texts, prompt, words, 400)
     shared = zeroshot.shared_prefix_length(rows)
-    assert shared >= zeroshot.MIN_SHARED_PREFIX  # the cached path is really taken ...
+    continuing = {row.document for row in rows if row.input_ids[:shared] == rows[0].input_ids[:shared]}
+    assert shared >= zeroshot.MIN_SHARED_PREFIX and continuing == {0, 1, 2}  # the cached path is really taken ...
     assert any(row.input_ids[:shared] != rows[0].input_ids[:shared] for row in rows)  # ... and the uncached one
-    options = dict(prompt=prompt, words=words, max_length=160, batch_size=2, progress=False)
+    options = dict(prompt=prompt, words=words, max_length=400, batch_size=2, progress=False)
     cached = zeroshot.word_scores(lm, texts, kv_cache=True, **options)
     uncached = zeroshot.word_scores(lm, texts, kv_cache=False, **options)
     assert np.isfinite(uncached).all()

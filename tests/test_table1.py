@@ -87,7 +87,8 @@ def test_cells_match_direct_computation(smoke_run):
     prompt = data.task.prompt
     direct = features.extract_features(lm, data.texts, ("word_logits",), words=data.task.class_words, prompt=prompt,
                                        max_length=config.max_length, progress=False)
-    union = text.word_set(lm.tokenizer, table1.union_words(table1.word_groups(data.task)))
+    union = text.word_set(lm.tokenizer, table1.extraction_words(data.task, table1.prompt_zeroshot_words(data.task,
+                                                                                                 config)))
     extracted = features.extract_features(lm, data.texts, ("f", "word_logits"), words=union.words, prompt=prompt,
                                           max_length=config.max_length, cache_dir=workdir / "features", progress=False)
     assert extracted["metadata"]["computed_chunks"] == []  # the run's cache answers

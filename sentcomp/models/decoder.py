@@ -438,8 +438,10 @@ def continue_hidden(config: DecoderConfig, params, cache: layers.KVCache, token_
                     attention_mask: jax.Array) -> jax.Array:
     """Features ``[B, T, d]`` of tokens that continue the sequence ``cache`` holds (:func:`prefill`): equal to
     the last ``T`` positions of :func:`hidden_fn` over the whole sequence (cached prefix + these tokens), at the
-    cost of the ``T`` new positions only. ``cache`` rows: 1 (a prefix shared by every row) or ``B``."""
-    layers.check_length(token_ids, config.max_position_embeddings - cache.length, "model after its cached prefix")
+    cost of the ``T`` new positions only. ``cache`` rows: 1 (a prefix shared by every row) or ``B``. The cache's
+    real tokens plus these must fit the model's context (the caller's to keep: the cache may hold padding,
+    which takes no position)."""
+    layers.check_length(token_ids, config.max_position_embeddings, "model")
     return DecoderModel(config).apply({"params": params}, token_ids, attention_mask, cache)
 
 

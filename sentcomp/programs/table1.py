@@ -142,6 +142,12 @@ def union_words(groups: dict[str, Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(word for words in groups.values() for word in words))
 
 
+def extraction_words(task: Task, extra_words: Sequence[str] = ()) -> list[str]:
+    """The words one extraction of a row resolves: its word groups' union, then ``extra_words`` (the prompt
+    row's zero-shot words, :func:`prompt_zeroshot_words`), each once."""
+    return list(dict.fromkeys([*union_words(word_groups(task)), *extra_words]))
+
+
 def word_columns(union: WordSet, group: WordSet) -> np.ndarray:
     """Positions, among the union's token ids, of a group's token ids (one extraction serves every group)."""
     return np.array([union.token_ids.index(token) for token in group.token_ids], np.int64)
@@ -485,7 +491,7 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     the raw extraction (its metadata; with ``extra_words``, also their ``word_log_probs``, the union's columns)."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
-    every_word = list(dict.fromkeys([*union_words(groups), *extra_words]))
+    every_word = extraction_words(task, extra_words)
     union = word_set(lm.tokenizer, every_word) if every_word else None
     kinds = tuple(dict.fromkeys([*(FEATURE_COLUMNS[c][0] for c in columns),
                                  *(("word_log_probs",) if extra_words else ())])) or ("f",)
