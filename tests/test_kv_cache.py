@@ -11,7 +11,7 @@ from llama_testing import SENTENCES, tiny_byte_bpe
 
 from sentcomp import zeroshot
 from sentcomp.data.text import demonstration_prefix
-from sentcomp.models import decoder
+from sentcomp.models import decoder, layers
 
 TOLERANCE = 1e-5
 
@@ -75,3 +75,9 @@ def test_no_shared_prefix_means_no_cache():
     lm = tiny_decoder(tokenizer=tiny_byte_bpe(301))
     rows = zeroshot.build_rows(lm.tokenizer, SENTENCES, " It was", ["good", "bad"], 64)
     assert zeroshot.shared_prefix_length(rows) == 0
+
+
+def test_with_execution_rebinds_the_cache_functions():
+    """A model run another way (layers.with_execution) gets cache functions of its new config, not the old."""
+    lm = layers.with_execution(tiny_decoder(), scan_layers=False)
+    assert lm.prefill_fn.args[0].scan_layers is False and lm.continue_fn.args[0].scan_layers is False
