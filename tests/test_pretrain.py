@@ -121,6 +121,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 8, 12, 16]
@@ -134,6 +135,7 @@ def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     assert matplotlib.image.imread(uninterrupted / "curves.png").ndim == 3  # the curves of metrics.jsonl
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     overrides = [f"--config.{key}={value}" for key, value in {**TINY, "loss": "quad"}.items()]
@@ -203,6 +205,7 @@ def test_restore_failures_are_classified(error, kind):
     assert training.restore_failure(error) == kind
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 4, "checkpoint.every": 1,
                             "checkpoint.keep": 10})

@@ -30,6 +30,7 @@ def smoke_run(smoke_workdir):
     return smoke_config(), smoke_workdir("table1")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_smoke(tmp_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "sentcomp.main", f"--config={TABLE1}:smoke", f"--workdir={workdir}",
@@ -167,6 +168,7 @@ def test_results_fingerprint_follows_the_model_files(tmp_path):
     assert table1.results_fingerprint(smoke_config(n_test=12)) != table1.results_fingerprint(smoke_config())
 
 
+@pytest.mark.slow
 def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))  # the test's task stays in this test
     rng = np.random.default_rng(0)
