@@ -18,10 +18,11 @@ Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, 
   and a refit.
 * ``"mteb"`` — MTEB's classification protocol (``AbsTaskClassification`` with its logistic-regression evaluator):
   ``n_experiments`` (10) experiments, each trained on ``samples_per_label`` (8) training examples per label —
-  the first of each label in a seeded random order of train, all of a label with fewer — by L2 logistic
-  regression with C = 1 and no search (sklearn's ``LogisticRegression()`` defaults), scored on all of test;
+  the first of each label in a seeded random order of train, re-shuffled per experiment as MTEB does
+  (:func:`undersample`), all of a label with fewer — by multinomial L2 logistic regression with C = 1 and no
+  search (MTEB's ``LogisticRegression(max_iter=100)``, sklearn's multinomial lbfgs), scored on all of test;
   accuracy and macro-F1 are the means over the experiments. ``samples_per_label=None`` trains one probe on
-  all of train instead.
+  all of train instead. MTEB's probe is multinomial, so this protocol refuses ``multi_class="ovr"``.
 * ``"ridge"`` — ridge regression onto sklearn ``RidgeClassifier``'s targets (one ±1 column for two classes,
   one-hot otherwise; ``Σ‖y − xᵀW − b‖² + α‖W‖²``), ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev
   set if given, else k-fold CV and a refit).
@@ -108,13 +109,16 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndar
 
 
 def undersample(labels: np.ndarray, samples_per_label: int, n_experiments: int, seed: int = 0) -> list[np.ndarray]:
-    """MTEB's training subsets, one per experiment: experiment ``e`` walks the rows in the order of the ``e``-th
-    permutation drawn from ``numpy.random.default_rng(seed)`` and keeps the first ``samples_per_label`` rows of
-    each label (every row of a label with fewer). Each subset's row indices are returned sorted."""
-    rng = np.random.default_rng(seed)
+    """MTEB's training subsets, one per experiment, drawn as current MTEB draws them
+    (``AbsTaskClassification._undersample_data``): the row order starts as ``0..N−1``; each experiment shuffles
+    the previous experiment's order in place with a fresh ``numpy.random.RandomState(seed)`` (so experiment ``e``
+    applies the same permutation ``e + 1`` times) and keeps the first ``samples_per_label`` rows of each label in
+    that order (every row of a label with fewer). MTEB's own seed is 42. Each subset's row indices are returned
+    sorted (the probe's fit does not depend on the row order)."""
+    order = np.arange(len(labels))
     subsets = []
     for _ in range(n_experiments):
-        order = rng.permutation(len(labels))
+        np.random.RandomState(seed).shuffle(order)
         ordered = labels[order]
         subsets.append(np.sort(np.concatenate(
             [order[ordered == label][:samples_per_label] for label in np.unique(labels)])))
@@ -400,6 +404,9 @@ def evaluate(
 
     n_train = len(x_train)
     grid = _grid(grid, protocol, n_train)
+    if protocol == "mteb" and multi_class != "multinomial":
+        raise SentcompError(f"protocol 'mteb' is MTEB's multinomial LogisticRegression; multi_class={multi_class!r} "
+                            "is not MTEB's protocol (use multi_class='multinomial', or protocol 'paper' for OvR)")
     if protocol == "mteb" and len(grid) != 1:
         raise SentcompError(f"protocol 'mteb' fits one C and searches none; give one grid value, got {grid.tolist()}")
     if protocol == "mteb" or x_dev is not None:

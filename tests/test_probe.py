@@ -374,6 +374,33 @@ def test_undersample_draws_seeded_subsets_of_each_label():
     assert not np.array_equal(subsets[0], probe.undersample(labels, 8, 10, seed=4)[0])
 
 
+def _mteb_subsets(labels, samples_per_label, n_experiments, seed):
+    """MTEB's ``AbsTaskClassification._undersample_data`` loop, restated on Python lists (the reference): one
+    index list, re-shuffled in place by a fresh ``RandomState(seed)`` per experiment, first k of each label."""
+    idxs, subsets = list(range(len(labels))), []
+    for _ in range(n_experiments):
+        np.random.RandomState(seed).shuffle(idxs)
+        counts, chosen = {}, []
+        for i in idxs:
+            if counts.get(labels[i], 0) < samples_per_label:
+                chosen.append(i)
+                counts[labels[i]] = counts.get(labels[i], 0) + 1
+        subsets.append(sorted(chosen))
+    return subsets
+
+
+def test_undersample_draws_mtebs_subsets():
+    labels = np.random.default_rng(1).integers(0, 4, 300)
+    ours = probe.undersample(labels, 8, 10, seed=42)
+    assert [subset.tolist() for subset in ours] == _mteb_subsets(labels.tolist(), 8, 10, seed=42)
+
+
+def test_mteb_protocol_is_multinomial_only():
+    x, y = _problem(3, 200, 4, 3)
+    with pytest.raises(SentcompError, match="MTEB's multinomial LogisticRegression"):
+        probe.evaluate(x[:100], y[:100], x[100:], y[100:], protocol="mteb", multi_class="ovr")
+
+
 def test_mteb_protocol_matches_sklearn_on_the_same_subsets():
     """MTEB: 10 experiments of C = 1 logistic regression on 8 examples per label; mean accuracy and macro-F1."""
     x, y = _problem(7, 900, 6, 3, noise=1.0)

@@ -199,6 +199,27 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     assert "class-word logits" not in markdown  # the task has no class words: no such column
 
 
+def test_mteb_cells_are_sklearn_multinomial_logistic_regression():
+    """Under protocol=mteb every cell (SST-5 is 5-class) is MTEB's LogisticRegression(max_iter=100): multinomial,
+    C = 1, on MTEB's 10 subsets of 8 examples per label; checked against scikit-learn itself."""
+    config = load_config(f"{TABLE1}:protocol=mteb")
+    assert config.probe.multi_class == "ovr"  # the paper's default elsewhere; mteb must not use it
+    multi_class = table1.cell_multi_class(config.probe, "sst5", "f")
+    assert multi_class == "multinomial" and table1.probe_modes(config.probe.to_dict()) == "multinomial (MTEB)"
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 6)) * 1.5
+    labels = np.arange(600) % 5
+    x = (centers[labels] + rng.normal(size=(600, 6))).astype(np.float32)
+    train, test = Split([""] * 300, labels[:300]), Split([""] * 300, labels[300:])
+    cell = table1.probe_cell(x, (np.arange(300), np.arange(300, 600)), (train, test), config.probe, multi_class)
+    accuracies = []
+    for subset in probe.undersample(labels[:300], 8, 10, seed=config.probe.seed):
+        reference = LogisticRegression(max_iter=100).fit(x[subset].astype(np.float64), labels[subset])
+        accuracies.append(reference.score(x[300:].astype(np.float64), labels[300:]))
+    assert cell["multi_class"] == "multinomial"
+    assert abs(cell["test_accuracy"] - np.mean(accuracies)) <= 1 / 300 + 1e-9
+
+
 def test_subsample_is_stratified_and_seeded():
     split = Split([f"t{i}" for i in range(100)], np.array([0] * 70 + [1] * 30))
     subset = table1.subsample(split, 20, seed=3)

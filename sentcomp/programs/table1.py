@@ -244,8 +244,11 @@ def check_multinomial_cells(cells: Sequence[str]) -> None:
 
 def cell_multi_class(probe_config, task_name: str, column: str) -> str:
     """``probe.multi_class``, except multinomial for the ``task:column`` cells listed in
-    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s))."""
-    return "multinomial" if f"{task_name}:{column}" in probe_config.multinomial_cells else probe_config.multi_class
+    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s)), and
+    everywhere under ``protocol="mteb"`` (MTEB's probe is sklearn's multinomial ``LogisticRegression``)."""
+    if probe_config.protocol == "mteb" or f"{task_name}:{column}" in probe_config.multinomial_cells:
+        return "multinomial"
+    return probe_config.multi_class
 
 
 def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tuple[Split, Split],
@@ -369,6 +372,8 @@ def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], colum
 
 def probe_modes(probe_config: dict) -> str:
     """``"ovr"``, or ``"ovr; multinomial for sst5:subset_logits, …"`` when some cells are exceptions."""
+    if probe_config.get("protocol") == "mteb":
+        return "multinomial (MTEB)"
     exceptions = probe_config.get("multinomial_cells", ())
     return probe_config["multi_class"] + (f"; multinomial for {', '.join(exceptions)}" if exceptions else "")
 
