@@ -48,7 +48,8 @@ ARG_DEFAULTS = dict(task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_J
 # The paper's Table 1: its tasks (get_sweep: one point each) and feature columns (p_f, the full V-dimensional
 # distribution, left out: N × V floats on disk for IMDb's 50,000 reviews; its projection A p_f(s) kept).
 PAPER_TASKS = ("sst2", "sst5", "imdb", "agnews", "mpqa", "cr")
-PAPER_COLUMNS = ("f", "phi_p_f", "subset_logits", "class_logits", "posneg_logits", "projected_p_f")
+# subset_probs (p_f(s) on the subset words) is the theory's natural classifier's input, not an authors' column.
+PAPER_COLUMNS = ("f", "phi_p_f", "subset_logits", "subset_probs", "class_logits", "posneg_logits", "projected_p_f")
 
 
 def get_config(arg=None):
@@ -66,7 +67,8 @@ def get_config(arg=None):
     config.seed = 0
     # more: "p_f" (the full next-word distribution, V-dim) and "projected_p_f" (A p_f(s), A a seeded random
     # orthonormal d × V matrix), the paper's other two feature sets
-    config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")
+    config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "subset_probs", "class_logits",
+                      "posneg_logits")
     config.projection_seed = 0
     config.max_length = 512  # the paper's; longer documents lose their beginning, never the prompt
     config.truncation = "start"

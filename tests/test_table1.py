@@ -55,8 +55,8 @@ def test_results_layout_and_words(smoke_run):
     config, workdir = smoke_run
     results = json.loads((workdir / "results.json").read_text())
     lines = (workdir / "results.md").read_text().splitlines()
-    table_start = lines.index("| task | f(s) | Φp_f(s) | subset logits | subset log-probs | class-word logits | "
-                              "pos/neg logits | zero-shot |")
+    table_start = lines.index("| task | f(s) | Φp_f(s) | subset logits | subset log-probs | subset probs | "
+                              "class-word logits | pos/neg logits | zero-shot |")
     no_prompt, prompt = lines[table_start + 2], lines[table_start + 3]
     assert no_prompt.startswith("| rotten_tomatoes |") and no_prompt.endswith("| — |")
     assert prompt.startswith("| rotten_tomatoes* |")
@@ -66,7 +66,7 @@ def test_results_layout_and_words(smoke_run):
     assert prompt.split(" | ")[1] == f"{100 * accuracy:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
     f1_table = lines[lines.index("## Macro-F1") + 2:]
     assert f1_table[2].split(" | ")[1] == f"{100 * cells['rotten_tomatoes/f/0']['test_macro_f1']:.1f}"
-    assert len(cells) == 2 * 6 + 1
+    assert len(cells) == 2 * 7 + 1
     tokenizer = models.from_config(config).tokenizer
     task = get_task("rotten_tomatoes")
     for group, words in (("subset", task.subset_words), ("class", task.class_words), ("posneg", task.posneg_words)):
@@ -94,6 +94,17 @@ def test_cells_match_direct_computation(smoke_run):
     word_sets = {"class": text.word_set(lm.tokenizer, data.task.class_words)}
     np.testing.assert_allclose(table1.column_features(extracted, "class_logits", word_sets, union),
                                direct["word_logits"], rtol=1e-5, atol=1e-5)
+    # the probability column: p_f(s)(w) of the subset words, = softmax(Φᵀh)[w] computed here in float64
+    word_sets["subset"] = text.word_set(lm.tokenizer, data.task.subset_words)
+    with_probs = features.extract_features(lm, data.texts, ("f", "word_probs"), words=union.words, prompt=prompt,
+                                           max_length=config.max_length, cache_dir=workdir / "features",
+                                           progress=False)
+    h = with_probs["f"].astype(np.float64)
+    logits = h @ np.asarray(lm.phi, np.float64).T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(table1.column_features(with_probs, "subset_probs", word_sets, union),
+                               probs[:, list(word_sets["subset"].token_ids)], rtol=1e-4, atol=1e-9)
 
     results = json.loads((workdir / "results.json").read_text())
     cells = {cell["key"]: cell for cell in results["cells"]}
@@ -103,6 +114,13 @@ def test_cells_match_direct_computation(smoke_run):
     cell = cells["rotten_tomatoes*/f/0"]
     reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(x[train_rows], train.labels)
     assert abs(reference.score(x[test_rows], test.labels) - cell["test_accuracy"]) <= 1 / len(test) + 1e-9
+
+    x_probs = table1.column_features(with_probs, "subset_probs", word_sets, union)
+    cell = cells["rotten_tomatoes*/subset_probs/0"]
+    reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(
+        x_probs[train_rows].astype(np.float64), train.labels)
+    assert abs(reference.score(x_probs[test_rows].astype(np.float64), test.labels) - cell["test_accuracy"]) \
+        <= 1 / len(test) + 1e-9
 
     expected = zeroshot.zero_shot_accuracy(lm, data.task, test, max_length=config.max_length, progress=False)
     assert cells["rotten_tomatoes*/zeroshot/0"]["test_accuracy"] == pytest.approx(expected)

@@ -10,6 +10,7 @@ column              features
 ``phi_p_f``         ``Φ p_f(s)``, the conditional-mean features (``[d]``)
 ``subset_logits``   ``hᵀφ_w`` for the task's subset words (the authors' word-subset features)
 ``subset_log_probs`` ``log p_f(s)(w)`` for the same words
+``subset_probs``    ``p_f(s)(w)`` for the same words (the theory's classifiers are linear in probabilities)
 ``class_logits``    ``hᵀφ_w`` for the class words (``:)``, ``:(`` for sentiment)
 ``posneg_logits``   ``hᵀφ_w`` for ``positive``/``negative`` (sentiment tasks only)
 ``p_f``             the full next-word distribution ``p_f(s)`` (``[V]``; off by default: it is written to disk,
@@ -73,6 +74,7 @@ FEATURE_COLUMNS = {
     "phi_p_f": ("phi_p_f", None),
     "subset_logits": ("word_logits", "subset"),
     "subset_log_probs": ("word_log_probs", "subset"),
+    "subset_probs": ("word_probs", "subset"),
     "class_logits": ("word_logits", "class"),
     "posneg_logits": ("word_logits", "posneg"),
     "p_f": ("p_f", None),
@@ -86,6 +88,7 @@ COLUMN_TITLES = {
     "phi_p_f": "Φp_f(s)",
     "subset_logits": "subset logits",
     "subset_log_probs": "subset log-probs",
+    "subset_probs": "subset probs",
     "class_logits": "class-word logits",
     "posneg_logits": "pos/neg logits",
     "p_f": "p_f(s)",
