@@ -81,7 +81,8 @@ def get_config(arg=None):
         # positive/negative features ("task:column" cells; f(s), p_f and projected_p_f stay one-vs-rest)
         multinomial_cells=tuple(f"sst5:{column}" for column in (
             "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")),
-        standardize=False,
+        standardize=False,  # refused with the p_f column (probed through its kernel: exact only unscaled)
+        p_f_memory_gb=0.0,  # the p_f column's N × N kernel + eigendecomposition must fit: 0 = memory available
         n_folds=5,
         seed=0,
         max_iter=1000,

@@ -465,3 +465,14 @@ def test_bad_inputs_raise_one_clear_error():
             probe.evaluate(**args)
     huge = np.float32(3e38) * np.sign(x)  # finite values whose sum overflows float32 are no false alarm
     np.testing.assert_array_equal(probe._features(huge, "x_train"), huge)
+
+
+def test_row_space_memory_is_refused_with_the_figure():
+    n = 10_000
+    assert probe.row_space_peak_bytes(n, 50_257) == 8 * (5 * n * n + n * 8192)
+    assert probe.row_space_peak_bytes(n, 100) == 8 * (5 * n * n + n * 100)
+    with pytest.raises(SentcompError, match=r"10,000 × 10,000 float64 kernel.*about 4\.7 GB at peak \(the Gram alone "
+                                            r"0\.8 GB\), more than the 1\.0 GB allowed"):
+        probe.check_row_space_fits(n, 50_257, limit_bytes=10**9)
+    probe.check_row_space_fits(100, 50_257, limit_bytes=10**9)  # fits: no error
+    assert probe.available_memory_bytes() > 0

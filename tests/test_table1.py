@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sentcomp import features, models, probe, zeroshot
 from sentcomp.data import Split, get_task, register_task, text
 from sentcomp.data import tasks as tasks_module
+from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.programs import table1
@@ -251,3 +252,23 @@ def test_unknown_column_is_a_clear_error():
         table1.columns_for(get_task("sst2"), ["f", "bert_cls"])
     with pytest.raises(Exception, match="multinomial_cells entries must be 'task:column'"):
         table1.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
+
+
+def test_p_f_column_refuses_standardisation_and_an_oversized_kernel_up_front(tmp_path, monkeypatch):
+    """p_f is probed through its N × N kernel: exact only unscaled, and its memory is checked before any model
+    pass (the model loader must never be reached)."""
+    with pytest.raises(SentcompError, match="standardize=True cannot be used with the p_f column"):
+        table1.check_config(smoke_config(columns=("f", "p_f"), **{"probe.standardize": True}))
+    table1.check_config(smoke_config(columns=("f", "projected_p_f"), **{"probe.standardize": True}))  # allowed
+
+    def no_model(config):
+        raise AssertionError("the model was loaded before the p_f memory check")
+
+    monkeypatch.setattr(table1.models, "from_config", no_model)
+    config = smoke_config(columns=("f", "p_f"), n_train=40, n_test=20, **{"probe.p_f_memory_gb": 1e-6})
+    n = 40 + 20
+    figure = f"{8 * (5 * n * n + n * 8192) / 1e9:.1f}"  # 5 N² float64 + one column block
+    with pytest.raises(SentcompError, match=rf"p_f column of task 'rotten_tomatoes'.*{n:,} × {n:,} float64 "
+                                                   rf"kernel.*about {figure} GB at peak.*0\.0 GB allowed"):
+        table1.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "features").exists()

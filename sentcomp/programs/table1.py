@@ -183,7 +183,8 @@ def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
 NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", "ft.enabled", "ft.progress",
                    "zeroshot.enabled", "zeroshot.shots", "zeroshot.sensitivity_shots", "zeroshot.templates",
                    "zeroshot.verbalizers", "zeroshot.balanced", "zeroshot.separator", "zeroshot.seed",
-                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change")
+                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change",
+                   "probe.p_f_memory_gb")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
 RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
@@ -839,10 +840,34 @@ def check_config(config) -> None:
     if unknown:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
+    check_p_f_unscaled(config)
     check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
         models.hf.check_source(config.bert.model, known=tuple(models.ALIASES))
+
+
+def check_p_f_unscaled(config) -> None:
+    """The ``p_f`` column is probed through its row-space coordinates (:func:`sentcomp.probe.row_space_features`),
+    exact only for unscaled features: ``probe.standardize=True`` would silently probe something else."""
+    if "p_f" in config.columns and config.probe.standardize:
+        raise SentcompError(
+            "config.probe.standardize=True cannot be used with the p_f column: p_f is probed exactly through its "
+            "N × N kernel matrix, which holds only for unscaled features (standardising its V columns is not a "
+            "transform of the row-space coordinates). Set probe.standardize=False, or drop p_f from "
+            "config.columns (projected_p_f can be standardised)."
+        )
+
+
+def check_p_f_memory(datas: Sequence[TaskData], config) -> None:
+    """Refuses up front (before any model pass) a ``p_f`` column whose ``N × N`` kernel and eigendecomposition
+    (:func:`sentcomp.probe.row_space_peak_bytes`) do not fit in ``config.probe.p_f_memory_gb`` (0: the memory
+    available now)."""
+    if "p_f" not in config.columns:
+        return
+    limit = config.probe.p_f_memory_gb * 1e9 if config.probe.p_f_memory_gb > 0 else None
+    for data in datas:
+        probe.check_row_space_fits(len(data.texts), limit_bytes=limit, what=f"p_f column of task {data.task.name!r}")
 
 
 def run(config, workdir) -> dict:
@@ -851,6 +876,7 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir)
     check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
+    check_p_f_memory(datas, config)
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
