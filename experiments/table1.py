@@ -84,6 +84,8 @@ def get_config(arg=None):
         standardize=False,  # refused with the p_f column (probed through its kernel: exact only unscaled)
         p_f_memory_gb=0.0,  # the p_f column's N × N kernel + eigendecomposition must fit: 0 = memory available
         n_folds=5,
+        shuffle_folds=True,  # False: sklearn's unshuffled StratifiedKFold, the authors' LogisticRegressionCV(cv=5)
+        penalize_intercept=False,  # True: liblinear's penalised intercept (the authors' one-vs-rest solver)
         seed=0,
         max_iter=1000,
         n_experiments=10,  # protocol mteb: MTEB's 10 seeded experiments of samples_per_label examples per label

@@ -134,6 +134,18 @@ def default_grid(protocol: str, n_train: int) -> np.ndarray:
     return 10.0 ** np.arange(-3, 7)
 
 
+def unshuffled_stratified_folds(labels: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold index per example as scikit-learn's ``StratifiedKFold(n_folds)`` without shuffling deals them (what
+    ``LogisticRegressionCV(cv=5)`` uses, and so the authors' recipe): each class's examples, in data order,
+    go to folds in consecutive blocks."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = np.empty(len(labels), np.int64)
+    for fold, (_, test) in enumerate(StratifiedKFold(n_folds).split(np.zeros(len(labels)), labels)):
+        folds[test] = fold
+    return folds
+
+
 def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold index per example: each class shuffled (seeded) and dealt round-robin, continuing across classes,
     so every class is split evenly and fold sizes differ by at most one."""
@@ -204,6 +216,11 @@ def _features(x, name: str) -> np.ndarray:
         f"{name} has {bad.sum()} NaN/inf values in {len(rows)} rows (first rows: {rows[:5].tolist()}); "
         "fix the feature extraction (e.g. fp16 overflow, empty inputs) or drop those rows"
     )
+
+
+def _with_constant_column(x: np.ndarray) -> np.ndarray:
+    """``[x, 1]``: liblinear's synthetic intercept feature (``intercept_scaling=1``)."""
+    return np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
 
 
 def _labels(y, n: int, name: str) -> np.ndarray:
@@ -320,13 +337,14 @@ def _ridge_fits(moments, grid, split_sizes, n_features: int, standardize: bool):
     return kernels.ridge_grid(moments, grid, standardize=standardize, method="eigh"), "eigh"
 
 
-def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_class, standardize, max_iter, tol):
+def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_class, standardize, max_iter, tol,
+         fit_intercept=True):
     """``(fits, solver)`` for every split × grid value. ``folded``: K-fold data laid out by fold
     (``(x [F, M, d], labels [F, M]), mask [F, M]``), or None."""
     if protocol != "ridge":
         return kernels.logistic_regression_grid(
             x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
-            standardize=standardize, max_iter=max_iter, tol=tol,
+            standardize=standardize, max_iter=max_iter, tol=tol, fit_intercept=fit_intercept,
         ), "lbfgs"
     if x_all.shape[0] < x_all.shape[1]:  # fewer rows than features: the N × N kernel matrix is the smaller one
         targets = ridge_targets(y_all, num_classes)
@@ -392,6 +410,8 @@ def evaluate(
     cv_metric: str = "accuracy",
     n_experiments: int = MTEB_N_EXPERIMENTS,
     samples_per_label: int | None = MTEB_SAMPLES_PER_LABEL,
+    penalize_intercept: bool = False,
+    shuffle_folds: bool = True,
 ) -> dict:
     """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
 
@@ -402,6 +422,10 @@ def evaluate(
     ``"accuracy"`` (the paper's) or the lowest mean validation ``"loss"`` (the probe's own per-example loss:
     logistic or squared error, see :func:`_example_losses`). ``n_experiments`` and ``samples_per_label`` (seeded
     by ``seed``) are the ``"mteb"`` protocol's undersampling (module docstring; other protocols ignore them).
+    ``penalize_intercept=True`` penalises the intercept like the weights, as liblinear does (sklearn's
+    ``solver="liblinear"``, ``intercept_scaling=1``: ``C Σ ℓ + ½(‖W‖² + ‖b‖²)``; logistic protocols, unscaled
+    features). ``shuffle_folds=False`` deals the stratified folds as scikit-learn's unshuffled
+    ``StratifiedKFold`` (:func:`unshuffled_stratified_folds`, the authors' ``LogisticRegressionCV(cv=5)``).
     Returns a dict with ``test_accuracy``, ``test_macro_f1``, ``test_loss``, ``train_accuracy`` (of the final
     probe, on the rows it was trained on), ``regularisation`` (the chosen C or α, named by
     ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
@@ -437,6 +461,12 @@ def evaluate(
         if x is not None and x.shape[1] != x_train.shape[1]:
             raise SentcompError(f"{name} has {x.shape[1]} features but x_train has {x_train.shape[1]}")
     classes, train_ids, encoded = encode_labels(y_train, sets)
+    if penalize_intercept:
+        if protocol == "ridge" or standardize:
+            raise SentcompError("penalize_intercept=True is liblinear's logistic intercept: use a logistic protocol "
+                                f"(not {protocol!r}) with standardize=False")
+        x_train, x_test = _with_constant_column(x_train), _with_constant_column(x_test)
+        x_dev = None if x_dev is None else _with_constant_column(x_dev)
 
     n_train = len(x_train)
     grid = _grid(grid, protocol, n_train)
@@ -457,7 +487,8 @@ def evaluate(
         if not 2 <= n_folds <= n_train:
             raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), "
                                 f"got {n_folds}")
-        fold_ids = stratified_folds(train_ids, n_folds, seed)
+        fold_ids = stratified_folds(train_ids, n_folds, seed) if shuffle_folds else \
+            unshuffled_stratified_folds(train_ids, n_folds)
 
     if protocol == "mteb":  # the experiments' training subsets; no validation
         rows, weights = _mteb_splits(train_ids, n_experiments, samples_per_label, seed)
@@ -474,6 +505,7 @@ def evaluate(
     fits, solver = _fit(  # K-fold: held-out group s is fold s, the layout of the ridge moments
         protocol, x_all, y_all, weights, grid, len(classes), held_out if fold_ids is not None else None,
         multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
+        fit_intercept=not penalize_intercept,
     )
     coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
 
@@ -502,6 +534,8 @@ def evaluate(
     train_accuracy = scores(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],
                             fitted_mask)[0]
     final_coef, final_intercept = coef[finals, best], intercept[finals, best]
+    if penalize_intercept:  # the constant column's weight is the (penalised) intercept
+        final_coef, final_intercept = final_coef[..., :-1, :], final_coef[..., -1, :]
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifier
 from sklearn.metrics import f1_score, log_loss
+from sklearn.multiclass import OneVsRestClassifier
 
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
@@ -476,3 +477,43 @@ def test_row_space_memory_is_refused_with_the_figure():
         probe.check_row_space_fits(n, 50_257, limit_bytes=10**9)
     probe.check_row_space_fits(100, 50_257, limit_bytes=10**9)  # fits: no error
     assert probe.available_memory_bytes() > 0
+
+
+def test_penalized_intercept_is_liblinears(paper_data):
+    """penalize_intercept=True solves liblinear's problem C Σ ℓ + ½(‖w‖² + b²) (sklearn solver='liblinear',
+    intercept_scaling=1): binary, and one-vs-rest on three classes."""
+    x_train, y_train, x_test, y_test = paper_data
+    x_train = x_train + 4.0  # an offset, so the intercept is large and its penalty matters
+    ours = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], penalize_intercept=True, tol=1e-6)
+    reference = LogisticRegression(solver="liblinear", C=0.05, tol=1e-12, max_iter=100_000).fit(
+        x_train.astype(np.float64), y_train)
+    np.testing.assert_allclose(ours["coef"][:, 0], reference.coef_[0], rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours["intercept"], reference.intercept_, rtol=2e-3, atol=2e-4)
+    free = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], tol=1e-6)
+    assert abs(free["intercept"][0] - ours["intercept"][0]) > 0.05  # the option changes the probe
+
+    x, y = _problem(5, 500, 5, 3)
+    x = x + 3.0
+    ours = probe.evaluate(x[:300], y[:300], x[300:], y[300:], grid=[0.1], multi_class="ovr",
+                          penalize_intercept=True, tol=1e-6)
+    reference = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=0.1, tol=1e-12, max_iter=100_000))
+    reference.fit(x[:300].astype(np.float64), y[:300])
+    np.testing.assert_allclose(ours["coef"].T, np.stack([e.coef_[0] for e in reference.estimators_]),
+                               rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours["intercept"], [e.intercept_[0] for e in reference.estimators_],
+                               rtol=2e-3, atol=2e-4)
+    with pytest.raises(SentcompError, match="penalize_intercept=True is liblinear's"):
+        probe.evaluate(x[:300], y[:300], x[300:], y[300:], penalize_intercept=True, standardize=True)
+
+
+def test_unshuffled_folds_are_logistic_regression_cvs_default(paper_data):
+    """shuffle_folds=False: the cross-validation scores of sklearn's LogisticRegressionCV(cv=5), no folds given."""
+    x_train, y_train, x_test, y_test = paper_data
+    grid = [0.01, 0.1, 1.0]
+    ours = probe.evaluate(x_train, y_train, x_test, y_test, grid=grid, shuffle_folds=False, tol=1e-6)
+    reference = LogisticRegressionCV(Cs=grid, cv=5, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64),
+                                                                                   y_train)
+    fold_size = len(y_train) / 5
+    np.testing.assert_allclose(ours["cv_scores"], reference.scores_[1].T, atol=1 / fold_size + 1e-9)
+    assert ours["regularisation"] == reference.C_[0]
+    assert not np.array_equal(ours["folds"], probe.evaluate(x_train, y_train, x_test, y_test, grid=grid)["folds"])

@@ -263,7 +263,8 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
         x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
         multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
         seed=probe_config.seed, max_iter=probe_config.max_iter, n_experiments=probe_config.n_experiments,
-        samples_per_label=probe_config.samples_per_label,
+        samples_per_label=probe_config.samples_per_label, penalize_intercept=probe_config.penalize_intercept,
+        shuffle_folds=probe_config.shuffle_folds,
     )
     keep = ("test_accuracy", "test_macro_f1", "train_accuracy", "regularisation", "regularisation_name", "grid",
             "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
