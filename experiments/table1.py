@@ -19,9 +19,10 @@ plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/tabl
     python -m sentcomp.main --config=experiments/table1.py:paper,smoke --workdir=/tmp/table1_paper --sweep
 
 Produces in the workdir: ``results.md`` (rows ``task`` / ``task*`` = with the prompt, columns f(s), Φp_f(s),
-subset logits / log-probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words kept and
-dropped, each probe's chosen C; the zero/few-shot sections: accuracy [95% interval], ECE and Brier of every
-scoring rule at k = 0 and 4, and the prompt-sensitivity table over templates × verbalizers), ``results.json``
+subset logits / log-probs / probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words
+kept and dropped, each probe's chosen C; the zero/few-shot sections: accuracy [95% interval], ECE and Brier of
+every scoring rule at each k of ``zeroshot.shots`` (default 0 and 2), and the prompt-sensitivity table over
+templates × verbalizers), ``results.json``
 (every number with its configuration), ``cells.jsonl`` (each finished cell, so a killed run resumes) and
 ``features/`` (the feature cache); the table is also printed.
 
