@@ -90,6 +90,7 @@ from sentcomp.training import (
     resume,
     resume_settings,
     save_checkpoint,
+    training_precision,
     validation_batches,
     validation_losses,
 )
@@ -279,6 +280,7 @@ def check_config(config) -> None:
                             f"grad_accum={config.grad_accum}.")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise SentcompError("config.checkpoint.every and config.checkpoint.keep must be ≥ 1.")
+    training_precision(config.get("matmul_precision", "auto"))
     parallel.mesh_shape(config.get("mesh"), jax.device_count())
 
 
@@ -312,7 +314,8 @@ def run(config, workdir) -> dict[str, Any]:
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
-    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh)
+    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh,
+                                 precision=training_precision(config.get("matmul_precision", "auto")))
     eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
