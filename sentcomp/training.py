@@ -85,21 +85,42 @@ def make_optimizer(opt, num_steps: int, params, frozen: str | None = None) -> op
 # ---------------------------------------------------------------------------------------------- the step
 
 
+# The loss's matmul precision per backend when config.matmul_precision is "auto": TF32-class products on GPU
+# (Ampere+ tensor cores) and 3 bf16 passes on TPU instead of full float32; CPU products are float32 whatever the
+# setting. The statistics stay float32 whatever it is (docs/precision.md, "Training").
+TRAINING_PRECISION_BY_BACKEND = {"gpu": "high", "tpu": "high", "cpu": "highest"}
+
+
+def training_precision(setting: str, backend: str | None = None):
+    """The loss kernels' matmul precision for ``setting``: ``"auto"`` picks
+    :data:`TRAINING_PRECISION_BY_BACKEND` for ``backend`` (default: JAX's), anything else must be a precision
+    :func:`sentcomp.kernels.check_precision` accepts."""
+    if setting == "auto":
+        return TRAINING_PRECISION_BY_BACKEND.get(backend or jax.default_backend(), kernels.DEFAULT_PRECISION)
+    try:
+        return kernels.check_precision(setting)
+    except ValueError as error:
+        raise SentcompError(f"config.matmul_precision: {error} Or 'auto' (per backend: "
+                            f"{TRAINING_PRECISION_BY_BACKEND}).") from None
+
+
 def batch_loss(loss_name: str, hidden_fn, phi_fn, params, tokens: jax.Array, mask: jax.Array,
-               compute_dtype) -> jax.Array:
+               compute_dtype, precision=kernels.DEFAULT_PRECISION) -> jax.Array:
     """The training objective on blocks ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``), averaged
-    over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``."""
+    over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``, the loss's matrix
+    products at ``precision`` (its log Z and softmax statistics accumulate in float32 whatever it is)."""
     params = cast_floats(params, compute_dtype)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-    return LOSSES[loss_name](hidden, phi_fn(params), targets, mask)
+    return LOSSES[loss_name](hidden, phi_fn(params), targets, mask, precision=precision)
 
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh):
+def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh,
+                    precision=kernels.DEFAULT_PRECISION):
     """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
     ``accum`` micro-batches (each sharded over all the mesh's devices), one optimiser update. ``hidden_fn`` and
     ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`).
@@ -107,8 +128,8 @@ def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype,
     The state keeps the layout it comes with (:func:`initial_state`, :func:`resume`: :func:`parallel.state_shardings`
     on ``mesh``) and the new state, like the gradients, is pinned to that layout, so with an fsdp axis the
     parameters and optimiser state stay sharded: XLA gathers each weight where it is used and reduce-scatters
-    its gradient."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn))
+    its gradient. ``precision``: of the loss's matrix products (:func:`training_precision`)."""
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn, precision=precision))
 
     def step(state, tokens):
         mask = jnp.ones(tokens.shape[:1] + (tokens.shape[2] - 1,), bool)

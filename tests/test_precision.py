@@ -206,3 +206,53 @@ def test_jitted_kernels_run_at_another_precision():
     fits = [kernels.logistic_regression_grid(H, LABELS, SPLIT_WEIGHTS, GRID, num_classes=2, precision=p).coef
             for p in ("highest", jax.lax.Precision.DEFAULT)]
     np.testing.assert_allclose(fits[0], fits[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- training precision
+
+_TOKENS = jnp.asarray(_rng.integers(0, V, (2, 5)))
+_TRAIN_PARAMS = {"embedding": _normal(V, D), "phi": _normal(V, D)}
+
+
+def _lookup(params, inputs, mask):  # a "model" without matrix products: every dot_general is the loss's
+    return params["embedding"][inputs]
+
+
+def _train_loss_case(loss_name, compute_dtype=jnp.float32):
+    """The training gradient (training.batch_loss) at a precision: ``(function, args)`` for ``_dot_precisions``."""
+    from sentcomp import training
+
+    def case(precision):
+        def loss(params):
+            return training.batch_loss(loss_name, _lookup, lambda p: p["phi"], params, _TOKENS,
+                                       jnp.ones((2, 4), bool), compute_dtype, precision=precision)
+        return jax.value_and_grad(loss), (_TRAIN_PARAMS,)
+    return case
+
+
+@pytest.mark.parametrize("loss_name", ["xent", "quad"])
+def test_the_training_loss_follows_the_training_precision(loss_name):
+    """training.batch_loss passes its precision to every product of the loss and its gradient (default HIGHEST);
+    with bf16 compute every product still accumulates in float32 and the loss is float32."""
+    case = _train_loss_case(loss_name)
+    assert all(p == ("HIGHEST", "HIGHEST") for p in _dot_precisions(case, "highest"))
+    high = _dot_precisions(case, "high")
+    assert high and all(p == ("HIGH", "HIGH") for p in high)
+    function, args = _train_loss_case(loss_name, jnp.bfloat16)("high")
+    text = jax.jit(function).lower(*args).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all(re.search(r"-> tensor<[^>]*xf32>", line) for line in dots), dots
+    value, _ = jax.jit(function)(*args)
+    assert value.dtype == jnp.float32
+
+
+def test_training_precision_per_backend():
+    from sentcomp import training
+    from sentcomp.errors import SentcompError
+
+    assert training.training_precision("auto", "gpu") == "high"
+    assert training.training_precision("auto", "tpu") == "high"
+    assert training.training_precision("auto", "cpu") == "highest"
+    assert training.training_precision("default") == "default"
+    with pytest.raises(SentcompError, match="config.matmul_precision: precision must be.*'auto'"):
+        training.training_precision("fp32")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import parallel, training
+from sentcomp import models, parallel, training
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.models import gpt2
@@ -215,3 +215,50 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     diverged = int(info.value.args[0].split("step ")[1].split(":")[0])
     assert checkpoint_steps(tmp_path) == list(range(1, diverged))
     assert isinstance(info.value, SentcompError)
+
+
+# --------------------------------------------------------------------- Φ / input embeddings from another model
+
+
+def _flat(params):
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _save(lm, directory):
+    """A model directory as a pretraining run writes its ``model/`` (weights + tokenizer)."""
+    models.save_hf(lm, directory)
+    lm.tokenizer.save_pretrained(str(directory))
+
+
+@pytest.mark.slow
+def test_phi_and_embeddings_start_from_another_model_and_the_rest_from_scratch(tmp_path):
+    """init.phi_from / init.embeddings_from copy exactly Φ / the input embeddings of a saved model (any
+    models.load source); every other parameter is the from-scratch initialisation; a short run with freeze_phi
+    ends with the donor's Φ."""
+    donor, other = pretrain.build_model(tiny_config(seed=7)), pretrain.build_model(tiny_config(seed=8))
+    _save(donor, tmp_path / "donor")
+    _save(other, tmp_path / "other")
+    from_donor = {"init.phi_from": str(tmp_path / "donor")}
+    scratch = _flat(pretrain.build_model(tiny_config()).params)
+    lm = pretrain.build_model(tiny_config(**from_donor, **{"init.embeddings_from": str(tmp_path / "other")}))
+    np.testing.assert_array_equal(np.asarray(lm.phi), np.asarray(donor.phi))
+    np.testing.assert_array_equal(np.asarray(lm.params["wte"]["embedding"]),
+                                  np.asarray(other.params["wte"]["embedding"]))
+    params = _flat(lm.params)
+    assert sorted(name for name in params if not np.array_equal(params[name], scratch[name])) == \
+        ["phi", "wte/embedding"]
+
+    tied = {"model.quad_head": False, "model.tie_word_embeddings": True}
+    tied_scratch = _flat(pretrain.build_model(tiny_config(**tied)).params)
+    tied_lm = pretrain.build_model(tiny_config(**tied, **from_donor))  # tied: Φ is the input embedding table
+    np.testing.assert_array_equal(np.asarray(tied_lm.phi), np.asarray(donor.phi))
+    assert [n for n, v in _flat(tied_lm.params).items() if not np.array_equal(v, tied_scratch[n])] == \
+        ["wte/embedding"]
+    with pytest.raises(SentcompError, match="ties Φ to its input embeddings"):
+        pretrain.build_model(tiny_config(**tied, **from_donor, **{"init.embeddings_from": str(tmp_path / "other")}))
+    _save(pretrain.build_model(tiny_config(**{"model.n_embd": 64})), tmp_path / "wider")
+    with pytest.raises(SentcompError, match=r"phi matrix is \(\d+, 64\).*needs \(\d+, 32\)"):
+        pretrain.build_model(tiny_config(**{"init.phi_from": str(tmp_path / "wider")}))
+
+    pretrain.run(tiny_config(num_steps=4, **from_donor, **{"init.freeze_phi": True}), tmp_path / "run")
+    np.testing.assert_array_equal(final_params(tmp_path / "run")["phi"], np.asarray(donor.phi))

@@ -471,6 +471,18 @@ def _hub_cached(task: Task, cache_dir) -> bool:
     return True
 
 
+def _refuse_different_tfds_split(task: Task) -> None:
+    """``source="auto"`` falls back to TFDS only where TFDS holds the task's own split: where it does not
+    (``task.tfds.differs``, e.g. SST-2's GLUE copy), an error names both sources and how to get either."""
+    if task.tfds.differs and task.hub is not None:
+        raise SentcompError(
+            f"Task {task.name!r}: its Hugging Face Hub dataset {task.hub.repo_id} (the paper's split) is not in the "
+            f"local Hub cache, and the TFDS copy {task.tfds.name} is a different split ({task.tfds.differs}), so "
+            f"nothing is loaded. Download the Hub copy once: `{task.hub.download_command}` (or pass download=True), "
+            "or ask for the TFDS copy explicitly with source='tfds' (data_source='tfds' in a config)."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One entry point
 
@@ -493,8 +505,9 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
     data dir; ``download`` lets TFDS fetch and prepare it), ``"builtin"`` (offline corpora), or ``"auto"``:
     built-in data if the task has it, else local files if ``task.files`` is set or ``data_dir`` holds them,
     else the Hub if the task is there and its dataset is in the default Hub cache (or ``download``), else TFDS
-    if the task is there; otherwise the error says which files ``data_dir`` should hold or, without a
-    ``data_dir``, the Hub download command.
+    if the task is there and TFDS holds the same split (SST-2's GLUE copy does not: an error then names both
+    sources; ask for it with ``source="tfds"``); otherwise the error says which files ``data_dir`` should hold
+    or, without a ``data_dir``, the Hub download command.
     """
     task = get_task(task)
     if source not in SOURCES:
@@ -510,6 +523,7 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
         elif task.hub is not None and (download or _hub_cached(task, None)):
             source, data_dir = "hub", None
         elif task.tfds is not None:
+            _refuse_different_tfds_split(task)
             source = "tfds"
         else:
             # raises the error saying what is expected: files if a data_dir was given, else the Hub's download command

@@ -10,6 +10,7 @@ column              features
 ``phi_p_f``         ``Φ p_f(s)``, the conditional-mean features (``[d]``)
 ``subset_logits``   ``hᵀφ_w`` for the task's subset words (the authors' word-subset features)
 ``subset_log_probs`` ``log p_f(s)(w)`` for the same words
+``subset_probs``    ``p_f(s)(w)`` for the same words (the theory's classifiers are linear in probabilities)
 ``class_logits``    ``hᵀφ_w`` for the class words (``:)``, ``:(`` for sentiment)
 ``posneg_logits``   ``hᵀφ_w`` for ``positive``/``negative`` (sentiment tasks only)
 ``p_f``             the full next-word distribution ``p_f(s)`` (``[V]``; off by default: it is written to disk,
@@ -73,6 +74,7 @@ FEATURE_COLUMNS = {
     "phi_p_f": ("phi_p_f", None),
     "subset_logits": ("word_logits", "subset"),
     "subset_log_probs": ("word_log_probs", "subset"),
+    "subset_probs": ("word_probs", "subset"),
     "class_logits": ("word_logits", "class"),
     "posneg_logits": ("word_logits", "posneg"),
     "p_f": ("p_f", None),
@@ -86,6 +88,7 @@ COLUMN_TITLES = {
     "phi_p_f": "Φp_f(s)",
     "subset_logits": "subset logits",
     "subset_log_probs": "subset log-probs",
+    "subset_probs": "subset probs",
     "class_logits": "class-word logits",
     "posneg_logits": "pos/neg logits",
     "p_f": "p_f(s)",
@@ -180,7 +183,8 @@ def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
 NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", "ft.enabled", "ft.progress",
                    "zeroshot.enabled", "zeroshot.shots", "zeroshot.sensitivity_shots", "zeroshot.templates",
                    "zeroshot.verbalizers", "zeroshot.balanced", "zeroshot.separator", "zeroshot.seed",
-                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change")
+                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change",
+                   "probe.p_f_memory_gb")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
 RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
@@ -244,8 +248,11 @@ def check_multinomial_cells(cells: Sequence[str]) -> None:
 
 def cell_multi_class(probe_config, task_name: str, column: str) -> str:
     """``probe.multi_class``, except multinomial for the ``task:column`` cells listed in
-    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s))."""
-    return "multinomial" if f"{task_name}:{column}" in probe_config.multinomial_cells else probe_config.multi_class
+    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s)), and
+    everywhere under ``protocol="mteb"`` (MTEB's probe is sklearn's multinomial ``LogisticRegression``)."""
+    if probe_config.protocol == "mteb" or f"{task_name}:{column}" in probe_config.multinomial_cells:
+        return "multinomial"
+    return probe_config.multi_class
 
 
 def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tuple[Split, Split],
@@ -256,7 +263,8 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
         x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
         multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
         seed=probe_config.seed, max_iter=probe_config.max_iter, n_experiments=probe_config.n_experiments,
-        samples_per_label=probe_config.samples_per_label,
+        samples_per_label=probe_config.samples_per_label, penalize_intercept=probe_config.penalize_intercept,
+        shuffle_folds=probe_config.shuffle_folds,
     )
     keep = ("test_accuracy", "test_macro_f1", "train_accuracy", "regularisation", "regularisation_name", "grid",
             "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
@@ -369,6 +377,8 @@ def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], colum
 
 def probe_modes(probe_config: dict) -> str:
     """``"ovr"``, or ``"ovr; multinomial for sst5:subset_logits, …"`` when some cells are exceptions."""
+    if probe_config.get("protocol") == "mteb":
+        return "multinomial (MTEB)"
     exceptions = probe_config.get("multinomial_cells", ())
     return probe_config["multi_class"] + (f"; multinomial for {', '.join(exceptions)}" if exceptions else "")
 
@@ -831,10 +841,34 @@ def check_config(config) -> None:
     if unknown:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
+    check_p_f_unscaled(config)
     check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
         models.hf.check_source(config.bert.model, known=tuple(models.ALIASES))
+
+
+def check_p_f_unscaled(config) -> None:
+    """The ``p_f`` column is probed through its row-space coordinates (:func:`sentcomp.probe.row_space_features`),
+    exact only for unscaled features: ``probe.standardize=True`` would silently probe something else."""
+    if "p_f" in config.columns and config.probe.standardize:
+        raise SentcompError(
+            "config.probe.standardize=True cannot be used with the p_f column: p_f is probed exactly through its "
+            "N × N kernel matrix, which holds only for unscaled features (standardising its V columns is not a "
+            "transform of the row-space coordinates). Set probe.standardize=False, or drop p_f from "
+            "config.columns (projected_p_f can be standardised)."
+        )
+
+
+def check_p_f_memory(datas: Sequence[TaskData], config) -> None:
+    """Refuses up front (before any model pass) a ``p_f`` column whose ``N × N`` kernel and eigendecomposition
+    (:func:`sentcomp.probe.row_space_peak_bytes`) do not fit in ``config.probe.p_f_memory_gb`` (0: the memory
+    available now)."""
+    if "p_f" not in config.columns:
+        return
+    limit = config.probe.p_f_memory_gb * 1e9 if config.probe.p_f_memory_gb > 0 else None
+    for data in datas:
+        probe.check_row_space_fits(len(data.texts), limit_bytes=limit, what=f"p_f column of task {data.task.name!r}")
 
 
 def run(config, workdir) -> dict:
@@ -843,6 +877,7 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir)
     check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
+    check_p_f_memory(datas, config)
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
