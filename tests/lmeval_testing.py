@@ -61,12 +61,15 @@ def write_jsonl(path: Path, rows) -> str:
 
 
 def write_tasks(directory: Path, n_train: int = 12, n_test: int = 10) -> dict[str, str]:
-    """Local task YAMLs over JSON-lines files written here: name -> YAML path. Kinds: one-token choices
+    """Local task YAMLs over JSON-lines files written here (test documents alternately short, within the tiny
+    model's context, and long, beyond it): name -> YAML path. Kinds: one-token choices
     (``sc_sentiment``), multi-token choices sharing prefixes (``sc_rating``), perplexity (``sc_perplexity``),
     greedy generation (``sc_generate``), and a multiple-choice task without a training split (``sc_no_train``)."""
     directory.mkdir(parents=True, exist_ok=True)
     train = write_jsonl(directory / "train.jsonl", documents(n_train, seed=1))
-    test = write_jsonl(directory / "test.jsonl", documents(n_test, seed=2, max_words=60))
+    short, long = documents(n_test // 2, seed=2, min_words=2, max_words=6), documents(n_test - n_test // 2, seed=3,
+                                                                                     min_words=30, max_words=60)
+    test = write_jsonl(directory / "test.jsonl", [doc for pair in zip(short, long) for doc in pair])
     files = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {train}\n    test: {test}\n"
     splits = "training_split: train\ntest_split: test\n"
     tasks = {

@@ -20,9 +20,14 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from lmeval_testing import export_tiny_llama, write_tasks  # noqa: E402
 
 import sentcomp.lmeval  # noqa: E402, F401  (registers the "sentcomp" model)
+from sentcomp import zeroshot  # noqa: E402
+from sentcomp.data import get_task, load_task  # noqa: E402
 from sentcomp.errors import SentcompError  # noqa: E402
+from sentcomp.launcher import runner  # noqa: E402
+from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override  # noqa: E402
 from sentcomp.launcher.local_cluster import free_port  # noqa: E402
 from sentcomp.lmeval.model import SentcompLM  # noqa: E402
+from sentcomp.models import load  # noqa: E402
 
 TASKS = ["sc_sentiment", "sc_rating", "sc_perplexity", "sc_generate"]
 TOLERANCE = 1e-4
@@ -44,9 +49,9 @@ def setup(exported):
 
 
 def evaluate(model: str, model_args, task_dir: Path, tasks=TASKS, batch_size: int = 4) -> dict:
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # the local YAMLs only: fast
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), log_samples=True,
-                                   task_manager=TaskManager(include_path=str(task_dir)), batch_size=batch_size,
-                                   device="cpu")
+                                   task_manager=manager, batch_size=batch_size, device="cpu")
 
 
 def responses(results: dict, task: str) -> list:
@@ -185,3 +190,67 @@ def test_two_processes_through_the_command_line_match_the_hf_backend(setup, tmp_
         got["samples"][task] = [{**sample, "resps": parse_responses(task, sample["resps"])}
                                 for sample in map(json.loads, lines)]
     assert_same_results(got, reference, tasks)
+
+
+# ------------------------------------------------------------------ lm-eval tasks in Table 1 (sentcomp.lmeval.tasks)
+
+
+@pytest.fixture
+def task_cache(tmp_path, monkeypatch):
+    """The adapted tasks' JSON lines go to a fresh sentcomp cache."""
+    monkeypatch.setenv("SENTCOMP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_adapted_task_scores_lm_evals_requests(setup, task_cache):
+    """The adapted task (text, prompt, verbalizer) makes sentcomp's zero-shot scorer score exactly lm-eval's
+    requests: each choice's log-likelihood equals the hf backend's (multi-token choices after a newline prompt), on
+    the documents that fit the 40-token model untruncated (the two truncate long documents differently), and the
+    labels and split sizes are lm-eval's."""
+    model_dir, task_dir, reference = setup
+    task = get_task(f"lmeval:{task_dir}/sc_rating.yaml")
+    assert (task.prompt, task.label_names) == ("\nRating: ", ("very bad film", "very good film"))
+    splits = load_task(task)
+    assert (len(splits["train"]), len(splits["test"])) == (12, 10)
+    lm = load(str(model_dir))
+    words, _ = zeroshot.label_word_list(task)
+    scores = zeroshot.word_scores(lm, splits["test"].texts, task.prompt, words, progress=False)
+    samples = sorted(reference["samples"]["sc_rating"], key=lambda sample: sample["doc_id"])
+    assert [int(sample["target"]) for sample in samples] == splits["test"].labels.tolist()
+    compared = 0
+    for document, sample in enumerate(samples):
+        context, _ = sample["arguments"][0]
+        assert splits["test"].texts[document] + task.prompt.rstrip() == context
+        if max(len(lm.tokenizer(context + cont)["input_ids"]) for _, cont in sample["arguments"]) <= lm.max_length:
+            np.testing.assert_allclose(scores[document], [resp[0][0] for resp in sample["resps"]], atol=TOLERANCE)
+            compared += 1
+    assert compared >= 3
+
+
+def test_tasks_that_do_not_fit_table1_are_refused(exported, task_cache):
+    task_dir = exported[1]
+    with pytest.raises(SentcompError, match="output_type 'generate_until'; Table 1 takes multiple_choice"):
+        get_task(f"lmeval:{task_dir}/sc_generate.yaml")
+    with pytest.raises(SentcompError, match="output_type 'loglikelihood_rolling'"):
+        get_task(f"lmeval:{task_dir}/sc_perplexity.yaml")
+    with pytest.raises(SentcompError, match="has no training split"):
+        get_task(f"lmeval:{task_dir}/sc_no_train.yaml")
+    with pytest.raises(SentcompError, match="does not exist"):
+        get_task(f"lmeval:{task_dir}/missing.yaml")
+
+
+@pytest.mark.slow
+def test_table1_runs_an_lm_eval_task(exported, task_cache, tmp_path):
+    """experiments/table1.py with ``task=lmeval:<YAML>`` on the exported model: probe rows with and without the
+    prompt and the zero-shot column, over the task's whole train / test splits."""
+    model_dir, task_dir = exported
+    name = f"lmeval:{task_dir}/sc_sentiment.yaml"
+    config = override(load_config(f"{EXPERIMENTS_DIR}/table1.py:smoke"), {
+        "tasks": (name,), "model": str(model_dir), "n_train": 0, "n_test": 0, "max_length": 40,
+        "columns": ("f", "phi_p_f"), "zeroshot.shots": (0,)})
+    runner.run_program(config, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["tasks"][0]["n_train"], results["tasks"][0]["n_test"]) == (12, 10)
+    assert set(results["table"]) == {name, name + "*"}
+    assert {"f", "phi_p_f"} <= set(results["table"][name])
+    assert "zeroshot" in results["table"][name + "*"]

@@ -47,7 +47,7 @@ def is_lmeval_name(name: str) -> bool:
 
 def load_lmeval_task(spec: str):
     """lm-eval's task object for ``spec`` (a task name lm-eval knows, or the path of a local task YAML, whose folder
-    is added to lm-eval's search path)."""
+    alone is searched: its tasks may include files beside it, not lm-eval's own tasks)."""
     path = Path(spec).expanduser()
     if spec.endswith((".yaml", ".yml")):
         if not path.is_file():
@@ -55,7 +55,7 @@ def load_lmeval_task(spec: str):
         name = load_yaml(path, resolve_func=False).get("task")
         if not isinstance(name, str):
             raise SentcompError(f"{spec} names no single task ('task: <name>'); groups are not one sentcomp task.")
-        manager = TaskManager(include_path=str(path.parent))
+        manager = TaskManager(include_path=str(path.parent), include_defaults=False)  # not lm-eval's own thousands
     else:
         name, manager = spec, TaskManager()
     if name not in manager.all_tasks:
