@@ -57,7 +57,7 @@ from sentcomp.data.text import length_buckets, pad_id
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
-from sentcomp.zeroshot import _batch_arrays, _Row
+from sentcomp.zeroshot import ScoringRow, scoring_arrays
 
 GREEDY_BLOCK = 64  # scored positions whose full logits are formed at once for the argmax (memory: block × V)
 
@@ -90,7 +90,7 @@ def _jitted(function, hidden_fn, phi_fn, *static):
     return jax.jit(functools.partial(function, hidden_fn, phi_fn, *static))
 
 
-def score_rows(rows: Sequence[_Row], n_scores: int, lm: LanguageModel, params, mesh, batch_size: int,
+def score_rows(rows: Sequence[ScoringRow], n_scores: int, lm: LanguageModel, params, mesh, batch_size: int,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities ``[n_scores]`` and greedy flags of every target of ``rows`` (``row.words[k]`` is the
     index of the score its ``row.targets[k]`` gives), batched by length over ``mesh``."""
@@ -103,7 +103,7 @@ def score_rows(rows: Sequence[_Row], n_scores: int, lm: LanguageModel, params, m
     for first in tqdm(range(0, len(rows), batch_size), desc="sentcomp loglikelihood", disable=not progress):
         batch = rows[first: first + batch_size]
         length = next(bucket for bucket in buckets if bucket >= max(len(row.input_ids) for row in batch))
-        arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
+        arrays = scoring_arrays(batch, batch_size, length, max_words, max_tokens)
         batch_scores, batch_greedy = parallel.apply_to_batch(scorer, arrays, mesh, params)
         for row, values, flags in zip(batch, batch_scores, batch_greedy):
             log_probs[list(row.words)] = values[: len(row.words)]
@@ -111,7 +111,7 @@ def score_rows(rows: Sequence[_Row], n_scores: int, lm: LanguageModel, params, m
     return log_probs, greedy
 
 
-def request_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Row]:
+def request_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[ScoringRow]:
     """One row per distinct (model input, first scored position) of the ``(context, continuation)`` token pairs:
     the input is ``(context + continuation)[-(max_length+1):][:-1]`` and the continuation is scored at its last
     ``len(continuation)`` positions (lm-eval's causal truncation)."""
@@ -122,7 +122,8 @@ def request_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_lengt
                                 f"1 to max_length ({max_length}) tokens.")
         model_input = tuple(int(t) for t in (list(context) + list(continuation))[-(max_length + 1):][:-1])
         groups.setdefault((model_input, len(model_input) - len(continuation)), []).append(index)
-    return [_Row(group, model_input, start, tuple(members), tuple(tuple(int(t) for t in pairs[i][1]) for i in members))
+    return [ScoringRow(group, model_input, start, tuple(members),
+                       tuple(tuple(int(t) for t in pairs[i][1]) for i in members))
             for group, ((model_input, start), members) in enumerate(groups.items())]
 
 
