@@ -158,6 +158,17 @@ def parse_responses(task: str, resps: list) -> list:
     return [[(float(value), flag == "True") for value, flag in request] for request in resps]
 
 
+def test_bfloat16_runs_the_model_in_bfloat16(exported):
+    """``dtype=bfloat16`` (the TPU fast path): log-likelihoods near the float32 ones, yet not equal to them (the
+    forward pass really ran in bfloat16)."""
+    requests = [Instance("loglikelihood", {}, ("Boring movie. This movie is", choice), index)
+                for index, choice in enumerate([" great", " terrible", " very good film"])]
+    values = {dtype: np.array([value for value, _ in SentcompLM(str(exported[0]), dtype=dtype, progress=False)
+                               .loglikelihood(requests, disable_tqdm=True)]) for dtype in ("float32", "bfloat16")}
+    np.testing.assert_allclose(values["bfloat16"], values["float32"], rtol=0.03)
+    assert np.abs(values["bfloat16"] - values["float32"]).max() > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_through_the_command_line_match_the_hf_backend(setup, tmp_path):
