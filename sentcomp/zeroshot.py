@@ -67,9 +67,10 @@ def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class ScoringRow:
     """One forward pass: ``input_ids``; for each word ``words[k]``, its tokens ``targets[k]`` are scored at
-    positions ``start, start+1, ...`` (the positions whose next token they are)."""
+    positions ``start, start+1, ...`` (the positions whose next token they are). Also the rows of lm-eval's
+    requests (:mod:`sentcomp.lmeval.model`: ``words`` are request indices, ``document`` the row's group)."""
 
     document: int
     input_ids: tuple[int, ...]
@@ -79,7 +80,7 @@ class _Row:
 
 
 def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str], max_length: int,
-               truncation: str = "start") -> list[_Row]:
+               truncation: str = "start") -> list[ScoringRow]:
     """The forward passes scoring every word after every ``text + prompt`` (see the module docstring).
 
     Each context is ``prefix + tokens(text + prompt.rstrip())`` as features build it
@@ -110,7 +111,7 @@ def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str
         for word, cont in enumerate(document_conts):
             groups.setdefault(tuple(cont[:-1]), []).append(word)
         for shared, members in groups.items():
-            rows.append(_Row(document, context + shared, len(context) - 1, tuple(members),
+            rows.append(ScoringRow(document, context + shared, len(context) - 1, tuple(members),
                              tuple(tuple(document_conts[word]) for word in members)))
     return rows
 
@@ -135,7 +136,7 @@ def _jitted_scorer(hidden_fn, phi_fn, chunk_size):
     return jax.jit(functools.partial(_continuation_log_probs, hidden_fn, phi_fn, chunk_size))
 
 
-def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int, tokens: int):
+def scoring_arrays(rows: Sequence[ScoringRow], batch_size: int, length: int, words: int, tokens: int):
     """Fixed-shape arrays for ``rows``, padded to ``batch_size`` rows with copies of the first (scores ignored)."""
     padded = list(rows) + [rows[0]] * (batch_size - len(rows))
     ids = np.zeros((batch_size, length), np.int32)
@@ -192,7 +193,7 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
         batch = rows[first: first + batch_size]
         longest = max(len(row.input_ids) for row in batch)
         length = next(bucket for bucket in buckets if bucket >= longest)
-        arrays = _batch_arrays(batch, batch_size, length, max_words, max_tokens)
+        arrays = scoring_arrays(batch, batch_size, length, max_words, max_tokens)
         row_scores = parallel.apply_to_batch(scorer, arrays, mesh, params)
         for row, values in zip(batch, row_scores):
             scores[row.document, list(row.words)] = values[: len(row.words)]

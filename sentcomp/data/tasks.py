@@ -318,6 +318,13 @@ def get_task(name: str | Task) -> Task:
     """The registered task called ``name`` (a :class:`Task` is returned as is)."""
     if isinstance(name, Task):
         return name
+    if name not in TASKS and name.startswith("lmeval:"):  # lm-eval's tasks (sentcomp.lmeval.tasks; docs/lmeval.md)
+        try:
+            from sentcomp.lmeval.tasks import register_lmeval_task
+        except ModuleNotFoundError as error:
+            raise SentcompError(f"Task {name!r} needs lm-evaluation-harness ({error.name} is missing): "
+                                "pip install -e '.[lmeval]'.") from None
+        return register_lmeval_task(name)
     if name not in TASKS:
         raise SentcompError(
             f"Unknown task {name!r}. Registered tasks: {sorted(TASKS)}. Register your own with "
