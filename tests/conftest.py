@@ -78,8 +78,3 @@ def registry():
     TASKS.clear()
     TASKS.update(saved)
 
-
-def pytest_configure(config):
-    """The test tiers' markers (the fast tier deselects both: ``-m "not slow and not multiprocess"``)."""
-    config.addinivalue_line("markers", "slow: takes more than ~15 s")
-    config.addinivalue_line("markers", "multiprocess: starts several JAX processes")
