@@ -25,7 +25,10 @@ Stages (WORKDIR/<stage>/, each resumable; a finished one is skipped on a re-run)
 4. ``report`` (sentcomp.programs.teacher_report): one table, bound_vs_epsilon.png; per objective the learning
    rate with the lowest final validation loss of its own objective (never test accuracy) is marked.
 
-Arguments (``:key=value,...``): ``smoke``, ``accelerator`` (variants; default: the CPU experiment),
+    # what was measured on a busy CPU (docs/teacher.md): the same stages, cut down
+    python -m sentcomp.main --config=experiments/teacher.py:quick --workdir=runs/teacher_quick
+
+Arguments (``:key=value,...``): ``smoke``, ``quick``, ``accelerator`` (variants; default: the CPU experiment),
 ``objectives`` (joined by ``+``; default ``soft_xent+soft_quad+xent``: the plain next-word student is the
 paper's objective on the same data and steps).
 """
@@ -35,15 +38,32 @@ import ml_collections
 from sentcomp.errors import SentcompError
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_module, parse_config_arg
 
-ARG_DEFAULTS = dict(smoke=False, accelerator=False, objectives="soft_xent+soft_quad+xent")
+ARG_DEFAULTS = dict(smoke=False, quick=False, accelerator=False, objectives="soft_xent+soft_quad+xent")
 SMOLLM2_SHAPE = dict(n_layer=30, n_embd=576, n_head=9, kv_heads=3, ffn=1536, vocab=49152)  # shared/ASSETS.md
 
 
 def _args(arg):
     args = parse_config_arg(arg, **ARG_DEFAULTS)
-    if args.smoke and args.accelerator:
-        raise SentcompError("Choose one variant: smoke or accelerator (or neither, the CPU experiment).")
+    if args.smoke + args.quick + args.accelerator > 1:
+        raise SentcompError("Choose one variant: smoke, quick or accelerator (or none, the CPU experiment).")
     return args
+
+
+def apply_quick(config) -> None:
+    """The ``quick`` variant: the CPU experiment cut to what a busy 2-core machine runs in well under an hour (80
+    train blocks = 10 k teacher-labelled tokens, one learning rate, 60 steps of a 2-layer d=64 student, 100 task
+    contexts, probes on 200 train / 100 test snippets): it shows the pipeline on the real teacher, not a result."""
+    config.stages.targets.corpus.update(max_train_blocks=80, eval_blocks=8)
+    config.stages.targets.targets.sample_blocks = 8
+    config.stages.targets.task.num_contexts = 100
+    for name in config.stage_order:
+        stage = config.stages[name]
+        if stage.program == "sentcomp.programs.distill":
+            stage.model.update(n_embd=64, n_head=2)
+            stage.update(num_steps=60, batch_size=8, eval_steps=(0, 20, 60))
+            stage.optimizer.warmup_steps = 6
+        elif stage.program == "sentcomp.programs.table1":
+            stage.n_train, stage.n_test = 200, 100
 
 
 def targets_config(args) -> ml_collections.ConfigDict:
@@ -86,7 +106,8 @@ def student_config(args, objective: str) -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=2 if args.smoke else 30, decay="cosine", end_lr_fraction=0.1,
         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
-    config.eval_steps = (0, 12) if args.smoke else (0, 50, 150, 300) if not args.accelerator else (0, 200, 1000, 2000)
+    config.eval_steps = ((0, 12) if args.smoke else (0, 20, 60) if args.quick else (0, 200, 1000, 2000)
+                         if args.accelerator else (0, 50, 150, 300))
     config.eval_batch_size = 8 if args.smoke else 16
     config.task_max_length = 64 if args.smoke else 128
     config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=2, asynchronous=False))
@@ -141,7 +162,7 @@ def get_config(arg=None):
     args = _args(arg)
     objectives = args.objectives.split("+")
     config = ml_collections.ConfigDict()
-    config.learning_rates = (3e-3,) if args.smoke else (1e-3, 3e-3)
+    config.learning_rates = (3e-3,) if args.smoke or args.quick else (1e-3, 3e-3)
     config.stages = ml_collections.ConfigDict()
     config.stages.targets = targets_config(args)
     students = []
@@ -173,6 +194,8 @@ def get_config(arg=None):
     probe_stages = [stage[len("stage:"):] for _, step, stage in probes if step]
     config.stage_order = ("targets", *students, "table1_untrained", *probe_stages, "table1_teacher", "report")
     config.sweep_selection = ml_collections.ConfigDict({name: f"{name}/val_loss" for name in students})
+    if args.quick:
+        apply_quick(config)
     if args.accelerator:
         config.estimate = estimate(config)
     return config
