@@ -73,7 +73,8 @@ def targets_config(args) -> ml_collections.ConfigDict:
         source="random" if args.smoke else "smollm2-135m", seed=0,
         random=dict(family="llama", n_layer=1, n_embd=32, n_head=2, n_positions=64, logit_scale=30.0)))
     config.corpus = ml_collections.ConfigDict(dict(
-        sources=("lee",) if args.smoke else ("lee", "enwiki", "rt_plots"), seq_len=32 if args.smoke else 128,
+        sources=("lee",) if args.smoke else ("lee", "enwiki", "rt_plots"),
+        seq_len=32 if args.smoke else 512 if args.accelerator else 128,
         validation_fraction=0.05, seed=0, max_train_blocks=64 if args.smoke else 0 if args.accelerator else 4000,
         eval_blocks=8 if args.smoke else 64))
     config.targets = ml_collections.ConfigDict(dict(
@@ -98,7 +99,7 @@ def student_config(args, objective: str) -> ml_collections.ConfigDict:
         n_embd=32 if args.smoke else 512 if args.accelerator else 128, n_head=2 if args.smoke else 8 if
         args.accelerator else 4, n_positions=64 if args.smoke else 512, intermediate_size=0, tie_word_embeddings=True))
     config.data = ml_collections.ConfigDict(dict(seed=0))
-    config.num_steps = 12 if args.smoke else 2000 if args.accelerator else 300
+    config.num_steps = 12 if args.smoke else 3000 if args.accelerator else 300
     config.batch_size = 8 if args.smoke else 64 if args.accelerator else 16
     config.grad_accum = 1
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
@@ -106,7 +107,7 @@ def student_config(args, objective: str) -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=2 if args.smoke else 30, decay="cosine", end_lr_fraction=0.1,
         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
-    config.eval_steps = ((0, 12) if args.smoke else (0, 20, 60) if args.quick else (0, 200, 1000, 2000)
+    config.eval_steps = ((0, 12) if args.smoke else (0, 20, 60) if args.quick else (0, 300, 1000, 3000)
                          if args.accelerator else (0, 50, 150, 300))
     config.eval_batch_size = 8 if args.smoke else 16
     config.task_max_length = 64 if args.smoke else 128

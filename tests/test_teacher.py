@@ -189,7 +189,7 @@ def test_rotten_tomatoes_plot_rows_are_not_task_snippets():
 
 
 def test_configs_compose_and_the_accelerator_variant_estimates_its_time(tmp_path):
-    for arg in ("smoke", None, "accelerator"):
+    for arg in ("smoke", "quick", None, "accelerator"):
         config = load_config(f"{EXPERIMENTS_DIR / 'teacher'}.py" + (f":{arg}" if arg else ""))
         names = stages.stage_names(config)
         assert names[0] == "targets" and names[-1] == "report"
