@@ -82,6 +82,7 @@ def targets_config(args) -> ml_collections.ConfigDict:
         else 16, chunk_blocks=8))
     config.task = ml_collections.ConfigDict(dict(
         name="rotten_tomatoes", num_contexts=48 if args.smoke else 400, seed=0, max_length=64 if args.smoke else 128,
+        num_words=0 if args.smoke else 1024,  # the frontier's v lives on these words (0 = all V)
         batch_size=16, max_norms=(0.0, 1.0, 4.0, 16.0) if args.smoke else (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0,
                                                                             64.0)))
     config.progress = not args.smoke

@@ -199,3 +199,21 @@ def test_configs_compose_and_the_accelerator_variant_estimates_its_time(tmp_path
     assert estimate.expected_seconds == pytest.approx(estimate.flops / (estimate.peak_flops * estimate.assumed_mfu))
     with pytest.raises(SentcompError, match="Choose one variant"):
         load_config(f"{EXPERIMENTS_DIR / 'teacher'}.py:smoke,accelerator")
+
+
+def test_a_frontier_on_fewer_words_is_valid_and_no_tighter():
+    rng = np.random.default_rng(1)
+    h, phi = 2 * rng.normal(size=(60, 5)), rng.normal(size=(40, 5))
+    labels = (h[:, 0] > 0).astype(int)
+    full = teacher_lib.task_frontier(h, phi, labels, (0.0, 1.0, 4.0))
+    few = teacher_lib.task_frontier(h, phi, labels, (0.0, 1.0, 4.0), num_words=8)
+    assert len(few["words"]) == 8
+    off = np.setdiff1d(np.arange(40), few["words"])
+    assert np.all(few["word_weights"][:, off] == 0)
+    assert np.all(few["tau"] >= full["tau"] - 1e-7)
+    # τ is the loss of the stored v on the whole distribution, so the bound check sees the same numbers
+    student_h = h + 0.3 * rng.normal(size=h.shape)
+    check = teacher_lib.bound_check(student_h.astype(np.float32), phi.astype(np.float32), h.astype(np.float32),
+                                    phi.astype(np.float32), labels, few)
+    np.testing.assert_allclose(check["tau"], few["tau"], atol=1e-5)
+    assert check["holds"] and check["epsilon_task"] > 0

@@ -107,7 +107,8 @@ def run(config, workdir) -> dict:
     texts, labels, prompt = task_contexts(config)
     task_hidden = extract_features(lm, texts, ("f",), prompt=prompt, max_length=config.task.max_length,
                                    batch_size=config.task.batch_size, progress=False)["f"]
-    frontier = teacher_lib.task_frontier(task_hidden, phi, labels, tuple(config.task.max_norms))
+    frontier = teacher_lib.task_frontier(task_hidden, phi, labels, tuple(config.task.max_norms),
+                                         config.task.num_words)
     remaining = 1.0 - targets["probs"].astype(np.float64).sum(-1)
     results = {
         "teacher": lm.name, "vocab_size": int(lm.config.vocab_size), "k": int(k),
@@ -118,7 +119,8 @@ def run(config, workdir) -> dict:
         "train_blocks": int(len(train)), "train_positions": int(targets["entropy"].size),
         "validation_blocks": int(len(validation)), "seq_len": int(corpus.seq_len),
         "task": config.task.name, "task_contexts": len(texts), "prompt": prompt,
-        "frontier": {"max_norm": frontier["max_norm"].tolist(), "tau": frontier["tau"].tolist()},
+        "frontier": {"max_norm": frontier["max_norm"].tolist(), "tau": frontier["tau"].tolist(),
+                     "words": len(frontier["words"])},
         "targets_folder": str(Path("targets") / teacher_lib.targets_key(lm, train, k)),
     }
     if parallel.is_main_process():
