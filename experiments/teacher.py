@@ -78,8 +78,8 @@ def targets_config(args) -> ml_collections.ConfigDict:
         validation_fraction=0.05, seed=0, max_train_blocks=64 if args.smoke else 0 if args.accelerator else 4000,
         eval_blocks=8 if args.smoke else 64))
     config.targets = ml_collections.ConfigDict(dict(
-        k_candidates=(4, 16, 64) if args.smoke else (16, 32, 64, 128), tolerance=0.05, sample_blocks=4 if args.smoke
-        else 16, chunk_blocks=8))
+        k_candidates=(4, 16, 64) if args.smoke else (16, 32, 64, 128, 256), tolerance=0.05,
+        sample_blocks=4 if args.smoke else 16, chunk_blocks=8))
     config.task = ml_collections.ConfigDict(dict(
         name="rotten_tomatoes", num_contexts=48 if args.smoke else 400, seed=0, max_length=64 if args.smoke else 128,
         num_words=0 if args.smoke else 1024,  # the frontier's v lives on these words (0 = all V)
