@@ -123,24 +123,36 @@ def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype,
                     precision=kernels.DEFAULT_PRECISION):
     """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
     ``accum`` micro-batches (each sharded over all the mesh's devices), one optimiser update. ``hidden_fn`` and
-    ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`).
+    ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`); ``precision``: of the loss's matrix
+    products (:func:`training_precision`); :func:`make_batch_train_step` for the layouts."""
+    def loss_fn(params, micro_tokens):
+        mask = jnp.ones(micro_tokens.shape[:1] + (micro_tokens.shape[1] - 1,), bool)
+        return batch_loss(loss_name, hidden_fn, phi_fn, params, micro_tokens, mask, compute_dtype,
+                          precision=precision)
+
+    return make_batch_train_step(loss_fn, optimizer, mesh)
+
+
+def make_batch_train_step(loss_fn, optimizer, mesh):
+    """The jitted ``(state, batch) -> (state, metrics)`` for any objective ``loss_fn(params, micro_batch)``:
+    ``batch`` is a pytree whose leaves are ``[micro, accum, ...]`` (e.g. tokens, or tokens and a teacher's
+    targets); the mean gradient of the ``accum`` micro-batches (each sharded over all the mesh's devices), one
+    optimiser update.
 
     The state keeps the layout it comes with (:func:`initial_state`, :func:`resume`: :func:`parallel.state_shardings`
     on ``mesh``) and the new state, like the gradients, is pinned to that layout, so with an fsdp axis the
     parameters and optimiser state stay sharded: XLA gathers each weight where it is used and reduce-scatters
-    its gradient. ``precision``: of the loss's matrix products (:func:`training_precision`)."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn, precision=precision))
+    its gradient."""
+    grad_fn = jax.value_and_grad(loss_fn)
 
-    def step(state, tokens):
-        mask = jnp.ones(tokens.shape[:1] + (tokens.shape[2] - 1,), bool)
-
-        def accumulate(carry, micro_tokens):
-            loss, grads = grad_fn(state["params"], micro_tokens, mask, compute_dtype)
+    def step(state, batch):
+        def accumulate(carry, micro_batch):
+            loss, grads = grad_fn(state["params"], micro_batch)
             return jax.tree.map(jnp.add, carry, (loss, parallel.constrain_state(grads, mesh))), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.swapaxes(tokens, 0, 1))
-        accum = tokens.shape[1]
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch))
+        accum = jax.tree.leaves(batch)[0].shape[1]
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -227,13 +239,17 @@ class DataPlan:
         return {"blocks_consumed": consumed, "epoch": consumed // len(self.blocks),
                 "offset": consumed % len(self.blocks)}
 
-    def local_tokens(self, step: int) -> np.ndarray:
-        """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``: stream position
-        ``step·B + k·micro + r`` for micro-batch ``k`` and row ``r``."""
+    def local_indices(self, step: int) -> np.ndarray:
+        """The block indices of this process's rows of step ``step``'s batch, ``[local micro rows, accum]``: stream
+        position ``step·B + k·micro + r`` for micro-batch ``k`` and row ``r``."""
         positions = (step * self.global_batch + np.arange(self.grad_accum)[None, :] * self.micro_batch
                      + self.host_rows[:, None])
-        return self.blocks[corpora.block_indices(positions.reshape(-1), len(self.blocks), self.seed)].reshape(
-            *positions.shape, -1)
+        return corpora.block_indices(positions.reshape(-1), len(self.blocks), self.seed).reshape(positions.shape)
+
+    def local_tokens(self, step: int) -> np.ndarray:
+        """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``
+        (:meth:`local_indices`)."""
+        return self.blocks[self.local_indices(step)]
 
 
 # ------------------------------------------------------------------------------------------- checkpointing

@@ -99,6 +99,33 @@ THEORY_CASES = {
         theta, phi, p_star, precision=p), (THETA, PHI, P_STAR)),
 }
 
+# the distillation kernels (sentcomp/kernels/distill.py): sparse targets of K_TOP words, a teacher of width D + 1
+K_TOP = 4
+TOP_IDS = jnp.asarray(np.argsort(-np.asarray(P_STAR), axis=-1)[:, :K_TOP], jnp.int32)
+TOP_PROBS = jnp.take_along_axis(P_STAR, TOP_IDS, axis=-1)
+H_TEACHER, PHI_TEACHER = _normal(N, D + 1), _normal(V, D + 1)
+KERNEL_CASES.update({
+    "sparse_target_mean": lambda p: (lambda phi: kernels.sparse_target_mean(TOP_IDS, TOP_PROBS, phi, precision=p),
+                                     (PHI,)),
+    "soft_xent_per_position": lambda p: (lambda h, phi: kernels.soft_xent_per_position(
+        h, phi, TOP_IDS, TOP_PROBS, 4, precision=p), (H, PHI)),
+    "soft_xent_loss": lambda p: (lambda h, phi: kernels.soft_xent_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, 4, precision=p), (H, PHI)),
+    "soft_xent_loss/grad": lambda p: (jax.grad(lambda h, phi: kernels.soft_xent_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, 4, precision=p), argnums=(0, 1)), (H, PHI)),
+    "soft_quad_from_mean": lambda p: (lambda h, phi: kernels.soft_quad_from_mean(h, phi, THETA, precision=p),
+                                      (H, PHI)),
+    "soft_quad_per_position": lambda p: (lambda h, phi: kernels.soft_quad_per_position(
+        h, phi, TOP_IDS, TOP_PROBS, precision=p), (H, PHI)),
+    "soft_quad_loss": lambda p: (lambda h, phi: kernels.soft_quad_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, precision=p), (H, PHI)),
+    "soft_quad_loss/grad": lambda p: (jax.grad(lambda h, phi: kernels.soft_quad_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, precision=p), argnums=(0, 1)), (H, PHI)),
+    "quad_excess": lambda p: (lambda h, phi: kernels.quad_excess(h, phi, THETA, precision=p), (H, PHI)),
+    "kl_from_features": lambda p: (lambda h, phi: kernels.kl_from_features(
+        H_TEACHER, PHI_TEACHER, h, phi, 4, precision=p), (H, PHI)),
+})
+
 # Public names that compute on arrays without any matrix product: checked to lower to no dot_general at all.
 MATMUL_FREE = {
     "masked_mean": lambda: (lambda v, m: kernels.masked_mean(v, m), (H[:, 0], MASK)),
@@ -107,6 +134,9 @@ MATMUL_FREE = {
     "logistic_losses": lambda: (lambda z, y: kernels.logistic_losses(z, y, False), (H, jax.nn.softmax(THETA))),
     "predict_labels": lambda: (lambda z: kernels.predict_labels(z), (H,)),
     "centered_ridge": lambda: (lambda m: kernels.centered_ridge(m, True), (MOMENTS,)),
+    "remaining_mass": lambda: (lambda p: kernels.remaining_mass(p), (TOP_PROBS,)),
+    "sparse_target_entropy": lambda: (lambda p: kernels.sparse_target_entropy(p, V), (TOP_PROBS,)),
+    "top_k_targets": lambda: (lambda logits: kernels.top_k_targets(logits, K_TOP), (THETA @ PHI.T,)),
 }
 
 # Public names that are no array computation: containers of results, constants, the policy itself.

@@ -266,8 +266,8 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
         samples_per_label=probe_config.samples_per_label, penalize_intercept=probe_config.penalize_intercept,
         shuffle_folds=probe_config.shuffle_folds,
     )
-    keep = ("test_accuracy", "test_macro_f1", "train_accuracy", "regularisation", "regularisation_name", "grid",
-            "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
+    keep = ("test_accuracy", "test_macro_f1", "test_loss", "train_accuracy", "regularisation", "regularisation_name",
+            "grid", "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
     return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
             "n_features": int(x.shape[1])}
 
