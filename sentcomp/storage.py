@@ -117,9 +117,14 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
     os.replace(tmp.name, path)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically and durably."""
+    _write_atomically(Path(path), lambda file: file.write(data))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically and durably."""
-    _write_atomically(Path(path), lambda file: file.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | Path, value: Any) -> None:

@@ -531,6 +531,99 @@ def test_a_damaged_checkpoint_falls_back_and_other_failures_stop(tmp_path):
     assert training.restore_failure(ValueError("DATA_LOSS: bad bytes")) == "damaged"
 
 
+def save_series(workdir: Path, steps=(1, 2, 3)) -> dict:
+    """Checkpoints of a state with an incompressible 512×512 array (its data in a file of its own under
+    ``state/d/``) at ``steps``; returns the state saved at each step."""
+    import jax
+
+    manager = training.checkpoint_manager(workdir, 1, len(steps), False)
+    states = {}
+    for step in steps:
+        states[step] = {"w": jax.random.normal(jax.random.key(step), (512, 512)), "step": jnp.array(step)}
+        training.save_checkpoint(manager, states[step], {"step": step})
+    manager.close()
+    return states
+
+
+def damage_array_data(step_dir: Path, damage: str) -> Path:
+    """Damages the largest array-data file of a checkpoint step as a full disk, a killed copy or a bad sector
+    would; returns it."""
+    data = max((path for path in step_dir.rglob("*") if path.is_file() and path.parent.name == "d"),
+               key=lambda path: path.stat().st_size)
+    content = data.read_bytes()
+    middle = len(content) // 2
+    data.write_bytes({"emptied": b"", "truncated": content[:middle],
+                      "bit_flip": content[:middle] + bytes([content[middle] ^ 1]) + content[middle + 1:]}[damage])
+    return data
+
+
+@pytest.fixture
+def unraisable(monkeypatch):
+    """The exceptions Python reports as "Exception ignored in ..." (e.g. failed coroutines nobody awaited)."""
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    return reports
+
+
+@pytest.mark.parametrize("damage", ["emptied", "truncated", "bit_flip"])
+def test_damaged_array_data_falls_back_to_the_newest_good_checkpoint(tmp_path, damage, unraisable):
+    states = save_series(tmp_path)
+    damaged = damage_array_data(tmp_path / "checkpoints" / "3", damage)
+    with pytest.warns(UserWarning, match="step 3 .* is damaged") as caught:
+        _, state, meta = training.resume(tmp_path, states[1], 1, 3)
+    assert meta["step"] == 2 and np.array_equal(np.asarray(state["w"]), np.asarray(states[2]["w"]))
+    if damage == "bit_flip":  # Orbax reads these bytes without complaint: the checksum recorded at commit tells
+        assert str(damaged.relative_to(tmp_path / "checkpoints" / "3")) in str(caught[0].message)
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "checkpoints_corrupt").iterdir()) == ["3"]
+    assert unraisable == []  # no "Exception ignored in <coroutine ...>" tracebacks
+
+
+def test_with_no_good_checkpoint_training_restarts_from_step_0_with_a_warning(tmp_path, unraisable):
+    states = save_series(tmp_path, steps=(1, 2))
+    for step in (1, 2):
+        damage_array_data(tmp_path / "checkpoints" / str(step), "truncated")
+    with pytest.warns(UserWarning, match="No intact checkpoint is left .* restarts from step 0"):
+        _, state, meta = training.resume(tmp_path, states[1], 1, 2)
+    assert meta is None and state is states[1]
+    assert unraisable == []
+
+
+TOY_TRAINING_PROGRAM = '''
+"""A toy training program: one checkpoint of a state of config.size numbers, resumed when present."""
+import jax.numpy as jnp
+
+from sentcomp import training
+
+
+def check_config(config):
+    pass
+
+
+def run(config, workdir):
+    state = {"w": jnp.zeros(config.size), "step": jnp.array(0)}
+    manager, state, meta = training.resume(workdir, state, 1, 2)
+    if meta is None:
+        training.save_checkpoint(manager, state, {"step": 1})
+    manager.close()
+    return {"size": config.size}
+'''
+
+
+def test_a_refused_resume_leaves_a_finished_run_as_it_was(cli, toy, tmp_path):
+    """A checkpoint the new config cannot continue (here: another state shape) stops the run before it changed
+    anything: done.json, config.json and runs.jsonl stay as they were, and the original command still works."""
+    (toy.parent / "sentcomp_faults_training.py").write_text(TOY_TRAINING_PROGRAM)
+    workdir = tmp_path / "run"
+    program = "--config.program=sentcomp_faults_training"
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program))
+    record = {name: (workdir / name).read_bytes() for name in ("done.json", "config.json", "runs.jsonl")}
+    line = error_line(cli(f"--config={toy}", f"--workdir={workdir}", program, "--config.size=5",
+                          "--resume_may_change=size"))
+    assert "Cannot restore the checkpoint at step 1" in line
+    assert {name: (workdir / name).read_bytes() for name in record} == record
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program))
+
+
 # ------------------------------------------------------------------------ 5. quiet data damage
 
 CSV_CASES = {

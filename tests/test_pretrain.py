@@ -176,6 +176,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
+def test_a_finished_run_with_truncated_array_data_recomputes_its_last_steps_bit_exactly(uninterrupted, tmp_path):
+    """A finished run's latest checkpoint whose array data was cut short (a full disk, a killed copy): re-running
+    the command falls back to the previous checkpoint, trains the last steps again and ends complete with the
+    uninterrupted parameters."""
+    workdir = tmp_path / "truncated"
+    shutil.copytree(uninterrupted, workdir)
+    assert all((workdir / "checkpoints" / str(step) / training.CHECKSUM_FILE).is_file() for step in (12, 16))
+    data = max((path for path in (workdir / "checkpoints" / "16" / "state").rglob("*")
+                if path.is_file() and path.parent.name == "d"), key=lambda path: path.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* is damaged"):
+        runner.run_program(tiny_config(loss="quad"), workdir)
+    assert runner.read_done(workdir)["steps"] == 16 and checkpoint_steps(workdir) == [12, 16]
+    expected = final_params(uninterrupted)
+    for name, value in final_params(workdir).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
 def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(uninterrupted, tmp_path):
     """Only damage falls back: a valid checkpoint of another shape (the config changed under the runner's check,
     as a direct ``run`` call can) stops with a clear error; the checkpoints and metrics are left as they were."""

@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 
 from sentcomp import parallel, storage
-from sentcomp.errors import SentcompError
+from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.launcher import config_files, provenance, stages
 
 CONFIG_FILE = "config.json"
@@ -59,6 +59,7 @@ RESUME_MAY_CHANGE = "resume_may_change"
 # what the launcher itself writes in a workdir, and caches keyed by everything that determines their content
 RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, "error.txt", "log.txt")
 KEYED_CACHES = ("features", "corpus")
+RESTORED_ON_REFUSAL = (DONE_FILE, CONFIG_FILE, "runs.jsonl")  # see record_kept_on_refusal
 
 
 def import_program(config: ml_collections.ConfigDict):
@@ -219,7 +220,7 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     except OSError as error:
         raise SentcompError(f"Cannot create --workdir {workdir} ({error.strerror}): pass a directory you can "
                             "write.") from None
-    with exclusive(workdir):
+    with exclusive(workdir), record_kept_on_refusal(workdir):
         if parallel.is_main_process():
             (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
             storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
@@ -231,6 +232,24 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
             storage.write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
     logging.info("Finished %s in %s", config.get("program", "a composed config"), workdir)
     return returned
+
+
+@contextlib.contextmanager
+def record_kept_on_refusal(workdir: Path):
+    """Puts the workdir's record (:data:`RESTORED_ON_REFUSAL`) back as it was when the program raises
+    :class:`ResumeRefused` (it refused to continue the workdir before changing anything in it), so a finished run
+    stays finished and the command that wrote it still resumes it."""
+    before = {name: (workdir / name).read_bytes() if (workdir / name).is_file() else None
+              for name in RESTORED_ON_REFUSAL} if parallel.is_main_process() else {}
+    try:
+        yield
+    except ResumeRefused:
+        for name, content in before.items():
+            if content is None:
+                (workdir / name).unlink(missing_ok=True)
+            else:
+                storage.write_bytes(workdir / name, content)
+        raise
 
 
 def writable(workdir: Path) -> bool:
