@@ -82,6 +82,7 @@ def check_config_flags(args: list[str]):
             raise SentcompError(f"This config has no {key} field: list the keys allowed to change with "
                                 f"--{key}=key1,key2 (a flag of its own, not --config.{key}).")
         config_files.check_key(config, key)
+        config_files.check_unlinked_override(config, key)
     return config
 
 

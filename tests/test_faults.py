@@ -237,6 +237,26 @@ def test_smoke_and_sweep_never_drop_an_explicit_value(cli, toy, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+QUAD_VS_XENT = f"{EXPERIMENTS_DIR}/quad_vs_xent.py:smoke"
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_an_override_of_one_linked_stage_field_is_refused_naming_the_shared_key(cli, tmp_path, sweep):
+    """quad_vs_xent links each stage's learning rate to config.learning_rate (get_ref): setting one stage's would
+    write through the link into the other arm (and a sweep point would reset it)."""
+    workdir = tmp_path / "run"
+    line = error_line(cli(f"--config={QUAD_VS_XENT}", f"--workdir={workdir}", "--dry_run", *["--sweep"] * sweep,
+                          "--config.stages.pretrain_xent.optimizer.learning_rate=0.05"))
+    assert "linked to config.learning_rate" in line and "stages.pretrain_quad.optimizer.learning_rate" in line
+    assert "--config.learning_rate=" in line and not workdir.exists()
+
+
+def test_the_shared_key_sets_every_linked_field(cli, tmp_path):
+    out = ok(cli(f"--config={QUAD_VS_XENT}", f"--workdir={tmp_path / 'run'}", "--dry_run",
+                 "--config.learning_rate=0.05"))
+    assert out.count("learning_rate: 0.05") == 3  # the shared key and both pretraining stages
+
+
 @pytest.mark.parametrize("where", ["file", "under_file"])
 def test_a_workdir_that_is_or_is_under_a_file(cli, toy, tmp_path, where):
     (tmp_path / "f").write_text("")

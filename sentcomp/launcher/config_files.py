@@ -158,6 +158,33 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
     _walk_to_parent(config, key)
 
 
+def linked_groups(config: ml_collections.ConfigDict, prefix: str = "",
+                  groups: dict[int, list[str]] | None = None) -> list[list[str]]:
+    """The dotted keys of ``config`` that share one ``FieldReference`` (``b = config.get_ref("a")`` links ``b`` to
+    ``a``: setting either sets both), as groups of two or more, each shallowest key first (the shared setting)."""
+    groups = {} if groups is None else groups
+    for key, value in config.items(preserve_field_references=True):
+        if isinstance(value, config_dict.FieldReference):
+            groups.setdefault(id(value), []).append(f"{prefix}{key}")
+        elif isinstance(value, ml_collections.ConfigDict):
+            linked_groups(value, f"{prefix}{key}.", groups)
+    if prefix:
+        return []
+    return [sorted(keys, key=lambda name: name.count(".")) for keys in groups.values() if len(keys) > 1]
+
+
+def check_unlinked_override(config: ml_collections.ConfigDict, key: str) -> None:
+    """An override of a field linked to a shared setting (:func:`linked_groups`) would write through the link and
+    change every field of the group, e.g. both arms of an experiment: refused, naming the shared key to set."""
+    for group in linked_groups(config):
+        if key in group[1:]:
+            others = ", ".join(name for name in group if name != key)
+            raise SentcompError(
+                f"--config.{key} is linked to config.{group[0]} (shared with {others}): setting it would change "
+                f"every one of them. Set --config.{group[0]}=... to change them all; to change {key} alone, edit "
+                "the config file.")
+
+
 def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A copy of ``config`` with the dotted keys of ``values`` set, e.g. ``{"model.dim": 64}``.
 

@@ -22,7 +22,9 @@ run's headline (its ``done.json``) is its last stage's.
 
 **Shared settings.** A stage field linked to a top-level field with ``config.get_ref("name")`` follows it, so a
 sweep point (or ``--config.name=value``) that sets ``name`` changes every linked stage at once: a sweep point is a
-whole composed experiment, run into ``SWEEP_DIR/<point>/<stage>/``.
+whole composed experiment, run into ``SWEEP_DIR/<point>/<stage>/``. ``--config.<linked stage field>=value``
+would write through the link too: the command line refuses it, naming the shared key
+(:func:`sentcomp.launcher.config_files.check_unlinked_override`).
 
 This module imports neither JAX nor any program; it only reads and rewrites configs.
 """
