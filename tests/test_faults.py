@@ -251,6 +251,15 @@ def test_an_override_of_one_linked_stage_field_is_refused_naming_the_shared_key(
     assert "--config.learning_rate=" in line and not workdir.exists()
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    (f"{PRETRAIN},loss=quad", "argument loss=quad sets loss, which the sweep sets"),
+    (f"{TABLE1},task=sst2", "argument task=sst2 sets tasks, which the sweep sets"),
+])
+def test_a_sweep_refuses_a_config_argument_it_would_drop(cli, tmp_path, spec, message):
+    line = error_line(cli(f"--config={spec}", f"--workdir={tmp_path / 'sweep'}", "--sweep", "--dry_run"))
+    assert message in line and not (tmp_path / "sweep").exists()
+
+
 def test_the_shared_key_sets_every_linked_field(cli, tmp_path):
     out = ok(cli(f"--config={QUAD_VS_XENT}", f"--workdir={tmp_path / 'run'}", "--dry_run",
                  "--config.learning_rate=0.05"))

@@ -94,6 +94,20 @@ def check_args_kept(config: ml_collections.ConfigDict, arg: str | None, path: st
                                 f"--config.{name}=...")
 
 
+def keys_set_by_arguments(spec: str) -> dict[str, list[str]]:
+    """For each ``name=value`` argument of ``"experiments/X.py:arg"``: the dotted config keys whose value it
+    decides (those that differ when the argument is left out), e.g. ``{"loss=quad": ["loss", ...]}``."""
+    path, arg = split_spec(spec)
+    items = [item for item in (arg or "").split(",") if "=" in item]
+    full = storage.flatten(to_plain(load_config(spec)))
+    decided = {}
+    for item in items:
+        rest = ",".join(other for other in (arg or "").split(",") if other != item)
+        without = storage.flatten(to_plain(load_config(f"{path}:{rest}" if rest else path)))
+        decided[item.strip()] = sorted(key for key in full.keys() | without.keys() if full.get(key) != without.get(key))
+    return decided
+
+
 def load_sweep(spec: str) -> list[dict[str, Any]]:
     """The sweep points of ``"experiments/X.py:arg"``: ``get_sweep(arg)`` (or ``get_sweep()`` if it takes none)."""
     path, arg = split_spec(spec)
