@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -469,23 +469,41 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
 RESUME_MAY_CHANGE = "resume_may_change"
 
 
-def resume_settings(config) -> str:
-    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but
-    :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. ``mesh``: a checkpoint restores onto any mesh shape, and the keys
-    it lists in ``resume_may_change``): stored in every checkpoint's meta and required equal on resume, so
-    ``run(config, workdir)`` never continues a run trained under other settings."""
-    may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
-    return storage.settings_fingerprint(config.to_dict(), ignore=may_change)
+def resume_settings(config) -> dict[str, Any]:
+    """The settings a training run's checkpoints belong to, key by key: ``config`` flattened to dotted keys (JSON
+    values) minus :data:`sentcomp.storage.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
+    and ``resume_may_change`` itself. Stored in every checkpoint's meta and required equal on resume except for the
+    keys the resuming config lists in ``resume_may_change`` (:func:`settings_differences`), so
+    ``run(config, workdir)`` never continues a run trained under other settings, and a key the user may change
+    (``num_steps`` to train longer) is compared only when it is not listed."""
+    plain = storage.flatten(json.loads(config.to_json_best_effort()))
+    return {key: value for key, value in plain.items()
+            if not storage.is_under(key, (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS))}
+
+
+def settings_differences(recorded: Any, current: Mapping[str, Any], may_change: Sequence[str]) -> list[str]:
+    """Lines ``key: recorded -> current`` for the settings (:func:`resume_settings`) that differ, except the keys
+    under ``may_change``. ``recorded`` may be the single fingerprint checkpoints held before settings were recorded
+    key by key (then only "differ" or not can be told)."""
+    if isinstance(recorded, str):
+        kept = {key: value for key, value in current.items() if not storage.is_under(key, may_change)}
+        return [] if recorded == storage.content_hash(kept) else [
+            "settings: this older checkpoint holds a fingerprint of them, not their values"]
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    return [f"{key}: {recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}"
+            for key in sorted(recorded.keys() | current.keys())
+            if not storage.is_under(key, may_change) and recorded.get(key, "<absent>") != current.get(key, "<absent>")]
 
 
 def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = False,
-           expected: dict[str, Any] | None = None):
+           expected: dict[str, Any] | None = None, may_change: Sequence[str] = ()):
     """``(manager, state, meta)``: a checkpoint manager for ``workdir/checkpoints`` and the newest readable
     checkpoint restored into ``state``'s shapes and shardings (:func:`restore_latest`), with the metrics lines
     logged after it dropped; ``meta`` is None (and ``state`` returned as given) when there is none.
 
-    ``expected`` (e.g. the seeds) must equal the same entries of the checkpoint's meta, else resuming would
-    continue another run: a :class:`SentcompError` says so.
+    ``expected`` (e.g. the seeds, and ``"settings"``: :func:`resume_settings`) must equal the same entries of the
+    checkpoint's meta (the settings except the keys under ``may_change``), else resuming would continue another
+    run: :class:`ResumeRefused` says so, before anything in the workdir changed.
     """
     factory = functools.partial(checkpoint_manager, workdir, every, keep, asynchronous)
     manager, restored, meta = restore_latest(factory(), state, workdir, factory)
@@ -493,10 +511,16 @@ def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = Fal
         if parallel.is_main_process() and (workdir / METRICS_FILE).exists():
             truncate_metrics(workdir, 0)  # a run that died before its first checkpoint starts again from step 0
         return manager, state, None
-    if expected and {key: meta.get(key) for key in expected} != expected:
-        raise ResumeRefused(f"The checkpoint in {workdir} was trained with {meta} but the config has {expected} "
-                            "(settings: the fingerprint of the config, training.resume_settings): resume with the "
-                            "config that wrote it, or use a new workdir.")
+    expected = dict(expected or {})
+    differences = (settings_differences(meta.get("settings"), expected.pop("settings"), may_change)
+                   if "settings" in expected else [])
+    differences += [f"{key}: {meta.get(key)!r} -> {value!r}" for key, value in expected.items()
+                    if meta.get(key) != value]
+    if differences:
+        manager.close()
+        raise ResumeRefused(f"The checkpoint in {workdir} was trained with other settings ({'; '.join(differences)}): "
+                            "resume with the config that wrote it, list the keys allowed to change with "
+                            "--resume_may_change=key1,key2, or use a new workdir.")
     if parallel.is_main_process():
         truncate_metrics(workdir, int(meta["step"]))
     return manager, restored, meta

@@ -618,7 +618,7 @@ def test_with_no_good_checkpoint_training_restarts_from_step_0_with_a_warning(tm
 
 
 TOY_TRAINING_PROGRAM = '''
-"""A toy training program: one checkpoint of a state of config.size numbers, resumed when present."""
+"""A toy training program: a state of config.size numbers, resumed when present; each run adds a checkpoint."""
 import jax.numpy as jnp
 
 from sentcomp import training
@@ -630,11 +630,13 @@ def check_config(config):
 
 def run(config, workdir):
     state = {"w": jnp.zeros(config.size), "step": jnp.array(0)}
-    manager, state, meta = training.resume(workdir, state, 1, 2)
-    if meta is None:
-        training.save_checkpoint(manager, state, {"step": 1})
+    settings = {"settings": training.resume_settings(config)}
+    manager, state, meta = training.resume(workdir, state, 1, 2, expected=settings,
+                                           may_change=config.get("resume_may_change", ()))
+    step = 1 if meta is None else meta["step"] + 1  # every run trains one more step
+    training.save_checkpoint(manager, state, {"step": step, **settings})
     manager.close()
-    return {"size": config.size}
+    return {"size": config.size, "note": config.note}
 '''
 
 
@@ -651,6 +653,30 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(cli, toy, tmp_path):
     assert "Cannot restore the checkpoint at step 1" in line
     assert {name: (workdir / name).read_bytes() for name in record} == record
     ok(cli(f"--config={toy}", f"--workdir={workdir}", program))
+
+
+def test_resume_may_change_lets_a_finished_training_run_continue_under_the_changed_key(cli, toy, tmp_path):
+    """Keys the user may change are compared only when not listed: a finished run continues with a changed key it
+    lists, a listed key left unchanged is no change at all, and the command that wrote it still resumes it."""
+    (toy.parent / "sentcomp_faults_training.py").write_text(TOY_TRAINING_PROGRAM)
+    workdir = tmp_path / "run"
+    program = "--config.program=sentcomp_faults_training"
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program))
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program, "--resume_may_change=fail"))
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program, "--config.note=longer", "--resume_may_change=note"))
+    assert runner.read_done(workdir) == {"size": 3, "note": "longer"}
+    ok(cli(f"--config={toy}", f"--workdir={workdir}", program, "--config.note=longer"))
+
+
+def test_checkpoint_settings_are_compared_key_by_key_except_the_listed_ones(toy):
+    config = runner.config_files.load_config(str(toy))
+    recorded = training.resume_settings(config)
+    assert training.settings_differences(recorded, {**recorded, "size": 9}, ()) == ["size: 3 -> 9"]
+    assert training.settings_differences(recorded, {**recorded, "size": 9}, ("size",)) == []
+    # a checkpoint written before settings were recorded key by key holds their fingerprint
+    fingerprint = storage.settings_fingerprint(config.to_dict(), ignore=("resume_may_change", *storage.EXECUTION_KEYS))
+    assert training.settings_differences(fingerprint, recorded, ()) == []
+    assert training.settings_differences(fingerprint, {**recorded, "size": 9}, ()) != []
 
 
 # ------------------------------------------------------------------------ 5. quiet data damage

@@ -253,7 +253,8 @@ def run(config, workdir) -> dict[str, Any]:
     optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
     manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
-                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
+                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds,
+                                  may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
