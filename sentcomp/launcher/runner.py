@@ -90,14 +90,20 @@ def holds_results(workdir: Path) -> bool:
     return any(entry.name not in RECORD_FILES + KEYED_CACHES for entry in Path(workdir).iterdir())
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_resume(config: ml_collections.ConfigDict, workdir: Path,
+                 record: ml_collections.ConfigDict | None = None) -> None:
     """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change`` and the
     :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. the mesh).
 
     Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
     replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1
     cells, checkpoints, feature caches); and a run that never produced results (:func:`holds_results`, e.g. one
-    that failed at once) is replaced by the corrected config."""
+    that failed at once) is replaced by the corrected config.
+
+    ``record`` is what ``config.json`` holds for ``config`` when they differ: a stage's config as written, its stage
+    references (``"stage:NAME"``) unresolved, so a composed experiment moved, renamed or copied elsewhere still
+    matches its record. (A stage recorded with absolute paths, before records kept references, matches
+    ``config``.)"""
     recorded_path = Path(workdir) / CONFIG_FILE
     if not recorded_path.exists():
         return
@@ -107,6 +113,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
         return
     may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
     differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
+    if differences and record is not None:  # a stage: recorded with its stage references as written
+        differences = config_files.config_diff(recorded, config_files.to_plain(record), may_change)
     if differences and not holds_results(workdir):
         warnings.warn(f"{workdir} holds a run with another config that produced no results "
                       f"({'; '.join(differences)}); this run replaces it.", stacklevel=2)
@@ -136,7 +144,8 @@ def check_program_config(program, config: ml_collections.ConfigDict) -> None:
         check(config)
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True):
+def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True,
+             record: ml_collections.ConfigDict | None = None):
     """All checks that must pass before any work starts (also those of ``--dry_run``); returns the program
     module, or None for a composed config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against
     its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks
@@ -145,14 +154,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_che
     if stages.is_composed(config):
         config_files.check_required(config)
         for name, stage in stages.stage_configs(config, workdir):
-            validate(stage, Path(workdir) / name, not stages.has_references(config[stages.STAGES][name]))
+            validate(stage, Path(workdir) / name, not stages.has_references(config[stages.STAGES][name]),
+                     record=config[stages.STAGES][name])
         check_resume(config, Path(workdir))
         return None
     program = import_program(config)
     config_files.check_required(config)
     if program_checks:
         check_program_config(program, config)
-    check_resume(config, Path(workdir))
+    check_resume(config, Path(workdir), record)
     return program
 
 
@@ -199,18 +209,20 @@ def run_stages(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     for index, ((name, stage), done) in enumerate(zip(staged, stages_complete(config, workdir))):
         print(f"[stages] {index + 1}/{len(staged)} {name}: {'complete, skipped' if done else 'running'}", flush=True)
         if not done:
-            run_program(stage, workdir / name)
+            run_program(stage, workdir / name, record=config[stages.STAGES][name])
     return read_done(workdir / staged[-1][0])
 
 
-def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
-    """Validates, records ``config.json`` and this start (``runs.jsonl``), runs ``config.program`` in ``workdir``
-    (a composed config: each of its stages, :func:`run_stages`), then writes ``done.json``.
+def run_program(config: ml_collections.ConfigDict, workdir: str | Path,
+                record: ml_collections.ConfigDict | None = None):
+    """Validates, records ``config.json`` (``record`` if given: a stage's config with its stage references as
+    written, :func:`check_resume`) and this start (``runs.jsonl``), runs ``config.program`` in ``workdir`` (a
+    composed config: each of its stages, :func:`run_stages`), then writes ``done.json``.
 
     Returns what the program's ``run`` returned (a composed config: its last stage's headline).
     """
     workdir = Path(workdir)
-    program = validate(config, workdir)
+    program = validate(config, workdir, record=record)
     done = read_done(workdir) if parallel.is_main_process() else None
     if done is not None and not writable(workdir):
         print(f"{workdir} holds a complete run and cannot be written; its headline (done.json): {done}")
@@ -223,7 +235,7 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     with exclusive(workdir), record_kept_on_refusal(workdir):
         if parallel.is_main_process():
             (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
-            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
+            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config if record is None else record))
             provenance.record_start(workdir)
         parallel.sync("sentcomp_workdir_ready")
         logging.info("Running %s in %s", config.get("program", "a composed config"), workdir)
