@@ -39,6 +39,7 @@ from sentcomp.main import run_cli
 
 TABLE1 = f"{EXPERIMENTS_DIR}/table1.py:smoke"
 PRETRAIN = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
+QUAD_VS_XENT = f"{EXPERIMENTS_DIR}/quad_vs_xent.py:smoke"
 
 TOY_PROGRAM = '''
 """A toy program: writes results.json with twice config.size; fails late when config.fail is set."""
@@ -129,6 +130,8 @@ PROGRAM_MISTAKES = [
     (TABLE1, "--config.model=/nonexistent/model", "Model directory '/nonexistent/model' does not exist"),
     (TABLE1, "--config.columns=('f','nope')", "Unknown feature columns ['nope']"),
     (PRETRAIN, "--config.data.seq_len=0", "config.data.seq_len must be ≥ 1"),
+    (PRETRAIN, "--config.data.seq_len=65", "data.seq_len=65 exceeds the model's context of 64"),
+    (QUAD_VS_XENT, "--config.stages.pretrain_quad.data.seq_len=65", "data.seq_len=65 exceeds the model's context"),
     (PRETRAIN, "--config.eval_batch_size=0", "config.eval_batch_size must be ≥ 1"),
     (PRETRAIN, "--config.optimizer.learning_rate=-0.001", "learning_rate must be > 0"),
     (f"{EXPERIMENTS_DIR}/kernel_check.py:smoke", "--config.dim=0", "config.dim must be ≥ 1"),
@@ -235,9 +238,6 @@ def test_smoke_and_sweep_never_drop_an_explicit_value(cli, toy, tmp_path):
     line = error_line(cli(f"--config={toy}", f"--workdir={tmp_path / 'b'}", "--sweep", "--config.size=5"))
     assert "--config.size overrides a key the sweep sets" in line
     assert not (tmp_path / "b").exists()
-
-
-QUAD_VS_XENT = f"{EXPERIMENTS_DIR}/quad_vs_xent.py:smoke"
 
 
 @pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])

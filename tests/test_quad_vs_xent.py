@@ -254,6 +254,21 @@ def test_a_moved_experiment_resumes_and_reprints(toy, tmp_path, monkeypatch, cap
     assert runner.read_done(moved / "third") == {"value": 1.0, "read": "", "read_path": ""}
 
 
+def test_a_stage_that_failed_at_start_is_replaced_by_the_corrected_config(toy, tmp_path):
+    """The failed first stage left only its record (config.json, runs.jsonl, .lock): neither it nor the composed
+    workdir holds results, so the corrected command takes both over."""
+    workdir = tmp_path / "run"
+    (tmp_path / "fail_first").touch()
+    with pytest.raises(RuntimeError, match="toy failure"):
+        runner.run_program(toy(), workdir)
+    (tmp_path / "fail_first").unlink()
+    corrected = toy()
+    corrected.value = 2.0
+    with pytest.warns(UserWarning, match="produced no results"):
+        runner.run_program(corrected, workdir)
+    assert runner.read_done(workdir)["value"] == 2.0
+
+
 def test_changed_stage_config_is_refused_on_resume(toy, tmp_path):
     runner.run_program(toy(), tmp_path / "run")
     config = toy()

@@ -84,10 +84,16 @@ def import_program(config: ml_collections.ConfigDict):
 
 
 def holds_results(workdir: Path) -> bool:
-    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`)
-    and the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them). A
-    workdir without results may be taken over by a run with another config."""
-    return any(entry.name not in RECORD_FILES + KEYED_CACHES for entry in Path(workdir).iterdir())
+    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`),
+    the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them) and the
+    workdirs of runs inside it (a composed config's stages) that hold none themselves. A workdir without results
+    may be taken over by a run with another config."""
+    def produced(entry: Path) -> bool:
+        if entry.name in RECORD_FILES + KEYED_CACHES:
+            return False
+        return holds_results(entry) if entry.is_dir() and (entry / CONFIG_FILE).is_file() else True
+
+    return any(produced(entry) for entry in Path(workdir).iterdir())
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: Path,

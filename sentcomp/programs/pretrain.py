@@ -217,6 +217,9 @@ def check_config(config) -> None:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
     if config.data.seq_len < 1:
         raise SentcompError(f"config.data.seq_len must be ≥ 1, got {config.data.seq_len}.")
+    if not config.init.source and config.data.seq_len > config.model.n_positions:  # a loaded model: checked in run
+        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of "
+                            f"{config.model.n_positions} (config.model.n_positions): lower one or raise the other.")
     if not config.optimizer.learning_rate > 0:
         raise SentcompError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
     if config.batch_size % config.grad_accum:
