@@ -165,10 +165,12 @@ def model_name(config: dict[str, Any]) -> str:
 
 
 def run_status(path: Path) -> tuple[str, str | None]:
-    """``("failed", last error line)``, ``("done", None)`` or ``("unfinished", None)``."""
-    if (path / ERROR_FILE).is_file():
-        return "failed", last_line((path / ERROR_FILE).read_text())
-    return ("done" if (path / DONE_FILE).is_file() else "unfinished"), None
+    """``("failed", last error line)``, ``("done", None)`` or ``("unfinished", None)``: a ``done.json`` written
+    after the ``error.txt`` (a later run completed the point) is trusted over it."""
+    error, done = path / ERROR_FILE, path / DONE_FILE
+    if error.is_file() and not (done.is_file() and done.stat().st_mtime_ns >= error.stat().st_mtime_ns):
+        return "failed", last_line(error.read_text())
+    return ("done" if done.is_file() else "unfinished"), None
 
 
 def read_run(path: Path, name: str, sweep: str = "", sweep_row: dict[str, Any] | None = None) -> Run:

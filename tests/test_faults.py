@@ -213,6 +213,42 @@ def test_a_busy_workdir_is_refused(cli, toy, tmp_path):
     assert not (workdir / "config.json").exists()
 
 
+@pytest.mark.parametrize("parallel_points", [1, 2], ids=["in_process", "subprocesses"])
+def test_a_sweep_point_another_run_is_writing_is_left_untouched(toy, tmp_path, parallel_points):
+    """A second sweep on the same folder: the point the first is writing gets no error.txt and no log.txt."""
+    from sentcomp.launcher import sweep_runner
+
+    config = runner.config_files.load_config(str(toy))
+    point_dir = tmp_path / "sweep" / "size=1"
+    point_dir.mkdir(parents=True)
+    with runner.exclusive(point_dir):
+        before = sorted(path.name for path in point_dir.iterdir())
+        status, reason = (sweep_runner.run_point if parallel_points == 1 else sweep_runner._run_point_in_subprocess)(
+            runner.config_files.override(config, {"size": 1}), point_dir)
+        assert status == "failed" and "is being written by another run" in reason
+        assert sorted(path.name for path in point_dir.iterdir()) == before == [".lock"]
+
+
+def test_a_run_clears_its_own_stale_error_txt(cli, toy, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "error.txt").write_text("Traceback ...\nRuntimeError: an earlier attempt\n")
+    ok(cli(f"--config={toy}", f"--workdir={workdir}"))
+    assert not (workdir / "error.txt").exists()
+
+
+def test_the_report_trusts_a_later_done_json_over_an_older_error_txt(tmp_path):
+    from sentcomp import report
+
+    (tmp_path / "error.txt").write_text("RuntimeError: an earlier attempt\n")
+    os.utime(tmp_path / "error.txt", (1_000_000, 1_000_000))
+    (tmp_path / "done.json").write_text("{}")
+    assert report.run_status(tmp_path) == ("done", None)
+    os.utime(tmp_path / "error.txt")  # an error after the done.json: the point failed since
+    os.utime(tmp_path / "done.json", (1_000_000, 1_000_000))
+    assert report.run_status(tmp_path) == ("failed", "RuntimeError: an earlier attempt")
+
+
 # ------------------------------------------------------------------------ 2. user mistakes: one error line
 
 BAD_CONFIG_FILES = {

@@ -56,8 +56,9 @@ DONE_FILE = "done.json"
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".lock"
 RESUME_MAY_CHANGE = "resume_may_change"
+ERROR_FILE = "error.txt"  # a failed sweep point's traceback (sentcomp.launcher.sweep_runner)
 # what the launcher itself writes in a workdir, and caches keyed by everything that determines their content
-RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, "error.txt", "log.txt")
+RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, ERROR_FILE, "log.txt")
 KEYED_CACHES = ("features", "corpus")
 RESTORED_ON_REFUSAL = (DONE_FILE, CONFIG_FILE, "runs.jsonl")  # see record_kept_on_refusal
 
@@ -241,6 +242,7 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path,
     with exclusive(workdir), record_kept_on_refusal(workdir):
         if parallel.is_main_process():
             (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
+            (workdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure
             storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config if record is None else record))
             provenance.record_start(workdir)
         parallel.sync("sentcomp_workdir_ready")
@@ -280,6 +282,29 @@ def writable(workdir: Path) -> bool:
     return True
 
 
+class WorkdirBusy(SentcompError):
+    """Another run holds the workdir's lock: this one wrote nothing there (nor must its caller)."""
+
+    def __init__(self, workdir: Path, holder: str):
+        super().__init__(f"{workdir} is being written by another run ({holder or 'another process'}); two runs in "
+                         "one workdir would interleave their results. Wait for it to finish, or use another --workdir.")
+
+
+def busy(workdir: Path) -> WorkdirBusy | None:
+    """The :class:`WorkdirBusy` error if another run holds ``workdir``'s lock now, else None; writes nothing."""
+    try:
+        handle = open(Path(workdir) / LOCK_FILE)
+    except OSError:
+        return None  # no lock file: nobody holds it
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return WorkdirBusy(workdir, handle.read().strip())
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def exclusive(workdir: Path):
     """Holds ``workdir/.lock`` (an exclusive ``flock``, taken by process 0) while a run writes the workdir, so a
@@ -299,10 +324,7 @@ def exclusive(workdir: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise SentcompError(f"{workdir} is being written by another run ({holder}); two runs in one workdir "
-                                "would interleave their results. Wait for it to finish, or use another "
-                                "--workdir.") from None
+            raise WorkdirBusy(workdir, handle.read().strip()) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
