@@ -529,6 +529,40 @@ def test_a_damaged_corpus_cache_is_rebuilt(tmp_path, file, damage):
     assert corpora.read_cached_blocks(folder) is not None  # rebuilt intact
 
 
+@pytest.fixture(scope="module")
+def byte_gpt2():
+    """A tiny random GPT-2 with the byte-level tokenizer (257 tokens, EOS 256)."""
+    from sentcomp.models import gpt2, tokenizers
+
+    config = gpt2.gpt2_config(vocab_size=257, n_embd=16, n_head=2, n_layer=1, n_positions=16)
+    return gpt2.init(config, rng=0, tokenizer=tokenizers.byte_tokenizer())
+
+
+def test_save_hf_of_gpt2_writes_its_tokenizer_and_its_special_ids(byte_gpt2, tmp_path):
+    from sentcomp import models
+
+    models.save_hf(byte_gpt2, tmp_path / "exported")
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert saved["bos_token_id"] == saved["eos_token_id"] == 256 == byte_gpt2.tokenizer.eos_token_id
+    loaded = models.load(str(tmp_path / "exported"))
+    assert len(loaded.tokenizer) == 257
+    assert loaded.tokenizer("ab é")["input_ids"] == byte_gpt2.tokenizer("ab é")["input_ids"]
+
+
+@pytest.mark.parametrize("target", ["non_empty", "file", "under_file"])
+def test_save_hf_refuses_a_target_that_is_not_new_or_empty(byte_gpt2, tmp_path, target):
+    from sentcomp import models
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "vocab.json").write_text("{}")  # another model's tokenizer
+    (tmp_path / "f").write_text("")
+    directory = {"non_empty": tmp_path / "old", "file": tmp_path / "f", "under_file": tmp_path / "f" / "m"}[target]
+    message = {"non_empty": "already holds vocab.json", "file": "it is a file", "under_file": "which is a file"}
+    with pytest.raises(SentcompError, match=message[target]):
+        models.save_hf(byte_gpt2, directory)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["f", "old"]
+
+
 # ------------------------------------------------------------------------ 4. faults during long runs
 
 

@@ -341,8 +341,7 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
                "data_stream_sha256": stream_digest(plan, step)}
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
-        models.save_hf(trained, workdir / "model")
-        trained.tokenizer.save_pretrained(str(workdir / "model"))
+        models.save_hf(trained, workdir / "model", replace=True)  # with its tokenizer
         storage.write_json(workdir / RESULTS_FILE, results)
         plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",
                               prefixes=plots.LEARNING_CURVES)
