@@ -395,6 +395,18 @@ def test_a_missing_data_dir_is_not_a_tfds_error(tmp_path):
         assert "Cannot read TFDS" not in str(error.value)
 
 
+@pytest.mark.parametrize("reader", ["jsonl", "tsv", "csv"])
+def test_line_and_paragraph_separators_are_text_not_line_breaks(tmp_path, reader):
+    """U+2028, U+2029 and U+0085 are valid inside a record: only \\n, \\r\\n and \\r end a line."""
+    text = "one\u2028two\u2029three\x85four"
+    path = tmp_path / "data.txt"
+    path.write_text({"jsonl": json.dumps({"text": text, "label": 1}, ensure_ascii=False) + "\n",
+                     "tsv": f"{text}\t1\n", "csv": f"text,label\n{text},1\n"}[reader], encoding="utf-8")
+    read = {"jsonl": loaders.read_jsonl, "tsv": loaders.read_tsv, "csv": loaders.read_csv}[reader]
+    split = read(path, ["neg", "pos"])
+    assert split.texts == [text] and list(split.labels) == [1]
+
+
 NOT_UTF8 = b"text,label\nfine,1\nab\xe9c,0\n"
 
 
@@ -467,9 +479,13 @@ def test_a_torn_json_line_is_skipped_and_named(tmp_path):
     storage.append_json_line(path, {"key": "b", "value": 2})
     with open(path, "a") as file:
         file.write('{"key": "c", "val')  # a kill mid-append
-    assert read_cells(path) == {"a": {"key": "a", "value": 1}, "b": {"key": "b", "value": 2}}
+    with pytest.warns(UserWarning, match="cells.jsonl, line 3: not valid JSON"):
+        assert read_cells(path) == {"a": {"key": "a", "value": 1}, "b": {"key": "b", "value": 2}}
     with pytest.warns(UserWarning, match="cells.jsonl, line 3: not valid JSON"):
         assert storage.read_json_lines(path) == [{"key": "a", "value": 1}, {"key": "b", "value": 2}]
+    storage.append_json_line(path, {"key": "d", "value": 4})  # the next cell starts a line of its own
+    with pytest.warns(UserWarning, match="cells.jsonl, line 3: not valid JSON"):
+        assert sorted(read_cells(path)) == ["a", "b", "d"]
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
@@ -754,6 +770,8 @@ def test_checkpoint_settings_are_compared_key_by_key_except_the_listed_ones(toy)
 CSV_CASES = {
     "unbalanced_quote_merges_records": ('text,label\n"Great film,1\nBad film,0\nnext",1\nok,0\n',
                                         "line 2: one quoted field runs over 3 lines"),
+    "quote_closed_on_the_next_line": ('text,label\n"Great film,1\nBad film",0\nok,0\n',
+                                      "line 2: one quoted field runs over 2 lines"),
     "unclosed_quote_at_end": ('text,label\nok,0\n"unclosed,1\nmore,0\n', "line 3: malformed CSV"),
     "text_after_closing_quote": ('text,label\n"a"b,1\n', "line 2: malformed CSV"),
 }

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import numbers
 import pickle
@@ -142,7 +143,10 @@ def read_utf8(path: str | Path) -> str:
 
 
 def _read_lines(path: Path, keepends: bool = False) -> list[str]:
-    return read_utf8(path).splitlines(keepends)
+    """The file's lines, split at ``\\n``, ``\\r\\n`` and ``\\r`` only: ``str.splitlines`` also splits at U+2028,
+    U+0085, form feeds, ..., which are text inside a JSONL or TSV record."""
+    lines = list(io.StringIO(read_utf8(path), newline=""))
+    return lines if keepends else [line.rstrip("\r\n") for line in lines]
 
 
 def _non_blank_lines(path: Path):
@@ -193,9 +197,12 @@ def _is_record(line: str, header: Sequence[str], label_column: str, label_names:
 
 def _check_no_merged_records(lines: Sequence[str], is_record, where: str) -> None:
     """A CSV record that spans several physical ``lines`` (a quoted field holding line breaks) must not hold
-    inner lines that are whole records by themselves (``is_record``): that is the mark of an unbalanced quote,
-    which silently merges the records up to the next quote into one text. Raises :class:`SentcompError`."""
-    if any(is_record(line) for line in lines[1:-1]):
+    inner lines that are whole records by themselves (``is_record``), nor start with a line that is one once its
+    opening quote is dropped (a quote closed on the next line instead of this one): that is the mark of an
+    unbalanced quote, which silently merges the records up to the next quote into one text. Raises
+    :class:`SentcompError`."""
+    opening = [lines[0].replace('"', "", 1)] if len(lines) > 1 else []
+    if any(is_record(line.rstrip("\r\n")) for line in [*opening, *lines[1:-1]]):
         raise SentcompError(f"{where}: one quoted field runs over {len(lines)} lines, and some of them look like "
                             "whole records: an unbalanced quote is merging records. Close the quote, or double "
                             'a quote that belongs to the text ("").')

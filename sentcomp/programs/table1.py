@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -196,15 +195,9 @@ def results_fingerprint(config) -> str:
 
 
 def read_cells(path: Path) -> dict[str, dict]:
-    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped, the cell recomputed."""
-    cells = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            cell = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        cells[cell["key"]] = cell
-    return cells
+    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped with a warning
+    (:func:`sentcomp.storage.read_json_lines`), the cell recomputed."""
+    return {cell["key"]: cell for cell in storage.read_json_lines(path)}
 
 
 class CellLog:
