@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pkgutil
+import re
 import sys
 from pathlib import Path
 
@@ -300,6 +301,32 @@ def test_the_shared_key_sets_every_linked_field(cli, tmp_path):
     out = ok(cli(f"--config={QUAD_VS_XENT}", f"--workdir={tmp_path / 'run'}", "--dry_run",
                  "--config.learning_rate=0.05"))
     assert out.count("learning_rate: 0.05") == 3  # the shared key and both pretraining stages
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("pretrain.py:smoke,size=medium", "the argument size=medium has no effect here"),
+    ("checkpoints.py:smoke,corpus=enwiki", "corpus=enwiki was replaced by corpus='lee'"),
+    ("checkpoints.py:smoke,model=EleutherAI/pythia-160m", "the argument model=EleutherAI/pythia-160m has no effect"),
+    ("table1.py:smoke,model=gpt2", "model=gpt2 was replaced by config.model = 'random-gpt2'"),
+])
+def test_a_config_argument_a_variant_overrides_is_refused(cli, tmp_path, spec, message):
+    line = error_line(cli(f"--config={EXPERIMENTS_DIR}/{spec}", f"--workdir={tmp_path / 'run'}", "--dry_run"))
+    assert message in line
+
+
+def documented_specs() -> list[str]:
+    """Every ``--config=experiments/X.py:ARGS`` the docs, the README and the config files show."""
+    root = EXPERIMENTS_DIR.parent
+    texts = [path.read_text() for path in (*EXPERIMENTS_DIR.glob("*.py"), *(root / "docs").glob("*.md"),
+                                           root / "README.md")]
+    found = {match for text in texts for match in re.findall(r"--config=experiments/(\w+\.py:[^\s`'\"]+)", text)}
+    return sorted(found)
+
+
+@pytest.mark.parametrize("spec", documented_specs())
+def test_every_documented_config_argument_list_is_kept(spec):
+    """The rule against dropped arguments (config_files.load_config) refuses none of the documented commands."""
+    runner.config_files.load_config(f"{EXPERIMENTS_DIR}/{spec}")
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])

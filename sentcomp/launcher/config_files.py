@@ -71,10 +71,40 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise SentcompError(f"Config file {path} has no get_config(arg) function.")
-    with _reported(f"{path}: get_config({arg!r})"):
-        config = module.get_config(arg)
+    config = _get_config(module, path, arg)
     check_args_kept(config, arg, path)
+    check_no_argument_dropped(module, path, arg, config)
     return config
+
+
+def _get_config(module, path: str, arg: str | None) -> ml_collections.ConfigDict:
+    with _reported(f"{path}: get_config({arg!r})"):
+        return module.get_config(arg)
+
+
+def check_no_argument_dropped(module, path: str, arg: str | None, config: ml_collections.ConfigDict) -> None:
+    """Every ``name=value`` of ``arg`` must have an effect: one that changes the config on its own (against
+    ``get_config(None)``) but not within ``arg`` (against ``arg`` without it) was overridden by another argument,
+    e.g. a variant (``smoke,size=medium``: smoke sets the model's shape), and the run would silently ignore it.
+    The rule of every config file, applied when it is loaded."""
+    items = [item.strip() for item in (arg or "").split(",") if "=" in item]
+    if not items:
+        return
+    plain = storage.flatten(to_plain(config))
+    default = storage.flatten(to_plain(_get_config(module, path, None)))
+    for item in items:
+        rest = ",".join(other for other in arg.split(",") if other.strip() != item) or None
+        try:
+            alone = storage.flatten(to_plain(module.get_config(item)))
+            without = storage.flatten(to_plain(module.get_config(rest)))
+        except SentcompError:
+            continue  # the arguments need each other: each has an effect
+        decided = sorted(key for key in alone.keys() | default.keys() if alone.get(key) != default.get(key))
+        if decided and plain == without:
+            raise SentcompError(
+                f"{path}:{arg}: the argument {item} has no effect here: another argument of the list sets every "
+                f"field it decides ({', '.join(decided[:4])}{', ...' if len(decided) > 4 else ''}). Drop one of "
+                "them, or set those fields after: --config.KEY=...")
 
 
 def check_args_kept(config: ml_collections.ConfigDict, arg: str | None, path: str) -> None:
@@ -142,14 +172,32 @@ def parse_config_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     A bare name is a flag set to True. Each value takes the type of its default. An unknown name raises
     :class:`SentcompError` listing the accepted ones.
     """
-    parsed = ml_collections.ConfigDict(defaults)
+    parsed = ConfigArguments(defaults)
     for item in filter(None, (arg or "").split(",")):
         name, has_value, text = item.partition("=")
         name = name.strip()
         if name not in defaults:
             raise SentcompError(f"Unknown config argument {name!r}; this config accepts: {', '.join(defaults)}.")
         parsed[name] = _parse_value(name, text.strip(), defaults[name]) if has_value else True
+    parsed.freeze_given(arg)
     return parsed
+
+
+class ConfigArguments(ml_collections.ConfigDict):
+    """The arguments :func:`parse_config_arg` read. Those given explicitly (``name=value``) cannot be set to
+    another value afterwards: a variant that would (``smoke`` setting ``corpus = "lee"`` over ``corpus=enwiki``)
+    raises :class:`SentcompError` instead of silently running another experiment than asked."""
+
+    def freeze_given(self, arg: str | None) -> None:
+        given = {item.partition("=")[0].strip(): item.strip() for item in (arg or "").split(",") if "=" in item}
+        object.__setattr__(self, "_given", given)
+
+    def __setitem__(self, key, value):
+        given = self.__dict__.get("_given", {})
+        if key in given and value != self[key]:
+            raise SentcompError(f"The config argument {given[key]} was replaced by {key}={value!r} (another argument "
+                                "of the list, e.g. a variant such as smoke, sets it). Drop one of them.")
+        super().__setitem__(key, value)
 
 
 def _walk_to_parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
