@@ -606,6 +606,45 @@ def test_save_hf_refuses_a_target_that_is_not_new_or_empty(byte_gpt2, tmp_path, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["f", "old"]
 
 
+@pytest.mark.parametrize("file", ["config.json", "done.json"])
+def test_the_report_names_a_record_that_is_json_but_not_an_object(tmp_path, capsys, file):
+    from sentcomp import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"program": "x"}')
+    (run / "done.json").write_text("{}")
+    (run / file).write_text("[1, 2]")
+    assert report.main([str(run), f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / file} holds a JSON list, expected an object" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("out", ["file", "read_only"])
+def test_the_report_names_an_out_folder_it_cannot_write(tmp_path, capsys, monkeypatch, out):
+    from sentcomp import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"program": "x"}')
+    (run / "done.json").write_text('{"accuracy": 0.5}')
+    target = tmp_path / "out"
+    if out == "file":
+        target.write_text("")
+    else:
+        real_mkdir = Path.mkdir
+
+        def read_only_mkdir(self, *args, **kwargs):
+            if self == target:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    assert report.main([str(run), f"--out={target}"]) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot write the report into --out={target}" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------ 4. faults during long runs
 
 
