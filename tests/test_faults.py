@@ -407,6 +407,14 @@ def test_a_missing_local_model_is_named_as_a_path(source):
         models.load(source)
 
 
+def test_a_run_workdir_whose_model_was_deleted_is_named_as_such(tmp_path):
+    from sentcomp import models
+
+    (tmp_path / "config.json").write_text('{"program": "sentcomp.programs.pretrain", "num_steps": 16}')
+    with pytest.raises(SentcompError, match=r"workdir of a sentcomp.programs.pretrain run but holds no model/"):
+        models.load(str(tmp_path))
+
+
 def test_a_malformed_model_config_through_the_cli(cli, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{")
@@ -471,6 +479,18 @@ def test_a_zero_vocabulary_chunk_is_refused():
 
     with pytest.raises(ValueError, match="chunk_size"):
         kernels.log_partition(jnp.ones((2, 4)), jnp.ones((10, 4)), chunk_size=0)
+
+
+@pytest.mark.parametrize("kernel", ["log_partition", "xent_loss", "quad_loss"])
+def test_an_empty_vocabulary_is_refused_by_name(kernel):
+    from sentcomp import kernels
+
+    h, phi, targets, mask = jnp.ones((1, 2, 4)), jnp.ones((0, 4)), jnp.zeros((1, 2), int), jnp.ones((1, 2), bool)
+    call = {"log_partition": lambda: kernels.log_partition(h[0], phi),
+            "xent_loss": lambda: kernels.xent_loss(h, phi, targets, mask),
+            "quad_loss": lambda: kernels.quad_loss(h, phi, targets, mask)}[kernel]
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        call()
 
 
 # ------------------------------------------------------------------------ 3. corrupt or partial files

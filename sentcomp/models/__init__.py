@@ -84,6 +84,10 @@ def load(source: str, revision: str = "", **options) -> LanguageModel:
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
     model_dir = run_model_dir(hf.resolve_hub_or_dir(source, revision))
     config = hf.read_config(model_dir)
+    if "model_type" not in config and "program" in config:  # the launcher's record of a run
+        raise SentcompError(f"{model_dir} is the workdir of a {config['program']} run but holds no {RUN_MODEL_DIR}/ "
+                            f"with the trained model (the run has not finished, or {RUN_MODEL_DIR}/ was deleted): "
+                            "re-run its command to finish or re-export it, or pass a model directory.")
     if "model_type" not in config:
         raise SentcompError(f"{model_dir}/config.json has no 'model_type'; cannot tell the architecture.")
     return family_module(config["model_type"]).from_hf(model_dir, config, name=source, **options)
