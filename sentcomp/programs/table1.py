@@ -667,7 +667,8 @@ def check_zeroshot_config(config) -> None:
     if not isinstance(zs.ece_bins, int) or zs.ece_bins < 1:
         raise SentcompError(f"config.zeroshot.ece_bins must be a positive number of bins, got {zs.ece_bins!r}.")
     for name in config.tasks:
-        zeroshot_templates(get_task(name), zs)
+        for template in zeroshot_templates(get_task(name), zs)[0]:
+            zeroshot.check_template(template)
 
 
 def _score_options(config) -> dict:
