@@ -571,6 +571,13 @@ def test_a_damaged_feature_chunk_is_recomputed(tmp_path, damage):
     assert not store.has("f", 0)
 
 
+def test_a_feature_chunk_holding_nan_is_named_and_recomputed(tmp_path):
+    store = features._ChunkStore(tmp_path, MANIFEST)
+    store.put("f", 0, np.array([[1.0, np.nan], [0.0, 1.0]], np.float32))  # checksum intact: not a damaged file
+    with pytest.warns(UserWarning, match=r"f.00000.npy holds NaN/inf values; it is recomputed"):
+        assert not store.has("f", 0)
+
+
 CORPUS_FILES = ["manifest.json", "train.npy", "validation.npy"]
 
 
