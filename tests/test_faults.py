@@ -131,6 +131,8 @@ PROGRAM_MISTAKES = [
     (TABLE1, "--config.model=/nonexistent/model", "Model directory '/nonexistent/model' does not exist"),
     (TABLE1, "--config.columns=('f','nope')", "Unknown feature columns ['nope']"),
     (TABLE1, "--config.zeroshot.templates=('{text} It was',)", "holds the placeholder {text}"),
+    (TABLE1, "--config.probe.protocol=papr", "unknown probe protocol 'papr'"),
+    (TABLE1, "--config.probe.n_folds=1", "probe n_folds must be a whole number ≥ 2, got 1"),
     (PRETRAIN, "--config.data.seq_len=0", "config.data.seq_len must be ≥ 1"),
     (PRETRAIN, "--config.data.seq_len=65", "data.seq_len=65 exceeds the model's context of 64"),
     (QUAD_VS_XENT, "--config.stages.pretrain_quad.data.seq_len=65", "data.seq_len=65 exceeds the model's context"),

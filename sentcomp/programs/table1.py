@@ -825,6 +825,9 @@ def check_config(config) -> None:
     if unknown:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
+    pc = config.probe
+    probe.check_settings(pc.protocol, pc.multi_class, n_folds=pc.n_folds, max_iter=pc.max_iter,
+                         n_experiments=pc.n_experiments, samples_per_label=pc.samples_per_label)
     check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
