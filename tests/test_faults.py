@@ -433,6 +433,25 @@ def test_a_missing_data_dir_is_not_a_tfds_error(tmp_path):
         assert "Cannot read TFDS" not in str(error.value)
 
 
+def test_an_empty_data_dir_says_which_files_it_lacks_not_a_tfds_error(tmp_path):
+    with pytest.raises(SentcompError, match=r"No data files for task 'sst2' in .*expected, for each split") as error:
+        loaders.load_task("sst2", tmp_path)
+    assert "TFDS" not in str(error.value)
+
+
+def test_a_data_dir_holding_the_hub_dataset_is_read_as_a_hub_cache(tmp_path):
+    snapshot = tmp_path / "datasets--SetFit--sst2" / "snapshots" / "0123abcd"  # the Hub cache's layout
+    snapshot.mkdir(parents=True)
+    (tmp_path / "datasets--SetFit--sst2" / "refs").mkdir()
+    (tmp_path / "datasets--SetFit--sst2" / "refs" / "main").write_text("0123abcd")
+    for split, texts in {"train": ["good", "bad"], "dev": ["meh"], "test": ["great"]}.items():
+        (snapshot / f"{split}.jsonl").write_text("".join(json.dumps({"text": text, "label": index % 2}) + "\n"
+                                                         for index, text in enumerate(texts)))
+    assert loaders.load_task("sst2", tmp_path)["test"].texts == ["great"]  # auto: the Hub dataset it holds
+    with pytest.raises(SentcompError, match=r"holds the task's Hugging Face Hub dataset: load it with source='hub'"):
+        loaders.load_task("sst2", tmp_path, source="files")
+
+
 @pytest.mark.parametrize("reader", ["jsonl", "tsv", "csv"])
 def test_line_and_paragraph_separators_are_text_not_line_breaks(tmp_path, reader):
     """U+2028, U+2029 and U+0085 are valid inside a record: only \\n, \\r\\n and \\r end a line."""

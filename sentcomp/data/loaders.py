@@ -382,10 +382,13 @@ def load_files(task: Task | str, data_dir: str | Path | None = None) -> dict[str
         if files is None:
             where = f"in {data_dir} (or its subfolders {[task.name, *task.file_dirs]})" if data_dir else \
                 "because no data_dir was given"
+            hub_hint = (f" {data_dir} holds the task's Hugging Face Hub dataset: load it with source='hub' "
+                        "(config.data_source='hub')." if task.hub is not None and data_dir is not None
+                        and _hub_cached(task, data_dir) else "")
             raise SentcompError(
                 f"No data files for task {task.name!r} {where}: expected, for each split {list(task.splits)}, "
                 f"<split>.tsv (sentence<TAB>label), <split>.csv or <split>.jsonl, or the authors' "
-                f"tr_inp.pkl/tr_labels.pkl and te_inp.pkl/te_labels.pkl."
+                f"tr_inp.pkl/tr_labels.pkl and te_inp.pkl/te_labels.pkl.{hub_hint}"
             )
     return {split: read_split_file(file, task) for split, file in files.items()}
 
@@ -469,6 +472,12 @@ def load_hub(task: Task | str, cache_dir: str | Path | None = None, download: bo
             for split, paths in files.items()}
 
 
+def _holds_tfds(task: Task, data_dir) -> bool:
+    """Whether ``data_dir`` has a folder of the task's TFDS dataset (``<data_dir>/<name>/``): else a data_dir
+    given for files is not read as a TFDS directory (whose error would not say what the folder lacks)."""
+    return (Path(data_dir).expanduser() / task.tfds.name.split("/")[0].split(":")[0]).is_dir()
+
+
 def _hub_cached(task: Task, cache_dir) -> bool:
     """Whether the task's Hub dataset is in the local cache (checked without any network access)."""
     try:
@@ -499,8 +508,9 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
     cache dir, default the Hub's; ``download`` lets it fetch the dataset), ``"tfds"`` (``data_dir`` is the TFDS
     data dir; ``download`` lets TFDS fetch and prepare it), ``"builtin"`` (offline corpora), or ``"auto"``:
     built-in data if the task has it, else local files if ``task.files`` is set or ``data_dir`` holds them,
-    else the Hub if the task is there and its dataset is in the default Hub cache (or ``download``), else TFDS
-    if the task is there; otherwise the error says which files ``data_dir`` should hold or, without a
+    else the Hub if the task is there and its dataset is in ``data_dir`` read as a Hub cache or in the default
+    Hub cache (or ``download``), else TFDS if the task is there (with a ``data_dir``: if it has the dataset's
+    TFDS folder); otherwise the error says which files ``data_dir`` should hold or, without a
     ``data_dir``, the Hub download command.
     """
     task = get_task(task)
@@ -514,9 +524,11 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
             source = "builtin"
         elif task.files or (data_dir is not None and find_split_files(task, data_dir) is not None):
             source = "files"
+        elif task.hub is not None and data_dir is not None and _hub_cached(task, data_dir):
+            source = "hub"  # data_dir is a Hub cache holding the task's dataset
         elif task.hub is not None and (download or _hub_cached(task, None)):
             source, data_dir = "hub", None
-        elif task.tfds is not None:
+        elif task.tfds is not None and (data_dir is None or _holds_tfds(task, data_dir)):
             source = "tfds"
         else:
             # raises the error saying what is expected: files if a data_dir was given, else the Hub's download command
