@@ -153,6 +153,17 @@ def test_program_checks_run_before_the_workdir_is_claimed(cli, tmp_path, spec, o
     assert not workdir.exists()
 
 
+def test_more_shots_than_a_class_holds_fail_before_the_model_loads(cli, tmp_path, monkeypatch):
+    from sentcomp import models
+
+    def no_model(config):
+        raise AssertionError("the model was loaded before the shots were checked")
+
+    monkeypatch.setattr(models, "from_config", no_model)
+    line = error_line(cli(f"--config={TABLE1}", f"--workdir={tmp_path / 'run'}", "--config.zeroshot.shots=(0, 100000)"))
+    assert "demonstrations of label" in line and "lower k" in line
+
+
 def test_every_program_has_check_config():
     """The launcher calls ``check_config(config)`` before it claims the workdir: every program module defines one
     taking the config alone (read from the source: importing every program costs seconds)."""

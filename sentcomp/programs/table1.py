@@ -686,6 +686,17 @@ def _demonstrations(variant: ZeroShotVariant, task: Task, train: Split, test: Sp
     return prefix, [int(i) for i in chosen]
 
 
+def check_demonstrations(data: TaskData, zs) -> None:
+    """Every k-shot context of :func:`zeroshot_plan` can be drawn from each split's train set (a balanced one
+    needs ``k / C`` examples of every class): checked once the data is read, before the model loads, instead of
+    failing after every probe ran."""
+    if not zs.enabled:
+        return
+    for k in sorted({variant.k for variant in zeroshot_plan(data.task, zs) if variant.k}):
+        for train, test in data.pairs:
+            sample_demonstrations(train.texts, train.labels, k, zs.seed, zs.balanced, exclude=test.texts)
+
+
 def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
     """Every zero-shot variant cell of :func:`zeroshot_plan` not yet in ``log`` (each holds accuracy, ECE and
     Brier under every scoring rule), then the table's ``zeroshot`` column (template 0, verbalizer 0, k = 0, rule
@@ -840,6 +851,8 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir)
     check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
+    for data in datas:
+        check_demonstrations(data, config.zeroshot)
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
