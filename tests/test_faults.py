@@ -334,7 +334,7 @@ def documented_specs() -> list[str]:
     texts = [path.read_text() for path in (*EXPERIMENTS_DIR.glob("*.py"), *(root / "docs").glob("*.md"),
                                            root / "README.md")]
     found = {match for text in texts for match in re.findall(r"--config=experiments/(\w+\.py:[^\s`'\"]+)", text)}
-    return sorted(found)
+    return sorted(spec for spec in found if (EXPERIMENTS_DIR / spec.split(":")[0]).is_file())
 
 
 @pytest.mark.parametrize("spec", documented_specs())
@@ -639,6 +639,16 @@ def byte_gpt2():
 
     config = gpt2.gpt2_config(vocab_size=257, n_embd=16, n_head=2, n_layer=1, n_positions=16)
     return gpt2.init(config, rng=0, tokenizer=tokenizers.byte_tokenizer())
+
+
+def test_table1_word_columns_on_a_byte_level_model_name_the_columns_to_drop(cli, byte_gpt2, tmp_path):
+    from sentcomp import models
+
+    models.save_hf(byte_gpt2, tmp_path / "byte_model")
+    line = error_line(cli(f"--config={TABLE1}", f"--workdir={tmp_path / 'run'}",
+                          f"--config.model={tmp_path / 'byte_model'}", "--config.columns=('f','subset_logits')",
+                          "--config.zeroshot.enabled=False"))
+    assert "columns ['subset_logits']" in line and "--config.columns=\"('f',)\"" in line
 
 
 def test_save_hf_of_gpt2_writes_its_tokenizer_and_its_special_ids(byte_gpt2, tmp_path):

@@ -155,6 +155,18 @@ def columns_for(task: Task, wanted: Sequence[str]) -> list[str]:
     return [c for c in wanted if FEATURE_COLUMNS[c][1] is None or FEATURE_COLUMNS[c][1] in groups]
 
 
+def check_word_columns(columns: Sequence[str], word_sets: dict[str, WordSet], model: str) -> None:
+    """A word column needs some of its words to be single tokens of the model's tokenizer (none are for a
+    byte-level one): refused before the features are extracted, naming the columns to drop."""
+    empty = [column for column in columns
+             if FEATURE_COLUMNS[column][1] in word_sets and not word_sets[FEATURE_COLUMNS[column][1]].token_ids]
+    if empty:
+        kept = tuple(column for column in columns if column not in empty)
+        raise SentcompError(f"The tokenizer of {model} makes none of the task's words for columns {empty} a single "
+                            "token (a byte-level tokenizer has no word tokens), so these columns have no features: "
+                            f"drop them, e.g. --config.columns=\"{kept}\".")
+
+
 def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: dict[str, WordSet],
                     union: WordSet | None) -> np.ndarray:
     """The ``[N, features]`` matrix of one column from one extraction."""
@@ -460,6 +472,7 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     the raw extraction (its metadata)."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
+    check_word_columns(columns, word_sets, lm.name)
     union = word_set(lm.tokenizer, union_words(groups)) if groups else None
     kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
     extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
