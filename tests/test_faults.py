@@ -136,6 +136,7 @@ PROGRAM_MISTAKES = [
     (PRETRAIN, "--config.data.seq_len=0", "config.data.seq_len must be ≥ 1"),
     (PRETRAIN, "--config.data.seq_len=65", "data.seq_len=65 exceeds the model's context of 64"),
     (QUAD_VS_XENT, "--config.stages.pretrain_quad.data.seq_len=65", "data.seq_len=65 exceeds the model's context"),
+    (QUAD_VS_XENT, "--config.stages.table1_xent.batch_size=0", "config.batch_size must be ≥ 1"),
     (PRETRAIN, "--config.eval_batch_size=0", "config.eval_batch_size must be ≥ 1"),
     (PRETRAIN, "--config.optimizer.learning_rate=-0.001", "learning_rate must be > 0"),
     (f"{EXPERIMENTS_DIR}/kernel_check.py:smoke", "--config.dim=0", "config.dim must be ≥ 1"),

@@ -142,33 +142,42 @@ def check_workdir_path(workdir: Path) -> None:
             raise SentcompError(f"--workdir {workdir} {where}: pass a directory (it is created if missing).")
 
 
-def check_program_config(program, config: ml_collections.ConfigDict) -> None:
+def check_program_config(program, config: ml_collections.ConfigDict, pending: tuple[str, ...] = ()) -> None:
     """The program's own checks, ``check_config(config)`` if its module defines one: cheap checks of values,
     names and paths (sizes > 0, known tasks, data and model found offline) that must pass before the workdir is
-    claimed, so a mistake never leaves a workdir holding a config that produced nothing."""
+    claimed, so a mistake never leaves a workdir holding a config that produced nothing.
+
+    ``pending`` are paths an earlier stage has yet to write (:func:`sentcomp.launcher.stages.reference_targets`):
+    an error that names one of them is left for when the stage starts; any other is raised now."""
     check = getattr(program, "check_config", None)
-    if callable(check):
+    if not callable(check):
+        return
+    try:
         check(config)
+    except SentcompError as error:
+        if not any(path in str(error) for path in pending):
+            raise
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True,
-             record: ml_collections.ConfigDict | None = None):
+             record: ml_collections.ConfigDict | None = None, pending: tuple[str, ...] = ()):
     """All checks that must pass before any work starts (also those of ``--dry_run``); returns the program
     module, or None for a composed config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against
-    its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks
-    (:func:`check_program_config`, ``program_checks``) when it starts, once that output exists."""
+    its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks at once too;
+    only an error naming that output (``pending``, not written yet) waits until the stage starts."""
     check_workdir_path(Path(workdir))
     if stages.is_composed(config):
         config_files.check_required(config)
         for name, stage in stages.stage_configs(config, workdir):
-            validate(stage, Path(workdir) / name, not stages.has_references(config[stages.STAGES][name]),
-                     record=config[stages.STAGES][name])
+            written = config[stages.STAGES][name]
+            validate(stage, Path(workdir) / name, record=written,
+                     pending=tuple(stages.reference_targets(written, workdir)))
         check_resume(config, Path(workdir))
         return None
     program = import_program(config)
     config_files.check_required(config)
     if program_checks:
-        check_program_config(program, config)
+        check_program_config(program, config, pending)
     check_resume(config, Path(workdir), record)
     return program
 
