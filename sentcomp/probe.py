@@ -146,6 +146,29 @@ def unshuffled_stratified_folds(labels: np.ndarray, n_folds: int) -> np.ndarray:
     return folds
 
 
+def check_settings(protocol: str = "paper", multi_class: str = "ovr", cv_metric: str = "accuracy",
+                   n_folds: int | None = None, max_iter: int = 1, n_experiments: int = 1,
+                   samples_per_label: int | None = None) -> None:
+    """The settings of :func:`evaluate` that need no data: a known protocol, multi-class mode and CV metric,
+    ``max_iter`` ≥ 1, and what the protocol uses: ``n_folds`` ≥ 2 (None: the default 5) for cross-validation,
+    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. A program calls it before any
+    work (``check_config``), so a typo does not surface after the model ran."""
+    if protocol not in PROTOCOLS:
+        raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if multi_class not in kernels.MULTI_CLASS_MODES:
+        raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
+    if cv_metric not in CV_METRICS:
+        raise SentcompError(f"cv_metric must be one of {CV_METRICS}, got {cv_metric!r}")
+    minimums = {"max_iter": (max_iter, 1)}
+    if protocol == "mteb":
+        minimums.update(n_experiments=(n_experiments, 1), samples_per_label=(samples_per_label or 1, 1))
+    elif n_folds is not None:
+        minimums["n_folds"] = (n_folds, 2)
+    for name, (value, least) in minimums.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise SentcompError(f"probe {name} must be a whole number ≥ {least}, got {value!r}")
+
+
 def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold index per example: each class shuffled (seeded) and dealt round-robin, continuing across classes,
     so every class is split evenly and fold sizes differ by at most one."""
@@ -440,12 +463,7 @@ def evaluate(
     fits that chose the regularisation there were, and how many of them stopped short of their tolerance), and
     ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
     """
-    if protocol not in PROTOCOLS:
-        raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if multi_class not in kernels.MULTI_CLASS_MODES:
-        raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
-    if cv_metric not in CV_METRICS:
-        raise SentcompError(f"cv_metric must be one of {CV_METRICS}, got {cv_metric!r}")
+    check_settings(protocol, multi_class, cv_metric)
     x_train, x_test = _features(x_train, "x_train"), _features(x_test, "x_test")
     y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
     sets = {"y_test": y_test}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Sequence
 
 import jax
@@ -321,6 +322,19 @@ def check_rule(rule: str) -> None:
         raise SentcompError(f"Unknown zero-shot scoring rule {rule!r}; choose one of {list(SCORING_RULES)}.")
 
 
+_PLACEHOLDER = re.compile(r"\{\w*\}")
+
+
+def check_template(prompt: str) -> None:
+    """A template is appended after the text (``text + prompt``): one holding a format placeholder such as
+    ``{text}`` would be scored literally, braces and all, so it is refused."""
+    placeholder = _PLACEHOLDER.search(prompt)
+    if placeholder:
+        raise SentcompError(f"The zero-shot template {prompt!r} holds the placeholder {placeholder.group()}, but "
+                            "templates are appended after the text (text + template), never formatted: write only "
+                            "what follows the text, e.g. ' This movie is '.")
+
+
 def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: str = "ll", prompt: str | None = None,
               label_words: dict[str, Sequence[str]] | None = None, prefix: str = "", **options) -> ZeroShotResult:
     """Zero-shot (``prefix=""``) or k-shot (``prefix`` from :func:`sentcomp.data.text.demonstration_prefix`)
@@ -333,6 +347,7 @@ def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: s
     """
     task = get_task(task)
     check_rule(rule)
+    check_template(prompt if prompt is not None else task.prompt)
     words, word_labels = verbalizer_words(task.label_names, label_words or task.label_words)
     scores = score_words(lm, texts, prompt if prompt is not None else task.prompt, words, prefix, **options)
     label_scores = rule_scores(scores, word_labels, task.num_classes)

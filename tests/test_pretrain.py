@@ -19,6 +19,7 @@ from flax import traverse_util
 from sentcomp import models, parallel, training
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
+from sentcomp.main import with_resume_may_change
 from sentcomp.models import gpt2
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
@@ -176,6 +177,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
     expected = final_params(uninterrupted)
     for name, value in final_params(workdir).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_a_finished_run_with_truncated_array_data_recomputes_its_last_steps_bit_exactly(uninterrupted, tmp_path):
+    """A finished run's latest checkpoint whose array data was cut short (a full disk, a killed copy): re-running
+    the command falls back to the previous checkpoint, trains the last steps again and ends complete with the
+    uninterrupted parameters."""
+    workdir = tmp_path / "truncated"
+    shutil.copytree(uninterrupted, workdir)
+    assert all((workdir / "checkpoints" / str(step) / training.CHECKSUM_FILE).is_file() for step in (12, 16))
+    data = max((path for path in (workdir / "checkpoints" / "16" / "state").rglob("*")
+                if path.is_file() and path.parent.name == "d"), key=lambda path: path.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* is damaged"):
+        runner.run_program(tiny_config(loss="quad"), workdir)
+    assert runner.read_done(workdir)["steps"] == 16 and checkpoint_steps(workdir) == [12, 16]
+    expected = final_params(uninterrupted)
+    for name, value in final_params(workdir).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_resume_may_change_num_steps_trains_a_finished_run_longer(uninterrupted, tmp_path):
+    """The documented way to train longer: the finished 16-step run continues from its step-16 checkpoint to 20
+    (num_steps is not compared when listed); listing a key left unchanged changes nothing."""
+    workdir = tmp_path / "longer"
+    shutil.copytree(uninterrupted, workdir)
+    runner.run_program(with_resume_may_change(tiny_config(loss="quad"), ["checkpoint.keep"]), workdir)
+    assert runner.read_done(workdir)["steps"] == 16
+    runner.run_program(with_resume_may_change(tiny_config(loss="quad", num_steps=20), ["num_steps"]), workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12, 16, 20] and runner.read_done(workdir)["steps"] == 20
+    assert checkpoint_steps(workdir) == [16, 20]
 
 
 def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(uninterrupted, tmp_path):

@@ -273,6 +273,9 @@ def check_config(config) -> None:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
     if config.data.seq_len < 1:
         raise SentcompError(f"config.data.seq_len must be ≥ 1, got {config.data.seq_len}.")
+    if not config.init.source and config.data.seq_len > config.model.n_positions:  # a loaded model: checked in run
+        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of "
+                            f"{config.model.n_positions} (config.model.n_positions): lower one or raise the other.")
     if not config.optimizer.learning_rate > 0:
         raise SentcompError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
     if config.batch_size % config.grad_accum:
@@ -310,7 +313,8 @@ def run(config, workdir) -> dict[str, Any]:
     optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
     manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
-                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
+                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds,
+                                  may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
@@ -395,8 +399,7 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
                "data_stream_sha256": stream_digest(plan, step)}
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
-        models.save_hf(trained, workdir / "model")
-        trained.tokenizer.save_pretrained(str(workdir / "model"))
+        models.save_hf(trained, workdir / "model", replace=True)  # with its tokenizer
         storage.write_json(workdir / RESULTS_FILE, results)
         plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",
                               prefixes=plots.LEARNING_CURVES)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -159,6 +158,18 @@ def columns_for(task: Task, wanted: Sequence[str]) -> list[str]:
     return [c for c in wanted if FEATURE_COLUMNS[c][1] is None or FEATURE_COLUMNS[c][1] in groups]
 
 
+def check_word_columns(columns: Sequence[str], word_sets: dict[str, WordSet], model: str) -> None:
+    """A word column needs some of its words to be single tokens of the model's tokenizer (none are for a
+    byte-level one): refused before the features are extracted, naming the columns to drop."""
+    empty = [column for column in columns
+             if FEATURE_COLUMNS[column][1] in word_sets and not word_sets[FEATURE_COLUMNS[column][1]].token_ids]
+    if empty:
+        kept = tuple(column for column in columns if column not in empty)
+        raise SentcompError(f"The tokenizer of {model} makes none of the task's words for columns {empty} a single "
+                            "token (a byte-level tokenizer has no word tokens), so these columns have no features: "
+                            f"drop them, e.g. --config.columns=\"{kept}\".")
+
+
 def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: dict[str, WordSet],
                     union: WordSet | None) -> np.ndarray:
     """The ``[N, features]`` matrix of one column from one extraction."""
@@ -200,15 +211,9 @@ def results_fingerprint(config) -> str:
 
 
 def read_cells(path: Path) -> dict[str, dict]:
-    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped, the cell recomputed."""
-    cells = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            cell = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        cells[cell["key"]] = cell
-    return cells
+    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped with a warning
+    (:func:`sentcomp.storage.read_json_lines`), the cell recomputed."""
+    return {cell["key"]: cell for cell in storage.read_json_lines(path)}
 
 
 class CellLog:
@@ -477,6 +482,7 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     the raw extraction (its metadata)."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
+    check_word_columns(columns, word_sets, lm.name)
     union = word_set(lm.tokenizer, union_words(groups)) if groups else None
     kinds = tuple(dict.fromkeys(FEATURE_COLUMNS[c][0] for c in columns)) or ("f",)
     extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
@@ -684,7 +690,8 @@ def check_zeroshot_config(config) -> None:
     if not isinstance(zs.ece_bins, int) or zs.ece_bins < 1:
         raise SentcompError(f"config.zeroshot.ece_bins must be a positive number of bins, got {zs.ece_bins!r}.")
     for name in config.tasks:
-        zeroshot_templates(get_task(name), zs)
+        for template in zeroshot_templates(get_task(name), zs)[0]:
+            zeroshot.check_template(template)
 
 
 def _score_options(config) -> dict:
@@ -700,6 +707,17 @@ def _demonstrations(variant: ZeroShotVariant, task: Task, train: Split, test: Sp
     words = [variant.verbalizer[task.label_names[train.labels[i]]][0] for i in chosen]
     prefix = demonstration_prefix([train.texts[i] for i in chosen], words, variant.template, zs.separator)
     return prefix, [int(i) for i in chosen]
+
+
+def check_demonstrations(data: TaskData, zs) -> None:
+    """Every k-shot context of :func:`zeroshot_plan` can be drawn from each split's train set (a balanced one
+    needs ``k / C`` examples of every class): checked once the data is read, before the model loads, instead of
+    failing after every probe ran."""
+    if not zs.enabled:
+        return
+    for k in sorted({variant.k for variant in zeroshot_plan(data.task, zs) if variant.k}):
+        for train, test in data.pairs:
+            sample_demonstrations(train.texts, train.labels, k, zs.seed, zs.balanced, exclude=test.texts)
 
 
 def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
@@ -842,6 +860,9 @@ def check_config(config) -> None:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
     check_p_f_unscaled(config)
+    pc = config.probe
+    probe.check_settings(pc.protocol, pc.multi_class, n_folds=pc.n_folds, max_iter=pc.max_iter,
+                         n_experiments=pc.n_experiments, samples_per_label=pc.samples_per_label)
     check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
@@ -878,6 +899,8 @@ def run(config, workdir) -> dict:
     check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
     check_p_f_memory(datas, config)
+    for data in datas:
+        check_demonstrations(data, config.zeroshot)
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
