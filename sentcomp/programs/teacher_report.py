@@ -98,7 +98,20 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_config(config) -> None:
+    """What needs no earlier stage's output (checked before the workdir is claimed): at least one student, and
+    Table-1 runs named ``(student, step, run)``, each for a student of ``config.students``."""
+    names = [name for name, _ in config.students]
+    if not names:
+        raise SentcompError("config.students is empty: name at least one (student, distillation run) pair.")
+    unknown = sorted({entry[0] for entry in config.table1_runs} - set(names))
+    if unknown or any(len(entry) != 3 for entry in config.table1_runs):
+        raise SentcompError(f"config.table1_runs must hold (student, step, Table-1 run) triples of the students "
+                            f"{names}; unknown students {unknown}.")
+
+
 def run(config, workdir) -> dict:
+    check_config(config)
     workdir = Path(workdir)
     targets = read_json(Path(config.targets) / "results.json", "teacher-targets")
     rows, columns = list(config.probe_rows), list(config.probe_columns)
