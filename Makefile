@@ -1,4 +1,5 @@
-# The two quick-start commands: `make run` (the main job) and `make test` (the whole suite).
+# The two quick-start commands: `make run` (the main job) and `make test` (the whole suite, CI's command);
+# `make test-fast` is the edit-test loop's tier (no `slow` or `multiprocess` tests: tests/conftest.py).
 # Each creates the virtualenv and installs the pinned dependencies and offline assets on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -9,7 +10,7 @@ PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 install: $(VENV)/.installed
 
@@ -23,9 +24,15 @@ $(VENV)/.installed: setup.py requirements-assets.txt
 run: install
 	$(PY) -m sentcomp.main --config=$(RUN_CONFIG) --workdir=$(WORKDIR)
 
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadscope -q tests
+
 test: install
 	$(VENV)/bin/ruff check .
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadscope -q tests $(PYTEST_ARGS)
+	$(PYTEST) --durations=25 $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PYTEST) -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -24,6 +24,8 @@ CORE = [
 ]
 TFDS = ["tensorflow-datasets==4.9.10"]
 HUB = ["pyarrow==26.0.1"]  # Parquet files of Hugging Face Hub datasets (sentcomp.data.hub); JSON lines need nothing
+# lm-evaluation-harness (sentcomp.lmeval, the only importer of lm_eval): its HF backend imports accelerate
+LMEVAL = ["lm-eval==0.4.13", "accelerate==1.16.0", "datasets==5.2.0"]
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6"]
 
 setup(
@@ -33,5 +35,5 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["sentcomp", "sentcomp.*"]),
     install_requires=CORE,
-    extras_require={"tfds": TFDS, "hub": HUB, "test": TEST + TFDS + HUB},
+    extras_require={"tfds": TFDS, "hub": HUB, "lmeval": LMEVAL, "test": TEST + TFDS + HUB + LMEVAL},
 )

@@ -34,7 +34,8 @@ both losses. Re-running with the same workdir resumes from the last checkpoint.
 ``n_head``; fewer for grouped-query attention) and ``rope_theta`` (10000); ``n_embd``, ``n_layer``, ``n_head``,
 ``n_positions`` are its hidden size, layers, query heads and context (sentcomp.programs.pretrain.hf_model_config).
 ``config.init.source`` (any causal LM sentcomp.models.load reads) replaces family, shape and tokenizer by the
-checkpoint's.
+checkpoint's; ``config.init.phi_from`` / ``config.init.embeddings_from`` take only Φ / the input embeddings from
+such a model (same V and d) and train the rest from scratch.
 
 Produces metrics.jsonl (train loss, validation cross-entropy and Quad loss, tokens/s, and the downstream probe's
 accuracies of f(s) and Φp_f(s) on Rotten Tomatoes every ``probe.every`` steps), results.json, checkpoints/
@@ -93,7 +94,10 @@ def get_config(arg=None):
     if args.family != "gpt2":  # a rotary decoder; 0 = derived (sentcomp.programs.pretrain.hf_model_config)
         config.model.update(intermediate_size=0, num_key_value_heads=0, rope_theta=10000.0)
     config.tokenizer = "gpt2"  # or "bytes" (V = 257); vocab_size 0 = the tokenizer's size
-    config.init = ml_collections.ConfigDict(dict(source="", freeze_phi=False))  # source: e.g. "gpt2"; "" = scratch
+    # source: e.g. "gpt2" (the whole model); "" = scratch. phi_from / embeddings_from: start only Φ / the input
+    # embeddings from that model (any models.load source; shapes must match), the rest from scratch (the authors'
+    # option); with freeze_phi, Φ then stays the pretrained one.
+    config.init = ml_collections.ConfigDict(dict(source="", freeze_phi=False, phi_from="", embeddings_from=""))
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = corpus_config(args.corpus)
@@ -106,7 +110,10 @@ def get_config(arg=None):
     # devices per mesh axis (-1: the rest): batches split over all; "fsdp" > 1 shards parameters and optimiser
     # state over that many devices (sentcomp.parallel.leaf_sharding), e.g. {"data": -1, "fsdp": 8} for GPT-2 xl
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-    config.compute_dtype = "float32"
+    config.compute_dtype = "float32"  # "bfloat16": model and loss in bf16, float32 master weights and optimiser
+    # The loss's matmul precision: "auto" = "high" on GPU (TF32) and TPU (3 bf16 passes), "highest" on CPU; or any
+    # jnp precision ("highest", "high", "default"). log Z and softmax statistics stay float32 (docs/precision.md).
+    config.matmul_precision = "auto"
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=6e-4, warmup_steps=2000, decay="cosine", end_lr_fraction=0.1,
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,

@@ -19,9 +19,10 @@ plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/tabl
     python -m sentcomp.main --config=experiments/table1.py:paper,smoke --workdir=/tmp/table1_paper --sweep
 
 Produces in the workdir: ``results.md`` (rows ``task`` / ``task*`` = with the prompt, columns f(s), Φp_f(s),
-subset logits / log-probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words kept and
-dropped, each probe's chosen C; the zero/few-shot sections: accuracy [95% interval], ECE and Brier of every
-scoring rule at k = 0 and 4, and the prompt-sensitivity table over templates × verbalizers), ``results.json``
+subset logits / log-probs / probs, class-word logits, pos/neg logits, zero-shot; then N train/test, the words
+kept and dropped, each probe's chosen C; the zero/few-shot sections: accuracy [95% interval], ECE and Brier of
+every scoring rule at each k of ``zeroshot.shots`` (default 0 and 2), and the prompt-sensitivity table over
+templates × verbalizers), ``results.json``
 (every number with its configuration), ``cells.jsonl`` (each finished cell, so a killed run resumes) and
 ``features/`` (the feature cache); the table is also printed.
 
@@ -48,7 +49,8 @@ ARG_DEFAULTS = dict(task="rotten_tomatoes", model="smollm2-135m", n_train=MAIN_J
 # The paper's Table 1: its tasks (get_sweep: one point each) and feature columns (p_f, the full V-dimensional
 # distribution, left out: N × V floats on disk for IMDb's 50,000 reviews; its projection A p_f(s) kept).
 PAPER_TASKS = ("sst2", "sst5", "imdb", "agnews", "mpqa", "cr")
-PAPER_COLUMNS = ("f", "phi_p_f", "subset_logits", "class_logits", "posneg_logits", "projected_p_f")
+# subset_probs (p_f(s) on the subset words) is the theory's natural classifier's input, not an authors' column.
+PAPER_COLUMNS = ("f", "phi_p_f", "subset_logits", "subset_probs", "class_logits", "posneg_logits", "projected_p_f")
 
 
 def get_config(arg=None):
@@ -66,7 +68,8 @@ def get_config(arg=None):
     config.seed = 0
     # more: "p_f" (the full next-word distribution, V-dim) and "projected_p_f" (A p_f(s), A a seeded random
     # orthonormal d × V matrix), the paper's other two feature sets
-    config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")
+    config.columns = ("f", "phi_p_f", "subset_logits", "subset_log_probs", "subset_probs", "class_logits",
+                      "posneg_logits")
     config.projection_seed = 0
     config.max_length = 512  # the paper's; longer documents lose their beginning, never the prompt
     config.truncation = "start"
@@ -79,8 +82,11 @@ def get_config(arg=None):
         # positive/negative features ("task:column" cells; f(s), p_f and projected_p_f stay one-vs-rest)
         multinomial_cells=tuple(f"sst5:{column}" for column in (
             "phi_p_f", "subset_logits", "subset_log_probs", "class_logits", "posneg_logits")),
-        standardize=False,
+        standardize=False,  # refused with the p_f column (probed through its kernel: exact only unscaled)
+        p_f_memory_gb=0.0,  # the p_f column's N × N kernel + eigendecomposition must fit: 0 = memory available
         n_folds=5,
+        shuffle_folds=True,  # False: sklearn's unshuffled StratifiedKFold, the authors' LogisticRegressionCV(cv=5)
+        penalize_intercept=False,  # True: liblinear's penalised intercept (the authors' one-vs-rest solver)
         seed=0,
         max_iter=1000,
         n_experiments=10,  # protocol mteb: MTEB's 10 seeded experiments of samples_per_label examples per label

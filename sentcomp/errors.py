@@ -5,6 +5,12 @@ class SentcompError(Exception):
     """A problem the user can fix; the message says what was expected and how to fix it."""
 
 
+class ResumeRefused(SentcompError):
+    """A program refused to continue what its workdir holds (a checkpoint of other settings, one it cannot read
+    for a reason that is not damage) before changing anything there: the launcher then leaves the workdir's
+    record (``done.json``, ``config.json``, ``runs.jsonl``) as it found it."""
+
+
 def check_sizes(config, *keys: str) -> None:
     """Each dotted ``key`` of ``config`` (a count: a size, a batch, a length) must be ≥ 1; otherwise
     :class:`SentcompError` names the first that is not."""

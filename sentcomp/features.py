@@ -50,8 +50,10 @@ Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name
 from __future__ import annotations
 
 import functools
+import io
 import json
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,14 +165,22 @@ class _ChunkStore:
         return self.directory / f"{name}.{chunk:05d}.npy"
 
     def has(self, name: str, chunk: int) -> bool:
-        """Whether the chunk is stored *intact*: its file's bytes hash to the checksum written beside it. A
-        truncated, empty or overwritten chunk counts as missing and is recomputed."""
+        """Whether the chunk is stored *intact* and usable: its file's bytes hash to the checksum written beside it,
+        and it holds no NaN/inf. A truncated, empty or overwritten chunk counts as missing and is recomputed; so
+        does one holding NaN/inf (with a warning naming its file: a numerical failure of the run that wrote it)."""
         if self.directory is None:
             return False
         path = self._path(name, chunk)
         checksum = path.with_suffix(".sha256")
-        return (path.is_file() and checksum.is_file()
-                and storage.content_hash(path.read_bytes()) == checksum.read_text().strip())
+        if not (path.is_file() and checksum.is_file()):
+            return False
+        data = path.read_bytes()
+        if storage.content_hash(data) != checksum.read_text().strip():
+            return False
+        if not np.isfinite(np.load(io.BytesIO(data))).all():
+            warnings.warn(f"The cached feature chunk {path} holds NaN/inf values; it is recomputed.", stacklevel=2)
+            return False
+        return True
 
     def put(self, name: str, chunk: int, array: np.ndarray) -> None:
         if self.directory is None:

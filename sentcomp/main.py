@@ -30,7 +30,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sentcomp import parallel, timings
+from sentcomp import parallel, storage, timings
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
@@ -83,6 +83,7 @@ def check_config_flags(args: list[str]):
             raise SentcompError(f"This config has no {key} field: list the keys allowed to change with "
                                 f"--{key}=key1,key2 (a flag of its own, not --config.{key}).")
         config_files.check_key(config, key)
+        config_files.check_unlinked_override(config, key)
     return config
 
 
@@ -146,10 +147,24 @@ def check_swept_overrides(overrides: list[str], points: list[dict]) -> None:
                             "Drop the override, or change the values in the config file's get_sweep().")
 
 
+def check_swept_arguments(spec: str, points: list[dict]) -> None:
+    """A ``name=value`` config-file argument that decides a key the sweep sets would be replaced at every point,
+    silently: refused, naming both."""
+    swept = {key for point in points for key in point}
+    for item, keys in config_files.keys_set_by_arguments(spec).items():
+        clashes = sorted(key for key in keys if any(storage.is_under(key, [name]) for name in swept))
+        if clashes:
+            raise SentcompError(f"The config argument {item} sets {', '.join(clashes)}, which the sweep sets at every "
+                                f"point (swept: {', '.join(sorted(swept))}), so it would be ignored. Drop the "
+                                "argument, or change the values in the config file's get_sweep().")
+
+
 def sweep_from_flags(config, workdir: str) -> None:
     """``--sweep``: every point of the config file's ``get_sweep()`` into ``workdir/<point>/``."""
-    points = config_files.load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    points = config_files.load_sweep(spec)
     check_swept_overrides(list(config_flags.get_override_values(flags.FLAGS["config"])), points)
+    check_swept_arguments(spec, points)
     if _DRY_RUN.value:
         for point, name in zip(points, sweep.point_names(points)):
             point_config = config_files.override(config, point)

@@ -186,3 +186,25 @@ def sweep_points(points: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], 
         if len(lines) > 1 and index < len(params):
             axis.legend(fontsize=6)
     return save(figure, path, title)
+
+
+def bound_vs_epsilon(series: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+    """The theorem against ε: per model (one colour each), across its checkpoints, the bound ``τ + sqrt(2B²ε)``
+    (solid), the plug-in loss (dashed) and the probe's test loss (dotted, where measured) against ε on a log
+    axis. ``series``: ``{model: [{"epsilon", "bound", "plug_in", "probe_loss"?}, ...]}``."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for index, (name, points) in enumerate(series.items()):
+        colour = f"C{index}"
+        points = sorted(points, key=lambda p: p["epsilon"])
+        eps = [max(p["epsilon"], 1e-9) for p in points]
+        axis.plot(eps, [p["bound"] for p in points], "-o", color=colour, label=f"{name}: bound")
+        axis.plot(eps, [p["plug_in"] for p in points], "--s", color=colour, label=f"{name}: plug-in loss")
+        probes = [(e, p["probe_loss"]) for e, p in zip(eps, points) if is_number(p.get("probe_loss"))]
+        if probes:
+            axis.plot(*zip(*probes), ":^", color=colour, label=f"{name}: probe test loss")
+    axis.set_xscale("log")
+    axis.set_xlabel("ε = mean KL(p_T ‖ p_f) on the task's contexts")
+    axis.set_ylabel("logistic loss")
+    axis.legend(fontsize=7)
+    return save(figure, path, title)

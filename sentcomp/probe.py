@@ -18,10 +18,11 @@ Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, 
   and a refit.
 * ``"mteb"`` — MTEB's classification protocol (``AbsTaskClassification`` with its logistic-regression evaluator):
   ``n_experiments`` (10) experiments, each trained on ``samples_per_label`` (8) training examples per label —
-  the first of each label in a seeded random order of train, all of a label with fewer — by L2 logistic
-  regression with C = 1 and no search (sklearn's ``LogisticRegression()`` defaults), scored on all of test;
+  the first of each label in a seeded random order of train, re-shuffled per experiment as MTEB does
+  (:func:`undersample`), all of a label with fewer — by multinomial L2 logistic regression with C = 1 and no
+  search (MTEB's ``LogisticRegression(max_iter=100)``, sklearn's multinomial lbfgs), scored on all of test;
   accuracy and macro-F1 are the means over the experiments. ``samples_per_label=None`` trains one probe on
-  all of train instead.
+  all of train instead. MTEB's probe is multinomial, so this protocol refuses ``multi_class="ovr"``.
 * ``"ridge"`` — ridge regression onto sklearn ``RidgeClassifier``'s targets (one ±1 column for two classes,
   one-hot otherwise; ``Σ‖y − xᵀW − b‖² + α‖W‖²``), ``α ∈ {10⁻³, …, 10⁶}`` chosen like ``"senteval"`` (dev
   set if given, else k-fold CV and a refit).
@@ -37,6 +38,8 @@ given as ``folds`` (one fold index per training example).
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +83,40 @@ def row_space_features(x, column_chunk: int = 8192) -> np.ndarray:
     return (eigenvectors[:, kept] * np.sqrt(eigenvalues[kept])).astype(np.float32)
 
 
+def row_space_peak_bytes(n: int, d: int | None = None, column_chunk: int = 8192) -> int:
+    """Peak memory of :func:`row_space_features` on ``N = n`` rows of ``d`` columns (None: at least
+    ``column_chunk``, e.g. a vocabulary), in bytes:
+    ``8·(5N² + N·min(d, column_chunk))``: the float64 Gram ``K`` (N²), LAPACK's copy of it, ``dsyevd``'s
+    ≈ 2N² workspace and the eigenvectors (N² each), plus one float64 column block. Measured 2026-12-05 at
+    N = 3,000, d = 3,500 (``ru_maxrss`` growth 438 MiB against 423 MiB predicted)."""
+    return 8 * (5 * n * n + n * min(d or column_chunk, column_chunk))
+
+
+def available_memory_bytes() -> int:
+    """The memory the kernel reports available (``MemAvailable`` of ``/proc/meminfo``), else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_row_space_fits(n: int, d: int | None = None, limit_bytes: int | None = None, what: str = "p_f") -> None:
+    """Refuses, before anything is computed, a :func:`row_space_features` call whose peak memory
+    (:func:`row_space_peak_bytes`) exceeds ``limit_bytes`` (default: the memory available now)."""
+    limit = available_memory_bytes() if limit_bytes is None else int(limit_bytes)
+    need = row_space_peak_bytes(n, d)
+    if need > limit:
+        raise SentcompError(
+            f"The {what} column needs the {n:,} × {n:,} float64 kernel matrix and its eigendecomposition: about "
+            f"{need / 1e9:.1f} GB at peak (the Gram alone {8 * n * n / 1e9:.1f} GB), more than the "
+            f"{limit / 1e9:.1f} GB allowed. Drop the column, use projected_p_f (A p_f(s), d columns, streamed), "
+            "take fewer examples (n_train / n_test), or run it on a machine with more memory."
+        )
+
+
 def paper_c_grid(n_train: int) -> np.ndarray:
     """The authors' C grid: ``10⁻⁶..10³`` (10 values) when ``n_train < 10,000``, else ``10⁻³..10²`` (6)."""
     low, high = (-6, 3) if n_train < PAPER_LARGE_N else (-3, 2)
@@ -97,6 +134,41 @@ def default_grid(protocol: str, n_train: int) -> np.ndarray:
     return 10.0 ** np.arange(-3, 7)
 
 
+def unshuffled_stratified_folds(labels: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold index per example as scikit-learn's ``StratifiedKFold(n_folds)`` without shuffling deals them (what
+    ``LogisticRegressionCV(cv=5)`` uses, and so the authors' recipe): each class's examples, in data order,
+    go to folds in consecutive blocks."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = np.empty(len(labels), np.int64)
+    for fold, (_, test) in enumerate(StratifiedKFold(n_folds).split(np.zeros(len(labels)), labels)):
+        folds[test] = fold
+    return folds
+
+
+def check_settings(protocol: str = "paper", multi_class: str = "ovr", cv_metric: str = "accuracy",
+                   n_folds: int | None = None, max_iter: int = 1, n_experiments: int = 1,
+                   samples_per_label: int | None = None) -> None:
+    """The settings of :func:`evaluate` that need no data: a known protocol, multi-class mode and CV metric,
+    ``max_iter`` ≥ 1, and what the protocol uses: ``n_folds`` ≥ 2 (None: the default 5) for cross-validation,
+    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. A program calls it before any
+    work (``check_config``), so a typo does not surface after the model ran."""
+    if protocol not in PROTOCOLS:
+        raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if multi_class not in kernels.MULTI_CLASS_MODES:
+        raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
+    if cv_metric not in CV_METRICS:
+        raise SentcompError(f"cv_metric must be one of {CV_METRICS}, got {cv_metric!r}")
+    minimums = {"max_iter": (max_iter, 1)}
+    if protocol == "mteb":
+        minimums.update(n_experiments=(n_experiments, 1), samples_per_label=(samples_per_label or 1, 1))
+    elif n_folds is not None:
+        minimums["n_folds"] = (n_folds, 2)
+    for name, (value, least) in minimums.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise SentcompError(f"probe {name} must be a whole number ≥ {least}, got {value!r}")
+
+
 def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold index per example: each class shuffled (seeded) and dealt round-robin, continuing across classes,
     so every class is split evenly and fold sizes differ by at most one."""
@@ -108,13 +180,16 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndar
 
 
 def undersample(labels: np.ndarray, samples_per_label: int, n_experiments: int, seed: int = 0) -> list[np.ndarray]:
-    """MTEB's training subsets, one per experiment: experiment ``e`` walks the rows in the order of the ``e``-th
-    permutation drawn from ``numpy.random.default_rng(seed)`` and keeps the first ``samples_per_label`` rows of
-    each label (every row of a label with fewer). Each subset's row indices are returned sorted."""
-    rng = np.random.default_rng(seed)
+    """MTEB's training subsets, one per experiment, drawn as current MTEB draws them
+    (``AbsTaskClassification._undersample_data``): the row order starts as ``0..N−1``; each experiment shuffles
+    the previous experiment's order in place with a fresh ``numpy.random.RandomState(seed)`` (so experiment ``e``
+    applies the same permutation ``e + 1`` times) and keeps the first ``samples_per_label`` rows of each label in
+    that order (every row of a label with fewer). MTEB's own seed is 42. Each subset's row indices are returned
+    sorted (the probe's fit does not depend on the row order)."""
+    order = np.arange(len(labels))
     subsets = []
     for _ in range(n_experiments):
-        order = rng.permutation(len(labels))
+        np.random.RandomState(seed).shuffle(order)
         ordered = labels[order]
         subsets.append(np.sort(np.concatenate(
             [order[ordered == label][:samples_per_label] for label in np.unique(labels)])))
@@ -164,6 +239,11 @@ def _features(x, name: str) -> np.ndarray:
         f"{name} has {bad.sum()} NaN/inf values in {len(rows)} rows (first rows: {rows[:5].tolist()}); "
         "fix the feature extraction (e.g. fp16 overflow, empty inputs) or drop those rows"
     )
+
+
+def _with_constant_column(x: np.ndarray) -> np.ndarray:
+    """``[x, 1]``: liblinear's synthetic intercept feature (``intercept_scaling=1``)."""
+    return np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
 
 
 def _labels(y, n: int, name: str) -> np.ndarray:
@@ -280,13 +360,14 @@ def _ridge_fits(moments, grid, split_sizes, n_features: int, standardize: bool):
     return kernels.ridge_grid(moments, grid, standardize=standardize, method="eigh"), "eigh"
 
 
-def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_class, standardize, max_iter, tol):
+def _fit(protocol, x_all, y_all, weights, grid, num_classes, folded, *, multi_class, standardize, max_iter, tol,
+         fit_intercept=True):
     """``(fits, solver)`` for every split × grid value. ``folded``: K-fold data laid out by fold
     (``(x [F, M, d], labels [F, M]), mask [F, M]``), or None."""
     if protocol != "ridge":
         return kernels.logistic_regression_grid(
             x_all, y_all, weights, grid, num_classes=num_classes, multi_class=multi_class,
-            standardize=standardize, max_iter=max_iter, tol=tol,
+            standardize=standardize, max_iter=max_iter, tol=tol, fit_intercept=fit_intercept,
         ), "lbfgs"
     if x_all.shape[0] < x_all.shape[1]:  # fewer rows than features: the N × N kernel matrix is the smaller one
         targets = ridge_targets(y_all, num_classes)
@@ -352,6 +433,8 @@ def evaluate(
     cv_metric: str = "accuracy",
     n_experiments: int = MTEB_N_EXPERIMENTS,
     samples_per_label: int | None = MTEB_SAMPLES_PER_LABEL,
+    penalize_intercept: bool = False,
+    shuffle_folds: bool = True,
 ) -> dict:
     """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
 
@@ -362,6 +445,10 @@ def evaluate(
     ``"accuracy"`` (the paper's) or the lowest mean validation ``"loss"`` (the probe's own per-example loss:
     logistic or squared error, see :func:`_example_losses`). ``n_experiments`` and ``samples_per_label`` (seeded
     by ``seed``) are the ``"mteb"`` protocol's undersampling (module docstring; other protocols ignore them).
+    ``penalize_intercept=True`` penalises the intercept like the weights, as liblinear does (sklearn's
+    ``solver="liblinear"``, ``intercept_scaling=1``: ``C Σ ℓ + ½(‖W‖² + ‖b‖²)``; logistic protocols, unscaled
+    features). ``shuffle_folds=False`` deals the stratified folds as scikit-learn's unshuffled
+    ``StratifiedKFold`` (:func:`unshuffled_stratified_folds`, the authors' ``LogisticRegressionCV(cv=5)``).
     Returns a dict with ``test_accuracy``, ``test_macro_f1``, ``test_loss``, ``train_accuracy`` (of the final
     probe, on the rows it was trained on), ``regularisation`` (the chosen C or α, named by
     ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
@@ -376,12 +463,7 @@ def evaluate(
     fits that chose the regularisation there were, and how many of them stopped short of their tolerance), and
     ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
     """
-    if protocol not in PROTOCOLS:
-        raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if multi_class not in kernels.MULTI_CLASS_MODES:
-        raise SentcompError(f"multi_class must be one of {kernels.MULTI_CLASS_MODES}, got {multi_class!r}")
-    if cv_metric not in CV_METRICS:
-        raise SentcompError(f"cv_metric must be one of {CV_METRICS}, got {cv_metric!r}")
+    check_settings(protocol, multi_class, cv_metric)
     x_train, x_test = _features(x_train, "x_train"), _features(x_test, "x_test")
     y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
     sets = {"y_test": y_test}
@@ -397,9 +479,18 @@ def evaluate(
         if x is not None and x.shape[1] != x_train.shape[1]:
             raise SentcompError(f"{name} has {x.shape[1]} features but x_train has {x_train.shape[1]}")
     classes, train_ids, encoded = encode_labels(y_train, sets)
+    if penalize_intercept:
+        if protocol == "ridge" or standardize:
+            raise SentcompError("penalize_intercept=True is liblinear's logistic intercept: use a logistic protocol "
+                                f"(not {protocol!r}) with standardize=False")
+        x_train, x_test = _with_constant_column(x_train), _with_constant_column(x_test)
+        x_dev = None if x_dev is None else _with_constant_column(x_dev)
 
     n_train = len(x_train)
     grid = _grid(grid, protocol, n_train)
+    if protocol == "mteb" and multi_class != "multinomial":
+        raise SentcompError(f"protocol 'mteb' is MTEB's multinomial LogisticRegression; multi_class={multi_class!r} "
+                            "is not MTEB's protocol (use multi_class='multinomial', or protocol 'paper' for OvR)")
     if protocol == "mteb" and len(grid) != 1:
         raise SentcompError(f"protocol 'mteb' fits one C and searches none; give one grid value, got {grid.tolist()}")
     if protocol == "mteb" or x_dev is not None:
@@ -414,7 +505,8 @@ def evaluate(
         if not 2 <= n_folds <= n_train:
             raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), "
                                 f"got {n_folds}")
-        fold_ids = stratified_folds(train_ids, n_folds, seed)
+        fold_ids = stratified_folds(train_ids, n_folds, seed) if shuffle_folds else \
+            unshuffled_stratified_folds(train_ids, n_folds)
 
     if protocol == "mteb":  # the experiments' training subsets; no validation
         rows, weights = _mteb_splits(train_ids, n_experiments, samples_per_label, seed)
@@ -431,6 +523,7 @@ def evaluate(
     fits, solver = _fit(  # K-fold: held-out group s is fold s, the layout of the ridge moments
         protocol, x_all, y_all, weights, grid, len(classes), held_out if fold_ids is not None else None,
         multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
+        fit_intercept=not penalize_intercept,
     )
     coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
 
@@ -459,6 +552,8 @@ def evaluate(
     train_accuracy = scores(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],
                             fitted_mask)[0]
     final_coef, final_intercept = coef[finals, best], intercept[finals, best]
+    if penalize_intercept:  # the constant column's weight is the (penalised) intercept
+        final_coef, final_intercept = final_coef[..., :-1, :], final_coef[..., -1, :]
     return {
         "protocol": protocol,
         "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",

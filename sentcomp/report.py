@@ -88,14 +88,19 @@ class Run:
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None if there is no such file."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if there is no such file; a file that is not valid JSON or holds
+    another JSON value (a list, a number) is a :class:`ReportError` naming it."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ReportError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path} holds a JSON {type(value).__name__}, expected an object ({{...}}): restore it, "
+                          "or leave that folder out of the report.")
+    return value
 
 
 def last_line(text: str) -> str:
@@ -165,10 +170,12 @@ def model_name(config: dict[str, Any]) -> str:
 
 
 def run_status(path: Path) -> tuple[str, str | None]:
-    """``("failed", last error line)``, ``("done", None)`` or ``("unfinished", None)``."""
-    if (path / ERROR_FILE).is_file():
-        return "failed", last_line((path / ERROR_FILE).read_text())
-    return ("done" if (path / DONE_FILE).is_file() else "unfinished"), None
+    """``("failed", last error line)``, ``("done", None)`` or ``("unfinished", None)``: a ``done.json`` written
+    after the ``error.txt`` (a later run completed the point) is trusted over it."""
+    error, done = path / ERROR_FILE, path / DONE_FILE
+    if error.is_file() and not (done.is_file() and done.stat().st_mtime_ns >= error.stat().st_mtime_ns):
+        return "failed", last_line(error.read_text())
+    return ("done" if done.is_file() else "unfinished"), None
 
 
 def read_run(path: Path, name: str, sweep: str = "", sweep_row: dict[str, Any] | None = None) -> Run:
@@ -552,12 +559,18 @@ def report_json(report: Report, figures: Sequence[Path]) -> dict[str, Any]:
 def write_report(report: Report, outdir: str | Path) -> str:
     """Writes ``report.md``, ``report.csv``, ``report.json`` and the figures into ``outdir``; returns the Markdown."""
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(report.runs, report.records, outdir)
-    markdown = report_markdown(report, figures)
-    storage.write_text(outdir / "report.md", markdown)
-    storage.write_text(outdir / "report.csv", table_csv(report.table))
-    storage.write_json(outdir / "report.json", report_json(report, figures))
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        figures = write_figures(report.runs, report.records, outdir)
+        markdown = report_markdown(report, figures)
+        storage.write_text(outdir / "report.md", markdown)
+        storage.write_text(outdir / "report.csv", table_csv(report.table))
+        storage.write_json(outdir / "report.json", report_json(report, figures))
+    except OSError as error:  # --out is a file or under one, read-only, full: the user's to fix
+        if not isinstance(error, (FileExistsError, NotADirectoryError)) and storage.write_failure_cause(error) is None:
+            raise
+        raise ReportError(f"Cannot write the report into --out={outdir} ({error.strerror or error}): pass a folder "
+                          "you can write (created if missing).") from None
     return markdown
 
 

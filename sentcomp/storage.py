@@ -117,9 +117,14 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
     os.replace(tmp.name, path)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically and durably."""
+    _write_atomically(Path(path), lambda file: file.write(data))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically and durably."""
-    _write_atomically(Path(path), lambda file: file.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | Path, value: Any) -> None:
@@ -195,8 +200,11 @@ def copy_file(source: str | Path, path: str | Path) -> None:
 
 
 def append_json_line(path: str | Path, row: dict[str, Any]) -> None:
-    """Appends ``row`` as one JSON line, flushed and fsynced before returning."""
-    with open(path, "a") as file:
-        file.write(json.dumps(row) + "\n")
+    """Appends ``row`` as one JSON line, flushed and fsynced before returning. After a torn last line (a kill or a
+    full disk mid-append left it without its newline) the row starts a line of its own, so it is not glued to the
+    fragment (which :func:`read_json_lines` skips with a warning)."""
+    with open(path, "a+b") as file:
+        torn = file.tell() > 0 and (file.seek(-1, os.SEEK_END), file.read(1))[1] != b"\n"
+        file.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
         file.flush()
         os.fsync(file.fileno())

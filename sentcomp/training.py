@@ -13,14 +13,18 @@ restores onto another) and the metrics log: ``metrics.jsonl``, mirrored live as 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
+import gc
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from tensorboardX.summary import scalar
 
 from sentcomp import kernels, parallel, plots, storage
 from sentcomp.data import corpora
-from sentcomp.errors import SentcompError
+from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.models.base import cast_floats
 
 LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
@@ -85,41 +89,74 @@ def make_optimizer(opt, num_steps: int, params, frozen: str | None = None) -> op
 # ---------------------------------------------------------------------------------------------- the step
 
 
+# The loss's matmul precision per backend when config.matmul_precision is "auto": TF32-class products on GPU
+# (Ampere+ tensor cores) and 3 bf16 passes on TPU instead of full float32; CPU products are float32 whatever the
+# setting. The statistics stay float32 whatever it is (docs/precision.md, "Training").
+TRAINING_PRECISION_BY_BACKEND = {"gpu": "high", "tpu": "high", "cpu": "highest"}
+
+
+def training_precision(setting: str, backend: str | None = None):
+    """The loss kernels' matmul precision for ``setting``: ``"auto"`` picks
+    :data:`TRAINING_PRECISION_BY_BACKEND` for ``backend`` (default: JAX's), anything else must be a precision
+    :func:`sentcomp.kernels.check_precision` accepts."""
+    if setting == "auto":
+        return TRAINING_PRECISION_BY_BACKEND.get(backend or jax.default_backend(), kernels.DEFAULT_PRECISION)
+    try:
+        return kernels.check_precision(setting)
+    except ValueError as error:
+        raise SentcompError(f"config.matmul_precision: {error} Or 'auto' (per backend: "
+                            f"{TRAINING_PRECISION_BY_BACKEND}).") from None
+
+
 def batch_loss(loss_name: str, hidden_fn, phi_fn, params, tokens: jax.Array, mask: jax.Array,
-               compute_dtype) -> jax.Array:
+               compute_dtype, precision=kernels.DEFAULT_PRECISION) -> jax.Array:
     """The training objective on blocks ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``), averaged
-    over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``."""
+    over the target positions ``mask [B, T]`` marks; model and loss run in ``compute_dtype``, the loss's matrix
+    products at ``precision`` (its log Z and softmax statistics accumulate in float32 whatever it is)."""
     params = cast_floats(params, compute_dtype)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     hidden = hidden_fn(params, inputs, jnp.ones_like(inputs))
-    return LOSSES[loss_name](hidden, phi_fn(params), targets, mask)
+    return LOSSES[loss_name](hidden, phi_fn(params), targets, mask, precision=precision)
 
 
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh):
+def make_train_step(loss_name: str, hidden_fn, phi_fn, optimizer, compute_dtype, mesh,
+                    precision=kernels.DEFAULT_PRECISION):
     """The jitted ``(state, tokens [micro, accum, T+1]) -> (state, metrics)``: the mean gradient of the
     ``accum`` micro-batches (each sharded over all the mesh's devices), one optimiser update. ``hidden_fn`` and
-    ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`).
+    ``phi_fn`` are the model's (:class:`sentcomp.models.LanguageModel`); ``precision``: of the loss's matrix
+    products (:func:`training_precision`); :func:`make_batch_train_step` for the layouts."""
+    def loss_fn(params, micro_tokens):
+        mask = jnp.ones(micro_tokens.shape[:1] + (micro_tokens.shape[1] - 1,), bool)
+        return batch_loss(loss_name, hidden_fn, phi_fn, params, micro_tokens, mask, compute_dtype,
+                          precision=precision)
+
+    return make_batch_train_step(loss_fn, optimizer, mesh)
+
+
+def make_batch_train_step(loss_fn, optimizer, mesh):
+    """The jitted ``(state, batch) -> (state, metrics)`` for any objective ``loss_fn(params, micro_batch)``:
+    ``batch`` is a pytree whose leaves are ``[micro, accum, ...]`` (e.g. tokens, or tokens and a teacher's
+    targets); the mean gradient of the ``accum`` micro-batches (each sharded over all the mesh's devices), one
+    optimiser update.
 
     The state keeps the layout it comes with (:func:`initial_state`, :func:`resume`: :func:`parallel.state_shardings`
     on ``mesh``) and the new state, like the gradients, is pinned to that layout, so with an fsdp axis the
     parameters and optimiser state stay sharded: XLA gathers each weight where it is used and reduce-scatters
     its gradient."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, loss_name, hidden_fn, phi_fn))
+    grad_fn = jax.value_and_grad(loss_fn)
 
-    def step(state, tokens):
-        mask = jnp.ones(tokens.shape[:1] + (tokens.shape[2] - 1,), bool)
-
-        def accumulate(carry, micro_tokens):
-            loss, grads = grad_fn(state["params"], micro_tokens, mask, compute_dtype)
+    def step(state, batch):
+        def accumulate(carry, micro_batch):
+            loss, grads = grad_fn(state["params"], micro_batch)
             return jax.tree.map(jnp.add, carry, (loss, parallel.constrain_state(grads, mesh))), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.swapaxes(tokens, 0, 1))
-        accum = tokens.shape[1]
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch))
+        accum = jax.tree.leaves(batch)[0].shape[1]
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -206,13 +243,17 @@ class DataPlan:
         return {"blocks_consumed": consumed, "epoch": consumed // len(self.blocks),
                 "offset": consumed % len(self.blocks)}
 
-    def local_tokens(self, step: int) -> np.ndarray:
-        """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``: stream position
-        ``step·B + k·micro + r`` for micro-batch ``k`` and row ``r``."""
+    def local_indices(self, step: int) -> np.ndarray:
+        """The block indices of this process's rows of step ``step``'s batch, ``[local micro rows, accum]``: stream
+        position ``step·B + k·micro + r`` for micro-batch ``k`` and row ``r``."""
         positions = (step * self.global_batch + np.arange(self.grad_accum)[None, :] * self.micro_batch
                      + self.host_rows[:, None])
-        return self.blocks[corpora.block_indices(positions.reshape(-1), len(self.blocks), self.seed)].reshape(
-            *positions.shape, -1)
+        return corpora.block_indices(positions.reshape(-1), len(self.blocks), self.seed).reshape(positions.shape)
+
+    def local_tokens(self, step: int) -> np.ndarray:
+        """This process's rows of step ``step``'s batch, ``[local micro rows, accum, T+1]``
+        (:meth:`local_indices`)."""
+        return self.blocks[self.local_indices(step)]
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
@@ -227,6 +268,7 @@ class _CheckpointManager(ocp.CheckpointManager):
 
     _saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
     _failed = False  # a write failure was reported
+    _unrecorded: frozenset[int] = frozenset()  # steps saved here whose checksums are not written yet
 
     def _reporting(self, call):
         try:
@@ -246,10 +288,23 @@ class _CheckpointManager(ocp.CheckpointManager):
     def save(self, step: int, *args, **kwargs) -> bool:
         self._reporting(self.check_for_errors)  # a previous asynchronous save's failure
         self._saving = step
-        return self._reporting(lambda: super(_CheckpointManager, self).save(step, *args, **kwargs))
+        saved = self._reporting(lambda: super(_CheckpointManager, self).save(step, *args, **kwargs))
+        self._unrecorded = self._unrecorded | {step} if saved else self._unrecorded
+        # Orbax's save waits for the previous asynchronous save first: every step but this one is final
+        self._record_checksums(exclude=step if self._options.enable_async_checkpointing else None)
+        return saved
 
     def wait_until_finished(self) -> None:
         self._reporting(super().wait_until_finished)
+        self._record_checksums()
+
+    def _record_checksums(self, exclude: int | None = None) -> None:
+        """Writes :data:`CHECKSUM_FILE` into each complete step this manager saved (process 0); ``exclude`` is an
+        asynchronous save still in flight (the steps Orbax deleted meanwhile are forgotten)."""
+        if parallel.is_main_process():
+            for step in self._unrecorded & set(self.all_steps()) - {exclude}:
+                record_checksums(Path(self.directory) / str(step))
+        self._unrecorded = self._unrecorded & {exclude}
 
     def close(self) -> None:
         """Closes the manager; a failed asynchronous save already reported is not raised a second time."""
@@ -258,6 +313,8 @@ class _CheckpointManager(ocp.CheckpointManager):
         except SentcompError:
             if not self._failed:
                 raise
+        else:
+            self._record_checksums()
 
 
 def checkpoint_manager(workdir: Path, every: int, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
@@ -276,31 +333,129 @@ def save_checkpoint(manager: ocp.CheckpointManager, state, meta: dict[str, Any])
                  force=True)
 
 
-# Orbax/TensorStore failures that mean "these bytes are damaged or missing" (a kill mid-write, a disk fault):
-# unparsable JSON metadata, or TensorStore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE statuses.
+CHECKSUM_FILE = "sentcomp_checksums.json"
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint's files differ from the checksums recorded when it was committed."""
+
+
+def file_checksums(step_dir: Path) -> dict[str, str]:
+    """``{path relative to step_dir: sha256 of its bytes}`` of every file of a checkpoint step but
+    :data:`CHECKSUM_FILE`."""
+    sums = {}
+    for path in sorted(Path(step_dir).rglob("*")):
+        if path.is_file() and path.name != CHECKSUM_FILE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            sums[str(path.relative_to(step_dir))] = digest.hexdigest()
+    return sums
+
+
+def record_checksums(step_dir: Path) -> None:
+    """Writes ``step_dir/`` :data:`CHECKSUM_FILE` (:func:`file_checksums`) unless it exists: done once, when the
+    step is complete, so a later truncation or bit flip of its array data is detected on restore
+    (:func:`verify_checksums`) even where Orbax would read the damaged bytes without complaint. A step Orbax
+    deletes meanwhile (``checkpoint.keep``) is skipped."""
+    target = Path(step_dir) / CHECKSUM_FILE
+    if target.exists():
+        return
+    try:
+        storage.write_json(target, file_checksums(step_dir))
+    except FileNotFoundError:
+        return
+
+
+def verify_checksums(step_dir: Path) -> None:
+    """Raises :class:`CheckpointDamaged` naming the first file of ``step_dir`` that is missing or whose bytes
+    differ from its recorded checksum; a step without a record (written before records existed, or killed
+    between commit and record) is left to Orbax's own checks."""
+    recorded = storage.read_json_file(Path(step_dir) / CHECKSUM_FILE, "the checkpoint is checked by Orbax's read "
+                                      "alone")
+    if recorded is None:
+        return
+    found = file_checksums(step_dir)
+    for name, checksum in recorded.items():
+        if found.get(name) != checksum:
+            state = "is missing" if name not in found else "differs from the checksum recorded at commit"
+            raise CheckpointDamaged(f"{Path(step_dir) / name} {state}")
+
+
+# Orbax/TensorStore failures that mean "these bytes are damaged or missing" (a kill mid-write, a disk fault, a
+# truncated copy): a checksum mismatch, unparsable JSON metadata, or TensorStore's DATA_LOSS / NOT_FOUND /
+# OUT_OF_RANGE statuses, anywhere in the chain of causes (Orbax wraps TensorStore's error of an array read in a
+# plain Exception "Encountered error while reading array index").
 _DAMAGED_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
 # ... and those that mean "this checkpoint is fine but holds another model or optimiser" (a changed config).
 _INCOMPATIBLE_MESSAGES = ("tree structures do not match", "is not compatible with the stored shape")
 
 
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error``, then its causes (``__cause__``, else ``__context__``) and the members of exception groups."""
+    chain, pending = [], [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        pending += [*getattr(current, "exceptions", ()), current.__cause__ or current.__context__]
+    return chain
+
+
 def restore_failure(error: Exception) -> str:
     """``"damaged"`` (the checkpoint's files are corrupt or partial), ``"incompatible"`` (it holds a state of
-    another structure or shape) or ``"other"`` (I/O, sharding, ...: nothing to do with the checkpoint)."""
-    message = str(error)
-    if isinstance(error, json.JSONDecodeError) or message.startswith(_DAMAGED_STATUSES):
+    another structure or shape) or ``"other"`` (I/O, sharding, ...: nothing to do with the checkpoint), from
+    ``error`` and its causes (:func:`error_chain`)."""
+    chain = error_chain(error)
+    if any(isinstance(link, (json.JSONDecodeError, CheckpointDamaged)) or str(link).startswith(_DAMAGED_STATUSES)
+           for link in chain):
         return "damaged"
-    if any(text in message for text in _INCOMPATIBLE_MESSAGES):
+    if any(text in str(link) for link in chain for text in _INCOMPATIBLE_MESSAGES):
         return "incompatible"
     return "other"
 
 
-def _try_restore(manager: ocp.CheckpointManager, step: int, abstract):
-    """``(restored, None)``, or ``(None, error)`` if step ``step`` cannot be read."""
+@contextlib.contextmanager
+def _quiet_orbax_coroutines():
+    """Drops the "Exception ignored in <coroutine ...>" reports (``sys.unraisablehook``) of Orbax's array reads
+    left unawaited when another read of a damaged checkpoint failed first: the failure itself is reported once,
+    by :func:`restore_latest`."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
     try:
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore())), None
-    except Exception as error:  # classified by restore_failure: only damage is survivable
-        return None, error
+        yield
+    finally:
+        gc.collect()  # the coroutines die with the failed read's frames, here rather than at some later moment
+        sys.unraisablehook = previous
+
+
+def failure_reason(error: Exception) -> str:
+    """The innermost cause of ``error`` (TensorStore's status, the file that failed its checksum) in one short
+    line."""
+    innermost = error_chain(error)[-1]
+    return f"{type(innermost).__name__}: {' '.join(str(innermost).split())[:300]}"
+
+
+def _try_restore(manager: ocp.CheckpointManager, step: int, abstract):
+    """``(restored, None)``, or ``(None, error)`` if step ``step`` cannot be read or fails its checksums."""
+    with _quiet_orbax_coroutines():
+        try:
+            if parallel.is_main_process():
+                verify_checksums(Path(manager.directory) / str(step))
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore())), None
+        except Exception as error:  # classified by restore_failure: only damage is survivable
+            for link in error_chain(error):
+                link.__traceback__ = None  # frees the failed read's frames (and their coroutines) now
+            return None, error
 
 
 def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory: Callable[[], ocp.CheckpointManager]):
@@ -319,18 +474,19 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
         restored, error = _try_restore(manager, step, abstract)
         failure = restore_failure(error) if error is not None else None
         if parallel.any_process(failure in ("incompatible", "other")):
-            reason = f"{type(error).__name__}: {str(error)[:300]}" if error is not None else "on another process"
+            reason = failure_reason(error) if error is not None else "on another process"
             hint = ("It holds a model or optimiser state of another structure or shape than this config builds: "
                     "resume with the config that wrote it, or use a new workdir. (GPT-2 checkpoints written before "
                     "GPT-2's layers were stacked hold blocks h_0, h_1, ...: sentcomp.models.gpt2.stack_layers "
                     "converts their parameters.)" if failure == "incompatible"
-                    else "The checkpoint's files were found intact, so nothing was moved; fix the cause and resume.")
-            raise SentcompError(f"Cannot restore the checkpoint at step {step} in {manager.directory} ({reason}). "
+                    else "Nothing in the error points to damaged files, so nothing was moved; fix the cause and "
+                    "resume.")
+            raise ResumeRefused(f"Cannot restore the checkpoint at step {step} in {manager.directory} ({reason}). "
                                 f"{hint}")
         if not parallel.any_process(failure == "damaged"):
             return manager, restored["state"], dict(restored["meta"])
-        warnings.warn(f"Checkpoint at step {step} in {manager.directory} is damaged ({type(error).__name__}: "
-                      f"{str(error)[:200]}); moving it to checkpoints_corrupt/ and falling back to the previous "
+        warnings.warn(f"Checkpoint at step {step} in {manager.directory} is damaged ({failure_reason(error)}); "
+                      "moving it to checkpoints_corrupt/ and falling back to the previous "
                       "checkpoint." if error is not None else
                       f"Checkpoint at step {step} is damaged on another process; falling back to the previous one.",
                       stacklevel=2)
@@ -341,29 +497,50 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
             shutil.move(str(Path(manager.directory) / str(step)), aside)
         parallel.sync(f"sentcomp_checkpoint_corrupt_{step}")
         manager = factory()
+    if steps:
+        warnings.warn(f"No intact checkpoint is left in {manager.directory} (the damaged ones are in "
+                      f"{workdir / 'checkpoints_corrupt'}): training restarts from step 0.", stacklevel=2)
     return manager, None, None
 
 
 RESUME_MAY_CHANGE = "resume_may_change"
 
 
-def resume_settings(config) -> str:
-    """The fingerprint of the settings a training run's checkpoints belong to (all of ``config`` but
-    :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. ``mesh``: a checkpoint restores onto any mesh shape, and the keys
-    it lists in ``resume_may_change``): stored in every checkpoint's meta and required equal on resume, so
-    ``run(config, workdir)`` never continues a run trained under other settings."""
-    may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
-    return storage.settings_fingerprint(config.to_dict(), ignore=may_change)
+def resume_settings(config) -> dict[str, Any]:
+    """The settings a training run's checkpoints belong to, key by key: ``config`` flattened to dotted keys (JSON
+    values) minus :data:`sentcomp.storage.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
+    and ``resume_may_change`` itself. Stored in every checkpoint's meta and required equal on resume except for the
+    keys the resuming config lists in ``resume_may_change`` (:func:`settings_differences`), so
+    ``run(config, workdir)`` never continues a run trained under other settings, and a key the user may change
+    (``num_steps`` to train longer) is compared only when it is not listed."""
+    plain = storage.flatten(json.loads(config.to_json_best_effort()))
+    return {key: value for key, value in plain.items()
+            if not storage.is_under(key, (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS))}
+
+
+def settings_differences(recorded: Any, current: Mapping[str, Any], may_change: Sequence[str]) -> list[str]:
+    """Lines ``key: recorded -> current`` for the settings (:func:`resume_settings`) that differ, except the keys
+    under ``may_change``. ``recorded`` may be the single fingerprint checkpoints held before settings were recorded
+    key by key (then only "differ" or not can be told)."""
+    if isinstance(recorded, str):
+        kept = {key: value for key, value in current.items() if not storage.is_under(key, may_change)}
+        return [] if recorded == storage.content_hash(kept) else [
+            "settings: this older checkpoint holds a fingerprint of them, not their values"]
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    return [f"{key}: {recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}"
+            for key in sorted(recorded.keys() | current.keys())
+            if not storage.is_under(key, may_change) and recorded.get(key, "<absent>") != current.get(key, "<absent>")]
 
 
 def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = False,
-           expected: dict[str, Any] | None = None):
+           expected: dict[str, Any] | None = None, may_change: Sequence[str] = ()):
     """``(manager, state, meta)``: a checkpoint manager for ``workdir/checkpoints`` and the newest readable
     checkpoint restored into ``state``'s shapes and shardings (:func:`restore_latest`), with the metrics lines
     logged after it dropped; ``meta`` is None (and ``state`` returned as given) when there is none.
 
-    ``expected`` (e.g. the seeds) must equal the same entries of the checkpoint's meta, else resuming would
-    continue another run: a :class:`SentcompError` says so.
+    ``expected`` (e.g. the seeds, and ``"settings"``: :func:`resume_settings`) must equal the same entries of the
+    checkpoint's meta (the settings except the keys under ``may_change``), else resuming would continue another
+    run: :class:`ResumeRefused` says so, before anything in the workdir changed.
     """
     factory = functools.partial(checkpoint_manager, workdir, every, keep, asynchronous)
     manager, restored, meta = restore_latest(factory(), state, workdir, factory)
@@ -371,10 +548,16 @@ def resume(workdir: Path, state, every: int, keep: int, asynchronous: bool = Fal
         if parallel.is_main_process() and (workdir / METRICS_FILE).exists():
             truncate_metrics(workdir, 0)  # a run that died before its first checkpoint starts again from step 0
         return manager, state, None
-    if expected and {key: meta.get(key) for key in expected} != expected:
-        raise SentcompError(f"The checkpoint in {workdir} was trained with {meta} but the config has {expected} "
-                            "(settings: the fingerprint of the config, training.resume_settings): resume with the "
-                            "config that wrote it, or use a new workdir.")
+    expected = dict(expected or {})
+    differences = (settings_differences(meta.get("settings"), expected.pop("settings"), may_change)
+                   if "settings" in expected else [])
+    differences += [f"{key}: {meta.get(key)!r} -> {value!r}" for key, value in expected.items()
+                    if meta.get(key) != value]
+    if differences:
+        manager.close()
+        raise ResumeRefused(f"The checkpoint in {workdir} was trained with other settings ({'; '.join(differences)}): "
+                            "resume with the config that wrote it, list the keys allowed to change with "
+                            "--resume_may_change=key1,key2, or use a new workdir.")
     if parallel.is_main_process():
         truncate_metrics(workdir, int(meta["step"]))
     return manager, restored, meta

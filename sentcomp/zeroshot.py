@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Sequence
 
 import jax
@@ -67,9 +68,10 @@ def label_word_list(task: Task) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class ScoringRow:
     """One forward pass: ``input_ids``; for each word ``words[k]``, its tokens ``targets[k]`` are scored at
-    positions ``start, start+1, ...`` (the positions whose next token they are)."""
+    positions ``start, start+1, ...`` (the positions whose next token they are). Also the rows of lm-eval's
+    requests (:mod:`sentcomp.lmeval.model`: ``words`` are request indices, ``document`` the row's group)."""
 
     document: int
     input_ids: tuple[int, ...]
@@ -79,7 +81,7 @@ class _Row:
 
 
 def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str], max_length: int,
-               truncation: str = "start") -> list[_Row]:
+               truncation: str = "start") -> list[ScoringRow]:
     """The forward passes scoring every word after every ``text + prompt`` (see the module docstring).
 
     Each context is ``prefix + tokens(text + prompt.rstrip())`` as features build it
@@ -110,7 +112,7 @@ def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str
         for word, cont in enumerate(document_conts):
             groups.setdefault(tuple(cont[:-1]), []).append(word)
         for shared, members in groups.items():
-            rows.append(_Row(document, context + shared, len(context) - 1, tuple(members),
+            rows.append(ScoringRow(document, context + shared, len(context) - 1, tuple(members),
                              tuple(tuple(document_conts[word]) for word in members)))
     return rows
 
@@ -156,7 +158,7 @@ def _jitted_prefill(prefill_fn):
 MIN_SHARED_PREFIX = 16
 
 
-def shared_prefix_length(rows: Sequence[_Row], minimum: int = MIN_SHARED_PREFIX) -> int:
+def shared_prefix_length(rows: Sequence[ScoringRow], minimum: int = MIN_SHARED_PREFIX) -> int:
     """``P``, the number of leading tokens the rows continuing a common prefix share with ``rows[0]`` (a k-shot
     prefix: BOS + the demonstrations, up to where the text's first token may merge with the separator), or 0
     when fewer than ``minimum``, or when fewer than half of the documents (and fewer than 2) share them (e.g. the
@@ -177,12 +179,12 @@ def shared_prefix_length(rows: Sequence[_Row], minimum: int = MIN_SHARED_PREFIX)
     return min(shared)
 
 
-def _shifted(row: _Row, prefix_length: int) -> _Row:
+def _shifted(row: ScoringRow, prefix_length: int) -> ScoringRow:
     """``row`` without its first ``prefix_length`` tokens (read from a cache), positions shifted alike."""
     return dataclasses.replace(row, input_ids=row.input_ids[prefix_length:], start=row.start - prefix_length)
 
 
-def _batch_arrays(rows: Sequence[_Row], batch_size: int, length: int, words: int, tokens: int):
+def scoring_arrays(rows: Sequence[ScoringRow], batch_size: int, length: int, words: int, tokens: int):
     """Fixed-shape arrays for ``rows``, padded to ``batch_size`` rows with copies of the first (scores ignored)."""
     padded = list(rows) + [rows[0]] * (batch_size - len(rows))
     ids = np.zeros((batch_size, length), np.int32)
@@ -254,7 +256,7 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
         for first in range(0, len(pass_rows), batch_size):
             batch = pass_rows[first: first + batch_size]
             length = next(bucket for bucket in buckets if bucket >= max(len(row.input_ids) for row in batch))
-            row_scores = parallel.apply_to_batch(scorer, _batch_arrays(batch, batch_size, length, *shape), mesh, *args)
+            row_scores = parallel.apply_to_batch(scorer, scoring_arrays(batch, batch_size, length, *shape), mesh, *args)
             for row, values in zip(batch, row_scores):
                 scores[row.document, list(row.words)] = values[: len(row.words)]
             bar.update(len(batch))
@@ -394,6 +396,19 @@ def check_rule(rule: str) -> None:
         raise SentcompError(f"Unknown zero-shot scoring rule {rule!r}; choose one of {list(SCORING_RULES)}.")
 
 
+_PLACEHOLDER = re.compile(r"\{\w*\}")
+
+
+def check_template(prompt: str) -> None:
+    """A template is appended after the text (``text + prompt``): one holding a format placeholder such as
+    ``{text}`` would be scored literally, braces and all, so it is refused."""
+    placeholder = _PLACEHOLDER.search(prompt)
+    if placeholder:
+        raise SentcompError(f"The zero-shot template {prompt!r} holds the placeholder {placeholder.group()}, but "
+                            "templates are appended after the text (text + template), never formatted: write only "
+                            "what follows the text, e.g. ' This movie is '.")
+
+
 def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: str = "ll", prompt: str | None = None,
               label_words: dict[str, Sequence[str]] | None = None, prefix: str = "", **options) -> ZeroShotResult:
     """Zero-shot (``prefix=""``) or k-shot (``prefix`` from :func:`sentcomp.data.text.demonstration_prefix`)
@@ -406,6 +421,7 @@ def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: s
     """
     task = get_task(task)
     check_rule(rule)
+    check_template(prompt if prompt is not None else task.prompt)
     words, word_labels = verbalizer_words(task.label_names, label_words or task.label_words)
     scores = score_words(lm, texts, prompt if prompt is not None else task.prompt, words, prefix, **options)
     label_scores = rule_scores(scores, word_labels, task.num_classes)

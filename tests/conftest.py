@@ -1,39 +1,69 @@
-"""Test-wide settings (set before JAX or HF libraries load): 8 simulated CPU devices, no hub access, and one
-persistent XLA compilation cache per test run, shared by the xdist workers and the processes tests launch, so
-a program several tests build (the tiny GPT-2's train step, the probe kernels) compiles once per run."""
+"""Test-wide settings (set before JAX or HF libraries load): 8 simulated CPU devices, no hub access, a persistent
+XLA compilation cache shared by the xdist workers, the processes tests launch and later runs of the suite, and the
+two test tiers.
 
+Tiers: ``slow`` (a test that takes more than ~15 s on 2 idle cores; every test that reads a smoke experiment's run
+through ``smoke_workdir`` gets it automatically) and ``multiprocess`` (a test that starts several JAX processes).
+``make test-fast`` deselects both; ``make test`` (the README's command, and CI's) runs every test."""
+
+import fcntl
 import os
-import tempfile
+from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# named by the first process of the run to load this file (pytest, or xdist's controller); inherited by the rest
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"sentcomp-xla-{os.getpid()}"))
+# Keyed by JAX itself (program, compile options, JAX version, devices), so an entry is never reused for another
+# program; kept between runs so the edit-test loop recompiles only what changed, bounded in size (LRU eviction).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sentcomp" / "xla-tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # most programs here compile in < 1 s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402 (after the settings above)
 
+TIER_MARKERS = {
+    "slow": "takes more than ~15 s on 2 idle cores (deselected by make test-fast)",
+    "multiprocess": "starts several JAX processes (deselected by make test-fast)",
+}
+
+
+def pytest_configure(config):
+    for name, meaning in TIER_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(items):
+    """A test reading a smoke experiment's run is slow: the run is the longest part of the suite."""
+    for item in items:
+        if "smoke_workdir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
     """``smoke_workdir(name)``: the workdir of ``experiments/<name>.py:smoke`` run through ``runner.run_program``
-    once per test process, checked to have recorded its config and finished. A program's own test module
-    reading this run takes its smoke test over from ``test_experiments`` (which would run it again)."""
+    once per test session, shared by every xdist worker (the first to ask runs it under a file lock, the others
+    wait and read it), checked to have recorded its config and finished. Tests treat it as read-only (copy it to
+    change it). A program's own test module reading this run takes its smoke test over from ``test_experiments``
+    (which would run it again)."""
     from sentcomp.launcher import runner
     from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
 
-    workdirs = {}
+    shared_root = tmp_path_factory.getbasetemp().parent  # the session's root, the same for every xdist worker
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shared_root = tmp_path_factory.getbasetemp()
 
     def workdir(name):
-        if name not in workdirs:
-            path = tmp_path_factory.mktemp(f"{name}_smoke")
-            runner.run_program(load_config(f"{EXPERIMENTS_DIR / name}.py:smoke"), path)
-            assert runner.read_done(path) is not None and (path / runner.CONFIG_FILE).exists()
-            workdirs[name] = path
-        return workdirs[name]
+        path = shared_root / f"{name}_smoke"
+        with open(shared_root / f"{name}_smoke.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if runner.read_done(path) is None:
+                runner.run_program(load_config(f"{EXPERIMENTS_DIR / name}.py:smoke"), path)
+        assert runner.read_done(path) is not None and (path / runner.CONFIG_FILE).exists()
+        return path
 
     return workdir
 
@@ -47,3 +77,4 @@ def registry():
     yield TASKS
     TASKS.clear()
     TASKS.update(saved)
+

@@ -76,6 +76,7 @@ def test_kernel_and_loss_head_benchmarks_check_their_outputs_on_tiny_sizes():
     train_step.check_loss_heads(24, dim=8, vocab=50)
 
 
+@pytest.mark.slow
 def test_layer_stack_benchmark_checks_executions_and_attention_on_tiny_sizes():
     config = layer_stack_benchmark.gpt2.gpt2_config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8)
     executions = {name: layer_stack_benchmark.EXECUTIONS[name] for name in ("scanned", "unrolled + remat dots")}

@@ -87,6 +87,7 @@ def test_paper_baseline_feature_with_prompt_matches_transformers(tmp_path):
         np.testing.assert_allclose(mean_feature, states[0].mean(0).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_offline_minilm_has_no_mlm_head_and_falls_back(tmp_path):
     lm = load("all-minilm-l6-v2")
     assert lm.name == "all-minilm-l6-v2"  # named by the alias, not the resolved directory
@@ -104,6 +105,7 @@ def test_offline_minilm_has_no_mlm_head_and_falls_back(tmp_path):
     assert len(list(tmp_path.glob("bert-*.npy"))) == 1
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear(tmp_path):
     lm = bert.init(bert.BertConfig(vocab_size=50, **TINY), mlm_head=False)
     with pytest.raises(SentcompError, match="pooling must be one of"):

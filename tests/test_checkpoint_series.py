@@ -63,6 +63,7 @@ def series(tmp_path_factory):
     return workdir, models, starts
 
 
+@pytest.mark.slow
 def test_one_row_per_checkpoint_with_steps_sizes_and_accuracies(series):
     workdir, _, _ = series
     results = read_json(workdir / "compare" / "results.json")

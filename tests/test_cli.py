@@ -1,5 +1,7 @@
-"""The command line: overrides, validation before any work (unknown key, wrong type, missing required field,
-a workdir holding a different run), one-line errors with exit code 2, resume, sweeps; config-file helpers."""
+"""The command line, run in this process (``sentcomp.main.run_cli``) but for one real ``python -m sentcomp.main``
+process that also checks absl's logging set-up: overrides, validation before any work (unknown key, wrong type,
+missing required field, a workdir holding a different run), one-line errors with exit code 2, resume, sweeps;
+config-file helpers."""
 
 import json
 import re
@@ -13,13 +15,27 @@ import pytest
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
-from sentcomp.main import run_program
+from sentcomp.main import run_cli, run_program
 
 KERNEL_CHECK = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sentcomp.main", *args], capture_output=True, text=True, cwd=cwd)
+def cli_process(*args):
+    """``python -m sentcomp.main ARGS`` in a new interpreter: for what only a real process shows (absl's logging
+    set-up from ``--verbosity``)."""
+    return subprocess.run([sys.executable, "-m", "sentcomp.main", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: ``python -m sentcomp.main ARGS`` run in this process (:func:`sentcomp.main.run_cli`: no new
+    interpreter, no JAX import), as a ``CompletedProcess`` with its exit code and captured output."""
+    def run(*args):
+        capsys.readouterr()
+        code = run_cli([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return run
 
 
 def error_line(result):
@@ -30,12 +46,13 @@ def error_line(result):
     return lines[0]
 
 
-def test_override_runs_and_records_config(tmp_path):
-    result = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=16")
+@pytest.mark.slow
+def test_override_runs_and_records_config(cli, tmp_path):
+    result = cli_process(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=16")
     assert result.returncode == 0, result.stderr[-2000:]
     info_lines = re.compile(r"^I\d{4} ", re.M)  # absl's INFO prefix: hidden unless --verbosity=0 asks for it
     assert not info_lines.search(result.stderr), result.stderr[-2000:]
-    verbose = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path / 'verbose'}", "--verbosity=0")
+    verbose = cli_process(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path / 'verbose'}", "--verbosity=0")
     assert verbose.returncode == 0 and info_lines.search(verbose.stderr), verbose.stderr[-2000:]
     assert json.loads((tmp_path / "config.json").read_text())["dim"] == 16
     done = json.loads((tmp_path / "done.json").read_text())
@@ -45,7 +62,7 @@ def test_override_runs_and_records_config(tmp_path):
     assert "already holds a run with a different config (dim: 16 -> 8)" in changed
 
 
-def test_user_mistakes_fail_before_work_with_one_line(tmp_path):
+def test_user_mistakes_fail_before_work_with_one_line(cli, tmp_path):
     workdir = tmp_path / "run"
     unknown = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.vocab_sise=3"))
     assert "'vocab_sise'" in unknown and "Valid keys: dim, n_contexts, program, seed, vocab_size" in unknown
@@ -78,7 +95,7 @@ REQUIRED = textwrap.dedent(
 )
 
 
-def test_missing_required_field_is_named(tmp_path):
+def test_missing_required_field_is_named(cli, tmp_path):
     (tmp_path / "required.py").write_text(REQUIRED)
     workdir = tmp_path / "run"
     missing = error_line(cli(f"--config={tmp_path}/required.py", f"--workdir={workdir}"))
@@ -89,7 +106,8 @@ def test_missing_required_field_is_named(tmp_path):
     assert "path: /x" in result.stdout and not workdir.exists()
 
 
-def test_sweep_through_the_cli(tmp_path):
+@pytest.mark.slow
+def test_sweep_through_the_cli(cli, tmp_path):
     listed = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--sweep", "--dry_run")
     assert listed.returncode == 0, listed.stderr[-2000:]
     names = ["vocab_size=50,dim=8", "vocab_size=200,dim=8"]

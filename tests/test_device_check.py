@@ -64,6 +64,7 @@ def test_a_check_outside_its_tolerance_is_a_fail_and_fails_the_run(tmp_path):
     assert runner.read_done(tmp_path) is None  # an incomplete run: no done.json
 
 
+@pytest.mark.multiprocess
 def test_two_processes_run_the_multi_host_rows_together(tmp_path):
     """2 processes × 4 CPU devices (``--coordinator_address``, as ``--distributed`` on a slice): features on one
     device per process vs all 8; process 0 writes the files, both print the table. (Two processes pretraining and

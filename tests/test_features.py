@@ -104,6 +104,7 @@ def test_features_match_unbatched_float64_reference(lm, baseline):
 
 
 @pytest.mark.parametrize("n_devices,batch_size", [(1, 1), (1, 3), (8, 16)])
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size_or_device_count(lm, baseline, n_devices, batch_size):
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
     assert mesh.size == n_devices and baseline["metadata"]["n_texts"] == len(TEXTS)
@@ -127,6 +128,7 @@ def test_compiles_once_per_length_bucket(lm):
     assert sorted(traces) == [(2, 8), (2, 32)]
 
 
+@pytest.mark.slow
 def test_full_p_f_goes_to_disk_and_cache_resumes(lm, tmp_path, monkeypatch, baseline):
     kinds = ("f", "word_log_probs", "p_f")
     options = dict(words=WORDS, prompt=PROMPT, batch_size=8, chunk_size=2, cache_dir=tmp_path, progress=False)

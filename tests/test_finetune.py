@@ -36,6 +36,7 @@ CONFIG = dict(prompt=" is ", batch_size=16, eval_batch_size=32, eval_every=10, p
               optimizer=dict(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0))
 
 
+@pytest.mark.slow
 def test_learns_a_separable_task(tiny_lm, tmp_path):
     results = finetune.finetune_accuracy(tiny_lm, separable_split(128, 0), separable_split(64, 1),
                                          dict(CONFIG, max_steps=40), tmp_path)
@@ -53,6 +54,7 @@ def test_learns_a_separable_task(tiny_lm, tmp_path):
                                    dict(CONFIG, max_steps=41), tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
     train, test = separable_split(64, 2), separable_split(32, 3)
     config = dict(CONFIG, max_steps=20, aux_lm_weight=0.5)

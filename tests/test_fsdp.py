@@ -126,6 +126,7 @@ def trained(tiny_lm):
     return {name: pretrain_steps(tiny_lm, mesh_of(name), 2) for name in MESHES}
 
 
+@pytest.mark.slow
 def test_every_mesh_trains_to_the_same_parameters(trained):
     reference = parallel.fetch(trained["one device"]["params"])
     assert not np.allclose(reference["wte"]["embedding"], 0)
@@ -150,6 +151,7 @@ def test_parameters_and_optimiser_state_are_sharded(trained):
     assert per_device < 0.5 * total  # most of this tiny model's bytes are in the sharded leaves
 
 
+@pytest.mark.slow
 def test_a_checkpoint_restores_onto_other_meshes_and_training_continues(tiny_lm, trained, tmp_path):
     uninterrupted = parallel.fetch(pretrain_steps(tiny_lm, mesh_of("fsdp 8"), 4)["params"])
     manager, _, _ = training.resume(tmp_path, trained["fsdp 8"], every=1, keep=1)
@@ -200,6 +202,7 @@ def finetuned(tiny_lm):
     return finetune_steps(tiny_lm, 2)
 
 
+@pytest.mark.slow
 def test_finetuning_gradient_accumulation_equals_the_whole_batch(tiny_lm, finetuned):
     """Two micro-batches of 8 rows, under data 2 × fsdp 4, against the whole batch of 16 data-parallel."""
     whole_losses, whole, _ = finetuned
@@ -209,6 +212,7 @@ def test_finetuning_gradient_accumulation_equals_the_whole_batch(tiny_lm, finetu
     assert flat(accumulated["params"])["lm/wte/embedding"].sharding.spec == P(None, "fsdp")
 
 
+@pytest.mark.slow
 def test_finetuning_in_bf16_computes_in_bf16_close_to_float32(tiny_lm, finetuned):
     losses, state, jaxpr = finetune_steps(tiny_lm, 2, compute_dtype="bfloat16")
     np.testing.assert_allclose(losses, finetuned[0], rtol=3e-2)

@@ -109,6 +109,7 @@ def test_missing_or_malformed_file_and_package_are_clear(tmp_path, monkeypatch):
         load("smollm2-135m")
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_agrees_with_transformers_gguf_conversion(smollm2):
     from transformers import AutoTokenizer
 
@@ -142,6 +143,7 @@ def _rotary_layout_swapped(kernel: jax.Array, head_dim: int) -> jax.Array:
     return kernel.reshape(rows, columns // head_dim, 2, head_dim // 2).swapaxes(2, 3).reshape(rows, columns)
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_own_gguf_reader(smollm2):
     """The same GGUF file through transformers' own reader (``load_gguf_checkpoint``, as ``from_pretrained(gguf_file=
     ...)``, into PyTorch): our logits equal its logits at every real position within ``perplexity.HF_LOGIT_TOLERANCE``

@@ -61,6 +61,7 @@ def test_save_hf_round_trips_through_transformers(tmp_path):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_quad_head_starts_as_the_pretrained_model(tmp_path):
     tiny_hf_llama(tmp_path, tie_word_embeddings=True)
     plain, quad = load(str(tmp_path)), load(str(tmp_path), quad_head=True)
@@ -75,6 +76,7 @@ def test_quad_head_starts_as_the_pretrained_model(tmp_path):
     assert random_quad.params["quad_head"]["kernel"].shape == (36, 36) and random_quad.phi.shape == (301, 36)
 
 
+@pytest.mark.slow
 def test_random_init_features_do_not_depend_on_padding_or_sharding():
     config = llama.LlamaConfig(
         vocab_size=53, hidden_size=20, intermediate_size=37, num_hidden_layers=2, num_attention_heads=5,

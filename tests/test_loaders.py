@@ -193,9 +193,11 @@ def test_auto_source_prefers_local_files_then_tfds(tmp_path):
     (tmp_path / "test.tsv").write_text("files\t0\n")
     assert load_task("imdb", data_dir=tmp_path)["train"].texts == ["local"]
     records = [{"text": b"from tfds", "label": np.int64(0)}]
-    (tmp_path / "empty").mkdir()  # a data_dir without the task's files (a missing one is refused: test_faults)
+    # a data_dir without the task's files but with its TFDS dataset's folder (an empty one says which files it
+    # lacks, a missing one is refused: test_faults)
+    (tmp_path / "tfds" / get_task("imdb").tfds.name.split("/")[0]).mkdir(parents=True)
     with tfds.testing.mock_data(as_data_source_fn=_fake_source(records)):
-        assert load_task("imdb", data_dir=tmp_path / "empty")["train"].texts == ["from tfds"]
+        assert load_task("imdb", data_dir=tmp_path / "tfds")["train"].texts == ["from tfds"]
     with pytest.raises(SentcompError, match="Unknown data source 'kaggle'"):
         load_task("imdb", source="kaggle")
 

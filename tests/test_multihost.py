@@ -18,6 +18,8 @@ from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, overrid
 from sentcomp.launcher.local_cluster import run_local_processes
 from sentcomp.main import run_program
 
+pytestmark = pytest.mark.multiprocess
+
 TIMEOUT_SECONDS = 240
 
 

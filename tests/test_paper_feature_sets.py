@@ -51,6 +51,7 @@ def test_projected_distribution_of_a_model_matches_numpy(tmp_path):
     assert out["projected_p_f"].shape == (3, 24)
 
 
+@pytest.mark.slow
 def test_row_space_features_give_the_probe_on_the_full_features():
     """More features than rows, like p_f: probing Z (N columns) equals probing X (D columns), and matches sklearn."""
     rng = np.random.default_rng(1)
@@ -73,6 +74,7 @@ def test_row_space_features_give_the_probe_on_the_full_features():
                                atol=1e-3)  # Z is float32: its coordinates carry ~1e-7 relative error
 
 
+@pytest.mark.slow
 def test_table1_columns_for_the_full_and_projected_distribution(tmp_path):
     config = override(load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke"), {
         "columns": ("p_f", "projected_p_f"), "zeroshot.enabled": False, "n_train": 24, "n_test": 12})

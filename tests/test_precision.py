@@ -99,6 +99,33 @@ THEORY_CASES = {
         theta, phi, p_star, precision=p), (THETA, PHI, P_STAR)),
 }
 
+# the distillation kernels (sentcomp/kernels/distill.py): sparse targets of K_TOP words, a teacher of width D + 1
+K_TOP = 4
+TOP_IDS = jnp.asarray(np.argsort(-np.asarray(P_STAR), axis=-1)[:, :K_TOP], jnp.int32)
+TOP_PROBS = jnp.take_along_axis(P_STAR, TOP_IDS, axis=-1)
+H_TEACHER, PHI_TEACHER = _normal(N, D + 1), _normal(V, D + 1)
+KERNEL_CASES.update({
+    "sparse_target_mean": lambda p: (lambda phi: kernels.sparse_target_mean(TOP_IDS, TOP_PROBS, phi, precision=p),
+                                     (PHI,)),
+    "soft_xent_per_position": lambda p: (lambda h, phi: kernels.soft_xent_per_position(
+        h, phi, TOP_IDS, TOP_PROBS, 4, precision=p), (H, PHI)),
+    "soft_xent_loss": lambda p: (lambda h, phi: kernels.soft_xent_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, 4, precision=p), (H, PHI)),
+    "soft_xent_loss/grad": lambda p: (jax.grad(lambda h, phi: kernels.soft_xent_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, 4, precision=p), argnums=(0, 1)), (H, PHI)),
+    "soft_quad_from_mean": lambda p: (lambda h, phi: kernels.soft_quad_from_mean(h, phi, THETA, precision=p),
+                                      (H, PHI)),
+    "soft_quad_per_position": lambda p: (lambda h, phi: kernels.soft_quad_per_position(
+        h, phi, TOP_IDS, TOP_PROBS, precision=p), (H, PHI)),
+    "soft_quad_loss": lambda p: (lambda h, phi: kernels.soft_quad_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, precision=p), (H, PHI)),
+    "soft_quad_loss/grad": lambda p: (jax.grad(lambda h, phi: kernels.soft_quad_loss(
+        h, phi, TOP_IDS, TOP_PROBS, MASK, precision=p), argnums=(0, 1)), (H, PHI)),
+    "quad_excess": lambda p: (lambda h, phi: kernels.quad_excess(h, phi, THETA, precision=p), (H, PHI)),
+    "kl_from_features": lambda p: (lambda h, phi: kernels.kl_from_features(
+        H_TEACHER, PHI_TEACHER, h, phi, 4, precision=p), (H, PHI)),
+})
+
 # Public names that compute on arrays without any matrix product: checked to lower to no dot_general at all.
 MATMUL_FREE = {
     "masked_mean": lambda: (lambda v, m: kernels.masked_mean(v, m), (H[:, 0], MASK)),
@@ -107,6 +134,9 @@ MATMUL_FREE = {
     "logistic_losses": lambda: (lambda z, y: kernels.logistic_losses(z, y, False), (H, jax.nn.softmax(THETA))),
     "predict_labels": lambda: (lambda z: kernels.predict_labels(z), (H,)),
     "centered_ridge": lambda: (lambda m: kernels.centered_ridge(m, True), (MOMENTS,)),
+    "remaining_mass": lambda: (lambda p: kernels.remaining_mass(p), (TOP_PROBS,)),
+    "sparse_target_entropy": lambda: (lambda p: kernels.sparse_target_entropy(p, V), (TOP_PROBS,)),
+    "top_k_targets": lambda: (lambda logits: kernels.top_k_targets(logits, K_TOP), (THETA @ PHI.T,)),
 }
 
 # Public names that are no array computation: containers of results, constants, the policy itself.
@@ -206,3 +236,53 @@ def test_jitted_kernels_run_at_another_precision():
     fits = [kernels.logistic_regression_grid(H, LABELS, SPLIT_WEIGHTS, GRID, num_classes=2, precision=p).coef
             for p in ("highest", jax.lax.Precision.DEFAULT)]
     np.testing.assert_allclose(fits[0], fits[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- training precision
+
+_TOKENS = jnp.asarray(_rng.integers(0, V, (2, 5)))
+_TRAIN_PARAMS = {"embedding": _normal(V, D), "phi": _normal(V, D)}
+
+
+def _lookup(params, inputs, mask):  # a "model" without matrix products: every dot_general is the loss's
+    return params["embedding"][inputs]
+
+
+def _train_loss_case(loss_name, compute_dtype=jnp.float32):
+    """The training gradient (training.batch_loss) at a precision: ``(function, args)`` for ``_dot_precisions``."""
+    from sentcomp import training
+
+    def case(precision):
+        def loss(params):
+            return training.batch_loss(loss_name, _lookup, lambda p: p["phi"], params, _TOKENS,
+                                       jnp.ones((2, 4), bool), compute_dtype, precision=precision)
+        return jax.value_and_grad(loss), (_TRAIN_PARAMS,)
+    return case
+
+
+@pytest.mark.parametrize("loss_name", ["xent", "quad"])
+def test_the_training_loss_follows_the_training_precision(loss_name):
+    """training.batch_loss passes its precision to every product of the loss and its gradient (default HIGHEST);
+    with bf16 compute every product still accumulates in float32 and the loss is float32."""
+    case = _train_loss_case(loss_name)
+    assert all(p == ("HIGHEST", "HIGHEST") for p in _dot_precisions(case, "highest"))
+    high = _dot_precisions(case, "high")
+    assert high and all(p == ("HIGH", "HIGH") for p in high)
+    function, args = _train_loss_case(loss_name, jnp.bfloat16)("high")
+    text = jax.jit(function).lower(*args).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all(re.search(r"-> tensor<[^>]*xf32>", line) for line in dots), dots
+    value, _ = jax.jit(function)(*args)
+    assert value.dtype == jnp.float32
+
+
+def test_training_precision_per_backend():
+    from sentcomp import training
+    from sentcomp.errors import SentcompError
+
+    assert training.training_precision("auto", "gpu") == "high"
+    assert training.training_precision("auto", "tpu") == "high"
+    assert training.training_precision("auto", "cpu") == "highest"
+    assert training.training_precision("default") == "default"
+    with pytest.raises(SentcompError, match="config.matmul_precision: precision must be.*'auto'"):
+        training.training_precision("fp32")

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import parallel, training
+from sentcomp import models, parallel, training
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
+from sentcomp.main import with_resume_may_change
 from sentcomp.models import gpt2
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
@@ -121,6 +122,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 8, 12, 16]
@@ -134,6 +136,7 @@ def test_run_records_metrics_checkpoints_and_a_loadable_model(uninterrupted):
     assert matplotlib.image.imread(uninterrupted / "curves.png").ndim == 3  # the curves of metrics.jsonl
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     overrides = [f"--config.{key}={value}" for key, value in {**TINY, "loss": "quad"}.items()]
@@ -176,6 +179,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
+def test_a_finished_run_with_truncated_array_data_recomputes_its_last_steps_bit_exactly(uninterrupted, tmp_path):
+    """A finished run's latest checkpoint whose array data was cut short (a full disk, a killed copy): re-running
+    the command falls back to the previous checkpoint, trains the last steps again and ends complete with the
+    uninterrupted parameters."""
+    workdir = tmp_path / "truncated"
+    shutil.copytree(uninterrupted, workdir)
+    assert all((workdir / "checkpoints" / str(step) / training.CHECKSUM_FILE).is_file() for step in (12, 16))
+    data = max((path for path in (workdir / "checkpoints" / "16" / "state").rglob("*")
+                if path.is_file() and path.parent.name == "d"), key=lambda path: path.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="Checkpoint at step 16 .* is damaged"):
+        runner.run_program(tiny_config(loss="quad"), workdir)
+    assert runner.read_done(workdir)["steps"] == 16 and checkpoint_steps(workdir) == [12, 16]
+    expected = final_params(uninterrupted)
+    for name, value in final_params(workdir).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_resume_may_change_num_steps_trains_a_finished_run_longer(uninterrupted, tmp_path):
+    """The documented way to train longer: the finished 16-step run continues from its step-16 checkpoint to 20
+    (num_steps is not compared when listed); listing a key left unchanged changes nothing."""
+    workdir = tmp_path / "longer"
+    shutil.copytree(uninterrupted, workdir)
+    runner.run_program(with_resume_may_change(tiny_config(loss="quad"), ["checkpoint.keep"]), workdir)
+    assert runner.read_done(workdir)["steps"] == 16
+    runner.run_program(with_resume_may_change(tiny_config(loss="quad", num_steps=20), ["num_steps"]), workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12, 16, 20] and runner.read_done(workdir)["steps"] == 20
+    assert checkpoint_steps(workdir) == [16, 20]
+
+
 def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(uninterrupted, tmp_path):
     """Only damage falls back: a valid checkpoint of another shape (the config changed under the runner's check,
     as a direct ``run`` call can) stops with a clear error; the checkpoints and metrics are left as they were."""
@@ -203,6 +237,7 @@ def test_restore_failures_are_classified(error, kind):
     assert training.restore_failure(error) == kind
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 4, "checkpoint.every": 1,
                             "checkpoint.keep": 10})
@@ -212,3 +247,50 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     diverged = int(info.value.args[0].split("step ")[1].split(":")[0])
     assert checkpoint_steps(tmp_path) == list(range(1, diverged))
     assert isinstance(info.value, SentcompError)
+
+
+# --------------------------------------------------------------------- Φ / input embeddings from another model
+
+
+def _flat(params):
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _save(lm, directory):
+    """A model directory as a pretraining run writes its ``model/`` (weights + tokenizer)."""
+    models.save_hf(lm, directory)
+    lm.tokenizer.save_pretrained(str(directory))
+
+
+@pytest.mark.slow
+def test_phi_and_embeddings_start_from_another_model_and_the_rest_from_scratch(tmp_path):
+    """init.phi_from / init.embeddings_from copy exactly Φ / the input embeddings of a saved model (any
+    models.load source); every other parameter is the from-scratch initialisation; a short run with freeze_phi
+    ends with the donor's Φ."""
+    donor, other = pretrain.build_model(tiny_config(seed=7)), pretrain.build_model(tiny_config(seed=8))
+    _save(donor, tmp_path / "donor")
+    _save(other, tmp_path / "other")
+    from_donor = {"init.phi_from": str(tmp_path / "donor")}
+    scratch = _flat(pretrain.build_model(tiny_config()).params)
+    lm = pretrain.build_model(tiny_config(**from_donor, **{"init.embeddings_from": str(tmp_path / "other")}))
+    np.testing.assert_array_equal(np.asarray(lm.phi), np.asarray(donor.phi))
+    np.testing.assert_array_equal(np.asarray(lm.params["wte"]["embedding"]),
+                                  np.asarray(other.params["wte"]["embedding"]))
+    params = _flat(lm.params)
+    assert sorted(name for name in params if not np.array_equal(params[name], scratch[name])) == \
+        ["phi", "wte/embedding"]
+
+    tied = {"model.quad_head": False, "model.tie_word_embeddings": True}
+    tied_scratch = _flat(pretrain.build_model(tiny_config(**tied)).params)
+    tied_lm = pretrain.build_model(tiny_config(**tied, **from_donor))  # tied: Φ is the input embedding table
+    np.testing.assert_array_equal(np.asarray(tied_lm.phi), np.asarray(donor.phi))
+    assert [n for n, v in _flat(tied_lm.params).items() if not np.array_equal(v, tied_scratch[n])] == \
+        ["wte/embedding"]
+    with pytest.raises(SentcompError, match="ties Φ to its input embeddings"):
+        pretrain.build_model(tiny_config(**tied, **from_donor, **{"init.embeddings_from": str(tmp_path / "other")}))
+    _save(pretrain.build_model(tiny_config(**{"model.n_embd": 64})), tmp_path / "wider")
+    with pytest.raises(SentcompError, match=r"phi matrix is \(\d+, 64\).*needs \(\d+, 32\)"):
+        pretrain.build_model(tiny_config(**{"init.phi_from": str(tmp_path / "wider")}))
+
+    pretrain.run(tiny_config(num_steps=4, **from_donor, **{"init.freeze_phi": True}), tmp_path / "run")
+    np.testing.assert_array_equal(final_params(tmp_path / "run")["phi"], np.asarray(donor.phi))

@@ -104,6 +104,7 @@ def tied_llama_dir(tmp_path_factory):
     return models.save_hf(lm.replace(params=params), tmp_path_factory.mktemp("tied_llama"))
 
 
+@pytest.mark.slow
 def test_xent_from_a_tied_llama_checkpoint_with_frozen_phi(tied_llama_dir, tmp_path):
     """``init.source`` a tied Llama directory with ``tie_word_embeddings=False``: Φ is untied (a copy of the
     embeddings), frozen it stays put while the embeddings and the rest train and the loss falls; the trained
@@ -177,6 +178,7 @@ def quad_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_quad_run_trains_and_records(quad_run):
     rows = [json.loads(line) for line in (quad_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 8, 12, 16]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeClassifier
 from sklearn.metrics import f1_score, log_loss
+from sklearn.multiclass import OneVsRestClassifier
 
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
@@ -374,6 +375,33 @@ def test_undersample_draws_seeded_subsets_of_each_label():
     assert not np.array_equal(subsets[0], probe.undersample(labels, 8, 10, seed=4)[0])
 
 
+def _mteb_subsets(labels, samples_per_label, n_experiments, seed):
+    """MTEB's ``AbsTaskClassification._undersample_data`` loop, restated on Python lists (the reference): one
+    index list, re-shuffled in place by a fresh ``RandomState(seed)`` per experiment, first k of each label."""
+    idxs, subsets = list(range(len(labels))), []
+    for _ in range(n_experiments):
+        np.random.RandomState(seed).shuffle(idxs)
+        counts, chosen = {}, []
+        for i in idxs:
+            if counts.get(labels[i], 0) < samples_per_label:
+                chosen.append(i)
+                counts[labels[i]] = counts.get(labels[i], 0) + 1
+        subsets.append(sorted(chosen))
+    return subsets
+
+
+def test_undersample_draws_mtebs_subsets():
+    labels = np.random.default_rng(1).integers(0, 4, 300)
+    ours = probe.undersample(labels, 8, 10, seed=42)
+    assert [subset.tolist() for subset in ours] == _mteb_subsets(labels.tolist(), 8, 10, seed=42)
+
+
+def test_mteb_protocol_is_multinomial_only():
+    x, y = _problem(3, 200, 4, 3)
+    with pytest.raises(SentcompError, match="MTEB's multinomial LogisticRegression"):
+        probe.evaluate(x[:100], y[:100], x[100:], y[100:], protocol="mteb", multi_class="ovr")
+
+
 def test_mteb_protocol_matches_sklearn_on_the_same_subsets():
     """MTEB: 10 experiments of C = 1 logistic regression on 8 examples per label; mean accuracy and macro-F1."""
     x, y = _problem(7, 900, 6, 3, noise=1.0)
@@ -438,3 +466,54 @@ def test_bad_inputs_raise_one_clear_error():
             probe.evaluate(**args)
     huge = np.float32(3e38) * np.sign(x)  # finite values whose sum overflows float32 are no false alarm
     np.testing.assert_array_equal(probe._features(huge, "x_train"), huge)
+
+
+def test_row_space_memory_is_refused_with_the_figure():
+    n = 10_000
+    assert probe.row_space_peak_bytes(n, 50_257) == 8 * (5 * n * n + n * 8192)
+    assert probe.row_space_peak_bytes(n, 100) == 8 * (5 * n * n + n * 100)
+    with pytest.raises(SentcompError, match=r"10,000 × 10,000 float64 kernel.*about 4\.7 GB at peak \(the Gram alone "
+                                            r"0\.8 GB\), more than the 1\.0 GB allowed"):
+        probe.check_row_space_fits(n, 50_257, limit_bytes=10**9)
+    probe.check_row_space_fits(100, 50_257, limit_bytes=10**9)  # fits: no error
+    assert probe.available_memory_bytes() > 0
+
+
+def test_penalized_intercept_is_liblinears(paper_data):
+    """penalize_intercept=True solves liblinear's problem C Σ ℓ + ½(‖w‖² + b²) (sklearn solver='liblinear',
+    intercept_scaling=1): binary, and one-vs-rest on three classes."""
+    x_train, y_train, x_test, y_test = paper_data
+    x_train = x_train + 4.0  # an offset, so the intercept is large and its penalty matters
+    ours = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], penalize_intercept=True, tol=1e-6)
+    reference = LogisticRegression(solver="liblinear", C=0.05, tol=1e-12, max_iter=100_000).fit(
+        x_train.astype(np.float64), y_train)
+    np.testing.assert_allclose(ours["coef"][:, 0], reference.coef_[0], rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours["intercept"], reference.intercept_, rtol=2e-3, atol=2e-4)
+    free = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], tol=1e-6)
+    assert abs(free["intercept"][0] - ours["intercept"][0]) > 0.05  # the option changes the probe
+
+    x, y = _problem(5, 500, 5, 3)
+    x = x + 3.0
+    ours = probe.evaluate(x[:300], y[:300], x[300:], y[300:], grid=[0.1], multi_class="ovr",
+                          penalize_intercept=True, tol=1e-6)
+    reference = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=0.1, tol=1e-12, max_iter=100_000))
+    reference.fit(x[:300].astype(np.float64), y[:300])
+    np.testing.assert_allclose(ours["coef"].T, np.stack([e.coef_[0] for e in reference.estimators_]),
+                               rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours["intercept"], [e.intercept_[0] for e in reference.estimators_],
+                               rtol=2e-3, atol=2e-4)
+    with pytest.raises(SentcompError, match="penalize_intercept=True is liblinear's"):
+        probe.evaluate(x[:300], y[:300], x[300:], y[300:], penalize_intercept=True, standardize=True)
+
+
+def test_unshuffled_folds_are_logistic_regression_cvs_default(paper_data):
+    """shuffle_folds=False: the cross-validation scores of sklearn's LogisticRegressionCV(cv=5), no folds given."""
+    x_train, y_train, x_test, y_test = paper_data
+    grid = [0.01, 0.1, 1.0]
+    ours = probe.evaluate(x_train, y_train, x_test, y_test, grid=grid, shuffle_folds=False, tol=1e-6)
+    reference = LogisticRegressionCV(Cs=grid, cv=5, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64),
+                                                                                   y_train)
+    fold_size = len(y_train) / 5
+    np.testing.assert_allclose(ours["cv_scores"], reference.scores_[1].T, atol=1 / fold_size + 1e-9)
+    assert ours["regularisation"] == reference.C_[0]
+    assert not np.array_equal(ours["folds"], probe.evaluate(x_train, y_train, x_test, y_test, grid=grid)["folds"])

@@ -233,6 +233,42 @@ def test_stage_order_must_list_every_stage_once(toy, tmp_path):
         runner.validate(config, tmp_path)
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read_only"])
+def test_a_moved_experiment_resumes_and_reprints(toy, tmp_path, monkeypatch, capsys, read_only):
+    """Stage records keep their references as written ("stage:first/out.txt"), not the absolute paths they
+    resolved to: a renamed (or copied, or archived read-only) experiment still matches them."""
+    references = dict(second="stage:first/out.txt")
+    runner.run_program(toy(**references), tmp_path / "run")
+    assert read_json(tmp_path / "run" / "second" / "config.json")["read"] == "stage:first/out.txt"
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = tmp_path / "moved"
+    (moved / "third" / "done.json").unlink()  # the last stage is to run again, reading the moved first stage
+    if read_only:
+        monkeypatch.setattr(runner, "writable", lambda workdir: False)
+        capsys.readouterr()
+        assert runner.run_program(toy(**references), moved)["value"] == 1.0
+        assert "holds a complete run and cannot be written" in capsys.readouterr().out
+        return
+    runner.run_program(toy(**references), moved)
+    assert len((moved / "second" / "runs.jsonl").read_text().splitlines()) == 1  # complete: skipped
+    assert runner.read_done(moved / "third") == {"value": 1.0, "read": "", "read_path": ""}
+
+
+def test_a_stage_that_failed_at_start_is_replaced_by_the_corrected_config(toy, tmp_path):
+    """The failed first stage left only its record (config.json, runs.jsonl, .lock): neither it nor the composed
+    workdir holds results, so the corrected command takes both over."""
+    workdir = tmp_path / "run"
+    (tmp_path / "fail_first").touch()
+    with pytest.raises(RuntimeError, match="toy failure"):
+        runner.run_program(toy(), workdir)
+    (tmp_path / "fail_first").unlink()
+    corrected = toy()
+    corrected.value = 2.0
+    with pytest.warns(UserWarning, match="produced no results"):
+        runner.run_program(corrected, workdir)
+    assert runner.read_done(workdir)["value"] == 2.0
+
+
 def test_changed_stage_config_is_refused_on_resume(toy, tmp_path):
     runner.run_program(toy(), tmp_path / "run")
     config = toy()

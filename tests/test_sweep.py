@@ -108,6 +108,7 @@ def test_headline_from_results_json_when_run_returns_none(program, tmp_path):
     assert row["metrics"] == {"y": 10}  # the list-valued entry is not a headline
 
 
+@pytest.mark.slow
 def test_parallel_points_run_in_subprocesses(program, tmp_path):
     (tmp_path / "broken").touch()
     rows = sweep_runner.run_sweep(program, sweep.axis("x", [1, 2, 3]), tmp_path / "sweep", parallel_points=3)

@@ -48,6 +48,7 @@ def _brute_force_next_word(probabilities, prefix, vocab_size):
     return total, next_word / total
 
 
+@pytest.mark.slow
 def test_exact_p_star_matches_brute_force_enumeration():
     language = synthetic.make_language(3, **TINY)
     probabilities = _document_probabilities(language)
@@ -81,6 +82,7 @@ def test_sampler_follows_the_model_distribution():
     assert np.all(documents[:, language.body_length] == language.prompt_id)
 
 
+@pytest.mark.slow
 def test_task_dataset_and_closed_form_coverage():
     language = synthetic.make_language(0, vocab_size=20, num_states=3, body_length=6)
     task = synthetic.task_dataset(language, jax.random.key(2), 64)

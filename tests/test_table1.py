@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sentcomp import features, models, probe, zeroshot
 from sentcomp.data import Split, get_task, register_task, text
 from sentcomp.data import tasks as tasks_module
+from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.programs import table1
@@ -30,6 +31,7 @@ def smoke_run(smoke_workdir):
     return smoke_config(), smoke_workdir("table1")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_smoke(tmp_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "sentcomp.main", f"--config={TABLE1}:smoke", f"--workdir={workdir}",
@@ -55,8 +57,8 @@ def test_results_layout_and_words(smoke_run):
     config, workdir = smoke_run
     results = json.loads((workdir / "results.json").read_text())
     lines = (workdir / "results.md").read_text().splitlines()
-    table_start = lines.index("| task | f(s) | Φp_f(s) | subset logits | subset log-probs | class-word logits | "
-                              "pos/neg logits | zero-shot |")
+    table_start = lines.index("| task | f(s) | Φp_f(s) | subset logits | subset log-probs | subset probs | "
+                              "class-word logits | pos/neg logits | zero-shot |")
     no_prompt, prompt = lines[table_start + 2], lines[table_start + 3]
     assert no_prompt.startswith("| rotten_tomatoes |") and no_prompt.endswith("| — |")
     assert prompt.startswith("| rotten_tomatoes* |")
@@ -66,7 +68,7 @@ def test_results_layout_and_words(smoke_run):
     assert prompt.split(" | ")[1] == f"{100 * accuracy:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
     f1_table = lines[lines.index("## Macro-F1") + 2:]
     assert f1_table[2].split(" | ")[1] == f"{100 * cells['rotten_tomatoes/f/0']['test_macro_f1']:.1f}"
-    assert len(cells) == 2 * 6 + 1
+    assert len(cells) == 2 * 7 + 1
     tokenizer = models.from_config(config).tokenizer
     task = get_task("rotten_tomatoes")
     for group, words in (("subset", task.subset_words), ("class", task.class_words), ("posneg", task.posneg_words)):
@@ -95,6 +97,17 @@ def test_cells_match_direct_computation(smoke_run):
     word_sets = {"class": text.word_set(lm.tokenizer, data.task.class_words)}
     np.testing.assert_allclose(table1.column_features(extracted, "class_logits", word_sets, union),
                                direct["word_logits"], rtol=1e-5, atol=1e-5)
+    # the probability column: p_f(s)(w) of the subset words, = softmax(Φᵀh)[w] computed here in float64
+    word_sets["subset"] = text.word_set(lm.tokenizer, data.task.subset_words)
+    with_probs = features.extract_features(lm, data.texts, ("f", "word_probs"), words=union.words, prompt=prompt,
+                                           max_length=config.max_length, cache_dir=workdir / "features",
+                                           progress=False)
+    h = with_probs["f"].astype(np.float64)
+    logits = h @ np.asarray(lm.phi, np.float64).T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(table1.column_features(with_probs, "subset_probs", word_sets, union),
+                               probs[:, list(word_sets["subset"].token_ids)], rtol=1e-4, atol=1e-9)
 
     results = json.loads((workdir / "results.json").read_text())
     cells = {cell["key"]: cell for cell in results["cells"]}
@@ -104,6 +117,13 @@ def test_cells_match_direct_computation(smoke_run):
     cell = cells["rotten_tomatoes*/f/0"]
     reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(x[train_rows], train.labels)
     assert abs(reference.score(x[test_rows], test.labels) - cell["test_accuracy"]) <= 1 / len(test) + 1e-9
+
+    x_probs = table1.column_features(with_probs, "subset_probs", word_sets, union)
+    cell = cells["rotten_tomatoes*/subset_probs/0"]
+    reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(
+        x_probs[train_rows].astype(np.float64), train.labels)
+    assert abs(reference.score(x_probs[test_rows].astype(np.float64), test.labels) - cell["test_accuracy"]) \
+        <= 1 / len(test) + 1e-9
 
     expected = zeroshot.zero_shot_accuracy(lm, data.task, test, max_length=config.max_length, progress=False)
     assert cells["rotten_tomatoes*/zeroshot/0"]["test_accuracy"] == pytest.approx(expected)
@@ -168,6 +188,7 @@ def test_results_fingerprint_follows_the_model_files(tmp_path):
     assert table1.results_fingerprint(smoke_config(n_test=12)) != table1.results_fingerprint(smoke_config())
 
 
+@pytest.mark.slow
 def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))  # the test's task stays in this test
     rng = np.random.default_rng(0)
@@ -200,6 +221,27 @@ def test_pooled_task_repeated_splits_mean_and_std(tmp_path, monkeypatch):
     assert "class-word logits" not in markdown  # the task has no class words: no such column
 
 
+def test_mteb_cells_are_sklearn_multinomial_logistic_regression():
+    """Under protocol=mteb every cell (SST-5 is 5-class) is MTEB's LogisticRegression(max_iter=100): multinomial,
+    C = 1, on MTEB's 10 subsets of 8 examples per label; checked against scikit-learn itself."""
+    config = load_config(f"{TABLE1}:protocol=mteb")
+    assert config.probe.multi_class == "ovr"  # the paper's default elsewhere; mteb must not use it
+    multi_class = table1.cell_multi_class(config.probe, "sst5", "f")
+    assert multi_class == "multinomial" and table1.probe_modes(config.probe.to_dict()) == "multinomial (MTEB)"
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 6)) * 1.5
+    labels = np.arange(600) % 5
+    x = (centers[labels] + rng.normal(size=(600, 6))).astype(np.float32)
+    train, test = Split([""] * 300, labels[:300]), Split([""] * 300, labels[300:])
+    cell = table1.probe_cell(x, (np.arange(300), np.arange(300, 600)), (train, test), config.probe, multi_class)
+    accuracies = []
+    for subset in probe.undersample(labels[:300], 8, 10, seed=config.probe.seed):
+        reference = LogisticRegression(max_iter=100).fit(x[subset].astype(np.float64), labels[subset])
+        accuracies.append(reference.score(x[300:].astype(np.float64), labels[300:]))
+    assert cell["multi_class"] == "multinomial"
+    assert abs(cell["test_accuracy"] - np.mean(accuracies)) <= 1 / 300 + 1e-9
+
+
 def test_subsample_is_stratified_and_seeded():
     split = Split([f"t{i}" for i in range(100)], np.array([0] * 70 + [1] * 30))
     subset = table1.subsample(split, 20, seed=3)
@@ -213,3 +255,23 @@ def test_unknown_column_is_a_clear_error():
         table1.columns_for(get_task("sst2"), ["f", "bert_cls"])
     with pytest.raises(Exception, match="multinomial_cells entries must be 'task:column'"):
         table1.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
+
+
+def test_p_f_column_refuses_standardisation_and_an_oversized_kernel_up_front(tmp_path, monkeypatch):
+    """p_f is probed through its N × N kernel: exact only unscaled, and its memory is checked before any model
+    pass (the model loader must never be reached)."""
+    with pytest.raises(SentcompError, match="standardize=True cannot be used with the p_f column"):
+        table1.check_config(smoke_config(columns=("f", "p_f"), **{"probe.standardize": True}))
+    table1.check_config(smoke_config(columns=("f", "projected_p_f"), **{"probe.standardize": True}))  # allowed
+
+    def no_model(config):
+        raise AssertionError("the model was loaded before the p_f memory check")
+
+    monkeypatch.setattr(table1.models, "from_config", no_model)
+    config = smoke_config(columns=("f", "p_f"), n_train=40, n_test=20, **{"probe.p_f_memory_gb": 1e-6})
+    n = 40 + 20
+    figure = f"{8 * (5 * n * n + n * 8192) / 1e9:.1f}"  # 5 N² float64 + one column block
+    with pytest.raises(SentcompError, match=rf"p_f column of task 'rotten_tomatoes'.*{n:,} × {n:,} float64 "
+                                                   rf"kernel.*about {figure} GB at peak.*0\.0 GB allowed"):
+        table1.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "features").exists()

@@ -131,6 +131,7 @@ def _np_distances(data, features, objective):
 
 
 @pytest.mark.parametrize("objective", ["xent", "quad"])
+@pytest.mark.slow
 def test_evaluate_against_truth_holds_the_bound_and_improves_with_epsilon(task, objective):
     """The exact model (ε = 0) and a near-optimal one (ε > 0) whose tightest bound is well below log 2 at B > 0,
     where the theorem says something: the plug-in classifier's loss is under the bound there, and, from ε computed
@@ -200,6 +201,7 @@ def test_evaluate_model_on_task_reads_every_context(task):
     assert abs(results["features"]["p_f"]["plug_in"] - results["features"]["p_f"]["tau"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_docs_mixture_table_script_follows_the_theory():
     """docs/scripts/theory_mixture.py (the table in docs/theory.md): the mixture model is exact at α = 0, ε
     shrinks with α, and the natural classifier's loss stays under the bound on every row."""

@@ -40,6 +40,7 @@ def test_gpt2_flops_match_a_hand_count(tie):
     assert throughput.transformer_flops_per_token(n, L, D, T) == 3 * forward
 
 
+@pytest.mark.slow
 def test_llama_flops_match_a_hand_count():
     heads, kv_heads, head_dim, inner = 4, 2, 8, 48
     config = llama.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=inner, num_hidden_layers=L,
@@ -54,6 +55,7 @@ def test_llama_flops_match_a_hand_count():
     assert throughput.lm_flops_per_token(lm, T) == 3 * (2 * n + 4 * L * T * heads * head_dim)
 
 
+@pytest.mark.slow
 def test_every_shared_decoder_family_is_counted_like_llama():
     """Qwen2's q/k/v biases are matmul parameters too (heads·head_dim + 2·kv_heads·head_dim per layer)."""
     heads, kv_heads, head_dim, inner = 4, 2, 8, 48

@@ -154,6 +154,7 @@ def test_raw_tokenizers_library_tokenizer_gives_the_same_rows(tokenizer):
     assert with_tokenizers == with_transformers
 
 
+@pytest.mark.slow
 def test_tiny_gpt2_matches_unpadded_single_sequences(tokenizer):
     """A real (random, tiny) GPT-2: padded, grouped, sharded scoring equals one-sequence-at-a-time log-probs."""
     config = gpt2.gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=24)

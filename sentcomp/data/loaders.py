@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import numbers
 import pickle
@@ -142,7 +143,10 @@ def read_utf8(path: str | Path) -> str:
 
 
 def _read_lines(path: Path, keepends: bool = False) -> list[str]:
-    return read_utf8(path).splitlines(keepends)
+    """The file's lines, split at ``\\n``, ``\\r\\n`` and ``\\r`` only: ``str.splitlines`` also splits at U+2028,
+    U+0085, form feeds, ..., which are text inside a JSONL or TSV record."""
+    lines = list(io.StringIO(read_utf8(path), newline=""))
+    return lines if keepends else [line.rstrip("\r\n") for line in lines]
 
 
 def _non_blank_lines(path: Path):
@@ -193,9 +197,12 @@ def _is_record(line: str, header: Sequence[str], label_column: str, label_names:
 
 def _check_no_merged_records(lines: Sequence[str], is_record, where: str) -> None:
     """A CSV record that spans several physical ``lines`` (a quoted field holding line breaks) must not hold
-    inner lines that are whole records by themselves (``is_record``): that is the mark of an unbalanced quote,
-    which silently merges the records up to the next quote into one text. Raises :class:`SentcompError`."""
-    if any(is_record(line) for line in lines[1:-1]):
+    inner lines that are whole records by themselves (``is_record``), nor start with a line that is one once its
+    opening quote is dropped (a quote closed on the next line instead of this one): that is the mark of an
+    unbalanced quote, which silently merges the records up to the next quote into one text. Raises
+    :class:`SentcompError`."""
+    opening = [lines[0].replace('"', "", 1)] if len(lines) > 1 else []
+    if any(is_record(line.rstrip("\r\n")) for line in [*opening, *lines[1:-1]]):
         raise SentcompError(f"{where}: one quoted field runs over {len(lines)} lines, and some of them look like "
                             "whole records: an unbalanced quote is merging records. Close the quote, or double "
                             'a quote that belongs to the text ("").')
@@ -375,10 +382,13 @@ def load_files(task: Task | str, data_dir: str | Path | None = None) -> dict[str
         if files is None:
             where = f"in {data_dir} (or its subfolders {[task.name, *task.file_dirs]})" if data_dir else \
                 "because no data_dir was given"
+            hub_hint = (f" {data_dir} holds the task's Hugging Face Hub dataset: load it with source='hub' "
+                        "(config.data_source='hub')." if task.hub is not None and data_dir is not None
+                        and _hub_cached(task, data_dir) else "")
             raise SentcompError(
                 f"No data files for task {task.name!r} {where}: expected, for each split {list(task.splits)}, "
                 f"<split>.tsv (sentence<TAB>label), <split>.csv or <split>.jsonl, or the authors' "
-                f"tr_inp.pkl/tr_labels.pkl and te_inp.pkl/te_labels.pkl."
+                f"tr_inp.pkl/tr_labels.pkl and te_inp.pkl/te_labels.pkl.{hub_hint}"
             )
     return {split: read_split_file(file, task) for split, file in files.items()}
 
@@ -462,6 +472,12 @@ def load_hub(task: Task | str, cache_dir: str | Path | None = None, download: bo
             for split, paths in files.items()}
 
 
+def _holds_tfds(task: Task, data_dir) -> bool:
+    """Whether ``data_dir`` has a folder of the task's TFDS dataset (``<data_dir>/<name>/``): else a data_dir
+    given for files is not read as a TFDS directory (whose error would not say what the folder lacks)."""
+    return (Path(data_dir).expanduser() / task.tfds.name.split("/")[0].split(":")[0]).is_dir()
+
+
 def _hub_cached(task: Task, cache_dir) -> bool:
     """Whether the task's Hub dataset is in the local cache (checked without any network access)."""
     try:
@@ -469,6 +485,18 @@ def _hub_cached(task: Task, cache_dir) -> bool:
     except SentcompError:
         return False
     return True
+
+
+def _refuse_different_tfds_split(task: Task) -> None:
+    """``source="auto"`` falls back to TFDS only where TFDS holds the task's own split: where it does not
+    (``task.tfds.differs``, e.g. SST-2's GLUE copy), an error names both sources and how to get either."""
+    if task.tfds.differs and task.hub is not None:
+        raise SentcompError(
+            f"Task {task.name!r}: its Hugging Face Hub dataset {task.hub.repo_id} (the paper's split) is not in the "
+            f"local Hub cache, and the TFDS copy {task.tfds.name} is a different split ({task.tfds.differs}), so "
+            f"nothing is loaded. Download the Hub copy once: `{task.hub.download_command}` (or pass download=True), "
+            "or ask for the TFDS copy explicitly with source='tfds' (data_source='tfds' in a config)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -492,9 +520,11 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
     cache dir, default the Hub's; ``download`` lets it fetch the dataset), ``"tfds"`` (``data_dir`` is the TFDS
     data dir; ``download`` lets TFDS fetch and prepare it), ``"builtin"`` (offline corpora), or ``"auto"``:
     built-in data if the task has it, else local files if ``task.files`` is set or ``data_dir`` holds them,
-    else the Hub if the task is there and its dataset is in the default Hub cache (or ``download``), else TFDS
-    if the task is there; otherwise the error says which files ``data_dir`` should hold or, without a
-    ``data_dir``, the Hub download command.
+    else the Hub if the task is there and its dataset is in ``data_dir`` read as a Hub cache or in the default
+    Hub cache (or ``download``), else TFDS if the task is there (with a ``data_dir``: if it has the dataset's
+    TFDS folder) and TFDS holds the same split (SST-2's GLUE copy does not: an error then names both sources;
+    ask for it with ``source="tfds"``); otherwise the error says which files ``data_dir`` should hold or,
+    without a ``data_dir``, the Hub download command.
     """
     task = get_task(task)
     if source not in SOURCES:
@@ -507,9 +537,12 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
             source = "builtin"
         elif task.files or (data_dir is not None and find_split_files(task, data_dir) is not None):
             source = "files"
+        elif task.hub is not None and data_dir is not None and _hub_cached(task, data_dir):
+            source = "hub"  # data_dir is a Hub cache holding the task's dataset
         elif task.hub is not None and (download or _hub_cached(task, None)):
             source, data_dir = "hub", None
-        elif task.tfds is not None:
+        elif task.tfds is not None and (data_dir is None or _holds_tfds(task, data_dir)):
+            _refuse_different_tfds_split(task)
             source = "tfds"
         else:
             # raises the error saying what is expected: files if a data_dir was given, else the Hub's download command

@@ -82,12 +82,15 @@ BINARY_SENTIMENT = ("negative", "positive")
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsSource:
     """Where a task lives in TFDS: ``name`` (e.g. ``"glue/sst2"``), ``splits`` mapping our split names to TFDS
-    split names, and the ``text_keys`` whose strings are joined with a space to make one text."""
+    split names, and the ``text_keys`` whose strings are joined with a space to make one text. ``differs`` says
+    how the TFDS copy differs from the task's paper split (empty: it does not); such a copy is read only when
+    asked for by name (``source="tfds"``), never as the ``"auto"`` fallback."""
 
     name: str
     splits: Mapping[str, str]
     text_keys: tuple[str, ...]
     label_key: str = "label"
+    differs: str = ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -215,7 +218,9 @@ TRAIN_TEST = {"train": "train", "test": "test"}
 BUILTIN_TASKS = (
     _sentiment_task(
         "sst2", MOVIE_PROMPT, MOVIE_LABEL_WORDS, templates=MOVIE_TEMPLATES, verbalizers=MOVIE_VERBALIZERS,
-        tfds=TfdsSource("glue/sst2", {"train": "train", "test": "validation"}, ("sentence",)),
+        tfds=TfdsSource("glue/sst2", {"train": "train", "test": "validation"}, ("sentence",),
+                        differs="its train split is GLUE's 67,349 phrases and its test here is the 872 validation "
+                        "sentences, not the paper's sentence-level 6,920 / 1,821 split"),
         hub=HubSource("SetFit/sst2", SST_HUB_SPLITS),
         description="SST-2 binary sentiment. The paper's sentence-level split (6,920 train / 872 validation / "
         "1,821 test) is the Hub's SetFit/sst2; TFDS glue/sst2 has the 67,349 phrase-level train set and labels "
@@ -258,8 +263,9 @@ BUILTIN_TASKS = (
     _sentiment_task(
         "mpqa", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False, templates=SENTIMENT_TEMPLATES,
         verbalizers=SENTIMENT_VERBALIZERS,
-        hub=HubSource("jxm/mpqa", {"train": "train"}),
-        description="MPQA opinion polarity (phrases); no official split: 10 seeded 90/10 splits averaged.",
+        hub=HubSource("jxm/mpqa", TRAIN_TEST, text_columns=("sentence",)),
+        description="MPQA opinion polarity (phrases; Hub jxm/mpqa train 8,603 + test 2,000 pooled, its 256-row dev "
+        "left out); no official split: 10 seeded 90/10 splits averaged.",
     ),
     _sentiment_task(
         "cr", SENTIMENT_PROMPT, SENTIMENT_LABEL_WORDS, official_split=False, templates=SENTIMENT_TEMPLATES,
@@ -299,8 +305,9 @@ BUILTIN_TASKS = (
         prompt=" This question is about ",
         label_words={"ABBR": ("abbreviation",), "ENTY": ("entity", "thing"), "DESC": ("description", "definition"),
                      "HUM": ("person", "people"), "LOC": ("location", "place"), "NUM": ("number",)},
-        hub=HubSource("CogComp/trec", TRAIN_TEST, label_column="coarse_label"),
-        description="TREC question classification, 6 coarse classes (5,452 train / 500 test; Hub CogComp/trec).",
+        hub=HubSource("CogComp/trec", TRAIN_TEST, label_column="coarse_label", revision="refs/convert/parquet"),
+        description="TREC question classification, 6 coarse classes (5,452 train / 500 test; Hub CogComp/trec, "
+        "its Parquet branch: the main branch holds only a loading script).",
     ),
 )
 
@@ -311,6 +318,13 @@ def get_task(name: str | Task) -> Task:
     """The registered task called ``name`` (a :class:`Task` is returned as is)."""
     if isinstance(name, Task):
         return name
+    if name not in TASKS and name.startswith("lmeval:"):  # lm-eval's tasks (sentcomp.lmeval.tasks; docs/lmeval.md)
+        try:
+            from sentcomp.lmeval.tasks import register_lmeval_task
+        except ModuleNotFoundError as error:
+            raise SentcompError(f"Task {name!r} needs lm-evaluation-harness ({error.name} is missing): "
+                                "pip install -e '.[lmeval]'.") from None
+        return register_lmeval_task(name)
     if name not in TASKS:
         raise SentcompError(
             f"Unknown task {name!r}. Registered tasks: {sorted(TASKS)}. Register your own with "
@@ -325,7 +339,7 @@ CONFIG_KEYS = {
     "templates", "verbalizers",
 }
 REQUIRED_CONFIG_KEYS = ("name", "label_names", "prompt", "label_words")
-TFDS_CONFIG_KEYS = {"name", "splits", "text_keys", "label_key"}
+TFDS_CONFIG_KEYS = {"name", "splits", "text_keys", "label_key", "differs"}
 HUB_CONFIG_KEYS = {"repo_id", "splits", "text_columns", "label_column", "revision"}
 
 
@@ -413,6 +427,7 @@ def task_from_config(config) -> Task:
             splits=dict(tfds_config["splits"]),
             text_keys=_as_words(tfds_config["text_keys"], "tfds.text_keys"),
             label_key=tfds_config.get("label_key", "label"),
+            differs=tfds_config.get("differs", ""),
         )
     if "hub" in config:
         fields["hub"] = _hub_source(config["name"], dict(config["hub"]))

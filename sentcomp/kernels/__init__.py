@@ -10,6 +10,19 @@ when called) takes ``precision=`` (default ``DEFAULT_PRECISION = "highest"``; an
 every product; it is a static argument of the jitted kernels. ``check_precision`` validates a value.
 """
 
+from sentcomp.kernels.distill import (
+    kl_from_features,
+    quad_excess,
+    remaining_mass,
+    soft_quad_from_mean,
+    soft_quad_loss,
+    soft_quad_per_position,
+    soft_xent_loss,
+    soft_xent_per_position,
+    sparse_target_entropy,
+    sparse_target_mean,
+    top_k_targets,
+)
 from sentcomp.kernels.features import (
     conditional_mean_features,
     expected_values,
@@ -78,6 +91,17 @@ __all__ = [
     "xent_per_position",
     "quad_loss",
     "quad_per_position",
+    "kl_from_features",
+    "quad_excess",
+    "remaining_mass",
+    "soft_quad_from_mean",
+    "soft_quad_loss",
+    "soft_quad_per_position",
+    "soft_xent_loss",
+    "soft_xent_per_position",
+    "sparse_target_entropy",
+    "sparse_target_mean",
+    "top_k_targets",
     "AffineFit",
     "QuadraticFit",
     "embedding_covariance",

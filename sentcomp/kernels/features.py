@@ -27,6 +27,8 @@ def _num_chunks(vocab_size: int, chunk_size: int) -> tuple[int, int]:
     """``(chunk, n_chunks)``: the chunk length actually used (≤ V) and how many cover the vocabulary."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1 (vocabulary rows per streamed chunk), got {chunk_size}.")
+    if vocab_size < 1:
+        raise ValueError("The vocabulary is empty (phi has 0 rows): the log-partition needs at least one word.")
     chunk = min(chunk_size, vocab_size)
     return chunk, -(-vocab_size // chunk)
 

@@ -52,6 +52,12 @@ def uses_sigmoid(num_classes: int, multi_class: str) -> bool:
     return num_classes == 2 or multi_class == "ovr"
 
 
+def curvature_of(num_classes: int, multi_class: str) -> float:
+    """An upper bound of the logistic loss's curvature per score: ¼ for sigmoids, 1/K for a K-way softmax
+    (the preconditioner's scale of the intercept)."""
+    return 0.25 if uses_sigmoid(num_classes, multi_class) else 1.0 / num_classes
+
+
 def logistic_targets(labels: jax.Array, num_classes: int, multi_class: str) -> jax.Array:
     """Targets ``[..., K']`` of labels ``[...]``: ±1 of class 1 (binary), ±1 per class (ovr), or one-hot
     (multinomial)."""
@@ -80,17 +86,19 @@ def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int,
     return c * jnp.dot(weights, losses, precision=precision) + 0.5 * jnp.sum(jnp.square(coef))
 
 
-def _feature_eigenbasis(x: jax.Array, weights: jax.Array, standardize: bool, precision):
-    """Eigendecomposition ``(e, V)`` of the (standardised) weighted feature covariance, for preconditioning."""
+def _feature_eigenbasis(x: jax.Array, weights: jax.Array, standardize: bool, precision, center: bool = True):
+    """Eigendecomposition ``(e, V)`` of the (standardised) weighted feature covariance, for preconditioning
+    (``center=False``: the second moment, the Hessian's shape without an intercept)."""
     mean, scale = weighted_standardisation(x, weights, standardize, precision=precision)
-    centered = (x - mean) / scale
+    centered = (x - mean * center) / scale
     cov = jnp.matmul((centered * weights[:, None]).T, centered, precision=precision) / jnp.sum(weights)
     eigvals, eigvecs = jnp.linalg.eigh(cov)
     return jnp.maximum(eigvals, 0.0), eigvecs
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_classes", "multi_class", "standardize", "max_iter", "warm_start", "precision")
+    jax.jit, static_argnames=("num_classes", "multi_class", "standardize", "max_iter", "warm_start", "precision",
+                              "fit_intercept")
 )
 def logistic_regression_grid(
     x: jax.Array,
@@ -105,6 +113,7 @@ def logistic_regression_grid(
     tol: float = 1e-4,
     warm_start: bool = True,
     precision=DEFAULT_PRECISION,
+    fit_intercept: bool = True,
 ) -> LinearFits:
     """L2 logistic regression with intercept for every split × C in one compiled call.
 
@@ -117,9 +126,14 @@ def logistic_regression_grid(
     previous solution (a ``scan``; fewer iterations in all, and narrow matrix products that stay
     memory-bound); ``False`` solves every (split, C) from zero side by side, one ``[N, d] × [d, S·L·K']``
     product per step (best when the grid is short or the device is wide). ``precision``: of every product
-    (:mod:`sentcomp.kernels.precision`).
+    (:mod:`sentcomp.kernels.precision`). ``fit_intercept=False`` fixes ``b = 0`` (with a constant feature
+    column this is liblinear's penalised intercept; it needs ``standardize=False``, whose centring would bring
+    an intercept back).
     """
     precision = check_precision(precision)
+    if standardize and not fit_intercept:
+        raise ValueError("fit_intercept=False needs standardize=False (centring the features adds an intercept)")
+    intercept_factor = curvature_of(num_classes, multi_class) ** -0.5 if fit_intercept else 0.0
 
     def matmul(a, b):
         return jnp.matmul(a, b, precision=precision)
@@ -130,9 +144,9 @@ def logistic_regression_grid(
     sigmoid = uses_sigmoid(num_classes, multi_class)
     columns = logistic_columns(num_classes, multi_class)
     targets = logistic_targets(labels, num_classes, multi_class)
-    curvature = 0.25 if sigmoid else 1.0 / num_classes
+    curvature = curvature_of(num_classes, multi_class)
     dim = x.shape[1]
-    eigvals, eigvecs = _feature_eigenbasis(x, jnp.max(weights, axis=0), standardize, precision)
+    eigvals, eigvecs = _feature_eigenbasis(x, jnp.max(weights, axis=0), standardize, precision, fit_intercept)
 
     def fit_one(split_weights, mean, scale, c, start):
         """One problem from ``start = (W, b)`` on standardised features; returns its fit and (W, b)."""
@@ -142,7 +156,7 @@ def logistic_regression_grid(
 
         def standardised_probe(theta):  # θ = (Θ, β) → W = V diag(precond) Θ, b = β/√κ
             scaled = precond[:, None] * theta[:-columns].reshape(dim, columns)
-            return matmul(eigvecs, scaled), theta[-columns:] * jax.lax.rsqrt(curvature), scaled
+            return matmul(eigvecs, scaled), theta[-columns:] * intercept_factor, scaled
 
         def raw_probe(coef_std, intercept_std):  # scores of (x − m)/σ = scores of x with coef = W/σ, b − mᵀcoef
             coef = coef_std / scale[:, None]
@@ -164,6 +178,7 @@ def logistic_regression_grid(
         return LinearFits(coef, intercept, value * n * c, grad_norm, iterations), (coef_std, intercept_std)
 
     means, scales = jax.vmap(lambda w: weighted_standardisation(x, w, standardize, precision=precision))(weights)
+    means = means * fit_intercept  # without an intercept the features are used uncentred
     num_splits = weights.shape[0]
     zeros = (jnp.zeros((num_splits, dim, columns), jnp.float32), jnp.zeros((num_splits, columns), jnp.float32))
     fit_splits = jax.vmap(fit_one, in_axes=(0, 0, 0, None, 0))

@@ -122,6 +122,8 @@ def _check_shapes(kernel: str, h, phi, targets, mask) -> None:
         raise ValueError(f"{kernel} expects h [..., d], phi [V, d], targets [...] and mask [...] with the same "
                          f"leading shape; got h {h_shape}, phi {phi_shape}, targets {jnp.shape(targets)}, mask "
                          f"{jnp.shape(mask)}.")
+    if phi_shape[0] < 1:
+        raise ValueError(f"{kernel}: the vocabulary is empty (phi has shape {phi_shape}); it needs at least one word.")
 
 
 def xent_loss(

@@ -71,10 +71,40 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise SentcompError(f"Config file {path} has no get_config(arg) function.")
-    with _reported(f"{path}: get_config({arg!r})"):
-        config = module.get_config(arg)
+    config = _get_config(module, path, arg)
     check_args_kept(config, arg, path)
+    check_no_argument_dropped(module, path, arg, config)
     return config
+
+
+def _get_config(module, path: str, arg: str | None) -> ml_collections.ConfigDict:
+    with _reported(f"{path}: get_config({arg!r})"):
+        return module.get_config(arg)
+
+
+def check_no_argument_dropped(module, path: str, arg: str | None, config: ml_collections.ConfigDict) -> None:
+    """Every ``name=value`` of ``arg`` must have an effect: one that changes the config on its own (against
+    ``get_config(None)``) but not within ``arg`` (against ``arg`` without it) was overridden by another argument,
+    e.g. a variant (``smoke,size=medium``: smoke sets the model's shape), and the run would silently ignore it.
+    The rule of every config file, applied when it is loaded."""
+    items = [item.strip() for item in (arg or "").split(",") if "=" in item]
+    if not items:
+        return
+    plain = storage.flatten(to_plain(config))
+    default = storage.flatten(to_plain(_get_config(module, path, None)))
+    for item in items:
+        rest = ",".join(other for other in arg.split(",") if other.strip() != item) or None
+        try:
+            alone = storage.flatten(to_plain(module.get_config(item)))
+            without = storage.flatten(to_plain(module.get_config(rest)))
+        except SentcompError:
+            continue  # the arguments need each other: each has an effect
+        decided = sorted(key for key in alone.keys() | default.keys() if alone.get(key) != default.get(key))
+        if decided and plain == without:
+            raise SentcompError(
+                f"{path}:{arg}: the argument {item} has no effect here: another argument of the list sets every "
+                f"field it decides ({', '.join(decided[:4])}{', ...' if len(decided) > 4 else ''}). Drop one of "
+                "them, or set those fields after: --config.KEY=...")
 
 
 def check_args_kept(config: ml_collections.ConfigDict, arg: str | None, path: str) -> None:
@@ -92,6 +122,20 @@ def check_args_kept(config: ml_collections.ConfigDict, arg: str | None, path: st
             raise SentcompError(f"{path}:{arg}: {name}={text} was replaced by config.{name} = {config[name]!r} "
                                 "(another argument of the list sets it). Drop one of them, or set it after: "
                                 f"--config.{name}=...")
+
+
+def keys_set_by_arguments(spec: str) -> dict[str, list[str]]:
+    """For each ``name=value`` argument of ``"experiments/X.py:arg"``: the dotted config keys whose value it
+    decides (those that differ when the argument is left out), e.g. ``{"loss=quad": ["loss", ...]}``."""
+    path, arg = split_spec(spec)
+    items = [item for item in (arg or "").split(",") if "=" in item]
+    full = storage.flatten(to_plain(load_config(spec)))
+    decided = {}
+    for item in items:
+        rest = ",".join(other for other in (arg or "").split(",") if other != item)
+        without = storage.flatten(to_plain(load_config(f"{path}:{rest}" if rest else path)))
+        decided[item.strip()] = sorted(key for key in full.keys() | without.keys() if full.get(key) != without.get(key))
+    return decided
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:
@@ -128,14 +172,32 @@ def parse_config_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     A bare name is a flag set to True. Each value takes the type of its default. An unknown name raises
     :class:`SentcompError` listing the accepted ones.
     """
-    parsed = ml_collections.ConfigDict(defaults)
+    parsed = ConfigArguments(defaults)
     for item in filter(None, (arg or "").split(",")):
         name, has_value, text = item.partition("=")
         name = name.strip()
         if name not in defaults:
             raise SentcompError(f"Unknown config argument {name!r}; this config accepts: {', '.join(defaults)}.")
         parsed[name] = _parse_value(name, text.strip(), defaults[name]) if has_value else True
+    parsed.freeze_given(arg)
     return parsed
+
+
+class ConfigArguments(ml_collections.ConfigDict):
+    """The arguments :func:`parse_config_arg` read. Those given explicitly (``name=value``) cannot be set to
+    another value afterwards: a variant that would (``smoke`` setting ``corpus = "lee"`` over ``corpus=enwiki``)
+    raises :class:`SentcompError` instead of silently running another experiment than asked."""
+
+    def freeze_given(self, arg: str | None) -> None:
+        given = {item.partition("=")[0].strip(): item.strip() for item in (arg or "").split(",") if "=" in item}
+        object.__setattr__(self, "_given", given)
+
+    def __setitem__(self, key, value):
+        given = self.__dict__.get("_given", {})
+        if key in given and value != self[key]:
+            raise SentcompError(f"The config argument {given[key]} was replaced by {key}={value!r} (another argument "
+                                "of the list, e.g. a variant such as smoke, sets it). Drop one of them.")
+        super().__setitem__(key, value)
 
 
 def _walk_to_parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -156,6 +218,33 @@ def _walk_to_parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_col
 def check_key(config: ml_collections.ConfigDict, key: str) -> None:
     """Raises SentcompError naming ``key`` and the valid choices if the dotted ``key`` is not in ``config``."""
     _walk_to_parent(config, key)
+
+
+def linked_groups(config: ml_collections.ConfigDict, prefix: str = "",
+                  groups: dict[int, list[str]] | None = None) -> list[list[str]]:
+    """The dotted keys of ``config`` that share one ``FieldReference`` (``b = config.get_ref("a")`` links ``b`` to
+    ``a``: setting either sets both), as groups of two or more, each shallowest key first (the shared setting)."""
+    groups = {} if groups is None else groups
+    for key, value in config.items(preserve_field_references=True):
+        if isinstance(value, config_dict.FieldReference):
+            groups.setdefault(id(value), []).append(f"{prefix}{key}")
+        elif isinstance(value, ml_collections.ConfigDict):
+            linked_groups(value, f"{prefix}{key}.", groups)
+    if prefix:
+        return []
+    return [sorted(keys, key=lambda name: name.count(".")) for keys in groups.values() if len(keys) > 1]
+
+
+def check_unlinked_override(config: ml_collections.ConfigDict, key: str) -> None:
+    """An override of a field linked to a shared setting (:func:`linked_groups`) would write through the link and
+    change every field of the group, e.g. both arms of an experiment: refused, naming the shared key to set."""
+    for group in linked_groups(config):
+        if key in group[1:]:
+            others = ", ".join(name for name in group if name != key)
+            raise SentcompError(
+                f"--config.{key} is linked to config.{group[0]} (shared with {others}): setting it would change "
+                f"every one of them. Set --config.{group[0]}=... to change them all; to change {key} alone, edit "
+                "the config file.")
 
 
 def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:

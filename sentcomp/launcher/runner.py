@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 
 from sentcomp import parallel, storage
-from sentcomp.errors import SentcompError
+from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.launcher import config_files, provenance, stages
 
 CONFIG_FILE = "config.json"
@@ -56,9 +56,11 @@ DONE_FILE = "done.json"
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".lock"
 RESUME_MAY_CHANGE = "resume_may_change"
+ERROR_FILE = "error.txt"  # a failed sweep point's traceback (sentcomp.launcher.sweep_runner)
 # what the launcher itself writes in a workdir, and caches keyed by everything that determines their content
-RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, "error.txt", "log.txt")
+RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, ERROR_FILE, "log.txt")
 KEYED_CACHES = ("features", "corpus")
+RESTORED_ON_REFUSAL = (DONE_FILE, CONFIG_FILE, "runs.jsonl")  # see record_kept_on_refusal
 
 
 def import_program(config: ml_collections.ConfigDict):
@@ -83,20 +85,32 @@ def import_program(config: ml_collections.ConfigDict):
 
 
 def holds_results(workdir: Path) -> bool:
-    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`)
-    and the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them). A
-    workdir without results may be taken over by a run with another config."""
-    return any(entry.name not in RECORD_FILES + KEYED_CACHES for entry in Path(workdir).iterdir())
+    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`),
+    the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them) and the
+    workdirs of runs inside it (a composed config's stages) that hold none themselves. A workdir without results
+    may be taken over by a run with another config."""
+    def produced(entry: Path) -> bool:
+        if entry.name in RECORD_FILES + KEYED_CACHES:
+            return False
+        return holds_results(entry) if entry.is_dir() and (entry / CONFIG_FILE).is_file() else True
+
+    return any(produced(entry) for entry in Path(workdir).iterdir())
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_resume(config: ml_collections.ConfigDict, workdir: Path,
+                 record: ml_collections.ConfigDict | None = None) -> None:
     """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change`` and the
     :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. the mesh).
 
     Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
     replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1
     cells, checkpoints, feature caches); and a run that never produced results (:func:`holds_results`, e.g. one
-    that failed at once) is replaced by the corrected config."""
+    that failed at once) is replaced by the corrected config.
+
+    ``record`` is what ``config.json`` holds for ``config`` when they differ: a stage's config as written, its stage
+    references (``"stage:NAME"``) unresolved, so a composed experiment moved, renamed or copied elsewhere still
+    matches its record. (A stage recorded with absolute paths, before records kept references, matches
+    ``config``.)"""
     recorded_path = Path(workdir) / CONFIG_FILE
     if not recorded_path.exists():
         return
@@ -106,6 +120,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
         return
     may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
     differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
+    if differences and record is not None:  # a stage: recorded with its stage references as written
+        differences = config_files.config_diff(recorded, config_files.to_plain(record), may_change)
     if differences and not holds_results(workdir):
         warnings.warn(f"{workdir} holds a run with another config that produced no results "
                       f"({'; '.join(differences)}); this run replaces it.", stacklevel=2)
@@ -126,32 +142,43 @@ def check_workdir_path(workdir: Path) -> None:
             raise SentcompError(f"--workdir {workdir} {where}: pass a directory (it is created if missing).")
 
 
-def check_program_config(program, config: ml_collections.ConfigDict) -> None:
+def check_program_config(program, config: ml_collections.ConfigDict, pending: tuple[str, ...] = ()) -> None:
     """The program's own checks, ``check_config(config)`` if its module defines one: cheap checks of values,
     names and paths (sizes > 0, known tasks, data and model found offline) that must pass before the workdir is
-    claimed, so a mistake never leaves a workdir holding a config that produced nothing."""
+    claimed, so a mistake never leaves a workdir holding a config that produced nothing.
+
+    ``pending`` are paths an earlier stage has yet to write (:func:`sentcomp.launcher.stages.reference_targets`):
+    an error that names one of them is left for when the stage starts; any other is raised now."""
     check = getattr(program, "check_config", None)
-    if callable(check):
+    if not callable(check):
+        return
+    try:
         check(config)
+    except SentcompError as error:
+        if not any(path in str(error) for path in pending):
+            raise
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True):
+def validate(config: ml_collections.ConfigDict, workdir: str | Path, program_checks: bool = True,
+             record: ml_collections.ConfigDict | None = None, pending: tuple[str, ...] = ()):
     """All checks that must pass before any work starts (also those of ``--dry_run``); returns the program
     module, or None for a composed config (:mod:`sentcomp.launcher.stages`), whose every stage is checked against
-    its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks
-    (:func:`check_program_config`, ``program_checks``) when it starts, once that output exists."""
+    its own stage workdir. A stage that refers to an earlier stage's output gets its program's checks at once too;
+    only an error naming that output (``pending``, not written yet) waits until the stage starts."""
     check_workdir_path(Path(workdir))
     if stages.is_composed(config):
         config_files.check_required(config)
         for name, stage in stages.stage_configs(config, workdir):
-            validate(stage, Path(workdir) / name, not stages.has_references(config[stages.STAGES][name]))
+            written = config[stages.STAGES][name]
+            validate(stage, Path(workdir) / name, record=written,
+                     pending=tuple(stages.reference_targets(written, workdir)))
         check_resume(config, Path(workdir))
         return None
     program = import_program(config)
     config_files.check_required(config)
     if program_checks:
-        check_program_config(program, config)
-    check_resume(config, Path(workdir))
+        check_program_config(program, config, pending)
+    check_resume(config, Path(workdir), record)
     return program
 
 
@@ -198,18 +225,20 @@ def run_stages(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, An
     for index, ((name, stage), done) in enumerate(zip(staged, stages_complete(config, workdir))):
         print(f"[stages] {index + 1}/{len(staged)} {name}: {'complete, skipped' if done else 'running'}", flush=True)
         if not done:
-            run_program(stage, workdir / name)
+            run_program(stage, workdir / name, record=config[stages.STAGES][name])
     return read_done(workdir / staged[-1][0])
 
 
-def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
-    """Validates, records ``config.json`` and this start (``runs.jsonl``), runs ``config.program`` in ``workdir``
-    (a composed config: each of its stages, :func:`run_stages`), then writes ``done.json``.
+def run_program(config: ml_collections.ConfigDict, workdir: str | Path,
+                record: ml_collections.ConfigDict | None = None):
+    """Validates, records ``config.json`` (``record`` if given: a stage's config with its stage references as
+    written, :func:`check_resume`) and this start (``runs.jsonl``), runs ``config.program`` in ``workdir`` (a
+    composed config: each of its stages, :func:`run_stages`), then writes ``done.json``.
 
     Returns what the program's ``run`` returned (a composed config: its last stage's headline).
     """
     workdir = Path(workdir)
-    program = validate(config, workdir)
+    program = validate(config, workdir, record=record)
     done = read_done(workdir) if parallel.is_main_process() else None
     if done is not None and not writable(workdir):
         print(f"{workdir} holds a complete run and cannot be written; its headline (done.json): {done}")
@@ -219,10 +248,11 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     except OSError as error:
         raise SentcompError(f"Cannot create --workdir {workdir} ({error.strerror}): pass a directory you can "
                             "write.") from None
-    with exclusive(workdir):
+    with exclusive(workdir), record_kept_on_refusal(workdir):
         if parallel.is_main_process():
             (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
-            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config))
+            (workdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure
+            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config if record is None else record))
             provenance.record_start(workdir)
         parallel.sync("sentcomp_workdir_ready")
         logging.info("Running %s in %s", config.get("program", "a composed config"), workdir)
@@ -233,6 +263,24 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path):
     return returned
 
 
+@contextlib.contextmanager
+def record_kept_on_refusal(workdir: Path):
+    """Puts the workdir's record (:data:`RESTORED_ON_REFUSAL`) back as it was when the program raises
+    :class:`ResumeRefused` (it refused to continue the workdir before changing anything in it), so a finished run
+    stays finished and the command that wrote it still resumes it."""
+    before = {name: (workdir / name).read_bytes() if (workdir / name).is_file() else None
+              for name in RESTORED_ON_REFUSAL} if parallel.is_main_process() else {}
+    try:
+        yield
+    except ResumeRefused:
+        for name, content in before.items():
+            if content is None:
+                (workdir / name).unlink(missing_ok=True)
+            else:
+                storage.write_bytes(workdir / name, content)
+        raise
+
+
 def writable(workdir: Path) -> bool:
     """Whether a file can be opened for writing in ``workdir`` (its lock file; permission bits do not bind root,
     and a read-only mount shows only when writing)."""
@@ -241,6 +289,29 @@ def writable(workdir: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+class WorkdirBusy(SentcompError):
+    """Another run holds the workdir's lock: this one wrote nothing there (nor must its caller)."""
+
+    def __init__(self, workdir: Path, holder: str):
+        super().__init__(f"{workdir} is being written by another run ({holder or 'another process'}); two runs in "
+                         "one workdir would interleave their results. Wait for it to finish, or use another --workdir.")
+
+
+def busy(workdir: Path) -> WorkdirBusy | None:
+    """The :class:`WorkdirBusy` error if another run holds ``workdir``'s lock now, else None; writes nothing."""
+    try:
+        handle = open(Path(workdir) / LOCK_FILE)
+    except OSError:
+        return None  # no lock file: nobody holds it
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return WorkdirBusy(workdir, handle.read().strip())
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 @contextlib.contextmanager
@@ -262,10 +333,7 @@ def exclusive(workdir: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise SentcompError(f"{workdir} is being written by another run ({holder}); two runs in one workdir "
-                                "would interleave their results. Wait for it to finish, or use another "
-                                "--workdir.") from None
+            raise WorkdirBusy(workdir, handle.read().strip()) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "

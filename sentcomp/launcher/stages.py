@@ -9,20 +9,25 @@ A **composed config** has no ``program`` of its own; instead
 
 **Stage references.** A string value anywhere in a stage's config (nested groups, tuples and lists included) of
 the form ``"stage:NAME"`` or ``"stage:NAME/relative/path"`` stands for the absolute path ``WORKDIR/NAME`` (or
-``WORKDIR/NAME/relative/path``); it is replaced before the stage is validated or run, so the stage's own
-``config.json`` records the real path. ``NAME`` must be a stage that runs *earlier*. Example: a Table-1 stage with
+``WORKDIR/NAME/relative/path``); it is replaced before the stage is validated or run (the stage's own
+``config.json`` records the reference as written, so a moved experiment still matches it). ``NAME`` must be a
+stage that runs *earlier*. Example: a Table-1 stage with
 ``model = "stage:pretrain_xent"`` evaluates the model that stage saved (:func:`sentcomp.models.load` takes a
 training run's workdir).
 
 **Running** (the runner's job): every stage is resolved and validated (program importable, required fields
-set, a stage workdir that already holds a run recorded with the same config) before the first one runs; then
+set, the program's ``check_config``, a stage workdir that already holds a run recorded with the same config)
+before the first one runs (an error naming an earlier stage's output, not written yet, waits until the stage
+starts: :func:`reference_targets`); then
 each stage without ``WORKDIR/NAME/done.json`` runs, in order. A killed composed run therefore resumes where it
 stopped: finished stages are skipped, the interrupted one resumes from what its own workdir holds. The composed
 run's headline (its ``done.json``) is its last stage's.
 
 **Shared settings.** A stage field linked to a top-level field with ``config.get_ref("name")`` follows it, so a
 sweep point (or ``--config.name=value``) that sets ``name`` changes every linked stage at once: a sweep point is a
-whole composed experiment, run into ``SWEEP_DIR/<point>/<stage>/``.
+whole composed experiment, run into ``SWEEP_DIR/<point>/<stage>/``. ``--config.<linked stage field>=value``
+would write through the link too: the command line refuses it, naming the shared key
+(:func:`sentcomp.launcher.config_files.check_unlinked_override`).
 
 This module imports neither JAX nor any program; it only reads and rewrites configs.
 """
@@ -100,17 +105,20 @@ def resolve_value(value: Any, where: str, workdir: Path, earlier: Sequence[str],
     return str(workdir / name / path) if path else str(workdir / name)
 
 
-def has_references(stage: ml_collections.ConfigDict) -> bool:
-    """Whether a stage config holds a stage reference anywhere (nested groups, tuples and lists included): what it
-    refers to exists only once the earlier stage has run."""
-    def refers(value: Any) -> bool:
+def reference_targets(stage: ml_collections.ConfigDict, workdir: str | Path) -> list[str]:
+    """The paths the stage references of ``stage`` resolve to (``WORKDIR/NAME[/path]``), unchecked."""
+    def targets(value: Any) -> list[str]:
         if isinstance(value, ml_collections.ConfigDict):
-            return any(refers(item) for item in value.values())
+            return [target for item in value.values() for target in targets(item)]
         if isinstance(value, (tuple, list)):
-            return any(refers(item) for item in value)
-        return parse_reference(value) is not None
+            return [target for item in value for target in targets(item)]
+        reference = parse_reference(value)
+        if reference is None:
+            return []
+        name, path = reference
+        return [str(Path(workdir).resolve() / name / path) if path else str(Path(workdir).resolve() / name)]
 
-    return refers(stage)
+    return targets(stage)
 
 
 def resolve_references(stage: ml_collections.ConfigDict, where: str, workdir: Path, earlier: Sequence[str],

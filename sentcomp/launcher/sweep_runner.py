@@ -37,7 +37,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.sweep import Point, format_value, point_names
 
-ERROR_FILE = "error.txt"
+ERROR_FILE = runner.ERROR_FILE
 SELECTION = "sweep_selection"  # optional config group {label: headline metric}; sweep.md names each minimiser
 LOG_FILE = "log.txt"
 
@@ -48,11 +48,13 @@ def _last_line(text: str) -> str:
 
 
 def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None]:
-    """Runs one point in this process: ``("done", None)`` or ``("failed", reason)`` (traceback in error.txt)."""
-    (point_dir / ERROR_FILE).unlink(missing_ok=True)
+    """Runs one point in this process: ``("done", None)`` or ``("failed", reason)`` (traceback in error.txt; the
+    run clears an earlier one when it starts). A point another run is writing is left untouched."""
     try:
         runner.run_program(config, point_dir)
         return "done", None
+    except runner.WorkdirBusy as error:
+        return "failed", str(error)
     except Exception:  # one failing point must not stop the sweep
         details = traceback.format_exc()
         if parallel.is_main_process():
@@ -62,7 +64,11 @@ def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, 
 
 
 def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, str | None]:
-    """Runs one point with ``python -m sentcomp.launcher.sweep_runner`` (config pickled on stdin, output in log.txt)."""
+    """Runs one point with ``python -m sentcomp.launcher.sweep_runner`` (config pickled on stdin, output in log.txt);
+    a point another run is writing is left untouched (its log.txt is that run's)."""
+    holder = runner.busy(point_dir) if point_dir.is_dir() else None
+    if holder is not None:
+        return "failed", str(holder)
     point_dir.mkdir(parents=True, exist_ok=True)
     with open(point_dir / LOG_FILE, "wb") as log:
         exit_code = subprocess.run(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,10 @@ def load(source: str, revision: str = "", **options) -> LanguageModel:
         return importlib.import_module("sentcomp.models.gguf_loader").from_gguf(source, **options)
     model_dir = run_model_dir(hf.resolve_hub_or_dir(source, revision))
     config = hf.read_config(model_dir)
+    if "model_type" not in config and "program" in config:  # the launcher's record of a run
+        raise SentcompError(f"{model_dir} is the workdir of a {config['program']} run but holds no {RUN_MODEL_DIR}/ "
+                            f"with the trained model (the run has not finished, or {RUN_MODEL_DIR}/ was deleted): "
+                            "re-run its command to finish or re-export it, or pass a model directory.")
     if "model_type" not in config:
         raise SentcompError(f"{model_dir}/config.json has no 'model_type'; cannot tell the architecture.")
     return family_module(config["model_type"]).from_hf(model_dir, config, name=source, **options)
@@ -119,13 +125,54 @@ def untie(lm: LanguageModel) -> LanguageModel:
     return decoder.language_model(lm.family, config, params, lm.tokenizer, lm.name)
 
 
-def save_hf(lm: LanguageModel, directory: str | Path) -> Path:
+def save_hf(lm: LanguageModel, directory: str | Path, replace: bool = False) -> Path:
     """Writes ``lm`` in its family's Hugging Face layout (the family module's ``save_hf``: ``config.json`` and
-    safetensors, a Quad head included as sentcomp's own tensors), loadable by :func:`load`."""
+    safetensors, a Quad head included as sentcomp's own tensors) with its tokenizer, loadable by :func:`load`;
+    ``config.json``'s ``bos_token_id``/``eos_token_id`` are the tokenizer's (a byte-level GPT-2 ends texts with
+    id 256, not GPT-2's 50256).
+
+    ``directory`` must be new or empty, so two models' files are never mixed; ``replace=True`` replaces what it
+    holds (e.g. a training run's earlier export). The files are written into a sibling folder first and moved in
+    place whole."""
     module = family_module(lm.family)
     if not hasattr(module, "save_hf"):
         raise SentcompError(f"Saving {lm.family!r} models in Hugging Face layout is not implemented.")
-    return module.save_hf(lm, directory)
+    directory = Path(directory)
+    check_save_target(directory, replace)
+    staging = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    module.save_hf(lm, staging)
+    if lm.tokenizer is not None:
+        if not (staging / "tokenizer_config.json").exists():
+            lm.tokenizer.save_pretrained(str(staging))
+        set_special_token_ids(staging / "config.json", lm.tokenizer)
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
+
+
+def check_save_target(directory: Path, replace: bool) -> None:
+    """``directory`` may receive a model: it is not a file, not under one, and (unless ``replace``) empty."""
+    for path in (directory, *directory.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == directory else f"is under {path}, which is a file"
+            raise SentcompError(f"Cannot save the model to {directory}: it {where}. Pass a new or empty directory.")
+    held = sorted(entry.name for entry in directory.iterdir()) if directory.is_dir() else []
+    if held and not replace:
+        raise SentcompError(f"Cannot save the model to {directory}: it already holds {', '.join(held[:5])}"
+                            f"{', ...' if len(held) > 5 else ''}, and mixing two models' files would load neither "
+                            "correctly. Pass a new or empty directory, or delete this one first.")
+
+
+def set_special_token_ids(config_path: Path, tokenizer) -> None:
+    """Sets ``bos_token_id``/``eos_token_id`` of a saved ``config.json`` to ``tokenizer``'s (its EOS standing for
+    BOS when it has none, as GPT-2's does)."""
+    config = json.loads(config_path.read_text())
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    config.update({key: value for key, value in (("bos_token_id", bos), ("eos_token_id", eos)) if value is not None})
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 RANDOM_GPT2 = "random-gpt2"  # config.model of smoke runs: a tiny random GPT-2 shaped by config.random_gpt2

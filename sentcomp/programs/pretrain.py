@@ -13,7 +13,9 @@ checkpointed, resumable.
   ``gemma``, ``gpt_neox``, shaped by :func:`hf_model_config`) or from a pretrained causal LM of any of those
   families (``config.init.source``, anything :func:`sentcomp.models.load` takes, e.g. the offline SmolLM2-135M);
   ``config.init.freeze_phi`` keeps Φ at its initial value (for a tied model that also freezes the input
-  embedding, which is the same matrix);
+  embedding, which is the same matrix); ``config.init.phi_from`` / ``config.init.embeddings_from`` start only Φ /
+  the input embeddings from a pretrained model (any :func:`sentcomp.models.load` source) and the rest from
+  scratch (:func:`with_pretrained_parts`, the authors' option);
 * **optimiser**: optax AdamW (weight decay on matrices only), linear warmup then cosine or linear decay, global-norm
   gradient clipping, ``grad_accum`` micro-batches per step; ``compute_dtype="bfloat16"`` runs the model and loss in
   bf16 with float32 master weights and optimiser state;
@@ -63,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -87,6 +90,7 @@ from sentcomp.training import (
     resume,
     resume_settings,
     save_checkpoint,
+    training_precision,
     validation_batches,
     validation_losses,
 )
@@ -120,7 +124,59 @@ def build_model(config) -> LanguageModel:
         tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
         lm = models.init(model.family, hf_model_config(model, model.vocab_size or len(tokenizer)),
                          jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
+    lm = with_pretrained_parts(lm, config.init.get("phi_from", ""), config.init.get("embeddings_from", ""))
     return layers.with_execution(lm, **{key: model[key] for key in layers.EXECUTION_FIELDS if key in model})
+
+
+INPUT_EMBEDDINGS = ("wte", "embed_tokens")  # the input embedding table of GPT-2 and of the decoder families
+
+
+def input_embedding_key(lm: LanguageModel) -> str:
+    """The top-level parameter holding the input embeddings ``[V, d]`` (``params[key]["embedding"]``)."""
+    for key in INPUT_EMBEDDINGS:
+        if key in lm.params:
+            return key
+    raise SentcompError(f"{lm.name}: no input embedding table among {INPUT_EMBEDDINGS} in {sorted(lm.params)}.")
+
+
+def _donor_matrix(source: str, part: str, shape: tuple[int, ...]) -> jax.Array:
+    """``part`` (``"phi"`` or ``"embeddings"``, ``[V, d]``) of the model ``models.load(source)``, shape-checked."""
+    donor = models.load(source)
+    matrix = donor.phi if part == "phi" else donor.params[input_embedding_key(donor)]["embedding"]
+    if tuple(matrix.shape) != tuple(shape):
+        raise SentcompError(
+            f"config.init.{part}_from={source!r}: its {part} matrix is {tuple(matrix.shape)} (V × d) but the model "
+            f"being trained needs {tuple(shape)}; use a model with the same vocabulary and width (set "
+            "config.model.n_embd / vocab_size and config.tokenizer to match it)."
+        )
+    return jnp.asarray(matrix)
+
+
+def with_pretrained_parts(lm: LanguageModel, phi_from: str = "", embeddings_from: str = "") -> LanguageModel:
+    """``lm`` with Φ taken from the model ``phi_from`` and/or the input embeddings from ``embeddings_from`` (any
+    source :func:`sentcomp.models.load` takes), every other parameter kept: the authors' option of starting Φ
+    (and the input embeddings) from pretrained GPT-2 while the rest trains from scratch. A tied model's Φ *is*
+    its input embedding table, so there the two must name the same source (or only one be given)."""
+    if not phi_from and not embeddings_from:
+        return lm
+    embedding_key = input_embedding_key(lm)
+    phi_key = lm.phi_param
+    tied = phi_key == embedding_key
+    if tied and phi_from and embeddings_from and phi_from != embeddings_from:
+        raise SentcompError(
+            f"config.init.phi_from={phi_from!r} and embeddings_from={embeddings_from!r} differ, but the model ties Φ "
+            "to its input embeddings (one matrix): set config.model.tie_word_embeddings=False (or quad_head) to "
+            "start them from different models."
+        )
+    params = dict(lm.params)
+    dtype = lm.phi.dtype
+    if embeddings_from or tied:
+        table = _donor_matrix(embeddings_from or phi_from, "embeddings" if embeddings_from else "phi",
+                              params[embedding_key]["embedding"].shape)
+        params[embedding_key] = {**params[embedding_key], "embedding": table.astype(dtype)}
+    if phi_from and not tied:
+        params[phi_key] = _donor_matrix(phi_from, "phi", params[phi_key].shape).astype(dtype)
+    return lm.replace(params=params)
 
 
 ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families
@@ -217,6 +273,9 @@ def check_config(config) -> None:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
     if config.data.seq_len < 1:
         raise SentcompError(f"config.data.seq_len must be ≥ 1, got {config.data.seq_len}.")
+    if not config.init.source and config.data.seq_len > config.model.n_positions:  # a loaded model: checked in run
+        raise SentcompError(f"data.seq_len={config.data.seq_len} exceeds the model's context of "
+                            f"{config.model.n_positions} (config.model.n_positions): lower one or raise the other.")
     if not config.optimizer.learning_rate > 0:
         raise SentcompError(f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
     if config.batch_size % config.grad_accum:
@@ -224,6 +283,7 @@ def check_config(config) -> None:
                             f"grad_accum={config.grad_accum}.")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise SentcompError("config.checkpoint.every and config.checkpoint.keep must be ≥ 1.")
+    training_precision(config.get("matmul_precision", "auto"))
     parallel.mesh_shape(config.get("mesh"), jax.device_count())
 
 
@@ -253,11 +313,13 @@ def run(config, workdir) -> dict[str, Any]:
     optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
     manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
-                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
+                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds,
+                                  may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
-    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh)
+    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh,
+                                 precision=training_precision(config.get("matmul_precision", "auto")))
     eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
     schedule = learning_rate_schedule(config.optimizer, config.num_steps)
@@ -337,8 +399,7 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
                "data_stream_sha256": stream_digest(plan, step)}
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
-        models.save_hf(trained, workdir / "model")
-        trained.tokenizer.save_pretrained(str(workdir / "model"))
+        models.save_hf(trained, workdir / "model", replace=True)  # with its tokenizer
         storage.write_json(workdir / RESULTS_FILE, results)
         plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",
                               prefixes=plots.LEARNING_CURVES)

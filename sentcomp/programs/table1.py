@@ -10,6 +10,7 @@ column              features
 ``phi_p_f``         ``Φ p_f(s)``, the conditional-mean features (``[d]``)
 ``subset_logits``   ``hᵀφ_w`` for the task's subset words (the authors' word-subset features)
 ``subset_log_probs`` ``log p_f(s)(w)`` for the same words
+``subset_probs``    ``p_f(s)(w)`` for the same words (the theory's classifiers are linear in probabilities)
 ``class_logits``    ``hᵀφ_w`` for the class words (``:)``, ``:(`` for sentiment)
 ``posneg_logits``   ``hᵀφ_w`` for ``positive``/``negative`` (sentiment tasks only)
 ``p_f``             the full next-word distribution ``p_f(s)`` (``[V]``; off by default: it is written to disk,
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,6 +73,7 @@ FEATURE_COLUMNS = {
     "phi_p_f": ("phi_p_f", None),
     "subset_logits": ("word_logits", "subset"),
     "subset_log_probs": ("word_log_probs", "subset"),
+    "subset_probs": ("word_probs", "subset"),
     "class_logits": ("word_logits", "class"),
     "posneg_logits": ("word_logits", "posneg"),
     "p_f": ("p_f", None),
@@ -86,6 +87,7 @@ COLUMN_TITLES = {
     "phi_p_f": "Φp_f(s)",
     "subset_logits": "subset logits",
     "subset_log_probs": "subset log-probs",
+    "subset_probs": "subset probs",
     "class_logits": "class-word logits",
     "posneg_logits": "pos/neg logits",
     "p_f": "p_f(s)",
@@ -162,6 +164,18 @@ def columns_for(task: Task, wanted: Sequence[str]) -> list[str]:
     return [c for c in wanted if FEATURE_COLUMNS[c][1] is None or FEATURE_COLUMNS[c][1] in groups]
 
 
+def check_word_columns(columns: Sequence[str], word_sets: dict[str, WordSet], model: str) -> None:
+    """A word column needs some of its words to be single tokens of the model's tokenizer (none are for a
+    byte-level one): refused before the features are extracted, naming the columns to drop."""
+    empty = [column for column in columns
+             if FEATURE_COLUMNS[column][1] in word_sets and not word_sets[FEATURE_COLUMNS[column][1]].token_ids]
+    if empty:
+        kept = tuple(column for column in columns if column not in empty)
+        raise SentcompError(f"The tokenizer of {model} makes none of the task's words for columns {empty} a single "
+                            "token (a byte-level tokenizer has no word tokens), so these columns have no features: "
+                            f"drop them, e.g. --config.columns=\"{kept}\".")
+
+
 def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: dict[str, WordSet],
                     union: WordSet | None) -> np.ndarray:
     """The ``[N, features]`` matrix of one column from one extraction."""
@@ -186,7 +200,8 @@ def cell_key(task: str, prompt: bool, column: str, repeat: int) -> str:
 NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", "ft.enabled", "ft.progress",
                    "zeroshot.enabled", "zeroshot.shots", "zeroshot.sensitivity_shots", "zeroshot.templates",
                    "zeroshot.verbalizers", "zeroshot.balanced", "zeroshot.separator", "zeroshot.seed",
-                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change")
+                   "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change",
+                   "probe.p_f_memory_gb")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
 RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
@@ -202,15 +217,9 @@ def results_fingerprint(config) -> str:
 
 
 def read_cells(path: Path) -> dict[str, dict]:
-    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped, the cell recomputed."""
-    cells = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            cell = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        cells[cell["key"]] = cell
-    return cells
+    """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped with a warning
+    (:func:`sentcomp.storage.read_json_lines`), the cell recomputed."""
+    return {cell["key"]: cell for cell in storage.read_json_lines(path)}
 
 
 class CellLog:
@@ -250,8 +259,11 @@ def check_multinomial_cells(cells: Sequence[str]) -> None:
 
 def cell_multi_class(probe_config, task_name: str, column: str) -> str:
     """``probe.multi_class``, except multinomial for the ``task:column`` cells listed in
-    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s))."""
-    return "multinomial" if f"{task_name}:{column}" in probe_config.multinomial_cells else probe_config.multi_class
+    ``probe.multinomial_cells`` (the authors' exception: SST-5's probes on every feature but f(s)), and
+    everywhere under ``protocol="mteb"`` (MTEB's probe is sklearn's multinomial ``LogisticRegression``)."""
+    if probe_config.protocol == "mteb" or f"{task_name}:{column}" in probe_config.multinomial_cells:
+        return "multinomial"
+    return probe_config.multi_class
 
 
 def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tuple[Split, Split],
@@ -262,10 +274,11 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
         x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
         multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
         seed=probe_config.seed, max_iter=probe_config.max_iter, n_experiments=probe_config.n_experiments,
-        samples_per_label=probe_config.samples_per_label,
+        samples_per_label=probe_config.samples_per_label, penalize_intercept=probe_config.penalize_intercept,
+        shuffle_folds=probe_config.shuffle_folds,
     )
-    keep = ("test_accuracy", "test_macro_f1", "train_accuracy", "regularisation", "regularisation_name", "grid",
-            "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
+    keep = ("test_accuracy", "test_macro_f1", "test_loss", "train_accuracy", "regularisation", "regularisation_name",
+            "grid", "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
     return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
             "n_features": int(x.shape[1])}
 
@@ -375,6 +388,8 @@ def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], colum
 
 def probe_modes(probe_config: dict) -> str:
     """``"ovr"``, or ``"ovr; multinomial for sst5:subset_logits, …"`` when some cells are exceptions."""
+    if probe_config.get("protocol") == "mteb":
+        return "multinomial (MTEB)"
     exceptions = probe_config.get("multinomial_cells", ())
     return probe_config["multi_class"] + (f"; multinomial for {', '.join(exceptions)}" if exceptions else "")
 
@@ -491,6 +506,7 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     the raw extraction (its metadata; with ``extra_words``, also their ``word_log_probs``, the union's columns)."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
+    check_word_columns(columns, word_sets, lm.name)
     every_word = extraction_words(task, extra_words)
     union = word_set(lm.tokenizer, every_word) if every_word else None
     kinds = tuple(dict.fromkeys([*(FEATURE_COLUMNS[c][0] for c in columns),
@@ -708,7 +724,8 @@ def check_zeroshot_config(config) -> None:
     if not isinstance(zs.ece_bins, int) or zs.ece_bins < 1:
         raise SentcompError(f"config.zeroshot.ece_bins must be a positive number of bins, got {zs.ece_bins!r}.")
     for name in config.tasks:
-        zeroshot_templates(get_task(name), zs)
+        for template in zeroshot_templates(get_task(name), zs)[0]:
+            zeroshot.check_template(template)
 
 
 def _score_options(config) -> dict:
@@ -724,6 +741,17 @@ def _demonstrations(variant: ZeroShotVariant, task: Task, train: Split, test: Sp
     words = [variant.verbalizer[task.label_names[train.labels[i]]][0] for i in chosen]
     prefix = demonstration_prefix([train.texts[i] for i in chosen], words, variant.template, zs.separator)
     return prefix, [int(i) for i in chosen]
+
+
+def check_demonstrations(data: TaskData, zs) -> None:
+    """Every k-shot context of :func:`zeroshot_plan` can be drawn from each split's train set (a balanced one
+    needs ``k / C`` examples of every class): checked once the data is read, before the model loads, instead of
+    failing after every probe ran."""
+    if not zs.enabled:
+        return
+    for k in sorted({variant.k for variant in zeroshot_plan(data.task, zs) if variant.k}):
+        for train, test in data.pairs:
+            sample_demonstrations(train.texts, train.labels, k, zs.seed, zs.balanced, exclude=test.texts)
 
 
 def run_zeroshot(lm_loader, data: TaskData, config, log: CellLog) -> None:
@@ -907,10 +935,37 @@ def check_config(config) -> None:
     if unknown:
         raise SentcompError(f"Unknown feature columns {unknown}; choose from {list(FEATURE_COLUMNS)}.")
     check_multinomial_cells(config.probe.multinomial_cells)
+    check_p_f_unscaled(config)
+    pc = config.probe
+    probe.check_settings(pc.protocol, pc.multi_class, n_folds=pc.n_folds, max_iter=pc.max_iter,
+                         n_experiments=pc.n_experiments, samples_per_label=pc.samples_per_label)
     check_zeroshot_config(config)
     models.hf.check_source(config.model, config.revision, known=(models.RANDOM_GPT2, *models.ALIASES))
     if config.bert.enabled:
         models.hf.check_source(config.bert.model, known=tuple(models.ALIASES))
+
+
+def check_p_f_unscaled(config) -> None:
+    """The ``p_f`` column is probed through its row-space coordinates (:func:`sentcomp.probe.row_space_features`),
+    exact only for unscaled features: ``probe.standardize=True`` would silently probe something else."""
+    if "p_f" in config.columns and config.probe.standardize:
+        raise SentcompError(
+            "config.probe.standardize=True cannot be used with the p_f column: p_f is probed exactly through its "
+            "N × N kernel matrix, which holds only for unscaled features (standardising its V columns is not a "
+            "transform of the row-space coordinates). Set probe.standardize=False, or drop p_f from "
+            "config.columns (projected_p_f can be standardised)."
+        )
+
+
+def check_p_f_memory(datas: Sequence[TaskData], config) -> None:
+    """Refuses up front (before any model pass) a ``p_f`` column whose ``N × N`` kernel and eigendecomposition
+    (:func:`sentcomp.probe.row_space_peak_bytes`) do not fit in ``config.probe.p_f_memory_gb`` (0: the memory
+    available now)."""
+    if "p_f" not in config.columns:
+        return
+    limit = config.probe.p_f_memory_gb * 1e9 if config.probe.p_f_memory_gb > 0 else None
+    for data in datas:
+        probe.check_row_space_fits(len(data.texts), limit_bytes=limit, what=f"p_f column of task {data.task.name!r}")
 
 
 def run(config, workdir) -> dict:
@@ -919,6 +974,9 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir)
     check_config(config)
     datas = [prepare_task(name, config) for name in config.tasks]
+    check_p_f_memory(datas, config)
+    for data in datas:
+        check_demonstrations(data, config.zeroshot)
     log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 

@@ -128,7 +128,8 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
     optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params)
     seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": training.resume_settings(config)}
     manager, state, _ = training.resume(modeldir, training.initial_state(lm.params, optimizer, mesh), 1,
-                                        config.checkpoint_keep, expected=seeds)
+                                        config.checkpoint_keep, expected=seeds,
+                                        may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
     train_step = training.make_train_step(loss, lm.hidden_fn, lm.phi_fn, optimizer, jax.numpy.float32, mesh)
     gamma = synthetic.task_coverage(language)
