@@ -25,6 +25,7 @@ def tiny_decoder(window: int | None = None, tokenizer=None) -> decoder.LanguageM
 
 
 @pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.slow
 def test_continuing_a_cache_gives_the_whole_sequences_hidden_states(window):
     """Prefix (9 tokens) cached once for 3 right-padded continuations, then a second continuation step on the
     extended cache (what greedy generation does): each equals hidden_fn over the whole sequence."""

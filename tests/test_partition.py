@@ -4,6 +4,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sentcomp import kernels
 
@@ -13,6 +14,7 @@ def _random_symmetric(rng, d):
     return (m + m.T) / 2
 
 
+@pytest.mark.slow
 def test_quadratic_fit_recovers_a_known_quadratic_exactly():
     rng = np.random.default_rng(0)
     d, n = 6, 200
@@ -26,6 +28,7 @@ def test_quadratic_fit_recovers_a_known_quadratic_exactly():
     assert float(kernels.r_squared(log_z, fit(theta.astype(np.float32)))) > 1 - 1e-6
 
 
+@pytest.mark.slow
 def test_quadratic_fit_in_a_subspace_recovers_a_low_rank_quadratic():
     rng = np.random.default_rng(1)
     d, k, n = 10, 3, 300
