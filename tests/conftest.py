@@ -8,6 +8,7 @@ through ``smoke_workdir`` gets it automatically) and ``multiprocess`` (a test th
 
 import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -66,6 +67,22 @@ def smoke_workdir(tmp_path_factory):
         return path
 
     return workdir
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: ``python -m sentcomp.main ARGS`` run in this process (:func:`sentcomp.main.run_cli`: no new
+    interpreter, no JAX import), as a ``CompletedProcess`` with its exit code and captured output (read it with
+    ``cli_testing.error_line`` / ``ok``)."""
+    from sentcomp.main import run_cli
+
+    def run(*args):
+        capsys.readouterr()
+        code = run_cli([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ import textwrap
 
 import ml_collections
 import pytest
+from cli_testing import error_line
 
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
-from sentcomp.main import run_cli, run_program
+from sentcomp.main import run_program
 
 KERNEL_CHECK = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
 
@@ -24,26 +25,6 @@ def cli_process(*args):
     """``python -m sentcomp.main ARGS`` in a new interpreter: for what only a real process shows (absl's logging
     set-up from ``--verbosity``)."""
     return subprocess.run([sys.executable, "-m", "sentcomp.main", *args], capture_output=True, text=True)
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*args)``: ``python -m sentcomp.main ARGS`` run in this process (:func:`sentcomp.main.run_cli`: no new
-    interpreter, no JAX import), as a ``CompletedProcess`` with its exit code and captured output."""
-    def run(*args):
-        capsys.readouterr()
-        code = run_cli([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
-
-
-def error_line(result):
-    """The CLI's user-facing error: exit code 2 and exactly one ``error:`` line on stderr."""
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.mark.slow

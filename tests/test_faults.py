@@ -9,7 +9,8 @@ The cases are grouped by class of failure (the table in docs/faults.md lists the
 4. faults during long runs (checkpoint writes) surface at once and keep the last good checkpoint;
 5. quiet data damage (CSV quotes, file modes) is refused or prevented.
 
-The CLI runs in this process (:func:`sentcomp.main.run_cli`), so a case costs milliseconds, not a JAX import.
+The CLI runs in this process (conftest's ``cli`` fixture, :func:`sentcomp.main.run_cli`), so a case costs
+milliseconds, not a JAX import.
 A toy program (written per test) stands for any program: the launcher's guarantees hold for every program, and
 ``test_every_program_has_check_config`` makes each new program module bring its own checks.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_testing import error_line, ok
 
 import sentcomp.programs
 from sentcomp import features, storage, training
@@ -36,7 +38,6 @@ from sentcomp.data import corpora, loaders
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR
-from sentcomp.main import run_cli
 
 TABLE1 = f"{EXPERIMENTS_DIR}/table1.py:smoke"
 PRETRAIN = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
@@ -94,30 +95,6 @@ def toy(tmp_path, monkeypatch):
     (folder / "toy.py").write_text(TOY_CONFIG)
     monkeypatch.syspath_prepend(str(folder))
     return folder / "toy.py"
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*args)`` -> ``(exit code, stdout, stderr)`` of ``python -m sentcomp.main ARGS``, run in this process."""
-    def run(*args):
-        code = run_cli([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
-def error_line(outcome) -> str:
-    """The one ``error:`` line of a user mistake: exit code 2, no traceback."""
-    code, _, err = outcome
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
-def ok(outcome):
-    code, out, err = outcome
-    assert code == 0, err[-2000:]
-    return out
 
 
 # ------------------------------------------------------------------------ 1. a failed run claims its workdir
