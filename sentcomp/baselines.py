@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import parallel, storage
+from sentcomp import parallel
 from sentcomp.data.text import (
     effective_prompt,
     encode_with_specials,
@@ -40,6 +40,7 @@ from sentcomp.data.text import (
 from sentcomp.errors import SentcompError
 from sentcomp.models import bert
 from sentcomp.models.base import LanguageModel, model_fingerprint
+from sentcomp.results import storage
 
 POOLINGS = ("mlm_cls", "cls", "mean")
 

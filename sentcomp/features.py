@@ -63,12 +63,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, parallel, storage
+from sentcomp import kernels, parallel
 from sentcomp.data import text
 from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
+from sentcomp.results import storage
 
 KINDS = ("f", "phi_p_f", "log_z", "word_logits", "word_log_probs", "word_probs", "p_f", "projected_p_f")
 WORD_KINDS = ("word_logits", "word_log_probs", "word_probs")

@@ -26,7 +26,7 @@ over the padded length, the output projection Φ only with the auxiliary LM loss
 
 Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
 evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``, ``curves.png`` (training
-loss and validation accuracy against the step, :mod:`sentcomp.plots`). Re-running in the same workdir
+loss and validation accuracy against the step, :mod:`sentcomp.results.plots`). Re-running in the same workdir
 resumes from the newest checkpoint (the batch order and dropout masks are functions of the seed and the step,
 so an interrupted run ends exactly where an uninterrupted one does) or returns the finished results; a
 different config in the same workdir is an error, never a silent overwrite.
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, models, parallel, plots, storage, throughput, training
+from sentcomp import kernels, models, parallel, throughput, training
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.data.text import (
     bucket_lengths,
@@ -63,6 +63,7 @@ from sentcomp.data.text import (
 from sentcomp.errors import SentcompError
 from sentcomp.features import last_token_features
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
+from sentcomp.results import plots, storage
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"

@@ -10,7 +10,7 @@ with ``run(config, workdir)`` (conventions in :mod:`sentcomp.launcher.runner`; s
 values of the right type, required fields (placeholders) must be set, and a workdir that already holds a run
 must have been run with the same config, in which case the program resumes. A user mistake prints one ``error:``
 line and exits with code 2. Compiled programs go to JAX's persistent compilation cache
-(:func:`sentcomp.timings.enable_compilation_cache`: ``~/.cache/sentcomp/xla``; ``SENTCOMP_XLA_CACHE=off`` to not).
+(:func:`~results.timings.enable_compilation_cache`: ``~/.cache/sentcomp/xla``; ``SENTCOMP_XLA_CACHE=off`` to not).
 
 Several processes (hosts) run the same command and join JAX's multi-process runtime first:
 
@@ -30,10 +30,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sentcomp import parallel, storage, timings
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
+from sentcomp.results import storage, timings
 
 __all__ = ["run_program", "main", "run_cli"]
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from sentcomp import kernels
 from sentcomp.errors import SentcompError
+from sentcomp.results import statistics
 
 PROTOCOLS = ("paper", "senteval", "mteb", "ridge")
 PAPER_LARGE_N = 10_000
@@ -194,18 +195,6 @@ def undersample(labels: np.ndarray, samples_per_label: int, n_experiments: int, 
         subsets.append(np.sort(np.concatenate(
             [order[ordered == label][:samples_per_label] for label in np.unique(labels)])))
     return subsets
-
-
-def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """sklearn's ``f1_score(labels, predictions, average="macro")`` for class indices: the mean over the classes
-    present in ``labels`` or ``predictions`` of ``F1 = 2·TP / (2·TP + FP + FN) = 2·TP / (#true + #predicted)``."""
-    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
-    size = int(max(labels.max(), predictions.max())) + 1
-    true_count = np.bincount(labels, minlength=size)
-    predicted_count = np.bincount(predictions, minlength=size)
-    true_positives = np.bincount(labels[labels == predictions], minlength=size)
-    present = (true_count + predicted_count) > 0
-    return float(np.mean(2.0 * true_positives[present] / (true_count + predicted_count)[present]))
 
 
 def _mteb_splits(train_ids: np.ndarray, n_experiments: int, samples_per_label: int | None, seed: int):
@@ -546,7 +535,7 @@ def evaluate(
         x_test[None], encoded["y_test"][None], coef[finals].reshape(1, n_finals * n_grid, *coef.shape[2:]),
         intercept[finals].reshape(1, n_finals * n_grid, -1))
     test_path, test_losses = test_path.reshape(n_finals, n_grid), test_losses.reshape(n_finals, n_grid)
-    test_f1 = [macro_f1(encoded["y_test"], predictions)
+    test_f1 = [statistics.macro_f1(encoded["y_test"], predictions)
                for predictions in test_predictions.reshape(n_finals, n_grid, -1)[:, best]]
     (x_fitted, y_fitted), fitted_mask = _grouped((x_all, y_all), [np.flatnonzero(weights[s]) for s in finals])
     train_accuracy = scores(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],

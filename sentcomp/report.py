@@ -15,11 +15,11 @@ The pipeline, one small function per step:
    ``test_accuracy``, ``n`` the test-set size from ``results.json``); other programs one per ``done.json``
    headline entry (``column`` = ``metric`` = its name). Only finished runs have records; unfinished and failed
    ones are listed in a section of their own.
-3. **pivot** (:func:`pivot`): rows and columns are any record fields; the records of one cell are pooled
-   (accuracies: test predictions pooled, so splits and runs count by their test-set sizes) and every accuracy
-   gets its 95% Wilson score interval (:func:`wilson_interval`).
-4. **files** (:func:`write_report`), with :mod:`sentcomp.plots` for the figures: Table-1 accuracies as grouped
-   bars with their intervals (``accuracy.png``), training curves of every ``metrics.jsonl`` per program
+3. **pivot** (:func:`sentcomp.results.tables.pivot`): rows and columns are any record fields; the records of
+   one cell are pooled (accuracies: test predictions pooled, so splits and runs count by their test-set sizes)
+   and every accuracy gets its 95% Wilson score interval.
+4. **files** (:func:`write_report`), with :mod:`sentcomp.results.plots` for the figures: Table-1 accuracies as
+   grouped bars with their intervals (``accuracy.png``), training curves of every ``metrics.jsonl`` per program
    (``curves_<program>.png``), and each sweep's headline metrics against its hyperparameters
    (``sweep_<sweep>.png``).
 
@@ -29,20 +29,17 @@ It reads files only (no JAX), so it runs anywhere the workdirs are, even while t
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
-import math
 import re
-import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sentcomp import plots, storage
 from sentcomp.errors import SentcompError
+from sentcomp.results import plots, storage, tables
+from sentcomp.results.tables import CAPTION
 
 # the workdir layout (written by sentcomp.launcher and the programs; a library reads it without importing them)
 CONFIG_FILE = "config.json"
@@ -55,15 +52,10 @@ SWEEP_FILE = "sweep.json"
 LAYOUT = ("a workdir holds config.json (done.json once finished, error.txt if it failed); a sweep folder holds "
           "sweep.json and one workdir per point")
 
-ACCURACY = "test_accuracy"
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
 BASE_FIELDS = ("run", "sweep", "program", "status", "model", "row", "column", "metric", "repeat")
 DEFAULT_ROWS = ("run", "row")
 DEFAULT_COLUMNS = ("column",)
-CAPTION = ("Accuracies in %, with the 95% Wilson score interval [low, high] for n test examples (binomial; a cell "
-           "that holds several splits or runs pools their test examples, so n is their total and the value their "
-           "pooled accuracy). Other metrics: the value in the run's done.json; several runs in one cell give their "
-           "mean ± standard deviation.")
+
 
 
 class ReportError(SentcompError):
@@ -214,35 +206,6 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
 # --------------------------------------------------------------------------------------------------- records
 
 
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion ``successes / n`` (95% for the default ``z``):
-    ``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``."""
-    if n <= 0:
-        raise ValueError(f"wilson_interval needs n > 0, got {n}.")
-    p = successes / n
-    scale = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / scale
-    half = z / scale * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def table1_cells(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Records (without run fields) of a Table-1 ``results.json``-like dict: one per cell and split, in the
-    table's order (rows ``task``, ``task*`` as listed, columns as listed), ``n`` = the cell's test-set size."""
-    n_test = {task["name"]: task.get("n_test") for task in results.get("tasks", [])}
-    rows = [row for name in n_test for row in (name, name + "*")]
-    columns = list(results.get("columns", []))
-    cells = [cell for cell in results.get("cells", []) if "column" in cell and ACCURACY in cell]
-
-    def order(cell):
-        return (rows.index(cell["row"]) if cell["row"] in rows else len(rows),
-                columns.index(cell["column"]) if cell["column"] in columns else len(columns), cell.get("repeat", 0))
-
-    return [{"row": cell["row"], "column": cell["column"], "metric": ACCURACY, "repeat": cell.get("repeat", 0),
-             "value": cell[ACCURACY], "n": cell.get("n_test") or n_test.get(cell["row"].rstrip("*"))}
-            for cell in sorted(cells, key=order)]
-
-
 def headline_cells(headline: dict[str, Any]) -> list[dict[str, Any]]:
     """Records (without run fields) of a ``done.json``: one per entry, ``column`` = ``metric`` = its name."""
     return [{"row": "", "column": key, "metric": key, "repeat": None, "value": value, "n": None}
@@ -254,7 +217,7 @@ def measurements(run: Run) -> list[dict[str, Any]]:
     done.json headline."""
     if run.program == "table1":
         results = read_json(run.path / RESULTS_FILE) or {"cells": storage.read_json_lines(run.path / CELLS_FILE)}
-        cells = table1_cells(results)
+        cells = tables.table1_cells(results)
         if cells:
             return cells
     return headline_cells(run.headline)
@@ -325,130 +288,7 @@ def progress(run: Run) -> str:
 # ------------------------------------------------------------------------------------------------------ pivot
 
 
-@dataclasses.dataclass
-class Table:
-    """A pivot: ``cells[(row key, column key)]`` = :func:`aggregate` of the records with those field values."""
-
-    rows: tuple[str, ...]
-    columns: tuple[str, ...]
-    row_keys: list[tuple]
-    column_keys: list[tuple]
-    cells: dict[tuple[tuple, tuple], dict[str, Any]]
-
-
-def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One table cell from its records: ``{metric, value, low, high, n, std, count}``.
-
-    Accuracies with a test-set size ``n`` pool their test examples (successes = accuracy × n, rounded) and get
-    the Wilson interval of the pooled proportion; other numbers give their mean (and std over several records);
-    text values are kept when they agree, else joined with " / "."""
-    metrics = sorted({str(record["metric"]) for record in records})
-    values = [record["value"] for record in records]
-    cell: dict[str, Any] = {"metric": metrics[0], "value": None, "low": None, "high": None, "n": None, "std": None,
-                            "count": len(records)}
-    if not all(plots.is_number(value) for value in values):
-        cell["value"] = " / ".join(dict.fromkeys(str(value) for value in values))
-        return cell
-    if len(values) > 1:
-        cell["std"] = statistics.pstdev(values)
-    sizes = [record.get("n") for record in records]
-    if all(isinstance(size, int) and size > 0 for size in sizes):
-        successes = sum(round(value * size) for value, size in zip(values, sizes))
-        cell.update(n=sum(sizes), value=successes / sum(sizes))
-        cell["low"], cell["high"] = wilson_interval(successes, cell["n"])
-    else:
-        cell["value"] = statistics.fmean(values)
-    return cell
-
-
-def pivot(records: Sequence[dict[str, Any]], rows: Sequence[str], columns: Sequence[str]) -> Table:
-    """Records pivoted by the ``rows`` and ``columns`` fields (first-seen order); a cell may not mix metrics."""
-    groups: dict[tuple[tuple, tuple], list[dict[str, Any]]] = {}
-    for record in records:
-        key = (tuple(record.get(field, "") for field in rows), tuple(record.get(field, "") for field in columns))
-        groups.setdefault(key, []).append(record)
-    for (row_key, column_key), members in groups.items():
-        metrics = sorted({str(record["metric"]) for record in members})
-        if len(metrics) > 1:
-            raise ReportError(f"the cell {label(row_key)} × {label(column_key)} would mix the metrics {metrics}: "
-                              "add metric to --rows or --columns, or pick one with --metric.")
-    return Table(tuple(rows), tuple(columns), list(dict.fromkeys(key[0] for key in groups)),
-                 list(dict.fromkeys(key[1] for key in groups)),
-                 {key: aggregate(members) for key, members in groups.items()})
-
-
-def label(key: tuple) -> str:
-    """A row or column key as text: its non-empty values joined by " / " ("value" when there are none)."""
-    return " / ".join(str(part) for part in key if part != "") or "value"
-
-
-def format_cell(cell: dict[str, Any] | None) -> str:
-    """``58.3 [38.8, 75.5]`` (an accuracy in % with its interval), ``2.704`` or ``2.7 ± 0.05``, ``—`` if empty."""
-    if cell is None:
-        return "—"
-    value = cell["value"]
-    if cell["low"] is not None:
-        return f"{100 * value:.1f} [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
-    if not plots.is_number(value):
-        return str(value)
-    return f"{value:.4g}" + (f" ± {cell['std']:.2g}" if cell["std"] is not None else "")
-
-
-def markdown_table(header: Sequence[Any], lines: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table (``|`` inside a cell escaped); shared with Table-1's results.md."""
-    escaped = [[str(value).replace("|", "\\|") for value in line] for line in lines]
-    return "\n".join(["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(line) + " |" for line in escaped)])
-
-
-def table_markdown(table: Table) -> str:
-    columns = [label(key) for key in table.column_keys]
-    return markdown_table([*table.rows, *columns],
-                          ([*row_key, *(format_cell(table.cells.get((row_key, key))) for key in table.column_keys)]
-                           for row_key in table.row_keys))
-
-
-def table_csv(table: Table) -> str:
-    """The pivot as CSV: the row fields, then per column its value (accuracies as fractions) and, when any of
-    its cells has an interval, ``<column> low`` and ``<column> high``."""
-    header, getters = list(table.rows), []
-    for key in table.column_keys:
-        with_interval = any(table.cells.get((row, key), {}).get("low") is not None for row in table.row_keys)
-        for part in ("value", "low", "high") if with_interval else ("value",):
-            header.append(label(key) + ("" if part == "value" else f" {part}"))
-            getters.append((key, part))
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    for row_key in table.row_keys:
-        writer.writerow([*row_key, *("" if (cell := table.cells.get((row_key, key))) is None or cell[part] is None
-                                     else cell[part] for key, part in getters)])
-    return out.getvalue()
-
-
-def table_json(table: Table) -> dict[str, Any]:
-    return {"rows": list(table.rows), "columns": list(table.columns), "caption": CAPTION,
-            "table": [{**dict(zip(table.rows, row_key)),
-                       "cells": {label(key): table.cells[(row_key, key)] for key in table.column_keys
-                                 if (row_key, key) in table.cells}} for row_key in table.row_keys]}
-
-
 # ---------------------------------------------------------------------------------------------------- figures
-
-
-def accuracy_groups(records: Sequence[dict[str, Any]], group_by: Sequence[str]) -> dict[str, dict[str, tuple]]:
-    """``{group: {column: (accuracy, low, high)}}`` for :func:`sentcomp.plots.accuracy_bars`, from the accuracy
-    records with a test-set size, pooled like the table's cells."""
-    table = pivot([r for r in records if r["metric"] == ACCURACY and r.get("n")], group_by, ("column",))
-    return {label(row): {label(column): (cell["value"], cell["low"], cell["high"])
-                         for column in table.column_keys if (cell := table.cells.get((row, column)))}
-            for row in table.row_keys}
-
-
-def table1_figure(results: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """A Table-1 run's table (``results.json``'s dict) as grouped bars with 95% Wilson intervals: what
-    :mod:`sentcomp.programs.table1` writes as ``results.png``, drawn exactly as the report draws several runs."""
-    return plots.accuracy_bars(accuracy_groups(table1_cells(results), ("row",)), path, title)
 
 
 def slug(text: str) -> str:
@@ -462,7 +302,7 @@ def write_figures(runs: Sequence[Run], records: Sequence[dict[str, Any]], outdir
     accuracy = [record for record in records if record["program"] == "table1"]
     if accuracy:
         several = len({record["run"] for record in accuracy}) > 1
-        groups = accuracy_groups(accuracy, ("run", "row") if several else ("row",))
+        groups = tables.accuracy_groups(accuracy, ("run", "row") if several else ("row",))
         if groups:
             written.append(plots.accuracy_bars(groups, outdir / "accuracy.png", "Table 1: test accuracy"))
     for program in dict.fromkeys(run.program for run in runs):
@@ -494,7 +334,7 @@ class Report:
     runs: list[Run]
     config_keys: list[str]  # the config fields the records carry
     records: list[dict[str, Any]]
-    table: Table
+    table: tables.Table
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
@@ -521,13 +361,13 @@ def build_report(dirs: Sequence[str | Path], rows: Sequence[str] = DEFAULT_ROWS,
         if missing:
             raise ReportError(f"--metric {missing} not found; the finished runs have the metrics {present}.")
         records = [record for record in records if record["metric"] in metrics]
-    return Report(runs, config_keys, records, pivot(records, rows, columns))
+    return Report(runs, config_keys, records, tables.pivot(records, rows, columns))
 
 
 def runs_markdown(report: Report) -> str:
     """The runs, with their program, status, model and the config fields that differ between runs."""
     keys = report.config_keys
-    return markdown_table(["run", "program", "status", "model", *keys, "path"],
+    return tables.markdown_table(["run", "program", "status", "model", *keys, "path"],
                           ([run.name, run.program, run.status, model_name(run.config),
                             *(field_value(run.config.get(key)) for key in keys), run.path] for run in report.runs))
 
@@ -536,9 +376,10 @@ def report_markdown(report: Report, figures: Sequence[Path]) -> str:
     counts = {status: sum(run.status == status for run in report.runs) for status in ("done", "unfinished", "failed")}
     pending = [run for run in report.runs if run.status != "done"]
     parts = [f"# Report: {len(report.runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())})",
-             table_markdown(report.table) if report.records else "No finished run has a metric to show.", CAPTION,
+             tables.table_markdown(report.table) if report.records else "No finished run has a metric to show.",
+             CAPTION,
              "## Unfinished and failed runs (not in the table)",
-             markdown_table(["run", "program", "status", "details"],
+             tables.markdown_table(["run", "program", "status", "details"],
                             ([run.name, run.program, run.status, progress(run)] for run in pending))
              if pending else "None: every run finished.",
              "## Runs", runs_markdown(report)]
@@ -552,7 +393,7 @@ def report_json(report: Report, figures: Sequence[Path]) -> dict[str, Any]:
              "model": model_name(run.config), "sweep": run.sweep, "params": run.params, "error": run.error,
              "progress": progress(run) if run.status != "done" else None, "headline": run.headline}
             for run in report.runs]
-    return {**table_json(report.table), "runs": runs, "records": report.records,
+    return {**tables.table_json(report.table), "runs": runs, "records": report.records,
             "figures": [figure.name for figure in figures]}
 
 
@@ -564,7 +405,7 @@ def write_report(report: Report, outdir: str | Path) -> str:
         figures = write_figures(report.runs, report.records, outdir)
         markdown = report_markdown(report, figures)
         storage.write_text(outdir / "report.md", markdown)
-        storage.write_text(outdir / "report.csv", table_csv(report.table))
+        storage.write_text(outdir / "report.csv", tables.table_csv(report.table))
         storage.write_json(outdir / "report.json", report_json(report, figures))
     except OSError as error:  # --out is a file or under one, read-only, full: the user's to fix
         if not isinstance(error, (FileExistsError, NotADirectoryError)) and storage.write_failure_cause(error) is None:
@@ -589,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(args.dirs, parse_fields(args.rows), parse_fields(args.columns),
                               parse_fields(args.metric))
         print(write_report(report, args.out))
-    except ReportError as error:
+    except (ReportError, tables.TableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -44,12 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, storage, theory
+from sentcomp import kernels, theory
 from sentcomp.data import corpora, rotten_tomatoes
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel, model_fingerprint
+from sentcomp.results import storage
 
 SOURCES = ("lee", "enwiki", "rt_plots")
 MANIFEST = "manifest.json"

@@ -38,10 +38,11 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import scalar
 
-from sentcomp import kernels, parallel, plots, storage
+from sentcomp import kernels, parallel
 from sentcomp.data import corpora
 from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.models.base import cast_floats
+from sentcomp.results import plots, storage
 
 LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
 DECAYS = ("cosine", "linear")
@@ -261,7 +262,7 @@ class DataPlan:
 
 class _CheckpointManager(ocp.CheckpointManager):
     """Orbax's manager whose write failures that only the user can fix (no space left, no permission:
-    :func:`sentcomp.storage.write_failure_cause`) raise one :class:`SentcompError` at once: from ``save`` itself,
+    :func:`~results.storage.write_failure_cause`) raise one :class:`SentcompError` at once: from ``save`` itself,
     or, for an asynchronous save, from the next ``save`` or ``wait_until_finished``. The checkpoints already
     written are kept (Orbax writes a step into a temporary directory, renamed only when complete, and deletes
     old steps only after a save succeeded)."""
@@ -508,7 +509,7 @@ RESUME_MAY_CHANGE = "resume_may_change"
 
 def resume_settings(config) -> dict[str, Any]:
     """The settings a training run's checkpoints belong to, key by key: ``config`` flattened to dotted keys (JSON
-    values) minus :data:`sentcomp.storage.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
+    values) minus :data:`~results.storage.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
     and ``resume_may_change`` itself. Stored in every checkpoint's meta and required equal on resume except for the
     keys the resuming config lists in ``resume_may_change`` (:func:`settings_differences`), so
     ``run(config, workdir)`` never continues a run trained under other settings, and a key the user may change

@@ -41,12 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import kernels, metrics, parallel
+from sentcomp import kernels, parallel
 from sentcomp.data.tasks import Task, get_task
 from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens, split_prompt
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
+from sentcomp.results import statistics
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
@@ -352,13 +353,13 @@ def rule_scores(scores: WordScores, word_labels: np.ndarray, num_labels: int) ->
     }
 
 
-def evaluate_scores(label_scores: np.ndarray, labels: Sequence[int], n_bins: int = metrics.DEFAULT_BINS) -> dict:
-    """Accuracy of ``argmax_y score(y)``, and ECE / Brier of ``softmax_y score(y)`` (:mod:`sentcomp.metrics`)."""
+def evaluate_scores(label_scores: np.ndarray, labels: Sequence[int], n_bins: int = statistics.DEFAULT_BINS) -> dict:
+    """Accuracy of ``argmax_y score(y)``, and ECE / Brier of ``softmax_y score(y)`` (:mod:`~results.statistics`)."""
     labels = np.asarray(labels)
-    probabilities = metrics.softmax(label_scores)
+    probabilities = statistics.softmax(label_scores)
     return {"accuracy": float(np.mean(label_scores.argmax(axis=1) == labels)),
-            "ece": metrics.expected_calibration_error(probabilities, labels, n_bins),
-            "brier": metrics.brier_score(probabilities, labels), "n": int(len(labels))}
+            "ece": statistics.expected_calibration_error(probabilities, labels, n_bins),
+            "brier": statistics.brier_score(probabilities, labels), "n": int(len(labels))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +387,7 @@ class ZeroShotResult:
     def accuracy(self, labels: Sequence[int]) -> float:
         return float(np.mean(self.predictions == np.asarray(labels)))
 
-    def evaluate(self, labels: Sequence[int], n_bins: int = metrics.DEFAULT_BINS) -> dict[str, dict]:
+    def evaluate(self, labels: Sequence[int], n_bins: int = statistics.DEFAULT_BINS) -> dict[str, dict]:
         """``{rule: {"accuracy", "ece", "brier", "n"}}`` for every rule (:func:`evaluate_scores`)."""
         return {rule: evaluate_scores(scores, labels, n_bins) for rule, scores in self.rule_scores.items()}
 

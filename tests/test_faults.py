@@ -33,11 +33,12 @@ import pytest
 from cli_testing import error_line, ok
 
 import sentcomp.programs
-from sentcomp import features, storage, training
+from sentcomp import features, training
 from sentcomp.data import corpora, loaders
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR
+from sentcomp.results import storage
 
 TABLE1 = f"{EXPERIMENTS_DIR}/table1.py:smoke"
 PRETRAIN = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
@@ -47,7 +48,7 @@ TOY_PROGRAM = '''
 """A toy program: writes results.json with twice config.size; fails late when config.fail is set."""
 from pathlib import Path
 
-from sentcomp import storage
+from sentcomp.results import storage
 from sentcomp.errors import SentcompError
 
 

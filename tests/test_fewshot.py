@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sentcomp import metrics, parallel, probe, zeroshot
+from sentcomp import parallel, probe, zeroshot
 from sentcomp.data import get_task, task_from_config
 from sentcomp.data.text import demonstration_prefix, encode_texts, sample_demonstrations
 from sentcomp.errors import SentcompError
@@ -19,6 +19,7 @@ from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, load_sw
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import gpt2_tokenizer
 from sentcomp.programs import table1
+from sentcomp.results import statistics
 
 TEXTS = ["A gorgeous, witty, seductive movie.", "Dull.", "An uneven but often charming debut",
          "I laughed; I cried; I checked my watch."]
@@ -109,16 +110,16 @@ def test_ece_and_brier_on_a_hand_example():
     probabilities = np.array([[0.95, 0.05], [0.62, 0.38], [0.32, 0.68], [0.55, 0.45]])
     labels = np.array([0, 1, 1, 0])  # right, wrong, right, right
     # bins (0.9,1]: |1 − .95|; (0.6,0.7]: |½ − .65| for 2 examples; (0.5,0.6]: |1 − .55|
-    assert metrics.expected_calibration_error(probabilities, labels) == pytest.approx((0.05 + 2 * 0.15 + 0.45) / 4)
-    assert metrics.expected_calibration_error(probabilities, labels, n_bins=1) == pytest.approx(abs(0.75 - 0.7))
-    assert metrics.brier_score(probabilities, labels) == pytest.approx((0.005 + 0.7688 + 0.2048 + 0.405) / 4)
+    assert statistics.expected_calibration_error(probabilities, labels) == pytest.approx((0.05 + 2 * 0.15 + 0.45) / 4)
+    assert statistics.expected_calibration_error(probabilities, labels, n_bins=1) == pytest.approx(abs(0.75 - 0.7))
+    assert statistics.brier_score(probabilities, labels) == pytest.approx((0.005 + 0.7688 + 0.2048 + 0.405) / 4)
     boundary = np.array([[0.7, 0.3], [0.65, 0.35]])  # 0.7 belongs to (0.6, 0.7], with 0.65
-    assert metrics.expected_calibration_error(boundary, np.array([0, 1])) == pytest.approx(abs(0.5 - 0.675))
-    np.testing.assert_allclose(metrics.softmax(np.log(probabilities) + 3.0), probabilities)
+    assert statistics.expected_calibration_error(boundary, np.array([0, 1])) == pytest.approx(abs(0.5 - 0.675))
+    np.testing.assert_allclose(statistics.softmax(np.log(probabilities) + 3.0), probabilities)
     evaluation = zeroshot.evaluate_scores(np.log(probabilities), labels)
     assert evaluation == pytest.approx({"accuracy": 0.75, "ece": 0.2, "brier": 0.3459, "n": 4})
     with pytest.raises(SentcompError, match="Labels must be in"):
-        metrics.brier_score(probabilities, np.array([0, 1, 2, 0]))
+        statistics.brier_score(probabilities, np.array([0, 1, 2, 0]))
 
 
 def test_demonstrations_are_seeded_balanced_and_never_the_test_item():
@@ -185,7 +186,7 @@ def test_table1_smoke_reports_rules_shots_and_sensitivity(smoke_run):
     assert len(k_shot["demonstrations"]) == max(config.zeroshot.shots) > 0
     assert not {train.texts[i] for i in k_shot["demonstrations"]} & set(test.texts)
     ll = next(e for e in summary["rules"] if (e["k"], e["rule"]) == (0, "ll"))
-    low, high = table1.wilson_interval(ll["mean"] * len(test), len(test))
+    low, high = statistics.wilson_interval(ll["mean"] * len(test), len(test))
     assert f"| rotten_tomatoes* | 0 | log-likelihood | {100 * ll['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]" \
         in markdown
 

@@ -18,12 +18,13 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from test_bf16 import dot_operand_dtypes
 
-from sentcomp import finetune, parallel, storage, training
+from sentcomp import finetune, parallel, training
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import byte_tokenizer
 from sentcomp.programs import pretrain
+from sentcomp.results import storage
 
 # float32 parameters after a few AdamW steps on different meshes: the sums run in another order, nothing else
 # (observed differences ~1e-6; AdamW's normalised updates keep them at the learning rate's scale or below)

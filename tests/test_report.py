@@ -1,4 +1,4 @@
-"""sentcomp.report and sentcomp.plots: workdirs written in the real on-disk layout (Table-1 runs, a pretraining
+"""sentcomp.report and sentcomp.results.plots: workdirs written in the real on-disk layout (Table-1 runs, a pretraining
 sweep with a failed point, an unfinished run) and the real Table-1 smoke run, merged into one table whose numbers
 are checked against the files, with Wilson intervals checked against scipy; pivots, the CLI's error line, the
 figures (read back by matplotlib)."""
@@ -12,7 +12,8 @@ import matplotlib.image
 import pytest
 from scipy.stats import binomtest
 
-from sentcomp import plots, report, storage
+from sentcomp import report
+from sentcomp.results import plots, statistics, storage, tables
 
 TABLE1 = "sentcomp.programs.table1"
 PRETRAIN = "sentcomp.programs.pretrain"
@@ -111,9 +112,9 @@ def check_accuracy_cells(table, run, workdir):
 def test_wilson_interval_by_hand():
     # 40 of 50: p = 0.8, z² = 3.8415; centre (0.8 + 0.038415) / 1.07683 = 0.77859; half-width
     # 1.96 / 1.07683 * sqrt(0.0032 + 0.000384) = 0.10897
-    low, high = report.wilson_interval(40, 50)
+    low, high = statistics.wilson_interval(40, 50)
     assert (low, high) == pytest.approx((0.66963, 0.88756), abs=1e-5)
-    assert report.wilson_interval(0, 10)[0] == 0.0 and report.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert statistics.wilson_interval(0, 10)[0] == 0.0 and statistics.wilson_interval(10, 10)[1] == pytest.approx(1.0)
 
 
 def test_table_holds_the_cells_accuracies_with_their_intervals(runs):
@@ -157,7 +158,7 @@ def test_rows_and_columns_change_the_pivot(runs):
                                 metrics=("val_loss",))
     assert sweep.table.row_keys == [(0.001,)] and sweep.table.column_keys == [("xent",), ("quad",)]
     assert sweep.table.cells[((0.001,), ("quad",))]["value"] == pytest.approx(4.0 / 20 + 0.001)
-    with pytest.raises(report.ReportError, match="mix the metrics"):
+    with pytest.raises(tables.TableError, match="mix the metrics"):
         report.build_report([runs / "sweep"], rows=("run",), columns=())
     with pytest.raises(report.ReportError, match="unknown field"):
         report.build_report([runs / "sweep"], rows=("learning_rate",))

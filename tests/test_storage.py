@@ -1,4 +1,4 @@
-"""sentcomp.storage: content hashes against hashlib, and writes that are atomic (a failure keeps the old file)."""
+"""results.storage: content hashes against hashlib, and writes that are atomic (a failure keeps the old file)."""
 
 import hashlib
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sentcomp import storage
+from sentcomp.results import storage
 
 
 def reference_hash(*chunks: bytes) -> str:

@@ -1,4 +1,4 @@
-"""sentcomp.timings: per-part wall time and XLA compilation counts, the persistent compilation cache's settings,
+"""sentcomp.results.timings: per-part wall time and XLA compilation counts, the persistent compilation cache's settings,
 and the timings section of Table 1's results."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp import timings
+from sentcomp.results import timings
 
 
 def test_parts_count_their_compilations_and_accumulate():

@@ -10,7 +10,8 @@ import pytest
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from sentcomp import parallel, storage, training
+from sentcomp import parallel, training
+from sentcomp.results import storage
 
 
 @pytest.fixture(autouse=True)

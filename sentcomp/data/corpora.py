@@ -54,10 +54,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import storage
 from sentcomp.data.loaders import read_utf8
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
+from sentcomp.results import storage
 
 KINDS = ("lee", "enwiki", "files", "tfds", "wikitext")
 UNITS = ("file", "line")

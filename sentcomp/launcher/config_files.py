@@ -22,8 +22,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from sentcomp import storage
 from sentcomp.errors import SentcompError
+from sentcomp.results import storage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 
-from sentcomp import storage
+from sentcomp.results import storage
 
 RUNS_FILE = "runs.jsonl"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "scikit-learn")

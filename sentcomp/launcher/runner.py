@@ -47,9 +47,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sentcomp import parallel, storage
+from sentcomp import parallel
 from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.launcher import config_files, provenance, stages
+from sentcomp.results import storage
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
@@ -100,7 +101,7 @@ def holds_results(workdir: Path) -> bool:
 def check_resume(config: ml_collections.ConfigDict, workdir: Path,
                  record: ml_collections.ConfigDict | None = None) -> None:
     """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change`` and the
-    :data:`sentcomp.storage.EXECUTION_KEYS`, e.g. the mesh).
+    :data:`sentcomp.results.storage.EXECUTION_KEYS`, e.g. the mesh).
 
     Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
     replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1

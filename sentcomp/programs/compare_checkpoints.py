@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentcomp import parallel, plots, storage
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.report import markdown_table
+from sentcomp.results import plots, storage
+from sentcomp.results.tables import markdown_table
 
 RESULTS_FILE = "results.json"
 FIGURES = {"val_xent": "accuracy_vs_val_xent.png", "step": "accuracy_vs_step.png"}

@@ -41,9 +41,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentcomp import parallel, plots, storage
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.report import markdown_table
+from sentcomp.results import plots, storage
+from sentcomp.results.tables import markdown_table
 from sentcomp.training import read_metrics
 
 RESULTS_FILE = "results.json"

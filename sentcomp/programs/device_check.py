@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from sentcomp import features, kernels, parallel, probe, storage, throughput, training
+from sentcomp import features, kernels, parallel, probe, throughput, training
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
+from sentcomp.results import storage
 
 CHECKS = ("kernels", "forward", "probe", "pretraining", "features", "throughput")
 RESULTS_JSON = "results.json"

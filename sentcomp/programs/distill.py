@@ -37,11 +37,12 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from sentcomp import kernels, models, parallel, storage
+from sentcomp import kernels, models, parallel
 from sentcomp import teacher as teacher_lib
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models.base import COMPUTE_DTYPES, cast_floats
+from sentcomp.results import storage
 from sentcomp.training import (
     LOSSES,
     DataPlan,

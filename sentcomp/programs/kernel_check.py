@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp import kernels, storage
+from sentcomp import kernels
 from sentcomp.errors import check_sizes
+from sentcomp.results import storage
 
 
 def _expected_per_position(per_position_fn, theta, phi, p_star):

@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from sentcomp import models, parallel, storage
+from sentcomp import models, parallel
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models.base import COMPUTE_DTYPES
+from sentcomp.results import storage
 from sentcomp.training import make_eval_step, validation_batches, validation_losses
 
 RESULTS_FILE = "results.json"

@@ -23,9 +23,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp import kernels, models, storage
+from sentcomp import kernels, models
 from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.features import extract_features
+from sentcomp.results import storage
 
 
 def load_texts(num_texts: int, seed: int) -> list[str]:

@@ -31,9 +31,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sentcomp import features, kernels, parallel, storage
+from sentcomp import features, kernels, parallel
 from sentcomp.errors import check_sizes
 from sentcomp.models import gpt2, tokenizers
+from sentcomp.results import storage
 
 EXTRACTION_WORDS = ("a", "e", " ")
 

@@ -37,7 +37,7 @@ asynchronously; each holds params, optimiser state, step, and as JSON the data p
 ``metrics.jsonl`` (one line per ``eval_every`` steps: train loss, validation cross-entropy and Quad loss,
 tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.throughput`), learning rate, gradient norm, and
 the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
-accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.plots`),
+accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.results.plots`),
 ``results.json`` (headline, with ``data_stream_sha256``: a digest of every token the run read, in order, so two
 runs can prove they saw the same data), ``model/`` (final weights in the family's Hugging Face layout, loadable by
 ``sentcomp.models.load`` with the Quad head, and by transformers' ``AutoModelForCausalLM``, which ignores it).
@@ -69,13 +69,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, plots, storage, throughput
+from sentcomp import models, parallel, throughput
 from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models import layers, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
+from sentcomp.results import plots, storage
 from sentcomp.training import (
     LOSSES,
     DataPlan,

@@ -41,7 +41,7 @@ Writes ``workdir/results.json`` (every cell with its configuration, the table, d
 ``workdir/results.md`` (the table laid out like the paper's Table 1, every accuracy with its 95% Wilson interval,
 the probes' macro-F1, then data sizes, words, and the chosen regularisation of each probe) and
 ``workdir/results.png`` (the table as grouped bars with 95% Wilson intervals, drawn as ``python -m
-sentcomp.report`` draws several runs: :func:`sentcomp.report.table1_figure`), and prints the table.
+sentcomp.report`` draws several runs: :func:`sentcomp.results.tables.table1_figure`), and prints the table.
 
 BERT and fine-tuning columns (the paper's baselines) plug in at :func:`baseline_features` and
 :func:`finetune_cells` (``config.bert`` / ``config.ft``, off by default).
@@ -59,13 +59,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, probe, storage, timings, zeroshot
+from sentcomp import models, parallel, probe, zeroshot
 from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratified_split
 from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, demonstration_prefix, encode_texts, sample_demonstrations, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
-from sentcomp.report import markdown_table, table1_figure, wilson_interval
+from sentcomp.results import storage, tables, timings
+from sentcomp.results.statistics import wilson_interval
+from sentcomp.results.tables import markdown_table
 
 # column -> (kind extracted by sentcomp.features, word group or None)
 FEATURE_COLUMNS = {
@@ -218,7 +220,7 @@ def results_fingerprint(config) -> str:
 
 def read_cells(path: Path) -> dict[str, dict]:
     """The cells of a ``cells.jsonl`` by key; a torn line (a kill mid-write) is skipped with a warning
-    (:func:`sentcomp.storage.read_json_lines`), the cell recomputed."""
+    (:func:`sentcomp.results.storage.read_json_lines`), the cell recomputed."""
     return {cell["key"]: cell for cell in storage.read_json_lines(path)}
 
 
@@ -458,7 +460,7 @@ def results_markdown(results: dict) -> str:
 
 
 def timings_markdown(record: dict) -> list[str]:
-    """The cost section of results.md: each part's wall seconds and XLA compilations (:mod:`sentcomp.timings`)."""
+    """The cost section of results.md: each part's wall seconds and XLA compilations (:mod:`~results.timings`)."""
     rows = [*record["parts"], {"part": "total", **record["total"]}]
     return [
         "## Timings",
@@ -1008,6 +1010,6 @@ def run(config, workdir) -> dict:
     if parallel.is_main_process():
         storage.write_json(workdir / "results.json", results)
         storage.write_text(workdir / "results.md", markdown)
-        table1_figure(results, workdir / FIGURE_FILE, f"Table 1: linear probes on {config.model} features")
+        tables.table1_figure(results, workdir / FIGURE_FILE, f"Table 1: linear probes on {config.model} features")
     print(markdown)
     return {f"{row}/{column}": entry["mean"] for row, entries in table.items() for column, entry in entries.items()}

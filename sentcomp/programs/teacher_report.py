@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sentcomp import plots, storage
 from sentcomp.errors import SentcompError
+from sentcomp.results import plots, storage
 
 RESULTS_FILE = "results.json"
 FIGURE_FILE = "bound_vs_epsilon.png"

@@ -26,12 +26,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sentcomp import models, parallel, storage
+from sentcomp import models, parallel
 from sentcomp import teacher as teacher_lib
 from sentcomp.data import get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models import tokenizers
+from sentcomp.results import storage
 
 RESULTS_FILE = "results.json"
 ARRAYS_FILE = "teacher.npz"

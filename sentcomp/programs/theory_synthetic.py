@@ -50,10 +50,11 @@ import numpy as np
 import scipy.stats
 from tqdm.auto import tqdm
 
-from sentcomp import parallel, storage, theory, training
+from sentcomp import parallel, theory, training
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
+from sentcomp.results import storage
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"

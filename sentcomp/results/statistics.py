@@ -1,7 +1,13 @@
-"""Calibration metrics of a classifier's predicted label distribution (pure numpy).
+"""The statistics the tables report (pure numpy): a binomial proportion's Wilson interval, macro-F1, and calibration
+metrics of a classifier's predicted label distribution.
 
-For ``N`` examples, ``K`` labels, predicted probabilities ``p ∈ [0, 1]^{N×K}`` (rows sum to one) and gold labels
-``y``:
+**Wilson score interval** (Wilson 1927) of a proportion ``p̂ = successes / n`` at normal quantile ``z``:
+``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``.
+
+**Macro-F1** over classes: the mean over the classes present of ``F1 = 2·TP / (#true + #predicted)``.
+
+**Calibration**, for ``N`` examples, ``K`` labels, predicted probabilities ``p ∈ [0, 1]^{N×K}`` (rows sum to
+one) and gold labels ``y``:
 
 - **Expected calibration error** (Naeini et al. 2015; Guo et al. 2017): the confidence ``c_i = max_k p_ik``
   and the correctness ``a_i = [argmax_k p_ik = y_i]`` of each example; ``M`` equal-width bins
@@ -13,11 +19,14 @@ For ``N`` examples, ``K`` labels, predicted probabilities ``p ∈ [0, 1]^{N×K}`
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sentcomp.errors import SentcompError
 
 DEFAULT_BINS = 10
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -58,3 +67,27 @@ def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
     probabilities, labels = _check(probabilities, labels)
     onehot = np.eye(probabilities.shape[1])[labels]
     return float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1)))
+
+
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``successes / n`` (95% for the default ``z``):
+    ``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``."""
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n > 0, got {n}.")
+    p = successes / n
+    scale = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """sklearn's ``f1_score(labels, predictions, average="macro")`` for class indices: the mean over the classes
+    present in ``labels`` or ``predictions`` of ``F1 = 2·TP / (2·TP + FP + FN) = 2·TP / (#true + #predicted)``."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    size = int(max(labels.max(), predictions.max())) + 1
+    true_count = np.bincount(labels, minlength=size)
+    predicted_count = np.bincount(predictions, minlength=size)
+    true_positives = np.bincount(labels[labels == predictions], minlength=size)
+    present = (true_count + predicted_count) > 0
+    return float(np.mean(2.0 * true_positives[present] / (true_count + predicted_count)[present]))

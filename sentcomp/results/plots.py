@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentcomp import storage
+from sentcomp.results import storage
 
 # the metrics.jsonl columns a training program's own curves.png shows: losses, validation metrics, probes
 LEARNING_CURVES = ("train_loss", "val_", "probe_")
