@@ -6,9 +6,12 @@ Tiers: ``slow`` (a test that takes more than ~15 s on 2 idle cores; every test t
 through ``smoke_workdir`` gets it automatically) and ``multiprocess`` (a test that starts several JAX processes).
 ``make test-fast`` deselects both; ``make test`` (the README's command, and CI's) runs every test."""
 
+import ctypes
 import fcntl
+import gc
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -41,6 +44,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "smoke_workdir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_memory_after_each_module():
+    """An xdist worker runs hundreds of tests in one process, and JAX keeps every compiled program (and what it
+    holds) in memory: without this a worker grew past 5 GB over the suite. After each test module, JAX's in-memory
+    caches are dropped (a program compiled again later is read from the persistent compilation cache) and freed
+    heap pages go back to the system (glibc's ``malloc_trim``)."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @pytest.fixture(scope="session")
