@@ -159,8 +159,9 @@ def check_settings(protocol: str = "paper", multi_class: str = "ovr", cv_metric:
                    samples_per_label: int | None = None) -> None:
     """The settings of :func:`evaluate` that need no data: a known protocol, multi-class mode and CV metric,
     ``max_iter`` ≥ 1, and what the protocol uses: ``n_folds`` ≥ 2 (None: the default 5) for cross-validation,
-    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. A program calls it before any
-    work (``check_config``), so a typo does not surface after the model ran."""
+    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. :class:`ProbeOptions` checks
+    them when built; a program calls it before any work (``check_config``), so a typo does not surface after the
+    model ran."""
     if protocol not in PROTOCOLS:
         raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
     if multi_class not in kernels.MULTI_CLASS_MODES:
