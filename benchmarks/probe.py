@@ -96,20 +96,20 @@ class Comparison(NamedTuple):
     sklearn_accuracy: float
 
 
-def check_same_probe(name: str, ours: dict, theirs: dict, n_test: int, tolerance_points: float) -> None:
+def check_same_probe(name: str, ours: probe.ProbeResult, theirs: dict, n_test: int, tolerance_points: float) -> None:
     """Ours and sklearn agree: the test accuracy of our probe at sklearn's chosen regularisation equals sklearn's
     within ``tolerance_points`` (plus one test example), and, where sklearn reports them, the CV mean accuracies
     of every grid point within one validation example per fold. Raises ``AssertionError`` otherwise."""
-    index = int(np.argmin(np.abs(np.log(ours["grid"]) - np.log(theirs["regularisation"]))))
-    ours_at_theirs = float(ours["test_accuracy_per_regularisation"][index])
+    index = int(np.argmin(np.abs(np.log(ours.grid) - np.log(theirs["regularisation"]))))
+    ours_at_theirs = float(ours.test_accuracy_per_regularisation[index])
     allowed = tolerance_points / 100 + 1 / n_test + 1e-9
     if abs(ours_at_theirs - theirs["test_accuracy"]) > allowed:
-        raise AssertionError(f"{name}: at {ours['regularisation_name']} = {theirs['regularisation']:g} our probe's "
+        raise AssertionError(f"{name}: at {ours.regularisation_name} = {theirs['regularisation']:g} our probe's "
                              f"test accuracy {100 * ours_at_theirs:.2f} differs from sklearn's "
                              f"{100 * theirs['test_accuracy']:.2f} by more than {100 * allowed:.2f} points.")
     if "cv_mean" in theirs:
-        n_validation = np.bincount(ours["folds"]).min()
-        assert_same_output(f"{name}: CV mean accuracy per grid point", ours["cv_mean"], theirs["cv_mean"],
+        n_validation = np.bincount(ours.folds).min()
+        assert_same_output(f"{name}: CV mean accuracy per grid point", ours.cv_mean, theirs["cv_mean"],
                            rtol=0, atol=1 / n_validation + 1e-9)
 
 
@@ -123,7 +123,7 @@ def compare(name: str, protocol: str, sklearn_fn, data, repeats: int, tolerance_
         last["ours"] = probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol)
 
     ours_timing = time_calls(ours, repeats)
-    grid, folds = np.array(last["ours"]["grid"]), last["ours"]["folds"]
+    grid, folds = np.array(last["ours"].grid), last["ours"].folds
 
     def theirs():
         last["theirs"] = sklearn_fn(x_train, y_train, x_test, y_test, grid, folds)
@@ -131,9 +131,9 @@ def compare(name: str, protocol: str, sklearn_fn, data, repeats: int, tolerance_
     their_timing = time_calls(theirs, repeats)
     ours, theirs = last["ours"], last["theirs"]
     check_same_probe(name, ours, theirs, len(y_test), tolerance_points)
-    reg = ours["regularisation_name"]
+    reg = ours.regularisation_name
     print(f"  sentcomp: {ours_timing.median:7.2f} s (first call, compilation included: {ours_timing.first:.2f} s; "
-          f"{load_average()}); test acc {100 * ours['test_accuracy']:.2f}, {reg} = {ours['regularisation']:g}",
+          f"{load_average()}); test acc {100 * ours.test_accuracy:.2f}, {reg} = {ours.regularisation:g}",
           flush=True)
     print(f"  sklearn : {their_timing.median:7.2f} s (first call {their_timing.first:.2f} s; n_jobs={cores()}; "
           f"{load_average()}); test acc {100 * theirs['test_accuracy']:.2f}, {reg} = {theirs['regularisation']:g}",
@@ -141,7 +141,7 @@ def compare(name: str, protocol: str, sklearn_fn, data, repeats: int, tolerance_
     print(f"  => {name}: {format_ratio(speedup(their_timing.median, ours_timing.median))} faster compiled, "
           f"{format_ratio(speedup(their_timing.median, ours_timing.first))} with compilation; same outputs "
           f"(our test accuracy at sklearn's {reg} within {tolerance_points} points + 1 example)", flush=True)
-    return Comparison(ours_timing.median, ours["test_accuracy"], their_timing.median, theirs["test_accuracy"])
+    return Comparison(ours_timing.median, ours.test_accuracy, their_timing.median, theirs["test_accuracy"])
 
 
 def ridge_breakdown(data, sklearn_seconds: float | None) -> None:

@@ -1,5 +1,7 @@
 """The one exception type for user mistakes: bad config, unknown task/model, missing asset, malformed data."""
 
+import dataclasses
+
 
 class SentcompError(Exception):
     """A problem the user can fix; the message says what was expected and how to fix it."""
@@ -20,3 +22,15 @@ def check_sizes(config, *keys: str) -> None:
             value = value[part]
         if value < 1:
             raise SentcompError(f"config.{key} must be ≥ 1, got {value}.")
+
+
+def replace_settings(options, settings: dict, what: str):
+    """The frozen dataclass ``options`` with the fields named in ``settings`` replaced (checked again as it is
+    rebuilt); a name that is no field of it is one clear :class:`SentcompError` naming ``what`` and listing the
+    known fields, instead of a ``TypeError`` deep inside a call."""
+    known = [field.name for field in dataclasses.fields(options)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise SentcompError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                            f"the known ones are {', '.join(known)}")
+    return dataclasses.replace(options, **settings) if settings else options

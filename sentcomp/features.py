@@ -49,6 +49,7 @@ Only ``lm.tokenizer``, ``lm.hidden_fn``, ``lm.phi_fn``, ``lm.params``, ``lm.name
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -66,7 +67,7 @@ from tqdm.auto import tqdm
 from sentcomp import kernels, parallel
 from sentcomp.data import text
 from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
-from sentcomp.errors import SentcompError
+from sentcomp.errors import SentcompError, replace_settings
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
 from sentcomp.results import storage
@@ -156,6 +157,7 @@ class _ChunkStore:
 
     def __init__(self, directory: Path | None, manifest: dict[str, Any]):
         self.directory = directory
+        self.manifest = manifest
         self.memory: dict[str, np.ndarray] = {}
         if directory is not None and parallel.is_main_process():
             directory.mkdir(parents=True, exist_ok=True)
@@ -248,27 +250,197 @@ def _check_kinds(kinds: Sequence[str], words) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
-def extract_features(
-    lm: LanguageModel,
-    texts: Sequence[str],
-    kinds: Sequence[str] = ("f",),
-    *,
-    words: Sequence[str] | None = None,
-    prompt: str | None = None,
-    keep_prompt_trailing_space: bool = False,
-    truncation: str = "start",
-    max_length: int | None = None,
-    batch_size: int = 16,
-    buckets: Sequence[int] | None = None,
-    cache_dir: str | Path | None = None,
-    chunk_size: int = 1024,
-    mesh: jax.sharding.Mesh | None = None,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    compute_dtype: str = "float32",
-    projection_dim: int | None = None,
-    projection_seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ExtractionOptions:
+    """How :func:`extract_features` turns texts into features; what it extracts (kinds, words, prompt) is given per
+    call. A program builds these once from its config and passes them to every extraction.
+
+    Attributes:
+      max_length: token limit (None: ``lm.max_length``, never more; the paper used 512).
+      truncation: ``"start"`` (drop the beginning of long documents, keep the prompt) or ``"end"`` (the paper's).
+      keep_prompt_trailing_space: keep the prompt's trailing whitespace (default strips it, as the paper).
+      batch_size: sequences per forward pass (rounded up to a multiple of the device count).
+      buckets: padded lengths (None: :func:`sentcomp.data.text.length_buckets`).
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the model's parameters (Φ included) are cast to and
+        its forward pass runs in (bf16 halves parameter memory and is the fast path on TPUs and recent GPUs; f(s)
+        differs from float32's by ~1% relative). The kernels after it compute in float32 from f(s) and Φ's
+        values. Part of the cache key.
+      vocab_chunk: vocabulary chunk of the streamed kernels.
+      projection_dim, projection_seed: shape and seed of ``projected_p_f``'s random orthonormal projection
+        (:func:`random_projection`; None: the model's ``d``, as the paper).
+      cache_dir: where results are cached and resumed from (needed for ``p_f``).
+      chunk_size: texts per cached chunk.
+      mesh: device mesh (None: every device, :func:`sentcomp.parallel.data_mesh`).
+      progress: show a tqdm bar (tokens/s).
+    """
+
+    max_length: int | None = None
+    truncation: str = "start"
+    keep_prompt_trailing_space: bool = False
+    batch_size: int = 16
+    buckets: Sequence[int] | None = None
+    compute_dtype: str = "float32"
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    projection_dim: int | None = None
+    projection_seed: int = 0
+    cache_dir: str | Path | None = None
+    chunk_size: int = 1024
+    mesh: jax.sharding.Mesh | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise SentcompError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
+
+    def replace(self, **settings) -> ExtractionOptions:
+        """These options with ``settings`` changed; an unknown name is one clear error listing the known ones."""
+        return replace_settings(self, settings, "extraction option")
+
+    def resolved(self, lm: LanguageModel) -> ExtractionOptions:
+        """The defaults made concrete for ``lm``: its ``max_length`` (a larger one capped to it), every device's
+        mesh, the batch size rounded up to a multiple of the mesh's devices, the length buckets."""
+        max_length = min(self.max_length or lm.max_length, lm.max_length)
+        mesh = self.mesh if self.mesh is not None else parallel.data_mesh()
+        return dataclasses.replace(self, max_length=max_length, mesh=mesh, buckets=bucket_lengths(max_length,
+                                                                                                   self.buckets),
+                                   batch_size=parallel.pad_to_multiple(max(1, self.batch_size), mesh.size))
+
+
+def _check_request(texts: Sequence[str], kinds: Sequence[str], words, options: ExtractionOptions) -> tuple[str, ...]:
+    """The requested kinds, once each in order, after checking that they exist, that word kinds have words, that
+    ``p_f`` has a cache directory and that ``texts`` is a list of strings."""
+    kinds = _check_kinds(kinds, words)
+    if "p_f" in kinds and options.cache_dir is None:
+        raise SentcompError("kind 'p_f' is written to disk chunk by chunk (N×V floats): pass cache_dir=...")
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise SentcompError("texts must be a list of strings.")
+    return kinds
+
+
+def cache_manifest(lm: LanguageModel, texts: Sequence[str], encoding: text.Encoding,
+                   options: ExtractionOptions) -> dict[str, Any]:
+    """What a cache key means (its hash names the key directory; ``manifest.json`` inside): the model, the code,
+    the tokenizer, how texts were encoded, the compute dtype, the chunking and the texts. ``options`` resolved."""
+    return {
+        "model": lm.name,
+        "model_fingerprint": model_fingerprint(lm) if options.cache_dir is not None else None,
+        "code_fingerprint": computation_fingerprint(lm),
+        "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer),
+        "prompt": encoding.prompt,
+        "truncation": options.truncation,
+        "max_length": options.max_length,
+        "compute_dtype": options.compute_dtype,
+        "chunk_size": options.chunk_size,
+        "n_texts": len(texts),
+        "texts_fingerprint": storage.texts_fingerprint(texts),
+    }
+
+
+@dataclasses.dataclass
+class _Extraction:
+    """One call's plan: the encoded texts, where each kind is stored, which chunks lack which kinds, and what the
+    run computed (``fresh``, by stored name and chunk)."""
+
+    lm: LanguageModel
+    options: ExtractionOptions  # resolved
+    encoding: text.Encoding
+    words: WordSet | None
+    store: _ChunkStore
+    stored: dict[str, str]  # kind -> stored name
+    projection: tuple[int, int]  # (dimension, seed)
+    missing: dict[int, tuple[str, ...]]  # chunk -> the kinds it lacks
+    fresh: dict[tuple[str, int], np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.missing)
+
+    @property
+    def todo(self) -> list[int]:
+        return [c for c in range(self.n_chunks) if self.missing[c]]
+
+    def chunk_rows(self, chunk: int) -> slice:
+        size = self.options.chunk_size
+        return slice(chunk * size, (chunk + 1) * size)
+
+
+def plan_extraction(lm: LanguageModel, texts: Sequence[str], kinds: tuple[str, ...], words, prompt: str | None,
+                    options: ExtractionOptions) -> _Extraction:
+    """Texts encoded (:func:`sentcomp.data.text.encode_texts`), the cache key's store opened, and which chunks
+    lack which kinds decided by process 0 (:func:`sentcomp.parallel.main_decides`)."""
+    words = word_set(lm.tokenizer, words) if words else None
+    encoding = encode_texts(lm.tokenizer, texts, options.max_length, prompt, options.keep_prompt_trailing_space,
+                            options.truncation)
+    manifest = cache_manifest(lm, texts, encoding, options)
+    key_dir = Path(options.cache_dir) / storage.content_hash(manifest) if options.cache_dir is not None else None
+    store = _ChunkStore(key_dir, manifest)
+    n_chunks = -(-len(texts) // options.chunk_size)
+    projection = (options.projection_dim or int(lm.phi.shape[1]), options.projection_seed)
+    stored = {kind: _stored_name(kind, words, projection) for kind in kinds}
+    missing = parallel.main_decides(lambda: {c: tuple(k for k in kinds if not store.has(stored[k], c))
+                                             for c in range(n_chunks)})
+    return _Extraction(lm, options, encoding, words, store, stored, projection, missing)
+
+
+def _replicated_inputs(plan: _Extraction, kinds: tuple[str, ...]):
+    """``(params, tables)`` on every device: the parameters cast to the compute dtype, the word ids and the
+    random projection (:func:`_batch_fn`; placeholders for kinds not requested)."""
+    lm, options, words = plan.lm, plan.options, plan.words
+    vocab_size = int(lm.phi.shape[0])
+    params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[options.compute_dtype]), options.mesh)
+    tables = parallel.replicate({
+        "word_ids": jnp.asarray(words.token_ids if words else [0], jnp.int32),
+        "projection": (random_projection(vocab_size, *plan.projection) if "projected_p_f" in kinds
+                       else jnp.zeros((vocab_size, 1), jnp.float32)),
+    }, options.mesh)
+    return params, tables
+
+
+def compute_missing(plan: _Extraction, kinds: tuple[str, ...], p_f_file: np.memmap | None) -> None:
+    """Each chunk's missing kinds (:func:`_compute_chunk`), stored as each chunk finishes and kept in
+    ``plan.fresh``; ``p_f`` rows go straight into ``p_f_file``. A progress bar counts tokens."""
+    lm, options, token_ids = plan.lm, plan.options, plan.encoding.token_ids
+    lengths = np.array([len(ids) for ids in token_ids])
+    done = sum(int(lengths[plan.chunk_rows(c)].sum()) for c in range(plan.n_chunks) if not plan.missing[c])
+    bar = tqdm(total=int(lengths.sum()), initial=done, unit="tok", unit_scale=True, desc=f"features {lm.name}",
+               disable=not options.progress)
+    if plan.todo:
+        params, tables = _replicated_inputs(plan, kinds)
+        pad_id = text.pad_id(lm.tokenizer)
+    for chunk in plan.todo:
+        rows = plan.chunk_rows(chunk)
+        fn = _batch_fn(lm.hidden_fn, lm.phi_fn, plan.missing[chunk], options.vocab_chunk, options.mesh)
+
+        def on_batch(indices, outputs, n_tokens, start=rows.start):
+            if "p_f" in outputs:
+                p_f_file[start + indices] = outputs.pop("p_f")
+            bar.update(n_tokens)
+
+        outputs = _compute_chunk(fn, params, tables, token_ids[rows], options.batch_size, options.buckets, pad_id,
+                                 options.mesh, on_batch)
+        if p_f_file is not None and "p_f" in plan.missing[chunk]:
+            p_f_file.flush()
+            plan.store.put("p_f", chunk, np.zeros(0, np.int8))  # marker: this chunk's rows of p_f.npy are written
+        for kind, value in outputs.items():
+            plan.store.put(plan.stored[kind], chunk, value)
+            plan.fresh[plan.stored[kind], chunk] = value
+    bar.close()
+
+
+def gather_features(plan: _Extraction, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Every kind but ``p_f`` for all texts, ``[N, ...]``: the chunks this call computed, and the cached ones
+    (read by process 0 and sent to the others)."""
+    n_chunks, stored, fresh = plan.n_chunks, plan.stored, plan.fresh
+    wanted = [(stored[kind], c) for kind in kinds if kind != "p_f" for c in range(n_chunks)]
+    cached = parallel.main_decides(lambda: {key: plan.store.get(*key) for key in wanted if key not in fresh})
+    return {kind: np.concatenate([fresh.get((stored[kind], c), cached.get((stored[kind], c)))
+                                  for c in range(n_chunks)]) if n_chunks else np.zeros(0)
+            for kind in kinds if kind != "p_f"}
+
+
+def extract_features(lm: LanguageModel, texts: Sequence[str], kinds: Sequence[str] = ("f",), *,
+                     words: Sequence[str] | None = None, prompt: str | None = None,
+                     options: ExtractionOptions | None = None, **settings) -> dict[str, Any]:
     """Features of every text; see the module docstring for kinds, prompt, truncation, caching.
 
     Args:
@@ -277,115 +449,35 @@ def extract_features(
       kinds: which features (see ``KINDS``).
       words: word list for the word kinds (resolved with :func:`word_set`).
       prompt: appended to every text, e.g. ``" This movie is "``.
-      keep_prompt_trailing_space: keep the prompt's trailing whitespace (default strips it, as the paper).
-      truncation: ``"start"`` (drop the beginning of long documents, keep the prompt) or ``"end"`` (the paper's).
-      max_length: token limit (default ``lm.max_length``; the paper used 512).
-      batch_size: sequences per forward pass (rounded up to a multiple of the device count).
-      buckets: padded lengths (default :func:`length_buckets`).
-      cache_dir: where results are cached and resumed from (needed for ``p_f``).
-      chunk_size: texts per cached chunk.
-      mesh: device mesh (default: every device, :func:`sentcomp.parallel.data_mesh`).
-      vocab_chunk: vocabulary chunk of the streamed kernels.
-      compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the model's parameters (Φ included) are cast
-        to and its forward pass runs in (bf16 halves parameter memory and is the fast path on TPUs and recent
-        GPUs; f(s) differs from float32's by ~1% relative). The kernels after it compute in float32 from f(s)
-        and Φ's values. Part of the cache key.
-      projection_dim, projection_seed: shape and seed of ``projected_p_f``'s random orthonormal projection
-        (:func:`random_projection`; default dimension: the model's ``d``, as the paper).
-      progress: show a tqdm bar (tokens/s).
+      options: how to extract (:class:`ExtractionOptions`; None: its defaults).
+      **settings: fields of :class:`ExtractionOptions` to replace in ``options`` (``batch_size=8``,
+        ``cache_dir=...``, ...); an unknown name is a :class:`SentcompError`.
+
+    The steps: the request checked, the options resolved for ``lm`` (:meth:`ExtractionOptions.resolved`), texts
+    encoded and missing chunks found (:func:`plan_extraction`), those computed and cached
+    (:func:`compute_missing`), every kind gathered (:func:`gather_features`).
 
     Returns:
       ``{kind: np.ndarray}`` for each requested kind, and ``"metadata"``: a dict.
     """
-    kinds = _check_kinds(kinds, words)
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise SentcompError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}.")
-    if "p_f" in kinds and cache_dir is None:
-        raise SentcompError("kind 'p_f' is written to disk chunk by chunk (N×V floats): pass cache_dir=...")
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise SentcompError("texts must be a list of strings.")
-    max_length = min(max_length or lm.max_length, lm.max_length)
-    mesh = mesh if mesh is not None else parallel.data_mesh()
-    batch_size = parallel.pad_to_multiple(max(1, batch_size), mesh.size)
-    buckets = bucket_lengths(max_length, buckets)
-
-    tokenizer = lm.tokenizer
-    words_resolved = word_set(tokenizer, words) if words else None
-    encoding = encode_texts(tokenizer, texts, max_length, prompt, keep_prompt_trailing_space, truncation)
-    manifest = {
-        "model": lm.name,
-        "model_fingerprint": model_fingerprint(lm) if cache_dir is not None else None,
-        "code_fingerprint": computation_fingerprint(lm),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "prompt": encoding.prompt,
-        "truncation": truncation,
-        "max_length": max_length,
-        "compute_dtype": compute_dtype,
-        "chunk_size": chunk_size,
-        "n_texts": len(texts),
-        "texts_fingerprint": storage.texts_fingerprint(texts),
-    }
-    key_dir = Path(cache_dir) / storage.content_hash(manifest) if cache_dir is not None else None
-    store = _ChunkStore(key_dir, manifest)
-
-    n_chunks = -(-len(texts) // chunk_size)
-    vocab_size, model_dim = (int(n) for n in lm.phi.shape)
-    projection = (projection_dim or model_dim, projection_seed)
-    stored = {kind: _stored_name(kind, words_resolved, projection) for kind in kinds}
-    missing = parallel.main_decides(lambda: {c: tuple(k for k in kinds if not store.has(stored[k], c))
-                                             for c in range(n_chunks)})
-    todo = [c for c in range(n_chunks) if missing[c]]
-    p_f_file = _p_f_memmap(key_dir, len(texts), vocab_size, chunk_size, missing) if "p_f" in kinds else None
-    lengths = np.array([len(ids) for ids in encoding.token_ids])
-    chunk_tokens = [int(lengths[c * chunk_size:(c + 1) * chunk_size].sum()) for c in range(n_chunks)]
-    bar = tqdm(total=int(lengths.sum()), initial=sum(chunk_tokens) - sum(chunk_tokens[c] for c in todo),
-               unit="tok", unit_scale=True, desc=f"features {lm.name}", disable=not progress)
-
-    if todo:
-        params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
-        tables = parallel.replicate({
-            "word_ids": jnp.asarray(words_resolved.token_ids if words_resolved else [0], jnp.int32),
-            "projection": (random_projection(vocab_size, *projection) if "projected_p_f" in kinds
-                           else jnp.zeros((vocab_size, 1), jnp.float32)),
-        }, mesh)
-        pad_id = text.pad_id(tokenizer)
-    fresh: dict[tuple[str, int], np.ndarray] = {}
-    for chunk in todo:
-        start = chunk * chunk_size
-        fn = _batch_fn(lm.hidden_fn, lm.phi_fn, missing[chunk], vocab_chunk, mesh)
-
-        def on_batch(indices, outputs, n_tokens, start=start):
-            if "p_f" in outputs:
-                p_f_file[start + indices] = outputs.pop("p_f")
-            bar.update(n_tokens)
-
-        outputs = _compute_chunk(fn, params, tables, encoding.token_ids[start:start + chunk_size], batch_size,
-                                 buckets, pad_id, mesh, on_batch)
-        if p_f_file is not None and "p_f" in missing[chunk]:
-            p_f_file.flush()
-            store.put("p_f", chunk, np.zeros(0, np.int8))  # marker: this chunk's rows of p_f.npy are written
-        for kind, value in outputs.items():
-            store.put(stored[kind], chunk, value)
-            fresh[stored[kind], chunk] = value
-    bar.close()
-
-    wanted = [(stored[kind], c) for kind in kinds if kind != "p_f" for c in range(n_chunks)]
-    cached = parallel.main_decides(lambda: {key: store.get(*key) for key in wanted if key not in fresh})
-    result: dict[str, Any] = {
-        kind: np.concatenate([fresh.get((stored[kind], c), cached.get((stored[kind], c)))
-                              for c in range(n_chunks)]) if n_chunks else np.zeros(0)
-        for kind in kinds if kind != "p_f"
-    }
+    options = (options or ExtractionOptions()).replace(**settings)
+    kinds = _check_request(texts, kinds, words, options)
+    plan = plan_extraction(lm, texts, kinds, words, prompt, options.resolved(lm))
+    p_f_file = _p_f_memmap(plan.store.directory, len(texts), int(lm.phi.shape[0]), options.chunk_size,
+                           plan.missing) if "p_f" in kinds else None
+    compute_missing(plan, kinds, p_f_file)
+    result: dict[str, Any] = gather_features(plan, kinds)
     if p_f_file is not None:
         result["p_f"] = np.load(p_f_file.filename, mmap_mode="r")
         del p_f_file
+    key_dir = plan.store.directory
     result["metadata"] = {
-        **manifest,
+        **plan.store.manifest,
         "kinds": list(kinds),
-        "words": words_resolved.to_json() if words_resolved else None,
-        "n_tokens": int(lengths.sum()),
-        "n_truncated": encoding.n_truncated,
+        "words": plan.words.to_json() if plan.words else None,
+        "n_tokens": int(sum(len(ids) for ids in plan.encoding.token_ids)),
+        "n_truncated": plan.encoding.n_truncated,
         "cache_dir": str(key_dir) if key_dir is not None else None,
-        "computed_chunks": todo,
+        "computed_chunks": plan.todo,
     }
     return result

@@ -1,8 +1,12 @@
 """Linear-probe evaluation of frozen features: one call, one protocol, every number a table needs.
 
     from sentcomp import probe
-    result = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
-    result["test_accuracy"], result["test_macro_f1"], result["regularisation"], result["cv_scores"]  # [grid, fold]
+    result = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")  # a ProbeResult
+    result.test_accuracy, result.test_macro_f1, result.regularisation, result.cv_scores  # [grid, fold]
+    result.to_json()  # every field, JSON-ready
+
+    options = probe.ProbeOptions(protocol="paper", multi_class="ovr")  # checked here, before any data
+    probe.evaluate(x_train, y_train, x_test, y_test, options=options, seed=3)  # keywords replace fields
 
 Protocols (the kernels and their conventions: :mod:`sentcomp.kernels.logistic`, :mod:`sentcomp.kernels.ridge`):
 
@@ -31,22 +35,25 @@ Every protocol also reports the test set's macro-F1 (sklearn's ``f1_score(averag
 mean of the per-class F1 over the classes in the test labels or the predictions).
 
 Labels may be any sortable values (strings, or integers not in ``0..K−1``); they are mapped to the sorted
-unique training labels, reported as ``result["classes"]``. Folds are stratified and seeded (``seed``), or
+unique training labels, reported as ``result.classes``. Folds are stratified and seeded (``seed``), or
 given as ``folds`` (one fold index per training example).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sentcomp import kernels
-from sentcomp.errors import SentcompError
+from sentcomp.errors import SentcompError, replace_settings
 from sentcomp.results import statistics
 
 PROTOCOLS = ("paper", "senteval", "mteb", "ridge")
@@ -152,8 +159,9 @@ def check_settings(protocol: str = "paper", multi_class: str = "ovr", cv_metric:
                    samples_per_label: int | None = None) -> None:
     """The settings of :func:`evaluate` that need no data: a known protocol, multi-class mode and CV metric,
     ``max_iter`` ≥ 1, and what the protocol uses: ``n_folds`` ≥ 2 (None: the default 5) for cross-validation,
-    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. A program calls it before any
-    work (``check_config``), so a typo does not surface after the model ran."""
+    ``n_experiments`` ≥ 1 and ``samples_per_label`` ≥ 1 (or None) for ``"mteb"``. :class:`ProbeOptions` checks
+    them when built; a program calls it before any work (``check_config``), so a typo does not surface after the
+    model ran."""
     if protocol not in PROTOCOLS:
         raise SentcompError(f"unknown probe protocol {protocol!r}; choose one of {PROTOCOLS}")
     if multi_class not in kernels.MULTI_CLASS_MODES:
@@ -402,65 +410,130 @@ def _path_scores(x, labels, mask, coef, intercept, *, protocol: str, num_classes
     return correct / rows, jnp.sum(mask * losses, axis=-1) / rows, predictions
 
 
-def evaluate(
-    x_train,
-    y_train,
-    x_test,
-    y_test,
-    protocol: str = "paper",
-    *,
-    x_dev=None,
-    y_dev=None,
-    folds=None,
-    n_folds: int | None = None,
-    grid=None,
-    multi_class: str = "multinomial",
-    standardize: bool = False,
-    seed: int = 0,
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    cv_metric: str = "accuracy",
-    n_experiments: int = MTEB_N_EXPERIMENTS,
-    samples_per_label: int | None = MTEB_SAMPLES_PER_LABEL,
-    penalize_intercept: bool = False,
-    shuffle_folds: bool = True,
-) -> dict:
-    """Fits a linear probe on ``(x_train, y_train)`` by ``protocol`` and scores it on ``(x_test, y_test)``.
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    """How :func:`evaluate` fits and chooses its probe (the protocols: module docstring). Checked when built
+    (:func:`check_settings` and the combinations no protocol allows), so a program can build its options in
+    ``check_config``, before any work, and a typo does not surface after the model ran.
 
-    ``x_*`` are ``[examples, features]`` arrays, ``y_*`` labels of any sortable type. ``folds`` (one fold
-    index per training example) overrides the seeded stratified ``n_folds`` split (default 5); ``grid``
-    overrides the protocol's C (or ridge α) grid; ``standardize`` standardises features with each split's own
-    training statistics; ``cv_metric`` chooses the regularisation by the highest mean validation
-    ``"accuracy"`` (the paper's) or the lowest mean validation ``"loss"`` (the probe's own per-example loss:
-    logistic or squared error, see :func:`_example_losses`). ``n_experiments`` and ``samples_per_label`` (seeded
-    by ``seed``) are the ``"mteb"`` protocol's undersampling (module docstring; other protocols ignore them).
+    ``n_folds``: stratified folds of the cross-validation (None: 5), dealt seeded (``seed``) or, with
+    ``shuffle_folds=False``, as scikit-learn's unshuffled ``StratifiedKFold`` (:func:`unshuffled_stratified_folds`,
+    the authors' ``LogisticRegressionCV(cv=5)``). ``grid``: the C (ridge α) values searched (None: the protocol's,
+    :func:`default_grid`). ``standardize``: features standardised with each split's own training statistics.
+    ``cv_metric``: the regularisation with the highest mean validation ``"accuracy"`` (the paper's) or the lowest
+    mean validation ``"loss"`` (the probe's own per-example loss: logistic or squared error,
+    :func:`_example_losses`) wins. ``max_iter``, ``tol``: L-BFGS's limits. ``n_experiments``,
+    ``samples_per_label``: the ``"mteb"`` protocol's undersampling (:func:`undersample`, seeded by ``seed``;
+    ``samples_per_label=None``: one probe on all of train; other protocols ignore both).
     ``penalize_intercept=True`` penalises the intercept like the weights, as liblinear does (sklearn's
     ``solver="liblinear"``, ``intercept_scaling=1``: ``C Σ ℓ + ½(‖W‖² + ‖b‖²)``; logistic protocols, unscaled
-    features). ``shuffle_folds=False`` deals the stratified folds as scikit-learn's unshuffled
-    ``StratifiedKFold`` (:func:`unshuffled_stratified_folds`, the authors' ``LogisticRegressionCV(cv=5)``).
-    Returns a dict with ``test_accuracy``, ``test_macro_f1``, ``test_loss``, ``train_accuracy`` (of the final
-    probe, on the rows it was trained on), ``regularisation`` (the chosen C or α, named by
-    ``regularisation_name``), ``grid``, ``cv_scores`` (validation ``cv_metric`` ``[grid, fold]``; one column for
-    a dev set, none for ``"mteb"``), ``cv_mean``,
-    ``classes`` (original label of each class index), the final probe's ``coef [d, K']`` and ``intercept``
-    (``[E, d, K']``, ``[E, K']`` for ``"mteb"``'s ``E > 1`` experiments, whose test scores are averaged; each
-    experiment's are in ``experiment_test_accuracy`` and ``experiment_test_macro_f1``, one entry otherwise),
-    solver diagnostics (``solver``: lbfgs; for ridge pcg or eigh on the d × d Gram matrix, dual on the N × N
-    kernel matrix when there are fewer rows than features; ``converged``, ``iterations``, ``grad_norm``,
-    ``objective`` of the final probe, for several experiments the mean objective and the largest iteration count
-    and gradient, ``converged`` if all did; ``cv_fits`` and ``cv_not_converged``: how many of the cross-validation
-    fits that chose the regularisation there were, and how many of them stopped short of their tolerance), and
-    ``test_accuracy_per_regularisation`` — a diagnostic of the whole path, never used for the choice.
+    features).
     """
-    check_settings(protocol, multi_class, cv_metric)
+
+    protocol: str = "paper"
+    multi_class: str = "multinomial"
+    n_folds: int | None = None
+    shuffle_folds: bool = True
+    grid: Sequence[float] | None = None
+    standardize: bool = False
+    cv_metric: str = "accuracy"
+    seed: int = 0
+    max_iter: int = 1000
+    tol: float = 1e-4
+    n_experiments: int = MTEB_N_EXPERIMENTS
+    samples_per_label: int | None = MTEB_SAMPLES_PER_LABEL
+    penalize_intercept: bool = False
+
+    def __post_init__(self):
+        check_settings(self.protocol, self.multi_class, self.cv_metric, self.n_folds, self.max_iter,
+                       self.n_experiments, self.samples_per_label)
+        if self.protocol == "mteb" and self.multi_class != "multinomial":
+            raise SentcompError(f"protocol 'mteb' is MTEB's multinomial LogisticRegression; multi_class="
+                                f"{self.multi_class!r} is not MTEB's protocol (use multi_class='multinomial', or "
+                                "protocol 'paper' for OvR)")
+        if self.penalize_intercept and (self.protocol == "ridge" or self.standardize):
+            raise SentcompError("penalize_intercept=True is liblinear's logistic intercept: use a logistic protocol "
+                                f"(not {self.protocol!r}) with standardize=False")
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> ProbeOptions:
+        """The options a program's ``config.probe`` (a ConfigDict or mapping) sets, its other keys ignored (e.g. a
+        program's own ``every`` or ``task``), then ``overrides``."""
+        given = {field.name: config[field.name] for field in dataclasses.fields(cls) if field.name in config}
+        return cls(**{**given, **overrides})
+
+    def replace(self, **settings) -> ProbeOptions:
+        """These options with ``settings`` changed; an unknown name is one clear error listing the known ones."""
+        return replace_settings(self, settings, "probe option")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What :func:`evaluate` found: the chosen probe, its scores and how it was fitted. ``to_json()`` gives every
+    field by name with arrays as nested lists (a JSON-ready dict, fields in this order)."""
+
+    protocol: str
+    multi_class: str  # the probe's multi-class mode; "one-vs-all ridge" for ridge
+    classes: list  # the original label of each class index 0..K−1 (the sorted unique training labels)
+    regularisation_name: str  # "C" (logistic) or "alpha" (ridge)
+    grid: list[float]  # the regularisation values searched, ascending
+    regularisation: float  # the chosen C or α
+    best_index: int  # its index in grid
+    cv_metric: str  # "accuracy" or "loss"
+    cv_scores: np.ndarray  # validation cv_metric [grid, fold]; one column for a dev set, none for "mteb"
+    cv_mean: np.ndarray  # [grid] mean over the folds (NaN without validation)
+    folds: np.ndarray | None  # the fold index of each training example (None for a dev set or "mteb")
+    test_accuracy: float  # mean over the experiments for "mteb"
+    test_macro_f1: float  # sklearn's f1_score(average="macro"), mean over the experiments for "mteb"
+    test_loss: float  # the probe's own mean loss on test (logistic, or squared error for ridge)
+    train_accuracy: float  # of the final probe, on the rows it was trained on
+    test_accuracy_per_regularisation: np.ndarray  # [grid]: a diagnostic of the whole path, never used to choose
+    experiment_test_accuracy: list[float]  # each "mteb" experiment's (one entry otherwise)
+    experiment_test_macro_f1: list[float]
+    coef: np.ndarray  # the final probe's [d, K'] ([E, d, K'] for "mteb"'s E > 1 experiments)
+    intercept: np.ndarray  # [K'] ([E, K'])
+    objective: float  # the final probe's objective (mean over experiments)
+    iterations: int  # its solver iterations (largest over experiments)
+    grad_norm: float  # its final gradient norm or CG residual (largest over experiments)
+    solver: str  # lbfgs; for ridge pcg or eigh on the d × d Gram, dual on the N × N kernel (fewer rows than features)
+    converged: bool  # whether the final probe (every experiment's) reached its tolerance (:func:`_converged`)
+    cv_fits: int  # how many cross-validation fits chose the regularisation
+    cv_not_converged: int  # how many of them stopped short of their tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field by name, numpy arrays and scalars as Python lists and numbers."""
+        return {field.name: _json_ready(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def _json_ready(value):
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The checked features and their labels as class indices ``0..K−1`` of ``classes``."""
+
+    x_train: np.ndarray
+    x_test: np.ndarray
+    x_dev: np.ndarray | None
+    classes: np.ndarray
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    dev_ids: np.ndarray | None
+
+
+def prepare_inputs(x_train, y_train, x_test, y_test, x_dev, y_dev, options: ProbeOptions) -> _Inputs:
+    """Features checked (:func:`_features`: 2-D, finite, as many columns in every set), labels encoded by the
+    sorted unique training labels (:func:`encode_labels`), and liblinear's constant column appended for
+    ``penalize_intercept``."""
     x_train, x_test = _features(x_train, "x_train"), _features(x_test, "x_test")
     y_train, y_test = _labels(y_train, len(x_train), "y_train"), _labels(y_test, len(x_test), "y_test")
     sets = {"y_test": y_test}
     if (x_dev is None) != (y_dev is None):
         raise SentcompError("give both x_dev and y_dev, or neither")
     if x_dev is not None:
-        if protocol in ("paper", "mteb"):
-            raise SentcompError(f"protocol {protocol!r} does not use a dev set; "
+        if options.protocol in ("paper", "mteb"):
+            raise SentcompError(f"protocol {options.protocol!r} does not use a dev set; "
                                 "use 'senteval' or 'ridge', or drop x_dev")
         x_dev = _features(x_dev, "x_dev")
         sets["y_dev"] = _labels(y_dev, len(x_dev), "y_dev")
@@ -468,108 +541,173 @@ def evaluate(
         if x is not None and x.shape[1] != x_train.shape[1]:
             raise SentcompError(f"{name} has {x.shape[1]} features but x_train has {x_train.shape[1]}")
     classes, train_ids, encoded = encode_labels(y_train, sets)
-    if penalize_intercept:
-        if protocol == "ridge" or standardize:
-            raise SentcompError("penalize_intercept=True is liblinear's logistic intercept: use a logistic protocol "
-                                f"(not {protocol!r}) with standardize=False")
+    if options.penalize_intercept:
         x_train, x_test = _with_constant_column(x_train), _with_constant_column(x_test)
         x_dev = None if x_dev is None else _with_constant_column(x_dev)
+    return _Inputs(x_train, x_test, x_dev, classes, train_ids, encoded["y_test"], encoded.get("y_dev"))
 
-    n_train = len(x_train)
-    grid = _grid(grid, protocol, n_train)
-    if protocol == "mteb" and multi_class != "multinomial":
-        raise SentcompError(f"protocol 'mteb' is MTEB's multinomial LogisticRegression; multi_class={multi_class!r} "
-                            "is not MTEB's protocol (use multi_class='multinomial', or protocol 'paper' for OvR)")
-    if protocol == "mteb" and len(grid) != 1:
-        raise SentcompError(f"protocol 'mteb' fits one C and searches none; give one grid value, got {grid.tolist()}")
-    if protocol == "mteb" or x_dev is not None:
+
+def fold_assignment(inputs: _Inputs, folds, options: ProbeOptions) -> tuple[np.ndarray | None, int]:
+    """``(fold index per training example, number of folds)`` of the cross-validation: ``folds`` as given, else
+    stratified (:func:`stratified_folds`, or :func:`unshuffled_stratified_folds`); ``(None, 0)`` where nothing is
+    cross-validated (``"mteb"``, or a dev set)."""
+    n_train, n_folds = len(inputs.x_train), options.n_folds
+    if options.protocol == "mteb" or inputs.x_dev is not None:
         if folds is not None:
-            raise SentcompError(f"folds are not used by protocol {protocol!r}"
-                                f"{' with a dev set' if x_dev is not None else ''}")
-        fold_ids, n_folds = None, 0
-    elif folds is not None:
-        fold_ids, n_folds = _check_folds(folds, n_train, n_folds)
-    else:
-        n_folds = 5 if n_folds is None else int(n_folds)
-        if not 2 <= n_folds <= n_train:
-            raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), "
-                                f"got {n_folds}")
-        fold_ids = stratified_folds(train_ids, n_folds, seed) if shuffle_folds else \
-            unshuffled_stratified_folds(train_ids, n_folds)
+            raise SentcompError(f"folds are not used by protocol {options.protocol!r}"
+                                f"{' with a dev set' if inputs.x_dev is not None else ''}")
+        return None, 0
+    if folds is not None:
+        return _check_folds(folds, n_train, n_folds)
+    n_folds = 5 if n_folds is None else int(n_folds)
+    if not 2 <= n_folds <= n_train:
+        raise SentcompError(f"n_folds must be between 2 and the number of training examples ({n_train}), "
+                            f"got {n_folds}")
+    if options.shuffle_folds:
+        return stratified_folds(inputs.train_ids, n_folds, options.seed), n_folds
+    return unshuffled_stratified_folds(inputs.train_ids, n_folds), n_folds
 
-    if protocol == "mteb":  # the experiments' training subsets; no validation
-        rows, weights = _mteb_splits(train_ids, n_experiments, samples_per_label, seed)
-        x_all, y_all, validation = x_train[rows], train_ids[rows], np.zeros(weights.shape, bool)
-        finals = np.arange(len(weights))
-    else:
-        n_dev = 0 if x_dev is None else len(x_dev)
-        x_all = x_train if x_dev is None else np.concatenate([x_train, x_dev])
-        y_all = train_ids if x_dev is None else np.concatenate([train_ids, encoded["y_dev"]])
-        weights, validation, final = _splits(n_train, n_dev, fold_ids, n_folds)
-        finals = np.array([final])
-    scored = [s for s in range(len(weights)) if validation[s].any()]
-    held_out = _grouped((x_all, y_all), [np.flatnonzero(validation[s]) for s in scored]) if scored else None
+
+@dataclasses.dataclass(frozen=True)
+class _Splits:
+    """Every fit of one evaluation over the rows ``x_all``/``y_all``: split ``s`` trains with ``weights[s]`` and is
+    validated on ``validation[s]``; ``finals`` are the final probes' splits (the refit, or each MTEB experiment)."""
+
+    x_all: np.ndarray
+    y_all: np.ndarray
+    weights: np.ndarray  # [S, N_all] float32
+    validation: np.ndarray  # [S, N_all] bool
+    finals: np.ndarray
+
+    @property
+    def scored(self) -> list[int]:
+        """The splits with validation rows."""
+        return [s for s in range(len(self.weights)) if self.validation[s].any()]
+
+
+def training_splits(inputs: _Inputs, fold_ids: np.ndarray | None, n_folds: int, options: ProbeOptions) -> _Splits:
+    """``"mteb"``: one split per experiment over the rows any experiment uses (:func:`_mteb_splits`), none
+    validated; otherwise the K-fold splits and the refit over train, or one split trained on train and validated
+    on dev (:func:`_splits`)."""
+    if options.protocol == "mteb":
+        rows, weights = _mteb_splits(inputs.train_ids, options.n_experiments, options.samples_per_label, options.seed)
+        return _Splits(inputs.x_train[rows], inputs.train_ids[rows], weights, np.zeros(weights.shape, bool),
+                       np.arange(len(weights)))
+    x_dev = inputs.x_dev
+    x_all = inputs.x_train if x_dev is None else np.concatenate([inputs.x_train, x_dev])
+    y_all = inputs.train_ids if x_dev is None else np.concatenate([inputs.train_ids, inputs.dev_ids])
+    weights, validation, final = _splits(len(inputs.x_train), 0 if x_dev is None else len(x_dev), fold_ids, n_folds)
+    return _Splits(x_all, y_all, weights, validation, np.array([final]))
+
+
+def _scores(x, labels, coef, intercept, mask=None, *, protocol: str, num_classes: int, multi_class: str):
+    """``(accuracy, mean loss, predictions)`` of every probe of a path (:func:`_path_scores`) as numpy arrays;
+    ``mask`` None: every row is real."""
+    mask = np.ones(labels.shape, np.float32) if mask is None else mask
+    accuracy, loss, predictions = _path_scores(x, labels, mask, coef, intercept, protocol=protocol,
+                                               num_classes=num_classes, multi_class=multi_class)
+    return np.asarray(accuracy), np.asarray(loss), np.asarray(predictions)
+
+
+def choose_regularisation(held_out, coef, intercept, splits: _Splits, grid: np.ndarray, score, cv_metric: str):
+    """``(cv_scores [grid, fold], cv_mean [grid], best index)``: each validated split's ``cv_metric`` along the
+    grid, the best mean (highest accuracy or lowest loss, the first, i.e. strongest regularisation, on ties);
+    index 0 and no scores when nothing is validated."""
+    scored = splits.scored
+    if not scored:
+        return np.zeros((len(grid), 0)), np.full(len(grid), np.nan), 0
+    (x_val, y_val), val_mask = held_out
+    cv_scores = score(x_val, y_val, coef[scored], intercept[scored], val_mask)[CV_METRICS.index(cv_metric)].T
+    cv_mean = cv_scores.mean(axis=1)
+    return cv_scores, cv_mean, int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))
+
+
+def score_final_probes(inputs: _Inputs, splits: _Splits, coef, intercept, best: int, score) -> dict[str, Any]:
+    """The final probes (the refit, or each MTEB experiment) on test along the whole grid (one flattened path),
+    and at ``best`` their test macro-F1 and accuracy on the rows they were trained on: ``test_path`` and
+    ``test_losses`` ``[finals, grid]``, ``test_f1`` and ``train_accuracy`` ``[finals]``."""
+    finals, n_grid = splits.finals, coef.shape[1]
+    n_finals = len(finals)
+    (test_path,), (test_losses,), (test_predictions,) = score(
+        inputs.x_test[None], inputs.test_ids[None], coef[finals].reshape(1, n_finals * n_grid, *coef.shape[2:]),
+        intercept[finals].reshape(1, n_finals * n_grid, -1))
+    test_f1 = [statistics.macro_f1(inputs.test_ids, predictions)
+               for predictions in test_predictions.reshape(n_finals, n_grid, -1)[:, best]]
+    (x_fitted, y_fitted), fitted_mask = _grouped((splits.x_all, splits.y_all),
+                                                 [np.flatnonzero(splits.weights[s]) for s in finals])
+    train_accuracy = score(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],
+                           fitted_mask)[0]
+    return {"test_path": test_path.reshape(n_finals, n_grid), "test_losses": test_losses.reshape(n_finals, n_grid),
+            "test_f1": test_f1, "train_accuracy": train_accuracy}
+
+
+def evaluate(x_train, y_train, x_test, y_test, protocol: str | None = None, *, x_dev=None, y_dev=None, folds=None,
+             options: ProbeOptions | None = None, **settings) -> ProbeResult:
+    """Fits a linear probe on ``(x_train, y_train)`` by ``options`` and scores it on ``(x_test, y_test)``.
+
+    ``x_*`` are ``[examples, features]`` arrays, ``y_*`` labels of any sortable type; ``x_dev, y_dev`` a dev set
+    (``"senteval"``, ``"ridge"``); ``folds`` one fold index per training example (overrides the stratified
+    ``n_folds`` split). ``options`` (default :class:`ProbeOptions`'s) with ``protocol`` and any keyword
+    ``settings`` (``multi_class="ovr"``, ``grid=[1.0]``, ...: fields of :class:`ProbeOptions`) replaced. The
+    steps: inputs checked and labels encoded (:func:`prepare_inputs`), folds dealt (:func:`fold_assignment`),
+    the splits (:func:`training_splits`: folds and refit, dev, or MTEB's experiments) fitted along the grid in
+    one call (:func:`_fit`), the regularisation chosen on the validated splits (:func:`choose_regularisation`),
+    the final probes scored (:func:`score_final_probes`). Returns a :class:`ProbeResult`.
+    """
+    options = (options or ProbeOptions()).replace(**settings, **({} if protocol is None else {"protocol": protocol}))
+    inputs = prepare_inputs(x_train, y_train, x_test, y_test, x_dev, y_dev, options)
+    grid = _grid(options.grid, options.protocol, len(inputs.x_train))
+    if options.protocol == "mteb" and len(grid) != 1:
+        raise SentcompError(f"protocol 'mteb' fits one C and searches none; give one grid value, got {grid.tolist()}")
+    fold_ids, n_folds = fold_assignment(inputs, folds, options)
+    splits = training_splits(inputs, fold_ids, n_folds, options)
+    scored, num_classes = splits.scored, len(inputs.classes)
+    held_out = _grouped((splits.x_all, splits.y_all), [np.flatnonzero(splits.validation[s]) for s in scored]) \
+        if scored else None
     fits, solver = _fit(  # K-fold: held-out group s is fold s, the layout of the ridge moments
-        protocol, x_all, y_all, weights, grid, len(classes), held_out if fold_ids is not None else None,
-        multi_class=multi_class, standardize=standardize, max_iter=max_iter, tol=tol,
-        fit_intercept=not penalize_intercept,
+        options.protocol, splits.x_all, splits.y_all, splits.weights, grid, num_classes,
+        held_out if fold_ids is not None else None, multi_class=options.multi_class,
+        standardize=options.standardize, max_iter=options.max_iter, tol=options.tol,
+        fit_intercept=not options.penalize_intercept,
     )
     coef, intercept = np.asarray(fits.coef), np.asarray(fits.intercept)  # [S, L, d, K'], [S, L, K']
-
-    def scores(x, labels, probe_coef, probe_intercept, mask=None):
-        mask = np.ones(labels.shape, np.float32) if mask is None else mask
-        accuracy, loss, predictions = _path_scores(x, labels, mask, probe_coef, probe_intercept, protocol=protocol,
-                                                   num_classes=len(classes), multi_class=multi_class)
-        return np.asarray(accuracy), np.asarray(loss), np.asarray(predictions)
-
-    if scored:
-        (x_val, y_val), val_mask = held_out
-        cv_scores = scores(x_val, y_val, coef[scored], intercept[scored], val_mask)[CV_METRICS.index(cv_metric)].T
-        cv_mean = cv_scores.mean(axis=1)
-        best = int(np.argmax(cv_mean)) if cv_metric == "accuracy" else int(np.argmin(cv_mean))
-    else:
-        cv_scores, cv_mean, best = np.zeros((len(grid), 0)), np.full(len(grid), np.nan), 0
-    # every final probe (the refit, or each mteb experiment) along the grid, flattened into one path
-    n_finals, n_grid = len(finals), len(grid)
-    (test_path,), (test_losses,), (test_predictions,) = scores(
-        x_test[None], encoded["y_test"][None], coef[finals].reshape(1, n_finals * n_grid, *coef.shape[2:]),
-        intercept[finals].reshape(1, n_finals * n_grid, -1))
-    test_path, test_losses = test_path.reshape(n_finals, n_grid), test_losses.reshape(n_finals, n_grid)
-    test_f1 = [statistics.macro_f1(encoded["y_test"], predictions)
-               for predictions in test_predictions.reshape(n_finals, n_grid, -1)[:, best]]
-    (x_fitted, y_fitted), fitted_mask = _grouped((x_all, y_all), [np.flatnonzero(weights[s]) for s in finals])
-    train_accuracy = scores(x_fitted, y_fitted, coef[finals, best][:, None], intercept[finals, best][:, None],
-                            fitted_mask)[0]
+    score = functools.partial(_scores, protocol=options.protocol, num_classes=num_classes,
+                              multi_class=options.multi_class)
+    cv_scores, cv_mean, best = choose_regularisation(held_out, coef, intercept, splits, grid, score,
+                                                     options.cv_metric)
+    final = score_final_probes(inputs, splits, coef, intercept, best, score)
+    finals = splits.finals
     final_coef, final_intercept = coef[finals, best], intercept[finals, best]
-    if penalize_intercept:  # the constant column's weight is the (penalised) intercept
+    if options.penalize_intercept:  # the constant column's weight is the (penalised) intercept
         final_coef, final_intercept = final_coef[..., :-1, :], final_coef[..., -1, :]
-    return {
-        "protocol": protocol,
-        "multi_class": multi_class if protocol != "ridge" else "one-vs-all ridge",
-        "classes": classes.tolist(),
-        "regularisation_name": "alpha" if protocol == "ridge" else "C",
-        "grid": grid.tolist(),
-        "regularisation": float(grid[best]),
-        "best_index": best,
-        "cv_metric": cv_metric,
-        "cv_scores": cv_scores,
-        "cv_mean": cv_mean,
-        "folds": fold_ids,
-        "test_accuracy": float(test_path[:, best].mean()),
-        "test_macro_f1": float(np.mean(test_f1)),
-        "test_loss": float(test_losses[:, best].mean()),
-        "train_accuracy": float(train_accuracy.mean()),
-        "test_accuracy_per_regularisation": test_path.mean(axis=0),
-        "experiment_test_accuracy": test_path[:, best].tolist(),
-        "experiment_test_macro_f1": test_f1,
-        "coef": final_coef[0] if n_finals == 1 else final_coef,
-        "intercept": final_intercept[0] if n_finals == 1 else final_intercept,
-        "objective": float(np.mean(np.asarray(fits.objective)[finals, best])),
-        "iterations": int(np.max(np.asarray(fits.iterations)[finals, best])),
-        "grad_norm": float(np.max(np.asarray(fits.grad_norm)[finals, best])),
-        "solver": solver,
-        "converged": all(_converged(protocol, fits, split, best, max_iter, tol) for split in finals),
-        "cv_fits": len(scored) * len(grid),
-        "cv_not_converged": sum(not _converged(protocol, fits, split, index, max_iter, tol)
-                                for split in scored for index in range(len(grid))),
-    }
+    converged = functools.partial(_converged, options.protocol, fits, max_iter=options.max_iter, tol=options.tol)
+    ridge = options.protocol == "ridge"
+    return ProbeResult(
+        protocol=options.protocol,
+        multi_class="one-vs-all ridge" if ridge else options.multi_class,
+        classes=inputs.classes.tolist(),
+        regularisation_name="alpha" if ridge else "C",
+        grid=grid.tolist(),
+        regularisation=float(grid[best]),
+        best_index=best,
+        cv_metric=options.cv_metric,
+        cv_scores=cv_scores,
+        cv_mean=cv_mean,
+        folds=fold_ids,
+        test_accuracy=float(final["test_path"][:, best].mean()),
+        test_macro_f1=float(np.mean(final["test_f1"])),
+        test_loss=float(final["test_losses"][:, best].mean()),
+        train_accuracy=float(final["train_accuracy"].mean()),
+        test_accuracy_per_regularisation=final["test_path"].mean(axis=0),
+        experiment_test_accuracy=final["test_path"][:, best].tolist(),
+        experiment_test_macro_f1=final["test_f1"],
+        coef=final_coef[0] if len(finals) == 1 else final_coef,
+        intercept=final_intercept[0] if len(finals) == 1 else final_intercept,
+        objective=float(np.mean(np.asarray(fits.objective)[finals, best])),
+        iterations=int(np.max(np.asarray(fits.iterations)[finals, best])),
+        grad_norm=float(np.max(np.asarray(fits.grad_norm)[finals, best])),
+        solver=solver,
+        converged=all(converged(split, best) for split in finals),
+        cv_fits=len(scored) * len(grid),
+        cv_not_converged=sum(not converged(split, index) for split in scored for index in range(len(grid))),
+    )

@@ -233,7 +233,7 @@ def _probe_scores(train_x, train_y, test_x, test_y, seed, cv_metric) -> dict[str
     ``"paper"``: L2 logistic regression with intercept, C by 5-fold stratified CV, no scaling), with C chosen
     by CV ``cv_metric`` (``"accuracy"``, the paper's, or ``"loss"``)."""
     fitted = probe.evaluate(train_x, train_y, test_x, test_y, protocol="paper", seed=seed, cv_metric=cv_metric)
-    return {"loss": fitted["test_loss"], "accuracy": fitted["test_accuracy"], "C": fitted["regularisation"]}
+    return {"loss": fitted.test_loss, "accuracy": fitted.test_accuracy, "C": fitted.regularisation}
 
 
 def _train_test_split(num_documents: int, train_fraction: float, seed: int):

@@ -483,7 +483,7 @@ def test_probe_accuracy_is_a_count_over_the_test_size():
     x = np.random.default_rng(0).standard_normal((49, 3)).astype(np.float32)
     labels = (x[:, 0] > 0).astype(np.int64)
     x[:, 0] *= 10  # separable: every prediction right
-    assert probe.evaluate(x, labels, x, labels, protocol="ridge")["test_accuracy"] == 1.0
+    assert probe.evaluate(x, labels, x, labels, protocol="ridge").test_accuracy == 1.0
 
 
 def test_a_zero_vocabulary_chunk_is_refused():

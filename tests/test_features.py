@@ -218,6 +218,29 @@ def test_bad_requests_are_clear_errors(lm, tmp_path):
         features.extract_features(lm, TEXTS, ("f",), prompt=" word" * 40)
 
 
+def test_options_object_and_keywords_are_one_api(lm, baseline, tmp_path):
+    """``options=ExtractionOptions(...)`` gives what the same settings as keywords give (the same arrays, the same
+    cache entry); keywords replace the object's fields; an unknown name is one clear error."""
+    options = features.ExtractionOptions(batch_size=8, vocab_chunk=5000, progress=False)
+    by_object = features.extract_features(lm, TEXTS, SMALL_KINDS, words=WORDS, prompt=PROMPT, options=options)
+    for kind in SMALL_KINDS:
+        np.testing.assert_array_equal(by_object[kind], baseline[kind], err_msg=kind)
+    assert by_object["metadata"] == baseline["metadata"]
+    cached = features.extract_features(lm, TEXTS, ("f",), options=options, cache_dir=tmp_path)
+    again = features.extract_features(lm, TEXTS, ("f",), batch_size=8, vocab_chunk=5000, progress=False,
+                                      cache_dir=tmp_path)
+    assert again["metadata"]["cache_dir"] == cached["metadata"]["cache_dir"]
+    assert again["metadata"]["computed_chunks"] == []
+    assert options.cache_dir is None  # replacing made a new object
+    resolved = features.ExtractionOptions(max_length=10_000, batch_size=3).resolved(lm)
+    assert resolved.max_length == lm.max_length and resolved.batch_size % resolved.mesh.size == 0
+    assert resolved.buckets[-1] == lm.max_length
+    with pytest.raises(SentcompError, match=r"unknown extraction option 'batchsize'; the known ones are max_length"):
+        features.extract_features(lm, TEXTS, ("f",), batchsize=8)
+    with pytest.raises(SentcompError, match="compute_dtype must be one of"):
+        features.ExtractionOptions(compute_dtype="float16")
+
+
 def test_bucket_lengths_cap_at_max_length_and_always_end_there():
     assert text.bucket_lengths(64, (32, 8, 128)) == (8, 32, 64)
     assert text.bucket_lengths(64) == text.length_buckets(64) == (16, 24, 32, 48, 64)

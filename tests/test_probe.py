@@ -1,5 +1,7 @@
 """Linear probes against scikit-learn (logistic regression) and float64 numpy solves (ridge)."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -228,8 +230,8 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     x_train, y_train, x_test, y_test = paper_data
     ours = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper")
     grid = probe.paper_c_grid(len(x_train))
-    assert ours["grid"] == grid.tolist() and len(grid) == 10 and ours["cv_scores"].shape == (10, 5)
-    folds = ours["folds"]
+    assert ours.grid == grid.tolist() and len(grid) == 10 and ours.cv_scores.shape == (10, 5)
+    folds = ours.folds
     splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(5)]
     sk = LogisticRegressionCV(
         Cs=grid, cv=splits, tol=1e-10, max_iter=10_000, l1_ratios=(0.0,), scoring="accuracy",
@@ -237,12 +239,12 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     ).fit(x_train.astype(np.float64), y_train)
     sk_scores = sk.scores_[:, 0, :].T  # [C, fold]
     fold_size = np.bincount(folds).min()
-    assert np.abs(ours["cv_scores"] - sk_scores).max() <= 1.0 / fold_size + 1e-9
+    assert np.abs(ours.cv_scores - sk_scores).max() <= 1.0 / fold_size + 1e-9
     if np.sort(sk_scores.mean(1))[-1] - np.sort(sk_scores.mean(1))[-2] > 1.0 / len(x_train):  # no near-tie
-        assert ours["regularisation"] == sk.C_
-    assert abs(ours["test_accuracy"] - sk.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
-    assert abs(ours["train_accuracy"] - sk.score(x_train.astype(np.float64), y_train)) <= 1.0 / len(x_train) + 1e-9
-    assert ours["converged"]
+        assert ours.regularisation == sk.C_
+    assert abs(ours.test_accuracy - sk.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
+    assert abs(ours.train_accuracy - sk.score(x_train.astype(np.float64), y_train)) <= 1.0 / len(x_train) + 1e-9
+    assert ours.converged
 
     # the same run with string labels, then with labels {3, 7}: identical numbers, classes reported, and the
     # kernel is not compiled again (same shapes; labels, folds and grid values are traced, not static)
@@ -250,15 +252,81 @@ def test_paper_protocol_matches_logistic_regression_cv(paper_data):
     names = np.array(["negative", "positive"])
     as_strings = probe.evaluate(x_train, names[y_train], x_test, names[y_test], protocol="paper")
     as_offsets = probe.evaluate(x_train, 3 + 4 * y_train, x_test, 3 + 4 * y_test, protocol="paper")
-    assert as_strings["classes"] == ["negative", "positive"] and as_offsets["classes"] == [3, 7]
+    assert as_strings.classes == ["negative", "positive"] and as_offsets.classes == [3, 7]
     for other in (as_strings, as_offsets):
-        np.testing.assert_array_equal(other["cv_scores"], ours["cv_scores"])
-        assert other["test_accuracy"] == ours["test_accuracy"]
+        np.testing.assert_array_equal(other.cv_scores, ours.cv_scores)
+        assert other.test_accuracy == ours.test_accuracy
 
     # precomputed folds are used as given and give the same table
     given = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper", folds=folds)
-    np.testing.assert_array_equal(given["cv_scores"], ours["cv_scores"])
+    np.testing.assert_array_equal(given.cv_scores, ours.cv_scores)
     assert kernels.logistic_regression_grid._cache_size() == compiled
+
+
+# The keys of the dict evaluate returned before it returned a ProbeResult (results files were written from it)
+RESULT_KEYS = ["protocol", "multi_class", "classes", "regularisation_name", "grid", "regularisation", "best_index",
+               "cv_metric", "cv_scores", "cv_mean", "folds", "test_accuracy", "test_macro_f1", "test_loss",
+               "train_accuracy", "test_accuracy_per_regularisation", "experiment_test_accuracy",
+               "experiment_test_macro_f1", "coef", "intercept", "objective", "iterations", "grad_norm", "solver",
+               "converged", "cv_fits", "cv_not_converged"]
+
+
+def test_result_to_json_is_the_old_dict_with_lists(paper_data):
+    """``to_json()``: the old dict's keys in its order, every array as its nested list, plain Python numbers (so
+    ``json.dumps`` takes it), and its numbers are sklearn's (the paper protocol's CV table and test accuracy;
+    MTEB's per-experiment accuracies)."""
+    x_train, y_train, x_test, y_test = paper_data
+    for result in (probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper"),
+                   probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb", seed=5)):
+        as_json = result.to_json()
+        assert list(as_json) == RESULT_KEYS
+        json.dumps(as_json)  # JSON-ready: no numpy value left
+        for key in RESULT_KEYS:
+            value = getattr(result, key)
+            if isinstance(value, np.ndarray):  # (compared as JSON text: MTEB's cv_mean is NaN, never == itself)
+                assert json.dumps(as_json[key]) == json.dumps(value.tolist()), key
+            else:
+                assert as_json[key] == value and type(as_json[key]) in (str, int, float, bool, list, type(None)), key
+    paper, mteb = (probe.evaluate(x_train, y_train, x_test, y_test, protocol=p, seed=5).to_json()
+                   for p in ("paper", "mteb"))
+    folds = np.array(paper["folds"])
+    splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(5)]
+    sk = LogisticRegressionCV(Cs=paper["grid"], cv=splits, tol=1e-10, max_iter=10_000, l1_ratios=(0.0,),
+                              scoring="accuracy", use_legacy_attributes=False).fit(x_train.astype(np.float64), y_train)
+    assert np.abs(np.array(paper["cv_scores"]) - sk.scores_[:, 0, :].T).max() <= 1.0 / np.bincount(folds).min() + 1e-9
+    assert abs(paper["test_accuracy"] - sk.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
+    accuracies = [LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x_train[s].astype(np.float64), y_train[s])
+                  .score(x_test.astype(np.float64), y_test) for s in probe.undersample(y_train, 8, 10, seed=5)]
+    np.testing.assert_allclose(mteb["experiment_test_accuracy"], accuracies, atol=2 / len(y_test))
+
+
+def test_options_object_and_keywords_are_one_api(paper_data):
+    """``options=ProbeOptions(...)`` and the same settings as keywords fit the same probe; keywords replace the
+    object's fields; a program's probe config (with keys of its own) builds the options."""
+    x_train, y_train, x_test, y_test = paper_data
+    options = probe.ProbeOptions(protocol="paper", grid=[0.1, 1.0], n_folds=3, seed=2)
+    by_object = probe.evaluate(x_train, y_train, x_test, y_test, options=options).to_json()
+    by_keywords = probe.evaluate(x_train, y_train, x_test, y_test, "paper", grid=[0.1, 1.0], n_folds=3, seed=2)
+    assert json.dumps(by_object) == json.dumps(by_keywords.to_json())
+    replaced = probe.evaluate(x_train, y_train, x_test, y_test, options=options, seed=3)
+    assert replaced.folds.tolist() == probe.stratified_folds(y_train, 3, seed=3).tolist() != by_object["folds"]
+    config = {"protocol": "mteb", "standardize": True, "samples_per_label": 0, "every": 40, "task": "sst2"}
+    built = probe.ProbeOptions.from_config(config, samples_per_label=None)
+    assert (built.protocol, built.standardize, built.samples_per_label, built.n_folds) == ("mteb", True, None, None)
+
+
+def test_unknown_or_bad_options_are_one_clear_error(paper_data):
+    x_train, y_train, x_test, y_test = paper_data
+    with pytest.raises(SentcompError, match=r"unknown probe option 'n_fold'; the known ones are protocol, "
+                                            r"multi_class, n_folds"):
+        probe.evaluate(x_train, y_train, x_test, y_test, n_fold=3)
+    with pytest.raises(SentcompError, match=r"unknown probe options 'folds_count', 'regularization'"):
+        probe.ProbeOptions().replace(regularization=1.0, folds_count=3)
+    for bad, message in (({"protocol": "svm"}, "unknown probe protocol"), ({"max_iter": 0}, "max_iter"),
+                         ({"protocol": "mteb", "multi_class": "ovr"}, "MTEB's multinomial"),
+                         ({"protocol": "ridge", "penalize_intercept": True}, "liblinear")):
+        with pytest.raises(SentcompError, match=message):  # when the options are built, before any data
+            probe.ProbeOptions(**bad)
 
 
 def test_converged_means_the_tolerance_was_reached(paper_data):
@@ -266,36 +334,36 @@ def test_converged_means_the_tolerance_was_reached(paper_data):
     too few iterations, must not be reported as converged."""
     x_train, y_train, x_test, y_test = paper_data
     unreachable = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0], tol=1e-9, max_iter=300)
-    assert unreachable["iterations"] < 300 and unreachable["grad_norm"] > 1e-8 and not unreachable["converged"]
+    assert unreachable.iterations < 300 and unreachable.grad_norm > 1e-8 and not unreachable.converged
     cut_short = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0], max_iter=2)
-    assert cut_short["iterations"] == 2 and not cut_short["converged"]
+    assert cut_short.iterations == 2 and not cut_short.converged
     reached = probe.evaluate(x_train, y_train, x_test, y_test, grid=[1.0])
-    assert reached["converged"] and reached["grad_norm"] <= probe.LBFGS_CONVERGED_GRAD_FACTOR * 1e-4
+    assert reached.converged and reached.grad_norm <= probe.LBFGS_CONVERGED_GRAD_FACTOR * 1e-4
 
 
 def test_cross_validation_fits_report_their_convergence(paper_data):
     """``converged`` is the final refit's; ``cv_not_converged`` counts the fits that chose C and fell short."""
     x_train, y_train, x_test, y_test = paper_data
     cut_short = probe.evaluate(x_train, y_train, x_test, y_test, grid=[0.1, 1.0], n_folds=3, max_iter=2)
-    assert cut_short["cv_fits"] == 3 * 2 and cut_short["cv_not_converged"] == 6
+    assert cut_short.cv_fits == 3 * 2 and cut_short.cv_not_converged == 6
     reached = probe.evaluate(x_train, y_train, x_test, y_test, grid=[0.1, 1.0], n_folds=3)
-    assert reached["cv_fits"] == 6 and reached["cv_not_converged"] == 0
-    assert probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb")["cv_fits"] == 0  # no search
+    assert reached.cv_fits == 6 and reached.cv_not_converged == 0
+    assert probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb").cv_fits == 0  # no search
 
 
 def test_senteval_mteb_and_ridge_protocols(paper_data):
     x_train, y_train, x_test, y_test = paper_data
     x_dev, y_dev = x_test[:200], y_test[:200]
     senteval = probe.evaluate(x_train, y_train, x_test, y_test, protocol="senteval", x_dev=x_dev, y_dev=y_dev)
-    assert senteval["grid"] == (2.0 ** np.arange(-2, 4)).tolist() and senteval["cv_scores"].shape == (6, 1)
+    assert senteval.grid == (2.0 ** np.arange(-2, 4)).tolist() and senteval.cv_scores.shape == (6, 1)
     dev_scores = [LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64), y_train)
-                  .score(x_dev.astype(np.float64), y_dev) for c in senteval["grid"]]
-    assert np.abs(senteval["cv_scores"][:, 0] - dev_scores).max() <= 1.0 / len(y_dev) + 1e-9
+                  .score(x_dev.astype(np.float64), y_dev) for c in senteval.grid]
+    assert np.abs(senteval.cv_scores[:, 0] - dev_scores).max() <= 1.0 / len(y_dev) + 1e-9
 
     mteb = probe.evaluate(x_train, y_train, x_test, y_test, protocol="mteb", samples_per_label=None)  # all of train
     reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64), y_train)
-    assert mteb["regularisation"] == 1.0 and mteb["cv_scores"].shape == (1, 0)
-    assert abs(mteb["test_accuracy"] - reference.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
+    assert mteb.regularisation == 1.0 and mteb.cv_scores.shape == (1, 0)
+    assert abs(mteb.test_accuracy - reference.score(x_test.astype(np.float64), y_test)) <= 1e-3 + 1e-9
 
 
 
@@ -310,18 +378,18 @@ def test_ridge_protocol_matches_ridge_classifier(n_train, dim, num_classes, meth
     x, y = _problem(num_classes, n_train + 500, dim, num_classes, noise=2.0)
     x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     ridge = probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge")
-    assert ridge["converged"] and ridge["solver"] == method
-    folds, alpha = ridge["folds"], ridge["regularisation"]
+    assert ridge.converged and ridge.solver == method
+    folds, alpha = ridge.folds, ridge.regularisation
     x64 = x_train.astype(np.float64)
     for f in range(5):  # each CV cell is sklearn's RidgeClassifier, scored on the held-out fold
         train, held = folds != f, folds == f
         for l in (0, 3, 6, 9):
-            sk = RidgeClassifier(alpha=ridge["grid"][l]).fit(x64[train], y_train[train])
-            assert ridge["cv_scores"][l, f] == pytest.approx(sk.score(x64[held], y_train[held]), abs=1.01 / held.sum())
-    assert alpha == ridge["grid"][int(np.argmax(ridge["cv_scores"].mean(1)))]
+            sk = RidgeClassifier(alpha=ridge.grid[l]).fit(x64[train], y_train[train])
+            assert ridge.cv_scores[l, f] == pytest.approx(sk.score(x64[held], y_train[held]), abs=1.01 / held.sum())
+    assert alpha == ridge.grid[int(np.argmax(ridge.cv_scores.mean(1)))]
     final = RidgeClassifier(alpha=alpha).fit(x64, y_train)
     final_accuracy = final.score(x_test.astype(np.float64), y_test)
-    assert ridge["test_accuracy"] == pytest.approx(final_accuracy, abs=1.01 / len(y_test))
+    assert ridge.test_accuracy == pytest.approx(final_accuracy, abs=1.01 / len(y_test))
 
 
 def test_cv_metric_loss_selects_by_held_out_loss(paper_data):
@@ -330,26 +398,26 @@ def test_cv_metric_loss_selects_by_held_out_loss(paper_data):
     probe's."""
     x_train, y_train, x_test, y_test = (np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in paper_data)
     ours = probe.evaluate(x_train, y_train, x_test, y_test, protocol="paper", cv_metric="loss")
-    folds = ours["folds"]
+    folds = ours.folds
     for l in (2, 5, 8):
         for f in (0, 3):
             train, held = folds != f, folds == f
-            sk = LogisticRegression(C=ours["grid"][l], tol=1e-10, max_iter=10_000).fit(x_train[train], y_train[train])
+            sk = LogisticRegression(C=ours.grid[l], tol=1e-10, max_iter=10_000).fit(x_train[train], y_train[train])
             held_loss = log_loss(y_train[held], sk.predict_proba(x_train[held]))
-            assert ours["cv_scores"][l, f] == pytest.approx(held_loss, rel=1e-3)
-    assert ours["cv_metric"] == "loss" and ours["best_index"] == int(np.argmin(ours["cv_scores"].mean(1)))
-    final = LogisticRegression(C=ours["regularisation"], tol=1e-10, max_iter=10_000).fit(x_train, y_train)
-    assert ours["test_loss"] == pytest.approx(log_loss(y_test, final.predict_proba(x_test)), rel=1e-3)
+            assert ours.cv_scores[l, f] == pytest.approx(held_loss, rel=1e-3)
+    assert ours.cv_metric == "loss" and ours.best_index == int(np.argmin(ours.cv_scores.mean(1)))
+    final = LogisticRegression(C=ours.regularisation, tol=1e-10, max_iter=10_000).fit(x_train, y_train)
+    assert ours.test_loss == pytest.approx(log_loss(y_test, final.predict_proba(x_test)), rel=1e-3)
 
     ridge = probe.evaluate(x_train, y_train, x_test, y_test, protocol="ridge", cv_metric="loss")
     for l in (0, 6):
-        train, held = ridge["folds"] != 1, ridge["folds"] == 1
-        sk = RidgeClassifier(alpha=ridge["grid"][l]).fit(x_train[train], y_train[train])
+        train, held = ridge.folds != 1, ridge.folds == 1
+        sk = RidgeClassifier(alpha=ridge.grid[l]).fit(x_train[train], y_train[train])
         expected = np.mean(np.square(2.0 * y_train[held] - 1.0 - sk.decision_function(x_train[held])))
         # α = 10⁻³ on features whose covariance has condition number ~3·10⁸ (beyond float32's 1/ε): the
         # coefficients depend on the Gram matrix's rounding, the held-out error only to ~2·10⁻⁴
-        assert ridge["cv_scores"][l, 1] == pytest.approx(expected, rel=1e-3 if l == 0 else 1e-4)
-    assert ridge["best_index"] == int(np.argmin(ridge["cv_scores"].mean(1)))
+        assert ridge.cv_scores[l, 1] == pytest.approx(expected, rel=1e-3 if l == 0 else 1e-4)
+    assert ridge.best_index == int(np.argmin(ridge.cv_scores.mean(1)))
 
 
 def test_stratified_folds_are_balanced_and_seeded():
@@ -415,12 +483,12 @@ def test_mteb_protocol_matches_sklearn_on_the_same_subsets():
         predictions = reference.predict(x_test.astype(np.float64))
         accuracies.append(np.mean(predictions == y_test))
         f1s.append(f1_score(y_test, predictions, average="macro"))
-    assert ours["regularisation"] == 1.0 and ours["cv_fits"] == 0 and ours["converged"]
-    np.testing.assert_allclose(ours["experiment_test_accuracy"], accuracies, atol=2 / len(y_test))
-    np.testing.assert_allclose(ours["experiment_test_macro_f1"], f1s, atol=4 / len(y_test))
-    assert abs(ours["test_accuracy"] - np.mean(accuracies)) <= 1 / len(y_test)
-    assert abs(ours["test_macro_f1"] - np.mean(f1s)) <= 2 / len(y_test)
-    assert ours["coef"].shape[0] == 10 and ours["train_accuracy"] > 0.5
+    assert ours.regularisation == 1.0 and ours.cv_fits == 0 and ours.converged
+    np.testing.assert_allclose(ours.experiment_test_accuracy, accuracies, atol=2 / len(y_test))
+    np.testing.assert_allclose(ours.experiment_test_macro_f1, f1s, atol=4 / len(y_test))
+    assert abs(ours.test_accuracy - np.mean(accuracies)) <= 1 / len(y_test)
+    assert abs(ours.test_macro_f1 - np.mean(f1s)) <= 2 / len(y_test)
+    assert ours.coef.shape[0] == 10 and ours.train_accuracy > 0.5
     assert np.std(accuracies) > 0  # the experiments differ: the mean is over real repeats
 
 
@@ -433,10 +501,10 @@ def test_macro_f1_matches_sklearn_for_every_protocol(paper_data):
         folds = {} if protocol == "mteb" else {"n_folds": 2}
         result = probe.evaluate(x_train, y_train, x_test, y_test, protocol=protocol, grid=[1.0], **folds,
                                 samples_per_label=None)
-        scores = x_test @ result["coef"] + result["intercept"]
+        scores = x_test @ result.coef + result.intercept
         predictions = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(axis=1)
-        assert np.mean(predictions == y_test) == pytest.approx(result["test_accuracy"], abs=1e-6)  # float32 sum
-        assert result["test_macro_f1"] == pytest.approx(f1_score(y_test, predictions, average="macro"), abs=1e-9)
+        assert np.mean(predictions == y_test) == pytest.approx(result.test_accuracy, abs=1e-6)  # float32 sum
+        assert result.test_macro_f1 == pytest.approx(f1_score(y_test, predictions, average="macro"), abs=1e-9)
 
 
 def test_bad_inputs_raise_one_clear_error():
@@ -488,10 +556,10 @@ def test_penalized_intercept_is_liblinears(paper_data):
     ours = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], penalize_intercept=True, tol=1e-6)
     reference = LogisticRegression(solver="liblinear", C=0.05, tol=1e-12, max_iter=100_000).fit(
         x_train.astype(np.float64), y_train)
-    np.testing.assert_allclose(ours["coef"][:, 0], reference.coef_[0], rtol=2e-3, atol=2e-4)
-    np.testing.assert_allclose(ours["intercept"], reference.intercept_, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours.coef[:, 0], reference.coef_[0], rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ours.intercept, reference.intercept_, rtol=2e-3, atol=2e-4)
     free = probe.evaluate(x_train, y_train, x_test + 4.0, y_test, grid=[0.05], tol=1e-6)
-    assert abs(free["intercept"][0] - ours["intercept"][0]) > 0.05  # the option changes the probe
+    assert abs(free.intercept[0] - ours.intercept[0]) > 0.05  # the option changes the probe
 
     x, y = _problem(5, 500, 5, 3)
     x = x + 3.0
@@ -499,9 +567,9 @@ def test_penalized_intercept_is_liblinears(paper_data):
                           penalize_intercept=True, tol=1e-6)
     reference = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=0.1, tol=1e-12, max_iter=100_000))
     reference.fit(x[:300].astype(np.float64), y[:300])
-    np.testing.assert_allclose(ours["coef"].T, np.stack([e.coef_[0] for e in reference.estimators_]),
+    np.testing.assert_allclose(ours.coef.T, np.stack([e.coef_[0] for e in reference.estimators_]),
                                rtol=2e-3, atol=2e-4)
-    np.testing.assert_allclose(ours["intercept"], [e.intercept_[0] for e in reference.estimators_],
+    np.testing.assert_allclose(ours.intercept, [e.intercept_[0] for e in reference.estimators_],
                                rtol=2e-3, atol=2e-4)
     with pytest.raises(SentcompError, match="penalize_intercept=True is liblinear's"):
         probe.evaluate(x[:300], y[:300], x[300:], y[300:], penalize_intercept=True, standardize=True)
@@ -515,6 +583,6 @@ def test_unshuffled_folds_are_logistic_regression_cvs_default(paper_data):
     reference = LogisticRegressionCV(Cs=grid, cv=5, tol=1e-10, max_iter=10_000).fit(x_train.astype(np.float64),
                                                                                    y_train)
     fold_size = len(y_train) / 5
-    np.testing.assert_allclose(ours["cv_scores"], reference.scores_[1].T, atol=1 / fold_size + 1e-9)
-    assert ours["regularisation"] == reference.C_[0]
-    assert not np.array_equal(ours["folds"], probe.evaluate(x_train, y_train, x_test, y_test, grid=grid)["folds"])
+    np.testing.assert_allclose(ours.cv_scores, reference.scores_[1].T, atol=1 / fold_size + 1e-9)
+    assert ours.regularisation == reference.C_[0]
+    assert not np.array_equal(ours.folds, probe.evaluate(x_train, y_train, x_test, y_test, grid=grid).folds)

@@ -178,8 +178,8 @@ def test_probes_can_choose_c_by_held_out_loss(task):
     train, test = theory._train_test_split(len(labels), 0.5, 0)
     p_star = np.exp(np.asarray(data.truth.log_next, np.float64)[:, -1])
     direct = probe.evaluate(p_star[train], labels[train], p_star[test], labels[test], cv_metric="loss")
-    assert result["features"]["p_star"]["probe"]["C"] == direct["regularisation"]
-    assert result["features"]["p_star"]["probe"]["loss"] == pytest.approx(direct["test_loss"], rel=1e-4)
+    assert result["features"]["p_star"]["probe"]["C"] == direct.regularisation
+    assert result["features"]["p_star"]["probe"]["loss"] == pytest.approx(direct.test_loss, rel=1e-4)
 
 
 class _OracleModel:

@@ -208,10 +208,10 @@ def probe_checks(cfg, tolerance, seed: int) -> list[Check]:
     size = f"{cfg.num_classes} classes, d={cfg.dim}, {cfg.num_train} train / {cfg.num_test} test"
     return [
         Check("probe accuracy", f"probe.evaluate(paper, C=1) vs sklearn LogisticRegression(C=1) test accuracy "
-              f"{ours['test_accuracy']:.3f} vs {accuracy:.3f} ({size}), |Δ| in test examples",
-              float(round(abs(ours["test_accuracy"] - accuracy) * cfg.num_test)), tolerance.probe_accuracy),
+              f"{ours.test_accuracy:.3f} vs {accuracy:.3f} ({size}), |Δ| in test examples",
+              float(round(abs(ours.test_accuracy - accuracy) * cfg.num_test)), tolerance.probe_accuracy),
         Check("probe coefficients", "the same fits' coefficients and intercepts, rel",
-              max(relative_error(ours["coef"], reference.coef_.T), relative_error(ours["intercept"],
+              max(relative_error(ours.coef, reference.coef_.T), relative_error(ours.intercept,
                                                                                  reference.intercept_)),
               tolerance.probe_coef),
     ]

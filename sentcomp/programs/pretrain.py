@@ -73,7 +73,7 @@ from sentcomp import models, parallel, throughput
 from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
-from sentcomp.features import extract_features
+from sentcomp.features import ExtractionOptions, extract_features
 from sentcomp.models import layers, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
 from sentcomp.results import plots, storage
@@ -246,14 +246,13 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
     """
     current = lm.replace(params=params)
     kinds = tuple(probe.features)
+    extraction = ExtractionOptions(max_length=probe.max_length, batch_size=probe.batch_size, mesh=mesh, progress=False)
+    fitting = probe_lib.ProbeOptions.from_config(probe, samples_per_label=probe.samples_per_label or None)
     features = {split: extract_features(current, data[split].texts, kinds, prompt=data["task"].prompt,
-                                        max_length=probe.max_length, batch_size=probe.batch_size, mesh=mesh,
-                                        progress=False)
+                                        options=extraction)
                 for split in ("train", "test")}
     return {f"probe_{kind}": probe_lib.evaluate(features["train"][kind], data["train"].labels, features["test"][kind],
-                                                data["test"].labels, protocol=probe.protocol,
-                                                standardize=probe.standardize, seed=probe.seed,
-                                                samples_per_label=probe.samples_per_label or None)["test_accuracy"]
+                                                data["test"].labels, options=fitting).test_accuracy
             for kind in kinds}
 
 

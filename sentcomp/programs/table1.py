@@ -64,7 +64,7 @@ from sentcomp.data import Split, evaluation_splits, get_task, load_task, stratif
 from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, demonstration_prefix, encode_texts, sample_demonstrations, word_set
 from sentcomp.errors import SentcompError
-from sentcomp.features import extract_features
+from sentcomp.features import ExtractionOptions, extract_features
 from sentcomp.results import storage, tables, timings
 from sentcomp.results.statistics import wilson_interval
 from sentcomp.results.tables import markdown_table
@@ -272,17 +272,11 @@ def probe_cell(x: np.ndarray, pair_rows: tuple[np.ndarray, np.ndarray], pair: tu
                probe_config, multi_class: str) -> dict[str, Any]:
     """Test accuracy (and how it was chosen) of one probe; only JSON-ready numbers are kept."""
     (train_rows, test_rows), (train, test) = pair_rows, pair
-    result = probe.evaluate(
-        x[train_rows], train.labels, x[test_rows], test.labels, protocol=probe_config.protocol,
-        multi_class=multi_class, standardize=probe_config.standardize, n_folds=probe_config.n_folds,
-        seed=probe_config.seed, max_iter=probe_config.max_iter, n_experiments=probe_config.n_experiments,
-        samples_per_label=probe_config.samples_per_label, penalize_intercept=probe_config.penalize_intercept,
-        shuffle_folds=probe_config.shuffle_folds,
-    )
+    options = probe.ProbeOptions.from_config(probe_config, multi_class=multi_class)
+    result = probe.evaluate(x[train_rows], train.labels, x[test_rows], test.labels, options=options).to_json()
     keep = ("test_accuracy", "test_macro_f1", "test_loss", "train_accuracy", "regularisation", "regularisation_name",
-            "grid", "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged")
-    return {**{k: result[k] for k in keep}, "cv_mean": np.asarray(result["cv_mean"]).tolist(),
-            "n_features": int(x.shape[1])}
+            "grid", "converged", "iterations", "multi_class", "cv_fits", "cv_not_converged", "cv_mean")
+    return {**{k: result[k] for k in keep}, "n_features": int(x.shape[1])}
 
 
 # ------------------------------------------------------------------------------------------ baseline columns
@@ -495,10 +489,13 @@ def prepare_task(name: str, config) -> TaskData:
     return TaskData(task, pairs, texts, [(rows_of(a.texts, pool), rows_of(b.texts, pool)) for a, b in pairs])
 
 
-def _extraction_options(config, workdir: Path) -> dict:
-    return dict(max_length=config.max_length, batch_size=config.batch_size, truncation=config.truncation,
-                compute_dtype=config.compute_dtype, projection_seed=config.projection_seed,
-                cache_dir=workdir / "features")
+EXTRACTION_SETTINGS = ("max_length", "batch_size", "truncation", "compute_dtype", "projection_seed")  # config keys
+
+
+def _extraction_options(config, workdir: Path) -> ExtractionOptions:
+    """Every feature extraction's options: the config's :data:`EXTRACTION_SETTINGS`, cached under
+    ``workdir/features``."""
+    return ExtractionOptions(**{key: config[key] for key in EXTRACTION_SETTINGS}, cache_dir=workdir / "features")
 
 
 def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], prompt: str | None, config,
@@ -514,7 +511,7 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     kinds = tuple(dict.fromkeys([*(FEATURE_COLUMNS[c][0] for c in columns),
                                  *(("word_log_probs",) if extra_words else ())])) or ("f",)
     extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
-                                 **_extraction_options(config, workdir))
+                                 options=_extraction_options(config, workdir))
     return {c: column_features(extracted, c, word_sets, union) for c in columns}, word_sets, extracted
 
 
@@ -997,7 +994,7 @@ def run(config, workdir) -> dict:
     results = {
         "model": config.model, "probe": config.probe.to_dict(), "columns": present, "tasks": descriptions,
         "table": table, "macro_f1": summarise(cells, "test_macro_f1"), "cells": sorted(cells, key=lambda c: c["key"]),
-        "extraction": {k: v for k, v in _extraction_options(config, workdir).items() if k != "cache_dir"},
+        "extraction": {key: config[key] for key in EXTRACTION_SETTINGS},
         "timings": record.to_json(matmul_rate=True),
     }
     variant_cells = [cell for data in datas for cell in probe_variant_cells(data, config, log)]
