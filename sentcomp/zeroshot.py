@@ -12,7 +12,9 @@ word's length in characters, lm-evaluation-harness), ``pmi`` (− the word's log
 alone) and ``calibrated`` (contextual calibration); one pass of the model (:func:`score_words`: the texts and
 :data:`CONTENT_FREE_TEXTS`) gives them all. A k-shot ``prefix`` (:func:`sentcomp.data.text.demonstration_prefix`)
 goes before every text, content-free ones included. Templates and verbalizers are arguments of
-:func:`zero_shot` (default: the task's prompt and label words). Formulas and conventions: docs/zeroshot.md.
+:func:`zero_shot` (default: the task's prompt and label words); :class:`ZeroShotPlan` scores every template ×
+verbalizer × number of demonstrations (prompt sensitivity) and :func:`summarise_variants` sums them up.
+Formulas and conventions: docs/zeroshot.md.
 
 Conventions (lm-evaluation-harness's loglikelihood requests): the context is ``s + π.rstrip()`` and the
 continuation is the prompt's trailing whitespace (a single space if it has none) followed by the word; the
