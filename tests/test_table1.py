@@ -3,6 +3,7 @@ real GPT-2 tokenizer, tiny random GPT-2), resume without recomputation, the pool
 splits, mean ± std), and the pieces the table is built from checked against direct computations."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.evaluators import cells as cells_log
 from sentcomp.evaluators import columns, probes, task_data
 from sentcomp.evaluators import zeroshot as zeroshot_column
+from sentcomp.evaluators.base import Evaluator
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.programs import table1
@@ -279,3 +281,40 @@ def test_p_f_column_refuses_standardisation_and_an_oversized_kernel_up_front(tmp
                                                    rf"kernel.*about {figure} GB at peak.*0\.0 GB allowed"):
         table1.run(config, tmp_path / "run")
     assert not (tmp_path / "run" / "features").exists()
+
+
+class MajorityColumn(Evaluator):
+    """A column family defined here: the train split's majority label predicted for every test text."""
+
+    def columns(self):
+        return ["majority"]
+
+    def cells(self, data, log, load_model):
+        for with_prompt in (False, True):
+            for repeat, (train, test) in enumerate(data.pairs):
+                key = cells_log.cell_key(data.task.name, with_prompt, "majority", repeat)
+                if key not in log:
+                    majority = np.bincount(train.labels).argmax()
+                    yield {"key": key, "row": data.task.name + "*" * with_prompt, "column": "majority",
+                           "repeat": repeat, "test_accuracy": float(np.mean(test.labels == majority))}
+
+
+def test_a_new_column_family_is_one_evaluator(smoke_run, tmp_path, monkeypatch):
+    """An Evaluator added to the program's list fills its column in the table, results.md and cells.jsonl; on a
+    finished workdir only its cells are computed (no probe refitted, no model loaded)."""
+    config, original = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(original, workdir)
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **k: pytest.fail("a probe was refitted"))
+    monkeypatch.setattr(table1.models, "from_config", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(table1, "EVALUATORS", (*table1.EVALUATORS, MajorityColumn))
+    headline = table1.run(config, workdir)
+    (train, test), = task_data.prepare_task("rotten_tomatoes", config).pairs
+    labels, counts = np.unique(train.labels, return_counts=True)
+    expected = float(np.mean(test.labels == labels[counts.argmax()]))
+    assert headline["rotten_tomatoes/majority"] == headline["rotten_tomatoes*/majority"] == expected
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["columns"][-1] == "majority" and results["table"]["rotten_tomatoes"]["majority"]["mean"] == expected
+    assert " majority |" in (workdir / "results.md").read_text().splitlines()[2]
+    logged = cells_log.read_cells(workdir / cells_log.CELLS_FILE)
+    assert logged["rotten_tomatoes*/majority/0"]["test_accuracy"] == expected

@@ -45,10 +45,11 @@ def format_accuracy(entry: dict | None, n_test: int | None = None) -> str:
 
 def accuracy_table(table: dict[str, dict[str, dict]], rows: Sequence[str], columns: Sequence[str],
                    n_test: dict[str, int] | None = None) -> str:
-    """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot); with
-    ``n_test`` (row -> test examples per split), every accuracy gets its 95% interval."""
+    """The paper-like table: one row per ``task`` / ``task*``, one column per feature kind (+ zero-shot; a column
+    without a title in :data:`COLUMN_TITLES` is headed by its name); with ``n_test`` (row -> test examples per
+    split), every accuracy gets its 95% interval."""
     n_test = n_test or {}
-    return markdown_table(["task", *(COLUMN_TITLES[c] for c in columns)],
+    return markdown_table(["task", *(COLUMN_TITLES.get(c, c) for c in columns)],
                           ([row, *(format_accuracy(table.get(row, {}).get(c), n_test.get(row)) for c in columns)]
                            for row in rows))
 
