@@ -12,7 +12,9 @@ word's length in characters, lm-evaluation-harness), ``pmi`` (− the word's log
 alone) and ``calibrated`` (contextual calibration); one pass of the model (:func:`score_words`: the texts and
 :data:`CONTENT_FREE_TEXTS`) gives them all. A k-shot ``prefix`` (:func:`sentcomp.data.text.demonstration_prefix`)
 goes before every text, content-free ones included. Templates and verbalizers are arguments of
-:func:`zero_shot` (default: the task's prompt and label words). Formulas and conventions: docs/zeroshot.md.
+:func:`zero_shot` (default: the task's prompt and label words); :class:`ZeroShotPlan` scores every template ×
+verbalizer × number of demonstrations (prompt sensitivity) and :func:`summarise_variants` sums them up.
+Formulas and conventions: docs/zeroshot.md.
 
 Conventions (lm-evaluation-harness's loglikelihood requests): the context is ``s + π.rstrip()`` and the
 continuation is the prompt's trailing whitespace (a single space if it has none) followed by the word; the
@@ -34,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +44,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sentcomp import kernels, parallel
+from sentcomp.data.loaders import Split
 from sentcomp.data.tasks import Task, get_task
-from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens, split_prompt
+from sentcomp.data.text import (
+    demonstration_prefix,
+    encode,
+    encode_texts,
+    length_buckets,
+    prefix_tokens,
+    sample_demonstrations,
+    split_prompt,
+)
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
-from sentcomp.results import statistics
+from sentcomp.results import statistics, storage
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
@@ -433,3 +444,194 @@ def zero_shot(lm: LanguageModel, task: Task | str, texts: Sequence[str], rule: s
 def zero_shot_accuracy(lm: LanguageModel, task: Task | str, split, **options) -> float:
     """Accuracy of :func:`zero_shot` on a labeled ``Split`` (``sentcomp.data.Split``)."""
     return zero_shot(lm, task, split.texts, **options).accuracy(split.labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt sensitivity: templates × verbalizers × shots
+
+
+Verbalizer = dict[str, tuple[str, ...]]  # label -> its words
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotVariant:
+    """One way of asking the LM: ``k`` demonstrations, template ``templates[t]``, verbalizer ``verbalizers[v]``."""
+
+    k: int
+    t: int
+    v: int
+    template: str
+    verbalizer: Verbalizer
+
+    def describe(self) -> dict:
+        return {"k": self.k, "t": self.t, "v": self.v, "template": self.template,
+                "verbalizer": {label: list(words) for label, words in self.verbalizer.items()}}
+
+
+def parse_verbalizer(text: str, label_names: Sequence[str]) -> Verbalizer:
+    """``"terrible;great"`` (one entry per label, in label order; a label's alternatives joined by ``,``, e.g.
+    ``"bad,awful;good"``) -> ``{label: words}``."""
+    parts = [tuple(word.strip() for word in part.split(",")) for part in text.split(";")]
+    if len(parts) != len(label_names) or not all(all(parts_) for parts_ in parts):
+        raise SentcompError(f"config.zeroshot.verbalizers entry {text!r} must give non-blank word(s) for each of the "
+                            f"{len(label_names)} labels {list(label_names)}, separated by ';' (alternatives by ','), "
+                            "e.g. 'terrible;great'.")
+    return dict(zip(label_names, parts))
+
+
+# A scorer: (texts, the pass's first variant, words, its k-shot prefix) -> the WordScores of the words after the
+# variant's template (score_words, or a cheaper equivalent).
+Scorer = Callable[[Sequence[str], ZeroShotVariant, Sequence[str], str], WordScores]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotPlan:
+    """Which variants of a task to score and how their demonstrations are drawn.
+
+    The variants (:meth:`variants`): template 0 with verbalizer 0 at ``k = 0`` (a table's zero-shot column) and
+    at each k of ``shots`` (the scoring-rule table), and every template × verbalizer at each k of
+    ``sensitivity_shots`` (the prompt-sensitivity table). Demonstrations (:meth:`demonstrations`): ``k`` seeded
+    (``seed``), optionally class-balanced examples of a split's train set (never one of its test texts), each
+    with its label's first word, joined by ``separator`` (:func:`sentcomp.data.text.demonstration_prefix`).
+
+    For a user: ``plan = ZeroShotPlan.for_task(task, shots=(0, 4))``; ``records = plan.run(lm, task, [(train,
+    test)])``; ``summarise_variants(records, plan.sensitivity_shots)`` (docs/zeroshot.md).
+    """
+
+    templates: tuple[str, ...]
+    verbalizers: tuple[Verbalizer, ...]
+    shots: tuple[int, ...] = (0,)
+    sensitivity_shots: tuple[int, ...] = (0,)
+    balanced: bool = True
+    separator: str = "\n\n"
+    seed: int = 0
+
+    @classmethod
+    def for_task(cls, task: Task, templates: Sequence[str] = (), verbalizers: Sequence[str] = (),
+                 **options) -> ZeroShotPlan:
+        """The plan of ``templates`` (prompts) and ``verbalizers`` (:func:`parse_verbalizer` strings), each
+        defaulting to the task's own (:attr:`Task.prompt_templates`, :attr:`Task.label_verbalizers`: its prompt and
+        label words first); ``options``: the other fields."""
+        return cls(tuple(templates) or task.prompt_templates,
+                   tuple(parse_verbalizer(v, task.label_names) for v in verbalizers) or task.label_verbalizers,
+                   **{key: tuple(value) if key.endswith("shots") else value for key, value in options.items()})
+
+    def variants(self) -> list[ZeroShotVariant]:
+        """Every variant to score, ordered by ``(k, t, v)``."""
+        chosen = {(0, 0, 0), *((k, 0, 0) for k in self.shots)}
+        chosen |= {(k, t, v) for k in self.sensitivity_shots for t in range(len(self.templates))
+                   for v in range(len(self.verbalizers))}
+        return [ZeroShotVariant(k, t, v, self.templates[t], self.verbalizers[v]) for k, t, v in sorted(chosen)]
+
+    def headline(self) -> ZeroShotVariant:
+        """Template 0, verbalizer 0, ``k = 0``: the variant of a table's zero-shot column."""
+        return ZeroShotVariant(0, 0, 0, self.templates[0], self.verbalizers[0])
+
+    def sampling(self, k: int) -> tuple | None:
+        """What, besides ``k``, decides the demonstrations (``None`` at ``k = 0``: there are none)."""
+        return (self.balanced, self.separator, self.seed) if k else None
+
+    def digest(self, variant: ZeroShotVariant) -> str:
+        """A hash of the variant's content and its demonstrations' sampling settings: equal digests, equal scores."""
+        return storage.content_hash(variant.template, variant.verbalizer, variant.k, self.sampling(variant.k))
+
+    def demonstrations(self, variant: ZeroShotVariant, label_names: Sequence[str], train: Split,
+                       test: Split) -> tuple[str, list[int]]:
+        """The k-shot prefix of ``variant`` for one split and the train indices it shows (``("", [])`` at k = 0)."""
+        if not variant.k:
+            return "", []
+        chosen = sample_demonstrations(train.texts, train.labels, variant.k, self.seed, self.balanced,
+                                       exclude=test.texts)
+        words = [variant.verbalizer[label_names[train.labels[i]]][0] for i in chosen]
+        prefix = demonstration_prefix([train.texts[i] for i in chosen], words, variant.template, self.separator)
+        return prefix, [int(i) for i in chosen]
+
+    def check_demonstrations(self, pairs: Sequence[tuple[Split, Split]]) -> None:
+        """Every k-shot context can be drawn from each split's train set (a balanced one needs ``k / C`` examples
+        of every class); raises :class:`SentcompError` otherwise."""
+        for k in sorted({variant.k for variant in self.variants() if variant.k}):
+            for train, test in pairs:
+                sample_demonstrations(train.texts, train.labels, k, self.seed, self.balanced, exclude=test.texts)
+
+    @staticmethod
+    def passes(todo: Sequence[tuple[ZeroShotVariant, int]]) -> list[list[tuple[ZeroShotVariant, int]]]:
+        """``(variant, split)`` pairs grouped by model pass: one per template at ``k = 0`` (the union of its
+        verbalizers' words over the unique test texts of its splits), one per variant and split at ``k > 0`` (the
+        prefix depends on both)."""
+        passes: dict[tuple, list[tuple[ZeroShotVariant, int]]] = {}
+        for variant, r in todo:
+            passes.setdefault((variant.t,) if not variant.k else (variant.t, variant.k, variant.v, r), []).append(
+                (variant, r))
+        return list(passes.values())
+
+    def score(self, task: Task, pairs: Sequence[tuple[Split, Split]], todo: Sequence[tuple[ZeroShotVariant, int]],
+              scorer: Scorer, ece_bins: int = statistics.DEFAULT_BINS) -> Iterator[tuple[ZeroShotVariant, int, dict]]:
+        """``(variant, split, record)`` for each of ``todo`` (pairs of a variant and an index into ``pairs``), pass
+        by pass (:meth:`passes`, each scored by ``scorer``); ``record``: the variant (:meth:`ZeroShotVariant.
+        describe`), its ``demonstrations`` (train indices), ``prefix_chars``, and ``rules``: accuracy, ECE and
+        Brier on the split's test set under every scoring rule (:func:`rule_scores`, :func:`evaluate_scores`)."""
+        for members in self.passes(todo):
+            first, first_split = members[0]
+            repeats = list(dict.fromkeys(r for _, r in members))
+            texts = list(dict.fromkeys(text for r in repeats for text in pairs[r][1].texts))
+            words = list(dict.fromkeys(word for variant, _ in members
+                                       for word in verbalizer_words(task.label_names, variant.verbalizer)[0]))
+            prefix, chosen = self.demonstrations(first, task.label_names, *pairs[first_split])
+            scores = scorer(texts, first, words, prefix)
+            pool = {text: row for row, text in enumerate(texts)}
+            for variant, r in members:
+                variant_words, word_labels = verbalizer_words(task.label_names, variant.verbalizer)
+                by_rule = rule_scores(scores.select(variant_words), word_labels, task.num_classes)
+                test = pairs[r][1]
+                rows = np.fromiter((pool[text] for text in test.texts), np.int64, len(test.texts))
+                yield variant, r, {**variant.describe(), "demonstrations": chosen, "prefix_chars": len(prefix),
+                                   "rules": {rule: evaluate_scores(scores_[rows], test.labels, ece_bins)
+                                             for rule, scores_ in by_rule.items()}}
+
+    def run(self, lm: LanguageModel, task: Task, pairs: Sequence[tuple[Split, Split]],
+            ece_bins: int = statistics.DEFAULT_BINS, **options) -> list[dict]:
+        """Every variant on every ``(train, test)`` pair: :meth:`score`'s records with ``row`` (the task's name)
+        and ``repeat`` (the pair's index), ready for :func:`summarise_variants`; ``options`` as
+        :func:`score_words`."""
+        def scorer(texts, variant, words, prefix):
+            return score_words(lm, texts, variant.template, words, prefix, **options)
+
+        todo = [(variant, r) for variant in self.variants() for r in range(len(pairs))]
+        return [{"row": task.name, "repeat": r, **record}
+                for _, r, record in self.score(task, pairs, todo, scorer, ece_bins)]
+
+
+def summarise_variants(records: Sequence[dict], sensitivity_shots: Sequence[int]) -> dict[str, list[dict]]:
+    """``{"rules": [...], "sensitivity": [...]}`` from variant records (:meth:`ZeroShotPlan.score`'s, each with
+    a ``row``).
+
+    ``rules``: per row, k and rule, template 0 / verbalizer 0: accuracy (mean, std over splits; Wilson interval
+    over the pooled test predictions), mean ECE and Brier. ``sensitivity``: per row, k of ``sensitivity_shots``
+    and rule, the accuracy of each template × verbalizer (mean over splits) and their mean, min and max.
+    """
+    grouped: dict[tuple, list[dict]] = {}
+    for record in records:
+        grouped.setdefault((record["row"], record["k"], record["t"], record["v"]), []).append(record)
+    rules, sensitivity = [], []
+    for (row, k, t, v), group in grouped.items():
+        if (t, v) != (0, 0):
+            continue
+        for rule in SCORING_RULES:
+            values = [record["rules"][rule] for record in group]
+            accuracies = [value["accuracy"] for value in values]
+            trials = sum(value["n"] for value in values)
+            low, high = statistics.wilson_interval(sum(value["accuracy"] * value["n"] for value in values), trials)
+            rules.append({"row": row, "k": k, "rule": rule, "mean": float(np.mean(accuracies)),
+                          "std": float(np.std(accuracies)), "n_splits": len(values), "low": low, "high": high,
+                          "ece": float(np.mean([value["ece"] for value in values])),
+                          "brier": float(np.mean([value["brier"] for value in values]))})
+    for row, k in dict.fromkeys((row, k) for row, k, _, _ in grouped if k in sensitivity_shots):
+        variants = {(t, v): group for (row_, k_, t, v), group in grouped.items() if (row_, k_) == (row, k)}
+        for rule in SCORING_RULES:
+            accuracy = {f"t{t}/v{v}": float(np.mean([record["rules"][rule]["accuracy"] for record in group]))
+                        for (t, v), group in sorted(variants.items())}
+            values = list(accuracy.values())
+            sensitivity.append({"row": row, "k": k, "rule": rule, "mean": float(np.mean(values)),
+                                "min": min(values), "max": max(values), "best": max(accuracy, key=accuracy.get),
+                                "accuracies": accuracy})
+    return {"rules": rules, "sensitivity": sensitivity}

@@ -531,7 +531,7 @@ def test_a_corrupt_config_json_is_replaced(cli, toy, tmp_path, content):
 
 
 def test_a_torn_json_line_is_skipped_and_named(tmp_path):
-    from sentcomp.programs.table1 import read_cells
+    from sentcomp.evaluators.cells import read_cells
 
     path = tmp_path / "cells.jsonl"
     storage.append_json_line(path, {"key": "a", "value": 1})

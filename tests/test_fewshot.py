@@ -14,6 +14,9 @@ from sentcomp import parallel, probe, zeroshot
 from sentcomp.data import get_task, task_from_config
 from sentcomp.data.text import demonstration_prefix, encode_texts, sample_demonstrations
 from sentcomp.errors import SentcompError
+from sentcomp.evaluators import cells as cells_log
+from sentcomp.evaluators import task_data
+from sentcomp.evaluators import zeroshot as zeroshot_column
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, load_sweep, override
 from sentcomp.models import gpt2
@@ -176,12 +179,12 @@ def test_table1_smoke_reports_rules_shots_and_sensitivity(smoke_run):
         values = list(entry["accuracies"].values())
         assert len(values) == 12 and entry["min"] == min(values) <= entry["mean"] <= entry["max"] == max(values)
     assert "## Zero- and few-shot scoring rules" in markdown and "## Prompt sensitivity" in markdown
-    cells = [json.loads(line) for line in (workdir / table1.CELLS_FILE).read_text().splitlines()]
+    cells = [json.loads(line) for line in (workdir / cells_log.CELLS_FILE).read_text().splitlines()]
     variants = {(c["k"], c["t"], c["v"]): c for c in cells if c.get("kind") == "zeroshot_variant"}
     column = next(c for c in cells if c.get("column") == "zeroshot")
     assert column["test_accuracy"] == variants[0, 0, 0]["rules"]["ll"]["accuracy"]
     k_shot = variants[max(config.zeroshot.shots), 0, 0]
-    data = table1.prepare_task("rotten_tomatoes", config)
+    data = task_data.prepare_task("rotten_tomatoes", config)
     (train, test), = data.pairs
     assert len(k_shot["demonstrations"]) == max(config.zeroshot.shots) > 0
     assert not {train.texts[i] for i in k_shot["demonstrations"]} & set(test.texts)
@@ -207,7 +210,7 @@ def test_other_templates_or_rule_rescore_only_zero_shot(smoke_run, tmp_path, mon
     assert scored == [" Honestly, it was "]
     monkeypatch.setattr(zeroshot, "word_scores", lambda *a, **k: pytest.fail("scored again"))
     headline = table1.run(override(config, {"zeroshot.rule": "calibrated"}), workdir)
-    cells = table1.read_cells(workdir / table1.CELLS_FILE)
+    cells = cells_log.read_cells(workdir / cells_log.CELLS_FILE)
     variant = next(c for c in cells.values() if c.get("kind") == "zeroshot_variant" and (c["k"], c["t"], c["v"]) ==
                    (0, 0, 0))
     assert headline["rotten_tomatoes*/zeroshot"] == variant["rules"]["calibrated"]["accuracy"]
@@ -224,10 +227,11 @@ def test_zeroshot_config_errors_name_the_key():
         ({"zeroshot.ece_bins": 0}, "config.zeroshot.ece_bins"),
     ]:
         with pytest.raises(SentcompError, match=message):
-            table1.check_zeroshot_config(override(config, changes))
+            zeroshot_column.check_zeroshot_config(override(config, changes))
     custom = override(config, {"zeroshot.verbalizers": ("awful,dire;superb",)})
-    table1.check_zeroshot_config(custom)
-    templates, verbalizers = table1.zeroshot_templates(get_task("rotten_tomatoes"), custom.zeroshot)
+    zeroshot_column.check_zeroshot_config(custom)
+    plan = zeroshot_column.zeroshot_plan(get_task("rotten_tomatoes"), custom.zeroshot)
+    templates, verbalizers = plan.templates, plan.verbalizers
     assert verbalizers == ({"negative": ("awful", "dire"), "positive": ("superb",)},)
     assert templates[0] == get_task("rotten_tomatoes").prompt
 
@@ -246,7 +250,7 @@ def test_paper_sweep_builds_and_validates_and_its_smoke_composition_too(tmp_path
         assert (config.model, config.n_train, config.n_test, config.bert.enabled, config.ft.enabled) == (
             "gpt2", 0, 0, True, True)
         runner.validate(config, tmp_path / "paper" / point["tasks"][0], program_checks=False)
-        table1.check_zeroshot_config(config)
+        zeroshot_column.check_zeroshot_config(config)
     (point,) = load_sweep(f"{table1_file}:paper,smoke")
     smoke = override(load_config(f"{table1_file}:paper,smoke"), point)
     assert smoke.columns == paper.columns and smoke.bert.enabled and smoke.ft.enabled
@@ -269,7 +273,7 @@ def test_prompt_row_probes_under_templates_and_a_k_shot_prefix(smoke_run, tmp_pa
     assert entry["mean"] == pytest.approx(np.mean(templates)) and entry["max"] == max(templates)
     assert entry["accuracies"]["rotten_tomatoes*"] == results["table"]["rotten_tomatoes*"]["f"]["mean"]
     cells = [c for c in results.get("cells", []) if c.get("kind") == "probe_variant"] or [
-        json.loads(line) for line in (workdir / table1.CELLS_FILE).read_text().splitlines()]
+        json.loads(line) for line in (workdir / cells_log.CELLS_FILE).read_text().splitlines()]
     k_shot = next(c for c in cells if c.get("row") == "rotten_tomatoes*k2")
     assert k_shot["n_train"] == results["tasks"][0]["n_train"] - 2 and len(k_shot["demonstrations"]) == 2
     assert "## Prompt-row probes: templates and k-shot prefix" in (workdir / "results.md").read_text()

@@ -85,14 +85,17 @@ def test_bad_config_is_clear(tiny_lm, tmp_path):
 
 def test_table1_ft_and_bert_columns_config():
     """experiments/table1.py's ``bert``/``ft`` args turn the columns on; config.ft maps onto finetune's config."""
+    from sentcomp.evaluators.bert import BERT
+    from sentcomp.evaluators.finetune import FINETUNE, finetune_config
+    from sentcomp.evaluators.zeroshot import ZEROSHOT
     from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
     from sentcomp.programs import table1
 
     plain = load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke")
     assert not plain.bert.enabled and not plain.ft.enabled
     config = load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke,bert,ft")
-    assert table1.table_columns(config)[-3:] == [table1.BERT, table1.FINETUNE, table1.ZEROSHOT]
-    ft = table1.finetune_config(config, n_train=50, prompt=" This movie is ")
+    assert table1.table_columns(config)[-3:] == [BERT, FINETUNE, ZEROSHOT]
+    ft = finetune_config(config, n_train=50, prompt=" This movie is ")
     merged = finetune.with_defaults(ft)  # every key is one finetune knows
     assert merged.max_steps == -(-4 * 50 // config.ft.batch_size) and merged.prompt == " This movie is "
     assert merged.optimizer.learning_rate == config.ft.optimizer.learning_rate

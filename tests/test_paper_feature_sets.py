@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from sentcomp import features, kernels, probe
+from sentcomp.evaluators import task_data
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.programs import table1
@@ -85,7 +86,7 @@ def test_table1_columns_for_the_full_and_projected_distribution(tmp_path):
     assert cell["n_features"] <= 36  # the kernel-matrix coordinates, not V = 50,257 columns
     (p_f_file,) = [path for path in (tmp_path / "features").glob("*/p_f.npy")
                    if json.loads((path.parent / "manifest.json").read_text())["prompt"] is None]
-    data = table1.prepare_task("rotten_tomatoes", config)
+    data = task_data.prepare_task("rotten_tomatoes", config)
     (train_rows, test_rows), (train, test) = data.pair_rows[0], data.pairs[0]
     full = np.load(p_f_file).astype(np.float64)  # [N, 50257]: scikit-learn fits the V columns directly
     direct = LogisticRegression(C=cell["regularisation"], tol=1e-10, max_iter=10_000).fit(full[train_rows],

@@ -3,6 +3,7 @@ real GPT-2 tokenizer, tiny random GPT-2), resume without recomputation, the pool
 splits, mean ± std), and the pieces the table is built from checked against direct computations."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,14 @@ from sentcomp import features, models, probe, zeroshot
 from sentcomp.data import Split, get_task, register_task, text
 from sentcomp.data import tasks as tasks_module
 from sentcomp.errors import SentcompError
+from sentcomp.evaluators import cells as cells_log
+from sentcomp.evaluators import columns, probes, task_data
+from sentcomp.evaluators import zeroshot as zeroshot_column
+from sentcomp.evaluators.base import Evaluator
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.programs import table1
+from sentcomp.results import table1_markdown
 
 TABLE1 = EXPERIMENTS_DIR / "table1.py"
 
@@ -83,19 +89,19 @@ def test_cells_match_direct_computation(smoke_run):
     cell equals sklearn's logistic regression at the chosen C on directly extracted features; the zero-shot
     cell equals sentcomp.zeroshot on the test split."""
     config, workdir = smoke_run
-    data = table1.prepare_task("rotten_tomatoes", config)
+    data = task_data.prepare_task("rotten_tomatoes", config)
     (train, test), = data.pairs
     lm = models.from_config(config)
     prompt = data.task.prompt
     direct = features.extract_features(lm, data.texts, ("word_logits",), words=data.task.class_words, prompt=prompt,
                                        max_length=config.max_length, progress=False)
-    union = text.word_set(lm.tokenizer, table1.extraction_words(data.task, table1.prompt_zeroshot_words(data.task,
-                                                                                                 config)))
+    zeroshot_words = zeroshot_column.prompt_zeroshot_words(data.task, config)
+    union = text.word_set(lm.tokenizer, columns.extraction_words(data.task, zeroshot_words))
     extracted = features.extract_features(lm, data.texts, ("f", "word_logits"), words=union.words, prompt=prompt,
                                           max_length=config.max_length, cache_dir=workdir / "features", progress=False)
     assert extracted["metadata"]["computed_chunks"] == []  # the run's cache answers
     word_sets = {"class": text.word_set(lm.tokenizer, data.task.class_words)}
-    np.testing.assert_allclose(table1.column_features(extracted, "class_logits", word_sets, union),
+    np.testing.assert_allclose(columns.column_features(extracted, "class_logits", word_sets, union),
                                direct["word_logits"], rtol=1e-5, atol=1e-5)
     # the probability column: p_f(s)(w) of the subset words, = softmax(Φᵀh)[w] computed here in float64
     word_sets["subset"] = text.word_set(lm.tokenizer, data.task.subset_words)
@@ -106,7 +112,7 @@ def test_cells_match_direct_computation(smoke_run):
     logits = h @ np.asarray(lm.phi, np.float64).T
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(table1.column_features(with_probs, "subset_probs", word_sets, union),
+    np.testing.assert_allclose(columns.column_features(with_probs, "subset_probs", word_sets, union),
                                probs[:, list(word_sets["subset"].token_ids)], rtol=1e-4, atol=1e-9)
 
     results = json.loads((workdir / "results.json").read_text())
@@ -118,7 +124,7 @@ def test_cells_match_direct_computation(smoke_run):
     reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(x[train_rows], train.labels)
     assert abs(reference.score(x[test_rows], test.labels) - cell["test_accuracy"]) <= 1 / len(test) + 1e-9
 
-    x_probs = table1.column_features(with_probs, "subset_probs", word_sets, union)
+    x_probs = columns.column_features(with_probs, "subset_probs", word_sets, union)
     cell = cells["rotten_tomatoes*/subset_probs/0"]
     reference = LogisticRegression(C=cell["regularisation"], max_iter=10_000, tol=1e-8).fit(
         x_probs[train_rows].astype(np.float64), train.labels)
@@ -146,10 +152,10 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     # A run killed mid-way: some cells lost and a torn last line. Only those probes run again, from cached
     # features (no model forward pass), and give the same numbers.
     monkeypatch.undo()
-    lines = (workdir / table1.CELLS_FILE).read_text().splitlines()
+    lines = (workdir / cells_log.CELLS_FILE).read_text().splitlines()
     lost = [json.loads(line)["key"] for line in lines if json.loads(line)["key"].endswith(("/f/0", "/phi_p_f/0"))]
     kept = [line for line in lines if json.loads(line)["key"] not in lost]
-    (workdir / table1.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
+    (workdir / cells_log.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
     monkeypatch.setattr(features, "_compute_chunk", forbidden)
     monkeypatch.setattr(zeroshot, "word_scores", forbidden)
     calls = []
@@ -172,7 +178,7 @@ def test_a_run_under_other_determinants_recomputes_instead_of_returning_old_cell
     cells = json.loads((workdir / "results.json").read_text())["cells"]
     probed = [cell for cell in cells if "regularisation" in cell]
     assert probed and all(cell["regularisation_name"] == "alpha" for cell in probed)  # ridge, not the old C
-    old = {json.loads(line)["determinants"] for line in (original / table1.CELLS_FILE).read_text().splitlines()}
+    old = {json.loads(line)["determinants"] for line in (original / cells_log.CELLS_FILE).read_text().splitlines()}
     assert {cell["determinants"] for cell in cells}.isdisjoint(old)
 
 
@@ -181,11 +187,11 @@ def test_results_fingerprint_follows_the_model_files(tmp_path):
     model_dir.mkdir()
     (model_dir / "weights.bin").write_bytes(b"trained once")
     config = smoke_config(model=str(model_dir))
-    first = table1.results_fingerprint(config)
-    assert table1.results_fingerprint(smoke_config(model=str(model_dir), batch_size=8)) == first  # batch-invariant
+    first = cells_log.results_fingerprint(config)
+    assert cells_log.results_fingerprint(smoke_config(model=str(model_dir), batch_size=8)) == first  # batch-invariant
     (model_dir / "weights.bin").write_bytes(b"trained again, longer")
-    assert table1.results_fingerprint(config) != first
-    assert table1.results_fingerprint(smoke_config(n_test=12)) != table1.results_fingerprint(smoke_config())
+    assert cells_log.results_fingerprint(config) != first
+    assert cells_log.results_fingerprint(smoke_config(n_test=12)) != cells_log.results_fingerprint(smoke_config())
 
 
 @pytest.mark.slow
@@ -226,14 +232,14 @@ def test_mteb_cells_are_sklearn_multinomial_logistic_regression():
     C = 1, on MTEB's 10 subsets of 8 examples per label; checked against scikit-learn itself."""
     config = load_config(f"{TABLE1}:protocol=mteb")
     assert config.probe.multi_class == "ovr"  # the paper's default elsewhere; mteb must not use it
-    multi_class = table1.cell_multi_class(config.probe, "sst5", "f")
-    assert multi_class == "multinomial" and table1.probe_modes(config.probe.to_dict()) == "multinomial (MTEB)"
+    multi_class = probes.cell_multi_class(config.probe, "sst5", "f")
+    assert multi_class == "multinomial" and table1_markdown.probe_modes(config.probe.to_dict()) == "multinomial (MTEB)"
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(5, 6)) * 1.5
     labels = np.arange(600) % 5
     x = (centers[labels] + rng.normal(size=(600, 6))).astype(np.float32)
     train, test = Split([""] * 300, labels[:300]), Split([""] * 300, labels[300:])
-    cell = table1.probe_cell(x, (np.arange(300), np.arange(300, 600)), (train, test), config.probe, multi_class)
+    cell = probes.probe_cell(x, (np.arange(300), np.arange(300, 600)), (train, test), config.probe, multi_class)
     accuracies = []
     for subset in probe.undersample(labels[:300], 8, 10, seed=config.probe.seed):
         reference = LogisticRegression(max_iter=100).fit(x[subset].astype(np.float64), labels[subset])
@@ -244,17 +250,17 @@ def test_mteb_cells_are_sklearn_multinomial_logistic_regression():
 
 def test_subsample_is_stratified_and_seeded():
     split = Split([f"t{i}" for i in range(100)], np.array([0] * 70 + [1] * 30))
-    subset = table1.subsample(split, 20, seed=3)
+    subset = task_data.subsample(split, 20, seed=3)
     assert len(subset) == 20 and np.sum(subset.labels == 1) == 6
-    assert subset.texts == table1.subsample(split, 20, seed=3).texts != table1.subsample(split, 20, seed=4).texts
-    assert table1.subsample(split, 0, seed=3) is split
+    assert subset.texts == task_data.subsample(split, 20, seed=3).texts != task_data.subsample(split, 20, seed=4).texts
+    assert task_data.subsample(split, 0, seed=3) is split
 
 
 def test_unknown_column_is_a_clear_error():
     with pytest.raises(Exception, match="Unknown feature columns"):
-        table1.columns_for(get_task("sst2"), ["f", "bert_cls"])
+        columns.columns_for(get_task("sst2"), ["f", "bert_cls"])
     with pytest.raises(Exception, match="multinomial_cells entries must be 'task:column'"):
-        table1.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
+        probes.check_multinomial_cells(("sst5:subset_logits", "sst5_subset_logits", "sst5:subset"))
 
 
 def test_p_f_column_refuses_standardisation_and_an_oversized_kernel_up_front(tmp_path, monkeypatch):
@@ -275,3 +281,40 @@ def test_p_f_column_refuses_standardisation_and_an_oversized_kernel_up_front(tmp
                                                    rf"kernel.*about {figure} GB at peak.*0\.0 GB allowed"):
         table1.run(config, tmp_path / "run")
     assert not (tmp_path / "run" / "features").exists()
+
+
+class MajorityColumn(Evaluator):
+    """A column family defined here: the train split's majority label predicted for every test text."""
+
+    def columns(self):
+        return ["majority"]
+
+    def cells(self, data, log, load_model):
+        for with_prompt in (False, True):
+            for repeat, (train, test) in enumerate(data.pairs):
+                key = cells_log.cell_key(data.task.name, with_prompt, "majority", repeat)
+                if key not in log:
+                    majority = np.bincount(train.labels).argmax()
+                    yield {"key": key, "row": data.task.name + "*" * with_prompt, "column": "majority",
+                           "repeat": repeat, "test_accuracy": float(np.mean(test.labels == majority))}
+
+
+def test_a_new_column_family_is_one_evaluator(smoke_run, tmp_path, monkeypatch):
+    """An Evaluator added to the program's list fills its column in the table, results.md and cells.jsonl; on a
+    finished workdir only its cells are computed (no probe refitted, no model loaded)."""
+    config, original = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(original, workdir)
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **k: pytest.fail("a probe was refitted"))
+    monkeypatch.setattr(table1.models, "from_config", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(table1, "EVALUATORS", (*table1.EVALUATORS, MajorityColumn))
+    headline = table1.run(config, workdir)
+    (train, test), = task_data.prepare_task("rotten_tomatoes", config).pairs
+    labels, counts = np.unique(train.labels, return_counts=True)
+    expected = float(np.mean(test.labels == labels[counts.argmax()]))
+    assert headline["rotten_tomatoes/majority"] == headline["rotten_tomatoes*/majority"] == expected
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["columns"][-1] == "majority" and results["table"]["rotten_tomatoes"]["majority"]["mean"] == expected
+    assert " majority |" in (workdir / "results.md").read_text().splitlines()[2]
+    logged = cells_log.read_cells(workdir / cells_log.CELLS_FILE)
+    assert logged["rotten_tomatoes*/majority/0"]["test_accuracy"] == expected

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sentcomp import parallel, zeroshot
-from sentcomp.data import get_task, task_from_config
-from sentcomp.data.text import encode_texts
+from sentcomp.data import Split, get_task, task_from_config
+from sentcomp.data.text import demonstration_prefix, encode_texts
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 from sentcomp.models.base import LanguageModel
@@ -200,3 +200,53 @@ def test_compute_dtype_and_truncation_reach_the_scorer(tokenizer):
         zeroshot.label_word_scores(lm, "sst2", TEXTS[:1], compute_dtype="float16", progress=False)
     with pytest.raises(SentcompError, match="batch_size must be a positive"):
         zeroshot.label_word_scores(lm, "sst2", TEXTS[:1], batch_size=0, progress=False)
+
+
+def test_prompt_sensitivity_plan_runs_from_the_library_alone(tokenizer):
+    """sentcomp.zeroshot.ZeroShotPlan without any program: every template × verbalizer at k = 0 equals a float64
+    brute force of that variant alone (accuracy and Brier score; the plan scores a template's verbalizers in one
+    pass), the k-shot variant equals zero_shot after the plan's prefix (2 train demonstrations, never a test
+    text), and the summary's prompt-sensitivity min / mean / max are those of the variants."""
+    lm = _toy_lm(tokenizer, 64)
+    emb, phi = (np.asarray(lm.params[k], np.float64) for k in ("emb", "phi"))
+    labels = np.array([1, 0, 0, 1, 0])
+    test = Split(TEXTS, labels)
+    train = Split(["Loved it.", "Awful film.", "A joy.", "Boring and long.", "Superb acting.", "Not funny."],
+                  np.array([1, 0, 1, 0, 1, 0]))
+    plan = zeroshot.ZeroShotPlan.for_task(TASK, templates=(" This movie is ", " All in all it was "),
+                                          verbalizers=("terrible;great", "not good,bad;a must see"), shots=(0, 2))
+    assert [(v.k, v.t, v.v) for v in plan.variants()] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (2, 0, 0)]
+    records = plan.run(lm, TASK, [(train, test)], batch_size=8, max_length=64, progress=False)
+    assert [(r["k"], r["t"], r["v"], r["repeat"]) for r in records] == [
+        (v.k, v.t, v.v, 0) for v in plan.variants()]
+    for record in records:
+        verbalizer = plan.verbalizers[record["v"]]
+        if record["k"] == 0:
+            variant_task = task_from_config({"name": "toy_variant", "label_names": list(TASK.label_names),
+                                             "prompt": plan.templates[record["t"]],
+                                             "label_words": {label: list(w) for label, w in verbalizer.items()}})
+            _, word_labels = zeroshot.label_word_list(variant_task)
+            label_scores = _np_label_scores(_brute_force_word_scores(
+                tokenizer, lambda ids: _np_features(emb, ids), phi, TEXTS, variant_task, 64), word_labels)
+            probabilities = np.exp(_np_log_softmax(label_scores))
+            assert record["rules"]["ll"]["accuracy"] == np.mean(label_scores.argmax(1) == labels)
+            assert record["rules"]["ll"]["brier"] == pytest.approx(
+                np.mean(np.sum((probabilities - np.eye(2)[labels]) ** 2, axis=1)), abs=1e-5)
+            continue
+        shown = record["demonstrations"]
+        assert len(shown) == 2 and not {train.texts[i] for i in shown} & set(TEXTS)
+        prefix = demonstration_prefix([train.texts[i] for i in shown],
+                                      [verbalizer[TASK.label_names[train.labels[i]]][0] for i in shown],
+                                      plan.templates[0])
+        assert record["prefix_chars"] == len(prefix) > 0
+        expected = zeroshot.zero_shot(lm, TASK, TEXTS, prompt=plan.templates[0], label_words=verbalizer,
+                                      prefix=prefix, batch_size=8, max_length=64, progress=False).evaluate(labels)
+        for rule, values in expected.items():
+            assert record["rules"][rule] == pytest.approx(values, abs=1e-6)
+    summary = zeroshot.summarise_variants(records, plan.sensitivity_shots)
+    assert {(e["k"], e["rule"]) for e in summary["rules"]} == {(k, rule) for k in (0, 2)
+                                                               for rule in zeroshot.SCORING_RULES}
+    ll = next(e for e in summary["sensitivity"] if e["rule"] == "ll")
+    at_k0 = [r["rules"]["ll"]["accuracy"] for r in records if r["k"] == 0]
+    assert len(ll["accuracies"]) == 4 and (ll["min"], ll["max"]) == (min(at_k0), max(at_k0))
+    assert ll["mean"] == pytest.approx(np.mean(at_k0))
