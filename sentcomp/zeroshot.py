@@ -45,7 +45,7 @@ from sentcomp import kernels, parallel
 from sentcomp.data.tasks import Task, get_task
 from sentcomp.data.text import encode, encode_texts, length_buckets, prefix_tokens, split_prompt
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import statistics
 

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from sentcomp import kernels, parallel
 from sentcomp.data.text import length_buckets, pad_id
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.zeroshot import ScoringRow, scoring_arrays
 

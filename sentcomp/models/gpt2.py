@@ -9,7 +9,7 @@ Parameters: ``wte``, ``wpe``, ``h`` (the blocks, stacked on a leading layer axis
 run as one ``nn.scan`` (:func:`layers.layer_stack`): ``scan_layers=False`` unrolls the same parameters, ``remat``
 rematerialises each block in the backward pass, ``attention`` picks the kernel (:func:`layers.self_attention`).
 These execution fields are not written to HF configs; :func:`layers.with_execution` changes them on a loaded
-model. Parameters saved by sentcomp before the stacking (``h_0 … h_{L-1}``) are converted by :func:`stack_layers`.
+model.
 
 The paper's **Quad architecture** (``quad_head=True``, Section 6 of arXiv 2010.03648) adds one d×d linear layer
 with bias after ``ln_f``, whose output is ``f(s)``, and unties Φ from ``wte``. Both live in the params pytree
@@ -55,7 +55,6 @@ from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "gpt2"
 LAYERS = "h"  # params["h"]: the blocks' parameters, stacked on a leading layer axis
-_LEGACY_LAYER = "h_{}"  # block i's parameters in sentcomp's layout before the stacking (see stack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +225,6 @@ class GPT2(nn.Module):
 def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
     layers.check_length(token_ids, config.n_positions, "GPT-2")
-    if _LEGACY_LAYER.format(0) in params:
-        raise SentcompError("These GPT-2 parameters have one entry per block (h_0, h_1, ...: sentcomp's layout "
-                            "before the blocks were stacked); convert them with sentcomp.models.gpt2.stack_layers.")
     return GPT2(config).apply({"params": params}, token_ids, attention_mask)
 
 
@@ -386,17 +382,6 @@ def untie(lm: LanguageModel) -> LanguageModel:
     config = dataclasses.replace(lm.config, tie_word_embeddings=False)
     params = {**lm.params, "phi": jnp.array(lm.params["wte"]["embedding"])}
     return language_model(config, params, lm.tokenizer, lm.name)
-
-
-def stack_layers(params) -> dict:
-    """GPT-2 parameters in sentcomp's earlier layout (one entry per block, ``h_0 … h_{L-1}``, e.g. restored from an
-    Orbax checkpoint an older pretraining run wrote) in today's: the blocks stacked as ``params["h"]`` (leaf shapes
-    ``[L, ...]``, block i at index i). Parameters already stacked are returned unchanged."""
-    legacy = [_LEGACY_LAYER.format(i) for i in range(len(params)) if _LEGACY_LAYER.format(i) in params]
-    if not legacy:
-        return dict(params)
-    rest = {key: value for key, value in params.items() if key not in legacy}
-    return {**rest, LAYERS: jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[key] for key in legacy))}
 
 
 def phi_key(params) -> str:
