@@ -50,7 +50,7 @@ from flax import traverse_util
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf, layers
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import FamilyFacts, LanguageModel
 from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "gpt2"
@@ -384,7 +384,27 @@ def untie(lm: LanguageModel) -> LanguageModel:
     return language_model(config, params, lm.tokenizer, lm.name)
 
 
-def phi_key(params) -> str:
-    """The top-level parameter holding Φ: ``phi`` if untied, else the shared ``wte`` (freezing it then also
-    freezes the input embedding, the same matrix)."""
-    return "phi" if "phi" in params else "wte"
+def attention_shape(config: GPT2Config) -> tuple[int, int]:
+    """``(n_layer, d_attn)``: GPT-2's heads together are as wide as the model, ``n_embd``."""
+    return config.n_layer, config.n_embd
+
+
+PRETRAIN_KEYS = ("n_positions", "n_embd", "n_layer", "n_head")  # config.model keys that are GPT-2 config keys
+ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families
+
+
+def pretrain_config(model, vocab_size: int) -> dict[str, Any]:
+    """Pretraining's ``config.model`` as GPT-2 ``config.json`` keys: ``n_positions``, ``n_embd``, ``n_layer``,
+    ``n_head`` as they are; a rotary family's keys (:data:`ROTARY_KEYS`) are refused."""
+    misplaced = [key for key in ROTARY_KEYS if key in model]
+    if misplaced:
+        raise SentcompError(f"config.model.{misplaced[0]} applies to rotary families (e.g. family=llama), not "
+                            "GPT-2; remove it or change config.model.family.")
+    return {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_word_embeddings,
+            **{key: model[key] for key in PRETRAIN_KEYS}}
+
+
+# What code outside the family needs to know (sentcomp.models.facts): wte and wpe are lookups, Φ is wte or phi
+FACTS = FamilyFacts(input_embedding="wte", lookups=("wte", "wpe"), attention_shape=attention_shape, untied_phi="phi",
+                    untie=untie, pretrain_config=pretrain_config)
+
