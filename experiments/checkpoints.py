@@ -10,7 +10,7 @@ in one table and plots (a composed config: sentcomp.launcher.stages; docs/checkp
     # local directories (HF layout, or training runs' workdirs) as the checkpoints, with their training steps
     python -m sentcomp.main --config=experiments/checkpoints.py:revisions=/ckpt/a+/ckpt/b,steps=1000+2000 \
         --workdir=runs/mine
-    # a minute or two of CPU: a tiny GPT-2 pretrained by sentcomp in two chained stages, each one a checkpoint
+    # a tiny GPT-2 pretrained by sentcomp in two chained stages, each one a checkpoint (the test suite's run)
     python -m sentcomp.main --config=experiments/checkpoints.py:smoke --workdir=/tmp/checkpoints_smoke
     # task × probe protocol sweep (get_sweep), a whole series per point
     python -m sentcomp.main --config=experiments/checkpoints.py --workdir=runs/series_sweep --sweep

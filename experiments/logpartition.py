@@ -5,8 +5,8 @@
     python -m sentcomp.main --config=experiments/logpartition.py:smoke --workdir=/tmp/logpartition_smoke
 
 Default model: SmolLM2-135M (the offline GGUF asset); ``model=`` takes anything ``sentcomp.models.load``
-accepts, or ``random-gpt2`` (what ``smoke`` uses: a tiny random GPT-2, seconds on CPU). Contexts: Rotten
-Tomatoes snippets + " This movie is" (the paper's sentiment prompt). Produces results.json, results.md
+accepts, or ``random-gpt2`` (what ``smoke`` uses: a tiny random GPT-2; 52 s in the test suite, docs/testing.md).
+Contexts: Rotten Tomatoes snippets + " This movie is" (the paper's sentiment prompt). Produces results.json, results.md
 (train/held-out R² of each fit) and log_partition_fit.png (fitted vs true log Z on held-out contexts).
 """
 

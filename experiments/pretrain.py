@@ -26,7 +26,8 @@ The optimiser settings (AdamW 6e-4, 2,000 warmup steps, cosine decay, 512-token 
 Arguments (``:key=value,...``): ``loss=xent|quad``, ``size=tiny|small|medium|large|xl``,
 ``corpus=wikitext|lee|enwiki``, ``family=gpt2|llama|qwen2|mistral|gemma|gpt_neox``, ``smoke``. ``smoke``: a
 2-layer d=64 GPT-2 (or ``family``) with the byte-level tokenizer (V = 257) on the 300 offline news articles of
-gensim's lee_background.cor, 40 steps of 16 × 64 tokens (well under a minute on CPU); the loss visibly drops for
+gensim's lee_background.cor, 40 steps of 16 × 64 tokens (67 s wall on the shared 2-core CPU machine at load
+average 4–18, 8 simulated devices, 2026-12-05); the loss visibly drops for
 both losses. Re-running with the same workdir resumes from the last checkpoint.
 
 ``family`` other than gpt2 (a rotary decoder, sentcomp.models.decoder) adds to ``config.model``

@@ -1,9 +1,10 @@
 """The paper's pretraining claim end to end: the same GPT-2 pretrained with cross-entropy and with Quad, then the
 Table-1 evaluation of each (a composed config: sentcomp.launcher.stages; docs/quad_vs_xent.md).
 
-    # about a minute of CPU (byte-level tokenizer, 300 news articles, tiny model): the test suite's run
+    # the test suite's run (byte-level tokenizer, 300 news articles, tiny model)
     python -m sentcomp.main --config=experiments/quad_vs_xent.py:smoke --workdir=/tmp/quad_vs_xent_smoke
-    # the CPU demo (gensim's Wikipedia extract, small GPT-2 with GPT-2's tokenizer, Rotten Tomatoes; ~45 min)
+    # the CPU demo (gensim's Wikipedia extract, small GPT-2 with GPT-2's tokenizer, Rotten Tomatoes; 46.7 min wall
+    # at load 11–17 on the 2-core development machine: docs/quad_vs_xent.md)
     python -m sentcomp.main --config=experiments/quad_vs_xent.py:cpu --workdir=runs/quad_vs_xent_cpu
     # our default plan: GPT-2 small + Quad head on WikiText-103 (on disk), for a TPU/GPU slice (the paper's own
     # corpus and budget are unknown: docs/quad_vs_xent.md)
@@ -60,7 +61,7 @@ def pretrain_config(args, loss: str) -> ml_collections.ConfigDict:
         config.probe.update(task=args.task.split("+")[0])
         return config
     config = pretrain.get_config(f"loss={loss},corpus={'enwiki' if args.cpu else 'wikitext'}")
-    if args.cpu:  # sized to finish (both losses + evaluation) within ~45 min on 2 busy CPU cores
+    if args.cpu:  # sized for 2 busy CPU cores: both losses + evaluation took 46.7 min (docs/quad_vs_xent.md)
         config.model.update(n_positions=128, n_layer=2, n_embd=128, n_head=4)
         config.data.seq_len = 128
         config.batch_size = 16

@@ -1,16 +1,18 @@
 """The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
 plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/table1.md).
 
-    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (~13 min on 2 CPU cores)
+    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (360 s wall on the idle 2-core
+    # development machine, empty compilation cache, 2026-12-05: docs/table1.md)
     python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
-    # the full split (10,202 train / 2,550 test; ~5× longer)
+    # the full split (10,202 train / 2,550 test: 5.1× the snippets; not timed)
     python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_full
     # other tasks / models / probes (tasks joined by '+'; data from TFDS or --config.data_dir files)
     python -m sentcomp.main --config=experiments/table1.py:task=sst2+agnews,model=gpt2,full --workdir=runs/t1_gpt2
     python -m sentcomp.main --config=experiments/table1.py:protocol=ridge --workdir=runs/table1_ridge
     # every task × protocol of get_sweep(), one workdir each
     python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_sweep --sweep
-    # seconds on CPU: tiny random GPT-2 (real GPT-2 tokenizer) on a few dozen rotten_tomatoes snippets
+    # tiny random GPT-2 (real GPT-2 tokenizer) on a few dozen rotten_tomatoes snippets (33 s wall with a warm
+    # compilation cache at load ≈ 10, 2026-12-05: docs/table1.md)
     python -m sentcomp.main --config=experiments/table1.py:smoke --workdir=/tmp/table1_smoke
     # the paper's Table 1 as one sweep: GPT-2 on SST-2, SST-5, IMDb, AG News, MPQA, CR (full splits), the paper's
     # columns + BERT + fine-tuning + zero/few-shot; needs the downloads of docs/table1.md (The paper's sweep)

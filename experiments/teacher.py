@@ -2,7 +2,8 @@
 Quad (and trained on the plain next word), exact ε on real text, the theorem's bound checked across checkpoints,
 Table-1 probes per checkpoint and the teacher's as the ceiling (docs/teacher.md).
 
-    # seconds of CPU (a tiny random teacher, byte-level tokenizer, 64 blocks of news): the test suite's run
+    # the test suite's run (a tiny random teacher, byte-level tokenizer, 64 blocks of news; 2 min 47 s wall at load
+    # ≈ 11 on the 2-core machine, 2026-12-05: docs/teacher.md)
     python -m sentcomp.main --config=experiments/teacher.py:smoke --workdir=/tmp/teacher_smoke
     # the CPU experiment (SmolLM2-135M teacher, offline news + Wikipedia + movie synopses; sized for ~90 min of
     # 2 idle cores: NOT measured whole, see docs/teacher.md)
@@ -50,7 +51,7 @@ def _args(arg):
 
 
 def apply_quick(config) -> None:
-    """The ``quick`` variant: the CPU experiment cut to what a busy 2-core machine runs in well under an hour (80
+    """The ``quick`` variant: the CPU experiment cut to what a busy 2-core machine runs in 21 min (docs/teacher.md; 80
     train blocks = 10 k teacher-labelled tokens, one learning rate, 60 steps of a 2-layer d=64 student, 100 task
     contexts, probes on 200 train / 100 test snippets): it shows the pipeline on the real teacher, not a result."""
     config.stages.targets.corpus.update(max_train_blocks=80, eval_blocks=8)

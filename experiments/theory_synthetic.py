@@ -13,7 +13,8 @@ The defaults are chosen so that ε gets as low as a few CPU minutes allow: a sma
 hidden states and short documents (L = 4 body words, so γ = 1/(L+1) = 0.2 is large, and the bound, which
 divides ε by γ, bites sooner). docs/theory.md explains why the bound is trivial (≥ log 2) until ε ≲ 1e-3 at γ = 1/9.
 
-Arguments (``:key=value,...``): ``smoke`` (a 1-layer d=16 model, few steps: under a minute), ``steps=N``.
+Arguments (``:key=value,...``): ``smoke`` (a 1-layer d=16 model, few steps: 58 s in the test
+suite, docs/testing.md), ``steps=N``.
 
 Produces (in the workdir): results.json (every checkpoint's record and the verdict), results.md (the table +
 verdict), loss_vs_sqrt_epsilon.png (downstream loss vs √ε with the bound), epsilon_over_training.png, and per

@@ -68,7 +68,7 @@ from sentcomp import kernels, parallel
 from sentcomp.data import text
 from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
 from sentcomp.errors import SentcompError, replace_settings
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
 from sentcomp.results import storage
 
@@ -115,7 +115,7 @@ def computation_fingerprint(lm: LanguageModel) -> str:
     """A hash of the code that turns texts into features for ``lm``: this module, the kernels, the text
     plumbing, the shared layers and the model's family module (part of the cache key)."""
     family_module = getattr(lm.hidden_fn, "func", lm.hidden_fn).__module__
-    return storage.code_fingerprint(__name__, "sentcomp.kernels.features", "sentcomp.kernels.precision",
+    return storage.code_fingerprint(__name__, "sentcomp.kernels.softmax_features", "sentcomp.kernels.precision",
                                     text.__name__, "sentcomp.models.layers", family_module)
 
 

@@ -238,7 +238,7 @@ def accuracy(predict, params, token_ids, labels, batch_size, buckets, padding, m
 
 def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> list[np.ndarray]:
     """Token ids of ``text + prompt``; a BERT-family encoder gets ``[CLS] text prompt [SEP]``."""
-    if lm.family == "bert":
+    if models.facts(lm.family).special_tokens:
         return encode_with_specials(lm.tokenizer, texts, max_length, effective_prompt(prompt))
     return encode_texts(lm.tokenizer, texts, max_length, prompt).token_ids
 
@@ -269,8 +269,8 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     """
     config = with_defaults(config)
     workdir = Path(workdir).resolve()
-    if config.aux_lm_weight > 0 and lm.family not in models.CAUSAL_FAMILIES:
-        raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({models.CAUSAL_FAMILIES}); {lm.name} is "
+    if config.aux_lm_weight > 0 and not models.facts(lm.family).causal:
+        raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({models.causal_families()}); {lm.name} is "
                             f"{lm.family!r}.")
     if lm.tokenizer is None:
         raise SentcompError(f"{lm.name} has no tokenizer; fine-tuning needs one to encode the texts.")

@@ -48,7 +48,7 @@ from sentcomp import kernels, theory
 from sentcomp.data import corpora, rotten_tomatoes
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel, model_fingerprint
 from sentcomp.results import storage
 

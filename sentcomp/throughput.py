@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sentcomp.models.decoder import DecoderConfig
+from sentcomp import models
 
 # Dense bf16 peak FLOP/s per JAX device (``device.device_kind``, matched case-insensitively as a substring, first
 # match wins, so the more specific names come first). Vendor figures:
@@ -51,16 +51,6 @@ BENCHMARK_SIZE = 2048  # n of the n × n float32 matmul that measures an unknown
 BENCHMARK_REPEATS = 5
 _measured: dict[str, float] = {}  # device_kind -> measured peak FLOP/s (one benchmark per process and kind)
 
-# Per family: the top-level parameters that are input embedding lookups, and the tied output embedding Φ
-# (the lookup table that doubles as the output projection when there is no untied one, under ``untied``).
-_EMBEDDINGS = {
-    "gpt2": {"lookups": ("wte", "wpe"), "tied": "wte", "untied": "phi"},
-    "decoder": {"lookups": ("embed_tokens",), "tied": "embed_tokens", "untied": "lm_head"},  # Llama, Qwen2, ...
-    "bert": {"lookups": ("word_embeddings", "position_embeddings", "token_type_embeddings"),
-             "tied": "word_embeddings", "untied": None},
-}
-_OUTPUT_HEADS = {"bert": ("mlm_transform",)}  # layers only the output projection uses (BERT's MLM transform)
-
 
 def transformer_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int,
                                 training: bool = True) -> float:
@@ -75,39 +65,26 @@ def transformer_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_l
 
 def matmul_params(lm, output_projection: bool = True) -> int:
     """``N`` of :func:`transformer_flops_per_token` for a :class:`~sentcomp.models.base.LanguageModel`: every
-    parameter except the input embedding lookups (GPT-2 ``wte``, ``wpe``; Llama ``embed_tokens``; BERT word,
-    position and token-type embeddings), plus ``V·d`` for the output projection Φ when it is tied to the input
-    embedding (a tied Φ is still a ``[V, d]`` matmul per token). ``output_projection=False`` leaves Φ (and BERT's
-    MLM transform) out, for training that never computes word logits (fine-tuning a classifier head)."""
-    names = _EMBEDDINGS.get(_layout(lm))
-    if names is None:
-        raise ValueError(f"matmul_params knows GPT-2, BERT and the shared-decoder families, not {lm.family!r}.")
-    skip = set(names["lookups"])
+    parameter except the input embedding lookups (its family's ``FamilyFacts.lookups``: GPT-2 ``wte``, ``wpe``;
+    Llama ``embed_tokens``; BERT word, position and token-type embeddings), plus ``V·d`` for the output projection
+    Φ when it is tied to the input embedding (a tied Φ is still a ``[V, d]`` matmul per token).
+    ``output_projection=False`` leaves Φ (and ``FamilyFacts.output_head``, BERT's MLM transform) out, for training
+    that never computes word logits (fine-tuning a classifier head)."""
+    facts = models.facts(lm.family)
+    skip = set(facts.lookups)
     if not output_projection:
-        skip |= {names["untied"], *_OUTPUT_HEADS.get(lm.family, ())}
+        skip |= {facts.untied_phi, *facts.output_head}
     n = sum(int(np.prod(np.shape(leaf))) for key, sub in lm.params.items() if key not in skip
             for leaf in jax.tree.leaves(sub))
-    if output_projection and names["untied"] not in lm.params:
-        n += int(np.prod(np.shape(lm.params[names["tied"]]["embedding"])))
+    if output_projection and facts.untied_phi not in lm.params:
+        n += int(np.prod(np.shape(lm.params[facts.input_embedding]["embedding"])))
     return n
 
 
 def attention_shape(lm) -> tuple[int, int]:
-    """``(n_layer, d_attn)`` of a LanguageModel: its layer count and attention width (heads × head size)."""
-    c, layout = lm.config, _layout(lm)
-    if layout == "gpt2":
-        return c.n_layer, c.n_embd
-    if layout == "decoder":
-        return c.num_hidden_layers, c.num_attention_heads * c.head_dim
-    if layout == "bert":
-        return c.num_hidden_layers, c.hidden_size
-    raise ValueError(f"attention_shape knows GPT-2, BERT and the shared-decoder families, not {lm.family!r}.")
-
-
-def _layout(lm) -> str:
-    """``"decoder"`` for every family on :mod:`sentcomp.models.decoder` (Llama, Qwen2, Mistral, GPT-NeoX,
-    Gemma: one parameter layout), else the family's name."""
-    return "decoder" if isinstance(lm.config, DecoderConfig) else lm.family
+    """``(n_layer, d_attn)`` of a LanguageModel: its layer count and attention width (heads × head size), from its
+    family's ``FamilyFacts.attention_shape``."""
+    return models.facts(lm.family).attention_shape(lm.config)
 
 
 def lm_flops_per_token(lm, seq_len: int, training: bool = True, output_projection: bool = True) -> float:

@@ -477,9 +477,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
         if parallel.any_process(failure in ("incompatible", "other")):
             reason = failure_reason(error) if error is not None else "on another process"
             hint = ("It holds a model or optimiser state of another structure or shape than this config builds: "
-                    "resume with the config that wrote it, or use a new workdir. (GPT-2 checkpoints written before "
-                    "GPT-2's layers were stacked hold blocks h_0, h_1, ...: sentcomp.models.gpt2.stack_layers "
-                    "converts their parameters.)" if failure == "incompatible"
+                    "resume with the config that wrote it, or use a new workdir." if failure == "incompatible"
                     else "Nothing in the error points to damaged files, so nothing was moved; fix the cause and "
                     "resume.")
             raise ResumeRefused(f"Cannot restore the checkpoint at step {step} in {manager.directory} ({reason}). "

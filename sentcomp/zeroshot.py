@@ -56,7 +56,7 @@ from sentcomp.data.text import (
     split_prompt,
 )
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import statistics, storage
 

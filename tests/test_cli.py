@@ -18,7 +18,7 @@ from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, parse_config_arg
 from sentcomp.main import run_program
 
-KERNEL_CHECK = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
+IDENTITIES = f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=identities"  # the cheapest program
 
 
 def cli_process(*args):
@@ -29,30 +29,34 @@ def cli_process(*args):
 
 @pytest.mark.slow
 def test_override_runs_and_records_config(cli, tmp_path):
-    result = cli_process(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=16")
+    result = cli_process(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--config.identities.dim=16")
     assert result.returncode == 0, result.stderr[-2000:]
     info_lines = re.compile(r"^I\d{4} ", re.M)  # absl's INFO prefix: hidden unless --verbosity=0 asks for it
     assert not info_lines.search(result.stderr), result.stderr[-2000:]
-    verbose = cli_process(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path / 'verbose'}", "--verbosity=0")
+    verbose = cli_process(f"--config={IDENTITIES}", f"--workdir={tmp_path / 'verbose'}", "--verbosity=0")
     assert verbose.returncode == 0 and info_lines.search(verbose.stderr), verbose.stderr[-2000:]
-    assert json.loads((tmp_path / "config.json").read_text())["dim"] == 16
+    assert json.loads((tmp_path / "config.json").read_text())["identities"]["dim"] == 16
     done = json.loads((tmp_path / "done.json").read_text())
-    assert done == json.loads((tmp_path / "results.json").read_text())  # headline = the program's return
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert done == {**{key: results[key] for key in ("backend", "device_kind", "device_count", "local_device_count",
+                                                     "process_count", "jax_version", "passed")},
+                    "checks": len(results["checks"]), **{row["name"]: row["value"] for row in results["checks"]}}
+    # the headline = the program's return
 
-    changed = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--config.dim=8"))
-    assert "already holds a run with a different config (dim: 16 -> 8)" in changed
+    changed = error_line(cli(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--config.identities.dim=8"))
+    assert "already holds a run with a different config (identities.dim: 16 -> 8)" in changed
 
 
 def test_user_mistakes_fail_before_work_with_one_line(cli, tmp_path):
     workdir = tmp_path / "run"
-    unknown = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.vocab_sise=3"))
-    assert "'vocab_sise'" in unknown and "Valid keys: dim, n_contexts, program, seed, vocab_size" in unknown
-    wrong_type = error_line(cli(f"--config={KERNEL_CHECK}", f"--workdir={workdir}", "--config.dim=abc"))
-    assert "--config.dim=abc" in wrong_type and "config.dim has type int" in wrong_type
+    unknown = error_line(cli(f"--config={IDENTITIES}", f"--workdir={workdir}", "--config.identities.vocab_sise=3"))
+    assert "'identities.vocab_sise'" in unknown and "Valid keys: dim, n_contexts, vocab_size" in unknown
+    wrong_type = error_line(cli(f"--config={IDENTITIES}", f"--workdir={workdir}", "--config.identities.dim=abc"))
+    assert "--config.identities.dim=abc" in wrong_type and "config.identities.dim has type int" in wrong_type
     missing_file = error_line(cli(f"--config={tmp_path}/nope.py", f"--workdir={workdir}"))
     assert "nope.py does not exist" in missing_file
-    bad_arg = error_line(cli(f"--config={EXPERIMENTS_DIR}/kernel_check.py:smok", f"--workdir={workdir}"))
-    assert "Unknown config argument 'smok'; this config accepts: smoke" in bad_arg
+    bad_arg = error_line(cli(f"--config={EXPERIMENTS_DIR}/device_check.py:smok", f"--workdir={workdir}"))
+    assert "Unknown config argument 'smok'; this config accepts: smoke, only" in bad_arg
     assert not workdir.exists()
 
 
@@ -68,8 +72,12 @@ REQUIRED = textwrap.dedent(
 
     def get_config(arg=None):
         config = ml_collections.ConfigDict()
-        config.program = "sentcomp.programs.kernel_check"
-        config.vocab_size, config.dim, config.n_contexts, config.seed = 50, 4, 2, 0
+        config.program = "sentcomp.programs.device_check"
+        config.checks, config.seed = ("identities",), 0
+        config.identities = ml_collections.ConfigDict(dict(vocab_size=50, dim=4, n_contexts=2))
+        config.tolerance = ml_collections.ConfigDict(dict(identities=dict(
+            conditional_mean_vs_grad_log_z=1e-5, conditional_mean_vs_float64=1e-5, xent_excess_vs_kl=1e-4,
+            quad_excess_vs_half_sq_norm=1e-3)))
         config.data = ml_collections.ConfigDict({"path": config_dict.placeholder(str)})
         return config
     '''
@@ -89,23 +97,23 @@ def test_missing_required_field_is_named(cli, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_through_the_cli(cli, tmp_path):
-    listed = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--sweep", "--dry_run")
+    listed = cli(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--sweep", "--dry_run")
     assert listed.returncode == 0, listed.stderr[-2000:]
-    names = ["vocab_size=50,dim=8", "vocab_size=200,dim=8"]
+    names = ["seed=0", "seed=1"]
     assert listed.stdout.split() == [f"{tmp_path}/{name}" for name in names]
-    result = cli(f"--config={KERNEL_CHECK}", f"--workdir={tmp_path}", "--sweep", "--config.n_contexts=4")
+    result = cli(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--sweep", "--config.identities.n_contexts=4")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["name"] for row in rows] == names and {row["status"] for row in rows} == {"done"}
-    assert all(row["metrics"]["xent_excess_vs_kl"] < 1e-4 for row in rows)
-    assert json.loads((tmp_path / names[0] / "config.json").read_text())["n_contexts"] == 4
+    assert all(row["metrics"]["identity xent excess = KL"] < 1e-4 for row in rows)
+    assert json.loads((tmp_path / names[0] / "config.json").read_text())["identities"]["n_contexts"] == 4
     (tmp_path / "no_sweep.py").write_text(REQUIRED.replace("config_dict.placeholder(str)", "'x'"))
     no_sweep = error_line(cli(f"--config={tmp_path}/no_sweep.py", f"--workdir={tmp_path}/x", "--sweep"))
     assert "defines no get_sweep()" in no_sweep
 
 
 def test_resume_same_config_and_allowed_changes(tmp_path):
-    config = load_config(KERNEL_CHECK)
+    config = load_config(IDENTITIES)
     first = run_program(config, tmp_path)
     assert run_program(config, tmp_path) == first  # same config: the program runs again (resumes)
     changed = config_files.override(config, {"seed": 1})

@@ -4,6 +4,7 @@ passes them all; a check really outside its tolerance is reported as FAIL and fa
 import json
 import math
 
+import numpy as np
 import pytest
 
 from sentcomp.errors import SentcompError
@@ -14,13 +15,17 @@ from sentcomp.programs import device_check
 
 ROWS = [
     "kernel log Z", "kernel Φp_f", "kernel Quad (Gram)", "kernel ridge",
+    "identity Φp = ∇log Z", "identity Φp float64", "identity xent excess = KL", "identity Quad excess",
     "forward bfloat16",
     "probe accuracy", "probe coefficients",
     "checkpoint restore", "resume",
     "features 1 device per host vs all",
+    "multihost loss", "multihost ‖∂ℓ/∂Φ‖", "multihost ‖Φp_f‖", "multihost checkpoint",
+    "multihost extraction ‖Φp_f‖", "main_decides",
     "forward tokens/s", "forward MFU", "train step tokens/s", "train step MFU",
 ]
-INFORMATIONAL = {"forward tokens/s", "forward MFU", "train step tokens/s", "train step MFU"}
+INFORMATIONAL = {"forward tokens/s", "forward MFU", "train step tokens/s", "train step MFU", "multihost loss",
+                 "multihost ‖∂ℓ/∂Φ‖", "multihost ‖Φp_f‖", "multihost extraction ‖Φp_f‖"}
 
 
 def test_smoke_run_has_every_row_and_all_pass(smoke_workdir):
@@ -45,7 +50,32 @@ def test_smoke_run_has_every_row_and_all_pass(smoke_workdir):
     assert runner.read_done(workdir) == {**{k: results[k] for k in ("backend", "device_kind", "device_count",
                                                                     "local_device_count", "process_count",
                                                                     "jax_version")},
-                                         "passed": True, "checks": len(ROWS)}
+                                         "passed": True, "checks": len(ROWS),
+                                         **{row["name"]: row["value"] for row in results["checks"]}}
+    with np.load(workdir / "multihost_arrays.npz") as arrays:  # the multi-host group's arrays (1 process here)
+        assert arrays["grad_phi"].any() and arrays["features"].shape == (16, 16)
+        assert arrays["extracted_f"].shape == (16, 32) and arrays["extracted_word_log_probs"].shape == (16, 3)
+
+
+def test_identities_hold_through_the_cli(tmp_path):
+    """The paper's softmax/Quad identities (the ``identities`` group, formerly the kernel_check program)."""
+    config = load_config(f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=identities")
+    done = runner.run_program(config, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["name"] for row in results["checks"]] == ROWS[4:8]
+    assert json.loads((tmp_path / "config.json").read_text())["program"] == "sentcomp.programs.device_check"
+    assert done["identity Φp = ∇log Z"] < 1e-5
+    assert done["identity xent excess = KL"] < 1e-4
+    assert done["identity Quad excess"] < 1e-3
+
+
+def test_merged_programs_name_their_group(tmp_path):
+    """The configs merged into device_check.py say which group runs their checks now."""
+    for name, group in (("kernel_check", "identities"), ("multihost_check", "multihost")):
+        with pytest.raises(SentcompError, match=f"--config=experiments/device_check.py:only={group}"):
+            load_config(f"{EXPERIMENTS_DIR}/{name}.py:smoke")
+    with pytest.raises(SentcompError, match="no group 'identity'"):
+        load_config(f"{EXPERIMENTS_DIR}/device_check.py:only=kernels+identity")
 
 
 def test_a_check_outside_its_tolerance_is_a_fail_and_fails_the_run(tmp_path):
@@ -75,7 +105,7 @@ def test_two_processes_run_the_multi_host_rows_together(tmp_path):
     assert codes == [0, 0], [(logs / f"process{i}.log").read_text()[-3000:] for i in range(2)]
     results = json.loads((workdir / "results.json").read_text())
     assert (results["process_count"], results["device_count"], results["passed"]) == (2, 8, True)
-    assert [row["name"] for row in results["checks"]] == ROWS[9:10]
+    assert [row["name"] for row in results["checks"]] == ROWS[13:14]
     assert "on 2 vs 8 devices" in results["checks"][-1]["compared"]
     table = (workdir / "results.md").read_text()
     for i in range(2):

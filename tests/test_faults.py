@@ -117,7 +117,8 @@ PROGRAM_MISTAKES = [
     (QUAD_VS_XENT, "--config.stages.table1_xent.batch_size=0", "config.batch_size must be ≥ 1"),
     (PRETRAIN, "--config.eval_batch_size=0", "config.eval_batch_size must be ≥ 1"),
     (PRETRAIN, "--config.optimizer.learning_rate=-0.001", "learning_rate must be > 0"),
-    (f"{EXPERIMENTS_DIR}/kernel_check.py:smoke", "--config.dim=0", "config.dim must be ≥ 1"),
+    (f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=identities", "--config.identities.dim=0",
+     "config.identities.dim must be ≥ 1"),
     (f"{EXPERIMENTS_DIR}/logpartition.py:smoke", "--config.train_fraction=1.5", "train_fraction must be in (0, 1)"),
 ]
 

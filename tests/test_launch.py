@@ -13,7 +13,7 @@ from sentcomp.launcher import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--name=exp-tpu", "--bucket=my-bucket", "--repo=https://example.org/sentcomp.git", "--run=table1-a"]
-CONFIG = "--config=experiments/kernel_check.py:smoke"
+CONFIG = "--config=experiments/device_check.py:smoke,only=identities"
 
 
 def generated(action, target, *extra):
@@ -33,9 +33,9 @@ def test_tpu_commands(target):
         assert f"--zone={spec.zone}" in ssh
     (setup,) = generated("setup", target)
     assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket" in setup[-1] and "jax[tpu]==" in setup[-1]
-    (run,) = generated("launch", target, "--", "--sweep", "--config.dim=8")
+    (run,) = generated("launch", target, "--", "--sweep", "--config.identities.dim=8")
     assert '.venv/bin/python -m sentcomp.main "--workdir=$HOME/gcs/runs/table1-a" ' in run[-1]
-    assert f"{CONFIG} --distributed --sweep --config.dim=8 >" in run[-1]
+    assert f"{CONFIG} --distributed --sweep --config.identities.dim=8 >" in run[-1]
     assert generated("teardown", target) == [
         ["gcloud", "compute", "tpus", "tpu-vm", "delete", "exp-tpu", f"--zone={spec.zone}", "--quiet"]
     ]
@@ -77,11 +77,11 @@ def test_per_host_command_is_valid_for_the_cli(tmp_path):
     """The flags every TPU host gets are accepted by sentcomp.main (checked with --dry_run, which does not
     join a cluster) and name the sweep the config defines."""
     args = launch.parser().parse_args(["launch", "--target=v4-32", "--name=x", "--run=r", CONFIG])
-    args.main_flags = ["--sweep", "--config.n_contexts=4"]
+    args.main_flags = ["--sweep", "--config.identities.n_contexts=4"]
     flags = launch.main_flags(launch.TARGETS["v4-32"], args)
     result = subprocess.run(
         [sys.executable, "-m", "sentcomp.main", f"--workdir={tmp_path}", *flags, "--dry_run"],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == [f"{tmp_path}/vocab_size=50,dim=8", f"{tmp_path}/vocab_size=200,dim=8"]
+    assert result.stdout.split() == [f"{tmp_path}/seed=0", f"{tmp_path}/seed=1"]

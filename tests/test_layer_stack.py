@@ -109,19 +109,6 @@ def test_one_orbax_checkpoint_restores_into_scanned_and_unrolled_models(tmp_path
         np.testing.assert_allclose(gpt2.hidden_fn(config, restored, ids, mask), want, atol=2e-6, rtol=0)
 
 
-def test_legacy_per_block_gpt2_params_are_refused_then_converted():
-    ids, mask = batch()
-    config = tiny_gpt2()
-    params = init_params(config, gpt2.GPT2)
-    legacy = {key: value for key, value in params.items() if key != "h"}
-    legacy.update({f"h_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], params["h"]) for i in range(config.n_layer)})
-    with pytest.raises(SentcompError, match="gpt2.stack_layers"):
-        gpt2.hidden_fn(config, legacy, ids, mask)
-    converted = gpt2.stack_layers(legacy)
-    assert jax.tree.structure(converted) == jax.tree.structure(params)
-    jax.tree.map(np.testing.assert_array_equal, converted, params)
-    assert gpt2.stack_layers(params).keys() == params.keys()
-
 
 def test_execution_fields_stay_out_of_hf_configs_and_are_checked():
     config = tiny_gpt2(remat="dots", attention="chunked", scan_layers=False)

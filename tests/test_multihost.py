@@ -35,14 +35,22 @@ def run_processes(config_spec: str, workdir: Path, extra_flags=(), timeout: floa
                              f"{tails}")
 
 
+MULTIHOST = f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=multihost"  # device_check's multi-host group
+
+
+def check_values(results: dict) -> dict[str, float]:
+    """Each row's value by name, from a device check's results.json."""
+    return {row["name"]: row["value"] for row in results["checks"]}
+
+
 def test_two_processes_match_one_process(tmp_path):
-    spec = f"{EXPERIMENTS_DIR}/multihost_check.py:smoke"
+    spec = MULTIHOST
     two = tmp_path / "two_processes"
     run_processes(spec, two)
     two_results = json.loads((two / "results.json").read_text())
     assert (two_results["process_count"], two_results["device_count"]) == (2, 8)
-    assert two_results["checkpoint_max_abs_diff"] == 0.0
-    with np.load(two / "arrays.npz") as arrays:
+    assert two_results["passed"] and check_values(two_results)["multihost checkpoint"] == 0.0
+    with np.load(two / "multihost_arrays.npz") as arrays:
         two_arrays = dict(arrays)
 
     # One process × 8 devices (this pytest process), resuming from a copy of the 2-process workdir: it
@@ -51,16 +59,16 @@ def test_two_processes_match_one_process(tmp_path):
     shutil.copytree(two, one)
     one_results = run_program(load_config(spec), one)
     assert (one_results["process_count"], one_results["device_count"]) == (1, 8)
-    with np.load(one / "arrays.npz") as arrays:
+    with np.load(one / "multihost_arrays.npz") as arrays:
         for name, value in arrays.items():
             np.testing.assert_allclose(two_arrays[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
-    assert one_results["checkpoint_max_abs_diff"] < 1e-6  # restored 2-process values vs 1-process values
+    assert one_results["multihost checkpoint"] < 1e-6  # restored 2-process values vs 1-process values
     assert two_arrays["grad_phi"].any() and two_arrays["features"].shape == (16, 16)
     assert two_arrays["extracted_f"].shape == (16, 32) and two_arrays["extracted_word_log_probs"].shape == (16, 3)
 
 
 def test_two_processes_run_a_sweep_together(tmp_path):
-    spec = f"{EXPERIMENTS_DIR}/multihost_check.py:smoke"
+    spec = MULTIHOST
     run_processes(spec, tmp_path, extra_flags=["--sweep"])
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [(row["name"], row["status"], row["metrics"]["process_count"]) for row in rows] == [
@@ -69,14 +77,14 @@ def test_two_processes_run_a_sweep_together(tmp_path):
     ]
     for row in rows:  # each point's numbers equal one process's
         alone = run_program(override(load_config(spec), row["params"]), tmp_path / "alone" / row["name"])
-        assert abs(alone["loss"] - row["metrics"]["loss"]) < 1e-5 * alone["loss"]
+        assert abs(alone["multihost loss"] - row["metrics"]["multihost loss"]) < 1e-5 * alone["multihost loss"]
     run_processes(spec, tmp_path, extra_flags=["--sweep"])  # complete points: every process skips them
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["status"] for row in rows] == ["reused", "reused"]
 
 
 def test_processes_are_killed_at_the_timeout(tmp_path):
-    main_args = [f"--config={EXPERIMENTS_DIR}/multihost_check.py:smoke", f"--workdir={tmp_path / 'run'}"]
+    main_args = [f"--config={MULTIHOST}", f"--workdir={tmp_path / 'run'}"]
     codes = run_local_processes(main_args, tmp_path / "logs", processes=2, devices=4, timeout=0.5)
     assert all(code is not None and code < 0 for code in codes)  # killed by a signal, not left running
 

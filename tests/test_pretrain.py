@@ -53,7 +53,7 @@ def checkpoint_steps(workdir):
 def _train(config, mesh, steps=3):
     lm = pretrain.build_model(config)
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
-    frozen = gpt2.phi_key(lm.params) if config.init.freeze_phi else None
+    frozen = lm.phi_param if config.init.freeze_phi else None
     optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
     state = training.initial_state(lm.params, optimizer, mesh)
     step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,

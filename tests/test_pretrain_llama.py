@@ -16,7 +16,7 @@ from flax import traverse_util
 from sentcomp import models, parallel, training
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
-from sentcomp.models import tokenizers
+from sentcomp.models import decoder, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
 
@@ -81,8 +81,9 @@ def test_family_shapes_come_from_config_model():
         "vocab_size": 257, "tie_word_embeddings": False, "rope_theta": 10000.0, "hidden_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
         "intermediate_size": 192, "num_key_value_heads": 2}  # 8·64/3 = 170.7, rounded up to a multiple of 64
-    assert pretrain.default_intermediate_size("llama", 576) == 1536  # SmolLM2-135M's
-    assert pretrain.default_intermediate_size("gpt_neox", 64) == 256
+    assert decoder.gated_mlp_width(576) == 1536  # SmolLM2-135M's
+    neox = config_files.override(base.copy_and_resolve_references(), {"family": "gpt_neox", "num_key_value_heads": 0})
+    assert pretrain.hf_model_config(neox, 257)["intermediate_size"] == 256  # GPT-NeoX's plain MLP: 4·d
     small = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:family=llama").model
     assert pretrain.hf_model_config(small, 50257)["intermediate_size"] == 2048
     gpt2 = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke").model

@@ -10,7 +10,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
 
-SPEC = f"{EXPERIMENTS_DIR}/kernel_check.py:smoke"
+SPEC = f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=identities"
 
 HOLD_LOCK = """
 import sys, time

@@ -23,14 +23,6 @@ from sentcomp.kernels.distill import (
     sparse_target_mean,
     top_k_targets,
 )
-from sentcomp.kernels.features import (
-    conditional_mean_features,
-    expected_values,
-    log_partition,
-    word_log_probs,
-    word_logits,
-    word_probs,
-)
 from sentcomp.kernels.linear import (
     MULTI_CLASS_MODES,
     LinearFits,
@@ -74,6 +66,14 @@ from sentcomp.kernels.ridge import (
     ridge_grid,
     ridge_grid_dual,
     ridge_moments,
+)
+from sentcomp.kernels.softmax_features import (
+    conditional_mean_features,
+    expected_values,
+    log_partition,
+    word_log_probs,
+    word_logits,
+    word_probs,
 )
 
 __all__ = [

@@ -43,9 +43,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK, expected_values, log_partition, reverse_mode_only
 from sentcomp.kernels.losses import masked_mean
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, expected_values, log_partition, reverse_mode_only
 
 
 def remaining_mass(probs: jax.Array) -> jax.Array:

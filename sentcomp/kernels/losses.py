@@ -27,8 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK, log_partition, reverse_mode_only
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, log_partition, reverse_mode_only
 
 IGNORE_INDEX = -100  # any negative target id is ignored; this is PyTorch's convention
 

@@ -26,11 +26,19 @@ from sentcomp.errors import SentcompError
 from sentcomp.results import storage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+# config files that were merged into another one -> what runs the same checks now
+MERGED_CONFIGS = {
+    "kernel_check.py": "experiments/device_check.py:only=identities",
+    "multihost_check.py": "experiments/device_check.py:only=multihost",
+}
 
 
 def load_module(path: str | Path):
     """Imports a config file as a module."""
     path = Path(path)
+    if not path.is_file() and path.name in MERGED_CONFIGS:
+        raise SentcompError(f"Config file {path} does not exist: its checks are now a group of the device check; "
+                            f"run --config={MERGED_CONFIGS[path.name]} (add ,smoke for the smoke variant).")
     if not path.is_file():
         raise SentcompError(f"Config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location(f"sentcomp_config_{path.stem}", path)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from sentcomp import kernels, parallel
 from sentcomp.data.text import length_buckets, pad_id
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.features import DEFAULT_VOCAB_CHUNK
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.zeroshot import ScoringRow, scoring_arrays
 
@@ -160,12 +160,12 @@ class SentcompLM(TemplateLM):
         if isinstance(pretrained, LanguageModel):
             self.lm = pretrained
         else:
-            from sentcomp.models import CAUSAL_FAMILIES, load
+            from sentcomp.models import causal_families, load
 
             self.lm = load(str(pretrained))
-            if self.lm.family not in CAUSAL_FAMILIES:
+            if self.lm.family not in causal_families():
                 raise SentcompError(f"{pretrained}: a {self.lm.family!r} model is not a causal LM; lm-eval's "
-                                    f"requests need one of {list(CAUSAL_FAMILIES)}.")
+                                    f"requests need one of {list(causal_families())}.")
         self.tokenizer = self.lm.tokenizer
         self.dtype = dtype
         self._max_length = min(int(max_length or self.lm.max_length), self.lm.max_length)

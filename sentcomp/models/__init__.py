@@ -3,23 +3,24 @@
 A source is a Hub name (``"gpt2"``), a local Hugging Face directory (``config.json`` + weights), a training run's
 workdir (the weights it saved in ``model/``), a ``.gguf`` file, or an alias of an offline asset (see ``ALIASES``).
 The family is read from ``config.json``'s ``model_type`` and dispatched to the module that implements it; each
-family module exposes ``from_hf(model_dir, config: dict, **options) -> LanguageModel``.
+family module exposes ``from_hf(model_dir, config: dict, **options) -> LanguageModel`` and ``FACTS``, the
+:class:`~sentcomp.models.base.FamilyFacts` the rest of sentcomp reads (:func:`facts`): its embedding parameters,
+FLOPs shape, how to untie Φ, pretraining's shape keys. Adding a family = its module + a line in ``FAMILIES``; a
+causal family that pretrains from scratch also has ``config_from_hf(dict)`` and ``init(config, rng, quad_head,
+tokenizer)``, and ``save_hf(lm, directory)`` to export.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import jax.numpy as jnp
-
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import FamilyFacts, LanguageModel
 
 # model_type in config.json -> module implementing that family.
 FAMILIES = {
@@ -31,7 +32,6 @@ FAMILIES = {
     "gemma": "sentcomp.models.gemma",
     "bert": "sentcomp.models.bert",
 }
-CAUSAL_FAMILIES = tuple(name for name in FAMILIES if name != "bert")  # next-token LMs (BERT is a masked-LM encoder)
 
 # Short names of models that exist offline -> a loadable source (a path), or a function returning one (called
 # by load(), so a missing offline package is reported only when its alias is used); families add theirs.
@@ -53,6 +53,16 @@ def family_module(model_type: str):
         if error.name == FAMILIES[model_type]:
             raise NotImplementedError(f"The {model_type!r} model family is not implemented yet.") from None
         raise
+
+
+def facts(model_type: str) -> FamilyFacts:
+    """The :class:`~sentcomp.models.base.FamilyFacts` the family module of ``model_type`` declares (``FACTS``)."""
+    return family_module(model_type).FACTS
+
+
+def causal_families() -> tuple[str, ...]:
+    """The registered families that are next-token LMs (not masked-LM encoders such as BERT)."""
+    return tuple(name for name in FAMILIES if facts(name).causal)
 
 
 RUN_MODEL_DIR = "model"  # where a training run (e.g. sentcomp.programs.pretrain) saves its final weights
@@ -100,29 +110,20 @@ def init(model_type: str, hf_config: dict, rng=0, quad_head: bool = False, token
     """A randomly initialised causal LM of ``model_type`` (``"gpt2"`` or a shared-decoder family: ``"llama"``,
     ``"qwen2"``, ...), shaped by ``hf_config``, the family's Hugging Face ``config.json`` keys (the family's own
     defaults fill the rest). ``quad_head=True``: the Quad architecture (head at the identity, Φ untied)."""
-    if model_type not in CAUSAL_FAMILIES:
-        raise SentcompError(f"Random {model_type!r} models are not available; choose one of {list(CAUSAL_FAMILIES)}.")
+    causal = causal_families()
+    if model_type not in causal:
+        raise SentcompError(f"Random {model_type!r} models are not available; choose one of {list(causal)}.")
     module = family_module(model_type)
     return module.init(module.config_from_hf(hf_config), rng, quad_head=quad_head, tokenizer=tokenizer)
 
 
 def untie(lm: LanguageModel) -> LanguageModel:
     """``lm`` with Φ untied from the input embeddings (the new Φ starts as a copy of them, so the outputs do not
-    change); an untied model is returned as it is. For GPT-2 and every shared-decoder family."""
-    if not lm.config.tie_word_embeddings:
-        return lm
-    if lm.family == "gpt2":
-        from sentcomp.models import gpt2
-
-        return gpt2.untie(lm)
-    from sentcomp.models import decoder
-
-    spec = getattr(family_module(lm.family), "SPEC", None)
-    if not isinstance(spec, decoder.Family):
-        raise SentcompError(f"Untying Φ is implemented for GPT-2 and the decoder families, not {lm.family!r}.")
-    config = dataclasses.replace(lm.config, tie_word_embeddings=False)
-    params = {**lm.params, "lm_head": jnp.array(lm.phi)}  # the decoder's untied Φ (decoder.phi_fn)
-    return decoder.language_model(lm.family, config, params, lm.tokenizer, lm.name)
+    change), as its family's facts say (``FamilyFacts.untie``); an untied model is returned as it is."""
+    untie_fn = facts(lm.family).untie
+    if untie_fn is None:
+        raise SentcompError(f"Untying Φ is not implemented for {lm.family!r} models.")
+    return untie_fn(lm) if lm.config.tie_word_embeddings else lm
 
 
 def save_hf(lm: LanguageModel, directory: str | Path, replace: bool = False) -> Path:
@@ -190,5 +191,5 @@ def from_config(config) -> LanguageModel:
     return load(config.model, revision=config.get("revision", ""))
 
 
-__all__ = ["LanguageModel", "load", "from_config", "init", "untie", "save_hf", "FAMILIES", "CAUSAL_FAMILIES", "ALIASES",
-           "RANDOM_GPT2"]
+__all__ = ["LanguageModel", "FamilyFacts", "load", "from_config", "init", "untie", "save_hf", "facts",
+           "causal_families", "FAMILIES", "ALIASES", "RANDOM_GPT2"]

@@ -86,6 +86,43 @@ class LanguageModel:
                             f"({sorted(self.params)}), so it cannot be frozen on its own.")
 
 
+@dataclasses.dataclass(frozen=True)
+class FamilyFacts:
+    """What code outside a model family needs to know about its parameters and shape, declared once by the family
+    module (its ``FACTS``) and read through :func:`sentcomp.models.facts`, so that no other module keys on family
+    names: adding a family touches only its own module and the registry (``sentcomp.models.FAMILIES``).
+
+    Attributes:
+      input_embedding: the top-level parameter holding the token embeddings ``params[key]["embedding"]`` ``[V, d]``
+        (also Φ when the family ties them).
+      lookups: every top-level parameter that is an input lookup (a gather, no FLOPs: token, position, token-type
+        embeddings), ``input_embedding`` among them.
+      attention_shape: ``config -> (n_layer, d_attn)``, the layer count and attention width (heads × head size)
+        of the FLOPs formula (:mod:`sentcomp.throughput`).
+      untied_phi: the top-level parameter of an untied Φ ``[V, d]``; None if the family never unties it.
+      output_head: top-level parameters only the output projection uses (BERT's MLM transform), left out of the
+        FLOPs of training that computes no word logits.
+      untie: ``lm -> lm`` with Φ untied from the input embeddings (a copy of them, so outputs do not change);
+        None: the family cannot untie.
+      pretrain_config: ``(config.model, vocab_size) -> dict``: pretraining's ``config.model`` (``n_embd``,
+        ``n_layer``, ``n_head``, ``n_positions``, ``tie_word_embeddings`` and the family's own keys) as the
+        family's Hugging Face ``config.json`` keys, for :func:`sentcomp.models.init`; None: no random models.
+      causal: a next-token LM (False: a masked-LM encoder, which pretraining, the auxiliary LM loss of
+        fine-tuning and zero-shot scoring refuse).
+      special_tokens: classification inputs are wrapped in the tokenizer's special tokens (``[CLS] text [SEP]``).
+    """
+
+    input_embedding: str
+    lookups: tuple[str, ...]
+    attention_shape: Callable[[Any], tuple[int, int]]
+    untied_phi: str | None = None
+    output_head: tuple[str, ...] = ()
+    untie: Callable[[LanguageModel], LanguageModel] | None = None
+    pretrain_config: Callable[[Any, int], dict[str, Any]] | None = None
+    causal: bool = True
+    special_tokens: bool = False
+
+
 def model_fingerprint(lm: LanguageModel) -> str:
     """A hash of the model's name, family, config and every parameter value (so retrained weights miss a cache)."""
     digest = hashlib.sha256(json.dumps([lm.name, lm.family, repr(lm.config)]).encode())

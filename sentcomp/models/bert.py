@@ -41,7 +41,7 @@ from flax import traverse_util
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf, layers
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import FamilyFacts, LanguageModel
 from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "bert"
@@ -266,6 +266,14 @@ def from_hf(model_dir: str | Path, config: dict[str, Any], name: str | None = No
     params = params_from_state_dict(hf.read_state_dict(model_dir), bert, str(model_dir))
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(model_dir)
     return language_model(bert, params, tokenizer, name or str(model_dir))
+
+
+# What code outside the family needs to know (sentcomp.models.facts): an encoder (inputs [CLS] text [SEP]) whose
+# word embeddings are also its MLM decoder's Φ (never untied); the MLM transform serves only the word logits
+FACTS = FamilyFacts(input_embedding="word_embeddings",
+                    lookups=("word_embeddings", "position_embeddings", "token_type_embeddings"),
+                    attention_shape=lambda config: (config.num_hidden_layers, config.hidden_size),
+                    output_head=(MLM_TRANSFORM,), causal=False, special_tokens=True)
 
 
 def all_minilm_l6_v2_path() -> str:

@@ -62,7 +62,7 @@ from flax import traverse_util
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf, layers
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import FamilyFacts, LanguageModel
 
 NORMS = ("rms", "rms_plus_one", "layer")
 MLPS = ("gated", "plain")
@@ -471,6 +471,60 @@ def init(family: str, config: DecoderConfig, rng: jax.Array | int = 0, quad_head
     dummy = jnp.ones((1, 2), jnp.int32)
     params = jax.jit(lambda key: DecoderModel(config).init(key, dummy, dummy)["params"])(rng)
     return language_model(family, config, params, tokenizer, name)
+
+
+# ----------------------------------------------------------------- the family facts (FLOPs, untying, pretraining)
+
+
+def attention_shape(config: DecoderConfig) -> tuple[int, int]:
+    """``(n_layer, d_attn)``: the layer count and the query heads' width ``heads × head_dim``."""
+    return config.num_hidden_layers, config.num_attention_heads * config.head_dim
+
+
+def untie(lm: LanguageModel) -> LanguageModel:
+    """``lm`` with Φ untied: ``params["lm_head"]`` (:func:`phi_fn`) starts as a copy of the input embeddings."""
+    config = dataclasses.replace(lm.config, tie_word_embeddings=False)
+    return language_model(lm.family, config, {**lm.params, "lm_head": jnp.array(lm.phi)}, lm.tokenizer, lm.name)
+
+
+def gated_mlp_width(d: int) -> int:
+    """The default MLP width of a gated (SwiGLU/GeGLU) family: ``8·d/3`` rounded up to a multiple of 64, so that the
+    gated MLP's three ``d × width`` matrices hold about as many weights as GPT-2's two ``d × 4d`` ones (1536 for
+    d = 576, as SmolLM2-135M)."""
+    return -(-8 * d // (3 * 64)) * 64
+
+
+PRETRAIN_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of these families
+
+
+def pretrain_config(model, vocab_size: int, family: str, mlp_width: Callable[[int], int] = gated_mlp_width,
+                    grouped_query: bool = True) -> dict[str, Any]:
+    """Pretraining's ``config.model`` as the Hugging Face ``config.json`` keys of a decoder family:
+    ``max_position_embeddings``, ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads`` from
+    ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``; ``intermediate_size`` (0: ``mlp_width(n_embd)``),
+    ``num_key_value_heads`` (0: ``n_head``, plain multi-head attention; a family without ``grouped_query``
+    refuses others), ``rope_theta`` (absent: the family's default, 10000); the family's own defaults fill the
+    rest (e.g. Gemma's ``sqrt(d)``-scaled embeddings)."""
+    kv_heads = model.get("num_key_value_heads", 0) or model.n_head
+    if not grouped_query and kv_heads != model.n_head:
+        raise SentcompError(f"{family} has no grouped-query attention; set config.model.num_key_value_heads to 0.")
+    rotary = {"rope_theta": model.rope_theta} if "rope_theta" in model else {}
+    return {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_word_embeddings, **rotary,
+            "hidden_size": model.n_embd, "num_hidden_layers": model.n_layer, "num_attention_heads": model.n_head,
+            "max_position_embeddings": model.n_positions,
+            "intermediate_size": model.get("intermediate_size", 0) or mlp_width(model.n_embd),
+            "num_key_value_heads": kv_heads}
+
+
+def family_facts(family: str, mlp_width: Callable[[int], int] = gated_mlp_width,
+                 grouped_query: bool = True) -> FamilyFacts:
+    """The :class:`FamilyFacts` every decoder family shares (one parameter layout: ``embed_tokens``, untied Φ in
+    ``lm_head``), with its default MLP width and whether it has grouped-query attention (named ``family`` in
+    errors) for pretraining from scratch."""
+    return FamilyFacts(input_embedding="embed_tokens", lookups=("embed_tokens",), attention_shape=attention_shape,
+                       untied_phi="lm_head", untie=untie,
+                       pretrain_config=functools.partial(pretrain_config, family=family, mlp_width=mlp_width,
+                                                         grouped_query=grouped_query))
 
 
 # ------------------------------------------------------------------ Hugging Face checkpoints (PyTorch names)

@@ -47,5 +47,6 @@ def hf_config_dict(c: DecoderConfig) -> dict[str, Any]:
 
 SPEC = decoder.Family(FAMILY, "GemmaForCausalLM", config_from_hf, hf_config_dict)
 
-# The family's entry points (sentcomp.models.load dispatches to from_hf)
+# The family's entry points (sentcomp.models.load dispatches to from_hf) and facts (sentcomp.models.facts)
 init, from_hf, save_hf = SPEC.init, SPEC.from_hf, SPEC.save_hf
+FACTS = decoder.family_facts("Gemma")

@@ -9,7 +9,7 @@ Parameters: ``wte``, ``wpe``, ``h`` (the blocks, stacked on a leading layer axis
 run as one ``nn.scan`` (:func:`layers.layer_stack`): ``scan_layers=False`` unrolls the same parameters, ``remat``
 rematerialises each block in the backward pass, ``attention`` picks the kernel (:func:`layers.self_attention`).
 These execution fields are not written to HF configs; :func:`layers.with_execution` changes them on a loaded
-model. Parameters saved by sentcomp before the stacking (``h_0 … h_{L-1}``) are converted by :func:`stack_layers`.
+model.
 
 The paper's **Quad architecture** (``quad_head=True``, Section 6 of arXiv 2010.03648) adds one d×d linear layer
 with bias after ``ln_f``, whose output is ``f(s)``, and unties Φ from ``wte``. Both live in the params pytree
@@ -50,12 +50,11 @@ from flax import traverse_util
 
 from sentcomp.errors import SentcompError
 from sentcomp.models import hf, layers
-from sentcomp.models.base import LanguageModel
+from sentcomp.models.base import FamilyFacts, LanguageModel
 from sentcomp.models.layers import ACTIVATIONS
 
 FAMILY = "gpt2"
 LAYERS = "h"  # params["h"]: the blocks' parameters, stacked on a leading layer axis
-_LEGACY_LAYER = "h_{}"  # block i's parameters in sentcomp's layout before the stacking (see stack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +225,6 @@ class GPT2(nn.Module):
 def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
     layers.check_length(token_ids, config.n_positions, "GPT-2")
-    if _LEGACY_LAYER.format(0) in params:
-        raise SentcompError("These GPT-2 parameters have one entry per block (h_0, h_1, ...: sentcomp's layout "
-                            "before the blocks were stacked); convert them with sentcomp.models.gpt2.stack_layers.")
     return GPT2(config).apply({"params": params}, token_ids, attention_mask)
 
 
@@ -388,18 +384,27 @@ def untie(lm: LanguageModel) -> LanguageModel:
     return language_model(config, params, lm.tokenizer, lm.name)
 
 
-def stack_layers(params) -> dict:
-    """GPT-2 parameters in sentcomp's earlier layout (one entry per block, ``h_0 … h_{L-1}``, e.g. restored from an
-    Orbax checkpoint an older pretraining run wrote) in today's: the blocks stacked as ``params["h"]`` (leaf shapes
-    ``[L, ...]``, block i at index i). Parameters already stacked are returned unchanged."""
-    legacy = [_LEGACY_LAYER.format(i) for i in range(len(params)) if _LEGACY_LAYER.format(i) in params]
-    if not legacy:
-        return dict(params)
-    rest = {key: value for key, value in params.items() if key not in legacy}
-    return {**rest, LAYERS: jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[key] for key in legacy))}
+def attention_shape(config: GPT2Config) -> tuple[int, int]:
+    """``(n_layer, d_attn)``: GPT-2's heads together are as wide as the model, ``n_embd``."""
+    return config.n_layer, config.n_embd
 
 
-def phi_key(params) -> str:
-    """The top-level parameter holding Φ: ``phi`` if untied, else the shared ``wte`` (freezing it then also
-    freezes the input embedding, the same matrix)."""
-    return "phi" if "phi" in params else "wte"
+PRETRAIN_KEYS = ("n_positions", "n_embd", "n_layer", "n_head")  # config.model keys that are GPT-2 config keys
+ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families
+
+
+def pretrain_config(model, vocab_size: int) -> dict[str, Any]:
+    """Pretraining's ``config.model`` as GPT-2 ``config.json`` keys: ``n_positions``, ``n_embd``, ``n_layer``,
+    ``n_head`` as they are; a rotary family's keys (:data:`ROTARY_KEYS`) are refused."""
+    misplaced = [key for key in ROTARY_KEYS if key in model]
+    if misplaced:
+        raise SentcompError(f"config.model.{misplaced[0]} applies to rotary families (e.g. family=llama), not "
+                            "GPT-2; remove it or change config.model.family.")
+    return {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_word_embeddings,
+            **{key: model[key] for key in PRETRAIN_KEYS}}
+
+
+# What code outside the family needs to know (sentcomp.models.facts): wte and wpe are lookups, Φ is wte or phi
+FACTS = FamilyFacts(input_embedding="wte", lookups=("wte", "wpe"), attention_shape=attention_shape, untied_phi="phi",
+                    untie=untie, pretrain_config=pretrain_config)
+

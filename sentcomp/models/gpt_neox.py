@@ -80,5 +80,7 @@ def hf_config_dict(c: DecoderConfig) -> dict[str, Any]:
 
 SPEC = decoder.Family(FAMILY, "GPTNeoXForCausalLM", config_from_hf, hf_config_dict, NAMES)
 
-# The family's entry points (sentcomp.models.load dispatches to from_hf)
+# The family's entry points (sentcomp.models.load dispatches to from_hf) and facts (sentcomp.models.facts): a plain
+# MLP of width 4·d by default (as GPT-2), and no grouped-query attention
 init, from_hf, save_hf = SPEC.init, SPEC.from_hf, SPEC.save_hf
+FACTS = decoder.family_facts("GPT-NeoX", mlp_width=lambda d: 4 * d, grouped_query=False)

@@ -44,5 +44,6 @@ def build(state, config: DecoderConfig, tokenizer, name: str, source: str, quad_
     return decoder.build(SPEC, state, config, tokenizer, name, source, quad_head)
 
 
-# The family's entry points (sentcomp.models.load dispatches to from_hf)
+# The family's entry points (sentcomp.models.load dispatches to from_hf) and facts (sentcomp.models.facts)
 init, from_hf, save_hf = SPEC.init, SPEC.from_hf, SPEC.save_hf
+FACTS = decoder.family_facts("Llama")

@@ -9,6 +9,12 @@ independent reference: float64 numpy, scikit-learn, or the same computation done
   loss per position through its Gram trick ``½hᵀ(ΦᵀΦ)h − hᵀφ_w`` (numpy forms ``½‖Φᵀh‖²`` directly) and the
   ridge probe solver (``ridge_moments`` + ``ridge_grid``) against numpy's normal-equation solve. On TPU/GPU a
   product left at the default precision is off by ~1e-3 relative, far above these tolerances.
+* ``identities``: the paper's softmax/Quad identities with the kernels on a random softmax model (Φ ``[V, d]``,
+  contexts θ, true next-word distributions p*(·|s) drawn from a Dirichlet), each the largest deviation (max |Δ|)
+  of float32 kernels from float64 numpy: ``Φ p_θ = ∇_θ log Z(θ)`` (conditional-mean features are the gradient of
+  the log-partition function) and ``Φ p_θ`` itself; the cross-entropy excess ``ℓ_xent,s(θ) − H(p*(·|s)) =
+  KL(p*(·|s) ‖ p_θ)``; Quad's optimum ``θ* = (ΦᵀΦ)⁻¹Φᵀp*`` and excess ``ℓ_quad,s(θ) − ℓ_quad,s(θ*) =
+  ½‖Φ(θ − θ*)‖²``. (Formerly the ``kernel_check`` program.)
 * ``forward``: the features f(s) of a random GPT-2 (GPT-2 small's shape by default) with its parameters cast to
   ``compute_dtype``, at the backend's default matmul precision, against the float32 forward pass at HIGHEST
   precision; the error is the largest relative L2 error of one position's f(s). The tolerance is per dtype:
@@ -25,11 +31,25 @@ independent reference: float64 numpy, scikit-learn, or the same computation done
 * ``throughput``: tokens/s and model FLOPs utilisation (:mod:`sentcomp.throughput`) of the GPT-2 forward pass
   (f(s), no output projection) and of a train step (the pretraining rows' loss and optimiser), in
   ``compute_dtype``, data-parallel over every device: informational rows that pass when they ran and are finite.
+* ``multihost``: the kernels on a globally sharded batch give the numbers one process gives (formerly the
+  ``multihost_check`` program). Every process builds the same seeded Φ (replicated) and generates only its own
+  rows of a seeded batch of contexts (:func:`sentcomp.parallel.host_row_indices`; row ``i`` depends on
+  ``(seed, i)`` alone, so any process layout sees the same global batch); one jitted step over the global mesh
+  computes ``ℓ_xent = E_{(s,w)}[log Z(f(s)) − f(s)ᵀφ_w]`` over masked positions, its gradients with respect to
+  ``h`` (sharded) and Φ (a cross-host all-reduce), and ``Φ p_f(s)`` at each context's last position; the real
+  feature pipeline (:func:`sentcomp.features.extract_features`) runs a seeded tiny random GPT-2 over seeded
+  texts. The arrays go to ``multihost_arrays.npz`` and through an Orbax checkpoint all processes write together
+  (``multihost_checkpoint/``; a re-run restores it instead of writing it, so a run on another process layout
+  compares with it): the restored arrays against the computed ones (max |Δ|). A row also checks that
+  :func:`sentcomp.parallel.main_decides` hands every process process 0's value. The loss and norms are
+  informational rows; tests/test_multihost.py runs the group as 2 processes × 4 CPU devices and compares
+  with 1 process × 8 devices.
 
 Multi-host: every process runs the same program (``--distributed``) on the same seeded inputs; batches are split
 over the global mesh (:mod:`sentcomp.parallel`), the checkpoint is written by all processes together into the
 workdir (a shared filesystem), and process 0 writes ``results.md`` / ``results.json``. Every process prints the
-table. The check's checkpoint directory (``pretraining_check/``) is emptied at the start of each run.
+table. The pretraining check's checkpoint directory (``pretraining_check/``) is emptied at the start of each run;
+the multihost group's (``multihost_checkpoint/``) is kept, to be restored by the next run.
 
 If any row fails, :func:`run` raises :class:`SentcompError` naming the failed checks, after writing the table.
 """
@@ -47,18 +67,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from sklearn.linear_model import LogisticRegression
 
 from sentcomp import features, kernels, parallel, probe, throughput, training
-from sentcomp.errors import SentcompError
+from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import storage
 
-CHECKS = ("kernels", "forward", "probe", "pretraining", "features", "throughput")
+CHECKS = ("kernels", "identities", "forward", "probe", "pretraining", "features", "multihost", "throughput")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SCRATCH = "pretraining_check"
+MULTIHOST_ARRAYS = "multihost_arrays.npz"
+MULTIHOST_CHECKPOINT = "multihost_checkpoint"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +177,66 @@ def kernel_checks(cfg, tolerance, seed: int) -> list[Check]:
               "rel", max(relative_error(fits.coef[0, 0], coef), relative_error(fits.intercept[0, 0], intercept)),
               tolerance.ridge),
     ]
+
+
+# ---------------------------------------------------------------------------------------------- identities
+
+
+def expected_per_position(per_position_fn, theta, phi, p_star) -> np.ndarray:
+    """``E_{w~p*}[loss(θ, w)]`` for each context, by summing the per-position loss over every word w."""
+    words = jnp.arange(phi.shape[0])
+    losses = jax.vmap(lambda w: per_position_fn(theta, phi, jnp.full(theta.shape[:-1], w)), out_axes=-1)(words)
+    return np.asarray(jnp.sum(losses * p_star, axis=-1), np.float64)
+
+
+def identity_deviations(vocab_size: int, dim: int, n_contexts: int, seed: int) -> dict[str, float]:
+    """The largest deviation (max |Δ|) of each identity of the module docstring's ``identities`` group."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(vocab_size, dim)).astype(np.float32) / np.sqrt(dim)
+    theta = rng.normal(size=(n_contexts, dim)).astype(np.float32)
+    p_star = rng.dirichlet(np.full(vocab_size, 0.5), size=n_contexts)
+
+    grad_log_z = jax.grad(lambda t: kernels.log_partition(t, phi).sum())(theta)
+    mean = kernels.conditional_mean_features(theta, phi)
+
+    phi64, theta64 = phi.astype(np.float64), theta.astype(np.float64)
+    logits = theta64 @ phi64.T
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True
+    )
+    kl = np.sum(p_star * (np.log(p_star) - log_p), axis=-1)
+    entropy = -np.sum(p_star * np.log(p_star), axis=-1)
+    xent = expected_per_position(kernels.xent_per_position, theta, phi, p_star)
+
+    theta_star = np.linalg.solve(phi64.T @ phi64, phi64.T @ p_star.T).T
+    quad = expected_per_position(kernels.quad_per_position, theta, phi, p_star)
+    quad_star = expected_per_position(kernels.quad_per_position, theta_star.astype(np.float32), phi, p_star)
+    quad_excess = 0.5 * np.sum(((theta64 - theta_star) @ phi64.T) ** 2, axis=-1)
+
+    return {
+        "conditional_mean_vs_grad_log_z": float(np.abs(np.asarray(mean) - np.asarray(grad_log_z)).max()),
+        "conditional_mean_vs_float64": float(np.abs(np.asarray(mean) - np.exp(log_p) @ phi64).max()),
+        "xent_excess_vs_kl": float(np.abs((xent - entropy) - kl).max()),
+        "quad_excess_vs_half_sq_norm": float(np.abs((quad - quad_star) - quad_excess).max()),
+    }
+
+
+IDENTITY_ROWS = {  # deviation key -> (row name, what was compared)
+    "conditional_mean_vs_grad_log_z": ("identity Φp = ∇log Z",
+                                       "conditional_mean_features vs jax.grad of log_partition"),
+    "conditional_mean_vs_float64": ("identity Φp float64", "conditional_mean_features vs float64 numpy"),
+    "xent_excess_vs_kl": ("identity xent excess = KL", "E_p*[xent_per_position] − H(p*) vs float64 KL(p* ‖ p_θ)"),
+    "quad_excess_vs_half_sq_norm": ("identity Quad excess", "E_p*[quad_per_position] at θ − at θ* vs float64 "
+                                    "½‖Φ(θ − θ*)‖²"),
+}
+
+
+def identity_checks(cfg, tolerance, seed: int) -> list[Check]:
+    """The paper's identities on a random softmax model, one row each (max |Δ|)."""
+    deviations = identity_deviations(cfg.vocab_size, cfg.dim, cfg.n_contexts, seed)
+    size = f"V={cfg.vocab_size}, d={cfg.dim}, n={cfg.n_contexts}"
+    return [Check(name, f"{compared} ({size}), max |Δ|", deviations[key], tolerance.identities[key])
+            for key, (name, compared) in IDENTITY_ROWS.items()]
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -282,11 +365,11 @@ def pretraining_checks(lm: LanguageModel, trainer: Trainer, config, mesh, direct
 # ------------------------------------------------------------------------------------------------ features
 
 
-def seeded_texts(n: int, seed: int) -> list[str]:
-    """``n`` texts of 2–30 random lowercase words."""
+def seeded_texts(n: int, seed: int, max_words: int = 30) -> list[str]:
+    """``n`` texts of 2 to ``max_words`` random lowercase words (of 1–7 letters)."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    return [" ".join("".join(rng.choice(letters, rng.integers(1, 8))) for _ in range(rng.integers(2, 30)))
+    return [" ".join("".join(rng.choice(letters, rng.integers(1, 8))) for _ in range(rng.integers(2, max_words)))
             for _ in range(n)]
 
 
@@ -309,6 +392,86 @@ def features_check(lm: LanguageModel, cfg, tolerance, seed: int) -> Check:
     return Check("features 1 device per host vs all", f"extract_features f, Φp_f, log Z ({cfg.n_texts} texts) on "
                  f"{few.size} vs {jax.device_count()} devices, rel",
                  max(relative_error(full[kind], reference[kind]) for kind in kinds), tolerance.features)
+
+
+# ----------------------------------------------------------------------------------------------- multihost
+
+
+def multihost_rows(rows: np.ndarray, cfg, seed: int) -> dict[str, np.ndarray]:
+    """Rows ``rows`` of the global batch: features ``h [n, T, d]``, next-word ``targets [n, T]``, ``mask [n, T]``
+    (right padding). Row ``i`` is drawn from ``default_rng((seed, i))``, so a process generates only its rows."""
+    h, targets, mask = [], [], []
+    for row in rows:
+        rng = np.random.default_rng((seed, int(row)))
+        h.append(rng.normal(size=(cfg.positions, cfg.dim)).astype(np.float32))
+        targets.append(rng.integers(cfg.vocab_size, size=cfg.positions).astype(np.int32))
+        mask.append(np.arange(cfg.positions) < rng.integers(1, cfg.positions + 1))
+    return {"h": np.stack(h), "targets": np.stack(targets), "mask": np.stack(mask)}
+
+
+@jax.jit
+def loss_gradients_and_features(batch, phi):
+    """``ℓ_xent``, ``(∂ℓ/∂h, ∂ℓ/∂Φ)`` and the last position's conditional-mean features ``Φ p_f(s)``."""
+    loss, (grad_h, grad_phi) = jax.value_and_grad(kernels.xent_loss, argnums=(0, 1))(
+        batch["h"], phi, batch["targets"], batch["mask"]
+    )
+    mean = kernels.conditional_mean_features(batch["h"][:, -1], phi)
+    return {"loss": loss, "grad_h": grad_h, "grad_phi": grad_phi, "features": mean}
+
+
+MULTIHOST_WORDS = ("a", "e", " ")
+
+
+def multihost_extraction(n_texts: int, seed: int) -> dict[str, np.ndarray]:
+    """``f``, ``Φp_f`` and word log-probs of seeded texts under a seeded tiny random GPT-2, via the real pipeline."""
+    config = gpt2.gpt2_config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=257)
+    lm = gpt2.init(config, seed, tokenizer=tokenizers.byte_tokenizer())
+    out = features.extract_features(lm, seeded_texts(n_texts, seed, max_words=12), kinds=("f", "phi_p_f",
+                                    "word_log_probs"), words=list(MULTIHOST_WORDS), prompt=" is", batch_size=8,
+                                    progress=False)
+    return {f"extracted_{kind}": out[kind] for kind in ("f", "phi_p_f", "word_log_probs")}
+
+
+def checkpoint_round_trip(outputs, directory: Path):
+    """Writes ``outputs`` (global arrays) with Orbax from all processes, or restores them if already written,
+    and returns what was restored with the same shardings."""
+    checkpointer = ocp.StandardCheckpointer()
+    if not directory.exists():
+        checkpointer.save(directory, outputs)
+        checkpointer.wait_until_finished()
+    parallel.sync("multihost_check_checkpoint")
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), outputs)
+    return checkpointer.restore(directory, target)
+
+
+def multihost_checks(cfg, tolerance, seed: int, workdir: Path) -> list[Check]:
+    """The sharded loss step, its checkpoint round trip, the extraction pipeline and ``main_decides``."""
+    mesh = parallel.data_mesh()
+    local = multihost_rows(parallel.host_row_indices(cfg.n_contexts, mesh), cfg, seed)
+    phi = (np.random.default_rng(seed).normal(size=(cfg.vocab_size, cfg.dim)) / np.sqrt(cfg.dim)).astype(np.float32)
+    outputs = loss_gradients_and_features(parallel.global_batch(local, mesh), parallel.replicate(phi, mesh))
+    restored = checkpoint_round_trip(outputs, workdir / MULTIHOST_CHECKPOINT)
+    arrays, restored = parallel.fetch(outputs), parallel.fetch(restored)
+    extracted = multihost_extraction(cfg.n_contexts, seed)
+    decided_by = parallel.main_decides(jax.process_index)  # what process 0 read is what every process gets
+    if parallel.is_main_process():
+        np.savez(workdir / MULTIHOST_ARRAYS, **arrays, **extracted)
+    what = (f"{cfg.n_contexts}×{cfg.positions} positions, V={cfg.vocab_size}, d={cfg.dim}, over "
+            f"{jax.process_count()} process(es), {jax.device_count()} devices")
+    return [
+        Check("multihost loss", f"xent_loss on the global batch ({what})", float(arrays["loss"])),
+        Check("multihost ‖∂ℓ/∂Φ‖", "L2 norm of the loss's gradient with respect to Φ (all-reduced)",
+              float(np.linalg.norm(arrays["grad_phi"]))),
+        Check("multihost ‖Φp_f‖", "L2 norm of the last positions' conditional-mean features (sharded)",
+              float(np.linalg.norm(arrays["features"]))),
+        Check("multihost checkpoint", f"arrays restored from {MULTIHOST_CHECKPOINT}/ (Orbax, written by every process) "
+              "vs computed, max |Δ|", max(float(np.abs(arrays[k] - restored[k]).max()) for k in arrays),
+              tolerance.multihost_checkpoint),
+        Check("multihost extraction ‖Φp_f‖", f"L2 norm of extract_features Φp_f ({cfg.n_contexts} texts, tiny GPT-2)",
+              float(np.linalg.norm(extracted["extracted_phi_p_f"]))),
+        Check("main_decides", "the process whose value parallel.main_decides handed this process (must be 0)",
+              float(decided_by), 0.0),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -378,36 +541,46 @@ def format_table(info: dict[str, Any], checks: list[Check]) -> str:
 
 
 def check_config(config) -> None:
+    """The groups exist, the dtype is known, the sizes of the groups that run are ≥ 1 (before any work)."""
     unknown = sorted(set(config.checks) - set(CHECKS))
     if unknown or not config.checks:
         raise SentcompError(f"config.checks must be a non-empty subset of {CHECKS}, got {tuple(config.checks)}.")
-    if config.compute_dtype not in COMPUTE_DTYPES:
+    if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
         raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                             f"got {config.compute_dtype!r}.")
-    if not 0 < config.pretraining.checkpoint_step < config.pretraining.num_steps:
+    if "pretraining" in config.checks and not 0 < config.pretraining.checkpoint_step < config.pretraining.num_steps:
         raise SentcompError("config.pretraining.checkpoint_step must be between 0 and num_steps (exclusive).")
+    for group, sizes in (("identities", ("vocab_size", "dim", "n_contexts")),
+                         ("multihost", ("n_contexts", "positions", "vocab_size", "dim"))):
+        if group in config.checks:
+            check_sizes(config, *(f"{group}.{size}" for size in sizes))
 
 
 def run_checks(config, workdir: Path) -> list[Check]:
-    """Every group of ``config.checks``, in the order of :data:`CHECKS`."""
+    """Every group of ``config.checks``, in the order of :data:`CHECKS` (each builds only what it uses)."""
     mesh = parallel.data_mesh()
-    small = random_gpt2(config.small_model, config.seed)
-    large = small if config.model == config.small_model else random_gpt2(config.model, config.seed)
+    small = functools.cache(lambda: random_gpt2(config.small_model, config.seed))
+    large = functools.cache(lambda: small() if config.model == config.small_model
+                            else random_gpt2(config.model, config.seed))
     trainer = functools.cache(lambda lm: Trainer.build(lm, config, mesh))  # one compiled step per model
     groups = {
         "kernels": lambda: kernel_checks(config.kernels, config.tolerance, config.seed),
-        "forward": lambda: [forward_check(large, config.forward, config.compute_dtype, config.tolerance,
+        "identities": lambda: identity_checks(config.identities, config.tolerance, config.seed),
+        "forward": lambda: [forward_check(large(), config.forward, config.compute_dtype, config.tolerance,
                                           config.seed)],
         "probe": lambda: probe_checks(config.probe, config.tolerance, config.seed),
-        "pretraining": lambda: pretraining_checks(small, trainer(small), config, mesh, workdir / SCRATCH),
-        "features": lambda: [features_check(small, config.features, config.tolerance, config.seed)],
-        "throughput": lambda: throughput_checks(large, trainer(large), config, mesh),
+        "pretraining": lambda: pretraining_checks(small(), trainer(small()), config, mesh, workdir / SCRATCH),
+        "features": lambda: [features_check(small(), config.features, config.tolerance, config.seed)],
+        "multihost": lambda: multihost_checks(config.multihost, config.tolerance, config.seed, workdir),
+        "throughput": lambda: throughput_checks(large(), trainer(large()), config, mesh),
     }
     return [check for name in CHECKS if name in config.checks for check in groups[name]()]
 
 
 def run(config, workdir) -> dict[str, Any]:
-    """Runs the checks, prints the table, writes results.md and results.json; raises if any check failed."""
+    """Runs the checks, prints the table, writes results.md and results.json; raises if any check failed.
+    Returns the device, ``passed``, the number of checks and each check's value by name (the headline of
+    ``done.json``, and a sweep's metrics)."""
     check_config(config)
     workdir = Path(workdir).resolve()
     info = device_info()
@@ -424,4 +597,4 @@ def run(config, workdir) -> dict[str, Any]:
     if failed:
         raise SentcompError(f"Device check failed: {', '.join(failed)} (outside the tolerance; see "
                             f"{workdir / RESULTS_MD}).")
-    return {**info, "passed": True, "checks": len(checks)}
+    return {**info, "passed": True, "checks": len(checks), **{check.name: check.value for check in checks}}

@@ -115,8 +115,8 @@ def build_model(config) -> LanguageModel:
     model = config.model
     if config.init.source:
         lm = models.load(config.init.source, quad_head=True if model.quad_head else None)
-        if lm.family not in models.CAUSAL_FAMILIES:
-            raise SentcompError(f"Pretraining trains causal LMs ({', '.join(models.CAUSAL_FAMILIES)}); "
+        if lm.family not in models.causal_families():
+            raise SentcompError(f"Pretraining trains causal LMs ({', '.join(models.causal_families())}); "
                                 f"{config.init.source!r} is a {lm.family!r} model.")
         lm = lm if model.tie_word_embeddings else models.untie(lm)
     else:
@@ -129,21 +129,10 @@ def build_model(config) -> LanguageModel:
     return layers.with_execution(lm, **{key: model[key] for key in layers.EXECUTION_FIELDS if key in model})
 
 
-INPUT_EMBEDDINGS = ("wte", "embed_tokens")  # the input embedding table of GPT-2 and of the decoder families
-
-
-def input_embedding_key(lm: LanguageModel) -> str:
-    """The top-level parameter holding the input embeddings ``[V, d]`` (``params[key]["embedding"]``)."""
-    for key in INPUT_EMBEDDINGS:
-        if key in lm.params:
-            return key
-    raise SentcompError(f"{lm.name}: no input embedding table among {INPUT_EMBEDDINGS} in {sorted(lm.params)}.")
-
-
 def _donor_matrix(source: str, part: str, shape: tuple[int, ...]) -> jax.Array:
     """``part`` (``"phi"`` or ``"embeddings"``, ``[V, d]``) of the model ``models.load(source)``, shape-checked."""
     donor = models.load(source)
-    matrix = donor.phi if part == "phi" else donor.params[input_embedding_key(donor)]["embedding"]
+    matrix = donor.phi if part == "phi" else donor.params[models.facts(donor.family).input_embedding]["embedding"]
     if tuple(matrix.shape) != tuple(shape):
         raise SentcompError(
             f"config.init.{part}_from={source!r}: its {part} matrix is {tuple(matrix.shape)} (V × d) but the model "
@@ -160,7 +149,7 @@ def with_pretrained_parts(lm: LanguageModel, phi_from: str = "", embeddings_from
     its input embedding table, so there the two must name the same source (or only one be given)."""
     if not phi_from and not embeddings_from:
         return lm
-    embedding_key = input_embedding_key(lm)
+    embedding_key = models.facts(lm.family).input_embedding
     phi_key = lm.phi_param
     tied = phi_key == embedding_key
     if tied and phi_from and embeddings_from and phi_from != embeddings_from:
@@ -180,40 +169,14 @@ def with_pretrained_parts(lm: LanguageModel, phi_from: str = "", embeddings_from
     return lm.replace(params=params)
 
 
-ROTARY_KEYS = ("intermediate_size", "num_key_value_heads", "rope_theta")  # config.model keys of rotary families
-
-
-def default_intermediate_size(family: str, n_embd: int) -> int:
-    """The MLP width of a rotary family when ``config.model.intermediate_size`` is 0: ``4·d`` for GPT-NeoX's plain
-    MLP (as GPT-2), else ``8·d/3`` rounded up to a multiple of 64, so that the gated MLP's three ``d × width``
-    matrices hold about as many weights as GPT-2's two ``d × 4d`` ones (1536 for d = 576, as SmolLM2-135M)."""
-    return 4 * n_embd if family == "gpt_neox" else -(-8 * n_embd // (3 * 64)) * 64
-
-
 def hf_model_config(model, vocab_size: int) -> dict[str, Any]:
-    """``config.model`` as its family's Hugging Face ``config.json`` keys (:func:`sentcomp.models.init`).
-
-    GPT-2: ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``. A rotary family (Llama, Qwen2, Mistral, Gemma,
-    GPT-NeoX): the same four as ``max_position_embeddings``, ``hidden_size``, ``num_hidden_layers``,
-    ``num_attention_heads``, and ``intermediate_size`` (0: :func:`default_intermediate_size`),
-    ``num_key_value_heads`` (0: ``n_head``, plain multi-head attention), ``rope_theta`` (absent: the family's
-    default, 10000); the family's own defaults fill the rest (e.g. Gemma's ``sqrt(d)``-scaled embeddings).
-    """
-    common = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_word_embeddings}
-    if model.family == "gpt2":
-        misplaced = [key for key in ROTARY_KEYS if key in model]
-        if misplaced:
-            raise SentcompError(f"config.model.{misplaced[0]} applies to rotary families (e.g. family=llama), not "
-                                "GPT-2; remove it or change config.model.family.")
-        return {**common, **{key: model[key] for key in ("n_positions", "n_embd", "n_layer", "n_head")}}
-    rotary = {"rope_theta": model.rope_theta} if "rope_theta" in model else {}
-    width = model.get("intermediate_size", 0) or default_intermediate_size(model.family, model.n_embd)
-    kv_heads = model.get("num_key_value_heads", 0) or model.n_head
-    if model.family == "gpt_neox" and kv_heads != model.n_head:
-        raise SentcompError("GPT-NeoX has no grouped-query attention; set config.model.num_key_value_heads to 0.")
-    return {**common, **rotary, "hidden_size": model.n_embd, "num_hidden_layers": model.n_layer,
-            "num_attention_heads": model.n_head, "max_position_embeddings": model.n_positions,
-            "intermediate_size": width, "num_key_value_heads": kv_heads}
+    """``config.model`` as its family's Hugging Face ``config.json`` keys (:func:`sentcomp.models.init`), as the
+    family's ``FamilyFacts.pretrain_config`` maps them. GPT-2 (:func:`sentcomp.models.gpt2.pretrain_config`):
+    ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``. A rotary family (Llama, Qwen2, Mistral, Gemma, GPT-NeoX:
+    :func:`sentcomp.models.decoder.pretrain_config`): the same four as ``max_position_embeddings``,
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, and ``intermediate_size`` (0: the family's
+    default width), ``num_key_value_heads`` (0: ``n_head``), ``rope_theta`` (absent: the family's default)."""
+    return models.facts(model.family).pretrain_config(model, vocab_size)
 
 
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:
@@ -262,9 +225,9 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
 def check_config(config) -> None:
     if config.loss not in LOSSES:
         raise SentcompError(f"config.loss must be one of {sorted(LOSSES)}, got {config.loss!r}.")
-    if config.model.family not in models.CAUSAL_FAMILIES:
-        raise SentcompError(f"Unknown config.model.family {config.model.family!r}; choose one of "
-                            f"{list(models.CAUSAL_FAMILIES)}.")
+    pretrainable = [name for name in models.causal_families() if models.facts(name).pretrain_config is not None]
+    if config.model.family not in pretrainable:
+        raise SentcompError(f"Unknown config.model.family {config.model.family!r}; choose one of {pretrainable}.")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise SentcompError(f"config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
                             f"got {config.compute_dtype!r}.")

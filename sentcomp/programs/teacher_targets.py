@@ -43,8 +43,8 @@ def build_teacher(config):
     spec = config.teacher
     if spec.source != "random":
         lm = models.load(spec.source)
-        if lm.family not in models.CAUSAL_FAMILIES:
-            raise SentcompError(f"The teacher must be a causal LM ({', '.join(models.CAUSAL_FAMILIES)}); "
+        if lm.family not in models.causal_families():
+            raise SentcompError(f"The teacher must be a causal LM ({', '.join(models.causal_families())}); "
                                 f"{spec.source!r} is a {lm.family!r} model.")
         return lm
     shape = spec.random
@@ -72,8 +72,8 @@ def task_contexts(config):
 
 
 def check_config(config) -> None:
-    if config.teacher.source == "random" and config.teacher.random.family not in models.CAUSAL_FAMILIES:
-        raise SentcompError(f"config.teacher.random.family must be one of {list(models.CAUSAL_FAMILIES)}.")
+    if config.teacher.source == "random" and config.teacher.random.family not in models.causal_families():
+        raise SentcompError(f"config.teacher.random.family must be one of {list(models.causal_families())}.")
     unknown = sorted(set(config.corpus.sources) - set(teacher_lib.SOURCES))
     if unknown:
         raise SentcompError(f"Unknown config.corpus.sources {unknown}; choose from {teacher_lib.SOURCES}.")
