@@ -34,7 +34,7 @@ from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner, stages, sweep, sweep_runner
 from sentcomp.launcher.runner import run_program
-from sentcomp.results import storage, timings
+from sentcomp.results import layout, storage, timings
 
 __all__ = ["run_program", "main", "run_cli"]
 
@@ -80,7 +80,7 @@ def check_config_flags(args: list[str]):
         return None  # absl reports the missing required flag
     config = config_files.load_config(spec)
     for key in (match.group(1) for match in map(_OVERRIDE.match, args) if match):
-        if key == runner.RESUME_MAY_CHANGE and key not in config:
+        if key == layout.RESUME_MAY_CHANGE and key not in config:
             raise SentcompError(f"This config has no {key} field: list the keys allowed to change with "
                                 f"--{key}=key1,key2 (a flag of its own, not --config.{key}).")
         config_files.check_key(config, key)
@@ -95,7 +95,7 @@ def with_resume_may_change(config, keys: list[str]):
     for key in keys:
         config_files.check_key(config, key)
     with config.unlocked():
-        config[runner.RESUME_MAY_CHANGE] = tuple(dict.fromkeys((*config.get(runner.RESUME_MAY_CHANGE, ()), *keys)))
+        config[layout.RESUME_MAY_CHANGE] = tuple(dict.fromkeys((*config.get(layout.RESUME_MAY_CHANGE, ()), *keys)))
     return config
 
 

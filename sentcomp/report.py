@@ -38,19 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from sentcomp.errors import SentcompError
-from sentcomp.results import plots, storage, tables
+from sentcomp.results import layout, plots, storage, tables
 from sentcomp.results.tables import CAPTION
 
-# the workdir layout (written by sentcomp.launcher and the programs; a library reads it without importing them)
-CONFIG_FILE = "config.json"
-DONE_FILE = "done.json"
-ERROR_FILE = "error.txt"
-RESULTS_FILE = "results.json"
-CELLS_FILE = "cells.jsonl"
-METRICS_FILE = "metrics.jsonl"
-SWEEP_FILE = "sweep.json"
-LAYOUT = ("a workdir holds config.json (done.json once finished, error.txt if it failed); a sweep folder holds "
-          "sweep.json and one workdir per point")
+LAYOUT = (f"a workdir holds {layout.CONFIG_FILE} ({layout.DONE_FILE} once finished, {layout.ERROR_FILE} if it failed); "
+          f"a sweep folder holds {layout.SWEEP_FILE} and one workdir per point (sentcomp.results.layout)")
 
 BASE_FIELDS = ("run", "sweep", "program", "status", "model", "row", "column", "metric", "repeat")
 DEFAULT_ROWS = ("run", "row")
@@ -103,13 +95,13 @@ def last_line(text: str) -> str:
 
 def is_workdir(path: Path) -> bool:
     """A run's folder: it has config.json, or at least error.txt (a sweep point that failed before starting)."""
-    return (path / CONFIG_FILE).is_file() or (path / ERROR_FILE).is_file()
+    return (path / layout.CONFIG_FILE).is_file() or (path / layout.ERROR_FILE).is_file()
 
 
 def sweep_point_dirs(folder: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """The points of a sweep folder as ``(workdir, its sweep.json row or None)``: the rows of sweep.json, then
     any other workdir inside (a sweep still running has no sweep.json yet)."""
-    rows = (read_json(folder / SWEEP_FILE) or {}).get("rows", [])
+    rows = (read_json(folder / layout.SWEEP_FILE) or {}).get("rows", [])
     points = [(folder / row["name"], row) for row in rows]
     listed = {path.name for path, _ in points}
     points += [(path, None) for path in sorted(folder.iterdir())
@@ -126,7 +118,7 @@ def locate(dirs: Sequence[str | Path]) -> list[tuple[Path, Path | None, dict[str
             found.setdefault(path, (path, None, None))
             continue
         points = sweep_point_dirs(path) if path.is_dir() else []
-        if not points and not (path / SWEEP_FILE).is_file():
+        if not points and not (path / layout.SWEEP_FILE).is_file():
             what = "does not exist" if not path.exists() else "is not a workdir or sweep folder"
             raise ReportError(f"{given} {what}: {LAYOUT}.")
         for point, row in points:
@@ -164,7 +156,7 @@ def model_name(config: dict[str, Any]) -> str:
 def run_status(path: Path) -> tuple[str, str | None]:
     """``("failed", last error line)``, ``("done", None)`` or ``("unfinished", None)``: a ``done.json`` written
     after the ``error.txt`` (a later run completed the point) is trusted over it."""
-    error, done = path / ERROR_FILE, path / DONE_FILE
+    error, done = path / layout.ERROR_FILE, path / layout.DONE_FILE
     if error.is_file() and not (done.is_file() and done.stat().st_mtime_ns >= error.stat().st_mtime_ns):
         return "failed", last_line(error.read_text())
     return ("done" if done.is_file() else "unfinished"), None
@@ -176,9 +168,9 @@ def read_run(path: Path, name: str, sweep: str = "", sweep_row: dict[str, Any] |
     status, error = run_status(path)
     if status == "unfinished" and sweep_row and sweep_row.get("status") == "failed":
         status, error = "failed", sweep_row.get("error") or "failed (sweep.json)"
-    config = storage.flatten(read_json(path / CONFIG_FILE) or {})
+    config = storage.flatten(read_json(path / layout.CONFIG_FILE) or {})
     return Run(name=name, path=path, program=program_name(config), status=status, config=config,
-               headline=read_json(path / DONE_FILE) or {}, error=error, sweep=sweep,
+               headline=read_json(path / layout.DONE_FILE) or {}, error=error, sweep=sweep,
                params=dict((sweep_row or {}).get("params") or {}))
 
 
@@ -216,7 +208,8 @@ def measurements(run: Run) -> list[dict[str, Any]]:
     """A finished run's records without run fields: Table-1 cells (from results.json, else cells.jsonl), or the
     done.json headline."""
     if run.program == "table1":
-        results = read_json(run.path / RESULTS_FILE) or {"cells": storage.read_json_lines(run.path / CELLS_FILE)}
+        results = (read_json(run.path / layout.RESULTS_FILE)
+                   or {"cells": storage.read_json_lines(run.path / layout.CELLS_FILE)})
         cells = tables.table1_cells(results)
         if cells:
             return cells
@@ -264,7 +257,8 @@ def run_records(run: Run, config_keys: Sequence[str]) -> list[dict[str, Any]]:
 def metrics_files(path: Path) -> list[tuple[str, Path]]:
     """Every ``metrics.jsonl`` of a workdir, at most two folders deep, as ``(sub-folder or "", file)``
     (theory_synthetic logs ``<loss>/metrics.jsonl``; Table-1 fine-tuning ``finetune/<row>-<split>/``)."""
-    found = [path / METRICS_FILE, *sorted(path.glob(f"*/{METRICS_FILE}")), *sorted(path.glob(f"*/*/{METRICS_FILE}"))]
+    name = layout.METRICS_FILE
+    found = [path / name, *sorted(path.glob(f"*/{name}")), *sorted(path.glob(f"*/*/{name}"))]
     return [("" if file.parent == path else file.parent.relative_to(path).as_posix(), file)
             for file in found if file.is_file()]
 
@@ -274,14 +268,14 @@ def progress(run: Run) -> str:
     if run.status == "failed":
         return run.error or "failed"
     parts = []
-    cells = [cell for cell in storage.read_json_lines(run.path / CELLS_FILE) if "column" in cell]
+    cells = [cell for cell in storage.read_json_lines(run.path / layout.CELLS_FILE) if "column" in cell]
     if cells:
         parts.append(f"{len(cells)} Table-1 cells done")
     for sub, file in metrics_files(run.path):
         steps = [row["step"] for row in storage.read_json_lines(file) if plots.is_number(row.get("step"))]
         if steps:
             parts.append(f"{sub + ': ' if sub else ''}last logged step {max(steps)}")
-    return "; ".join(parts) or ("no done.json and no results yet" if (run.path / CONFIG_FILE).is_file()
+    return "; ".join(parts) or ("no done.json and no results yet" if (run.path / layout.CONFIG_FILE).is_file()
                                 else "no config.json")
 
 

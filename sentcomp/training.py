@@ -42,7 +42,7 @@ from sentcomp import kernels, parallel
 from sentcomp.data import corpora
 from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.models.base import cast_floats
-from sentcomp.results import plots, storage
+from sentcomp.results import layout, plots, storage
 
 LOSSES: dict[str, Callable] = {"xent": kernels.xent_loss, "quad": kernels.quad_loss}
 DECAYS = ("cosine", "linear")
@@ -507,14 +507,14 @@ RESUME_MAY_CHANGE = "resume_may_change"
 
 def resume_settings(config) -> dict[str, Any]:
     """The settings a training run's checkpoints belong to, key by key: ``config`` flattened to dotted keys (JSON
-    values) minus :data:`~results.storage.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
+    values) minus :data:`~results.layout.EXECUTION_KEYS` (e.g. ``mesh``: a checkpoint restores onto any mesh shape)
     and ``resume_may_change`` itself. Stored in every checkpoint's meta and required equal on resume except for the
     keys the resuming config lists in ``resume_may_change`` (:func:`settings_differences`), so
     ``run(config, workdir)`` never continues a run trained under other settings, and a key the user may change
     (``num_steps`` to train longer) is compared only when it is not listed."""
     plain = storage.flatten(json.loads(config.to_json_best_effort()))
     return {key: value for key, value in plain.items()
-            if not storage.is_under(key, (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS))}
+            if not storage.is_under(key, (RESUME_MAY_CHANGE, *layout.EXECUTION_KEYS))}
 
 
 def settings_differences(recorded: Any, current: Mapping[str, Any], may_change: Sequence[str]) -> list[str]:

@@ -69,6 +69,7 @@ def smoke_workdir(tmp_path_factory):
     (which would run it again)."""
     from sentcomp.launcher import runner
     from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
+    from sentcomp.results import layout
 
     shared_root = tmp_path_factory.getbasetemp().parent  # the session's root, the same for every xdist worker
     if not os.environ.get("PYTEST_XDIST_WORKER"):
@@ -80,7 +81,7 @@ def smoke_workdir(tmp_path_factory):
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if runner.read_done(path) is None:
                 runner.run_program(load_config(f"{EXPERIMENTS_DIR / name}.py:smoke"), path)
-        assert runner.read_done(path) is not None and (path / runner.CONFIG_FILE).exists()
+        assert runner.read_done(path) is not None and (path / layout.CONFIG_FILE).exists()
         return path
 
     return workdir

@@ -14,6 +14,7 @@ import pytest
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.models import hf, tokenizers
+from sentcomp.results import layout
 
 # directory -> (MLP width, seed): the last checkpoint is a bigger model (same feature size, so the probes' shapes
 # and compiled programs are shared)
@@ -56,7 +57,7 @@ def series(tmp_path_factory):
     models[names[-1]] = tiny_neox(root / names[-1], *SERIES[names[-1]])
     runner.run_program(config, workdir)
     for stage in (f"loss_{names[-1]}", f"table1_{names[-1]}", "compare", "."):
-        (workdir / stage / runner.DONE_FILE).unlink()
+        (workdir / stage / layout.DONE_FILE).unlink()
     starts = {stage: len((workdir / stage / "runs.jsonl").read_text().splitlines())
               for name in names[:-1] for stage in (f"loss_{name}", f"table1_{name}")}
     runner.run_program(config, workdir)

@@ -38,7 +38,7 @@ from sentcomp.data import corpora, loaders
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
 TABLE1 = f"{EXPERIMENTS_DIR}/table1.py:smoke"
 PRETRAIN = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
@@ -876,7 +876,7 @@ def test_checkpoint_settings_are_compared_key_by_key_except_the_listed_ones(toy)
     assert training.settings_differences(recorded, {**recorded, "size": 9}, ()) == ["size: 3 -> 9"]
     assert training.settings_differences(recorded, {**recorded, "size": 9}, ("size",)) == []
     # a checkpoint written before settings were recorded key by key holds their fingerprint
-    fingerprint = storage.settings_fingerprint(config.to_dict(), ignore=("resume_may_change", *storage.EXECUTION_KEYS))
+    fingerprint = storage.settings_fingerprint(config.to_dict(), ignore=("resume_may_change", *layout.EXECUTION_KEYS))
     assert training.settings_differences(fingerprint, recorded, ()) == []
     assert training.settings_differences(fingerprint, {**recorded, "size": 9}, ()) != []
 

@@ -22,7 +22,7 @@ from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, load_sw
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import gpt2_tokenizer
 from sentcomp.programs import table1
-from sentcomp.results import statistics
+from sentcomp.results import layout, statistics
 
 TEXTS = ["A gorgeous, witty, seductive movie.", "Dull.", "An uneven but often charming debut",
          "I laughed; I cried; I checked my watch."]
@@ -179,7 +179,7 @@ def test_table1_smoke_reports_rules_shots_and_sensitivity(smoke_run):
         values = list(entry["accuracies"].values())
         assert len(values) == 12 and entry["min"] == min(values) <= entry["mean"] <= entry["max"] == max(values)
     assert "## Zero- and few-shot scoring rules" in markdown and "## Prompt sensitivity" in markdown
-    cells = [json.loads(line) for line in (workdir / cells_log.CELLS_FILE).read_text().splitlines()]
+    cells = [json.loads(line) for line in (workdir / layout.CELLS_FILE).read_text().splitlines()]
     variants = {(c["k"], c["t"], c["v"]): c for c in cells if c.get("kind") == "zeroshot_variant"}
     column = next(c for c in cells if c.get("column") == "zeroshot")
     assert column["test_accuracy"] == variants[0, 0, 0]["rules"]["ll"]["accuracy"]
@@ -210,7 +210,7 @@ def test_other_templates_or_rule_rescore_only_zero_shot(smoke_run, tmp_path, mon
     assert scored == [" Honestly, it was "]
     monkeypatch.setattr(zeroshot, "word_scores", lambda *a, **k: pytest.fail("scored again"))
     headline = table1.run(override(config, {"zeroshot.rule": "calibrated"}), workdir)
-    cells = cells_log.read_cells(workdir / cells_log.CELLS_FILE)
+    cells = cells_log.read_cells(workdir / layout.CELLS_FILE)
     variant = next(c for c in cells.values() if c.get("kind") == "zeroshot_variant" and (c["k"], c["t"], c["v"]) ==
                    (0, 0, 0))
     assert headline["rotten_tomatoes*/zeroshot"] == variant["rules"]["calibrated"]["accuracy"]
@@ -273,7 +273,7 @@ def test_prompt_row_probes_under_templates_and_a_k_shot_prefix(smoke_run, tmp_pa
     assert entry["mean"] == pytest.approx(np.mean(templates)) and entry["max"] == max(templates)
     assert entry["accuracies"]["rotten_tomatoes*"] == results["table"]["rotten_tomatoes*"]["f"]["mean"]
     cells = [c for c in results.get("cells", []) if c.get("kind") == "probe_variant"] or [
-        json.loads(line) for line in (workdir / cells_log.CELLS_FILE).read_text().splitlines()]
+        json.loads(line) for line in (workdir / layout.CELLS_FILE).read_text().splitlines()]
     k_shot = next(c for c in cells if c.get("row") == "rotten_tomatoes*k2")
     assert k_shot["n_train"] == results["tasks"][0]["n_train"] - 2 and len(k_shot["demonstrations"]) == 2
     assert "## Prompt-row probes: templates and k-shot prefix" in (workdir / "results.md").read_text()

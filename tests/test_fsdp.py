@@ -24,7 +24,7 @@ from sentcomp.launcher import config_files
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import byte_tokenizer
 from sentcomp.programs import pretrain
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
 # float32 parameters after a few AdamW steps on different meshes: the sums run in another order, nothing else
 # (observed differences ~1e-6; AdamW's normalised updates keep them at the learning rate's scale or below)
@@ -99,7 +99,7 @@ def test_the_launcher_resumes_a_run_on_another_mesh_but_not_under_other_settings
     from sentcomp.launcher import runner
 
     config = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke")
-    storage.write_json(tmp_path / runner.CONFIG_FILE, config_files.to_plain(config))
+    storage.write_json(tmp_path / layout.CONFIG_FILE, config_files.to_plain(config))
     (tmp_path / "checkpoints").mkdir()  # the workdir holds results: its config must match
     runner.check_resume(config_files.override(config, {"mesh.fsdp": 8, "model.remat": "dots"}), tmp_path)
     with pytest.raises(SentcompError, match=r"loss: 'xent' -> 'quad'"):

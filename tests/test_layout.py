@@ -46,6 +46,19 @@ def test_programs_import_neither_programs_nor_the_launcher(program):
     assert not bad, f"{relative(program)} imports {sorted(bad)}"
 
 
+@pytest.mark.parametrize("module", sorted(p for p in PACKAGE.rglob("*.py") if p.name != "main.py"), ids=relative)
+def test_only_the_command_line_imports_the_report_command(module):
+    """The report is a command: what programs and libraries share with it (tables, statistics, the workdir layout)
+    lives in :mod:`sentcomp.results`."""
+    assert "sentcomp.report" not in sentcomp_imports(module) or module.name == "report.py"
+
+
+def test_the_package_top_holds_at_most_twelve_modules():
+    """New code goes into the folder of its role (kernels, models, data, training, evaluators, results, ...)."""
+    modules = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(modules) <= 12, modules
+
+
 def test_libraries_import_neither_programs_nor_the_launcher():
     roles = ("sentcomp.programs", "sentcomp.launcher")
     libraries = [p for p in PACKAGE.rglob("*.py")

@@ -19,6 +19,7 @@ from sentcomp.launcher import config_files, runner
 from sentcomp.models import decoder, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
+from sentcomp.results import layout
 
 SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke,family=llama"
 TINY = {  # a 2-layer d=32 byte-level Llama (2 query heads sharing 1 key/value head), 16 steps of 8 × 32 tokens
@@ -206,7 +207,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(quad_run, tmp_path):
     workdir = tmp_path / "resumed"
     shutil.copytree(quad_run, workdir)
     shutil.rmtree(workdir / "checkpoints" / "16")
-    (workdir / runner.DONE_FILE).unlink()
+    (workdir / layout.DONE_FILE).unlink()
     runner.run_program(tiny_config(loss="quad"), workdir)  # resumes from step 12
     assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12, 16]
     expected = flat(models.load(str(quad_run)).params)

@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from sentcomp.launcher import provenance, runner
+from sentcomp.results import layout
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def config(tmp_path, monkeypatch):
 
 
 def records(workdir):
-    return [json.loads(line) for line in (workdir / provenance.RUNS_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (workdir / layout.RUNS_FILE).read_text().splitlines()]
 
 
 def git(directory, *args):
@@ -39,7 +40,7 @@ def test_one_record_per_start_and_a_warning_when_the_setting_changed(config, tmp
         assert runner.run_program(config, workdir) == {"y": 6}
         [first] = records(workdir)
         runner.run_program(config, workdir)  # a resume in the same setting: a second record, no warning
-    assert len(records(workdir)) == 2 and (workdir / runner.CONFIG_FILE).exists()
+    assert len(records(workdir)) == 2 and (workdir / layout.CONFIG_FILE).exists()
 
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "scikit-learn"):
         assert first["packages"][name] == importlib.metadata.version(name)
@@ -56,7 +57,7 @@ def test_one_record_per_start_and_a_warning_when_the_setting_changed(config, tmp
 
     stored = records(workdir)
     stored[-1]["packages"]["jax"] = "0.0.1"
-    (workdir / provenance.RUNS_FILE).write_text("".join(json.dumps(record) + "\n" for record in stored))
+    (workdir / layout.RUNS_FILE).write_text("".join(json.dumps(record) + "\n" for record in stored))
     with pytest.warns(provenance.ProvenanceWarning, match=r"packages\.jax: '0\.0\.1' -> ") as caught:
         runner.run_program(config, workdir)
     assert len(caught) == 1 and "time" not in str(caught[0].message).split("what changed:")[1]

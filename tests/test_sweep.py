@@ -9,6 +9,7 @@ import pytest
 
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import sweep, sweep_runner
+from sentcomp.results import layout
 
 # A tiny program: y = 2x; fails while the file `broken` exists in the shared folder; logs every call.
 PROGRAM = textwrap.dedent(
@@ -81,7 +82,7 @@ def test_failure_is_isolated_and_rerun_skips_complete_points(program, tmp_path):
     assert [row["status"] for row in rows] == ["done", "failed", "done"]
     assert [row["metrics"].get("y") for row in rows] == [2, None, 6]
     assert "x=2 is broken" in rows[1]["error"]
-    assert "Traceback" in (tmp_path / "sweep" / "x=2" / sweep_runner.ERROR_FILE).read_text()
+    assert "Traceback" in (tmp_path / "sweep" / "x=2" / layout.ERROR_FILE).read_text()
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| x=3 | done | 3 | 6 | x3 |" in table and "x=2 is broken" in table
@@ -91,7 +92,7 @@ def test_failure_is_isolated_and_rerun_skips_complete_points(program, tmp_path):
     assert [row["status"] for row in rows] == ["reused", "done", "reused"]
     assert [row["metrics"]["y"] for row in rows] == [2, 4, 6]
     assert calls(program) == [1, 2, 2, 3]  # only the failed point ran again
-    assert not (tmp_path / "sweep" / "x=2" / sweep_runner.ERROR_FILE).exists()
+    assert not (tmp_path / "sweep" / "x=2" / layout.ERROR_FILE).exists()
 
 
 def test_complete_point_with_a_changed_config_is_reported_not_reused(program, tmp_path):
@@ -116,7 +117,7 @@ def test_parallel_points_run_in_subprocesses(program, tmp_path):
     assert "x=2 is broken" in rows[1]["error"]
     assert rows[2]["metrics"] == {"y": 6, "label": "x3"}
     assert calls(program) == [1, 2, 3]
-    assert (tmp_path / "sweep" / "x=2" / sweep_runner.LOG_FILE).exists()
+    assert (tmp_path / "sweep" / "x=2" / layout.LOG_FILE).exists()
 
 
 def test_bad_points_fail_before_any_point_runs(program, tmp_path):

@@ -23,7 +23,7 @@ from sentcomp.evaluators.base import Evaluator
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
 from sentcomp.programs import table1
-from sentcomp.results import table1_markdown
+from sentcomp.results import layout, table1_markdown
 
 TABLE1 = EXPERIMENTS_DIR / "table1.py"
 
@@ -152,10 +152,10 @@ def test_rerun_reuses_everything_and_resumes_lost_cells(smoke_run, tmp_path, mon
     # A run killed mid-way: some cells lost and a torn last line. Only those probes run again, from cached
     # features (no model forward pass), and give the same numbers.
     monkeypatch.undo()
-    lines = (workdir / cells_log.CELLS_FILE).read_text().splitlines()
+    lines = (workdir / layout.CELLS_FILE).read_text().splitlines()
     lost = [json.loads(line)["key"] for line in lines if json.loads(line)["key"].endswith(("/f/0", "/phi_p_f/0"))]
     kept = [line for line in lines if json.loads(line)["key"] not in lost]
-    (workdir / cells_log.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
+    (workdir / layout.CELLS_FILE).write_text("\n".join(kept) + '\n{"key": "torn')
     monkeypatch.setattr(features, "_compute_chunk", forbidden)
     monkeypatch.setattr(zeroshot, "word_scores", forbidden)
     calls = []
@@ -178,7 +178,7 @@ def test_a_run_under_other_determinants_recomputes_instead_of_returning_old_cell
     cells = json.loads((workdir / "results.json").read_text())["cells"]
     probed = [cell for cell in cells if "regularisation" in cell]
     assert probed and all(cell["regularisation_name"] == "alpha" for cell in probed)  # ridge, not the old C
-    old = {json.loads(line)["determinants"] for line in (original / cells_log.CELLS_FILE).read_text().splitlines()}
+    old = {json.loads(line)["determinants"] for line in (original / layout.CELLS_FILE).read_text().splitlines()}
     assert {cell["determinants"] for cell in cells}.isdisjoint(old)
 
 
@@ -316,5 +316,5 @@ def test_a_new_column_family_is_one_evaluator(smoke_run, tmp_path, monkeypatch):
     results = json.loads((workdir / "results.json").read_text())
     assert results["columns"][-1] == "majority" and results["table"]["rotten_tomatoes"]["majority"]["mean"] == expected
     assert " majority |" in (workdir / "results.md").read_text().splitlines()[2]
-    logged = cells_log.read_cells(workdir / cells_log.CELLS_FILE)
+    logged = cells_log.read_cells(workdir / layout.CELLS_FILE)
     assert logged["rotten_tomatoes*/majority/0"]["test_accuracy"] == expected

@@ -9,6 +9,7 @@ import pytest
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config
+from sentcomp.results import layout
 
 SPEC = f"{EXPERIMENTS_DIR}/device_check.py:smoke,only=identities"
 
@@ -29,7 +30,7 @@ def test_a_second_run_on_a_busy_workdir_stops_and_writes_nothing(tmp_path):
         busy = r"is being written by another run \(pid \d+ on .*\).*another --workdir"
         with pytest.raises(SentcompError, match=busy):
             runner.run_program(load_config(SPEC), tmp_path)
-        assert not (tmp_path / runner.CONFIG_FILE).exists() and not (tmp_path / runner.DONE_FILE).exists()
+        assert not (tmp_path / layout.CONFIG_FILE).exists() and not (tmp_path / layout.DONE_FILE).exists()
     finally:
         holder.kill()
         holder.wait()

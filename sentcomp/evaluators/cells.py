@@ -13,8 +13,6 @@ import numpy as np
 from sentcomp import parallel
 from sentcomp.results import storage
 
-CELLS_FILE = "cells.jsonl"
-
 # Config keys that choose which cells exist or how they are shown, not their values.
 # The zero-shot variant settings are part of each variant cell's key (ZeroShotPlan.digest) instead; the zero-shot
 # column's cell records its rule and is re-derived from its variant cell when config.zeroshot.rule changes.

@@ -36,9 +36,8 @@ from typing import Any
 
 import jax
 
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
-RUNS_FILE = "runs.jsonl"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "scikit-learn")
 IGNORED_KEYS = ("time",)  # what may differ between two starts of one run without a warning
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the sentcomp package
@@ -107,7 +106,7 @@ def differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:
     """The records of ``workdir/runs.jsonl``, oldest first (a line cut short by a crash is skipped)."""
-    path = Path(workdir) / RUNS_FILE
+    path = Path(workdir) / layout.RUNS_FILE
     if not path.exists():
         return []
     records = []
@@ -127,5 +126,5 @@ def record_start(workdir: str | Path) -> dict[str, Any]:
     if previous and (changed := differences(previous[-1], record)):
         warnings.warn(f"{workdir} resumes a run that started in another setting ({previous[-1].get('time')}); "
                       f"what changed: {'; '.join(changed)}.", ProvenanceWarning, stacklevel=2)
-    storage.append_json_line(Path(workdir) / RUNS_FILE, record)
+    storage.append_json_line(Path(workdir) / layout.RUNS_FILE, record)
     return record

@@ -50,18 +50,9 @@ from absl import logging
 from sentcomp import parallel
 from sentcomp.errors import ResumeRefused, SentcompError
 from sentcomp.launcher import config_files, provenance, stages
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
-CONFIG_FILE = "config.json"
-DONE_FILE = "done.json"
-RESULTS_FILE = "results.json"
-LOCK_FILE = ".lock"
-RESUME_MAY_CHANGE = "resume_may_change"
-ERROR_FILE = "error.txt"  # a failed sweep point's traceback (sentcomp.launcher.sweep_runner)
-# what the launcher itself writes in a workdir, and caches keyed by everything that determines their content
-RECORD_FILES = (CONFIG_FILE, "runs.jsonl", LOCK_FILE, ERROR_FILE, "log.txt")
-KEYED_CACHES = ("features", "corpus")
-RESTORED_ON_REFUSAL = (DONE_FILE, CONFIG_FILE, "runs.jsonl")  # see record_kept_on_refusal
+RESTORED_ON_REFUSAL = (layout.DONE_FILE, layout.CONFIG_FILE, layout.RUNS_FILE)  # see record_kept_on_refusal
 
 
 def import_program(config: ml_collections.ConfigDict):
@@ -86,14 +77,14 @@ def import_program(config: ml_collections.ConfigDict):
 
 
 def holds_results(workdir: Path) -> bool:
-    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record (:data:`RECORD_FILES`),
-    the content-keyed caches (:data:`KEYED_CACHES`, whose keys include everything that determines them) and the
-    workdirs of runs inside it (a composed config's stages) that hold none themselves. A workdir without results
-    may be taken over by a run with another config."""
+    """Whether ``workdir`` holds anything a run produced: anything but the launcher's record
+    (:data:`layout.RECORD_FILES`), the content-keyed caches (:data:`layout.KEYED_CACHES`, whose keys include
+    everything that determines them) and the workdirs of runs inside it (a composed config's stages) that hold
+    none themselves. A workdir without results may be taken over by a run with another config."""
     def produced(entry: Path) -> bool:
-        if entry.name in RECORD_FILES + KEYED_CACHES:
+        if entry.name in layout.RECORD_FILES + layout.KEYED_CACHES:
             return False
-        return holds_results(entry) if entry.is_dir() and (entry / CONFIG_FILE).is_file() else True
+        return holds_results(entry) if entry.is_dir() and (entry / layout.CONFIG_FILE).is_file() else True
 
     return any(produced(entry) for entry in Path(workdir).iterdir())
 
@@ -101,7 +92,7 @@ def holds_results(workdir: Path) -> bool:
 def check_resume(config: ml_collections.ConfigDict, workdir: Path,
                  record: ml_collections.ConfigDict | None = None) -> None:
     """If ``workdir`` holds a run, its recorded config must equal ``config`` (except ``resume_may_change`` and the
-    :data:`sentcomp.results.storage.EXECUTION_KEYS`, e.g. the mesh).
+    :data:`sentcomp.results.layout.EXECUTION_KEYS`, e.g. the mesh).
 
     Two cases need no match, each with a warning: a ``config.json`` that cannot be read (empty or corrupt) is
     replaced, since what the workdir holds is reused only where its own fingerprint matches this config (Table-1
@@ -112,14 +103,14 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path,
     references (``"stage:NAME"``) unresolved, so a composed experiment moved, renamed or copied elsewhere still
     matches its record. (A stage recorded with absolute paths, before records kept references, matches
     ``config``.)"""
-    recorded_path = Path(workdir) / CONFIG_FILE
+    recorded_path = Path(workdir) / layout.CONFIG_FILE
     if not recorded_path.exists():
         return
     recorded = storage.read_json_file(recorded_path, "it is replaced by this run's config (results the workdir "
                                       "holds are reused only where their own fingerprint matches)")
     if recorded is None:
         return
-    may_change = (RESUME_MAY_CHANGE, *storage.EXECUTION_KEYS, *config.get(RESUME_MAY_CHANGE, ()))
+    may_change = (layout.RESUME_MAY_CHANGE, *layout.EXECUTION_KEYS, *config.get(layout.RESUME_MAY_CHANGE, ()))
     differences = config_files.config_diff(recorded, config_files.to_plain(config), may_change)
     if differences and record is not None:  # a stage: recorded with its stage references as written
         differences = config_files.config_diff(recorded, config_files.to_plain(record), may_change)
@@ -130,7 +121,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path,
         raise SentcompError(
             f"{workdir} already holds a run with a different config ({'; '.join(differences)}). Resuming would "
             "mix two experiments: use a new --workdir, or list the keys allowed to change in "
-            f"config.{RESUME_MAY_CHANGE}."
+            f"config.{layout.RESUME_MAY_CHANGE}."
         )
 
 
@@ -197,8 +188,8 @@ def _scalar(value: Any) -> Any:
 def headline_metrics(returned: Any, workdir: Path) -> dict[str, Any]:
     """The program's headline: the scalars of what ``run`` returned, else those at the top of results.json."""
     source = returned
-    if source is None and (Path(workdir) / RESULTS_FILE).exists():
-        source = json.loads((Path(workdir) / RESULTS_FILE).read_text())
+    if source is None and (Path(workdir) / layout.RESULTS_FILE).exists():
+        source = json.loads((Path(workdir) / layout.RESULTS_FILE).read_text())
     if not isinstance(source, Mapping):
         return {}
     scalars = {str(key): _scalar(value) for key, value in source.items()}
@@ -208,7 +199,7 @@ def headline_metrics(returned: Any, workdir: Path) -> dict[str, Any]:
 def read_done(workdir: str | Path) -> dict[str, Any] | None:
     """The headline metrics of a completed run, or None if ``workdir`` holds no completed run; an empty or
     corrupt ``done.json`` (a full disk) counts as not complete, with a warning, so the run is done again."""
-    return storage.read_json_file(Path(workdir) / DONE_FILE, "the run is treated as not complete and runs again")
+    return storage.read_json_file(Path(workdir) / layout.DONE_FILE, "the run is treated as not complete and runs again")
 
 
 def stages_complete(config: ml_collections.ConfigDict, workdir: str | Path) -> list[bool]:
@@ -251,15 +242,16 @@ def run_program(config: ml_collections.ConfigDict, workdir: str | Path,
                             "write.") from None
     with exclusive(workdir), record_kept_on_refusal(workdir):
         if parallel.is_main_process():
-            (workdir / DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
-            (workdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure
-            storage.write_json(workdir / CONFIG_FILE, config_files.to_plain(config if record is None else record))
+            (workdir / layout.DONE_FILE).unlink(missing_ok=True)  # complete again only if this run returns
+            (workdir / layout.ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's failure
+            plain = config_files.to_plain(config if record is None else record)
+            storage.write_json(workdir / layout.CONFIG_FILE, plain)
             provenance.record_start(workdir)
         parallel.sync("sentcomp_workdir_ready")
         logging.info("Running %s in %s", config.get("program", "a composed config"), workdir)
         returned = program.run(config, workdir) if program is not None else run_stages(config, workdir)
         if parallel.is_main_process():
-            storage.write_json(workdir / DONE_FILE, headline_metrics(returned, workdir))
+            storage.write_json(workdir / layout.DONE_FILE, headline_metrics(returned, workdir))
     logging.info("Finished %s in %s", config.get("program", "a composed config"), workdir)
     return returned
 
@@ -286,7 +278,7 @@ def writable(workdir: Path) -> bool:
     """Whether a file can be opened for writing in ``workdir`` (its lock file; permission bits do not bind root,
     and a read-only mount shows only when writing)."""
     try:
-        open(Path(workdir) / LOCK_FILE, "a").close()
+        open(Path(workdir) / layout.LOCK_FILE, "a").close()
     except OSError:
         return False
     return True
@@ -303,7 +295,7 @@ class WorkdirBusy(SentcompError):
 def busy(workdir: Path) -> WorkdirBusy | None:
     """The :class:`WorkdirBusy` error if another run holds ``workdir``'s lock now, else None; writes nothing."""
     try:
-        handle = open(Path(workdir) / LOCK_FILE)
+        handle = open(Path(workdir) / layout.LOCK_FILE)
     except OSError:
         return None  # no lock file: nobody holds it
     with handle:
@@ -325,7 +317,7 @@ def exclusive(workdir: Path):
         yield
         return
     try:
-        handle = open(workdir / LOCK_FILE, "a+")
+        handle = open(workdir / layout.LOCK_FILE, "a+")
     except OSError as error:
         raise SentcompError(f"Cannot write in --workdir {workdir} ({error.strerror}): pass a directory you can "
                             "write.") from None

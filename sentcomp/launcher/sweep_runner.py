@@ -36,11 +36,9 @@ from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.sweep import Point, format_value, point_names
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
-ERROR_FILE = runner.ERROR_FILE
 SELECTION = "sweep_selection"  # optional config group {label: headline metric}; sweep.md names each minimiser
-LOG_FILE = "log.txt"
 
 
 def _last_line(text: str) -> str:
@@ -60,7 +58,7 @@ def run_point(config: ml_collections.ConfigDict, point_dir: Path) -> tuple[str, 
         details = traceback.format_exc()
         if parallel.is_main_process():
             point_dir.mkdir(parents=True, exist_ok=True)
-            storage.write_text(point_dir / ERROR_FILE, details)
+            storage.write_text(point_dir / layout.ERROR_FILE, details)
         return "failed", _last_line(details)
 
 
@@ -71,7 +69,7 @@ def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path)
     if holder is not None:
         return "failed", str(holder)
     point_dir.mkdir(parents=True, exist_ok=True)
-    with open(point_dir / LOG_FILE, "wb") as log:
+    with open(point_dir / layout.LOG_FILE, "wb") as log:
         exit_code = subprocess.run(
             [sys.executable, "-m", "sentcomp.launcher.sweep_runner"],
             input=pickle.dumps((config, point_dir)),
@@ -80,10 +78,11 @@ def _run_point_in_subprocess(config: ml_collections.ConfigDict, point_dir: Path)
         ).returncode
     if exit_code == 0:
         return "done", None
-    error_file = point_dir / ERROR_FILE
+    error_file = point_dir / layout.ERROR_FILE
     if error_file.exists():
         return "failed", _last_line(error_file.read_text())
-    reason = f"the point's process exited with code {exit_code}: {_last_line((point_dir / LOG_FILE).read_text())}"
+    last_line = _last_line((point_dir / layout.LOG_FILE).read_text())
+    reason = f"the point's process exited with code {exit_code}: {last_line}"
     storage.write_text(error_file, reason + "\n")
     return "failed", reason
 
@@ -164,8 +163,8 @@ def aggregate(
     selected = select_points(rows, selection or {})
     if parallel.is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage.write_json(sweep_dir / "sweep.json", {"rows": rows, "selected": selected})
-        storage.write_text(sweep_dir / "sweep.md", markdown_table(rows) + selection_markdown(selected))
+        storage.write_json(sweep_dir / layout.SWEEP_FILE, {"rows": rows, "selected": selected})
+        storage.write_text(sweep_dir / layout.SWEEP_MARKDOWN, markdown_table(rows) + selection_markdown(selected))
     return rows
 
 
@@ -195,7 +194,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     failures = [row for row in rows if row["status"] == "failed"]
     if failures:
         lines += ["", "## Failures", ""]
-        lines += [f"- `{row['name']}`: {row['error']} (see {row['name']}/{ERROR_FILE})" for row in failures]
+        lines += [f"- `{row['name']}`: {row['error']} (see {row['name']}/{layout.ERROR_FILE})" for row in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -25,17 +25,16 @@ from typing import Any
 
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.results import plots, storage
+from sentcomp.results import layout, plots, storage
 from sentcomp.results.tables import markdown_table
 
-RESULTS_FILE = "results.json"
 FIGURES = {"val_xent": "accuracy_vs_val_xent.png", "step": "accuracy_vs_step.png"}
 AXIS_TITLES = {"val_xent": "validation cross-entropy (nats/token)", "step": "training step"}
 
 
 def read_results(directory: Path, what: str) -> dict[str, Any]:
     """``directory/results.json``, or a SentcompError naming the unfinished run."""
-    path = Path(directory) / RESULTS_FILE
+    path = Path(directory) / layout.RESULTS_FILE
     if not path.is_file():
         raise SentcompError(f"{path} does not exist: the {what} run in {directory} has not finished. Run it first "
                             "(in a composed config: an earlier stage).")
@@ -135,13 +134,13 @@ def run(config, workdir) -> dict[str, float]:
     records = {label: checkpoint_record(Path(loss), Path(table1)) for label, loss, table1 in zip(*runs)}
     if parallel.is_main_process():
         figures = [name for x, name in FIGURES.items() if accuracy_figure(records, x, workdir / name)]
-        storage.write_json(workdir / RESULTS_FILE, {"checkpoints": records, "figures": figures})
+        storage.write_json(workdir / layout.RESULTS_FILE, {"checkpoints": records, "figures": figures})
         markdown = "\n\n".join([
             "# Downstream accuracy across checkpoints", series_table(records),
             "Test accuracy (%) of a linear probe (the Table-1 runs' protocol) on each checkpoint's features; "
             "`task*`: with the task's prompt. val xent: validation cross-entropy (nats/token) of the loss run's "
             "corpus, val ppl its exponential.",
             *(f"![{name}]({name})" for name in figures)]) + "\n"
-        storage.write_text(workdir / "results.md", markdown)
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, markdown)
         print(markdown)
     return headline(records)

@@ -43,11 +43,10 @@ from typing import Any
 
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
-from sentcomp.results import plots, storage
+from sentcomp.results import layout, plots, storage
 from sentcomp.results.tables import markdown_table
 from sentcomp.training import read_metrics
 
-RESULTS_FILE = "results.json"
 FIGURES = {"tokens": "accuracy_vs_tokens.png", "val_xent": "accuracy_vs_val_xent.png"}
 AXIS_TITLES = {"tokens": "training tokens", "val_xent": "validation cross-entropy (nats/token)"}
 FEATURE_TITLES = {"f": "f(s)", "phi_p_f": "Φp_f(s)", "subset_logits": "subset logits",
@@ -91,13 +90,13 @@ def model_labels(losses: Sequence[str]) -> list[str]:
 
 def model_record(pretrain_dir: Path, table1_dir: Path) -> dict[str, Any]:
     """What the comparison needs from one model's pretraining and Table-1 runs."""
-    pretrain = read_json(pretrain_dir, RESULTS_FILE, "pretraining")
-    table1 = read_json(table1_dir, RESULTS_FILE, "Table-1")
+    pretrain = read_json(pretrain_dir, layout.RESULTS_FILE, "pretraining")
+    table1 = read_json(table1_dir, layout.RESULTS_FILE, "Table-1")
     metrics = read_metrics(Path(pretrain_dir))
     return {
         "loss": pretrain["loss"], "pretrain_dir": str(pretrain_dir), "table1_dir": str(table1_dir),
         "steps": pretrain["steps"], "tokens": pretrain["tokens"], "epochs": pretrain.get("epochs"),
-        "pretrain_config": read_json(pretrain_dir, "config.json", "pretraining"),
+        "pretrain_config": read_json(pretrain_dir, layout.CONFIG_FILE, "pretraining"),
         "val_xent": pretrain["val_xent"], "val_quad": pretrain["val_quad"], "val_loss": pretrain["val_loss"],
         "tokens_per_s": training_throughput(metrics), "data_stream_sha256": pretrain.get("data_stream_sha256"),
         "table": table1["table"], "columns": table1["columns"],
@@ -227,8 +226,8 @@ def run(config, workdir) -> dict[str, Any]:
                 figures.append(name)
         results = {"models": models, "same_token_stream": same, "config_differences": differences, "figures": figures,
                    "paper_features": {loss: list(cols) if cols else "all" for loss, cols in PAPER_FEATURES.items()}}
-        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
         markdown = results_markdown(models, same, differences, figures)
-        storage.write_text(workdir / "results.md", markdown)
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, markdown)
         print(markdown)
     return headline(models, same, differences)

@@ -74,11 +74,9 @@ from sentcomp import features, kernels, parallel, probe, throughput, training
 from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
 CHECKS = ("kernels", "identities", "forward", "probe", "pretraining", "features", "multihost", "throughput")
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
 SCRATCH = "pretraining_check"
 MULTIHOST_ARRAYS = "multihost_arrays.npz"
 MULTIHOST_CHECKPOINT = "multihost_checkpoint"
@@ -590,11 +588,11 @@ def run(config, workdir) -> dict[str, Any]:
     table = format_table(info, checks)
     print(table, flush=True)
     if parallel.is_main_process():
-        storage.write_text(workdir / RESULTS_MD, table)
-        storage.write_json(workdir / RESULTS_JSON, {**info, "seconds": time.perf_counter() - began,
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, table)
+        storage.write_json(workdir / layout.RESULTS_FILE, {**info, "seconds": time.perf_counter() - began,
                                                     "passed": not failed, "failed": failed,
                                                     "checks": [check.to_json() for check in checks]})
     if failed:
         raise SentcompError(f"Device check failed: {', '.join(failed)} (outside the tolerance; see "
-                            f"{workdir / RESULTS_MD}).")
+                            f"{workdir / layout.RESULTS_MARKDOWN}).")
     return {**info, "passed": True, "checks": len(checks), **{check.name: check.value for check in checks}}

@@ -29,10 +29,8 @@ from sentcomp import models, parallel
 from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models.base import COMPUTE_DTYPES
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 from sentcomp.training import make_eval_step, validation_batches, validation_losses
-
-RESULTS_FILE = "results.json"
 
 
 def check_config(config) -> None:
@@ -74,7 +72,7 @@ def run(config, workdir) -> dict[str, Any]:
                "tokens": int(used.shape[0] * (used.shape[1] - 1)), "val_xent": losses["val_xent"],
                "val_perplexity": math.exp(losses["val_xent"])}
     if parallel.is_main_process():
-        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
     print(f"{config.model}{'@' + config.revision if config.revision else ''}: validation cross-entropy "
           f"{results['val_xent']:.4f} nats/token (perplexity {results['val_perplexity']:.2f}) over "
           f"{results['tokens']:,} tokens")

@@ -26,7 +26,7 @@ import numpy as np
 from sentcomp import kernels, models
 from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.features import extract_features
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
 
 def load_texts(num_texts: int, seed: int) -> list[str]:
@@ -172,8 +172,8 @@ def run(config, workdir) -> dict:
         "log_z_std": float(log_z.std()),
         "fits": metrics,
     }
-    storage.write_json(workdir / "results.json", results)
-    storage.write_text(workdir / "results.md", results_markdown(results))
+    storage.write_json(workdir / layout.RESULTS_FILE, results)
+    storage.write_text(workdir / layout.RESULTS_MARKDOWN, results_markdown(results))
     plot_fits(log_z[test], predictions, metrics, f"log Z(f(s)) fits, {config.model}", workdir / "log_partition_fit.png")
     print(results_markdown(results))
     return {f"{name}_test_r2": entry["test_r2"] for name, entry in metrics.items()}

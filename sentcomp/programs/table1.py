@@ -36,15 +36,15 @@ from sentcomp.data import get_task
 from sentcomp.errors import SentcompError
 from sentcomp.evaluators.base import Evaluator
 from sentcomp.evaluators.bert import BertColumn
-from sentcomp.evaluators.cells import CELLS_FILE, CellLog, results_fingerprint, summarise
+from sentcomp.evaluators.cells import CellLog, results_fingerprint, summarise
 from sentcomp.evaluators.columns import EXTRACTION_SETTINGS, check_columns
 from sentcomp.evaluators.finetune import FineTuneColumn
 from sentcomp.evaluators.probes import ProbeColumns, check_multinomial_cells, check_p_f_unscaled, task_metadata
 from sentcomp.evaluators.prompt_probes import PromptProbes
 from sentcomp.evaluators.task_data import TaskData, prepare_task
 from sentcomp.evaluators.zeroshot import ZeroShotColumn, check_zeroshot_config
-from sentcomp.results import storage, tables, timings
-from sentcomp.results.table1_markdown import FIGURE_FILE, results_markdown
+from sentcomp.results import layout, storage, tables, timings
+from sentcomp.results.table1_markdown import results_markdown
 
 # The column families, in the order of the table's columns (and of their work within each task).
 EVALUATORS = (ProbeColumns, BertColumn, FineTuneColumn, PromptProbes, ZeroShotColumn)
@@ -112,7 +112,7 @@ def run(config, workdir) -> dict:
     evaluators = enabled_evaluators(config, workdir)
     for evaluator in evaluators:
         evaluator.check(datas)
-    log = CellLog(workdir / CELLS_FILE, results_fingerprint(config))
+    log = CellLog(workdir / layout.CELLS_FILE, results_fingerprint(config))
     lm_cache: list = []
 
     def load_model():  # the model is loaded only if some cell needs it
@@ -141,8 +141,9 @@ def run(config, workdir) -> dict:
         results.update(evaluator.results(datas, log, table))
     markdown = results_markdown(results)
     if parallel.is_main_process():
-        storage.write_json(workdir / "results.json", results)
-        storage.write_text(workdir / "results.md", markdown)
-        tables.table1_figure(results, workdir / FIGURE_FILE, f"Table 1: linear probes on {config.model} features")
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, markdown)
+        tables.table1_figure(results, workdir / layout.RESULTS_FIGURE,
+                             f"Table 1: linear probes on {config.model} features")
     print(markdown)
     return {f"{row}/{column}": entry["mean"] for row, entries in table.items() for column, entry in entries.items()}

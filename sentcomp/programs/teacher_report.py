@@ -20,9 +20,8 @@ import json
 from pathlib import Path
 
 from sentcomp.errors import SentcompError
-from sentcomp.results import plots, storage
+from sentcomp.results import layout, plots, storage
 
-RESULTS_FILE = "results.json"
 FIGURE_FILE = "bound_vs_epsilon.png"
 
 
@@ -33,12 +32,12 @@ def read_json(path: Path, what: str):
 
 
 def read_metric_rows(run: Path) -> list[dict]:
-    return [row for row in storage.read_json_lines(Path(run) / "metrics.jsonl") if "epsilon" in row]
+    return [row for row in storage.read_json_lines(Path(run) / layout.METRICS_FILE) if "epsilon" in row]
 
 
 def probe_entries(table1_run: Path, rows: list[str], columns: list[str]) -> dict[str, dict]:
     """``{"<row>/<column>": {"accuracy", "loss"}}`` from a Table-1 run: mean test accuracy and mean test loss."""
-    results = read_json(Path(table1_run) / "results.json", "Table-1")
+    results = read_json(Path(table1_run) / layout.RESULTS_FILE, "Table-1")
     out = {}
     for row in rows:
         for column in columns:
@@ -113,7 +112,7 @@ def check_config(config) -> None:
 def run(config, workdir) -> dict:
     check_config(config)
     workdir = Path(workdir)
-    targets = read_json(Path(config.targets) / "results.json", "teacher-targets")
+    targets = read_json(Path(config.targets) / layout.RESULTS_FILE, "teacher-targets")
     rows, columns = list(config.probe_rows), list(config.probe_columns)
     probes = {(name, int(step)): probe_entries(Path(path), rows, columns) for name, step, path in config.table1_runs}
     students = {}
@@ -131,8 +130,8 @@ def run(config, workdir) -> dict:
                "coverage": "γ = 1 on the task's contexts (exact); effective coverage = ε_heldout / ε_task",
                "bound_holds": all(e["bound_holds"] for entries in students.values() for e in entries),
                "selected": selected_students(students)}
-    storage.write_json(workdir / RESULTS_FILE, results)
-    storage.write_text(workdir / "results.md", results_markdown(results))
+    storage.write_json(workdir / layout.RESULTS_FILE, results)
+    storage.write_text(workdir / layout.RESULTS_MARKDOWN, results_markdown(results))
     probe_column = results["probe_columns"][0] if results["probe_columns"] else None
     plots.bound_vs_epsilon({name: [{"epsilon": e["epsilon_task"]["mean"], "bound": e["tightest"]["bound"],
                                     "plug_in": e["tightest"]["plug_in"],

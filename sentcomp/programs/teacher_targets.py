@@ -32,9 +32,8 @@ from sentcomp.data import get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models import tokenizers
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 
-RESULTS_FILE = "results.json"
 ARRAYS_FILE = "teacher.npz"
 
 
@@ -134,6 +133,6 @@ def run(config, workdir) -> dict:
         if config.teacher.source == "random":
             models.save_hf(lm, workdir / "model")
             lm.tokenizer.save_pretrained(str(workdir / "model"))
-        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
     return {"k": int(k), "truncation_kl": results["truncation_kl"]["mean"],
             "teacher_entropy": results["teacher_entropy"], "train_positions": results["train_positions"]}

@@ -59,10 +59,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", separator: str = ".") -> 
     return flat
 
 
-# Config keys that choose how a run executes, not what it computes (the same numbers up to float summation order):
-# the progress bar, the device mesh (a checkpoint restores onto any mesh shape) and how the model's layer stack
-# runs (sentcomp.models.layers.EXECUTION_FIELDS). A resumed run may change them.
-EXECUTION_KEYS = ("progress", "mesh", "model.scan_layers", "model.remat", "model.attention", "model.attention_chunk")
 
 
 def is_under(key: str, names: Sequence[str]) -> bool:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sentcomp.results import layout
 from sentcomp.results.statistics import wilson_interval
 from sentcomp.results.tables import markdown_table
 
-FIGURE_FILE = "results.png"
 COLUMN_TITLES = {
     "f": "f(s)",
     "phi_p_f": "Φp_f(s)",
@@ -138,7 +138,7 @@ def results_markdown(results: dict) -> str:
         "± std over the splits of tasks without an official split (their interval pools every split's "
         "predictions, which overlap across splits: read it as indicative). Zero-shot: sentence completion with "
         "the label words (prompt rows only).",
-        f"![Test accuracy with 95% Wilson intervals]({FIGURE_FILE})",
+        f"![Test accuracy with 95% Wilson intervals]({layout.RESULTS_FIGURE})",
         "## Macro-F1",
         accuracy_table(results["macro_f1"], rows, f1_columns),
         "Test macro-F1 (%) of the same probes (the mean over classes of each class's F1).",
