@@ -205,7 +205,7 @@ NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", 
                    "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change",
                    "probe.p_f_memory_gb")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
-RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
+RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.training.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
 
 
@@ -314,25 +314,28 @@ def baseline_features(config, texts: Sequence[str], prompt: str | None,
                                 truncation=config.truncation, cache_dir=cache_dir)}
 
 
-def finetune_config(config, n_train: int, prompt: str | None) -> dict:
-    """:func:`sentcomp.finetune.finetune_accuracy`'s config from ``config.ft`` (``num_epochs`` > 0 sets
+def finetune_config(config, n_train: int, prompt: str | None):
+    """:func:`sentcomp.training.finetune.finetune_accuracy`'s options (a
+    :class:`~sentcomp.training.finetune.FinetuneOptions`) from ``config.ft`` (``num_epochs`` > 0 sets
     ``max_steps`` = ⌈epochs · N_train / batch⌉)."""
+    from sentcomp.training.finetune import FinetuneOptions
+
     ft = config.ft.to_dict()
     ft.pop("enabled")
     epochs = ft.pop("num_epochs", 0)
     if epochs > 0:
-        ft["max_steps"] = max(1, -(-int(epochs * n_train) // ft.get("batch_size", 32)))
-    return {"prompt": prompt, "max_length": config.max_length, "seed": config.seed, **ft}
+        ft["max_steps"] = max(1, -(-int(epochs * n_train) // ft.get("batch_size", FinetuneOptions.batch_size)))
+    return FinetuneOptions.from_mapping({"prompt": prompt, "max_length": config.max_length, "seed": config.seed, **ft})
 
 
 def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path, lm_loader,
                    log: CellLog) -> Iterable[dict]:
     """Cells of the fine-tuning column (``config.ft``: the LM + a linear head on the last token trained end to
-    end, :func:`sentcomp.finetune.finetune_accuracy`), one per split not yet in ``log``; each run has its own
+    end, :func:`sentcomp.training.finetune.finetune_accuracy`), one per split not yet in ``log``; each run has its own
     resumable workdir ``workdir/finetune/<row>-<split>``."""
     if not config.ft.enabled:
         return
-    from sentcomp.finetune import finetune_accuracy
+    from sentcomp.training.finetune import finetune_accuracy
 
     row = task.name + ("*" if prompt is not None else "")
     for repeat, (train, test) in enumerate(pairs):
