@@ -11,8 +11,10 @@ train blocks with ``config.objective``:
 * ``xent`` / ``quad``: the paper's objectives on the observed next word (:data:`sentcomp.training.steps.LOSSES`).
 
 The step, optimiser, data order, checkpoints and metrics log are :mod:`sentcomp.training`'s (the pretraining
-program's machinery): step ``t`` reads the blocks at stream positions ``t·B ..`` of ``config.data.seed``, so every
-student with the same seed and batch size sees the same blocks in the same order.
+program's machinery; the steps run in :func:`sentcomp.training.loop.train_loop`, whose divergence check stops a
+non-finite run with ``TrainingDiverged``, the last good checkpoint kept): step ``t`` reads the blocks at stream
+positions ``t·B ..`` of ``config.data.seed``, so every student with the same seed and batch size sees the same
+blocks in the same order.
 
 **At each step of ``config.eval_steps``** (0, the untrained student, included; and the last step) one line of
 ``metrics.jsonl`` gets, on the first ``eval_blocks`` validation blocks (held-out text): ``epsilon``
@@ -21,7 +23,8 @@ student with the same seed and batch size sees the same blocks in the same order
 objective's own validation loss (ε for ``soft_xent``, the excess Quad loss for ``soft_quad``: each equals the
 soft loss minus a constant of the teacher; ``val_xent`` / ``val_quad`` for the hard objectives), the only number
 for choosing a learning rate; and ``bound``: :func:`sentcomp.teacher.bound_check` on the task's contexts (γ = 1,
-exact inequality). The weights are written to ``snapshots/step_<N>/`` (HF layout + tokenizer) for the Table-1
+exact inequality); the rows after step 0 also hold the training loop's ``train_loss``, ``tokens_per_s``, ``mfu``
+and ``train_seconds``. The weights are written to ``snapshots/step_<N>/`` (HF layout + tokenizer) for the Table-1
 stages, and a checkpoint is saved. Re-running resumes from the last checkpoint; an evaluation already logged is
 not repeated.
 """

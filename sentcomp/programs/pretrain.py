@@ -35,9 +35,9 @@ checkpointed, resumable.
 ``CheckpointManager``: every ``checkpoint.every`` steps and at the end, the last ``checkpoint.keep``, written
 asynchronously; each holds params, optimiser state, step, and as JSON the data position and seeds),
 ``metrics.jsonl`` (one line per ``eval_every`` steps: train loss, validation cross-entropy and Quad loss,
-tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.training.throughput`), learning rate, gradient norm, and
-the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
-accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.results.plots`),
+tokens/s, step time ``train_seconds`` and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.training.throughput`),
+learning rate, gradient norm, and the downstream probe's accuracies when it ran), ``curves.png`` (the losses,
+validation metrics and probe accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.results.plots`),
 ``results.json`` (headline, with ``data_stream_sha256``: a digest of every token the run read, in order, so two
 runs can prove they saw the same data), ``model/`` (final weights in the family's Hugging Face layout, loadable by
 ``sentcomp.models.load`` with the Quad head, and by transformers' ``AutoModelForCausalLM``, which ignores it).
@@ -48,8 +48,12 @@ would have. A latest checkpoint that cannot be read is moved to ``checkpoints_co
 previous one is used. The model has no dropout, so the data order is the run's only randomness: the seeds and
 the data position in the checkpoint are what make resumption exact (a resume with other seeds is refused).
 
-**Divergence**: a non-finite loss or parameters stop the run with :class:`TrainingDiverged` naming the step;
-no checkpoint is written from then on, so the last good one stays the latest.
+**The loop**: the steps run in :func:`sentcomp.training.loop.train_loop` (progress bar, timing, throughput,
+metrics rows, checkpoints); the validation losses and the probe are its ``every(eval_every, ...)`` hook.
+
+**Divergence**: a non-finite loss or parameters stop the run with
+:class:`~sentcomp.training.loop.TrainingDiverged` naming the step; no checkpoint is written from then on, so the
+last good one stays the latest.
 
 **Downstream probe** (``probe.every`` > 0): features ``f(s)`` and ``Φp_f(s)`` of a task's texts + its prompt from
 the current weights (:func:`sentcomp.features.extract_features`), a linear probe on each

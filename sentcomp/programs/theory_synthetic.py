@@ -10,7 +10,8 @@
 2. for each loss of ``config.losses`` (``xent``: a GPT-2 with tied Φ; ``quad``: the paper's Quad architecture,
    extra d×d layer + untied Φ) trains a GPT-2 whose vocabulary is the language's own, one document per block
    (inputs ``x_{1:L+1}``, targets ``x_{2:L+2}``: every position is a context of p_L, and attention never crosses
-   documents). The training step, optimiser, data order and Orbax checkpoints are :mod:`sentcomp.training`'s;
+   documents). The training step, optimiser, data order, Orbax checkpoints and the training loop (with its
+   divergence check) are :mod:`sentcomp.training`'s;
 3. at ``config.evaluation.num_checkpoints`` steps (geometrically spaced, the last one = ``num_steps``) evaluates
    the current weights with :func:`sentcomp.theory.evaluate_model_on_task`: ε = E_{s~p_L} KL(p*‖p_f) (95% CI
    over documents), the excess Quad loss, and per feature kind (``p_f``, ``phi_p_f``, ``f``) the held-out
@@ -34,7 +35,8 @@ p* itself); ``"loss"`` (this experiment's default) picks C by held-out logistic 
 are about. results.md says which was used. The theorem's quantity is the plug-in loss.
 
 **Workdir**: ``<loss>/checkpoints`` (Orbax, one per evaluated step), ``<loss>/metrics.jsonl`` (one line per
-evaluated step: the whole :func:`theory.evaluate_against_truth` record + train loss), ``results.json``,
+evaluated step: the whole :func:`theory.evaluate_against_truth` record + the training loop's train loss,
+``tokens_per_s``, ``mfu`` and ``train_seconds``), ``results.json``,
 ``results.md``, ``loss_vs_sqrt_epsilon.png``, ``epsilon_over_training.png``. Re-running resumes each model from
 its last checkpoint (metrics lines after it are dropped and recomputed).
 """
