@@ -60,7 +60,9 @@ class Batch:
 @dataclasses.dataclass(frozen=True)
 class StepDone:
     """What a hook sees: ``step`` steps are done, ``state`` is the state after them, ``metrics`` the last step's
-    (fetched: ``loss``, and what else the step function reports, e.g. ``grad_norm``)."""
+    (fetched: ``loss``, and what else the step function reports, e.g. ``grad_norm``). A hook may set entries of a
+    dict ``state`` in place (fine-tuning keeps its best parameters so): the loop checkpoints and continues from
+    that state."""
 
     step: int
     state: Any
