@@ -275,7 +275,8 @@ def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> lis
 
 
 def _check_workdir_config(workdir: Path, options: FinetuneOptions, identity: dict[str, Any]) -> None:
-    settings = {key: value for key, value in options.to_json().items() if key != "mesh"}  # any mesh may resume it
+    settings = {key: value for key, value in json.loads(json.dumps(options.to_json(), sort_keys=True)).items()
+                if key != "mesh"}  # any mesh may resume it; keys sorted (as the ConfigDict this record once was)
     record = json.loads(json.dumps({"config": settings, **identity}))
     path = workdir / "config.json"
     recorded = parallel.main_decides(lambda: json.loads(path.read_text()) if path.is_file() else None)
