@@ -62,17 +62,18 @@ def loss_head(loss_name: str, n: int, repeats: int, dim: int = D, vocab: int = V
 def training_step(loss_name: str, devices, repeats: int) -> float:
     import ml_collections
 
-    from sentcomp import parallel, training
+    from sentcomp import parallel
     from sentcomp.models import gpt2
+    from sentcomp.training import steps
 
     config = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=10, decay="cosine", end_lr_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
     mesh = parallel.data_mesh(devices)
     lm = gpt2.init(gpt2.gpt2_config(n_layer=2, n_embd=64, n_head=2, n_positions=64), 0, quad_head=True)
-    optimizer = training.make_optimizer(config, 100, lm.params)
-    step = training.make_train_step(loss_name, lm.hidden_fn, lm.phi_fn, optimizer, np.float32, mesh)
-    state = training.initial_state(lm.params, optimizer, mesh)
+    optimizer = steps.make_optimizer(config, 100, lm.params)
+    step = steps.make_train_step(loss_name, lm.hidden_fn, lm.phi_fn, optimizer, np.float32, mesh)
+    state = steps.initial_state(lm.params, optimizer, mesh)
     tokens = parallel.shard_batch(np.random.default_rng(0).integers(0, V, (16, 1, 65)).astype(np.int32), mesh)
     holder = {"state": state}
 
@@ -90,13 +91,14 @@ def fsdp_memory(fsdp: int, seq_len: int) -> dict[str, int]:
     import jax.numpy as jnp
     import ml_collections
 
-    from sentcomp import parallel, training
+    from sentcomp import parallel
     from sentcomp.models import gpt2
     from sentcomp.models.tokenizers import byte_tokenizer
+    from sentcomp.training import steps
 
     config = gpt2.gpt2_config(n_positions=seq_len)  # GPT-2 small: 12 layers, d = 768, V = 50,257, tied
     params = jax.eval_shape(lambda key: gpt2.init(config, key, tokenizer=byte_tokenizer()).params, jax.random.key(0))
-    optimizer = training.make_optimizer(ml_collections.ConfigDict(dict(
+    optimizer = steps.make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=6e-4, warmup_steps=10, decay="cosine", end_lr_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)), 100, params)
     mesh = parallel.make_mesh({"data": -1, "fsdp": fsdp})
@@ -106,7 +108,7 @@ def fsdp_memory(fsdp: int, seq_len: int) -> dict[str, int]:
                          state, parallel.state_shardings(mesh, state))
     tokens = jax.ShapeDtypeStruct((len(jax.devices()), 1, seq_len + 1), jnp.int32,
                                   sharding=parallel.batch_sharding(mesh))
-    step = training.make_train_step("xent", functools.partial(gpt2.hidden_fn, config), gpt2.phi_fn, optimizer,
+    step = steps.make_train_step("xent", functools.partial(gpt2.hidden_fn, config), gpt2.phi_fn, optimizer,
                                     jnp.float32, mesh)
     analysis = step.lower(state, tokens).compile().memory_analysis()
     inputs, temp = int(analysis.argument_size_in_bytes), int(analysis.temp_size_in_bytes)

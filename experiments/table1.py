@@ -108,7 +108,7 @@ def get_config(arg=None):
     config.prompt_probes = ml_collections.ConfigDict(dict(templates=False, shots=0))
     # The paper's baseline columns (on with the args bert / ft): BERT [CLS] features after the MLM transform
     # (pooling mlm_cls | cls | mean; a checkpoint without MLM head falls back to cls), and full fine-tuning of the
-    # LM with a linear head (any key of sentcomp.finetune.default_config(); num_epochs > 0 sets max_steps).
+    # LM with a linear head (any field of sentcomp.training.finetune.FinetuneOptions; num_epochs > 0 sets max_steps).
     config.bert = ml_collections.ConfigDict(dict(enabled=args.bert, model="bert-base-cased", pooling="mlm_cls"))
     config.ft = ml_collections.ConfigDict(dict(
         enabled=args.ft, num_epochs=3, batch_size=16, eval_batch_size=64, eval_every=100, patience=5,

@@ -134,9 +134,9 @@ def table1_config(args, model: str) -> ml_collections.ConfigDict:
 
 
 def estimate(config) -> ml_collections.ConfigDict:
-    """FLOPs of the accelerator variant (sentcomp.throughput's per-token counts) and the time they take at a
+    """FLOPs of the accelerator variant (sentcomp.training.throughput's per-token counts) and the time they take at a
     stated peak and MFU: an estimate, not a measurement."""
-    from sentcomp import throughput
+    from sentcomp.training import throughput
 
     t = SMOLLM2_SHAPE
     head = t["n_embd"] // t["n_head"]
@@ -156,7 +156,8 @@ def estimate(config) -> ml_collections.ConfigDict:
         flops += tokens * throughput.transformer_flops_per_token(params, m.n_layer, m.n_embd, seq_len)
     peak, mfu = throughput.table_peak("h100"), 0.3
     return ml_collections.ConfigDict(dict(
-        flops=flops, teacher_flops=teacher_flops, device="H100 (bf16 dense peak, sentcomp.throughput.PEAK_FLOPS)",
+        flops=flops, teacher_flops=teacher_flops,
+        device="H100 (bf16 dense peak, sentcomp.training.throughput.PEAK_FLOPS)",
         peak_flops=peak, assumed_mfu=mfu, expected_seconds=flops / (peak * mfu),
         note="training and teacher forward FLOPs only; evaluation, probes and I/O not counted; not measured"))
 

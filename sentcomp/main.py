@@ -113,8 +113,8 @@ def _expected_type(config, message: str) -> str:
 def _orbax_one_line(record: logging.LogRecord) -> bool:
     """Logging filter: Orbax logs a failed background write with its traceback once per thread involved (hundreds
     of lines for one full disk); the failure itself is raised as one SentcompError naming the cause
-    (:func:`sentcomp.training.save_checkpoint`), so at the default verbosity these records keep their message
-    line only (``--verbosity=0`` shows the tracebacks)."""
+    (:func:`sentcomp.training.checkpoints.save_checkpoint`), so at the default verbosity these records keep their
+    message line only (``--verbosity=0`` shows the tracebacks)."""
     if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
         record.exc_info, record.exc_text = None, None
     return True

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sentcomp import finetune, models, throughput
+from sentcomp import models
 from sentcomp.data.loaders import Split
 from sentcomp.launcher import config_files, runner
 from sentcomp.models import hf
 from sentcomp.models.base import FamilyFacts, LanguageModel
 from sentcomp.models.tokenizers import byte_tokenizer
+from sentcomp.training import finetune, throughput
 
 FAMILY = "toy_attention"  # the model_type of the toy family
 V, D, T = 257, 16, 32  # bytes, width, context
@@ -184,7 +185,8 @@ def test_fine_tuning_runs_with_the_auxiliary_lm_loss(tmp_path):
     config = dict(prompt=" is ", batch_size=16, eval_batch_size=16, eval_every=2, patience=100, val_fraction=0.25,
                   max_length=T, buckets=(T,), progress=False, max_steps=4, aux_lm_weight=0.5,
                   optimizer=dict(learning_rate=3e-3, warmup_steps=1, weight_decay=0.0))
-    results = finetune.finetune_accuracy(toy_lm(), separable_split(48, 0), separable_split(16, 1), config, tmp_path)
+    options = finetune.FinetuneOptions.from_mapping(config)
+    results = finetune.finetune_accuracy(toy_lm(), separable_split(48, 0), separable_split(16, 1), options, tmp_path)
     assert 0 <= results["test_accuracy"] <= 1 and results["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]

@@ -33,12 +33,13 @@ import pytest
 from cli_testing import error_line, ok
 
 import sentcomp.programs
-from sentcomp import features, training
+from sentcomp import features
 from sentcomp.data import corpora, loaders
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import runner
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR
 from sentcomp.results import layout, storage
+from sentcomp.training import checkpoints, tracking
 
 TABLE1 = f"{EXPERIMENTS_DIR}/table1.py:smoke"
 PRETRAIN = f"{EXPERIMENTS_DIR}/pretrain.py:smoke"
@@ -549,11 +550,11 @@ def test_a_torn_json_line_is_skipped_and_named(tmp_path):
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
-    storage.append_json_line(tmp_path / training.METRICS_FILE, {"step": 1, "loss": 2.0})
-    with open(tmp_path / training.METRICS_FILE, "a") as file:
+    storage.append_json_line(tmp_path / tracking.METRICS_FILE, {"step": 1, "loss": 2.0})
+    with open(tmp_path / tracking.METRICS_FILE, "a") as file:
         file.write('{"step": 2, "lo')
     with pytest.warns(UserWarning, match="line 2: not valid JSON"):
-        assert training.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+        assert tracking.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
 
 
 MANIFEST = {"model": "m", "texts": "t", "chunk_size": 4}
@@ -716,19 +717,19 @@ STATE = {"w": jnp.arange(4.0), "step": jnp.array(1)}
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES], ids=["no_space", "no_permission"])
 def test_a_failed_checkpoint_write_surfaces_at_once_and_keeps_the_last_good_one(tmp_path, monkeypatch, asynchronous,
                                                                                  code):
-    manager = training.checkpoint_manager(tmp_path, 1, 3, asynchronous)
-    training.save_checkpoint(manager, STATE, {"step": 1})
+    manager = checkpoints.checkpoint_manager(tmp_path, 1, 3, asynchronous)
+    checkpoints.save_checkpoint(manager, STATE, {"step": 1})
     manager.wait_until_finished()
     with monkeypatch.context() as patch:
         fail_metadata_writes(patch, code)
         with pytest.raises(SentcompError) as error:  # from save itself, or from wait_until_finished when async
-            training.save_checkpoint(manager, {**STATE, "w": STATE["w"] + 1}, {"step": 2})
+            checkpoints.save_checkpoint(manager, {**STATE, "w": STATE["w"] + 1}, {"step": 2})
             manager.wait_until_finished()
         manager.close()  # the disk stays full until every background write has given up; no second error
     cause = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied"}[code]
     assert f"checkpoint of step 2 to {tmp_path / 'checkpoints'} failed: {cause}" in str(error.value)
     assert "last complete checkpoint (step 1) is kept" in str(error.value)
-    _, state, meta = training.resume(tmp_path, STATE, 1, 3)
+    _, state, meta = checkpoints.resume(tmp_path, STATE, 1, 3)
     assert meta["step"] == 1 and np.array_equal(state["w"], STATE["w"])
 
 
@@ -748,18 +749,18 @@ def test_the_cli_shows_orbax_background_failures_in_one_line(cli, toy, tmp_path)
 
 
 def test_a_damaged_checkpoint_falls_back_and_other_failures_stop(tmp_path):
-    manager = training.checkpoint_manager(tmp_path, 1, 3, False)
+    manager = checkpoints.checkpoint_manager(tmp_path, 1, 3, False)
     for step in (1, 2):
-        training.save_checkpoint(manager, {**STATE, "w": STATE["w"] * step}, {"step": step})
+        checkpoints.save_checkpoint(manager, {**STATE, "w": STATE["w"] * step}, {"step": step})
     manager.close()
     for path in (tmp_path / "checkpoints" / "2" / "meta").rglob("*"):
         if path.is_file():
             path.write_text("{torn")
     with pytest.warns(UserWarning, match="step 2 .* is damaged"):
-        _, state, meta = training.resume(tmp_path, STATE, 1, 3)
+        _, state, meta = checkpoints.resume(tmp_path, STATE, 1, 3)
     assert meta["step"] == 1 and (tmp_path / "checkpoints_corrupt").is_dir()
-    assert training.restore_failure(OSError("Permission denied")) == "other"
-    assert training.restore_failure(ValueError("DATA_LOSS: bad bytes")) == "damaged"
+    assert checkpoints.restore_failure(OSError("Permission denied")) == "other"
+    assert checkpoints.restore_failure(ValueError("DATA_LOSS: bad bytes")) == "damaged"
 
 
 def save_series(workdir: Path, steps=(1, 2, 3)) -> dict:
@@ -767,11 +768,11 @@ def save_series(workdir: Path, steps=(1, 2, 3)) -> dict:
     ``state/d/``) at ``steps``; returns the state saved at each step."""
     import jax
 
-    manager = training.checkpoint_manager(workdir, 1, len(steps), False)
+    manager = checkpoints.checkpoint_manager(workdir, 1, len(steps), False)
     states = {}
     for step in steps:
         states[step] = {"w": jax.random.normal(jax.random.key(step), (512, 512)), "step": jnp.array(step)}
-        training.save_checkpoint(manager, states[step], {"step": step})
+        checkpoints.save_checkpoint(manager, states[step], {"step": step})
     manager.close()
     return states
 
@@ -801,7 +802,7 @@ def test_damaged_array_data_falls_back_to_the_newest_good_checkpoint(tmp_path, d
     states = save_series(tmp_path)
     damaged = damage_array_data(tmp_path / "checkpoints" / "3", damage)
     with pytest.warns(UserWarning, match="step 3 .* is damaged") as caught:
-        _, state, meta = training.resume(tmp_path, states[1], 1, 3)
+        _, state, meta = checkpoints.resume(tmp_path, states[1], 1, 3)
     assert meta["step"] == 2 and np.array_equal(np.asarray(state["w"]), np.asarray(states[2]["w"]))
     if damage == "bit_flip":  # Orbax reads these bytes without complaint: the checksum recorded at commit tells
         assert str(damaged.relative_to(tmp_path / "checkpoints" / "3")) in str(caught[0].message)
@@ -814,7 +815,7 @@ def test_with_no_good_checkpoint_training_restarts_from_step_0_with_a_warning(tm
     for step in (1, 2):
         damage_array_data(tmp_path / "checkpoints" / str(step), "truncated")
     with pytest.warns(UserWarning, match="No intact checkpoint is left .* restarts from step 0"):
-        _, state, meta = training.resume(tmp_path, states[1], 1, 2)
+        _, state, meta = checkpoints.resume(tmp_path, states[1], 1, 2)
     assert meta is None and state is states[1]
     assert unraisable == []
 
@@ -823,7 +824,7 @@ TOY_TRAINING_PROGRAM = '''
 """A toy training program: a state of config.size numbers, resumed when present; each run adds a checkpoint."""
 import jax.numpy as jnp
 
-from sentcomp import training
+from sentcomp.training import checkpoints
 
 
 def check_config(config):
@@ -832,11 +833,11 @@ def check_config(config):
 
 def run(config, workdir):
     state = {"w": jnp.zeros(config.size), "step": jnp.array(0)}
-    settings = {"settings": training.resume_settings(config)}
-    manager, state, meta = training.resume(workdir, state, 1, 2, expected=settings,
+    settings = {"settings": checkpoints.resume_settings(config)}
+    manager, state, meta = checkpoints.resume(workdir, state, 1, 2, expected=settings,
                                            may_change=config.get("resume_may_change", ()))
     step = 1 if meta is None else meta["step"] + 1  # every run trains one more step
-    training.save_checkpoint(manager, state, {"step": step, **settings})
+    checkpoints.save_checkpoint(manager, state, {"step": step, **settings})
     manager.close()
     return {"size": config.size, "note": config.note}
 '''
@@ -872,13 +873,13 @@ def test_resume_may_change_lets_a_finished_training_run_continue_under_the_chang
 
 def test_checkpoint_settings_are_compared_key_by_key_except_the_listed_ones(toy):
     config = runner.config_files.load_config(str(toy))
-    recorded = training.resume_settings(config)
-    assert training.settings_differences(recorded, {**recorded, "size": 9}, ()) == ["size: 3 -> 9"]
-    assert training.settings_differences(recorded, {**recorded, "size": 9}, ("size",)) == []
+    recorded = checkpoints.resume_settings(config)
+    assert checkpoints.settings_differences(recorded, {**recorded, "size": 9}, ()) == ["size: 3 -> 9"]
+    assert checkpoints.settings_differences(recorded, {**recorded, "size": 9}, ("size",)) == []
     # a checkpoint written before settings were recorded key by key holds their fingerprint
     fingerprint = storage.settings_fingerprint(config.to_dict(), ignore=("resume_may_change", *layout.EXECUTION_KEYS))
-    assert training.settings_differences(fingerprint, recorded, ()) == []
-    assert training.settings_differences(fingerprint, {**recorded, "size": 9}, ()) != []
+    assert checkpoints.settings_differences(fingerprint, recorded, ()) == []
+    assert checkpoints.settings_differences(fingerprint, {**recorded, "size": 9}, ()) != []
 
 
 # ------------------------------------------------------------------------ 5. quiet data damage

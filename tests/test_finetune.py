@@ -7,11 +7,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from sentcomp import finetune
 from sentcomp.data.loaders import Split
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import byte_tokenizer
+from sentcomp.training import finetune
 
 WORDS = (["fig", "kiwi", "lime", "plum"], ["bed", "desk", "door", "sofa"])
 
@@ -33,13 +33,17 @@ def tiny_lm():
 
 CONFIG = dict(prompt=" is ", batch_size=16, eval_batch_size=32, eval_every=10, patience=100,
               val_fraction=0.25, max_length=32, buckets=(32,), progress=False,
-              optimizer=dict(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0))
+              optimizer=finetune.OptimizerOptions(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0))
+
+
+def options(**values) -> finetune.FinetuneOptions:
+    return finetune.FinetuneOptions(**{**CONFIG, **values})
 
 
 @pytest.mark.slow
 def test_learns_a_separable_task(tiny_lm, tmp_path):
     results = finetune.finetune_accuracy(tiny_lm, separable_split(128, 0), separable_split(64, 1),
-                                         dict(CONFIG, max_steps=40), tmp_path)
+                                         options(max_steps=40), tmp_path)
     assert results["val_accuracy"] >= 0.9 and results["test_accuracy"] >= 0.9  # chance is about 0.5
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [10, 20, 30, 40]
@@ -48,16 +52,16 @@ def test_learns_a_separable_task(tiny_lm, tmp_path):
     assert plt.imread(tmp_path / "curves.png").ndim == 3  # the run's loss and validation curves, readable
     # Finished: the same call returns the recorded results; another config in the same workdir is refused.
     assert finetune.finetune_accuracy(tiny_lm, separable_split(128, 0), separable_split(64, 1),
-                                      dict(CONFIG, max_steps=40), tmp_path) == results
+                                      options(max_steps=40), tmp_path) == results
     with pytest.raises(SentcompError, match="different config"):
         finetune.finetune_accuracy(tiny_lm, separable_split(128, 0), separable_split(64, 1),
-                                   dict(CONFIG, max_steps=41), tmp_path)
+                                   options(max_steps=41), tmp_path)
 
 
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
     train, test = separable_split(64, 2), separable_split(32, 3)
-    config = dict(CONFIG, max_steps=20, aux_lm_weight=0.5)
+    config = options(max_steps=20, aux_lm_weight=0.5)
     whole = finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "whole")
 
     class Interrupted(Exception):
@@ -72,7 +76,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
     assert not (tmp_path / "resumed" / "results.json").exists()
     resumed = finetune.finetune_accuracy(tiny_lm, train, test, config, tmp_path / "resumed")
     assert resumed == whole
-    timing = ("tokens_per_s", "mfu")  # wall-clock measurements, the only columns that differ between runs
+    timing = ("tokens_per_s", "mfu", "train_seconds")  # wall-clock measurements, the only columns that differ
     read = lambda run: [{key: value for key, value in json.loads(line).items() if key not in timing}  # noqa: E731
                         for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert read("resumed") == read("whole")
@@ -80,7 +84,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
 
 def test_bad_config_is_clear(tiny_lm, tmp_path):
     with pytest.raises(SentcompError, match="Unknown fine-tuning config key 'lr'"):
-        finetune.finetune_accuracy(tiny_lm, separable_split(16, 0), separable_split(8, 1), dict(lr=1e-3), tmp_path)
+        finetune.FinetuneOptions.from_mapping(dict(lr=1e-3))
 
 
 def test_table1_ft_and_bert_columns_config():
@@ -95,7 +99,7 @@ def test_table1_ft_and_bert_columns_config():
     assert not plain.bert.enabled and not plain.ft.enabled
     config = load_config(f"{EXPERIMENTS_DIR / 'table1.py'}:smoke,bert,ft")
     assert table1.table_columns(config)[-3:] == [BERT, FINETUNE, ZEROSHOT]
-    ft = finetune_config(config, n_train=50, prompt=" This movie is ")
-    merged = finetune.with_defaults(ft)  # every key is one finetune knows
+    merged = finetune_config(config, n_train=50, prompt=" This movie is ")  # from_mapping refuses unknown keys
+    assert isinstance(merged, finetune.FinetuneOptions)
     assert merged.max_steps == -(-4 * 50 // config.ft.batch_size) and merged.prompt == " This movie is "
     assert merged.optimizer.learning_rate == config.ft.optimizer.learning_rate

@@ -9,6 +9,10 @@ global batch (also under FSDP), and bfloat16 compute really runs the LM's matmul
 """
 
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,13 +22,15 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from test_bf16 import dot_operand_dtypes
 
-from sentcomp import finetune, parallel, training
+from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files
 from sentcomp.models import gpt2
 from sentcomp.models.tokenizers import byte_tokenizer
 from sentcomp.programs import pretrain
 from sentcomp.results import layout, storage
+from sentcomp.training import checkpoints, finetune
+from sentcomp.training import steps as training_steps
 
 # float32 parameters after a few AdamW steps on different meshes: the sums run in another order, nothing else
 # (observed differences ~1e-6; AdamW's normalised updates keep them at the learning rate's scale or below)
@@ -112,9 +118,9 @@ def test_the_launcher_resumes_a_run_on_another_mesh_but_not_under_other_settings
 def pretrain_steps(lm, mesh, steps, state=None, first=0):
     """``steps`` xent steps of a [8, 33]-token batch per step (step ``t``'s batch from seed ``t``), from ``state``
     (default: the initial state on ``mesh``); returns the state."""
-    optimizer = training.make_optimizer(OPTIMIZER, 10, lm.params)
-    state = training.initial_state(lm.params, optimizer, mesh) if state is None else state
-    step_fn = training.make_train_step("xent", lm.hidden_fn, lm.phi_fn, optimizer, jnp.float32, mesh)
+    optimizer = training_steps.make_optimizer(OPTIMIZER, 10, lm.params)
+    state = training_steps.initial_state(lm.params, optimizer, mesh) if state is None else state
+    step_fn = training_steps.make_train_step("xent", lm.hidden_fn, lm.phi_fn, optimizer, jnp.float32, mesh)
     for t in range(first, first + steps):
         tokens = np.random.default_rng(t).integers(0, 257, (8, 1, 33)).astype(np.int32)
         state, _ = step_fn(state, parallel.shard_batch(tokens, mesh))
@@ -155,15 +161,15 @@ def test_parameters_and_optimiser_state_are_sharded(trained):
 @pytest.mark.slow
 def test_a_checkpoint_restores_onto_other_meshes_and_training_continues(tiny_lm, trained, tmp_path):
     uninterrupted = parallel.fetch(pretrain_steps(tiny_lm, mesh_of("fsdp 8"), 4)["params"])
-    manager, _, _ = training.resume(tmp_path, trained["fsdp 8"], every=1, keep=1)
-    training.save_checkpoint(manager, trained["fsdp 8"], {"step": 2})
+    manager, _, _ = checkpoints.resume(tmp_path, trained["fsdp 8"], every=1, keep=1)
+    checkpoints.save_checkpoint(manager, trained["fsdp 8"], {"step": 2})
     manager.wait_until_finished()
     manager.close()
-    optimizer = training.make_optimizer(OPTIMIZER, 10, tiny_lm.params)
+    optimizer = training_steps.make_optimizer(OPTIMIZER, 10, tiny_lm.params)
     for axes in ({"data": 4, "fsdp": 2}, {"data": 8}):
         mesh = parallel.make_mesh(axes)
-        manager, restored, meta = training.resume(tmp_path, training.initial_state(tiny_lm.params, optimizer, mesh),
-                                                  every=1, keep=1)
+        manager, restored, meta = checkpoints.resume(
+            tmp_path, training_steps.initial_state(tiny_lm.params, optimizer, mesh), every=1, keep=1)
         manager.close()
         assert meta["step"] == 2 and int(restored["step"]) == 2
         expected = parallel.state_shardings(mesh, restored)
@@ -174,18 +180,33 @@ def test_a_checkpoint_restores_onto_other_meshes_and_training_continues(tiny_lm,
         assert_close(parallel.fetch(pretrain_steps(tiny_lm, mesh, 2, restored, first=2)["params"]), uninterrupted)
 
 
+@pytest.mark.slow
+def test_the_mesh_change_resume_survives_a_warm_compilation_cache(tmp_path):
+    """Regression: with the state donated on CPU, the test above passed with an empty persistent compilation cache
+    and aborted the process ("Fatal Python error: Aborted") when its programs were loaded from the cache, as in a
+    second run, or a later test module of the same suite (:func:`sentcomp.training.steps.state_donation`)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+               f"{__file__}::test_a_checkpoint_restores_onto_other_meshes_and_training_continues"]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}
+    for cache in ("empty", "warm"):
+        run = subprocess.run(command, env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert run.returncode == 0, (cache, run.stdout[-3000:], run.stderr[-3000:])
+    assert any((tmp_path / "xla").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
 
 def finetune_steps(lm, steps, **config):
     """``steps`` fine-tuning steps (2 classes, dropout 0.1, aux LM loss) on a fixed [16, 16] batch, on the mesh
     ``config.mesh`` names: the losses, the final state and the step's jaxpr."""
-    config = finetune.with_defaults(dict(dropout=0.1, aux_lm_weight=0.5, optimizer=dict(learning_rate=3e-3,
-                                                                                        warmup_steps=1), **config))
+    config = finetune.FinetuneOptions.from_mapping(dict(dropout=0.1, aux_lm_weight=0.5,
+                                                        optimizer=dict(learning_rate=3e-3, warmup_steps=1), **config))
     mesh = parallel.make_mesh(config.mesh)
     params = {"lm": lm.params, "head": finetune.init_head(jax.random.key(1), 64, 2, 0.02)}
-    optimizer = training.make_optimizer(config.optimizer, 10, params)
-    state = training.initial_state(params, optimizer, mesh)
+    optimizer = training_steps.make_optimizer(config.optimizer, 10, params)
+    state = training_steps.initial_state(params, optimizer, mesh)
     step_fn = finetune.make_train_step(lm, optimizer, config, mesh)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 257, (16, 16)).astype(np.int32)
@@ -193,8 +214,8 @@ def finetune_steps(lm, steps, **config):
     batch = (ids * mask, mask, rng.integers(0, 2, 16).astype(np.int32), np.ones(16, np.float32))
     losses = []
     for _ in range(steps):
-        state, loss = step_fn(state, *parallel.shard_batch(batch, mesh))
-        losses.append(float(loss))
+        state, metrics = step_fn(state, *parallel.shard_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
     return np.array(losses), state, jax.make_jaxpr(step_fn)(state, *parallel.shard_batch(batch, mesh)).jaxpr
 
 
@@ -226,8 +247,8 @@ def test_finetuning_in_bf16_computes_in_bf16_close_to_float32(tiny_lm, finetuned
 
 
 def test_finetuning_config_is_checked():
-    assert finetune.with_defaults({"mesh": {"fsdp": 4}}).mesh.to_dict() == {"data": -1, "fsdp": 4}
+    assert finetune.FinetuneOptions.from_mapping({"mesh": {"fsdp": 4}}).mesh == {"data": -1, "fsdp": 4}
     for config, message in [({"grad_accum": 0}, "grad_accum"), ({"compute_dtype": "float16"}, "compute_dtype"),
                             ({"mesh": {"fsdp": 3}}, "does not fit")]:
         with pytest.raises(SentcompError, match=message):
-            finetune.with_defaults(config)
+            finetune.FinetuneOptions.from_mapping(config)

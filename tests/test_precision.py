@@ -249,12 +249,12 @@ def _lookup(params, inputs, mask):  # a "model" without matrix products: every d
 
 
 def _train_loss_case(loss_name, compute_dtype=jnp.float32):
-    """The training gradient (training.batch_loss) at a precision: ``(function, args)`` for ``_dot_precisions``."""
-    from sentcomp import training
+    """The training gradient (steps.batch_loss) at a precision: ``(function, args)`` for ``_dot_precisions``."""
+    from sentcomp.training import steps
 
     def case(precision):
         def loss(params):
-            return training.batch_loss(loss_name, _lookup, lambda p: p["phi"], params, _TOKENS,
+            return steps.batch_loss(loss_name, _lookup, lambda p: p["phi"], params, _TOKENS,
                                        jnp.ones((2, 4), bool), compute_dtype, precision=precision)
         return jax.value_and_grad(loss), (_TRAIN_PARAMS,)
     return case
@@ -262,7 +262,7 @@ def _train_loss_case(loss_name, compute_dtype=jnp.float32):
 
 @pytest.mark.parametrize("loss_name", ["xent", "quad"])
 def test_the_training_loss_follows_the_training_precision(loss_name):
-    """training.batch_loss passes its precision to every product of the loss and its gradient (default HIGHEST);
+    """steps.batch_loss passes its precision to every product of the loss and its gradient (default HIGHEST);
     with bf16 compute every product still accumulates in float32 and the loss is float32."""
     case = _train_loss_case(loss_name)
     assert all(p == ("HIGHEST", "HIGHEST") for p in _dot_precisions(case, "highest"))
@@ -277,12 +277,12 @@ def test_the_training_loss_follows_the_training_precision(loss_name):
 
 
 def test_training_precision_per_backend():
-    from sentcomp import training
     from sentcomp.errors import SentcompError
+    from sentcomp.training import steps
 
-    assert training.training_precision("auto", "gpu") == "high"
-    assert training.training_precision("auto", "tpu") == "high"
-    assert training.training_precision("auto", "cpu") == "highest"
-    assert training.training_precision("default") == "default"
+    assert steps.training_precision("auto", "gpu") == "high"
+    assert steps.training_precision("auto", "tpu") == "high"
+    assert steps.training_precision("auto", "cpu") == "highest"
+    assert steps.training_precision("default") == "default"
     with pytest.raises(SentcompError, match="config.matmul_precision: precision must be.*'auto'"):
-        training.training_precision("fp32")
+        steps.training_precision("fp32")

@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import models, parallel, training
+from sentcomp import models, parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.main import with_resume_may_change
 from sentcomp.models import gpt2
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
+from sentcomp.training import checkpoints, loop
+from sentcomp.training import steps as training_steps
 
 SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke"
 TINY = {  # a 2-layer d=32 byte-level GPT-2, 16 steps of 8 × 32 tokens
@@ -54,9 +56,9 @@ def _train(config, mesh, steps=3):
     lm = pretrain.build_model(config)
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
     frozen = lm.phi_param if config.init.freeze_phi else None
-    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
-    state = training.initial_state(lm.params, optimizer, mesh)
-    step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,
+    optimizer = training_steps.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
+    state = training_steps.initial_state(lm.params, optimizer, mesh)
+    step_fn = training_steps.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,
                                        COMPUTE_DTYPES[config.compute_dtype], mesh)
     rng = np.random.default_rng(0)
     losses = []
@@ -185,7 +187,7 @@ def test_a_finished_run_with_truncated_array_data_recomputes_its_last_steps_bit_
     uninterrupted parameters."""
     workdir = tmp_path / "truncated"
     shutil.copytree(uninterrupted, workdir)
-    assert all((workdir / "checkpoints" / str(step) / training.CHECKSUM_FILE).is_file() for step in (12, 16))
+    assert all((workdir / "checkpoints" / str(step) / checkpoints.CHECKSUM_FILE).is_file() for step in (12, 16))
     data = max((path for path in (workdir / "checkpoints" / "16" / "state").rglob("*")
                 if path.is_file() and path.parent.name == "d"), key=lambda path: path.stat().st_size)
     data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
@@ -234,14 +236,14 @@ def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(uninterru
     (ValueError("PERMISSION_DENIED: Error reading local file"), "other"),
 ])
 def test_restore_failures_are_classified(error, kind):
-    assert training.restore_failure(error) == kind
+    assert checkpoints.restore_failure(error) == kind
 
 
 @pytest.mark.slow
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 4, "checkpoint.every": 1,
                             "checkpoint.keep": 10})
-    with pytest.raises(training.TrainingDiverged, match=r"Training diverged at step (\d+).*last good checkpoint "
+    with pytest.raises(loop.TrainingDiverged, match=r"Training diverged at step (\d+).*last good checkpoint "
                                                         r"\(step \d+\) is kept.*Lower optimizer.learning_rate") as info:
         pretrain.run(config, tmp_path)
     diverged = int(info.value.args[0].split("step ")[1].split(":")[0])

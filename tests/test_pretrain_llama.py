@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sentcomp import models, parallel, training
+from sentcomp import models, parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.models import decoder, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.programs import pretrain
 from sentcomp.results import layout
+from sentcomp.training import steps as training_steps
 
 SPEC = f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke,family=llama"
 TINY = {  # a 2-layer d=32 byte-level Llama (2 query heads sharing 1 key/value head), 16 steps of 8 × 32 tokens
@@ -61,9 +62,9 @@ def train_steps(lm, config, steps: int):
     initial = jax.tree.map(np.array, lm.params)  # the step donates its input state
     mesh = parallel.data_mesh()
     frozen = lm.phi_param if config.init.freeze_phi else None
-    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
-    state = training.initial_state(lm.params, optimizer, mesh)
-    step_fn = training.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,
+    optimizer = training_steps.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
+    state = training_steps.initial_state(lm.params, optimizer, mesh)
+    step_fn = training_steps.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer,
                                        COMPUTE_DTYPES[config.compute_dtype], mesh)
     tokens = np.random.default_rng(0).integers(0, 257, (config.batch_size, 1, config.data.seq_len + 1), np.int32)
     losses = []

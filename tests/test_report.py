@@ -197,7 +197,7 @@ def test_cli_error_line_for_a_dir_that_is_not_a_run(make, runs, tmp_path):
 
 
 def test_training_curves_from_a_metrics_file(tmp_path):
-    """A fine-tuning metrics.jsonl as sentcomp.finetune writes it; nested rows give dotted metric names."""
+    """A fine-tuning metrics.jsonl as sentcomp.training.finetune writes it; nested rows give dotted metric names."""
     rows = [{"step": s, "train_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, "best_val": 0.6, "best_step": 10,
              "bad_evals": 0, "nested": {"a": s, "text": "x"}} for s in (10, 20, 30)]
     write(tmp_path, {"metrics.jsonl": rows})

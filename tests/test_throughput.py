@@ -1,4 +1,4 @@
-"""Throughput and MFU (sentcomp.throughput): the FLOPs formula against hand counts of the matmul parameters of
+"""Throughput and MFU (sentcomp.training.throughput): the FLOPs formula against hand counts of the matmul parameters of
 tiny GPT-2 (tied and untied Φ) and Llama configs, the MFU arithmetic, the peak table and the measured CPU peak.
 The pretraining and fine-tuning metrics rows' ``mfu`` are checked in test_pretrain.py and test_finetune.py."""
 
@@ -7,10 +7,10 @@ import types
 import jax
 import pytest
 
-from sentcomp import throughput
 from sentcomp.models import gpt2, llama, qwen2
 from sentcomp.models.decoder import DecoderConfig
 from sentcomp.models.tokenizers import byte_tokenizer
+from sentcomp.training import throughput
 
 V, T, D, L = 257, 32, 32, 2  # vocabulary, context, width, layers
 

@@ -10,15 +10,16 @@ import pytest
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from sentcomp import parallel, training
+from sentcomp import parallel
 from sentcomp.results import storage
+from sentcomp.training import tracking
 
 
 @pytest.fixture(autouse=True)
 def closed_logs(monkeypatch):
-    monkeypatch.delenv(training.WANDB_PROJECT_VARIABLE, raising=False)
+    monkeypatch.delenv(tracking.WANDB_PROJECT_VARIABLE, raising=False)
     yield
-    training.close_metrics()
+    tracking.close_metrics()
 
 
 def crc32c(data: bytes) -> int:
@@ -80,8 +81,8 @@ def test_numeric_scalars_are_on_disk_after_each_row(tmp_path):
                  ("probe/agnews/accuracy", 1, 0.5)],
                 [("loss", 2, 2.0), ("learning_rate", 2, 2e-3), ("tokens", 2, 1024.0), ("probe/sst2", 2, 0.875)]]
     for count, row in enumerate(rows, 1):
-        training.append_metrics(tmp_path, row)
-        [path] = event_files(tmp_path / training.TENSORBOARD_DIR)  # read while the writer is still open
+        tracking.append_metrics(tmp_path, row)
+        [path] = event_files(tmp_path / tracking.TENSORBOARD_DIR)  # read while the writer is still open
         events = read_event_file(path)
         assert events[0].file_version == "brain.Event:2"
         logged = scalars(events)
@@ -89,25 +90,25 @@ def test_numeric_scalars_are_on_disk_after_each_row(tmp_path):
         for (tag, step, value), (expected_tag, expected_step, expected_value) in zip(
                 logged, [entry for rows in expected[:count] for entry in rows]):
             assert (tag, step) == (expected_tag, expected_step) and value == pytest.approx(expected_value, rel=1e-6)
-    assert training.read_metrics(tmp_path) == rows
+    assert tracking.read_metrics(tmp_path) == rows
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "is_main_process", lambda: False)
-    training.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
+    tracking.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resume_purges_the_steps_it_runs_again(tmp_path):
     for step in range(1, 5):
-        training.append_metrics(tmp_path, {"step": step, "loss": float(step)})
-    training.truncate_metrics(tmp_path, 2)  # what training.resume does after restoring the step-2 checkpoint
+        tracking.append_metrics(tmp_path, {"step": step, "loss": float(step)})
+    tracking.truncate_metrics(tmp_path, 2)  # what checkpoints.resume does after restoring the step-2 checkpoint
     for step in (3, 4):
-        training.append_metrics(tmp_path, {"step": step, "loss": 10.0 * step})
-    assert training.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+        tracking.append_metrics(tmp_path, {"step": step, "loss": 10.0 * step})
+    assert tracking.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
                                                {"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0}]
 
-    first, second = event_files(tmp_path / training.TENSORBOARD_DIR)
+    first, second = event_files(tmp_path / tracking.TENSORBOARD_DIR)
     assert scalars(read_event_file(first)) == [("loss", step, float(step)) for step in range(1, 5)]
     resumed = read_event_file(second)
     # the events tensorboardX's SummaryWriter(purge_step=3) starts its file with, before any data
@@ -127,10 +128,10 @@ def test_a_resume_purges_the_steps_it_runs_again(tmp_path):
 
 
 def test_a_log_reopened_within_the_same_second_keeps_the_previous_file(tmp_path):
-    training.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
-    training.close_metrics(tmp_path)
-    training.append_metrics(tmp_path, {"step": 2, "loss": 2.0})
-    files = event_files(tmp_path / training.TENSORBOARD_DIR)
+    tracking.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
+    tracking.close_metrics(tmp_path)
+    tracking.append_metrics(tmp_path, {"step": 2, "loss": 2.0})
+    files = event_files(tmp_path / tracking.TENSORBOARD_DIR)
     assert [scalars(read_event_file(path)) for path in files] == [[("loss", 1, 1.0)], [("loss", 2, 2.0)]]
 
 
@@ -153,14 +154,14 @@ def test_weights_and_biases_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    training.append_metrics(first, {"step": 1, "loss": 1.5})
+    tracking.append_metrics(first, {"step": 1, "loss": 1.5})
     assert fake.calls == []  # no SENTCOMP_WANDB_PROJECT: no W&B
 
-    monkeypatch.setenv(training.WANDB_PROJECT_VARIABLE, "sentcomp-tests")
-    training.append_metrics(first, {"step": 2, "loss": 1.25, "probe": {"sst2": 0.5}, "note": "x"})
-    training.append_metrics(first, {"step": 3, "loss": 1.0})
-    training.append_metrics(second, {"step": 1, "loss": 4.0})  # one W&B run at a time: the first one finishes
-    training.close_metrics()
+    monkeypatch.setenv(tracking.WANDB_PROJECT_VARIABLE, "sentcomp-tests")
+    tracking.append_metrics(first, {"step": 2, "loss": 1.25, "probe": {"sst2": 0.5}, "note": "x"})
+    tracking.append_metrics(first, {"step": 3, "loss": 1.0})
+    tracking.append_metrics(second, {"step": 1, "loss": 4.0})  # one W&B run at a time: the first one finishes
+    tracking.close_metrics()
     first_id = storage.content_hash(str(first.resolve()))
     assert fake.calls == [
         ("init", {"project": "sentcomp-tests", "name": "first", "dir": str(first.resolve()), "resume": "allow",
@@ -174,13 +175,13 @@ def test_weights_and_biases_only_when_asked(tmp_path, monkeypatch):
         ("finish", "second"),
     ]
     fake.calls.clear()
-    training.append_metrics(first, {"step": 4, "loss": 0.5})  # a later process resumes the same W&B run
+    tracking.append_metrics(first, {"step": 4, "loss": 0.5})  # a later process resumes the same W&B run
     assert fake.calls[0][1]["id"] == first_id
 
 
 def test_weights_and_biases_asked_but_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    monkeypatch.setenv(training.WANDB_PROJECT_VARIABLE, "sentcomp-tests")
+    monkeypatch.setenv(tracking.WANDB_PROJECT_VARIABLE, "sentcomp-tests")
     with pytest.warns(UserWarning, match="wandb is not installed"):
-        training.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
-    assert training.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+        tracking.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
+    assert tracking.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]

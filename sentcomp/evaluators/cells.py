@@ -22,7 +22,7 @@ NOT_DETERMINING = ("program", "tasks", "columns", "batch_size", "bert.enabled", 
                    "zeroshot.rule", "prompt_probes.templates", "prompt_probes.shots", "resume_may_change",
                    "probe.p_f_memory_gb")
 # The code behind a cell's value once features exist (features carry their own code fingerprint).
-RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.finetune", "sentcomp.kernels.logistic",
+RESULT_CODE = ("sentcomp.probe", "sentcomp.zeroshot", "sentcomp.training.finetune", "sentcomp.kernels.logistic",
                "sentcomp.kernels.lbfgs", "sentcomp.kernels.ridge", "sentcomp.kernels.linear")
 
 

@@ -1,5 +1,5 @@
 """The fine-tuning column (``config.ft``, off by default): the LM + a linear head on the last token trained end to
-end (:func:`sentcomp.finetune.finetune_accuracy`), on both rows, each run in its own resumable workdir
+end (:func:`sentcomp.training.finetune.finetune_accuracy`), on both rows, each run in its own resumable workdir
 ``workdir/finetune/<row>-<split>``."""
 
 from __future__ import annotations
@@ -11,25 +11,26 @@ from sentcomp.data.tasks import Task
 from sentcomp.evaluators.base import Evaluator, ModelLoader
 from sentcomp.evaluators.cells import CellLog, cell_key
 from sentcomp.evaluators.task_data import TaskData
+from sentcomp.training.finetune import FinetuneOptions
 
 FINETUNE = "finetune"
 
 
-def finetune_config(config, n_train: int, prompt: str | None) -> dict:
-    """:func:`sentcomp.finetune.finetune_accuracy`'s config from ``config.ft`` (``num_epochs`` > 0 sets
+def finetune_config(config, n_train: int, prompt: str | None) -> FinetuneOptions:
+    """:func:`sentcomp.training.finetune.finetune_accuracy`'s options from ``config.ft`` (``num_epochs`` > 0 sets
     ``max_steps`` = ⌈epochs · N_train / batch⌉)."""
     ft = config.ft.to_dict()
     ft.pop("enabled")
     epochs = ft.pop("num_epochs", 0)
     if epochs > 0:
-        ft["max_steps"] = max(1, -(-int(epochs * n_train) // ft.get("batch_size", 32)))
-    return {"prompt": prompt, "max_length": config.max_length, "seed": config.seed, **ft}
+        ft["max_steps"] = max(1, -(-int(epochs * n_train) // ft.get("batch_size", FinetuneOptions.batch_size)))
+    return FinetuneOptions.from_mapping({"prompt": prompt, "max_length": config.max_length, "seed": config.seed, **ft})
 
 
 def finetune_cells(config, task: Task, pairs, prompt: str | None, workdir: Path, lm_loader,
                    log: CellLog) -> Iterable[dict]:
     """Cells of the fine-tuning column, one per split not yet in ``log``."""
-    from sentcomp.finetune import finetune_accuracy
+    from sentcomp.training.finetune import finetune_accuracy
 
     row = task.name + ("*" if prompt is not None else "")
     for repeat, (train, test) in enumerate(pairs):

@@ -98,7 +98,7 @@ class FamilyFacts:
       lookups: every top-level parameter that is an input lookup (a gather, no FLOPs: token, position, token-type
         embeddings), ``input_embedding`` among them.
       attention_shape: ``config -> (n_layer, d_attn)``, the layer count and attention width (heads × head size)
-        of the FLOPs formula (:mod:`sentcomp.throughput`).
+        of the FLOPs formula (:mod:`sentcomp.training.throughput`).
       untied_phi: the top-level parameter of an untied Φ ``[V, d]``; None if the family never unties it.
       output_head: top-level parameters only the output projection uses (BERT's MLM transform), left out of the
         FLOPs of training that computes no word logits.

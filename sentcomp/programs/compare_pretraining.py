@@ -45,7 +45,7 @@ from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.results import layout, plots, storage
 from sentcomp.results.tables import markdown_table
-from sentcomp.training import read_metrics
+from sentcomp.training.tracking import read_metrics
 
 FIGURES = {"tokens": "accuracy_vs_tokens.png", "val_xent": "accuracy_vs_val_xent.png"}
 AXIS_TITLES = {"tokens": "training tokens", "val_xent": "validation cross-entropy (nats/token)"}

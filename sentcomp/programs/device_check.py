@@ -24,11 +24,11 @@ independent reference: float64 numpy, scikit-learn, or the same computation done
   seeded Gaussian features: test accuracy (difference, in test examples) and the coefficients (``rel``).
 * ``pretraining``: ``num_steps`` steps of :mod:`sentcomp.training` (``make_optimizer``, ``make_train_step``, the
   data plan) on a small GPT-2 and random tokens, with an Orbax checkpoint saved at ``checkpoint_step`` and
-  restored by ``training.resume``: the restored parameters against the saved ones, and the parameters after
+  restored by ``checkpoints.resume``: the restored parameters against the saved ones, and the parameters after
   continuing from the restore against an uninterrupted run (max |Δ|).
 * ``features``: :func:`sentcomp.features.extract_features` (f, Φp_f, log Z of seeded texts under the small
   GPT-2) on one device per process against all devices (``rel``).
-* ``throughput``: tokens/s and model FLOPs utilisation (:mod:`sentcomp.throughput`) of the GPT-2 forward pass
+* ``throughput``: tokens/s and model FLOPs utilisation (:mod:`sentcomp.training.throughput`) of the GPT-2 forward pass
   (f(s), no output projection) and of a train step (the pretraining rows' loss and optimiser), in
   ``compute_dtype``, data-parallel over every device: informational rows that pass when they ran and are finite.
 * ``multihost``: the kernels on a globally sharded batch give the numbers one process gives (formerly the
@@ -70,11 +70,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from sklearn.linear_model import LogisticRegression
 
-from sentcomp import features, kernels, parallel, probe, throughput, training
+from sentcomp import features, kernels, parallel, probe
 from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import layout, storage
+from sentcomp.training import checkpoints, steps, throughput
 
 CHECKS = ("kernels", "identities", "forward", "probe", "pretraining", "features", "multihost", "throughput")
 SCRATCH = "pretraining_check"
@@ -303,7 +304,7 @@ def probe_checks(cfg, tolerance, seed: int) -> list[Check]:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """The optimiser and jitted train step of a model (:func:`sentcomp.training.make_train_step`)."""
+    """The optimiser and jitted train step of a model (:func:`sentcomp.training.steps.make_train_step`)."""
 
     optimizer: Any
     step: Any
@@ -312,12 +313,12 @@ class Trainer:
     def build(cls, lm: LanguageModel, config, mesh) -> Trainer:
         """``config.pretraining.loss``, ``config.optimizer`` over ``config.pretraining.num_steps``, in
         ``config.compute_dtype``, data-parallel over ``mesh``."""
-        optimizer = training.make_optimizer(config.optimizer, config.pretraining.num_steps, lm.params)
-        return cls(optimizer, training.make_train_step(config.pretraining.loss, lm.hidden_fn, lm.phi_fn, optimizer,
+        optimizer = steps.make_optimizer(config.optimizer, config.pretraining.num_steps, lm.params)
+        return cls(optimizer, steps.make_train_step(config.pretraining.loss, lm.hidden_fn, lm.phi_fn, optimizer,
                                                        COMPUTE_DTYPES[config.compute_dtype], mesh))
 
 
-def train(step_fn, state, plan: training.DataPlan, mesh, start: int, stop: int):
+def train(step_fn, state, plan: steps.DataPlan, mesh, start: int, stop: int):
     """``state`` after the steps ``start .. stop − 1`` of ``plan``."""
     for step in range(start, stop):
         state, _ = step_fn(state, parallel.global_batch(plan.local_tokens(step), mesh))
@@ -325,26 +326,27 @@ def train(step_fn, state, plan: training.DataPlan, mesh, start: int, stop: int):
 
 
 def pretraining_checks(lm: LanguageModel, trainer: Trainer, config, mesh, directory: Path) -> list[Check]:
-    """Save at ``checkpoint_step``, restore with ``training.resume``, continue: equal to saved and to uninterrupted."""
+    """Save at ``checkpoint_step``, restore with ``checkpoints.resume``, continue: equal to saved and to
+    uninterrupted."""
     cfg, tolerance = config.pretraining, config.tolerance
     if parallel.is_main_process() and directory.exists():
         shutil.rmtree(directory)
     parallel.sync("sentcomp_device_check_scratch")
     blocks = random_tokens((4 * cfg.batch_size, cfg.seq_len + 1), lm.config.vocab_size, config.seed)
-    plan = training.DataPlan(blocks, cfg.batch_size, 1, config.seed, parallel.host_row_indices(cfg.batch_size, mesh))
+    plan = steps.DataPlan(blocks, cfg.batch_size, 1, config.seed, parallel.host_row_indices(cfg.batch_size, mesh))
     host_params = jax.device_get(lm.params)  # the train step donates its state: start each run from a copy
 
     def fresh():
-        return training.initial_state(host_params, trainer.optimizer, mesh)
+        return steps.initial_state(host_params, trainer.optimizer, mesh)
 
     uninterrupted = parallel.fetch(train(trainer.step, fresh(), plan, mesh, 0, cfg.num_steps)["params"])
-    manager, state, _ = training.resume(directory, fresh(), every=1, keep=1)
+    manager, state, _ = checkpoints.resume(directory, fresh(), every=1, keep=1)
     state = train(trainer.step, state, plan, mesh, 0, cfg.checkpoint_step)
     saved = parallel.fetch(state["params"])
-    training.save_checkpoint(manager, state, {"step": cfg.checkpoint_step})
+    checkpoints.save_checkpoint(manager, state, {"step": cfg.checkpoint_step})
     manager.wait_until_finished()
     manager.close()
-    manager, restored, meta = training.resume(directory, fresh(), every=1, keep=1)
+    manager, restored, meta = checkpoints.resume(directory, fresh(), every=1, keep=1)
     manager.close()
     if meta is None or meta["step"] != cfg.checkpoint_step:
         raise SentcompError(f"The device check's checkpoint in {directory} was not found after saving it: "
@@ -499,7 +501,7 @@ def throughput_checks(lm: LanguageModel, trainer: Trainer, config, mesh) -> list
     mask = jnp.ones_like(inputs)
     forward_seconds = timed(lambda: forward(params, inputs, mask).block_until_ready(), cfg.repeats)
 
-    state = training.initial_state(jax.device_get(lm.params), trainer.optimizer, mesh)  # donated by the steps
+    state = steps.initial_state(jax.device_get(lm.params), trainer.optimizer, mesh)  # donated by the steps
 
     def train_step():
         nonlocal state

@@ -8,11 +8,13 @@ train blocks with ``config.objective``:
 
 * ``soft_xent``: ``E_s[H(p̃_T(.|s), p_f(.|s))]`` (:func:`sentcomp.kernels.soft_xent_loss`);
 * ``soft_quad``: ``E_s[−f(s)ᵀΦp̃_T + ½‖Φᵀf(s)‖²]`` (:func:`sentcomp.kernels.soft_quad_loss`);
-* ``xent`` / ``quad``: the paper's objectives on the observed next word (:data:`sentcomp.training.LOSSES`).
+* ``xent`` / ``quad``: the paper's objectives on the observed next word (:data:`sentcomp.training.steps.LOSSES`).
 
 The step, optimiser, data order, checkpoints and metrics log are :mod:`sentcomp.training`'s (the pretraining
-program's machinery): step ``t`` reads the blocks at stream positions ``t·B ..`` of ``config.data.seed``, so every
-student with the same seed and batch size sees the same blocks in the same order.
+program's machinery; the steps run in :func:`sentcomp.training.loop.train_loop`, whose divergence check stops a
+non-finite run with ``TrainingDiverged``, the last good checkpoint kept): step ``t`` reads the blocks at stream
+positions ``t·B ..`` of ``config.data.seed``, so every student with the same seed and batch size sees the same
+blocks in the same order.
 
 **At each step of ``config.eval_steps``** (0, the untrained student, included; and the last step) one line of
 ``metrics.jsonl`` gets, on the first ``eval_blocks`` validation blocks (held-out text): ``epsilon``
@@ -21,20 +23,19 @@ student with the same seed and batch size sees the same blocks in the same order
 objective's own validation loss (ε for ``soft_xent``, the excess Quad loss for ``soft_quad``: each equals the
 soft loss minus a constant of the teacher; ``val_xent`` / ``val_quad`` for the hard objectives), the only number
 for choosing a learning rate; and ``bound``: :func:`sentcomp.teacher.bound_check` on the task's contexts (γ = 1,
-exact inequality). The weights are written to ``snapshots/step_<N>/`` (HF layout + tokenizer) for the Table-1
+exact inequality); the rows after step 0 also hold the training loop's ``train_loss``, ``tokens_per_s``, ``mfu``
+and ``train_seconds``. The weights are written to ``snapshots/step_<N>/`` (HF layout + tokenizer) for the Table-1
 stages, and a checkpoint is saved. Re-running resumes from the last checkpoint; an evaluation already logged is
 not repeated.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from sentcomp import kernels, models, parallel
@@ -42,28 +43,11 @@ from sentcomp import teacher as teacher_lib
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models.base import COMPUTE_DTYPES, cast_floats
-from sentcomp.results import storage
-from sentcomp.training import (
-    LOSSES,
-    DataPlan,
-    TrainingDiverged,
-    append_metrics,
-    initial_state,
-    make_batch_train_step,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
-    read_metrics,
-    resume,
-    resume_settings,
-    save_checkpoint,
-    validation_batches,
-    validation_losses,
-)
+from sentcomp.results import layout, storage
+from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
 SOFT_LOSSES = {"soft_xent": kernels.soft_xent_loss, "soft_quad": kernels.soft_quad_loss}
-OBJECTIVES = (*SOFT_LOSSES, *LOSSES)
-RESULTS_FILE = "results.json"
+OBJECTIVES = (*SOFT_LOSSES, *steps.LOSSES)
 SNAPSHOTS = "snapshots"
 
 
@@ -93,7 +77,7 @@ def soft_train_step(objective, lm, optimizer, compute_dtype, mesh):
         hidden = lm.hidden_fn(params, inputs, jnp.ones_like(inputs))
         return loss(hidden, lm.phi_fn(params), ids, probs, jnp.ones(inputs.shape, bool))
 
-    return make_batch_train_step(loss_fn, optimizer, mesh)
+    return steps.make_batch_train_step(loss_fn, optimizer, mesh)
 
 
 def block_hidden(lm, params, blocks: np.ndarray, batch: int) -> np.ndarray:
@@ -118,7 +102,7 @@ def evaluate(config, lm, params, teacher, eval_step, val_batches, mesh) -> dict:
     frontier = {"max_norm": teacher["frontier_max_norm"], "word_weights": teacher["frontier_word_weights"]}
     row = {"epsilon": teacher_lib.per_block_estimate(divergences["kl"]),
            "quad_excess": teacher_lib.per_block_estimate(divergences["quad_excess"]),
-           **validation_losses(eval_step, params, val_batches, mesh),
+           **steps.validation_losses(eval_step, params, val_batches, mesh),
            "bound": teacher_lib.bound_check(task_hidden, phi, teacher["task_hidden"], teacher["phi"],
                                             teacher["task_labels"], frontier)}
     row["val_loss"] = {"soft_xent": row["epsilon"]["mean"], "soft_quad": row["quad_excess"]["mean"],
@@ -176,68 +160,58 @@ def run(config, workdir) -> dict:
     soft = config.objective in SOFT_LOSSES
     targets = teacher_lib.read_targets(targets_dir / teacher["results"]["targets_folder"]) if soft else None
     train = teacher["train_blocks"]
-    plan = DataPlan(train, micro_batch, config.grad_accum, config.data.seed,
-                    parallel.host_row_indices(micro_batch, mesh))
+    plan = steps.DataPlan(train, micro_batch, config.grad_accum, config.data.seed,
+                          parallel.host_row_indices(micro_batch, mesh))
     eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
-    val_batches = validation_batches(teacher["validation_blocks"], 0, eval_batch,
-                                     parallel.host_row_indices(eval_batch, mesh))
+    val_batches = steps.validation_batches(teacher["validation_blocks"], 0, eval_batch,
+                                           parallel.host_row_indices(eval_batch, mesh))
 
-    optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params)
-    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
-    manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
-                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds)
+    optimizer = steps.make_optimizer(config.optimizer, config.num_steps, lm.params)
+    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": checkpoints.resume_settings(config)}
+    manager, state, meta = checkpoints.resume(workdir, steps.initial_state(lm.params, optimizer, mesh),
+                                              config.checkpoint.every, config.checkpoint.keep,
+                                              config.checkpoint.asynchronous, expected=seeds)
     start = int(parallel.fetch(state["step"]))
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
     train_step = (soft_train_step(config.objective, lm, optimizer, compute_dtype, mesh) if soft
-                  else make_train_step(config.objective, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh))
-    eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
+                  else steps.make_train_step(config.objective, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype,
+                                             mesh))
+    eval_step = steps.make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     eval_steps = sorted({*config.eval_steps, config.num_steps})
-    evaluated = {row["step"] for row in read_metrics(workdir) if "epsilon" in row}
-    losses, seconds = [], 0.0
+    seq_len = train.shape[1] - 1
+    tokens_per_step = config.batch_size * seq_len
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, seq_len)
 
-    def local_batch(step):
+    def batch(step: int) -> loop.Batch:
         indices = plan.local_indices(step)
-        tokens = train[indices]
-        if not soft:
-            return tokens
-        return tokens, targets["ids"][indices].astype(np.int32), targets["probs"][indices]
+        local = train[indices] if not soft else (train[indices], targets["ids"][indices].astype(np.int32),
+                                                 targets["probs"][indices])
+        return loop.Batch((parallel.global_batch(local, mesh),), tokens_per_step, flops_per_step)
 
-    bar = tqdm(total=config.num_steps, initial=start, desc=f"distill {config.objective}", unit="step",
-               disable=not (config.progress and parallel.is_main_process()))
-    for step in range(start, config.num_steps + 1):
-        if step in eval_steps and step not in evaluated:
-            row = {"step": step, "tokens": step * config.batch_size * (train.shape[1] - 1),
-                   **({"train_loss": float(np.mean(losses)), "train_seconds": seconds} if losses else {}),
-                   **evaluate(config, lm, state["params"], teacher, eval_step, val_batches, mesh)}
-            append_metrics(workdir, row)
-            save_snapshot(lm, state["params"], workdir, step)
-            save_checkpoint(manager, state, {"step": step, **plan.position(step), **seeds})
-            losses, seconds = [], 0.0
-        if step == config.num_steps:
-            break
-        began = time.perf_counter()
-        state, metrics = train_step(state, parallel.global_batch(local_batch(step), mesh))
-        metrics = parallel.fetch(metrics)
-        seconds += time.perf_counter() - began
-        if not (np.isfinite(metrics["loss"]) and metrics["params_finite"]):
-            manager.wait_until_finished()
-            raise TrainingDiverged(f"Training diverged at step {step + 1} (loss {float(metrics['loss'])}); the last "
-                                   f"checkpoint in {manager.directory} is kept. Lower config.optimizer.learning_rate "
-                                   f"(now {config.optimizer.learning_rate}).")
-        losses.append(float(metrics["loss"]))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if (step + 1) % config.checkpoint.every == 0 and step + 1 not in eval_steps:
-            save_checkpoint(manager, state, {"step": step + 1, **plan.position(step + 1), **seeds})
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    rows = [row for row in read_metrics(workdir) if "epsilon" in row] if parallel.is_main_process() else [{}]
+    def evaluate_now(step: int, params) -> dict:
+        row = {"tokens": step * tokens_per_step, **evaluate(config, lm, params, teacher, eval_step, val_batches, mesh)}
+        save_snapshot(lm, params, workdir, step)
+        return row
+
+    checkpoint_meta = lambda step: {"step": step, **plan.position(step), **seeds}  # noqa: E731
+    evaluated = {row["step"] for row in tracking.read_metrics(workdir) if "epsilon" in row}
+    if start == 0 and 0 in eval_steps and 0 not in evaluated:  # the untrained student: no training row
+        tracking.append_metrics(workdir, {"step": 0, **evaluate_now(0, state["params"])})
+        checkpoints.save_checkpoint(manager, state, checkpoint_meta(0))
+    loop.train_loop(
+        state, train_step, batch, start, config.num_steps,
+        [loop.at_steps(eval_steps, lambda done: evaluate_now(done.step, done.state["params"]))],
+        workdir=workdir, name=f"distill {config.objective}", progress=config.progress,
+        checkpointing=loop.Checkpointing(manager, checkpoint_meta, every=config.checkpoint.every, with_rows=True),
+        hardware=loop.Throughput(throughput.peak_flops(jax.local_devices()[0]), mesh.size),
+        last_saved=start if meta is not None else None,
+        hint=f"Lower config.optimizer.learning_rate (now {config.optimizer.learning_rate}).")
+    rows = [row for row in tracking.read_metrics(workdir) if "epsilon" in row] if parallel.is_main_process() else [{}]
     final = rows[-1]
     results = {"objective": config.objective, "steps": config.num_steps, "val_loss": final.get("val_loss"),
                "epsilon": final.get("epsilon", {}).get("mean"), "quad_excess": final.get("quad_excess", {}).get("mean"),
                "bound_holds_at_every_step": all(row["bound"]["holds"] for row in rows),
                "snapshots": {str(row["step"]): str(snapshot_dir(workdir, row["step"])) for row in rows}}
     if parallel.is_main_process():
-        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
     return {key: results[key] for key in ("val_loss", "epsilon", "quad_excess", "bound_holds_at_every_step")}

@@ -7,8 +7,8 @@
 branch), packs ``config.corpus`` (:mod:`sentcomp.data.corpora`: a corpus config as pretraining uses) with the
 model's own tokenizer into blocks of ``config.seq_len + 1`` tokens (cached in ``workdir/corpus``), and averages
 the next-token cross-entropy over every target position of the first ``config.eval_blocks`` validation blocks
-(all if ≤ 0), data-parallel, with training's own eval step (:func:`sentcomp.training.make_eval_step`,
-:func:`sentcomp.training.validation_losses`): the number a pretraining run logs as ``val_xent``.
+(all if ≤ 0), data-parallel, with training's own eval step (:func:`sentcomp.training.steps.make_eval_step`,
+:func:`sentcomp.training.steps.validation_losses`): the number a pretraining run logs as ``val_xent``.
 
 Writes ``results.json``: ``val_xent`` (nats/token), ``val_perplexity`` (``exp(val_xent)``), ``tokens`` (target
 positions averaged over), ``blocks``, ``parameters`` (the model's parameter count), and ``model``, ``revision``,
@@ -30,7 +30,7 @@ from sentcomp.data import corpora
 from sentcomp.errors import SentcompError
 from sentcomp.models.base import COMPUTE_DTYPES
 from sentcomp.results import layout, storage
-from sentcomp.training import make_eval_step, validation_batches, validation_losses
+from sentcomp.training.steps import make_eval_step, validation_batches, validation_losses
 
 
 def check_config(config) -> None:

@@ -35,9 +35,9 @@ checkpointed, resumable.
 ``CheckpointManager``: every ``checkpoint.every`` steps and at the end, the last ``checkpoint.keep``, written
 asynchronously; each holds params, optimiser state, step, and as JSON the data position and seeds),
 ``metrics.jsonl`` (one line per ``eval_every`` steps: train loss, validation cross-entropy and Quad loss,
-tokens/s and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.throughput`), learning rate, gradient norm, and
-the downstream probe's accuracies when it ran), ``curves.png`` (the losses, validation metrics and probe
-accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.results.plots`),
+tokens/s, step time ``train_seconds`` and model FLOPs utilisation ``mfu`` (:mod:`sentcomp.training.throughput`),
+learning rate, gradient norm, and the downstream probe's accuracies when it ran), ``curves.png`` (the losses,
+validation metrics and probe accuracies of ``metrics.jsonl`` against the step, :mod:`sentcomp.results.plots`),
 ``results.json`` (headline, with ``data_stream_sha256``: a digest of every token the run read, in order, so two
 runs can prove they saw the same data), ``model/`` (final weights in the family's Hugging Face layout, loadable by
 ``sentcomp.models.load`` with the Quad head, and by transformers' ``AutoModelForCausalLM``, which ignores it).
@@ -48,8 +48,12 @@ would have. A latest checkpoint that cannot be read is moved to ``checkpoints_co
 previous one is used. The model has no dropout, so the data order is the run's only randomness: the seeds and
 the data position in the checkpoint are what make resumption exact (a resume with other seeds is refused).
 
-**Divergence**: a non-finite loss or parameters stop the run with :class:`TrainingDiverged` naming the step;
-no checkpoint is written from then on, so the last good one stays the latest.
+**The loop**: the steps run in :func:`sentcomp.training.loop.train_loop` (progress bar, timing, throughput,
+metrics rows, checkpoints); the validation losses and the probe are its ``every(eval_every, ...)`` hook.
+
+**Divergence**: a non-finite loss or parameters stop the run with
+:class:`~sentcomp.training.loop.TrainingDiverged` naming the step; no checkpoint is written from then on, so the
+last good one stays the latest.
 
 **Downstream probe** (``probe.every`` > 0): features ``f(s)`` and ``Φp_f(s)`` of a task's texts + its prompt from
 the current weights (:func:`sentcomp.features.extract_features`), a linear probe on each
@@ -60,44 +64,24 @@ accuracy-vs-loss curves come out of one run.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from sentcomp import models, parallel, throughput
+from sentcomp import models, parallel
 from sentcomp import probe as probe_lib
 from sentcomp.data import corpora, get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import ExtractionOptions, extract_features
 from sentcomp.models import layers, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel
-from sentcomp.results import plots, storage
-from sentcomp.training import (
-    LOSSES,
-    DataPlan,
-    TrainingDiverged,
-    append_metrics,
-    initial_state,
-    learning_rate_schedule,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
-    read_metrics,
-    resume,
-    resume_settings,
-    save_checkpoint,
-    training_precision,
-    validation_batches,
-    validation_losses,
-)
+from sentcomp.results import layout, plots, storage
+from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
 TOKENIZERS = {"gpt2": "gpt2_tokenizer", "bytes": "byte_tokenizer"}  # config.tokenizer -> sentcomp.models.tokenizers
-RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 
 
@@ -223,8 +207,8 @@ def probe_accuracies(lm: LanguageModel, params, probe, data, mesh) -> dict[str, 
 
 
 def check_config(config) -> None:
-    if config.loss not in LOSSES:
-        raise SentcompError(f"config.loss must be one of {sorted(LOSSES)}, got {config.loss!r}.")
+    if config.loss not in steps.LOSSES:
+        raise SentcompError(f"config.loss must be one of {sorted(steps.LOSSES)}, got {config.loss!r}.")
     pretrainable = [name for name in models.causal_families() if models.facts(name).pretrain_config is not None]
     if config.model.family not in pretrainable:
         raise SentcompError(f"Unknown config.model.family {config.model.family!r}; choose one of {pretrainable}.")
@@ -246,7 +230,7 @@ def check_config(config) -> None:
                             f"grad_accum={config.grad_accum}.")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
         raise SentcompError("config.checkpoint.every and config.checkpoint.keep must be ≥ 1.")
-    training_precision(config.get("matmul_precision", "auto"))
+    steps.training_precision(config.get("matmul_precision", "auto"))
     parallel.mesh_shape(config.get("mesh"), jax.device_count())
 
 
@@ -267,83 +251,60 @@ def run(config, workdir) -> dict[str, Any]:
         raise SentcompError(f"The corpus has token ids up to {int(blocks['train'].max())} but the model only "
                             f"{lm.config.vocab_size} embeddings; use a tokenizer matching the model.")
     host_rows = parallel.host_row_indices(micro_batch, mesh)
-    plan = DataPlan(blocks["train"], micro_batch, config.grad_accum, config.data.seed, host_rows)
+    plan = steps.DataPlan(blocks["train"], micro_batch, config.grad_accum, config.data.seed, host_rows)
     eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
-    val_batches = validation_batches(blocks["validation"], config.eval_blocks, eval_batch,
+    val_batches = steps.validation_batches(blocks["validation"], config.eval_blocks, eval_batch,
                                      parallel.host_row_indices(eval_batch, mesh))
 
     frozen = lm.phi_param if config.init.freeze_phi else None
-    optimizer = make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
-    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": resume_settings(config)}
-    manager, state, meta = resume(workdir, initial_state(lm.params, optimizer, mesh), config.checkpoint.every,
-                                  config.checkpoint.keep, config.checkpoint.asynchronous, expected=seeds,
-                                  may_change=config.get("resume_may_change", ()))
+    optimizer = steps.make_optimizer(config.optimizer, config.num_steps, lm.params, frozen)
+    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": checkpoints.resume_settings(config)}
+    manager, state, meta = checkpoints.resume(workdir, steps.initial_state(lm.params, optimizer, mesh),
+                                              config.checkpoint.every, config.checkpoint.keep,
+                                              config.checkpoint.asynchronous, expected=seeds,
+                                              may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
 
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
-    train_step = make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh,
-                                 precision=training_precision(config.get("matmul_precision", "auto")))
-    eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
+    train_step = steps.make_train_step(config.loss, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype, mesh,
+                                       precision=steps.training_precision(config.get("matmul_precision", "auto")))
+    eval_step = steps.make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
-    schedule = learning_rate_schedule(config.optimizer, config.num_steps)
+    schedule = steps.learning_rate_schedule(config.optimizer, config.num_steps)
     tokens_per_step = config.batch_size * config.data.seq_len
-    flops_per_token = throughput.lm_flops_per_token(lm, config.data.seq_len)
-    peak = throughput.peak_flops(jax.local_devices()[0])
-    last_saved = start if meta is not None else None
-    losses, train_seconds, row = [], 0.0, None
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, config.data.seq_len)
 
-    bar = tqdm(total=config.num_steps, initial=start, desc=f"pretrain {config.loss}", unit="step",
-               disable=not (config.progress and parallel.is_main_process()))
-    for step in range(start, config.num_steps):
-        tokens = parallel.global_batch(plan.local_tokens(step), mesh)
-        began = time.perf_counter()
-        state, metrics = train_step(state, tokens)
-        metrics = parallel.fetch(metrics)
-        seconds = time.perf_counter() - began
-        train_seconds += seconds
-        done = step + 1
-        if not (np.isfinite(metrics["loss"]) and metrics["params_finite"]):
-            manager.wait_until_finished()
-            kept = f"the last good checkpoint (step {last_saved}) is kept in {manager.directory}" if last_saved \
-                else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"Training diverged at step {done}: loss {float(metrics['loss'])}"
-                f"{'' if metrics['params_finite'] else ', non-finite parameters'}; {kept}. Lower "
-                f"optimizer.learning_rate (now {config.optimizer.learning_rate}) or optimizer.clip_norm, "
-                "or use float32.")
-        losses.append(float(metrics["loss"]))
-        bar.update(1)
-        speed = tokens_per_step / max(seconds, 1e-9)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{speed:.3g}",
-                        mfu=f"{throughput.mfu(speed, flops_per_token, peak, mesh.size):.1%}")
-        if done % config.eval_every == 0 or done == config.num_steps:
-            tokens_per_s = len(losses) * tokens_per_step / max(train_seconds, 1e-9)
-            row = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(losses)),
-                   **validation_losses(eval_step, state["params"], val_batches, mesh),
-                   "tokens_per_s": tokens_per_s,
-                   "mfu": throughput.mfu(tokens_per_s, flops_per_token, peak, mesh.size),
-                   "learning_rate": float(schedule(step)), "grad_norm": float(metrics["grad_norm"])}
-            row["val_loss"] = row[f"val_{config.loss}"]
-            if probe_data is not None and (done % config.probe.every == 0 or done == config.num_steps):
-                whole = parallel.replicate(state["params"], mesh)  # feature extraction takes replicated weights
-                row.update(probe_accuracies(lm, whole, config.probe, probe_data, mesh))
-            append_metrics(workdir, row)
-            losses, train_seconds = [], 0.0
-        if done % config.checkpoint.every == 0 or done == config.num_steps:
-            save_checkpoint(manager, state, {"step": done, **plan.position(done), **seeds})
-            last_saved = done
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
+    def batch(step: int) -> loop.Batch:
+        return loop.Batch((parallel.global_batch(plan.local_tokens(step), mesh),), tokens_per_step, flops_per_step)
+
+    def evaluate(done: loop.StepDone) -> dict[str, Any]:
+        row = {"tokens": done.step * tokens_per_step,
+               **steps.validation_losses(eval_step, done.state["params"], val_batches, mesh),
+               "learning_rate": float(schedule(done.step - 1)), "grad_norm": float(done.metrics["grad_norm"])}
+        row["val_loss"] = row[f"val_{config.loss}"]
+        if probe_data is not None and (done.step % config.probe.every == 0 or done.step == config.num_steps):
+            whole = parallel.replicate(done.state["params"], mesh)  # feature extraction takes replicated weights
+            row.update(probe_accuracies(lm, whole, config.probe, probe_data, mesh))
+        return row
+
+    state, _ = loop.train_loop(
+        state, train_step, batch, start, config.num_steps, [loop.every(config.eval_every, evaluate)],
+        workdir=workdir, name=f"pretrain {config.loss}", progress=config.progress,
+        checkpointing=loop.Checkpointing(manager, lambda step: {"step": step, **plan.position(step), **seeds},
+                                         every=config.checkpoint.every),
+        hardware=loop.Throughput(throughput.peak_flops(jax.local_devices()[0]), mesh.size),
+        last_saved=start if meta is not None else None,
+        hint=f"Lower optimizer.learning_rate (now {config.optimizer.learning_rate}) or optimizer.clip_norm, or use "
+             "float32.")
     return finish(config, workdir, lm, state, plan)
 
 
-def stream_digest(plan: DataPlan, steps: int, chunk: int = 1 << 14) -> str:
-    """SHA-256 of the token stream ``steps`` steps read: the token ids of the blocks at stream positions
-    ``0 .. steps·B − 1`` in order (``B`` = global batch; step ``t`` reads positions ``t·B .. t·B + B − 1``,
+def stream_digest(plan: steps.DataPlan, num_steps: int, chunk: int = 1 << 14) -> str:
+    """SHA-256 of the token stream ``num_steps`` steps read: the token ids of the blocks at stream positions
+    ``0 .. num_steps·B − 1`` in order (``B`` = global batch; step ``t`` reads positions ``t·B .. t·B + B − 1``,
     :func:`sentcomp.data.corpora.block_indices`). Two runs with equal digests trained on identical data."""
     digest = hashlib.sha256()
-    total = steps * plan.global_batch
+    total = num_steps * plan.global_batch
     for start in range(0, total, chunk):
         positions = np.arange(start, min(start + chunk, total))
         digest.update(np.ascontiguousarray(plan.blocks[corpora.block_indices(positions, len(plan.blocks),
@@ -351,9 +312,9 @@ def stream_digest(plan: DataPlan, steps: int, chunk: int = 1 << 14) -> str:
     return digest.hexdigest()
 
 
-def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> dict[str, Any]:
+def finish(config, workdir: Path, lm: LanguageModel, state, plan: steps.DataPlan) -> dict[str, Any]:
     """Writes ``results.json``, ``curves.png`` and the final weights (``model/``, HF layout); returns the headline."""
-    metrics = read_metrics(workdir) if parallel.is_main_process() else [{}]
+    metrics = tracking.read_metrics(workdir) if parallel.is_main_process() else [{}]
     final = metrics[-1]
     step = int(parallel.fetch(state["step"]))
     results = {"loss": config.loss, "steps": step, "tokens": step * config.batch_size * config.data.seq_len,
@@ -363,7 +324,7 @@ def finish(config, workdir: Path, lm: LanguageModel, state, plan: DataPlan) -> d
     trained = lm.replace(params=parallel.fetch(state["params"]))
     if parallel.is_main_process():
         models.save_hf(trained, workdir / "model", replace=True)  # with its tokenizer
-        storage.write_json(workdir / RESULTS_FILE, results)
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
         plots.training_curves({config.loss: metrics}, workdir / CURVES_FILE, f"pretraining ({config.loss})",
                               prefixes=plots.LEARNING_CURVES)
     return results

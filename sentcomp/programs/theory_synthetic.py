@@ -10,7 +10,8 @@
 2. for each loss of ``config.losses`` (``xent``: a GPT-2 with tied Φ; ``quad``: the paper's Quad architecture,
    extra d×d layer + untied Φ) trains a GPT-2 whose vocabulary is the language's own, one document per block
    (inputs ``x_{1:L+1}``, targets ``x_{2:L+2}``: every position is a context of p_L, and attention never crosses
-   documents). The training step, optimiser, data order and Orbax checkpoints are :mod:`sentcomp.training`'s;
+   documents). The training step, optimiser, data order, Orbax checkpoints and the training loop (with its
+   divergence check) are :mod:`sentcomp.training`'s;
 3. at ``config.evaluation.num_checkpoints`` steps (geometrically spaced, the last one = ``num_steps``) evaluates
    the current weights with :func:`sentcomp.theory.evaluate_model_on_task`: ε = E_{s~p_L} KL(p*‖p_f) (95% CI
    over documents), the excess Quad loss, and per feature kind (``p_f``, ``phi_p_f``, ``f``) the held-out
@@ -34,7 +35,8 @@ p* itself); ``"loss"`` (this experiment's default) picks C by held-out logistic 
 are about. results.md says which was used. The theorem's quantity is the plug-in loss.
 
 **Workdir**: ``<loss>/checkpoints`` (Orbax, one per evaluated step), ``<loss>/metrics.jsonl`` (one line per
-evaluated step: the whole :func:`theory.evaluate_against_truth` record + train loss), ``results.json``,
+evaluated step: the whole :func:`theory.evaluate_against_truth` record + the training loop's train loss,
+``tokens_per_s``, ``mfu`` and ``train_seconds``), ``results.json``,
 ``results.md``, ``loss_vs_sqrt_epsilon.png``, ``epsilon_over_training.png``. Re-running resumes each model from
 its last checkpoint (metrics lines after it are dropped and recomputed).
 """
@@ -48,16 +50,14 @@ from typing import Any
 import jax
 import numpy as np
 import scipy.stats
-from tqdm.auto import tqdm
 
-from sentcomp import parallel, theory, training
+from sentcomp import parallel, theory
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
+from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
-RESULTS_FILE = "results.json"
-TABLE_FILE = "results.md"
 LOSS_FIGURE = "loss_vs_sqrt_epsilon.png"
 EPSILON_FIGURE = "epsilon_over_training.png"
 HEADLINE_KIND = {"xent": "p_f", "quad": "f"}  # the feature kind whose bound the theorem for each loss is about
@@ -97,9 +97,9 @@ def check_config(config, language=None) -> None:
     """Clear errors before any work (the launcher calls it with the config alone: ``language`` is then built
     from ``config.language``)."""
     language = language or build_language(config)
-    unknown = set(config.losses) - set(training.LOSSES)
+    unknown = set(config.losses) - set(steps.LOSSES)
     if unknown or not config.losses:
-        raise SentcompError(f"config.losses must be a non-empty subset of {sorted(training.LOSSES)}, got "
+        raise SentcompError(f"config.losses must be a non-empty subset of {sorted(steps.LOSSES)}, got "
                             f"{tuple(config.losses)}.")
     if language.num_labels != 2:
         raise SentcompError("The theory's bounds are for binary tasks: set language.num_labels=2.")
@@ -119,49 +119,41 @@ def evaluate(lm, params, task, gamma, loss, config) -> dict[str, Any]:
 
 
 def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.ndarray, task, mesh) -> list[dict]:
-    """Trains one model (resuming from ``workdir/<loss>``), evaluating at the checkpoint steps; returns its
-    metrics lines."""
+    """Trains one model (resuming from ``workdir/<loss>``), evaluating and checkpointing at the evaluation steps
+    (:func:`evaluation_steps`); returns its metrics lines."""
     lm = build_model(config, loss, language)
     modeldir = workdir / loss
     modeldir.mkdir(exist_ok=True)
     host_rows = parallel.host_row_indices(config.batch_size, mesh)
-    plan = training.DataPlan(corpus, config.batch_size, 1, config.data.seed, host_rows)
-    optimizer = training.make_optimizer(config.optimizer, config.num_steps, lm.params)
-    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": training.resume_settings(config)}
-    manager, state, _ = training.resume(modeldir, training.initial_state(lm.params, optimizer, mesh), 1,
-                                        config.checkpoint_keep, expected=seeds,
-                                        may_change=config.get("resume_may_change", ()))
+    plan = steps.DataPlan(corpus, config.batch_size, 1, config.data.seed, host_rows)
+    optimizer = steps.make_optimizer(config.optimizer, config.num_steps, lm.params)
+    seeds = {"seed": config.seed, "data_seed": config.data.seed, "settings": checkpoints.resume_settings(config)}
+    manager, state, meta = checkpoints.resume(modeldir, steps.initial_state(lm.params, optimizer, mesh), 1,
+                                              config.checkpoint_keep, expected=seeds,
+                                              may_change=config.get("resume_may_change", ()))
     start = int(parallel.fetch(state["step"]))
-    train_step = training.make_train_step(loss, lm.hidden_fn, lm.phi_fn, optimizer, jax.numpy.float32, mesh)
+    train_step = steps.make_train_step(loss, lm.hidden_fn, lm.phi_fn, optimizer, jax.numpy.float32, mesh)
     gamma = synthetic.task_coverage(language)
-    checkpoints = evaluation_steps(config.num_steps, config.evaluation.num_checkpoints)
-    losses, train_seconds = [], 0.0
-    bar = tqdm(total=config.num_steps, initial=start, desc=f"theory_synthetic {loss}", unit="step",
-               disable=not (config.progress and parallel.is_main_process()))
-    for step in range(start, config.num_steps):
+    tokens_per_step = config.batch_size * (corpus.shape[1] - 1)
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, corpus.shape[1] - 1)
+
+    def batch(step: int) -> loop.Batch:
+        return loop.Batch((parallel.global_batch(plan.local_tokens(step), mesh),), tokens_per_step, flops_per_step)
+
+    def evaluate_now(done: loop.StepDone) -> dict[str, Any]:
         began = time.perf_counter()
-        state, metrics = train_step(state, parallel.global_batch(plan.local_tokens(step), mesh))
-        metrics = parallel.fetch(metrics)
-        train_seconds += time.perf_counter() - began
-        if not (np.isfinite(metrics["loss"]) and metrics["params_finite"]):
-            raise training.TrainingDiverged(f"Training ({loss}) diverged at step {step + 1}: loss "
-                                            f"{float(metrics['loss'])}; lower optimizer.learning_rate.")
-        losses.append(float(metrics["loss"]))
-        bar.update(1)
-        done = step + 1
-        if done in checkpoints:
-            began = time.perf_counter()
-            row = {"step": done, "train_loss": float(np.mean(losses)), "train_seconds": train_seconds,
-                   **evaluate(lm, state["params"], task, gamma, loss, config)}
-            row["eval_seconds"] = time.perf_counter() - began
-            training.append_metrics(modeldir, row)
-            training.save_checkpoint(manager, state, {"step": done, **plan.position(done), **seeds})
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", epsilon=f"{row['epsilon']['mean']:.2e}")
-            losses, train_seconds = [], 0.0
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    return parallel.main_decides(lambda: training.read_metrics(modeldir))
+        row = evaluate(lm, done.state["params"], task, gamma, loss, config)
+        return {**row, "eval_seconds": time.perf_counter() - began}
+
+    loop.train_loop(
+        state, train_step, batch, start, config.num_steps,
+        [loop.at_steps(evaluation_steps(config.num_steps, config.evaluation.num_checkpoints), evaluate_now)],
+        workdir=modeldir, name=f"theory_synthetic {loss}", progress=config.progress,
+        checkpointing=loop.Checkpointing(manager, lambda step: {"step": step, **plan.position(step), **seeds},
+                                         with_rows=True),
+        hardware=loop.Throughput(throughput.peak_flops(jax.local_devices()[0]), mesh.size),
+        last_saved=start if meta is not None else None, hint="Lower optimizer.learning_rate.")
+    return parallel.main_decides(lambda: tracking.read_metrics(modeldir))
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -371,8 +363,8 @@ def run(config, workdir) -> dict[str, Any]:
         "models": models,
     }
     if parallel.is_main_process():
-        storage.write_json(workdir / RESULTS_FILE, results)
-        storage.write_text(workdir / TABLE_FILE, markdown_table(results))
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, markdown_table(results))
         plot(results, workdir)
         for line in results["verdict_lines"]:
             print("VERDICT", line)

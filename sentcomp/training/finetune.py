@@ -9,7 +9,7 @@ as in the authors' code (GPT-2 + linear head on the last token, dropout 0.1). Op
 language-modelling loss is added, ``ℓ = ℓ_cls + λ · ℓ_xent(f, Φ)`` over the document's next-token predictions
 (``aux_lm_weight = λ``; causal LMs only), via :func:`sentcomp.kernels.xent_loss`.
 
-Training: AdamW with linear warmup then decay (:mod:`sentcomp.training`), global-norm clipping, fixed-shape
+Training: AdamW with linear warmup then decay (:mod:`sentcomp.training.steps`), global-norm clipping, fixed-shape
 batches padded to length buckets, on the mesh ``config.mesh`` names (:mod:`sentcomp.parallel`): each batch split
 over every device; parameters and optimiser state replicated (the default, ``{"data": -1, "fsdp": 1}``) or, with
 ``fsdp`` > 1, their large leaves split over that many devices (FSDP). ``grad_accum`` > 1 sums the gradients of
@@ -21,36 +21,40 @@ after ``patience`` evaluations without improvement (or at ``max_steps``). Test a
 parameters (kept in the training state, so fine-tuning holds two copies of the weights).
 
 Throughput: each metrics row has ``tokens_per_s`` (the real, unpadded tokens of the batches over the time of
-their train steps, waited for) and ``mfu`` (:mod:`sentcomp.throughput`: model FLOPs of those tokens, attention
+their train steps, waited for) and ``mfu`` (:mod:`sentcomp.training.throughput`: model FLOPs of those tokens, attention
 over the padded length, the output projection Φ only with the auxiliary LM loss, over the devices' peak).
 
-Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``checkpoints/`` (Orbax, written at every
-evaluation, through :mod:`sentcomp.training`'s checkpoint helpers), ``results.json``, ``curves.png`` (training
+Divergence: a non-finite loss or parameters stop the run with :class:`~sentcomp.training.loop.TrainingDiverged`
+naming the step; the last good checkpoint stays the latest (the training loop's check,
+:mod:`sentcomp.training.loop`, which fine-tuning shares with pretraining; before it, fine-tuning had none).
+
+Workdir: ``config.json``, ``metrics.jsonl`` (one row per evaluation: the training loop's ``train_loss``,
+``tokens_per_s``, ``mfu``, ``train_seconds``, and ``val_accuracy``, ``best_val``, ``best_step``, ``bad_evals``),
+``checkpoints/`` (Orbax, written at every evaluation; resumed by :func:`sentcomp.training.checkpoints.resume`, which
+refuses a checkpoint of other options), ``results.json``, ``curves.png`` (training
 loss and validation accuracy against the step, :mod:`sentcomp.results.plots`). Re-running in the same workdir
 resumes from the newest checkpoint (the batch order and dropout masks are functions of the seed and the step,
 so an interrupted run ends exactly where an uninterrupted one does) or returns the finished results; a
 different config in the same workdir is an error, never a silent overwrite.
 
-Public API: :func:`default_config`, :func:`finetune_accuracy`.
+Public API: :class:`FinetuneOptions`, :func:`finetune_accuracy`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from sentcomp import kernels, models, parallel, throughput, training
+from sentcomp import kernels, models, parallel
 from sentcomp.data.loaders import Split, stratified_split
 from sentcomp.data.text import (
     bucket_lengths,
@@ -63,68 +67,91 @@ from sentcomp.data.text import (
 from sentcomp.errors import SentcompError
 from sentcomp.features import last_token_features
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
-from sentcomp.results import plots, storage
+from sentcomp.results import layout, plots, storage
+from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
-RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Fine-tuning hyperparameters; every key can be overridden by the ``config`` passed to finetune_accuracy."""
-    return ml_collections.ConfigDict(dict(
-        prompt=None,  # appended to every text (e.g. " This movie is "), trailing space stripped
-        max_length=512,
-        buckets=None,  # padded lengths of the fixed-shape batches (None: sentcomp.data.text.length_buckets)
-        batch_size=32,  # global, rounded up to a multiple of the device count × grad_accum
-        grad_accum=1,  # micro-batches per optimiser step (the gradient is the whole batch's either way)
-        compute_dtype="float32",  # or "bfloat16": the LM computes in bf16, master weights and head in float32
-        mesh=ml_collections.ConfigDict(parallel.DEFAULT_MESH),  # devices per axis (sentcomp.parallel)
-        eval_batch_size=64,
-        max_steps=2000,
-        eval_every=100,  # steps between validation accuracies (and checkpoints)
-        patience=5,  # evaluations without improvement before stopping
-        val_fraction=0.1,  # of the training split, stratified
-        dropout=0.1,  # on f(s), before the head
-        aux_lm_weight=0.0,  # λ of the auxiliary LM loss (0: off)
-        head_init_std=0.02,
-        seed=0,
-        checkpoint_keep=2,
-        progress=True,
-        optimizer=ml_collections.ConfigDict(dict(
-            learning_rate=3e-5, warmup_steps=100, decay="linear", end_lr_fraction=0.0,
-            weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
-        )),
-    ))
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """AdamW with linear warmup then decay (:func:`sentcomp.training.steps.make_optimizer` reads these fields)."""
+
+    learning_rate: float = 3e-5
+    warmup_steps: int = 100
+    decay: str = "linear"
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
 
 
-def with_defaults(config) -> ml_collections.ConfigDict:
-    """:func:`default_config` updated by ``config`` (a ConfigDict, a dict, or None); unknown keys are an error."""
-    merged = default_config()
-    overrides = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
-    for key, value in overrides.items():
-        if key not in merged:
-            raise SentcompError(f"Unknown fine-tuning config key {key!r}; known keys: {sorted(merged.keys())}.")
-        if key == "optimizer":
-            unknown = set(value) - set(merged.optimizer.keys())
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """Fine-tuning hyperparameters, filled by the caller (Table 1 from ``config.ft``:
+    :func:`sentcomp.programs.table1.finetune_config`); checked when made."""
+
+    prompt: str | None = None  # appended to every text (e.g. " This movie is "), trailing space stripped
+    max_length: int = 512
+    buckets: tuple[int, ...] | None = None  # padded lengths of the batches (None: sentcomp.data.text.length_buckets)
+    batch_size: int = 32  # global, rounded up to a multiple of the device count × grad_accum
+    grad_accum: int = 1  # micro-batches per optimiser step (the gradient is the whole batch's either way)
+    compute_dtype: str = "float32"  # or "bfloat16": the LM computes in bf16, master weights and head in float32
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(parallel.DEFAULT_MESH))  # merged into
+    # the default's axes (sentcomp.parallel)
+    eval_batch_size: int = 64
+    max_steps: int = 2000
+    eval_every: int = 100  # steps between validation accuracies (and checkpoints)
+    patience: int = 5  # evaluations without improvement before stopping
+    val_fraction: float = 0.1  # of the training split, stratified
+    dropout: float = 0.1  # on f(s), before the head
+    aux_lm_weight: float = 0.0  # λ of the auxiliary LM loss (0: off)
+    head_init_std: float = 0.02
+    seed: int = 0
+    checkpoint_keep: int = 2
+    progress: bool = True
+    optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mesh", {**parallel.DEFAULT_MESH, **dict(self.mesh)})
+        if self.buckets is not None:
+            object.__setattr__(self, "buckets", tuple(self.buckets))
+        if not (0 < self.val_fraction < 1 and 0 <= self.dropout < 1 and self.eval_every >= 1 and self.max_steps >= 1):
+            raise SentcompError("Fine-tuning config: need 0 < val_fraction < 1, 0 ≤ dropout < 1, eval_every ≥ 1 and "
+                                f"max_steps ≥ 1; got {self.val_fraction}, {self.dropout}, {self.eval_every}, "
+                                f"{self.max_steps}.")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise SentcompError(f"Fine-tuning config: grad_accum must be an integer ≥ 1, got {self.grad_accum!r}.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise SentcompError(f"Fine-tuning config: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                                f"{self.compute_dtype!r}.")
+        parallel.mesh_shape(self.mesh, jax.device_count())
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FinetuneOptions:
+        """The options from a (nested) mapping such as a config section, the fields not given at their defaults;
+        an unknown key is an error naming the known ones."""
+        values = dict(values)
+        for key in values:
+            if key not in _field_names(cls):
+                raise SentcompError(f"Unknown fine-tuning config key {key!r}; known keys: {sorted(_field_names(cls))}.")
+        if "optimizer" in values:
+            unknown = set(values["optimizer"]) - _field_names(OptimizerOptions)
             if unknown:
                 raise SentcompError(f"Unknown fine-tuning optimizer keys {sorted(unknown)}; known: "
-                                    f"{sorted(merged.optimizer.keys())}.")
-            merged.optimizer.update(value)
-        elif key == "mesh":  # axes merged into the default's (checked by parallel.mesh_shape below)
-            merged.mesh.update(value)
-        else:
-            setattr(merged, key, value)
-    if not 0 < merged.val_fraction < 1 or not 0 <= merged.dropout < 1 or merged.eval_every < 1 or merged.max_steps < 1:
-        raise SentcompError("Fine-tuning config: need 0 < val_fraction < 1, 0 ≤ dropout < 1, eval_every ≥ 1 and "
-                            f"max_steps ≥ 1; got {merged.val_fraction}, {merged.dropout}, {merged.eval_every}, "
-                            f"{merged.max_steps}.")
-    if not isinstance(merged.grad_accum, int) or merged.grad_accum < 1:
-        raise SentcompError(f"Fine-tuning config: grad_accum must be an integer ≥ 1, got {merged.grad_accum!r}.")
-    if merged.compute_dtype not in COMPUTE_DTYPES:
-        raise SentcompError(f"Fine-tuning config: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
-                            f"{merged.compute_dtype!r}.")
-    parallel.mesh_shape(merged.mesh, jax.device_count())
-    return merged
+                                    f"{sorted(_field_names(OptimizerOptions))}.")
+            values["optimizer"] = OptimizerOptions(**values["optimizer"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as JSON values (``buckets`` a list)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _field_names(cls) -> set[str]:
+    return {field.name for field in dataclasses.fields(cls)}
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -165,12 +192,12 @@ def classification_loss(hidden_fn, phi_fn, dropout: float, aux_lm_weight: float,
     return loss
 
 
-def make_train_step(lm: LanguageModel, optimizer, config, mesh):
-    """Jitted ``(state, ids, mask, labels, weights) -> (state, loss)`` on a global batch of ``B`` rows: the
-    summed gradients of its ``config.grad_accum`` micro-batches (rows ``r`` with ``r mod accum = k``, each split
-    over the devices; :func:`classification_loss`), one optimiser update. The dropout mask is drawn for the whole
-    batch from ``fold_in(seed, step)``, so neither it nor the update depends on ``grad_accum`` (up to float
-    summation order). The state keeps its layout (:func:`sentcomp.parallel.state_shardings`)."""
+def make_train_step(lm: LanguageModel, optimizer, config: FinetuneOptions, mesh):
+    """Jitted ``(state, ids, mask, labels, weights) -> (state, {"loss", "params_finite"})`` on a global batch of
+    ``B`` rows: the summed gradients of its ``config.grad_accum`` micro-batches (rows ``r`` with ``r mod accum =
+    k``, each split over the devices; :func:`classification_loss`), one optimiser update. The dropout mask is drawn
+    for the whole batch from ``fold_in(seed, step)``, so neither it nor the update depends on ``grad_accum`` (up to
+    float summation order). The state keeps its layout (:func:`sentcomp.parallel.state_shardings`)."""
     loss_fn = functools.partial(classification_loss, lm.hidden_fn, lm.phi_fn, config.dropout, config.aux_lm_weight,
                                 COMPUTE_DTYPES[config.compute_dtype])
     grad_fn = jax.value_and_grad(loss_fn)
@@ -194,7 +221,7 @@ def make_train_step(lm: LanguageModel, optimizer, config, mesh):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return parallel.constrain_state(new_state, mesh), loss
+        return parallel.constrain_state(new_state, mesh), {"loss": loss, "params_finite": steps.all_finite(params)}
 
     batch = parallel.batch_sharding(mesh)  # the state: None = its own layout
     return jax.jit(step, in_shardings=(None, batch, batch, batch, batch),
@@ -246,8 +273,9 @@ def encode(lm: LanguageModel, texts, max_length: int, prompt: str | None) -> lis
 # --------------------------------------------------------------------------------------------- the program
 
 
-def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, identity: dict[str, Any]) -> None:
-    settings = {key: value for key, value in config.to_dict().items() if key != "mesh"}  # any mesh may resume it
+def _check_workdir_config(workdir: Path, options: FinetuneOptions, identity: dict[str, Any]) -> None:
+    settings = {key: value for key, value in json.loads(json.dumps(options.to_json(), sort_keys=True)).items()
+                if key != "mesh"}  # any mesh may resume it; keys sorted (as the ConfigDict this record once was)
     record = json.loads(json.dumps({"config": settings, **identity}))
     path = workdir / "config.json"
     recorded = parallel.main_decides(lambda: json.loads(path.read_text()) if path.is_file() else None)
@@ -259,17 +287,19 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, iden
                             f"({path}); use a new workdir.")
 
 
-def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, config=None,
+def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, options: FinetuneOptions | None = None,
                       workdir: str | Path = ".", on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fine-tunes ``lm`` + a linear head on ``train_split`` (a validation part carved out for early stopping)
     and returns ``dict(test_accuracy, val_accuracy, best_step, steps, stopped_early, n_train, n_val, n_test)``.
 
-    ``config``: overrides of :func:`default_config`. ``on_step(step)`` is called after every optimiser step (for
-    progress hooks; an exception raised there interrupts the run, which the next call resumes).
+    ``options``: the hyperparameters (None: :class:`FinetuneOptions`' defaults). ``on_step(step)`` is called
+    after every optimiser step (for progress hooks; an exception raised there interrupts the run, which the next
+    call resumes). The steps run in :func:`sentcomp.training.loop.train_loop`: a non-finite loss or parameters stop
+    the run with :class:`~sentcomp.training.loop.TrainingDiverged`, the last good checkpoint kept.
     """
-    config = with_defaults(config)
+    options = FinetuneOptions() if options is None else options
     workdir = Path(workdir).resolve()
-    if config.aux_lm_weight > 0 and not models.facts(lm.family).causal:
+    if options.aux_lm_weight > 0 and not models.facts(lm.family).causal:
         raise SentcompError(f"aux_lm_weight > 0 needs a causal LM ({models.causal_families()}); {lm.name} is "
                             f"{lm.family!r}.")
     if lm.tokenizer is None:
@@ -278,91 +308,86 @@ def finetune_accuracy(lm: LanguageModel, train_split: Split, test_split: Split, 
     num_classes = int(labels_all.max()) + 1 if len(labels_all) else 0
     if num_classes < 2:
         raise SentcompError("Fine-tuning needs at least two classes in the training and test labels.")
-    train, val = stratified_split(train_split, config.val_fraction, config.seed)
+    train, val = stratified_split(train_split, options.val_fraction, options.seed)
     if not len(train) or not len(val):
-        raise SentcompError(f"val_fraction={config.val_fraction} of {len(train_split)} training examples leaves an "
+        raise SentcompError(f"val_fraction={options.val_fraction} of {len(train_split)} training examples leaves an "
                             "empty training or validation split.")
-    _check_workdir_config(workdir, config, {"model": lm.name, "n_train": len(train_split), "n_test": len(test_split),
-                                            "num_classes": num_classes})
-    finished = parallel.main_decides(lambda: json.loads((workdir / RESULTS_FILE).read_text())
-                                     if (workdir / RESULTS_FILE).is_file() else None)
+    _check_workdir_config(workdir, options, {"model": lm.name, "n_train": len(train_split),
+                                             "n_test": len(test_split), "num_classes": num_classes})
+    finished = parallel.main_decides(lambda: json.loads((workdir / layout.RESULTS_FILE).read_text())
+                                     if (workdir / layout.RESULTS_FILE).is_file() else None)
     if finished is not None:
         return finished
 
-    mesh = parallel.make_mesh(config.mesh)
-    batch_size = parallel.pad_to_multiple(config.batch_size, mesh.size * config.grad_accum)
-    eval_batch = parallel.pad_to_multiple(config.eval_batch_size, mesh.size)
-    max_length = min(config.max_length, lm.max_length)
-    buckets = bucket_lengths(max_length, config.buckets)
+    mesh = parallel.make_mesh(options.mesh)
+    batch_size = parallel.pad_to_multiple(options.batch_size, mesh.size * options.grad_accum)
+    eval_batch = parallel.pad_to_multiple(options.eval_batch_size, mesh.size)
+    max_length = min(options.max_length, lm.max_length)
+    buckets = bucket_lengths(max_length, options.buckets)
     padding = pad_id(lm.tokenizer)
-    train_ids, val_ids, test_ids = (encode(lm, split.texts, max_length, config.prompt)
+    train_ids, val_ids, test_ids = (encode(lm, split.texts, max_length, options.prompt)
                                     for split in (train, val, test_split))
 
     dummy = jnp.zeros((1, 2), jnp.int32)
     d = jax.eval_shape(lm.hidden_fn, lm.params, dummy, jnp.ones_like(dummy)).shape[-1]
     params = {"lm": lm.params,
-              "head": init_head(jax.random.key(config.seed + 1), d, num_classes, config.head_init_std)}
-    optimizer = training.make_optimizer(config.optimizer, config.max_steps, params)
-    state = training.initial_state(params, optimizer, mesh)
+              "head": init_head(jax.random.key(options.seed + 1), d, num_classes, options.head_init_std)}
+    optimizer = steps.make_optimizer(options.optimizer, options.max_steps, params)
+    state = steps.initial_state(params, optimizer, mesh)
     state["best_params"] = state["params"]
-    manager, state, meta = training.resume(workdir, state, config.eval_every, config.checkpoint_keep)
+    seeds = {"seed": options.seed, "settings": checkpoints.resume_settings(options)}
+    manager, state, meta = checkpoints.resume(workdir, state, options.eval_every, options.checkpoint_keep,
+                                              expected=seeds)
     progress = {"best_val": -1.0, "best_step": 0, "bad_evals": 0}
     if meta is not None:
         progress = {key: meta[key] for key in progress}
     start = int(parallel.fetch(state["step"]))
 
-    train_step = make_train_step(lm, optimizer, config, mesh)
-    predict = make_predict(lm, mesh, COMPUTE_DTYPES[config.compute_dtype])
+    train_step = make_train_step(lm, optimizer, options, mesh)
+    predict = make_predict(lm, mesh, COMPUTE_DTYPES[options.compute_dtype])
     host_rows = parallel.host_row_indices(batch_size, mesh)
     weights = np.ones(batch_size, np.float32)
-    stopped_early, losses = progress["bad_evals"] >= config.patience, []
-    peak, window = throughput.peak_flops(jax.local_devices()[0]), {"tokens": 0, "flops": 0.0, "seconds": 0.0}
-    n_matmul, attention = throughput.matmul_params(lm, config.aux_lm_weight > 0), throughput.attention_shape(lm)
-    bar = tqdm(total=config.max_steps, initial=start, desc=f"finetune {lm.name}", unit="step",
-               disable=not (config.progress and parallel.is_main_process()))
-    step = start
-    while step < config.max_steps and not stopped_early:
-        rows = training_rows(step, batch_size, len(train), config.seed)
+    n_matmul, attention = throughput.matmul_params(lm, options.aux_lm_weight > 0), throughput.attention_shape(lm)
+
+    def batch_of(step: int) -> loop.Batch:
+        rows = training_rows(step, batch_size, len(train), options.seed)
         (batch,) = make_batches([train_ids[i] for i in rows], batch_size, buckets, padding)
         arrays = (batch.token_ids, batch.mask, train.labels[rows][batch.indices].astype(np.int32), weights)
-        began = time.perf_counter()
-        state, loss = train_step(state, *parallel.global_batch(tuple(array[host_rows] for array in arrays), mesh))
-        losses.append(float(parallel.fetch(loss)))
-        seconds, tokens = time.perf_counter() - began, int(batch.mask.sum())
+        tokens = int(batch.mask.sum())
         flops = tokens * throughput.transformer_flops_per_token(n_matmul, *attention, batch.token_ids.shape[1])
-        window = {"tokens": window["tokens"] + tokens, "flops": window["flops"] + flops,
-                  "seconds": window["seconds"] + seconds}
-        step += 1
-        bar.update(1)
-        if step % config.eval_every == 0 or step == config.max_steps:
-            val_acc = accuracy(predict, state["params"], val_ids, val.labels, eval_batch, buckets, padding, mesh)
-            if val_acc > progress["best_val"]:
-                progress = {"best_val": val_acc, "best_step": step, "bad_evals": 0}
-                state["best_params"] = state["params"]
-            else:
-                progress["bad_evals"] += 1
-            stopped_early = progress["bad_evals"] >= config.patience
-            speed = window["tokens"] / max(window["seconds"], 1e-9)
-            utilisation = throughput.mfu(speed, window["flops"] / max(window["tokens"], 1), peak, mesh.size)
-            training.append_metrics(workdir, {"step": step, "train_loss": float(np.mean(losses)),
-                                              "val_accuracy": val_acc, **progress, "tokens_per_s": speed,
-                                              "mfu": utilisation})
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_acc:.3f}", tok_s=f"{speed:.3g}",
-                            mfu=f"{utilisation:.1%}")
-            losses, window = [], {"tokens": 0, "flops": 0.0, "seconds": 0.0}
-            training.save_checkpoint(manager, state, {"step": step, "seed": config.seed, **progress})
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
+        return loop.Batch(parallel.global_batch(tuple(array[host_rows] for array in arrays), mesh), tokens, flops)
+
+    def validate(done: loop.StepDone) -> dict[str, Any]:
+        """Validation accuracy; the best parameters so far kept in the state (updated in place)."""
+        nonlocal progress
+        val_acc = accuracy(predict, done.state["params"], val_ids, val.labels, eval_batch, buckets, padding, mesh)
+        if val_acc > progress["best_val"]:
+            progress = {"best_val": val_acc, "best_step": done.step, "bad_evals": 0}
+            done.state["best_params"] = done.state["params"]
+        else:
+            progress = {**progress, "bad_evals": progress["bad_evals"] + 1}
+        return {"val_accuracy": val_acc, **progress}
+
+    def stopped_early() -> bool:
+        return progress["bad_evals"] >= options.patience
+
+    hooks = [loop.every(options.eval_every, validate)]
+    if on_step is not None:
+        hooks.append(loop.every(1, lambda done: on_step(done.step)))
+    state, step = loop.train_loop(
+        state, train_step, batch_of, start, options.max_steps, hooks, workdir=workdir, name=f"finetune {lm.name}",
+        progress=options.progress, stop=stopped_early,
+        checkpointing=loop.Checkpointing(manager, lambda step: {"step": step, **seeds, **progress}, with_rows=True),
+        hardware=loop.Throughput(throughput.peak_flops(jax.local_devices()[0]), mesh.size),
+        last_saved=start if meta is not None else None,
+        hint=f"Lower the fine-tuning optimizer's learning_rate (now {options.optimizer.learning_rate}) or clip_norm.")
 
     test_acc = accuracy(predict, state["best_params"], test_ids, test_split.labels, eval_batch, buckets, padding, mesh)
     results = {"test_accuracy": test_acc, "val_accuracy": progress["best_val"], "best_step": progress["best_step"],
-               "steps": step, "stopped_early": bool(stopped_early), "n_train": len(train), "n_val": len(val),
+               "steps": step, "stopped_early": bool(stopped_early()), "n_train": len(train), "n_val": len(val),
                "n_test": len(test_split)}
     if parallel.is_main_process():
-        storage.write_json(workdir / RESULTS_FILE, results)
-        plots.training_curves({lm.name: training.read_metrics(workdir)}, workdir / CURVES_FILE,
+        storage.write_json(workdir / layout.RESULTS_FILE, results)
+        plots.training_curves({lm.name: tracking.read_metrics(workdir)}, workdir / CURVES_FILE,
                               f"fine-tuning {lm.name}", prefixes=plots.LEARNING_CURVES)
     return results
