@@ -53,7 +53,7 @@ _measured: dict[str, float] = {}  # device_kind -> measured peak FLOP/s (one ben
 
 # Per family: the top-level parameters that are input embedding lookups, and the tied output embedding Φ
 # (the lookup table that doubles as the output projection when there is no untied one, under ``untied``).
-_EMBEDDINGS = {
+_EMBEDDINGS: dict[str, dict[str, Any]] = {
     "gpt2": {"lookups": ("wte", "wpe"), "tied": "wte", "untied": "phi"},
     "decoder": {"lookups": ("embed_tokens",), "tied": "embed_tokens", "untied": "lm_head"},  # Llama, Qwen2, ...
     "bert": {"lookups": ("word_embeddings", "position_embeddings", "token_type_embeddings"),

@@ -395,7 +395,8 @@ _INCOMPATIBLE_MESSAGES = ("tree structures do not match", "is not compatible wit
 
 def error_chain(error: BaseException) -> list[BaseException]:
     """``error``, then its causes (``__cause__``, else ``__context__``) and the members of exception groups."""
-    chain, pending = [], [error]
+    chain: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
     while pending:
         current = pending.pop(0)
         if current is None or any(current is seen for seen in chain):

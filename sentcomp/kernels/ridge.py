@@ -333,7 +333,7 @@ def ridge_grid_dual(
         gather = (lambda a: a) if rows is None else (lambda a: a[rows])
         rows_x, rows_y, split_weights = gather(centered), gather(targets), gather(split_weights)
         mean, scale = weighted_standardisation(rows_x, split_weights, standardize, precision=precision)
-        if standardize:
+        if shared_kernel is None:  # standardize: each split's own scaling
             scaled = rows_x / scale
             split_kernel = matmul(scaled, scaled.T)
         else:

@@ -373,9 +373,10 @@ def unstack_layer_path(flat: dict[str, Any], path: str, key: str) -> Any:
 # -------------------------------------------------------------------------------------------- the Quad head
 
 
-def _identity(key, shape, dtype=jnp.float32):
+def _identity(key, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
     del key
-    return jnp.eye(*shape, dtype=dtype)
+    rows, columns = shape
+    return jnp.eye(rows, columns, dtype=dtype)
 
 
 def quad_head(features: int) -> nn.Dense:

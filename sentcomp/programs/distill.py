@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +117,7 @@ def evaluate(config, lm, params, teacher, eval_step, val_batches, mesh) -> dict:
                                    max_length=config.task_max_length, batch_size=config.eval_batch_size,
                                    progress=False)["f"]
     frontier = {"max_norm": teacher["frontier_max_norm"], "word_weights": teacher["frontier_word_weights"]}
-    row = {"epsilon": teacher_lib.per_block_estimate(divergences["kl"]),
+    row: dict[str, Any] = {"epsilon": teacher_lib.per_block_estimate(divergences["kl"]),
            "quad_excess": teacher_lib.per_block_estimate(divergences["quad_excess"]),
            **validation_losses(eval_step, params, val_batches, mesh),
            "bound": teacher_lib.bound_check(task_hidden, phi, teacher["task_hidden"], teacher["phi"],
@@ -193,7 +194,8 @@ def run(config, workdir) -> dict:
     eval_step = make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     eval_steps = sorted({*config.eval_steps, config.num_steps})
     evaluated = {row["step"] for row in read_metrics(workdir) if "epsilon" in row}
-    losses, seconds = [], 0.0
+    losses: list[float] = []
+    seconds = 0.0
 
     def local_batch(step):
         indices = plan.local_indices(step)
