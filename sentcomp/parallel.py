@@ -180,7 +180,7 @@ def initialize_distributed(
                                    process_id=process_id)
     except (RuntimeError, ValueError) as error:
         hint = "" if coordinator_address else (" JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass "
-                                  "--coordinator_address, --num_processes and --process_id.")
+                                               "--coordinator_address, --num_processes and --process_id.")
         raise SentcompError(f"Could not join the multi-process JAX runtime: {str(error).rstrip('.')}.{hint}") from None
     return True
 
@@ -198,7 +198,7 @@ def host_row_indices(global_size: int, mesh: Mesh) -> np.ndarray:
     if global_size % mesh.size:
         raise SentcompError(f"A global batch of {global_size} rows does not split over {mesh.size} devices.")
     sharding = batch_sharding(mesh)
-    device_slices = sharding.devices_indices_map((global_size,))  # this process's devices' slices, below
+    device_slices = sharding.devices_indices_map((global_size,))  # every device's; this process reads its own
     starts = sorted({device_slices[device][0].start or 0 for device in sharding.addressable_devices})
     rows_per_device = global_size // mesh.size
     rows = np.concatenate([np.arange(start, start + rows_per_device) for start in starts])
