@@ -28,10 +28,12 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PYTEST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PYTEST) -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
 clean:

@@ -26,7 +26,7 @@ TFDS = ["tensorflow-datasets==4.9.10"]
 HUB = ["pyarrow==26.0.1"]  # Parquet files of Hugging Face Hub datasets (sentcomp.data.hub); JSON lines need nothing
 # lm-evaluation-harness (sentcomp.lmeval, the only importer of lm_eval): its HF backend imports accelerate
 LMEVAL = ["lm-eval==0.4.13", "accelerate==1.16.0", "datasets==5.2.0"]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6"]
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scipy==1.17.1", "ruff==0.17.6", "mypy==2.4.1"]
 
 setup(
     name="sentcomp",

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -39,7 +40,8 @@ from sentcomp.results import layout, storage, timings
 __all__ = ["run_program", "main", "run_cli"]
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/table1.py:smoke")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the run's record (config, metrics, results).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the run's record (config, metrics, results).",
+                               required=True)
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config file's get_sweep() into WORKDIR/<point>/.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "With --sweep: how many points run at once (in subprocesses).",
                                  lower_bound=1)
@@ -51,12 +53,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 _RESUME_MAY_CHANGE = flags.DEFINE_list(
     "resume_may_change", [], "Dotted config keys allowed to differ from the run WORKDIR already holds (added to the "
     "config's own resume_may_change), e.g. --resume_may_change=num_steps,checkpoint.keep.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
 
 _OVERRIDE = re.compile(r"^--(?:no)?config\.([^=\s]+)")
 
 
-def _fail(message: object) -> None:
+def _fail(message: object) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -127,7 +129,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         config = check_config_flags(argv[1:])
         remaining = flags.FLAGS(argv)
         if flags.FLAGS["verbosity"].using_default_value:  # else app.run turns on INFO, where Orbax logs every
-            flags.FLAGS.verbosity = absl_logging.WARNING  # checkpoint step at length; --verbosity=0 shows it
+            # checkpoint step at length; --verbosity=0 shows it. The ignore: absl types FlagValues.__setattr__
+            # as generic in the value ((name, value: _T) -> _T), which mypy cannot bind in an assignment.
+            flags.FLAGS.verbosity = absl_logging.WARNING  # type: ignore[assignment]
             logging.getLogger("absl").addFilter(_orbax_one_line)
         return remaining
     except SentcompError as error:

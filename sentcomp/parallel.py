@@ -165,7 +165,7 @@ def initialize_distributed(
     num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     if auto and coordinator_address is None:
-        kwargs = {}
+        num_processes = process_id = None  # JAX detects the whole cluster
     elif coordinator_address is None or num_processes == 1:
         return False
     elif num_processes is None or process_id is None:
@@ -175,13 +175,12 @@ def initialize_distributed(
         )
     elif not 0 <= process_id < num_processes:
         raise SentcompError(f"process_id must be in [0, {num_processes}), got {process_id}.")
-    else:
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
     except (RuntimeError, ValueError) as error:
-        hint = "" if kwargs else (" JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass "
-                                  "--coordinator_address, --num_processes and --process_id.")
+        hint = "" if coordinator_address else (" JAX detected no cluster (Cloud TPU VM, SLURM, Open MPI): pass "
+                                               "--coordinator_address, --num_processes and --process_id.")
         raise SentcompError(f"Could not join the multi-process JAX runtime: {str(error).rstrip('.')}.{hint}") from None
     return True
 
@@ -198,8 +197,9 @@ def host_row_indices(global_size: int, mesh: Mesh) -> np.ndarray:
     (:func:`apply_to_batch` asks for every batch); the array is read-only."""
     if global_size % mesh.size:
         raise SentcompError(f"A global batch of {global_size} rows does not split over {mesh.size} devices.")
-    device_slices = batch_sharding(mesh).addressable_devices_indices_map((global_size,)).values()
-    starts = sorted({index[0].start or 0 for index in device_slices})
+    sharding = batch_sharding(mesh)
+    device_slices = sharding.devices_indices_map((global_size,))  # every device's; this process reads its own
+    starts = sorted({device_slices[device][0].start or 0 for device in sharding.addressable_devices})
     rows_per_device = global_size // mesh.size
     rows = np.concatenate([np.arange(start, start + rows_per_device) for start in starts])
     rows.setflags(write=False)

@@ -185,7 +185,8 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
              for (path, sweep, _), name in zip(located, short_names(paths))]
     if len(set(names)) < len(names):  # a workdir named like some sweep's point: plain path tails instead
         names = short_names(paths)
-    runs = [read_run(path, name, sweep_names.get(sweep, ""), row) for (path, sweep, row), name in zip(located, names)]
+    runs = [read_run(path, name, sweep_names[sweep] if sweep else "", row)
+            for (path, sweep, row), name in zip(located, names)]
     for sweep in sweep_names.values():  # no sweep.json yet: the hyperparameters are what the points' configs vary
         points = [run for run in runs if run.sweep == sweep]
         if not any(run.params for run in points):

@@ -83,7 +83,7 @@ def distillation_documents(sources: Sequence[str], validation_fraction: float, s
     """``{"train", "validation"}``: every source's documents, each source split by ``corpora.hold_out``."""
     if not sources:
         raise SentcompError(f"The distillation corpus needs at least one source of {SOURCES}.")
-    splits = {"train": [], "validation": []}
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
     for source in sources:
         for split, documents in corpora.hold_out(source_documents(source), validation_fraction, seed).items():
             splits[split] += documents
@@ -160,12 +160,13 @@ def build_targets(teacher: LanguageModel, blocks: np.ndarray, k: int, directory:
     folder.mkdir(parents=True, exist_ok=True)
     storage.write_json(folder / MANIFEST, {"teacher": teacher.name, "blocks": blocks.shape, "k": k})
     id_dtype = np.uint16 if teacher.config.vocab_size <= 1 << 16 else np.int32
-    pieces = {field: [] for field in TARGET_FIELDS}
+    pieces: dict[str, list[np.ndarray]] = {field: [] for field in TARGET_FIELDS}
     starts = range(0, len(blocks), chunk_blocks)
     for chunk, start in enumerate(tqdm(starts, desc="teacher targets", unit="chunk", disable=not progress)):
         paths = {field: folder / f"{field}.{chunk}.npy" for field in TARGET_FIELDS}
-        loaded = {field: _checked_load(path, _read_digest(path)) for field, path in paths.items()}
-        if any(value is None for value in loaded.values()):
+        stored = {field: _checked_load(path, _read_digest(path)) for field, path in paths.items()}
+        loaded = {field: array for field, array in stored.items() if array is not None}
+        if len(loaded) < len(TARGET_FIELDS):
             inputs = jnp.asarray(blocks[start:start + chunk_blocks, :-1])
             computed = _block_targets(teacher.hidden_fn, teacher.params, teacher.phi, inputs, k)
             loaded = dict(zip(TARGET_FIELDS, (np.asarray(a) for a in computed)))
@@ -182,7 +183,7 @@ def read_targets(folder: Path) -> dict[str, np.ndarray]:
     """The targets :func:`build_targets` wrote in ``folder`` (its key folder), every chunk checked against its
     checksum; a missing or damaged chunk is one clear error (re-run the teacher-targets stage to rebuild it)."""
     folder = Path(folder)
-    pieces = {field: [] for field in TARGET_FIELDS}
+    pieces: dict[str, list[np.ndarray]] = {field: [] for field in TARGET_FIELDS}
     chunk = 0
     while (folder / f"ids.{chunk}.npy").exists():
         for field in TARGET_FIELDS:
@@ -292,9 +293,10 @@ def bound_check(student_h: np.ndarray, student_phi, teacher_h: np.ndarray, teach
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``arrays`` as one ``.npz`` written atomically (a temporary file renamed into place)."""
+    """``arrays`` (numeric: no pickled objects) as one ``.npz`` written atomically (a temporary file renamed into
+    place)."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, allow_pickle=False, **arrays)
     tmp.replace(path)
 
 

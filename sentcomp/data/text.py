@@ -203,8 +203,8 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     return stripped, prompt[len(stripped):] or " "
 
 
-def sample_demonstrations(texts: Sequence[str], labels: Sequence[int], k: int, seed: int, balanced: bool = True,
-                          exclude: Sequence[str] = ()) -> np.ndarray:
+def sample_demonstrations(texts: Sequence[str], labels: Sequence[int] | np.ndarray, k: int, seed: int,
+                          balanced: bool = True, exclude: Sequence[str] = ()) -> np.ndarray:
     """Indices of ``k`` demonstrations drawn from the labelled pool ``(texts, labels)`` (a train split), seeded.
 
     A pool item whose text is in ``exclude`` (the test texts) is never drawn, so a test example never shows up
@@ -215,7 +215,7 @@ def sample_demonstrations(texts: Sequence[str], labels: Sequence[int], k: int, s
     if k < 0:
         raise SentcompError(f"k (the number of demonstrations) must be ≥ 0, got {k}.")
     excluded = set(exclude)
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     eligible = np.array([i for i, text in enumerate(texts) if text not in excluded], np.int64)
     rng = np.random.default_rng(seed)
     if not balanced:
@@ -223,14 +223,14 @@ def sample_demonstrations(texts: Sequence[str], labels: Sequence[int], k: int, s
             raise SentcompError(f"{k} demonstrations asked for, but only {len(eligible)} train examples are "
                                 "not test texts: lower k.")
         return rng.permutation(rng.choice(eligible, size=k, replace=False))
-    classes = np.unique(labels[eligible]) if len(eligible) else np.array([], np.int64)
+    classes = np.unique(label_array[eligible]) if len(eligible) else np.array([], np.int64)
     if k and not len(classes):
         raise SentcompError("No train example is eligible as a demonstration (all are test texts).")
     counts = np.full(len(classes), k // max(len(classes), 1))
     counts[rng.choice(len(classes), size=k % max(len(classes), 1), replace=False)] += 1
     chosen = []
     for label, count in zip(classes, counts):
-        members = eligible[labels[eligible] == label]
+        members = eligible[label_array[eligible] == label]
         if count > len(members):
             raise SentcompError(f"A balanced {k}-shot context needs {count} demonstrations of label {label}, but "
                                 f"train has only {len(members)}: lower k or set balanced=False.")

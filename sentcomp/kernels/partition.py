@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
@@ -152,7 +153,7 @@ def fit_affine(x: jax.Array, y: jax.Array, ridge: float = 0.0, *, precision=DEFA
     return AffineFit(a=weights.T, b=intercept)
 
 
-def r_squared(y_true: jax.Array, y_pred: jax.Array) -> jax.Array:
+def r_squared(y_true: jax.Array | np.ndarray, y_pred: jax.Array | np.ndarray) -> jax.Array:
     """``1 − Σ(y − ŷ)² / Σ(y − ȳ)²`` with ȳ the per-column mean over axis 0 (pooled over all columns)."""
     residual = jnp.sum(jnp.square(y_true - y_pred))
     total = jnp.sum(jnp.square(y_true - y_true.mean(axis=0)))

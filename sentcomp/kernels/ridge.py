@@ -326,14 +326,14 @@ def ridge_grid_dual(
     offset = jnp.mean(x, axis=0)  # split means are then small: no float32 cancellation in the kernel matrix
     centered = x - offset
     shared_kernel = None if standardize else matmul(centered, centered.T)
-    if support is None:
-        support = (None,) * weights.shape[0]  # every split on all rows: nothing to gather
+    # None: the split on all rows, nothing to gather
+    split_rows: tuple[jax.Array | None, ...] = (None,) * weights.shape[0] if support is None else support
 
     def one_split(rows, split_weights):
         gather = (lambda a: a) if rows is None else (lambda a: a[rows])
         rows_x, rows_y, split_weights = gather(centered), gather(targets), gather(split_weights)
         mean, scale = weighted_standardisation(rows_x, split_weights, standardize, precision=precision)
-        if standardize:
+        if shared_kernel is None:  # standardize: each split's own scaling
             scaled = rows_x / scale
             split_kernel = matmul(scaled, scaled.T)
         else:
@@ -351,6 +351,6 @@ def ridge_grid_dual(
         objective = alphas * jnp.sum(shrinkage * jnp.sum(jnp.square(rotated), axis=1)[None, :], axis=1)
         return coef, mean_y[None] - matmul(mean + offset, coef), objective
 
-    coef, intercept, objective = (jnp.stack(parts) for parts in zip(*map(one_split, support, weights)))
+    coef, intercept, objective = (jnp.stack(parts) for parts in zip(*map(one_split, split_rows, weights)))
     zeros = jnp.zeros(objective.shape, jnp.float32)
     return LinearFits(coef, intercept, objective, zeros, zeros.astype(jnp.int32))

@@ -42,6 +42,8 @@ def load_module(path: str | Path):
     if not path.is_file():
         raise SentcompError(f"Config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location(f"sentcomp_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise SentcompError(f"Config file {path} is not a Python file: give a .py file that defines get_config.")
     module = importlib.util.module_from_spec(spec)
     with _reported(f"Config file {path}"):
         spec.loader.exec_module(module)
@@ -96,7 +98,7 @@ def check_no_argument_dropped(module, path: str, arg: str | None, config: ml_col
     e.g. a variant (``smoke,size=medium``: smoke sets the model's shape), and the run would silently ignore it.
     The rule of every config file, applied when it is loaded."""
     items = [item.strip() for item in (arg or "").split(",") if "=" in item]
-    if not items:
+    if arg is None or not items:
         return
     plain = storage.flatten(to_plain(config))
     default = storage.flatten(to_plain(_get_config(module, path, None)))

@@ -111,12 +111,11 @@ def run_sweep(
     configs = [config_files.override(config, point) for point in points]  # every point is checked up front
     if parallel_points > 1 and jax.process_count() > 1:
         raise SentcompError("--parallel runs points in subprocesses of one host; with several hosts use --parallel=1.")
-    outcomes = {name: _already_done(cfg, sweep_dir / name) for name, cfg in zip(names, configs)}
-    to_run = parallel.broadcast_from_main(np.array([outcomes[name] is None for name in names]))
+    done = {name: _already_done(cfg, sweep_dir / name) for name, cfg in zip(names, configs)}
+    to_run = parallel.broadcast_from_main(np.array([done[name] is None for name in names]))
     pending = [(name, cfg) for name, cfg, run in zip(names, configs, to_run) if run]
-    for name, run in zip(names, to_run):  # process 0 decides for all (its view of the shared workdir)
-        if not run and outcomes[name] is None:
-            outcomes[name] = ("reused", None)
+    # process 0 decides for all (its view of the shared workdir): a point it found complete is reused
+    outcomes = {name: done[name] or ("reused", None) for name in names}
     print(f"Sweep of {len(points)} points into {sweep_dir}: {len(points) - len(pending)} already complete.")
 
     def run_one(item):
@@ -137,7 +136,7 @@ def run_sweep(
 def select_points(rows: list[dict[str, Any]], selection: dict[str, str]) -> dict[str, dict[str, Any] | None]:
     """For each ``label: metric`` of ``selection``, the complete point with the lowest value of the headline
     ``metric`` (e.g. a validation loss): ``{"metric", "point", "value"}``, or None if no point has a finite one."""
-    chosen = {}
+    chosen: dict[str, dict[str, Any] | None] = {}
     for label, metric in selection.items():
         candidates = [(row["metrics"][metric], row["name"]) for row in rows if row["status"] != "failed"
                       and isinstance(row["metrics"].get(metric), (int, float)) and np.isfinite(row["metrics"][metric])]

@@ -101,16 +101,16 @@ def task_from_lmeval(spec: str) -> tuple[Task, dict[str, list[dict]]]:
     if test_split is None:
         raise SentcompError(f"{where} has neither a test nor a validation split to evaluate on.")
     documents = {"train": _documents(task, "train"), "test": _documents(task, test_split)}
-    choices = None
-    rendered, labels = {}, {}
     for split, docs in documents.items():
         if not docs:
             raise SentcompError(f"{where}: its {split} split has no documents.")
+    choices: list[str] = list(task.doc_to_choice(documents["train"][0]))
+    rendered: dict[str, list[str]] = {}
+    labels: dict[str, list[int]] = {}
+    for split, docs in documents.items():
         rendered[split], labels[split] = [], []
         for index, doc in enumerate(docs):
             text, doc_choices, target = task.doc_to_text(doc), list(task.doc_to_choice(doc)), task.doc_to_target(doc)
-            if choices is None:
-                choices = doc_choices
             if doc_choices != choices:
                 raise SentcompError(f"{where}: {split} document {index} has choices {doc_choices}, not {choices}; "
                                     "Table 1 needs the same choices for every document (a fixed verbalizer).")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -151,7 +151,8 @@ def hidden_fn(config: BertConfig, params, token_ids: jax.Array, attention_mask: 
     """Last-layer states at every position, ``[B, T, d]``."""
     layers.check_length(token_ids, config.max_position_embeddings, "BERT")
     encoder = {k: v for k, v in params.items() if k != MLM_TRANSFORM}
-    return Bert(config).apply({"params": encoder}, token_ids, attention_mask)
+    # the casts: flax types apply's result as output | (output, variables); without mutable= it is the output
+    return cast(jax.Array, Bert(config).apply({"params": encoder}, token_ids, attention_mask))
 
 
 def phi_fn(params) -> jax.Array:
@@ -169,7 +170,7 @@ def mlm_transform(config: BertConfig, params, h: jax.Array) -> jax.Array:
     if not has_mlm_head(params):
         raise SentcompError("This BERT has no masked-LM head (cls.predictions.transform.* missing from the "
                             "checkpoint): use pooling='cls' or 'mean'.")
-    return MLMTransform(config).apply({"params": params[MLM_TRANSFORM]}, h)
+    return cast(jax.Array, MLMTransform(config).apply({"params": params[MLM_TRANSFORM]}, h))
 
 
 def language_model(config: BertConfig, params, tokenizer, name: str) -> LanguageModel:

@@ -52,7 +52,7 @@ import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -397,7 +397,8 @@ class DecoderModel(nn.Module):
         if c.scale_embeddings:  # in the embeddings' dtype, as Hugging Face's Gemma
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         windows = jnp.asarray(layer_windows(c))
-        every_mask, per_layer = attention_mask, windows
+        every_mask = attention_mask
+        per_layer: jax.Array | tuple[jax.Array, jax.Array, jax.Array] = windows  # each layer's scanned input
         if cache is not None:  # the keys cover the cached positions, then these
             every_mask = jnp.concatenate([layers.broadcast_rows(cache.mask, token_ids.shape[0]).astype(
                 attention_mask.dtype), attention_mask], axis=1)
@@ -411,18 +412,21 @@ class DecoderModel(nn.Module):
             x = layers.quad_head(c.hidden_size)(x)
         if not self.keep_kv:
             return x
+        keys, values = kv  # each [L, B, T, kv_heads, head_dim]
         if cache is None:
-            return x, layers.KVCache(*kv, attention_mask)
-        return x, cache.extended(*kv, attention_mask)
+            return x, layers.KVCache(keys, values, attention_mask)
+        return x, cache.extended(keys, values, attention_mask)
 
 
 # ------------------------------------------------------------------------------------ the sentcomp view
+# (The casts: flax types Module.apply's result as output | (output, variables); without mutable= it is the
+# output alone.)
 
 
 def hidden_fn(config: DecoderConfig, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: the final norm's output, or the Quad head's output."""
     layers.check_length(token_ids, config.max_position_embeddings, "model")
-    return DecoderModel(config).apply({"params": params}, token_ids, attention_mask)
+    return cast(jax.Array, DecoderModel(config).apply({"params": params}, token_ids, attention_mask))
 
 
 def prefill(config: DecoderConfig, params, token_ids: jax.Array, attention_mask: jax.Array
@@ -431,7 +435,8 @@ def prefill(config: DecoderConfig, params, token_ids: jax.Array, attention_mask:
     tokens, which :func:`continue_hidden` (or a further ``prefill`` of a continuation, e.g. one generated token
     at a time, through ``DecoderModel(config, keep_kv=True)``) reads instead of recomputing them."""
     layers.check_length(token_ids, config.max_position_embeddings, "model")
-    return DecoderModel(config, keep_kv=True).apply({"params": params}, token_ids, attention_mask)
+    output = DecoderModel(config, keep_kv=True).apply({"params": params}, token_ids, attention_mask)
+    return cast(tuple[jax.Array, layers.KVCache], output)
 
 
 def continue_hidden(config: DecoderConfig, params, cache: layers.KVCache, token_ids: jax.Array,
@@ -442,7 +447,7 @@ def continue_hidden(config: DecoderConfig, params, cache: layers.KVCache, token_
     real tokens plus these must fit the model's context (the caller's to keep: the cache may hold padding,
     which takes no position)."""
     layers.check_length(token_ids, config.max_position_embeddings, "model")
-    return DecoderModel(config).apply({"params": params}, token_ids, attention_mask, cache)
+    return cast(jax.Array, DecoderModel(config).apply({"params": params}, token_ids, attention_mask, cache))
 
 
 def phi_fn(params) -> jax.Array:

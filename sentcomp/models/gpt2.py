@@ -40,7 +40,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -111,7 +111,7 @@ def gpt2_config(size: str | None = None, **overrides) -> GPT2Config:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(GPT2Config)}
     if unknown:
         raise SentcompError(f"Unknown GPT-2 config keys {sorted(unknown)}.")
-    return GPT2Config(**{**PRESETS.get(size, {}), **overrides})
+    return GPT2Config(**{**(PRESETS[size] if size is not None else {}), **overrides})
 
 
 _QUAD_KEY = layers.QUAD_CONFIG_KEY  # config.json flag of checkpoints with the Quad head (written by save_hf)
@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         batch, length, _ = x.shape
         qkv = layers.dense(3 * cfg.n_embd, cfg.initializer_range, "c_attn")(x)
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
-        scale = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
+        scale: float | jax.Array = (1.0 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1).astype(jnp.float32)
         out = layers.self_attention(q, k, v, attention_mask, scale=scale, causal=True, implementation=cfg.attention,
@@ -225,7 +225,8 @@ class GPT2(nn.Module):
 def hidden_fn(config: GPT2Config, params, token_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Features ``f(s)`` at every position, ``[B, T, d]``: ``ln_f`` output, or the Quad head's output."""
     layers.check_length(token_ids, config.n_positions, "GPT-2")
-    return GPT2(config).apply({"params": params}, token_ids, attention_mask)
+    # the cast: flax types apply's result as output | (output, variables); without mutable= it is the output
+    return cast(jax.Array, GPT2(config).apply({"params": params}, token_ids, attention_mask))
 
 
 def phi_fn(params) -> jax.Array:

@@ -95,7 +95,7 @@ def packaged_file(package: str, inside: str, what: str, version: str | None = No
         raise SentcompError(
             f"{what} comes from the {package!r} package, which is not installed: run `{install}`."
         ) from None
-    path = Path(distribution.locate_file(inside))
+    path = Path(str(distribution.locate_file(inside)))
     if not path.is_file():
         raise SentcompError(f"The {package!r} package lacks {inside}; reinstall it: `{install}`.")
     return path
@@ -138,8 +138,8 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
                 f"{bin_path} is a PyTorch pickle; reading it needs torch (pip install torch==2.13.0), or convert "
                 "the checkpoint to model.safetensors."
             ) from None
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        return {name: value.float().numpy() for name, value in state.items()}
+        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {name: value.float().numpy() for name, value in tensors.items()}
     raise SentcompError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin.")
 
 

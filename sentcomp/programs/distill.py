@@ -32,6 +32,7 @@ not repeated.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def evaluate(config, lm, params, teacher, eval_step, val_batches, mesh) -> dict:
                                    max_length=config.task_max_length, batch_size=config.eval_batch_size,
                                    progress=False)["f"]
     frontier = {"max_norm": teacher["frontier_max_norm"], "word_weights": teacher["frontier_word_weights"]}
-    row = {"epsilon": teacher_lib.per_block_estimate(divergences["kl"]),
+    row: dict[str, Any] = {"epsilon": teacher_lib.per_block_estimate(divergences["kl"]),
            "quad_excess": teacher_lib.per_block_estimate(divergences["quad_excess"]),
            **steps.validation_losses(eval_step, params, val_batches, mesh),
            "bound": teacher_lib.bound_check(task_hidden, phi, teacher["task_hidden"], teacher["phi"],

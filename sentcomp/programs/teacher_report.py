@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from sentcomp.errors import SentcompError
 from sentcomp.results import layout, plots, storage
@@ -121,6 +122,7 @@ def run(config, workdir) -> dict:
                           for row in read_metric_rows(Path(run_dir))]
         if not students[name]:
             raise SentcompError(f"{run_dir} has no evaluation rows: its distillation stage has not run.")
+    results: dict[str, Any]
     results = {"targets": {key: targets[key] for key in ("teacher", "k", "truncation_kl", "truncation_kl_by_k",
                                                          "remaining_mass", "teacher_entropy", "train_positions",
                                                          "task_contexts")},

@@ -19,6 +19,8 @@ from typing import Any
 from sentcomp.results import storage
 
 # the metrics.jsonl columns a training program's own curves.png shows: losses, validation metrics, probes
+# One bar of :func:`accuracy_bars`: (accuracy, low, high) as fractions; low/high None: no error bar.
+AccuracyBar = tuple[float, float | None, float | None]
 LEARNING_CURVES = ("train_loss", "val_", "probe_")
 
 
@@ -62,7 +64,7 @@ def save(figure, path: str | Path, title: str = "") -> Path:
 # --------------------------------------------------------------------------------------------- accuracies
 
 
-def accuracy_bars(groups: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | Path, title: str = "",
+def accuracy_bars(groups: Mapping[str, Mapping[str, AccuracyBar]], path: str | Path, title: str = "",
                   caption: str = "error bars: 95% Wilson intervals") -> Path:
     """Grouped bars of accuracies in %: ``groups`` is ``{group: {series: (value, low, high)}}`` (fractions in
     [0, 1]; ``low``/``high`` None: no error bar). One group of bars per table row, one colour per column."""
@@ -73,7 +75,9 @@ def accuracy_bars(groups: Mapping[str, Mapping[str, Sequence[float | None]]], pa
     width = 0.8 / len(series)
     figure, axis = plt.subplots(figsize=(max(6.0, 0.35 * len(series) * len(groups) + 2), 4.2), layout="constrained")
     for index, name in enumerate(series):
-        xs, values, errors = [], [], [[], []]
+        xs: list[float] = []
+        values: list[float] = []
+        errors: list[list[float]] = [[], []]  # below and above each bar
         for position, bars in enumerate(groups.values()):
             if name not in bars:
                 continue

@@ -44,7 +44,15 @@ def code_fingerprint(*module_names: str) -> str:
     """:func:`content_hash` of the source files of the named modules, in order: part of a cache key, so results
     computed by earlier code (before a model or kernel fix) are never served as if the current code made them.
     Any edit of those files, comments included, invalidates the cache: recomputing is the safe side."""
-    return content_hash(*(Path(importlib.import_module(name).__file__).read_bytes() for name in module_names))
+    return content_hash(*(_source_file(name).read_bytes() for name in module_names))
+
+
+def _source_file(module_name: str) -> Path:
+    """The file an imported module was loaded from (a namespace package has none: name its modules instead)."""
+    file = importlib.import_module(module_name).__file__
+    if file is None:
+        raise ValueError(f"Module {module_name} has no source file (a namespace package): name its modules.")
+    return Path(file)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "", separator: str = ".") -> dict[str, Any]:
@@ -179,14 +187,15 @@ def write_failure_cause(error: BaseException) -> str | None:
     exception, its causes and contexts, or the text of a wrapped error (TensorStore reports OS errors as text);
     None for any other error."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
-            return f"{WRITE_FAILURES[error.errno]} ({error})"
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_FAILURES:
+            return f"{WRITE_FAILURES[current.errno]} ({current})"
         for code, cause in WRITE_FAILURES.items():
-            if os.strerror(code) in str(error):
-                return f"{cause} ({str(error).splitlines()[0][:300]})"
-        error = error.__cause__ or error.__context__
+            if os.strerror(code) in str(current):
+                return f"{cause} ({str(current).splitlines()[0][:300]})"
+        current = current.__cause__ or current.__context__
     return None
 
 

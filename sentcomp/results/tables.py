@@ -77,8 +77,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return cell
     if len(values) > 1:
         cell["std"] = statistics.pstdev(values)
-    sizes = [record.get("n") for record in records]
-    if all(isinstance(size, int) and size > 0 for size in sizes):
+    sizes = [size for record in records if isinstance(size := record.get("n"), int) and size > 0]
+    if len(sizes) == len(records):
         successes = sum(round(value * size) for value, size in zip(values, sizes))
         cell.update(n=sum(sizes), value=successes / sum(sizes))
         cell["low"], cell["high"] = wilson_interval(successes, cell["n"])
@@ -159,7 +159,8 @@ def table_json(table: Table) -> dict[str, Any]:
                                  if (row_key, key) in table.cells}} for row_key in table.row_keys]}
 
 
-def accuracy_groups(records: Sequence[dict[str, Any]], group_by: Sequence[str]) -> dict[str, dict[str, tuple]]:
+def accuracy_groups(records: Sequence[dict[str, Any]],
+                    group_by: Sequence[str]) -> dict[str, dict[str, plots.AccuracyBar]]:
     """``{group: {column: (accuracy, low, high)}}`` for :func:`sentcomp.results.plots.accuracy_bars`, from the accuracy
     records with a test-set size, pooled like the table's cells."""
     table = pivot([r for r in records if r["metric"] == ACCURACY and r.get("n")], group_by, ("column",))

@@ -60,12 +60,12 @@ _TOTALS = Counts()
 _LISTENING = False
 
 
-def _on_duration(event: str, seconds: float, **_) -> None:
+def _on_duration(event: str, duration_secs: float, **_) -> None:
     if event == COMPILE_EVENT:
         _TOTALS.compilations += 1
-        _TOTALS.compile_seconds += seconds
+        _TOTALS.compile_seconds += duration_secs
     elif event == CACHE_SAVED_EVENT:
-        _TOTALS.cache_saved_seconds += seconds
+        _TOTALS.cache_saved_seconds += duration_secs
 
 
 def _on_event(event: str, **_) -> None:
@@ -151,7 +151,7 @@ def default_cache_dir() -> Path:
 
 def compilation_cache_dir() -> str | None:
     """Where JAX's persistent compilation cache is (None: off)."""
-    return jax.config.jax_compilation_cache_dir or None
+    return jax.config.values["jax_compilation_cache_dir"] or None
 
 
 def enable_compilation_cache() -> str | None:
