@@ -164,16 +164,13 @@ class _ChunkStore:
             if _read_manifest(directory / "manifest.json") != json.loads(json.dumps(manifest)):
                 storage.write_json(directory / "manifest.json", manifest)  # missing, empty or damaged: rewritten
 
-    def _path(self, name: str, chunk: int) -> Path:
-        return self.directory / f"{name}.{chunk:05d}.npy"
-
     def has(self, name: str, chunk: int) -> bool:
         """Whether the chunk is stored *intact* and usable: its file's bytes hash to the checksum written beside it,
         and it holds no NaN/inf. A truncated, empty or overwritten chunk counts as missing and is recomputed; so
         does one holding NaN/inf (with a warning naming its file: a numerical failure of the run that wrote it)."""
         if self.directory is None:
             return False
-        path = self._path(name, chunk)
+        path = _chunk_path(self.directory, name, chunk)
         checksum = path.with_suffix(".sha256")
         if not (path.is_file() and checksum.is_file()):
             return False
@@ -189,20 +186,26 @@ class _ChunkStore:
         if self.directory is None:
             self.memory[f"{name}.{chunk}"] = array
         elif parallel.is_main_process():
-            path = self._path(name, chunk)
+            path = _chunk_path(self.directory, name, chunk)
             storage.save_npy(path, array)
             storage.write_text(path.with_suffix(".sha256"), storage.content_hash(path.read_bytes()) + "\n")
 
     def get(self, name: str, chunk: int) -> np.ndarray:
         if self.directory is None:
             return self.memory[f"{name}.{chunk}"]
-        return np.load(self._path(name, chunk))
+        return np.load(_chunk_path(self.directory, name, chunk))
+
+
+def _chunk_path(directory: Path, name: str, chunk: int) -> Path:
+    """Where a key directory stores one chunk of one stored kind (:class:`_ChunkStore`)."""
+    return directory / f"{name}.{chunk:05d}.npy"
 
 
 def _stored_name(kind: str, words: WordSet | None, projection: tuple[int, int]) -> str:
     """File stem of a kind; word kinds depend on the word ids, so their hash is part of the name, and the
     projected distribution on the projection's ``(dimension, seed)``."""
     if kind in WORD_KINDS:
+        assert words is not None  # word kinds come with words: _check_kinds refuses them without
         return f"{kind}-{storage.content_hash(list(words.token_ids))[:10]}"
     return f"{kind}-{projection[0]}-seed{projection[1]}" if kind == "projected_p_f" else kind
 
@@ -231,8 +234,11 @@ def _p_f_memmap(key_dir: Path, n_texts: int, vocab_size: int, chunk_size: int,
                                         dtype=np.float32, shape=shape)
     for chunk in (c for c, kinds in missing.items() if "p_f" not in kinds):
         rows = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
-        scratch[rows] = parallel.main_decides(lambda rows=rows: np.asarray(
-            np.load(key_dir / "p_f.npy", mmap_mode="r")[rows]))
+
+        def cached_rows(rows: slice = rows) -> np.ndarray:
+            return np.asarray(np.load(key_dir / "p_f.npy", mmap_mode="r")[rows])
+
+        scratch[rows] = parallel.main_decides(cached_rows)
     return scratch
 
 
@@ -367,7 +373,11 @@ class _Extraction:
 def plan_extraction(lm: LanguageModel, texts: Sequence[str], kinds: tuple[str, ...], words, prompt: str | None,
                     options: ExtractionOptions) -> _Extraction:
     """Texts encoded (:func:`sentcomp.data.text.encode_texts`), the cache key's store opened, and which chunks
-    lack which kinds decided by process 0 (:func:`sentcomp.parallel.main_decides`)."""
+    lack which kinds decided by process 0 (:func:`sentcomp.parallel.main_decides`). ``options`` resolved
+    (:meth:`ExtractionOptions.resolved`)."""
+    if options.max_length is None or options.mesh is None:
+        raise SentcompError("plan_extraction needs resolved extraction options (max_length and mesh set): pass "
+                            "options.resolved(lm).")
     words = word_set(lm.tokenizer, words) if words else None
     encoding = encode_texts(lm.tokenizer, texts, options.max_length, prompt, options.keep_prompt_trailing_space,
                             options.truncation)
@@ -385,14 +395,15 @@ def plan_extraction(lm: LanguageModel, texts: Sequence[str], kinds: tuple[str, .
 def _replicated_inputs(plan: _Extraction, kinds: tuple[str, ...]):
     """``(params, tables)`` on every device: the parameters cast to the compute dtype, the word ids and the
     random projection (:func:`_batch_fn`; placeholders for kinds not requested)."""
-    lm, options, words = plan.lm, plan.options, plan.words
+    lm, options, words, mesh = plan.lm, plan.options, plan.words, plan.options.mesh
+    assert mesh is not None  # plan_extraction refuses options that are not resolved (their mesh set)
     vocab_size = int(lm.phi.shape[0])
-    params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[options.compute_dtype]), options.mesh)
+    params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[options.compute_dtype]), mesh)
     tables = parallel.replicate({
         "word_ids": jnp.asarray(words.token_ids if words else [0], jnp.int32),
         "projection": (random_projection(vocab_size, *plan.projection) if "projected_p_f" in kinds
                        else jnp.zeros((vocab_size, 1), jnp.float32)),
-    }, options.mesh)
+    }, mesh)
     return params, tables
 
 
@@ -413,6 +424,7 @@ def compute_missing(plan: _Extraction, kinds: tuple[str, ...], p_f_file: np.memm
 
         def on_batch(indices, outputs, n_tokens, start=rows.start):
             if "p_f" in outputs:
+                assert p_f_file is not None  # p_f is computed only when requested, and extract_features then opens it
                 p_f_file[start + indices] = outputs.pop("p_f")
             bar.update(n_tokens)
 
@@ -463,14 +475,17 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], kinds: Sequence[st
     options = (options or ExtractionOptions()).replace(**settings)
     kinds = _check_request(texts, kinds, words, options)
     plan = plan_extraction(lm, texts, kinds, words, prompt, options.resolved(lm))
-    p_f_file = _p_f_memmap(plan.store.directory, len(texts), int(lm.phi.shape[0]), options.chunk_size,
-                           plan.missing) if "p_f" in kinds else None
+    key_dir = plan.store.directory
+    p_f_file = None
+    if "p_f" in kinds:
+        assert key_dir is not None  # _check_request refuses p_f without a cache_dir, so the store has a directory
+        p_f_file = _p_f_memmap(key_dir, len(texts), int(lm.phi.shape[0]), options.chunk_size, plan.missing)
     compute_missing(plan, kinds, p_f_file)
     result: dict[str, Any] = gather_features(plan, kinds)
     if p_f_file is not None:
+        assert p_f_file.filename is not None  # _p_f_memmap opens the memmap from a path, which it keeps
         result["p_f"] = np.load(p_f_file.filename, mmap_mode="r")
         del p_f_file
-    key_dir = plan.store.directory
     result["metadata"] = {
         **plan.store.manifest,
         "kinds": list(kinds),

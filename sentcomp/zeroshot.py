@@ -514,10 +514,12 @@ class ZeroShotPlan:
                  **options) -> ZeroShotPlan:
         """The plan of ``templates`` (prompts) and ``verbalizers`` (:func:`parse_verbalizer` strings), each
         defaulting to the task's own (:attr:`Task.prompt_templates`, :attr:`Task.label_verbalizers`: its prompt and
-        label words first); ``options``: the other fields."""
-        return cls(tuple(templates) or task.prompt_templates,
+        label words first); ``options``: the other fields (``shots`` and ``sensitivity_shots`` any sequence of ints,
+        stored as tuples)."""
+        plan = cls(tuple(templates) or task.prompt_templates,
                    tuple(parse_verbalizer(v, task.label_names) for v in verbalizers) or task.label_verbalizers,
-                   **{key: tuple(value) if key.endswith("shots") else value for key, value in options.items()})
+                   **options)
+        return dataclasses.replace(plan, shots=tuple(plan.shots), sensitivity_shots=tuple(plan.sensitivity_shots))
 
     def variants(self) -> list[ZeroShotVariant]:
         """Every variant to score, ordered by ``(k, t, v)``."""
@@ -635,6 +637,6 @@ def summarise_variants(records: Sequence[dict], sensitivity_shots: Sequence[int]
                         for (t, v), group in sorted(variants.items())}
             values = list(accuracy.values())
             sensitivity.append({"row": row, "k": k, "rule": rule, "mean": float(np.mean(values)),
-                                "min": min(values), "max": max(values), "best": max(accuracy, key=accuracy.get),
+                                "min": min(values), "max": max(values), "best": max(accuracy, key=accuracy.__getitem__),
                                 "accuracies": accuracy})
     return {"rules": rules, "sensitivity": sensitivity}

@@ -208,6 +208,8 @@ def test_bad_requests_are_clear_errors(lm, tmp_path):
         features.extract_features(lm, TEXTS, ("word_logits",))
     with pytest.raises(SentcompError, match="pass cache_dir"):
         features.extract_features(lm, TEXTS, ("p_f",))
+    with pytest.raises(SentcompError, match=r"needs resolved extraction options .* pass options.resolved\(lm\)"):
+        features.plan_extraction(lm, TEXTS, ("f",), None, None, features.ExtractionOptions())
     with pytest.raises(SentcompError, match=r"positions \[1\] are empty"):
         features.extract_features(lm, ["fine", ""], ("f",))
     with pytest.raises(SentcompError, match="truncation must be one of"):

@@ -92,8 +92,11 @@ def test_family_shapes_come_from_config_model():
     assert "rope_theta" not in gpt2 and pretrain.hf_model_config(gpt2, 257)["n_embd"] == 64
     with pytest.raises(SentcompError, match=r"config.model.intermediate_size applies to rotary families"):
         pretrain.hf_model_config(config_files.override(base.copy_and_resolve_references(), {"family": "gpt2"}), 257)
+    bert = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke,family=bert")
     with pytest.raises(SentcompError, match=r"Unknown config.model.family 'bert'; choose one of \['gpt2', 'llama'"):
-        pretrain.check_config(config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke,family=bert"))
+        pretrain.check_config(bert)
+    with pytest.raises(SentcompError, match="'bert' models cannot be pretrained from random weights"):
+        pretrain.hf_model_config(bert.model, 257)
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,8 @@ def test_cells_match_direct_computation(smoke_run):
     word_sets = {"class": text.word_set(lm.tokenizer, data.task.class_words)}
     np.testing.assert_allclose(columns.column_features(extracted, "class_logits", word_sets, union),
                                direct["word_logits"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SentcompError, match="'class' words' columns of an extraction: pass the union word set"):
+        columns.column_features(extracted, "class_logits", word_sets, None)
     # the probability column: p_f(s)(w) of the subset words, = softmax(Φᵀh)[w] computed here in float64
     word_sets["subset"] = text.word_set(lm.tokenizer, data.task.subset_words)
     with_probs = features.extract_features(lm, data.texts, ("f", "word_probs"), words=union.words, prompt=prompt,

@@ -23,10 +23,11 @@ Word columns use every single-token form ``" w"``/``"w"`` of their words (``sent
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from sentcomp import probe
 from sentcomp.data.tasks import Task
@@ -54,7 +55,7 @@ def word_groups(task: Task) -> dict[str, tuple[str, ...]]:
     return {name: tuple(words) for name, words in groups.items() if words}
 
 
-def union_words(groups: dict[str, Sequence[str]]) -> list[str]:
+def union_words(groups: Mapping[str, Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(word for words in groups.values() for word in words))
 
 
@@ -64,7 +65,7 @@ def extraction_words(task: Task, extra_words: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys([*union_words(word_groups(task)), *extra_words]))
 
 
-def word_columns(union: WordSet, group: WordSet) -> np.ndarray:
+def word_columns(union: WordSet, group: WordSet) -> npt.NDArray[np.int64]:
     """Positions, among the union's token ids, of a group's token ids (one extraction serves every group)."""
     return np.array([union.token_ids.index(token) for token in group.token_ids], np.int64)
 
@@ -86,7 +87,8 @@ def check_word_columns(columns: Sequence[str], word_sets: dict[str, WordSet], mo
     """A word column needs some of its words to be single tokens of the model's tokenizer (none are for a
     byte-level one): refused before the features are extracted, naming the columns to drop."""
     empty = [column for column in columns
-             if FEATURE_COLUMNS[column][1] in word_sets and not word_sets[FEATURE_COLUMNS[column][1]].token_ids]
+             if (group := FEATURE_COLUMNS[column][1]) is not None and group in word_sets
+             and not word_sets[group].token_ids]
     if empty:
         kept = tuple(column for column in columns if column not in empty)
         raise SentcompError(f"The tokenizer of {model} makes none of the task's words for columns {empty} a single "
@@ -102,6 +104,9 @@ def column_features(extracted: dict[str, np.ndarray], column: str, word_sets: di
         return probe.row_space_features(extracted[kind])
     if group is None:
         return extracted[kind]
+    if union is None:
+        raise SentcompError(f"Column {column!r} reads the {group!r} words' columns of an extraction: pass the union "
+                            "word set that extraction resolved (union=..., see row_features).")
     return extracted[kind][:, word_columns(union, word_sets[group])]
 
 

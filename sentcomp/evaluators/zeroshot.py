@@ -92,8 +92,11 @@ def scores_from_prompt_features(lm, data: TaskData, texts: Sequence[str], templa
     (``data.prompt_extraction``, ``word_log_probs`` at f(s) of ``text + template``), when that is the same
     computation: every word's continuation is one token among the extraction's words and every context is the
     extraction's token sequence (so ``log p(w | context)`` is the extracted value). The content-free texts are
-    scored by the model (one small batch). None when any of this does not hold (the caller runs its own pass)."""
+    scored by the model (one small batch). None when any of this does not hold, or when this run made no prompt
+    row extraction (the caller runs its own pass)."""
     extraction = data.prompt_extraction
+    if extraction is None:
+        return None
     max_length = min(config.max_length, lm.max_length)
     rows = zeroshot.build_rows(lm.tokenizer, texts, template, words, max_length, config.truncation)
     contexts = encode_texts(lm.tokenizer, texts, max_length, template, truncation=config.truncation).token_ids
@@ -139,7 +142,7 @@ class ZeroShotColumn(Evaluator):
         def scorer(texts, variant, words, prefix):
             lm, template = load_model(), variant.template
             with timings.part(f"zero-shot {name}* {template.strip()!r} k={variant.k}"):
-                reuse = not prefix and template == task.prompt and data.prompt_extraction is not None
+                reuse = not prefix and template == task.prompt
                 scores = scores_from_prompt_features(lm, data, texts, template, words, config) if reuse else None
                 if scores is None:
                     scores = zeroshot.score_words(lm, texts, template, words, prefix, **score_options(config))

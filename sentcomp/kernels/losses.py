@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, log_partition, reverse_mode_only
@@ -100,7 +101,7 @@ def _quad_from_gram(h: jax.Array, phi: jax.Array, targets: jax.Array, gram: jax.
 
 
 def quad_per_position(
-    h: jax.Array, phi: jax.Array, targets: jax.Array, *, precision=DEFAULT_PRECISION
+    h: ArrayLike, phi: ArrayLike, targets: ArrayLike, *, precision=DEFAULT_PRECISION
 ) -> jax.Array:
     """``−f(s)ᵀφ_w + ½‖Φᵀf(s)‖²`` at every position, via the Gram trick ``½‖Φᵀh‖² = ½ hᵀ G h``, ``G = ΦᵀΦ``.
 
@@ -108,7 +109,7 @@ def quad_per_position(
     the V·d of materialised logits. A negative target id (``IGNORE_INDEX``) gives 0 there, with zero gradients.
     Plain jnp: every mode of differentiation works (forward mode included).
     """
-    precision = check_precision(precision)
+    h, phi, targets, precision = jnp.asarray(h), jnp.asarray(phi), jnp.asarray(targets), check_precision(precision)
     gram = _gram(phi, precision)
     return _ignoring_negative_targets(lambda h, targets: _quad_from_gram(h, phi, targets, gram, precision), h,
                                       targets)

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
@@ -144,7 +145,7 @@ _log_partition_flat.defvjp(_log_partition_fwd, _log_partition_bwd)
 
 
 def log_partition(
-    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
+    h: ArrayLike, phi: ArrayLike, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
 ) -> jax.Array:
     """``log Z(h) = log Σ_w exp(hᵀφ_w)``, shape ``h.shape[:-1]``, float32.
 
@@ -153,26 +154,27 @@ def log_partition(
     a ``TypeError`` saying so. ``precision``: of every product, forward and backward
     (:mod:`sentcomp.kernels.precision`).
     """
-    flat, batch_shape = _flatten_features(h)
+    flat, batch_shape = _flatten_features(jnp.asarray(h))
     with reverse_mode_only("log_partition"):
-        return _log_partition_flat(flat, phi, chunk_size, check_precision(precision)).reshape(batch_shape)
+        return _log_partition_flat(flat, jnp.asarray(phi), chunk_size, check_precision(precision)).reshape(batch_shape)
 
 
 def conditional_mean_features(
-    h: jax.Array, phi: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
+    h: ArrayLike, phi: ArrayLike, chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
 ) -> jax.Array:
     """Conditional-mean features ``Φ p_f(s) = Σ_w softmax(Φᵀh)_w φ_w = ∇_h log Z(h)``, shape ``[..., d]``."""
     return expected_values(h, phi, phi, chunk_size, precision=precision)
 
 
 def expected_values(
-    h: jax.Array, phi: jax.Array, values: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
+    h: ArrayLike, phi: ArrayLike, values: ArrayLike, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
     precision=DEFAULT_PRECISION,
 ) -> jax.Array:
     """``E_{w ~ p_f(s)}[v_w] = Σ_w softmax(Φᵀh)_w v_w`` for a table ``values [V, k]`` (row ``v_w`` per word),
     shape ``[..., k]``, streamed over V with ``Φ``: ``values = Φ`` gives :func:`conditional_mean_features`,
     ``values = Aᵀ`` the projected distribution ``A p_f(s)`` of a ``k × V`` matrix ``A`` (the paper's random
     projection features), never materialising the ``[N, V]`` distribution."""
+    h, phi, values = jnp.asarray(h), jnp.asarray(phi), jnp.asarray(values)
     if values.shape[0] != phi.shape[0]:
         raise ValueError(f"values has {values.shape[0]} rows but the vocabulary has {phi.shape[0]} words.")
     flat, batch_shape = _flatten_features(h)

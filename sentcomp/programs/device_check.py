@@ -455,7 +455,7 @@ def multihost_checks(cfg, tolerance, seed: int, workdir: Path) -> list[Check]:
     extracted = multihost_extraction(cfg.n_contexts, seed)
     decided_by = parallel.main_decides(jax.process_index)  # what process 0 read is what every process gets
     if parallel.is_main_process():
-        np.savez(workdir / MULTIHOST_ARRAYS, **arrays, **extracted)
+        np.savez(workdir / MULTIHOST_ARRAYS, allow_pickle=False, **arrays, **extracted)
     what = (f"{cfg.n_contexts}×{cfg.positions} positions, V={cfg.vocab_size}, d={cfg.dim}, over "
             f"{jax.process_count()} process(es), {jax.device_count()} devices")
     return [

@@ -185,8 +185,8 @@ def run(config, workdir) -> dict:
 
     def batch(step: int) -> loop.Batch:
         indices = plan.local_indices(step)
-        local = train[indices] if not soft else (train[indices], targets["ids"][indices].astype(np.int32),
-                                                 targets["probs"][indices])
+        local = train[indices] if targets is None else (train[indices], targets["ids"][indices].astype(np.int32),
+                                                        targets["probs"][indices])  # None unless soft
         return loop.Batch((parallel.global_batch(local, mesh),), tokens_per_step, flops_per_step)
 
     def evaluate_now(step: int, params) -> dict:

@@ -160,7 +160,11 @@ def hf_model_config(model, vocab_size: int) -> dict[str, Any]:
     :func:`sentcomp.models.decoder.pretrain_config`): the same four as ``max_position_embeddings``,
     ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, and ``intermediate_size`` (0: the family's
     default width), ``num_key_value_heads`` (0: ``n_head``), ``rope_theta`` (absent: the family's default)."""
-    return models.facts(model.family).pretrain_config(model, vocab_size)
+    to_hf = models.facts(model.family).pretrain_config
+    if to_hf is None:
+        raise SentcompError(f"{model.family!r} models cannot be pretrained from random weights: their family declares "
+                            "no FamilyFacts.pretrain_config; choose a family that does (check_config lists them).")
+    return to_hf(model, vocab_size)
 
 
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:

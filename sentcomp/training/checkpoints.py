@@ -164,7 +164,8 @@ _INCOMPATIBLE_MESSAGES = ("tree structures do not match", "is not compatible wit
 
 def error_chain(error: BaseException) -> list[BaseException]:
     """``error``, then its causes (``__cause__``, else ``__context__``) and the members of exception groups."""
-    chain, pending = [], [error]
+    chain: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
     while pending:
         current = pending.pop(0)
         if current is None or any(current is seen for seen in chain):
@@ -279,7 +280,7 @@ def resume_settings(config) -> dict[str, Any]:
     keys the resuming config lists in ``resume_may_change`` (:func:`settings_differences`), so
     ``run(config, workdir)`` never continues a run trained under other settings, and a key the user may change
     (``num_steps`` to train longer) is compared only when it is not listed."""
-    values = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+    values = (dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type)
               else json.loads(config.to_json_best_effort()))
     plain = storage.flatten(json.loads(json.dumps(values)))
     return {key: value for key, value in plain.items()

@@ -73,7 +73,9 @@ def matmul_params(lm, output_projection: bool = True) -> int:
     facts = models.facts(lm.family)
     skip = set(facts.lookups)
     if not output_projection:
-        skip |= {facts.untied_phi, *facts.output_head}
+        skip |= set(facts.output_head)
+        if facts.untied_phi is not None:  # a family that never unties Φ has no untied Φ to leave out
+            skip.add(facts.untied_phi)
     n = sum(int(np.prod(np.shape(leaf))) for key, sub in lm.params.items() if key not in skip
             for leaf in jax.tree.leaves(sub))
     if output_projection and facts.untied_phi not in lm.params:
