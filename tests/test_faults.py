@@ -550,8 +550,8 @@ def test_a_torn_json_line_is_skipped_and_named(tmp_path):
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
-    storage.append_json_line(tmp_path / tracking.METRICS_FILE, {"step": 1, "loss": 2.0})
-    with open(tmp_path / tracking.METRICS_FILE, "a") as file:
+    storage.append_json_line(tmp_path / layout.METRICS_FILE, {"step": 1, "loss": 2.0})
+    with open(tmp_path / layout.METRICS_FILE, "a") as file:
         file.write('{"step": 2, "lo')
     with pytest.warns(UserWarning, match="line 2: not valid JSON"):
         assert tracking.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

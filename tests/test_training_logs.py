@@ -11,7 +11,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from sentcomp import parallel
-from sentcomp.results import storage
+from sentcomp.results import layout, storage
 from sentcomp.training import tracking
 
 
@@ -82,7 +82,7 @@ def test_numeric_scalars_are_on_disk_after_each_row(tmp_path):
                 [("loss", 2, 2.0), ("learning_rate", 2, 2e-3), ("tokens", 2, 1024.0), ("probe/sst2", 2, 0.875)]]
     for count, row in enumerate(rows, 1):
         tracking.append_metrics(tmp_path, row)
-        [path] = event_files(tmp_path / tracking.TENSORBOARD_DIR)  # read while the writer is still open
+        [path] = event_files(tmp_path / layout.TENSORBOARD_DIR)  # read while the writer is still open
         events = read_event_file(path)
         assert events[0].file_version == "brain.Event:2"
         logged = scalars(events)
@@ -108,7 +108,7 @@ def test_a_resume_purges_the_steps_it_runs_again(tmp_path):
     assert tracking.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
                                                {"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0}]
 
-    first, second = event_files(tmp_path / tracking.TENSORBOARD_DIR)
+    first, second = event_files(tmp_path / layout.TENSORBOARD_DIR)
     assert scalars(read_event_file(first)) == [("loss", step, float(step)) for step in range(1, 5)]
     resumed = read_event_file(second)
     # the events tensorboardX's SummaryWriter(purge_step=3) starts its file with, before any data
@@ -131,7 +131,7 @@ def test_a_log_reopened_within_the_same_second_keeps_the_previous_file(tmp_path)
     tracking.append_metrics(tmp_path, {"step": 1, "loss": 1.0})
     tracking.close_metrics(tmp_path)
     tracking.append_metrics(tmp_path, {"step": 2, "loss": 2.0})
-    files = event_files(tmp_path / tracking.TENSORBOARD_DIR)
+    files = event_files(tmp_path / layout.TENSORBOARD_DIR)
     assert [scalars(read_event_file(path)) for path in files] == [[("loss", 1, 1.0)], [("loss", 2, 2.0)]]
 
 
