@@ -4,6 +4,7 @@ prints one."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -56,8 +57,9 @@ def test_assert_same_output_holds_each_output_to_its_scale():
 
 
 def test_probe_benchmark_compares_at_the_same_regularisation():
-    ours = {"grid": [0.1, 1.0, 10.0], "test_accuracy_per_regularisation": np.array([0.80, 0.90, 0.85]),
-            "regularisation_name": "alpha", "folds": np.arange(100) % 5, "cv_mean": np.array([0.7, 0.8, 0.75])}
+    ours = SimpleNamespace(grid=[0.1, 1.0, 10.0], test_accuracy_per_regularisation=np.array([0.80, 0.90, 0.85]),
+                           regularisation_name="alpha", folds=np.arange(100) % 5, cv_mean=np.array([0.7, 0.8, 0.75]))
+    # the fields of a probe.ProbeResult the check reads
     same = {"test_accuracy": 0.90, "regularisation": 1.0, "cv_mean": np.array([0.7, 0.8, 0.76])}
     probe_benchmark.check_same_probe("same", ours, same, n_test=200, tolerance_points=0.5)
     with pytest.raises(AssertionError, match="at alpha = 10 our probe's test accuracy 85.00"):
