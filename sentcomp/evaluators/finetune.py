@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sentcomp.data.tasks import Task
 from sentcomp.evaluators.base import Evaluator, ModelLoader
 from sentcomp.evaluators.cells import CellLog, cell_key
 from sentcomp.evaluators.task_data import TaskData
-from sentcomp.training.finetune import FinetuneOptions
+
+if TYPE_CHECKING:  # the training package (optax, Orbax) loads only when a fine-tuning cell runs
+    from sentcomp.training.finetune import FinetuneOptions
 
 FINETUNE = "finetune"
 
@@ -19,6 +22,8 @@ FINETUNE = "finetune"
 def finetune_config(config, n_train: int, prompt: str | None) -> FinetuneOptions:
     """:func:`sentcomp.training.finetune.finetune_accuracy`'s options from ``config.ft`` (``num_epochs`` > 0 sets
     ``max_steps`` = ⌈epochs · N_train / batch⌉)."""
+    from sentcomp.training.finetune import FinetuneOptions
+
     ft = config.ft.to_dict()
     ft.pop("enabled")
     epochs = ft.pop("num_epochs", 0)

@@ -55,7 +55,7 @@ from sentcomp import parallel, theory
 from sentcomp.data import synthetic
 from sentcomp.errors import SentcompError
 from sentcomp.models import gpt2
-from sentcomp.results import layout, storage
+from sentcomp.results import layout, storage, tables
 from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
 LOSS_FIGURE = "loss_vs_sqrt_epsilon.png"
@@ -247,11 +247,12 @@ def _interval(estimate: dict) -> str:
     return f"{estimate['mean']:.2e} [{estimate['low']:.2e}, {estimate['high']:.2e}]"
 
 
-def markdown_table(results: dict) -> str:
+def results_markdown(results: dict) -> str:
+    """The run's results.md: the setting, one table row per loss and checkpoint, and the verdict."""
     header = ["loss", "step", "ε (95% CI)", "excess Quad"]
     for kind in FEATURE_KINDS:
         header += [f"probe {kind} loss / acc", f"plug-in {kind}", f"bound {kind}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for loss, rows in results["models"].items():
         for row in rows:
             cells = [loss, str(row["step"]), _interval(row["epsilon"]), f"{row['excess_quad']['mean']:.2e}"]
@@ -259,7 +260,7 @@ def markdown_table(results: dict) -> str:
                 entry = row["features"][kind]
                 cells += [f"{entry['probe']['loss']:.4f} / {entry['probe']['accuracy']:.3f}",
                           f"{entry['plug_in']:.4f}", f"{entry['bound']:.4f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(cells)
     truth = results["truth"]
     return "\n".join([
         "# Theory on a synthetic language with exact p*", "",
@@ -271,7 +272,8 @@ def markdown_table(results: dict) -> str:
         "for quad, the Φp_f bound through the fitted affine map for xent. Plug-in: the natural classifier "
         "attaining the bound, applied to the model's features (held-out logistic loss). "
         f"{probe_reading(results['probe_cv_metric'])}", "",
-        *lines, "", "## Verdict", "", *[f"- {line}" for line in results["verdict_lines"]], "",
+        tables.markdown_table(header, lines), "",
+        "## Verdict", "", *[f"- {line}" for line in results["verdict_lines"]], "",
     ])
 
 
@@ -364,7 +366,7 @@ def run(config, workdir) -> dict[str, Any]:
     }
     if parallel.is_main_process():
         storage.write_json(workdir / layout.RESULTS_FILE, results)
-        storage.write_text(workdir / layout.RESULTS_MARKDOWN, markdown_table(results))
+        storage.write_text(workdir / layout.RESULTS_MARKDOWN, results_markdown(results))
         plot(results, workdir)
         for line in results["verdict_lines"]:
             print("VERDICT", line)

@@ -163,7 +163,8 @@ def train_loop(state, step_fn: Callable, batches: Callable[[int], Batch], start:
     manager = checkpointing.manager
     bar = tqdm(total=num_steps, initial=start, desc=name, unit="step",
                disable=not (progress and parallel.is_main_process()))
-    while step < num_steps and not (stop is not None and stop()):
+    stopped = stop is not None and stop()
+    while step < num_steps and not stopped:
         batch = batches(step)
         began = time.perf_counter()
         state, metrics = step_fn(state, *batch.inputs)
@@ -188,7 +189,8 @@ def train_loop(state, step_fn: Callable, batches: Callable[[int], Batch], start:
                 row.update(entry or {})
             tracking.append_metrics(workdir, row)
             window = _Window()
-        last = step == num_steps or (stop is not None and stop())
+        stopped = stop is not None and stop()
+        last = step == num_steps or stopped
         if (last or (checkpointing.every and step % checkpointing.every == 0)
                 or (logged and checkpointing.with_rows)):
             checkpoints_lib.save_checkpoint(manager, state, checkpointing.meta(step))
