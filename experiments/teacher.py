@@ -72,9 +72,12 @@ def targets_config(args) -> ml_collections.ConfigDict:
     config.program = "sentcomp.programs.teacher_targets"
     config.teacher = ml_collections.ConfigDict(dict(
         source="random" if args.smoke else "smollm2-135m", seed=0,
-        random=dict(family="llama", n_layer=1, n_embd=32, n_head=2, n_positions=64, logit_scale=30.0)))
+        random=dict(family="llama", n_layer=1, n_embd=32, n_head=2, n_positions=64, intermediate_size=128,
+                    tie_word_embeddings=True, logit_scale=30.0)))
     config.corpus = ml_collections.ConfigDict(dict(
-        sources=("lee",) if args.smoke else ("lee", "enwiki", "rt_plots"),
+        # in-domain text first: max_train_blocks keeps the first blocks of the sources in this order
+        sources=("lee",) if args.smoke else ("rt_reviews", "rt_plots", "lee", "enwiki") if args.accelerator
+        else ("rt_reviews", "rt_plots", "lee"),
         seq_len=32 if args.smoke else 512 if args.accelerator else 128,
         validation_fraction=0.05, seed=0, max_train_blocks=64 if args.smoke else 0 if args.accelerator else 4000,
         eval_blocks=8 if args.smoke else 64))
@@ -99,13 +102,15 @@ def student_config(args, objective: str) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         family="llama", n_layer=1 if args.smoke else 4 if args.accelerator else 2,
         n_embd=32 if args.smoke else 512 if args.accelerator else 128, n_head=2 if args.smoke else 8 if
-        args.accelerator else 4, n_positions=64 if args.smoke else 512, intermediate_size=0, tie_word_embeddings=True))
+        args.accelerator else 4, n_positions=64 if args.smoke else 512, tie_word_embeddings=True))
+    config.model.intermediate_size = 4 * config.model.n_embd
     config.data = ml_collections.ConfigDict(dict(seed=0))
     config.num_steps = 12 if args.smoke else 3000 if args.accelerator else 300
     config.batch_size = 8 if args.smoke else 64 if args.accelerator else 16
     config.grad_accum = 1
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     config.compute_dtype = "bfloat16" if args.accelerator else "float32"
+    config.matmul_precision = "auto"  # the loss's products: sentcomp.training.steps.training_precision
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=2 if args.smoke else 30, decay="cosine", end_lr_fraction=0.1,
         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))

@@ -8,9 +8,10 @@ be set beside what the student's features achieve. This module holds the pieces 
 compose (the maths is in :mod:`sentcomp.kernels.distill`):
 
 * **Corpus** (:func:`distillation_documents`, :func:`corpus_blocks`): documents of the offline sources
-  (``lee``: gensim's 300 news articles; ``enwiki``: gensim's Wikipedia extract; ``rt_plots``: the 1,097 movie
-  synopses of the Rotten Tomatoes file, which belong to no task split, so no labelled snippet is ever seen by
-  a student), each source split into train/validation by :func:`sentcomp.data.corpora.hold_out`, packed into
+  (``rt_reviews``: the review snippets of the Rotten Tomatoes task's *train* split, text only, so no student
+  ever sees a test snippet or any label; ``rt_plots``: the 1,097 movie synopses of the Rotten Tomatoes file,
+  which belong to no task split; ``lee``: gensim's 300 news articles; ``enwiki``: gensim's Wikipedia extract),
+  each source split into train/validation by :func:`sentcomp.data.corpora.hold_out`, packed into
   blocks with the teacher's tokenizer (:func:`sentcomp.data.corpora.pack`); cached, keyed by the sources,
   tokenizer and block length.
 * **Sparse teacher targets** (:func:`choose_k`, :func:`build_targets`): per position the teacher's top-k words
@@ -52,7 +53,7 @@ from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel, model_fingerprint
 from sentcomp.results import storage
 
-SOURCES = ("lee", "enwiki", "rt_plots")
+SOURCES = ("rt_reviews", "rt_plots", "lee", "enwiki")
 MANIFEST = "manifest.json"
 TARGET_FIELDS = ("ids", "probs", "truncation_kl", "entropy")  # the order kernels.top_k_targets returns
 
@@ -69,8 +70,16 @@ def rotten_tomatoes_plots(path: str | Path | None = None) -> list[str]:
     return list(dict.fromkeys(text for text in texts if text))
 
 
+def rotten_tomatoes_train_reviews() -> list[str]:
+    """The review snippets of the Rotten Tomatoes task's train split (:mod:`sentcomp.data.rotten_tomatoes`'s fixed
+    split), text only, in split order: in-domain text for the students that holds no test snippet and no label."""
+    return list(rotten_tomatoes.load_rotten_tomatoes()["train"].texts)
+
+
 def source_documents(source: str) -> list[str]:
     """The documents of one offline source (see the module docstring)."""
+    if source == "rt_reviews":
+        return rotten_tomatoes_train_reviews()
     if source == "rt_plots":
         return rotten_tomatoes_plots()
     if source in ("lee", "enwiki"):

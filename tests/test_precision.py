@@ -286,3 +286,34 @@ def test_training_precision_per_backend():
     assert steps.training_precision("default") == "default"
     with pytest.raises(SentcompError, match="config.matmul_precision: precision must be.*'auto'"):
         steps.training_precision("fp32")
+
+
+@pytest.mark.parametrize("objective", ["soft_xent", "soft_quad"])
+def test_the_distillation_step_follows_the_training_precision(objective):
+    """sentcomp.programs.distill's soft train step (config.matmul_precision) passes its precision to the soft loss:
+    the loss's products and their gradients lower at HIGH with "high" and at HIGHEST with "highest"."""
+    import ml_collections
+    import optax
+
+    from sentcomp import parallel
+    from sentcomp.models import tokenizers
+    from sentcomp.programs import distill
+    from sentcomp.training import steps
+
+    config = ml_collections.ConfigDict(dict(objective=objective, seed=0, model=dict(
+        family="llama", n_layer=1, n_embd=16, n_head=2, n_positions=16, intermediate_size=32,
+        tie_word_embeddings=True)))
+    lm = distill.build_student(config, tokenizers.byte_tokenizer())
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    optimizer = optax.sgd(0.1)
+    state = steps.initial_state(lm.params, optimizer, mesh)
+    batch = (jnp.zeros((2, 1, 9), jnp.int32), jnp.zeros((2, 1, 8, 4), jnp.int32), jnp.full((2, 1, 8, 4), 0.2))
+
+    def precisions(precision):
+        step = distill.soft_train_step(objective, lm, optimizer, jnp.float32, mesh, precision)
+        text = step.lower(state, batch).as_text()
+        return {config.groups() if config else ("NONE",)
+                for config in (_PRECISION.search(m.group(1)) for m in _DOT.finditer(text))}
+
+    assert ("HIGH", "HIGH") in precisions("high") and ("HIGHEST", "HIGHEST") not in precisions("high")
+    assert ("HIGHEST", "HIGHEST") in precisions("highest") and ("HIGH", "HIGH") not in precisions("highest")

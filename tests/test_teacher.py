@@ -188,6 +188,16 @@ def test_rotten_tomatoes_plot_rows_are_not_task_snippets():
     assert not plots & (set(splits["train"].texts) | set(splits["test"].texts))
 
 
+def test_the_review_source_is_the_task_train_split_text_and_holds_no_test_snippet():
+    from sentcomp.data import get_task, load_task
+
+    splits = load_task(get_task("rotten_tomatoes"))
+    reviews = teacher_lib.source_documents("rt_reviews")
+    assert reviews == list(splits["train"].texts)
+    assert len(reviews) > 10_000
+    assert not set(reviews) & set(splits["test"].texts)
+
+
 def test_configs_compose_and_the_accelerator_variant_estimates_its_time(tmp_path):
     for arg in ("smoke", "quick", None, "accelerator"):
         config = load_config(f"{EXPERIMENTS_DIR / 'teacher'}.py" + (f":{arg}" if arg else ""))

@@ -10,7 +10,9 @@ train blocks with ``config.objective``:
 * ``soft_quad``: ``E_s[−f(s)ᵀΦp̃_T + ½‖Φᵀf(s)‖²]`` (:func:`sentcomp.kernels.soft_quad_loss`);
 * ``xent`` / ``quad``: the paper's objectives on the observed next word (:data:`sentcomp.training.steps.LOSSES`).
 
-The step, optimiser, data order, checkpoints and metrics log are :mod:`sentcomp.training`'s (the pretraining
+The loss's matrix products run at ``config.matmul_precision`` (``"auto"``: per backend,
+:func:`sentcomp.training.steps.training_precision`). The step, optimiser, data order, checkpoints and metrics log
+are :mod:`sentcomp.training`'s (the pretraining
 program's machinery; the steps run in :func:`sentcomp.training.loop.train_loop`, whose divergence check stops a
 non-finite run with ``TrainingDiverged``, the last good checkpoint kept): step ``t`` reads the blocks at stream
 positions ``t·B ..`` of ``config.data.seed``, so every student with the same seed and batch size sees the same
@@ -44,6 +46,7 @@ from sentcomp import teacher as teacher_lib
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models.base import COMPUTE_DTYPES, cast_floats
+from sentcomp.programs.pretrain import hf_model_config
 from sentcomp.results import layout, storage
 from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
@@ -57,18 +60,17 @@ def snapshot_dir(workdir: Path, step: int) -> Path:
 
 
 def build_student(config, tokenizer):
-    """A random decoder of shape ``config.model`` (family, layers, width, heads, context) with ``tokenizer``."""
-    shape = config.model
-    hf_config = {"vocab_size": len(tokenizer), "hidden_size": shape.n_embd, "num_hidden_layers": shape.n_layer,
-                 "num_attention_heads": shape.n_head, "num_key_value_heads": shape.n_head,
-                 "intermediate_size": shape.intermediate_size or 4 * shape.n_embd,
-                 "max_position_embeddings": shape.n_positions, "tie_word_embeddings": shape.tie_word_embeddings}
-    lm = models.init(shape.family, hf_config, jax.random.key(config.seed), tokenizer=tokenizer)
+    """A random decoder of shape ``config.model`` (pretraining's model keys: family, ``n_layer``, ``n_embd``,
+    ``n_head``, ``n_positions``, ``intermediate_size``, ``tie_word_embeddings``; the family's
+    :func:`sentcomp.programs.pretrain.hf_model_config`) with ``tokenizer``."""
+    lm = models.init(config.model.family, hf_model_config(config.model, len(tokenizer)), jax.random.key(config.seed),
+                     tokenizer=tokenizer)
     return lm.replace(name=f"student-{config.objective}")
 
 
-def soft_train_step(objective, lm, optimizer, compute_dtype, mesh):
-    """The jitted train step on ``(tokens, ids, probs)`` batches for a soft objective."""
+def soft_train_step(objective, lm, optimizer, compute_dtype, mesh, precision=kernels.DEFAULT_PRECISION):
+    """The jitted train step on ``(tokens, ids, probs)`` batches for a soft objective, the loss's matrix products
+    at ``precision`` (:func:`sentcomp.training.steps.training_precision`)."""
     loss = SOFT_LOSSES[objective]
 
     def loss_fn(params, batch):
@@ -76,7 +78,7 @@ def soft_train_step(objective, lm, optimizer, compute_dtype, mesh):
         params = cast_floats(params, compute_dtype)
         inputs = tokens[:, :-1]
         hidden = lm.hidden_fn(params, inputs, jnp.ones_like(inputs))
-        return loss(hidden, lm.phi_fn(params), ids, probs, jnp.ones(inputs.shape, bool))
+        return loss(hidden, lm.phi_fn(params), ids, probs, jnp.ones(inputs.shape, bool), precision=precision)
 
     return steps.make_batch_train_step(loss_fn, optimizer, mesh)
 
@@ -139,6 +141,7 @@ def check_config(config) -> None:
             raise SentcompError(f"config.{key} must be ≥ 1, got {config[key]}.")
     if config.batch_size % config.grad_accum:
         raise SentcompError(f"config.batch_size={config.batch_size} must be a multiple of grad_accum.")
+    steps.training_precision(config.get("matmul_precision", "auto"))
     if any(step < 0 or step > config.num_steps for step in config.eval_steps):
         raise SentcompError(f"config.eval_steps must lie in [0, num_steps={config.num_steps}]; got "
                             f"{tuple(config.eval_steps)}.")
@@ -174,9 +177,10 @@ def run(config, workdir) -> dict:
                                               config.checkpoint.asynchronous, expected=seeds)
     start = int(parallel.fetch(state["step"]))
     compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
-    train_step = (soft_train_step(config.objective, lm, optimizer, compute_dtype, mesh) if soft
+    precision = steps.training_precision(config.get("matmul_precision", "auto"))
+    train_step = (soft_train_step(config.objective, lm, optimizer, compute_dtype, mesh, precision) if soft
                   else steps.make_train_step(config.objective, lm.hidden_fn, lm.phi_fn, optimizer, compute_dtype,
-                                             mesh))
+                                             mesh, precision=precision))
     eval_step = steps.make_eval_step(lm.hidden_fn, lm.phi_fn, compute_dtype, mesh)
     eval_steps = sorted({*config.eval_steps, config.num_steps})
     seq_len = train.shape[1] - 1

@@ -1,15 +1,17 @@
 """The teacher's side of a distillation experiment, computed once (sentcomp.teacher; docs/teacher.md).
 
 ``run(config, workdir)`` with the teacher ``config.teacher`` (``source``: anything :func:`sentcomp.models.load`
-takes, e.g. ``"smollm2-135m"``; or ``"random"``: a small random decoder of shape ``config.teacher.random`` with the
-byte-level tokenizer, for smoke runs) writes into ``workdir``:
+takes, e.g. ``"smollm2-135m"``; or ``"random"``: a small random decoder of shape ``config.teacher.random``,
+pretraining's ``config.model`` keys (:func:`sentcomp.programs.pretrain.hf_model_config`), with the byte-level
+tokenizer, for smoke runs) writes into ``workdir``:
 
 * ``corpus/``: the offline corpus (``config.corpus.sources``) packed with the teacher's tokenizer;
 * ``targets/<key>/``: the sparse targets (top-k ids and probabilities, exact entropy, truncation KL) at every
   train position, resumable chunk by chunk; ``k`` = the smallest of ``config.targets.k_candidates`` whose mean
   truncation ``KL(p_T ‖ p̃)`` on the first ``sample_blocks`` train blocks is ≤ ``tolerance`` nats;
-* ``teacher.npz``: the teacher's Φ ``[V, d_T]``, its features at every position of the first ``eval_blocks``
-  validation blocks, the validation blocks themselves; the task's contexts (``config.task``: a seeded subset of
+* ``teacher.npz``: the teacher's Φ ``[V, d_T]``, its features at every position of ``eval_blocks`` validation
+  blocks (a seeded sample, ``corpus.seed``, of all the sources' held-out blocks, kept in corpus order), those
+  blocks themselves; the task's contexts (``config.task``: a seeded subset of
   the task's *test* split, which no student sees) with labels, the teacher's features at the prompt position,
   and the naturalness frontier ``(τ_k, B_k, v_k)`` of ``p_T`` there;
 * ``tokenizer/`` (the students' tokenizer), ``model/`` (a random teacher's weights, for the Table-1 stage),
@@ -32,6 +34,7 @@ from sentcomp.data import get_task, load_task
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models import tokenizers
+from sentcomp.programs.pretrain import hf_model_config
 from sentcomp.results import layout, storage
 
 ARRAYS_FILE = "teacher.npz"
@@ -48,16 +51,19 @@ def build_teacher(config):
         return lm
     shape = spec.random
     tokenizer = tokenizers.byte_tokenizer()
-    hf_config = {"vocab_size": len(tokenizer), "hidden_size": shape.n_embd, "num_hidden_layers": shape.n_layer,
-                 "num_attention_heads": shape.n_head, "num_key_value_heads": shape.n_head,
-                 "intermediate_size": 4 * shape.n_embd, "max_position_embeddings": shape.n_positions,
-                 "tie_word_embeddings": True}
-    lm = models.init(shape.family, hf_config, jax.random.key(spec.seed), tokenizer=tokenizer)
+    lm = models.init(shape.family, hf_model_config(shape, len(tokenizer)), jax.random.key(spec.seed),
+                     tokenizer=tokenizer)
     # sharpen the random teacher's next-word distributions (a random init is close to uniform)
     params = dict(lm.params)
     key = lm.phi_param
     params[key] = jax.tree.map(lambda x: x * shape.logit_scale, params[key])
     return lm.replace(params=params, name=f"random-{shape.family}-teacher-seed{spec.seed}")
+
+
+def heldout_sample(n_blocks: int, n_chosen: int, seed: int) -> np.ndarray:
+    """Indices of ``n_chosen`` of ``n_blocks`` held-out blocks (all if fewer), drawn by a seeded permutation and
+    sorted: every source's held-out text is represented, not only the first source's."""
+    return np.sort(np.random.default_rng(seed).permutation(n_blocks)[:n_chosen])
 
 
 def task_contexts(config):
@@ -93,7 +99,7 @@ def run(config, workdir) -> dict:
     blocks = teacher_lib.corpus_blocks(corpus.sources, lm.tokenizer, corpus.seq_len, corpus.validation_fraction,
                                        corpus.seed, workdir / "corpus", progress=config.progress)
     train = blocks["train"][:corpus.max_train_blocks] if corpus.max_train_blocks > 0 else blocks["train"]
-    validation = blocks["validation"][:corpus.eval_blocks]
+    validation = blocks["validation"][heldout_sample(len(blocks["validation"]), corpus.eval_blocks, corpus.seed)]
     if int(max(train.max(), validation.max())) >= lm.config.vocab_size:
         raise SentcompError("The corpus has token ids beyond the teacher's vocabulary; use the teacher's tokenizer.")
 
