@@ -85,27 +85,33 @@ def last_token_features(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def kind_values(f: jax.Array, phi: jax.Array, kinds: tuple[str, ...], word_ids: jax.Array, projection: jax.Array,
+                vocab_chunk: int) -> dict[str, jax.Array]:
+    """Each of ``kinds`` (module docstring) from the features ``f [B, d]`` and ``Φ [V, d]`` (both float32), the word
+    ids ``[k]`` of the word kinds and the projection ``[V, d']`` of ``projected_p_f``."""
+    compute_kind = {
+        "f": lambda: f,
+        "phi_p_f": lambda: kernels.conditional_mean_features(f, phi, vocab_chunk),
+        "log_z": lambda: kernels.log_partition(f, phi, vocab_chunk),
+        "word_logits": lambda: kernels.word_logits(f, phi, word_ids),
+        "word_log_probs": lambda: kernels.word_log_probs(f, phi, word_ids, vocab_chunk),
+        "word_probs": lambda: kernels.word_probs(f, phi, word_ids, vocab_chunk),
+        "p_f": lambda: jax.nn.softmax(jnp.dot(f, phi.T, preferred_element_type=jnp.float32,
+                                              precision=kernels.DEFAULT_PRECISION), axis=-1),
+        "projected_p_f": lambda: kernels.expected_values(f, phi, projection, vocab_chunk),
+    }
+    return {kind: compute_kind[kind]() for kind in kinds}
+
+
 @functools.lru_cache(maxsize=32)
 def _batch_fn(hidden_fn, phi_fn, kinds: tuple[str, ...], vocab_chunk: int, mesh: jax.sharding.Mesh):
     """The jitted ``(params, tables, ids, mask) -> {kind: [B, ...]}``, batch split over ``mesh``; ``tables``
     holds the replicated ``word_ids [k]`` and ``projection [V, d']`` (:func:`random_projection`)."""
 
     def compute(params, tables, token_ids, mask):
-        word_ids = tables["word_ids"]
         f = last_token_features(hidden_fn(params, token_ids, mask), mask).astype(jnp.float32)
         phi = phi_fn(params).astype(jnp.float32)  # the V-wide kernels compute in float32 whatever the model ran in
-        compute_kind = {
-            "f": lambda: f,
-            "phi_p_f": lambda: kernels.conditional_mean_features(f, phi, vocab_chunk),
-            "log_z": lambda: kernels.log_partition(f, phi, vocab_chunk),
-            "word_logits": lambda: kernels.word_logits(f, phi, word_ids),
-            "word_log_probs": lambda: kernels.word_log_probs(f, phi, word_ids, vocab_chunk),
-            "word_probs": lambda: kernels.word_probs(f, phi, word_ids, vocab_chunk),
-            "p_f": lambda: jax.nn.softmax(jnp.dot(f, phi.T, preferred_element_type=jnp.float32,
-                                                  precision=kernels.DEFAULT_PRECISION), axis=-1),
-            "projected_p_f": lambda: kernels.expected_values(f, phi, tables["projection"], vocab_chunk),
-        }
-        return {kind: compute_kind[kind]() for kind in kinds}
+        return kind_values(f, phi, kinds, tables["word_ids"], tables["projection"], vocab_chunk)
 
     batch, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     return jax.jit(compute, in_shardings=(whole, whole, batch, batch), out_shardings=batch)
@@ -355,7 +361,10 @@ class _Extraction:
     stored: dict[str, str]  # kind -> stored name
     projection: tuple[int, int]  # (dimension, seed)
     missing: dict[int, tuple[str, ...]]  # chunk -> the kinds it lacks
+    texts: list[str] = dataclasses.field(default_factory=list)
     fresh: dict[tuple[str, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    shared_chunks: list[int] = dataclasses.field(default_factory=list)  # computed by compute_shared
+    continued_rows: int = 0  # rows compute_shared continued from their text's key/value cache
 
     @property
     def n_chunks(self) -> int:
@@ -389,7 +398,7 @@ def plan_extraction(lm: LanguageModel, texts: Sequence[str], kinds: tuple[str, .
     stored = {kind: _stored_name(kind, words, projection) for kind in kinds}
     missing = parallel.main_decides(lambda: {c: tuple(k for k in kinds if not store.has(stored[k], c))
                                              for c in range(n_chunks)})
-    return _Extraction(lm, options, encoding, words, store, stored, projection, missing)
+    return _Extraction(lm, options, encoding, words, store, stored, projection, missing, list(texts))
 
 
 def _replicated_inputs(plan: _Extraction, kinds: tuple[str, ...]):
@@ -472,14 +481,57 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], kinds: Sequence[st
     Returns:
       ``{kind: np.ndarray}`` for each requested kind, and ``"metadata"``: a dict.
     """
+    request = RowRequest(tuple(kinds) if not isinstance(kinds, str) else (kinds,), prompt,
+                         tuple(words) if words is not None else None)
+    return extract_rows(lm, texts, [request], options, **settings)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRequest:
+    """One extraction among several over the same texts (:func:`extract_rows`): ``extract_features(lm, texts,
+    kinds, words=words, prompt=prompt)``, on ``texts`` (a subset of the call's texts; None: all of them)."""
+
+    kinds: tuple[str, ...]
+    prompt: str | None = None
+    words: tuple[str, ...] | None = None
+    texts: tuple[str, ...] | None = None
+
+
+def extract_rows(lm: LanguageModel, texts: Sequence[str], requests: Sequence[RowRequest],
+                 options: ExtractionOptions | None = None, **settings) -> list[dict[str, Any]]:
+    """What :func:`extract_features` returns for each of ``requests`` (its kinds, words and prompt, on its texts),
+    reading each text once when the model keeps a key/value cache (``lm.prefill_fn``).
+
+    **One pass over the texts** (:func:`compute_shared`): each text ``s`` is read once with no prompt
+    (``prefill``), and every request's row ``s + π`` continues from the cached keys and values of ``s``
+    (``continue_fn``), which costs only the prompt's tokens: the same features as reading ``s + π`` whole (to
+    float32 rounding), since a causal decoder's states at ``s``'s positions do not depend on what follows. A row
+    continues only where this is exact, i.e. when its tokens are ``s``'s tokens followed by the prompt's (the text
+    not truncated, the tokenizer not merging across the boundary); the other rows, and every row of a model
+    without a cache or of a request for ``p_f``, are read whole as :func:`extract_features` reads them. Results
+    are cached per request exactly as :func:`extract_features` caches them (the same keys), so a later call of
+    either finds them."""
     options = (options or ExtractionOptions()).replace(**settings)
-    kinds = _check_request(texts, kinds, words, options)
-    plan = plan_extraction(lm, texts, kinds, words, prompt, options.resolved(lm))
-    key_dir = plan.store.directory
+    resolved = options.resolved(lm)
+    kinds_of = [_check_request(list(r.texts) if r.texts is not None else texts, r.kinds, r.words, options)
+                for r in requests]
+    plans = [plan_extraction(lm, list(r.texts) if r.texts is not None else list(texts), kinds, r.words, r.prompt,
+                             resolved) for r, kinds in zip(requests, kinds_of)]
+    pending = [i for i, plan in enumerate(plans) if plan.todo and "p_f" not in kinds_of[i]]
+    if lm.prefill_fn is not None and lm.continue_fn is not None and len(pending) > 1:
+        compute_shared(lm, texts, [plans[i] for i in pending])
+    return [_finish(plan, kinds) for plan, kinds in zip(plans, kinds_of)]
+
+
+def _finish(plan: _Extraction, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The chunks of ``plan`` still missing computed (:func:`compute_missing`), then every kind gathered with the
+    call's metadata."""
+    key_dir, n_texts = plan.store.directory, len(plan.encoding.token_ids)
     p_f_file = None
     if "p_f" in kinds:
         assert key_dir is not None  # _check_request refuses p_f without a cache_dir, so the store has a directory
-        p_f_file = _p_f_memmap(key_dir, len(texts), int(lm.phi.shape[0]), options.chunk_size, plan.missing)
+        p_f_file = _p_f_memmap(key_dir, n_texts, int(plan.lm.phi.shape[0]), plan.options.chunk_size, plan.missing)
+    computed = plan.todo
     compute_missing(plan, kinds, p_f_file)
     result: dict[str, Any] = gather_features(plan, kinds)
     if p_f_file is not None:
@@ -493,6 +545,187 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], kinds: Sequence[st
         "n_tokens": int(sum(len(ids) for ids in plan.encoding.token_ids)),
         "n_truncated": plan.encoding.n_truncated,
         "cache_dir": str(key_dir) if key_dir is not None else None,
-        "computed_chunks": plan.todo,
+        "computed_chunks": sorted({*computed, *plan.shared_chunks}),
+        "continued_rows": plan.continued_rows,
     }
     return result
+
+
+# ----------------------------------------------------------------------------- one pass, several prompts
+
+
+def _missing_kinds(plan: _Extraction) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kind for chunk in plan.todo for kind in plan.missing[chunk]))
+
+
+def _needed_rows(plan: _Extraction) -> np.ndarray:
+    """The rows (of the plan's texts) in chunks that lack some kind."""
+    size, n = plan.options.chunk_size, len(plan.encoding.token_ids)
+    return np.concatenate([np.arange(c * size, min((c + 1) * size, n)) for c in plan.todo]).astype(np.int64)
+
+
+def continuation(text_ids: np.ndarray, row_ids: np.ndarray) -> np.ndarray | None:
+    """The tokens a row adds to its text's tokens (``row_ids = text_ids + suffix``), or None when the row does not
+    start with the text's tokens (a truncated text, or a tokenizer that merges across the boundary): then it is
+    read whole. An empty suffix (the row is the text itself) reads the text's own state."""
+    if len(row_ids) < len(text_ids) or not np.array_equal(row_ids[:len(text_ids)], text_ids):
+        return None
+    return np.asarray(row_ids[len(text_ids):])
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_fn(prefill_fn, continue_fn, phi_fn, readers: tuple[tuple[tuple[str, ...], int], ...], vocab_chunk: int,
+               mesh: jax.sharding.Mesh):
+    """The jitted ``(params, tables, ids, mask, *suffixes) -> [{kind: [B, ...]} per reader]``: the texts read once
+    (``prefill_fn``: states and key/value cache), then each reader ``(kinds, suffix length)``'s row: the text's
+    own last state (length 0), or the last state of its suffix tokens continued from the cache (``suffixes``:
+    ``ids [B, length], mask [B, length]`` per reader with a suffix, in order). ``tables["word_ids"]``: one word-id
+    array per reader."""
+
+    def compute(params, tables, token_ids, mask, *suffixes):
+        hidden, cache = prefill_fn(params, token_ids, mask)
+        phi = phi_fn(params).astype(jnp.float32)
+        arrays = iter(suffixes)
+        outputs = []
+        for index, (kinds, length) in enumerate(readers):
+            if length:
+                suffix_ids, suffix_mask = next(arrays), next(arrays)
+                f = last_token_features(continue_fn(params, cache, suffix_ids, suffix_mask), suffix_mask)
+            else:
+                f = last_token_features(hidden, mask)
+            outputs.append(kind_values(f.astype(jnp.float32), phi, kinds, tables["word_ids"][index],
+                                       tables["projection"], vocab_chunk))
+        return outputs
+
+    batch, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    n_suffix_arrays = 2 * sum(1 for _, length in readers if length)
+    return jax.jit(compute, in_shardings=(whole, whole, batch, batch, *[batch] * n_suffix_arrays),
+                   out_shardings=batch)
+
+
+def _suffix_arrays(suffixes: Sequence[np.ndarray], batch_size: int, length: int, pad: int):
+    """``(ids, mask) [batch_size, length]``: the suffixes right-padded; rows past them (batch padding) hold one
+    dummy token so that no row is empty."""
+    ids = np.full((batch_size, length), pad, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    mask[len(suffixes):, 0] = 1
+    for row, suffix in enumerate(suffixes):
+        ids[row, :len(suffix)], mask[row, :len(suffix)] = suffix, 1
+    return ids, mask
+
+
+def compute_shared(lm: LanguageModel, texts: Sequence[str], plans: Sequence[_Extraction]) -> None:
+    """The missing chunks of every plan, the texts read once (:func:`extract_rows`): each plan's rows that continue
+    their text (:func:`continuation`) from the texts' key/value cache, grouped so that a batch of texts serves
+    every plan that needs those texts; the rows that do not continue read whole (:func:`_compute_chunk`). Every
+    chunk is stored as it would be by :func:`compute_missing` and kept in the plan's ``fresh``."""
+    options = plans[0].options
+    mesh, buckets, max_length = options.mesh, options.buckets, options.max_length
+    assert mesh is not None and buckets is not None and max_length is not None  # plan_extraction resolved them
+    try:
+        base = encode_texts(lm.tokenizer, texts, max_length, None, options.keep_prompt_trailing_space,
+                            options.truncation).token_ids
+    except SentcompError:  # an empty text with no prompt: nothing to continue from; every row is read whole
+        return
+    pool = {text_: index for index, text_ in enumerate(texts)}
+    kinds = [_missing_kinds(plan) for plan in plans]
+    readers: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # text -> [(plan, row, suffix)]
+    whole: list[list[int]] = [[] for _ in plans]  # per plan, the rows read whole
+    for p, plan in enumerate(plans):
+        row_texts = _plan_texts(plan, pool)
+        for row in _needed_rows(plan):
+            text_index = pool[row_texts[row]]
+            suffix = continuation(base[text_index], plan.encoding.token_ids[row])
+            if suffix is None or (len(suffix) == 0) != _reads_text(plan):  # an empty suffix only for the text itself
+                whole[p].append(int(row))
+            else:
+                readers.setdefault(text_index, []).append((p, int(row), suffix))
+    values: list[dict[str, np.ndarray]] = [{} for _ in plans]
+    lengths = [max([len(s) for entries in readers.values() for q, _, s in entries if q == p], default=0)
+               for p in range(len(plans))]
+    params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[options.compute_dtype]), mesh)
+    tables = parallel.replicate({"word_ids": tuple(jnp.asarray(plan.words.token_ids if plan.words else [0], jnp.int32)
+                                                   for plan in plans),
+                                 "projection": _projection_table(lm, plans, kinds)}, mesh)
+    pad = text.pad_id(lm.tokenizer)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for text_index, entries in readers.items():
+        groups.setdefault(tuple(sorted(p for p, _, _ in entries)), []).append(text_index)
+    n_tokens = sum(len(base[i]) for i in readers) + sum(len(s) for e in readers.values() for _, _, s in e)
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"features {lm.name} ({len(plans)} rows, one pass)",
+               disable=not options.progress)
+    for group, text_indices in groups.items():
+        group_readers = tuple((kinds[p], 0 if _reads_text(plans[p]) else lengths[p]) for p in group)
+        fn = _shared_fn(lm.prefill_fn, lm.continue_fn, lm.phi_fn, group_readers, options.vocab_chunk, mesh)
+        group_tables = {**tables, "word_ids": tuple(tables["word_ids"][p] for p in group)}
+        by_text = {i: {p: (row, suffix) for p, row, suffix in readers[i]} for i in text_indices}
+        for batch in make_batches([base[i] for i in text_indices], options.batch_size, buckets, pad):
+            batch_texts = [text_indices[k] for k in batch.indices]
+            arrays = [batch.token_ids, batch.mask]
+            for p, (_, length) in zip(group, group_readers):
+                if length:
+                    arrays += _suffix_arrays([by_text[i][p][1] for i in batch_texts], options.batch_size, length, pad)
+            outputs = parallel.apply_to_batch(fn, tuple(arrays), mesh, params, group_tables)
+            for p, output in zip(group, outputs):
+                rows = np.array([by_text[i][p][0] for i in batch_texts])
+                _place(values[p], rows, {kind: value[:len(batch_texts)] for kind, value in output.items()},
+                       len(plans[p].encoding.token_ids))
+            bar.update(batch.n_tokens + sum(len(by_text[i][p][1]) for i in batch_texts for p in group))
+    bar.close()
+    for p, plan in enumerate(plans):
+        if whole[p]:
+            _read_whole(plan, kinds[p], np.array(whole[p]), values[p])
+        plan.continued_rows = int(sum(1 for entries in readers.values() for q, _, _ in entries if q == p))
+        _store(plan, values[p])
+
+
+def _plan_texts(plan: _Extraction, pool: dict[str, int]) -> list[str]:
+    """The plan's texts, checked to be among the pass's (``pool``: text -> index)."""
+    own = plan.texts
+    unknown = [t for t in own if t not in pool]
+    if unknown:
+        raise SentcompError(f"A row request's texts must be among the pass's texts; {len(unknown)} are not, e.g. "
+                            f"{unknown[0][:60]!r}.")
+    return list(own)
+
+
+def _reads_text(plan: _Extraction) -> bool:
+    return plan.encoding.prompt is None
+
+
+def _projection_table(lm: LanguageModel, plans: Sequence[_Extraction], kinds: Sequence[tuple[str, ...]]):
+    projections = {plan.projection for plan, k in zip(plans, kinds) if "projected_p_f" in k}
+    if len(projections) > 1:
+        raise SentcompError(f"Row requests of one pass must share one random projection, got {sorted(projections)}.")
+    vocab_size = int(lm.phi.shape[0])
+    return (random_projection(vocab_size, *projections.pop()) if projections
+            else jnp.zeros((vocab_size, 1), jnp.float32))
+
+
+def _place(values: dict[str, np.ndarray], rows: np.ndarray, outputs: dict[str, np.ndarray], n_rows: int) -> None:
+    for kind, value in outputs.items():
+        if kind not in values:
+            values[kind] = np.zeros((n_rows, *value.shape[1:]), value.dtype)
+        values[kind][rows] = value
+
+
+def _read_whole(plan: _Extraction, kinds: tuple[str, ...], rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """The plan's ``rows`` read whole (as :func:`compute_missing` reads them), into ``values``."""
+    options, lm = plan.options, plan.lm
+    params, tables = _replicated_inputs(plan, kinds)
+    fn = _batch_fn(lm.hidden_fn, lm.phi_fn, kinds, options.vocab_chunk, options.mesh)
+    outputs = _compute_chunk(fn, params, tables, [plan.encoding.token_ids[r] for r in rows], options.batch_size,
+                             options.buckets, text.pad_id(lm.tokenizer), options.mesh, lambda *_: None)
+    _place(values, rows, outputs, len(plan.encoding.token_ids))
+
+
+def _store(plan: _Extraction, values: dict[str, np.ndarray]) -> None:
+    """Every missing chunk of the plan from ``values`` (rows of the plan's texts), stored and kept in ``fresh``;
+    the plan then has nothing left to compute."""
+    for chunk in plan.todo:
+        rows = plan.chunk_rows(chunk)
+        for kind in plan.missing[chunk]:
+            plan.store.put(plan.stored[kind], chunk, values[kind][rows])
+            plan.fresh[plan.stored[kind], chunk] = values[kind][rows]
+    plan.shared_chunks = plan.todo
+    plan.missing = {chunk: () for chunk in plan.missing}

@@ -1,5 +1,5 @@
 """Table 1's zero-shot column at k = 0 under the task's prompt is read off the prompt row's feature pass
-(sentcomp.evaluators.zeroshot.scores_from_prompt_features): the same scores as a pass of its own."""
+(sentcomp.evaluators.zeroshot.scores_from_extraction): the same scores as a pass of its own."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def test_prompt_row_features_give_the_k0_zero_shot_scores(tmp_path):
     _, _, data.prompt_extraction = columns.row_features(lm, task, data.texts, ["f"], task.prompt, config, tmp_path,
                                                        words)
     texts = data.pairs[0][1].texts
-    shared = zeroshot_column.scores_from_prompt_features(lm, data, texts, task.prompt, words, config)
+    shared = zeroshot_column.scores_from_extraction(lm, data.prompt_extraction, data.texts, texts, task.prompt, words,
+                                                    config)
     own_pass = zeroshot.score_words(lm, texts, task.prompt, words, progress=False,
                                     **zeroshot_column.score_options(config))
     assert shared is not None and shared.words == own_pass.words
@@ -31,4 +32,5 @@ def test_prompt_row_features_give_the_k0_zero_shot_scores(tmp_path):
     np.testing.assert_allclose(shared.content_free, own_pass.content_free, atol=1e-6, rtol=0)
     # a word the extraction lacks, or one of several tokens, cannot be read off it: the caller runs its own pass
     for words in (["great", "unwatchable"], ["great", "Xylophonically"]):
-        assert zeroshot_column.scores_from_prompt_features(lm, data, texts, task.prompt, words, config) is None
+        assert zeroshot_column.scores_from_extraction(lm, data.prompt_extraction, data.texts, texts, task.prompt, words,
+                                                      config) is None

@@ -33,7 +33,7 @@ from sentcomp import probe
 from sentcomp.data.tasks import Task
 from sentcomp.data.text import WordSet, word_set
 from sentcomp.errors import SentcompError
-from sentcomp.features import ExtractionOptions, extract_features
+from sentcomp.features import ExtractionOptions, RowRequest, extract_features
 
 # column -> (kind extracted by sentcomp.features, word group or None)
 FEATURE_COLUMNS = {
@@ -119,11 +119,10 @@ def extraction_options(config, workdir: Path) -> ExtractionOptions:
     return ExtractionOptions(**{key: config[key] for key in EXTRACTION_SETTINGS}, cache_dir=workdir / "features")
 
 
-def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], prompt: str | None, config,
-                 workdir: Path, extra_words: Sequence[str] = ()
-                 ) -> tuple[dict[str, np.ndarray], dict[str, WordSet], dict]:
-    """The feature matrix of every column for ``texts`` (+ ``prompt``), from one extraction; the word sets; and
-    the raw extraction (its metadata; with ``extra_words``, also their ``word_log_probs``, the union's columns)."""
+def row_request(lm, task: Task, columns: Sequence[str], prompt: str | None, extra_words: Sequence[str] = ()
+                ) -> tuple[RowRequest, dict[str, WordSet], WordSet | None]:
+    """The one extraction a row's columns read (every column's kind, the union of their words and
+    ``extra_words``), the word sets of the columns, and that union."""
     groups = word_groups(task)
     word_sets = {group: word_set(lm.tokenizer, words) for group, words in groups.items()}
     check_word_columns(columns, word_sets, lm.name)
@@ -131,6 +130,16 @@ def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], p
     union = word_set(lm.tokenizer, every_word) if every_word else None
     kinds = tuple(dict.fromkeys([*(FEATURE_COLUMNS[c][0] for c in columns),
                                  *(("word_log_probs",) if extra_words else ())])) or ("f",)
-    extracted = extract_features(lm, texts, kinds, words=union.words if union else None, prompt=prompt,
+    return RowRequest(kinds, prompt, tuple(union.words) if union else None), word_sets, union
+
+
+def row_features(lm, task: Task, texts: Sequence[str], columns: Sequence[str], prompt: str | None, config,
+                 workdir: Path, extra_words: Sequence[str] = ()
+                 ) -> tuple[dict[str, np.ndarray], dict[str, WordSet], dict]:
+    """The feature matrix of every column for ``texts`` (+ ``prompt``), from one extraction (:func:`row_request`);
+    the word sets; and the raw extraction (its metadata; with ``extra_words``, also their ``word_log_probs``, the
+    union's columns)."""
+    request, word_sets, union = row_request(lm, task, columns, prompt, extra_words)
+    extracted = extract_features(lm, texts, request.kinds, words=request.words, prompt=prompt,
                                  options=extraction_options(config, workdir))
     return {c: column_features(extracted, c, word_sets, union) for c in columns}, word_sets, extracted

@@ -18,9 +18,10 @@ from sentcomp.data.text import WordSet
 from sentcomp.errors import SentcompError
 from sentcomp.evaluators.base import Evaluator, ModelLoader
 from sentcomp.evaluators.cells import CellLog, cell_key
-from sentcomp.evaluators.columns import FEATURE_COLUMNS, columns_for, row_features
+from sentcomp.evaluators.columns import FEATURE_COLUMNS, columns_for, row_features, row_request
 from sentcomp.evaluators.task_data import TaskData
 from sentcomp.evaluators.zeroshot import prompt_zeroshot_words
+from sentcomp.features import RowRequest
 from sentcomp.results import timings
 
 
@@ -118,12 +119,27 @@ class ProbeColumns(Evaluator):
             probe.check_row_space_fits(len(data.texts), limit_bytes=limit,
                                        what=f"p_f column of task {data.task.name!r}")
 
+    def row_todo(self, data: TaskData, log: CellLog, with_prompt: bool) -> tuple[list[tuple[str, int]], bool]:
+        """A row's missing ``(column, split)`` cells, and whether the task's metadata cell (made from the prompt
+        row's extraction) is missing."""
+        todo = missing(data, with_prompt, columns_for(data.task, self.config.columns), log)
+        return todo, with_prompt and metadata_key(data) not in log
+
+    def extractions(self, data: TaskData, log: CellLog, load_model: ModelLoader) -> list[RowRequest]:
+        """The extraction of each row with a missing cell (:func:`~sentcomp.evaluators.columns.row_request`)."""
+        requests = []
+        for with_prompt in (False, True):
+            if any(self.row_todo(data, log, with_prompt)):
+                extra_words = prompt_zeroshot_words(data.task, self.config) if with_prompt else ()
+                requests.append(row_request(load_model(), data.task, columns_for(data.task, self.config.columns),
+                                            data.task.prompt if with_prompt else None, extra_words)[0])
+        return requests
+
     def cells(self, data: TaskData, log: CellLog, load_model: ModelLoader) -> Iterator[dict]:
         config, task = self.config, data.task
         columns = columns_for(task, config.columns)
         for with_prompt in (False, True):
-            todo = missing(data, with_prompt, columns, log)
-            needs_metadata = with_prompt and metadata_key(data) not in log
+            todo, needs_metadata = self.row_todo(data, log, with_prompt)
             if not (todo or needs_metadata):
                 continue
             extra_words = prompt_zeroshot_words(task, config) if with_prompt else ()

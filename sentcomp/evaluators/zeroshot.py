@@ -12,11 +12,13 @@ import numpy as np
 
 from sentcomp import zeroshot
 from sentcomp.data.tasks import Task, get_task
-from sentcomp.data.text import encode_texts
+from sentcomp.data.text import encode_texts, word_set
 from sentcomp.errors import SentcompError
 from sentcomp.evaluators.base import Evaluator, ModelLoader
 from sentcomp.evaluators.cells import CellLog, cell_key
+from sentcomp.evaluators.columns import extraction_options
 from sentcomp.evaluators.task_data import TaskData
+from sentcomp.features import RowRequest, extract_features
 from sentcomp.results import timings
 from sentcomp.zeroshot import ZeroShotPlan, ZeroShotVariant
 
@@ -78,7 +80,7 @@ def score_options(config) -> dict:
 def prompt_zeroshot_words(task: Task, config) -> tuple[str, ...]:
     """The zero-shot words scored at k = 0 right after the task's prompt (the variants of the plan with k = 0
     whose template is ``task.prompt``): the prompt row's feature pass extracts their log-probabilities too, so
-    those variants need no pass of their own (:func:`scores_from_prompt_features`)."""
+    those variants need no pass of their own (:func:`scores_from_extraction`)."""
     if not config.zeroshot.enabled:
         return ()
     return tuple(dict.fromkeys(word for variant in zeroshot_plan(task, config.zeroshot).variants()
@@ -86,17 +88,29 @@ def prompt_zeroshot_words(task: Task, config) -> tuple[str, ...]:
                                for word in zeroshot.verbalizer_words(task.label_names, variant.verbalizer)[0]))
 
 
-def scores_from_prompt_features(lm, data: TaskData, texts: Sequence[str], template: str, words: Sequence[str],
-                                config) -> zeroshot.WordScores | None:
-    """:func:`sentcomp.zeroshot.score_words` of ``texts`` at k = 0 read off the prompt row's extraction
-    (``data.prompt_extraction``, ``word_log_probs`` at f(s) of ``text + template``), when that is the same
-    computation: every word's continuation is one token among the extraction's words and every context is the
-    extraction's token sequence (so ``log p(w | context)`` is the extracted value). The content-free texts are
-    scored by the model (one small batch). None when any of this does not hold, or when this run made no prompt
-    row extraction (the caller runs its own pass)."""
-    extraction = data.prompt_extraction
-    if extraction is None:
+def test_texts(data: TaskData) -> tuple[str, ...]:
+    """The unique test texts of every split of ``data``: the texts zero-shot scores."""
+    return tuple(dict.fromkeys(text for _, test in data.pairs for text in test.texts))
+
+
+def template_request(lm, template: str, words: Sequence[str], texts: Sequence[str]) -> RowRequest | None:
+    """The extraction a template's k = 0 scores can be read off (``word_log_probs`` of ``words`` after every
+    ``text + template``, :func:`scores_from_extraction`), declared to the program's one pass over the texts: for a
+    model with a key/value cache (the template's row then continues each text's cached states) and words that are
+    single tokens after a space. None otherwise: the template gets a scoring pass of its own."""
+    if lm.prefill_fn is None or not all(" " + word in word_set(lm.tokenizer, [word]).forms for word in words):
         return None
+    return RowRequest(("word_log_probs",), template, tuple(sorted(words)), tuple(texts))
+
+
+def scores_from_extraction(lm, extraction: dict, extraction_texts: Sequence[str], texts: Sequence[str],
+                           template: str, words: Sequence[str], config) -> zeroshot.WordScores | None:
+    """:func:`sentcomp.zeroshot.score_words` of ``texts`` at k = 0 read off an extraction of ``word_log_probs`` at
+    f(s) of ``text + template`` over ``extraction_texts`` (the prompt row's, or a template's
+    :func:`template_request`), when that is the same computation: every word's continuation is one token among the
+    extraction's words and every context is the extraction's token sequence (so ``log p(w | context)`` is the
+    extracted value). The content-free texts are scored by the model (one small batch). None when any of this does
+    not hold (the caller runs its own pass)."""
     max_length = min(config.max_length, lm.max_length)
     rows = zeroshot.build_rows(lm.tokenizer, texts, template, words, max_length, config.truncation)
     contexts = encode_texts(lm.tokenizer, texts, max_length, template, truncation=config.truncation).token_ids
@@ -104,7 +118,7 @@ def scores_from_prompt_features(lm, data: TaskData, texts: Sequence[str], templa
     if not all(row.start == len(row.input_ids) - 1 and tuple(int(t) for t in contexts[row.document]) == row.input_ids
                and all(len(target) == 1 and target[0] in columns for target in row.targets) for row in rows):
         return None
-    pool = {text: index for index, text in enumerate(data.texts)}
+    pool = {text: index for index, text in enumerate(extraction_texts)}
     log_probs = extraction["word_log_probs"]
     scores = np.full((len(texts), len(words)), np.nan)
     for row in rows:
@@ -116,9 +130,11 @@ def scores_from_prompt_features(lm, data: TaskData, texts: Sequence[str], templa
 
 
 class ZeroShotColumn(Evaluator):
-    """Every variant cell of the plan not yet in the log, then the table's ``zeroshot`` column. One model pass
-    per template at k = 0 (:meth:`ZeroShotPlan.passes`; the prompt's pass read off the prompt row's extraction
-    when possible), one per variant and split at k > 0."""
+    """Every variant cell of the plan not yet in the log, then the table's ``zeroshot`` column. At k = 0 each
+    template's scores are read off an extraction when that is exact (:func:`scores_from_extraction`): the prompt
+    row's for the task's prompt, and for the other templates their own (:func:`template_request`), which the
+    program computes in its one pass over the texts; otherwise a model pass per template
+    (:meth:`ZeroShotPlan.passes`). One pass per variant and split at k > 0."""
 
     @staticmethod
     def enabled(config) -> bool:
@@ -133,17 +149,55 @@ class ZeroShotColumn(Evaluator):
         for data in datas:
             zeroshot_plan(data.task, self.config.zeroshot).check_demonstrations(data.pairs)
 
+    def todo(self, data: TaskData, log: CellLog) -> list[tuple[ZeroShotVariant, int]]:
+        """The plan's ``(variant, split)`` cells not yet in ``log``."""
+        plan = zeroshot_plan(data.task, self.config.zeroshot)
+        return [(variant, r) for variant in plan.variants() for r in range(len(data.pairs))
+                if variant_key(plan, variant, data.task.name, r) not in log]
+
+    def k0_template_words(self, data: TaskData, log: CellLog) -> dict[str, tuple[str, ...]]:
+        """Each template but the task's prompt with a missing k = 0 cell, and the words of its missing k = 0
+        variants (what its scoring pass scores, :meth:`sentcomp.zeroshot.ZeroShotPlan.passes`)."""
+        words: dict[str, dict[str, None]] = {}
+        for variant, _ in self.todo(data, log):
+            if not variant.k and variant.template != data.task.prompt:
+                words.setdefault(variant.template, {}).update(dict.fromkeys(
+                    zeroshot.verbalizer_words(data.task.label_names, variant.verbalizer)[0]))
+        return {template: tuple(chosen) for template, chosen in words.items()}
+
+    def extractions(self, data: TaskData, log: CellLog, load_model: ModelLoader) -> list[RowRequest]:
+        """Each k = 0 template's extraction (:func:`template_request`), read in the program's one pass over the
+        texts (the task's prompt is the prompt row's, which the probe columns declare)."""
+        templates = self.k0_template_words(data, log)
+        if not templates:
+            return []
+        lm, texts = load_model(), test_texts(data)
+        return [request for template, words in templates.items()
+                if (request := template_request(lm, template, words, texts)) is not None]
+
     def cells(self, data: TaskData, log: CellLog, load_model: ModelLoader) -> Iterator[dict]:
         config, task, name = self.config, data.task, data.task.name
         plan = zeroshot_plan(task, config.zeroshot)
-        todo = [(variant, r) for variant in plan.variants() for r in range(len(data.pairs))
-                if variant_key(plan, variant, name, r) not in log]
+        todo = self.todo(data, log)
+        template_words = self.k0_template_words(data, log)
+
+        def read_off_extraction(lm, texts, template, words) -> zeroshot.WordScores | None:
+            if template == task.prompt:
+                extraction = data.prompt_extraction
+                return (scores_from_extraction(lm, extraction, data.texts, texts, template, words, config)
+                        if extraction is not None else None)
+            pool = test_texts(data)
+            request = template_request(lm, template, template_words[template], pool)
+            if request is None:
+                return None
+            extraction = extract_features(lm, pool, request.kinds, words=request.words, prompt=template,
+                                          options=extraction_options(config, self.workdir))
+            return scores_from_extraction(lm, extraction, pool, texts, template, words, config)
 
         def scorer(texts, variant, words, prefix):
             lm, template = load_model(), variant.template
             with timings.part(f"zero-shot {name}* {template.strip()!r} k={variant.k}"):
-                reuse = not prefix and template == task.prompt
-                scores = scores_from_prompt_features(lm, data, texts, template, words, config) if reuse else None
+                scores = read_off_extraction(lm, texts, template, words) if not prefix else None
                 if scores is None:
                     scores = zeroshot.score_words(lm, texts, template, words, prefix, **score_options(config))
             return scores

@@ -8,6 +8,11 @@ off by default); the prompt row's probes under other templates and a k-shot pref
 by default); and zero-/few-shot sentence completion (``config.zeroshot``: the table's ``zeroshot`` column on the
 ``task*`` row, the scoring-rule and prompt-sensitivity tables).
 
+Each text is read once per task: the extractions every family's missing cells read (the rows with and without the
+prompt, each zero-shot template's k = 0 row) are declared first (:meth:`Evaluator.extractions`) and computed in
+one pass (:func:`sentcomp.features.extract_rows`: with a key/value cache, every prompt's row continues its text's
+cached states), then the families read them from the feature cache.
+
 Tasks with an official split use it; the others (MPQA, CR) are pooled and evaluated on
 ``config.n_repeats`` seeded 90/10 splits, reported as mean ± std. ``config.n_train``/``config.n_test`` (> 0)
 take a seeded stratified subset of train/test (for pooled tasks: ``n_train + n_test`` pooled examples).
@@ -37,12 +42,13 @@ from sentcomp.errors import SentcompError
 from sentcomp.evaluators.base import Evaluator
 from sentcomp.evaluators.bert import BertColumn
 from sentcomp.evaluators.cells import CellLog, results_fingerprint, summarise
-from sentcomp.evaluators.columns import EXTRACTION_SETTINGS, check_columns
+from sentcomp.evaluators.columns import EXTRACTION_SETTINGS, check_columns, extraction_options
 from sentcomp.evaluators.finetune import FineTuneColumn
 from sentcomp.evaluators.probes import ProbeColumns, check_multinomial_cells, check_p_f_unscaled, task_metadata
 from sentcomp.evaluators.prompt_probes import PromptProbes
 from sentcomp.evaluators.task_data import TaskData, prepare_task
 from sentcomp.evaluators.zeroshot import ZeroShotColumn, check_zeroshot_config
+from sentcomp.features import extract_rows
 from sentcomp.results import layout, storage, tables, timings
 from sentcomp.results.table1_markdown import results_markdown
 
@@ -103,6 +109,17 @@ def task_description(data: TaskData, evaluators: Sequence[Evaluator], log: CellL
     return {**description, **task_metadata(data, log)}
 
 
+def read_texts_once(data: TaskData, evaluators: Sequence[Evaluator], log: CellLog, load_model, config,
+                    workdir: Path) -> None:
+    """Every extraction the families' missing cells will read (:meth:`Evaluator.extractions`: the rows with and
+    without the prompt, the zero-shot templates), computed in one pass over the task's texts
+    (:func:`sentcomp.features.extract_rows`) and cached, so that each family's cells find them there."""
+    requests = [request for evaluator in evaluators for request in evaluator.extractions(data, log, load_model)]
+    if len(requests) > 1:
+        with timings.part(f"features {data.task.name} ({len(requests)} rows, one pass)"):
+            extract_rows(load_model(), data.texts, requests, extraction_options(config, workdir))
+
+
 def run(config, workdir) -> dict:
     """Runs (or resumes) every task of ``config.tasks``; writes results.json/.md; returns the headline
     accuracies ``{"<row>/<column>": mean test accuracy}``."""
@@ -123,6 +140,7 @@ def run(config, workdir) -> dict:
 
     with timings.recording() as record:  # the cost of each part of this run (resumed parts: not run, not timed)
         for data in datas:
+            read_texts_once(data, evaluators, log, load_model, config, workdir)
             for evaluator in evaluators:
                 for cell in evaluator.cells(data, log, load_model):
                     log.add(cell)
