@@ -29,6 +29,13 @@ bfloat16 and KV-cached vs uncached k-shot scoring on SmolLM2-135M's real weights
    seeded, class-balanced train demonstrations, the task's template and words): ``zeroshot.word_scores`` with
    the shared prefix's keys/values cached vs every row read whole; scores checked equal first
    (``KV_TOLERANCE``), then the ratio uncached / cached time.
+5. ``--one-pass``: the same model extracting the main job's rows of the same ``--n`` snippets: the text alone
+   (f, Φp_f, the label words' logits), text + prompt (f, Φp_f, the label words' log-probs) and text + each of
+   the task's three other templates (the label words' log-probs), once as :func:`sentcomp.features.extract_rows`
+   (each text read once, every prompt's row continued from its cached keys/values) and once row by row
+   (``extract_features`` per row, every row read whole); every kind of every row checked equal first
+   (``ONE_PASS_TOLERANCE``), then the ratio row-by-row / one-pass time. (The main job continues the templates
+   on its test texts only; here every row covers every text.)
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ MEMORY_MAX_LENGTH = 64
 FEATURE_TOLERANCE = {"rtol": 1e-4}  # max|ours − HF| ≤ 1e-4 · max|HF| (float32, 12 layers, different kernels)
 BF16_TOLERANCE = {"rtol": 0.1}  # max|f_bf16 − f_f32| ≤ 0.1 · max|f_f32| (bf16 keeps 8 bits; 30 layers)
 KV_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}  # summed log-probs, float32, the same model two ways
+ONE_PASS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}  # float32 features, the same model two ways
 
 
 def _texts(n: int) -> list[str]:
@@ -193,6 +201,45 @@ def kv_cache_ratio(n: int, batch_size: int, repeats: int, k: int = 2) -> dict:
     return results
 
 
+def one_pass_ratio(n: int, batch_size: int, repeats: int) -> dict:
+    """The main job's rows (section 5 of the module docstring) with SmolLM2-135M: one pass vs row by row."""
+    from sentcomp import features, zeroshot
+    from sentcomp.data import get_task
+    from sentcomp.data.text import encode_texts
+
+    lm, task, texts = _smollm2(), get_task("rotten_tomatoes"), _texts(n)
+    words = tuple(zeroshot.label_word_list(task)[0])
+    requests = [features.RowRequest(("f", "phi_p_f", "word_logits"), None, words),
+                features.RowRequest(("f", "phi_p_f", "word_log_probs"), task.prompt, words),
+                *(features.RowRequest(("word_log_probs",), template, words) for template in task.prompt_templates[1:])]
+    options = features.ExtractionOptions(max_length=MAX_LENGTH, batch_size=batch_size, progress=False)
+    outputs = {}
+
+    def run(one_pass):
+        def call():
+            outputs[one_pass] = (features.extract_rows(lm, texts, requests, options) if one_pass else [
+                features.extract_features(lm, texts, r.kinds, words=r.words, prompt=r.prompt, options=options)
+                for r in requests])
+        return call
+
+    timings = {one_pass: time_calls(run(one_pass), repeats) for one_pass in (True, False)}
+    worst = max(assert_same_output(f"{kind} of the row {request.prompt!r}, one pass vs row by row", shared[kind],
+                                   whole[kind], **ONE_PASS_TOLERANCE)
+                for request, shared, whole in zip(requests, outputs[True], outputs[False]) for kind in request.kinds)
+    row_tokens = sum(len(ids) for r in requests
+                     for ids in encode_texts(lm.tokenizer, texts, MAX_LENGTH, r.prompt).token_ids)
+    results = {"model": lm.name, "n_texts": n, "rows": [r.prompt for r in requests], "row_tokens": row_tokens,
+               "one_pass_seconds": round(timings[True].median, 3),
+               "row_by_row_seconds": round(timings[False].median, 3),
+               "continued_rows": [out["metadata"]["continued_rows"] for out in outputs[True]],
+               "max_relative_difference": worst,
+               "speedup": round(speedup(timings[False].median, timings[True].median), 3)}
+    print(f"{len(requests)} rows of {n} texts ({row_tokens} tokens read row by row): row by row "
+          f"{timings[False].median:.2f} s, one pass {timings[True].median:.2f} s: {results['speedup']:.2f}× "
+          f"(every kind equal within {ONE_PASS_TOLERANCE}; {load_average()})", flush=True)
+    return results
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -237,16 +284,19 @@ def main():
     parser.add_argument("--memory-case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtypes", action="store_true", help="only: SmolLM2-135M f(s) in float32 vs bfloat16")
     parser.add_argument("--kv-cache", action="store_true", help="only: SmolLM2-135M 2-shot scoring, KV-cached vs not")
+    parser.add_argument("--one-pass", action="store_true", help="only: SmolLM2-135M main-job rows, one pass vs not")
     args = parser.parse_args()
     if args.memory_case:
         print(json.dumps(memory_case(args.memory_n, args.batch_size)))
         return
-    if args.dtypes or args.kv_cache:
+    if args.dtypes or args.kv_cache or args.one_pass:
         results = {"load_average": load_average()}
         if args.dtypes:
             results["dtypes"] = dtype_ratio(args.n, args.batch_size, args.repeats)
         if args.kv_cache:
             results["kv_cache"] = kv_cache_ratio(args.n, args.batch_size, args.repeats)
+        if args.one_pass:
+            results["one_pass"] = one_pass_ratio(args.n, args.batch_size, args.repeats)
         print(json.dumps(results, indent=2))
         return
     results = {"throughput": throughput(args.n, args.batch_size, args.repeats)}
