@@ -40,6 +40,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_module, parse_config_arg
 
 ARG_DEFAULTS = dict(smoke=False, quick=False, accelerator=False, objectives="soft_xent+soft_quad+xent")
+DATA_SETTINGS = ("data_dir", "data_source", "n_train", "n_test", "n_repeats", "seed")  # of the Table-1 stages
 SMOLLM2_SHAPE = dict(n_layer=30, n_embd=576, n_head=9, kv_heads=3, ffn=1536, vocab=49152)  # shared/ASSETS.md
 
 
@@ -205,6 +206,9 @@ def get_config(arg=None):
     config.sweep_selection = ml_collections.ConfigDict({name: f"{name}/val_loss" for name in students})
     if args.quick:
         apply_quick(config)
+    # every snippet the Table-1 stages probe (they share these data settings) is left out of the corpus
+    probe_data = {key: config.stages.table1_teacher[key] for key in DATA_SETTINGS}
+    config.stages.targets.corpus.unseen_probe = ml_collections.ConfigDict(probe_data)
     if args.accelerator:
         config.estimate = estimate(config)
     return config

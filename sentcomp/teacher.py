@@ -9,7 +9,8 @@ compose (the maths is in :mod:`sentcomp.kernels.distill`):
 
 * **Corpus** (:func:`distillation_documents`, :func:`corpus_blocks`): documents of the offline sources
   (``rt_reviews``: the review snippets of the Rotten Tomatoes task's *train* split, text only, so no student
-  ever sees a test snippet or any label; ``rt_plots``: the 1,097 movie synopses of the Rotten Tomatoes file,
+  ever sees a test snippet or any label, and the snippets the probes are trained on are left out too
+  (``exclude``); ``rt_plots``: the 1,097 movie synopses of the Rotten Tomatoes file,
   which belong to no task split; ``lee``: gensim's 300 news articles; ``enwiki``: gensim's Wikipedia extract),
   each source split into train/validation by :func:`sentcomp.data.corpora.hold_out`, packed into
   blocks with the teacher's tokenizer (:func:`sentcomp.data.corpora.pack`); cached, keyed by the sources,
@@ -88,31 +89,37 @@ def source_documents(source: str) -> list[str]:
     raise SentcompError(f"Unknown distillation corpus source {source!r}; choose from {SOURCES}.")
 
 
-def distillation_documents(sources: Sequence[str], validation_fraction: float, seed: int) -> dict[str, list[str]]:
-    """``{"train", "validation"}``: every source's documents, each source split by ``corpora.hold_out``."""
+def distillation_documents(sources: Sequence[str], validation_fraction: float, seed: int,
+                           exclude: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``{"train", "validation"}``: every source's documents but those equal to a text of ``exclude`` (the
+    snippets the probes read, so that no student reads them), each source split by ``corpora.hold_out``."""
     if not sources:
         raise SentcompError(f"The distillation corpus needs at least one source of {SOURCES}.")
+    excluded = set(exclude)
     splits: dict[str, list[str]] = {"train": [], "validation": []}
     for source in sources:
-        for split, documents in corpora.hold_out(source_documents(source), validation_fraction, seed).items():
-            splits[split] += documents
+        documents = [document for document in source_documents(source) if document not in excluded]
+        for split, held in corpora.hold_out(documents, validation_fraction, seed).items():
+            splits[split] += held
     return splits
 
 
 def corpus_blocks(sources: Sequence[str], tokenizer, seq_len: int, validation_fraction: float, seed: int,
-                  cache_dir: Path, progress: bool = False) -> dict[str, np.ndarray]:
+                  cache_dir: Path, progress: bool = False, exclude: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Packed blocks ``{"train", "validation": int32 [n, seq_len + 1]}`` of :func:`distillation_documents`,
-    cached in ``cache_dir/<key>/`` (key: sources, tokenizer definition, block length, split settings)."""
+    cached in ``cache_dir/<key>/`` (key: sources, tokenizer definition, block length, split settings, the
+    excluded texts)."""
     folder = Path(cache_dir) / storage.content_hash(list(sources), tokenizer_fingerprint(tokenizer), seq_len,
-                                                    validation_fraction, seed)
+                                                    validation_fraction, seed, sorted(set(exclude)))
     cached = corpora.read_cached_blocks(folder)
     if cached is not None:
         return cached
-    documents = distillation_documents(sources, validation_fraction, seed)
+    documents = distillation_documents(sources, validation_fraction, seed, exclude)
     blocks = {split: corpora.pack(corpora.token_stream(tokenizer, documents[split], progress=progress), seq_len)
               for split in corpora.SPLITS}
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"sources": list(sources), "seq_len": seq_len, **{f"{s}_blocks": len(blocks[s]) for s in blocks}}
+    manifest = {"sources": list(sources), "seq_len": seq_len, "excluded_texts": len(set(exclude)),
+                **{f"{s}_blocks": len(blocks[s]) for s in blocks}}
     for split, array in blocks.items():
         storage.save_npy(folder / f"{split}.npy", array)
         manifest[f"{split}_sha256"] = storage.content_hash((folder / f"{split}.npy").read_bytes())

@@ -198,6 +198,31 @@ def test_the_review_source_is_the_task_train_split_text_and_holds_no_test_snippe
     assert not set(reviews) & set(splits["test"].texts)
 
 
+@pytest.mark.parametrize("variant", ["", "quick"])
+def test_no_student_reads_a_snippet_any_probe_reads(variant):
+    """The corpus of the CPU experiment (and of its quick cut) leaves out every snippet its Table-1 stages probe:
+    the probes' train and test snippets, recomputed here from the Table-1 stages' own configs."""
+    from sentcomp.evaluators.task_data import prepare_task
+    from sentcomp.programs import teacher_targets
+
+    config = load_config(f"{EXPERIMENTS_DIR / 'teacher.py'}:{variant}")
+    probed = set()
+    for name in config.stage_order:
+        stage = config.stages[name]
+        if stage.program == "sentcomp.programs.table1":
+            data = prepare_task("rotten_tomatoes", stage)
+            probed |= {text for pair in data.pairs for split in pair for text in split.texts}
+    targets = config.stages.targets
+    excluded = teacher_targets.probe_snippets(targets)
+    sizes = targets.corpus.unseen_probe
+    assert set(excluded) == probed and len(probed) == sizes.n_train + sizes.n_test
+    documents = teacher_lib.distillation_documents(targets.corpus.sources, targets.corpus.validation_fraction,
+                                                   targets.corpus.seed, excluded)
+    assert not probed & set(documents["train"] + documents["validation"])
+    reviews = set(teacher_lib.source_documents("rt_reviews"))
+    assert len(reviews & set(documents["train"] + documents["validation"])) == len(reviews - probed)
+
+
 def test_configs_compose_and_the_accelerator_variant_estimates_its_time(tmp_path):
     for arg in ("smoke", "quick", None, "accelerator"):
         config = load_config(f"{EXPERIMENTS_DIR / 'teacher'}.py" + (f":{arg}" if arg else ""))

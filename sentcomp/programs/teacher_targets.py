@@ -5,7 +5,8 @@ takes, e.g. ``"smollm2-135m"``; or ``"random"``: a small random decoder of shape
 pretraining's ``config.model`` keys (:func:`sentcomp.programs.pretrain.hf_model_config`), with the byte-level
 tokenizer, for smoke runs) writes into ``workdir``:
 
-* ``corpus/``: the offline corpus (``config.corpus.sources``) packed with the teacher's tokenizer;
+* ``corpus/``: the offline corpus (``config.corpus.sources``) packed with the teacher's tokenizer, without the
+  snippets the Table-1 stages probe (:func:`probe_snippets`);
 * ``targets/<key>/``: the sparse targets (top-k ids and probabilities, exact entropy, truncation KL) at every
   train position, resumable chunk by chunk; ``k`` = the smallest of ``config.targets.k_candidates`` whose mean
   truncation ``KL(p_T ‖ p̃)`` on the first ``sample_blocks`` train blocks is ≤ ``tolerance`` nats;
@@ -32,6 +33,7 @@ from sentcomp import models, parallel
 from sentcomp import teacher as teacher_lib
 from sentcomp.data import get_task, load_task
 from sentcomp.errors import SentcompError
+from sentcomp.evaluators.task_data import prepare_task
 from sentcomp.features import extract_features
 from sentcomp.models import tokenizers
 from sentcomp.programs.pretrain import hf_model_config
@@ -66,6 +68,17 @@ def heldout_sample(n_blocks: int, n_chosen: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_blocks)[:n_chosen])
 
 
+def probe_snippets(config) -> list[str]:
+    """Every snippet the Table-1 stages probe (train and test, :func:`sentcomp.evaluators.task_data.prepare_task`
+    of ``config.task.name`` under ``config.corpus.unseen_probe``, the Table-1 stages' data settings), which the
+    corpus leaves out so that no student reads them; none without ``unseen_probe``."""
+    settings = config.corpus.get("unseen_probe")
+    if not settings:
+        return []
+    data = prepare_task(config.task.name, settings)
+    return [text for train, test in data.pairs for text in (*train.texts, *test.texts)]
+
+
 def task_contexts(config):
     """``(texts, labels, prompt)``: a seeded subset of the task's test split (``config.task.num_contexts``)."""
     task = get_task(config.task.name)
@@ -96,8 +109,9 @@ def run(config, workdir) -> dict:
     workdir = Path(workdir).resolve()
     lm = build_teacher(config)
     corpus = config.corpus
+    excluded = probe_snippets(config)
     blocks = teacher_lib.corpus_blocks(corpus.sources, lm.tokenizer, corpus.seq_len, corpus.validation_fraction,
-                                       corpus.seed, workdir / "corpus", progress=config.progress)
+                                       corpus.seed, workdir / "corpus", progress=config.progress, exclude=excluded)
     train = blocks["train"][:corpus.max_train_blocks] if corpus.max_train_blocks > 0 else blocks["train"]
     validation = blocks["validation"][heldout_sample(len(blocks["validation"]), corpus.eval_blocks, corpus.seed)]
     if int(max(train.max(), validation.max())) >= lm.config.vocab_size:
@@ -123,6 +137,7 @@ def run(config, workdir) -> dict:
         "remaining_mass": {"mean": float(remaining.mean()), "max": float(remaining.max())},
         "teacher_entropy": float(targets["entropy"].mean()),
         "train_blocks": int(len(train)), "train_positions": int(targets["entropy"].size),
+        "excluded_probe_snippets": len(excluded),
         "validation_blocks": int(len(validation)), "seq_len": int(corpus.seq_len),
         "task": config.task.name, "task_contexts": len(texts), "prompt": prompt,
         "frontier": {"max_norm": frontier["max_norm"].tolist(), "tau": frontier["tau"].tolist(),
