@@ -41,6 +41,9 @@ from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_module, parse_c
 
 ARG_DEFAULTS = dict(smoke=False, quick=False, accelerator=False, objectives="soft_xent+soft_quad+xent")
 DATA_SETTINGS = ("data_dir", "data_source", "n_train", "n_test", "n_repeats", "seed")  # of the Table-1 stages
+# SmolLM2's tokens per whole source (+1 EOS per document), counted 2026-12-05 with sentcomp.teacher.source_documents
+# and the teacher's tokenizer; the corpus is a little smaller (the probed snippets are left out of rt_reviews)
+SOURCE_TOKENS = {"rt_reviews": 264_139, "rt_plots": 156_630, "lee": 75_380, "enwiki": 654_259}
 SMOLLM2_SHAPE = dict(n_layer=30, n_embd=576, n_head=9, kv_heads=3, ffn=1536, vocab=49152)  # shared/ASSETS.md
 
 
@@ -149,7 +152,7 @@ def estimate(config) -> ml_collections.ConfigDict:
     teacher_params = t["n_layer"] * (2 * t["n_embd"] ** 2 + 2 * t["n_embd"] * t["kv_heads"] * head
                                      + 3 * t["n_embd"] * t["ffn"]) + t["vocab"] * t["n_embd"]
     seq_len = config.stages.targets.corpus.seq_len
-    corpus_tokens = 2.0e6  # all of lee + enwiki + plot synopses, about (shared/ASSETS.md: ~1.8 M GPT-2 tokens)
+    corpus_tokens = sum(SOURCE_TOKENS[source] for source in config.stages.targets.corpus.sources)
     teacher_flops = corpus_tokens * throughput.transformer_flops_per_token(
         teacher_params, t["n_layer"], t["n_embd"], seq_len, training=False)
     students = [name for name in config.stage_order if name.startswith("student_")]
