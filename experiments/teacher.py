@@ -30,6 +30,8 @@ Stages (WORKDIR/<stage>/, each resumable; a finished one is skipped on a re-run)
     python -m sentcomp.main --config=experiments/teacher.py:quick --workdir=runs/teacher_quick
 
 Arguments (``:key=value,...``): ``smoke``, ``quick``, ``accelerator`` (variants; default: the CPU experiment),
+``prompted`` (the corpus is the train-split reviews each followed by the task's prompt, ``rt_reviews_prompted``:
+the teacher's targets then include its completion of every review's own task context; with any variant),
 ``objectives`` (joined by ``+``; default ``soft_xent+soft_quad+xent``: the plain next-word student is the
 paper's objective on the same data and steps).
 """
@@ -39,11 +41,13 @@ import ml_collections
 from sentcomp.errors import SentcompError
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_module, parse_config_arg
 
-ARG_DEFAULTS = dict(smoke=False, quick=False, accelerator=False, objectives="soft_xent+soft_quad+xent")
+ARG_DEFAULTS = dict(smoke=False, quick=False, accelerator=False, prompted=False,
+                    objectives="soft_xent+soft_quad+xent")
 DATA_SETTINGS = ("data_dir", "data_source", "n_train", "n_test", "n_repeats", "seed")  # of the Table-1 stages
 # SmolLM2's tokens per whole source (+1 EOS per document), counted 2026-12-05 with sentcomp.teacher.source_documents
 # and the teacher's tokenizer; the corpus is a little smaller (the probed snippets are left out of rt_reviews)
 SOURCE_TOKENS = {"rt_reviews": 264_139, "rt_plots": 156_630, "lee": 75_380, "enwiki": 654_259}
+SOURCE_TOKENS["rt_reviews_prompted"] = SOURCE_TOKENS["rt_reviews"] + 3 * 10_201  # + " This movie is" per review
 SMOLLM2_SHAPE = dict(n_layer=30, n_embd=576, n_head=9, kv_heads=3, ffn=1536, vocab=49152)  # shared/ASSETS.md
 
 
@@ -80,8 +84,8 @@ def targets_config(args) -> ml_collections.ConfigDict:
                     tie_word_embeddings=True, logit_scale=30.0)))
     config.corpus = ml_collections.ConfigDict(dict(
         # in-domain text first: max_train_blocks keeps the first blocks of the sources in this order
-        sources=("lee",) if args.smoke else ("rt_reviews", "rt_plots", "lee", "enwiki") if args.accelerator
-        else ("rt_reviews", "rt_plots", "lee"),
+        sources=("lee",) if args.smoke else ("rt_reviews_prompted",) if args.prompted
+        else ("rt_reviews", "rt_plots", "lee", "enwiki") if args.accelerator else ("rt_reviews", "rt_plots", "lee"),
         seq_len=32 if args.smoke else 512 if args.accelerator else 128,
         validation_fraction=0.05, seed=0, max_train_blocks=64 if args.smoke else 0 if args.accelerator else 4000,
         eval_blocks=8 if args.smoke else 64))

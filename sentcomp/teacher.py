@@ -10,11 +10,12 @@ compose (the maths is in :mod:`sentcomp.kernels.distill`):
 * **Corpus** (:func:`distillation_documents`, :func:`corpus_blocks`): documents of the offline sources
   (``rt_reviews``: the review snippets of the Rotten Tomatoes task's *train* split, text only, so no student
   ever sees a test snippet or any label, and the snippets the probes are trained on are left out too
-  (``exclude``); ``rt_plots``: the 1,097 movie synopses of the Rotten Tomatoes file,
-  which belong to no task split; ``lee``: gensim's 300 news articles; ``enwiki``: gensim's Wikipedia extract),
-  each source split into train/validation by :func:`sentcomp.data.corpora.hold_out`, packed into
-  blocks with the teacher's tokenizer (:func:`sentcomp.data.corpora.pack`); cached, keyed by the sources,
-  tokenizer and block length.
+  (``exclude``); ``rt_reviews_prompted``: the same reviews, each followed by the task's prompt " This movie is",
+  so that the teacher's target at the prompt's last token is its completion of the task's own context;
+  ``rt_plots``: the 1,083 unique movie synopses of the Rotten Tomatoes file, which belong to no task split;
+  ``lee``: gensim's 300 news articles; ``enwiki``: gensim's Wikipedia extract), each source split into
+  train/validation by :func:`sentcomp.data.corpora.hold_out`, packed into blocks with the teacher's tokenizer
+  (:func:`sentcomp.data.corpora.pack`); cached, keyed by the sources, tokenizer, block length and excluded texts.
 * **Sparse teacher targets** (:func:`choose_k`, :func:`build_targets`): per position the teacher's top-k words
   and probabilities (remaining mass spread uniformly, :func:`sentcomp.kernels.top_k_targets`), its exact
   entropy ``H(p_T)`` and the truncation's ``KL(p_T ‖ p̃)``; k is the smallest candidate whose mean truncation
@@ -47,14 +48,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sentcomp import kernels, theory
-from sentcomp.data import corpora, rotten_tomatoes
+from sentcomp.data import corpora, get_task, rotten_tomatoes
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import LanguageModel, model_fingerprint
 from sentcomp.results import storage
 
-SOURCES = ("rt_reviews", "rt_plots", "lee", "enwiki")
+PROMPTED_REVIEWS = "rt_reviews_prompted"
+SOURCES = ("rt_reviews", PROMPTED_REVIEWS, "rt_plots", "lee", "enwiki")
 MANIFEST = "manifest.json"
 TARGET_FIELDS = ("ids", "probs", "truncation_kl", "entropy")  # the order kernels.top_k_targets returns
 
@@ -77,16 +79,24 @@ def rotten_tomatoes_train_reviews() -> list[str]:
     return list(rotten_tomatoes.load_rotten_tomatoes()["train"].texts)
 
 
-def source_documents(source: str) -> list[str]:
-    """The documents of one offline source (see the module docstring)."""
+def source_documents(source: str, exclude: Sequence[str] = ()) -> list[str]:
+    """The documents of one offline source (see the module docstring), but those equal to a text of ``exclude``.
+    ``rt_reviews_prompted``: the documents of ``rt_reviews``, each followed by the Rotten Tomatoes task's prompt
+    (trailing space stripped, as features append it)."""
+    if source == PROMPTED_REVIEWS:
+        prompt = get_task("rotten_tomatoes").prompt.rstrip()
+        return [review + prompt for review in source_documents("rt_reviews", exclude)]
     if source == "rt_reviews":
-        return rotten_tomatoes_train_reviews()
-    if source == "rt_plots":
-        return rotten_tomatoes_plots()
-    if source in ("lee", "enwiki"):
-        return corpora.read_lines(corpora.gensim_file("lee")) if source == "lee" else corpora.read_wiki_dump(
-            corpora.gensim_file("enwiki"))
-    raise SentcompError(f"Unknown distillation corpus source {source!r}; choose from {SOURCES}.")
+        documents = rotten_tomatoes_train_reviews()
+    elif source == "rt_plots":
+        documents = rotten_tomatoes_plots()
+    elif source in ("lee", "enwiki"):
+        documents = (corpora.read_lines(corpora.gensim_file("lee")) if source == "lee"
+                     else corpora.read_wiki_dump(corpora.gensim_file("enwiki")))
+    else:
+        raise SentcompError(f"Unknown distillation corpus source {source!r}; choose from {SOURCES}.")
+    excluded = set(exclude)
+    return [document for document in documents if document not in excluded]
 
 
 def distillation_documents(sources: Sequence[str], validation_fraction: float, seed: int,
@@ -95,11 +105,9 @@ def distillation_documents(sources: Sequence[str], validation_fraction: float, s
     snippets the probes read, so that no student reads them), each source split by ``corpora.hold_out``."""
     if not sources:
         raise SentcompError(f"The distillation corpus needs at least one source of {SOURCES}.")
-    excluded = set(exclude)
     splits: dict[str, list[str]] = {"train": [], "validation": []}
     for source in sources:
-        documents = [document for document in source_documents(source) if document not in excluded]
-        for split, held in corpora.hold_out(documents, validation_fraction, seed).items():
+        for split, held in corpora.hold_out(source_documents(source, exclude), validation_fraction, seed).items():
             splits[split] += held
     return splits
 

@@ -196,9 +196,12 @@ def test_the_review_source_is_the_task_train_split_text_and_holds_no_test_snippe
     assert reviews == list(splits["train"].texts)
     assert len(reviews) > 10_000
     assert not set(reviews) & set(splits["test"].texts)
+    left_out = reviews[:5]
+    prompted = teacher_lib.source_documents("rt_reviews_prompted", left_out)
+    assert prompted == [review + " This movie is" for review in reviews[5:]]  # the task's prompt, no trailing space
 
 
-@pytest.mark.parametrize("variant", ["", "quick"])
+@pytest.mark.parametrize("variant", ["", "quick", "prompted"])
 def test_no_student_reads_a_snippet_any_probe_reads(variant):
     """The corpus of the CPU experiment (and of its quick cut) leaves out every snippet its Table-1 stages probe:
     the probes' train and test snippets, recomputed here from the Table-1 stages' own configs."""
@@ -218,9 +221,10 @@ def test_no_student_reads_a_snippet_any_probe_reads(variant):
     assert set(excluded) == probed and len(probed) == sizes.n_train + sizes.n_test
     documents = teacher_lib.distillation_documents(targets.corpus.sources, targets.corpus.validation_fraction,
                                                    targets.corpus.seed, excluded)
-    assert not probed & set(documents["train"] + documents["validation"])
+    read = {document.removesuffix(" This movie is") for document in documents["train"] + documents["validation"]}
+    assert not probed & read  # (the prompted variant's documents are reviews followed by the prompt)
     reviews = set(teacher_lib.source_documents("rt_reviews"))
-    assert len(reviews & set(documents["train"] + documents["validation"])) == len(reviews - probed)
+    assert len(reviews & read) == len(reviews - probed)
 
 
 def test_configs_compose_and_the_accelerator_variant_estimates_its_time(tmp_path):
