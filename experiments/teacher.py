@@ -5,9 +5,12 @@ Table-1 probes per checkpoint and the teacher's as the ceiling (docs/teacher.md)
     # the test suite's run (a tiny random teacher, byte-level tokenizer, 64 blocks of news; 2 min 47 s wall at load
     # ≈ 11 on the 2-core machine, 2026-12-05: docs/teacher.md)
     python -m sentcomp.main --config=experiments/teacher.py:smoke --workdir=/tmp/teacher_smoke
-    # the CPU experiment (SmolLM2-135M teacher, offline news + Wikipedia + movie synopses; sized for ~90 min of
-    # 2 idle cores: NOT measured whole, see docs/teacher.md)
+    # the CPU experiment (SmolLM2-135M teacher; Rotten Tomatoes train reviews without the probed snippets, movie
+    # synopses, news; 50 min on 2 idle cores, 2026-12-05: docs/teacher.md)
     python -m sentcomp.main --config=experiments/teacher.py --workdir=runs/teacher
+    # the same with the task's prompt after every review (docs/teacher.md, "The prompted variant")
+    python -m sentcomp.main --config=experiments/teacher.py:prompted,objectives=soft_xent+soft_quad \
+        --workdir=runs/teacher_prompted
     # sized for one modern GPU; --dry_run prints its FLOPs and expected time (config.estimate)
     python -m sentcomp.main --config=experiments/teacher.py:accelerator --workdir=runs/teacher_gpu --dry_run
 
@@ -22,7 +25,7 @@ Stages (WORKDIR/<stage>/, each resumable; a finished one is skipped on a re-run)
 3. ``table1_<student>_<step>`` (sentcomp.programs.table1) on every snapshot after step 0, ``table1_untrained`` on
    the untrained student (all students are one model at step 0: same seed and shape), and ``table1_teacher``: f(s) and
    Φp_f(s) (word subsets too with the real tokenizer), with and without the prompt, on Rotten Tomatoes snippets
-   (the corpus holds none: only the file's plot synopses).
+   that no student read (``corpus.unseen_probe``: the corpus leaves out every snippet these stages probe).
 4. ``report`` (sentcomp.programs.teacher_report): one table, bound_vs_epsilon.png; per objective the learning
    rate with the lowest final validation loss of its own objective (never test accuracy) is marked.
 
