@@ -167,6 +167,14 @@ def dtype_ratio(n: int, batch_size: int, repeats: int) -> dict:
     return results
 
 
+def two_ways(timings: dict, names: tuple[str, str]) -> dict:
+    """``{<name>_seconds}`` of the two ways ``timings[True]`` (the fast one, ``names[0]``) and ``timings[False]``,
+    and ``speedup`` = the second's median / the first's."""
+    return {f"{names[0]}_seconds": round(timings[True].median, 3),
+            f"{names[1]}_seconds": round(timings[False].median, 3),
+            "speedup": round(speedup(timings[False].median, timings[True].median), 3)}
+
+
 def kv_cache_ratio(n: int, batch_size: int, repeats: int, k: int = 2) -> dict:
     """The main job's k-shot pass with SmolLM2-135M, with and without the shared prefix's KV cache."""
     from sentcomp import zeroshot
@@ -191,10 +199,8 @@ def kv_cache_ratio(n: int, batch_size: int, repeats: int, k: int = 2) -> dict:
     timings = {cached: time_calls(run(cached), repeats) for cached in (True, False)}
     worst = assert_same_output("k-shot scores with the KV cache vs without", outputs[True], outputs[False],
                                **KV_TOLERANCE)
-    results = {"model": lm.name, "n_texts": n, "k": k, "prefix_chars": len(prefix),
-               "cached_seconds": round(timings[True].median, 3), "uncached_seconds": round(timings[False].median, 3),
-               "max_relative_difference": worst,
-               "speedup": round(speedup(timings[False].median, timings[True].median), 3)}
+    results = {"model": lm.name, "n_texts": n, "k": k, "prefix_chars": len(prefix), "max_relative_difference": worst,
+               **two_ways(timings, ("cached", "uncached"))}
     print(f"{k}-shot scoring of {n} texts: uncached {timings[False].median:.2f} s, KV-cached "
           f"{timings[True].median:.2f} s: {results['speedup']:.2f}× (scores equal within {KV_TOLERANCE}; "
           f"{load_average()})", flush=True)
@@ -229,11 +235,8 @@ def one_pass_ratio(n: int, batch_size: int, repeats: int) -> dict:
     row_tokens = sum(len(ids) for r in requests
                      for ids in encode_texts(lm.tokenizer, texts, MAX_LENGTH, r.prompt).token_ids)
     results = {"model": lm.name, "n_texts": n, "rows": [r.prompt for r in requests], "row_tokens": row_tokens,
-               "one_pass_seconds": round(timings[True].median, 3),
-               "row_by_row_seconds": round(timings[False].median, 3),
                "continued_rows": [out["metadata"]["continued_rows"] for out in outputs[True]],
-               "max_relative_difference": worst,
-               "speedup": round(speedup(timings[False].median, timings[True].median), 3)}
+               "max_relative_difference": worst, **two_ways(timings, ("one_pass", "row_by_row"))}
     print(f"{len(requests)} rows of {n} texts ({row_tokens} tokens read row by row): row by row "
           f"{timings[False].median:.2f} s, one pass {timings[True].median:.2f} s: {results['speedup']:.2f}× "
           f"(every kind equal within {ONE_PASS_TOLERANCE}; {load_average()})", flush=True)
