@@ -168,3 +168,19 @@ def test_bad_shapes_are_one_clear_error():
     with pytest.raises(ValueError, match="soft_quad_loss expects"):
         kernels.soft_quad_loss(h, phi[:, :2], ids, probs, mask)
     assert jnp.isfinite(kernels.soft_xent_loss(h, phi, ids, probs, mask))
+
+
+@pytest.mark.parametrize("objective", ["soft_xent", "soft_quad"])
+def test_only_the_cross_entropy_objective_computes_word_logits(objective):
+    """What the training FLOPs (and so the MFU) count (sentcomp.training.steps.computes_word_logits): the soft
+    cross-entropy's program and gradient have per-position V-wide products (the logits ``[N, V]``), the soft
+    Quad's have none (its V-wide products are the Gram ``ΦᵀΦ`` and its gradient: once per step, not per position)."""
+    from sentcomp.programs import distill
+    from sentcomp.training import steps
+
+    h, phi, _, ids, probs, mask = _case()
+    loss = distill.SOFT_LOSSES[objective]
+    text = jax.jit(jax.grad(lambda h, phi: loss(h, phi, ids, probs, mask), argnums=(0, 1))).lower(h, phi).as_text()
+    dots = [line.split("->")[-1] for line in text.splitlines() if "stablehlo.dot_general" in line]
+    v_wide = [result for result in dots if f"<{N}x{V}x" in result or f"<{N}x{V}>" in result]
+    assert dots and bool(v_wide) == steps.computes_word_logits(objective), (objective, dots)

@@ -185,7 +185,8 @@ def run(config, workdir) -> dict:
     eval_steps = sorted({*config.eval_steps, config.num_steps})
     seq_len = train.shape[1] - 1
     tokens_per_step = config.batch_size * seq_len
-    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, seq_len)
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(
+        lm, seq_len, output_projection=steps.computes_word_logits(config.objective))
 
     def batch(step: int) -> loop.Batch:
         indices = plan.local_indices(step)

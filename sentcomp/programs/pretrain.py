@@ -276,7 +276,8 @@ def run(config, workdir) -> dict[str, Any]:
     probe_data = probe_task_data(config.probe) if config.probe.every > 0 else None
     schedule = steps.learning_rate_schedule(config.optimizer, config.num_steps)
     tokens_per_step = config.batch_size * config.data.seq_len
-    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, config.data.seq_len)
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(
+        lm, config.data.seq_len, output_projection=steps.computes_word_logits(config.loss))
 
     def batch(step: int) -> loop.Batch:
         return loop.Batch((parallel.global_batch(plan.local_tokens(step), mesh),), tokens_per_step, flops_per_step)

@@ -135,7 +135,8 @@ def train_and_evaluate(config, workdir: Path, loss: str, language, corpus: np.nd
     train_step = steps.make_train_step(loss, lm.hidden_fn, lm.phi_fn, optimizer, jax.numpy.float32, mesh)
     gamma = synthetic.task_coverage(language)
     tokens_per_step = config.batch_size * (corpus.shape[1] - 1)
-    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(lm, corpus.shape[1] - 1)
+    flops_per_step = tokens_per_step * throughput.lm_flops_per_token(
+        lm, corpus.shape[1] - 1, output_projection=steps.computes_word_logits(loss))
 
     def batch(step: int) -> loop.Batch:
         return loop.Batch((parallel.global_batch(plan.local_tokens(step), mesh),), tokens_per_step, flops_per_step)

@@ -29,6 +29,14 @@ DECAYS = ("cosine", "linear")
 # -------------------------------------------------------------------------------------------- the optimiser
 
 
+def computes_word_logits(objective: str) -> bool:
+    """Whether a training objective computes the word logits ``Φᵀf`` at every position (cross-entropy's ``log Z``,
+    streamed over V), which the model FLOPs behind its MFU count; the Quad objectives (``quad``, ``soft_quad``)
+    use ``½fᵀ(ΦᵀΦ)f`` instead (one ``d × d`` Gram per step), so their FLOPs leave the output projection out
+    (:func:`sentcomp.training.throughput.lm_flops_per_token`)."""
+    return objective not in ("quad", "soft_quad")
+
+
 def learning_rate_schedule(opt, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``opt.learning_rate`` over ``opt.warmup_steps``, then cosine or linear decay to
     ``opt.learning_rate · opt.end_lr_fraction`` at ``num_steps``."""
