@@ -56,6 +56,10 @@ def test_smoke_report_has_every_student_checkpoint_probe_and_the_ceiling(smoke):
             assert set(e["probes"]) == set(columns)
             assert all(0 <= p["accuracy"] <= 1 and p["loss"] > 0 for p in e["probes"].values())
             assert e["epsilon_heldout"]["low"] <= e["epsilon_heldout"]["mean"] <= e["epsilon_heldout"]["high"]
+            gamma, heldout, task = e["effective_coverage"], e["epsilon_heldout"], e["epsilon_task"]
+            assert gamma["mean"] == pytest.approx(heldout["mean"] / task["mean"])
+            assert gamma["low"] == pytest.approx(heldout["low"] / task["high"]) and gamma["low"] <= gamma["mean"]
+            assert gamma["high"] == pytest.approx(heldout["high"] / task["low"]) and gamma["mean"] <= gamma["high"]
     assert set(results["teacher_probes"]) == set(columns)
     # the untrained students are one model: identical ε and probes at step 0
     step0 = [entries[0] for entries in results["students"].values()]
