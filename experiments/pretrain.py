@@ -33,7 +33,7 @@ both losses. Re-running with the same workdir resumes from the last checkpoint.
 ``family`` other than gpt2 (a rotary decoder, sentcomp.models.decoder) adds to ``config.model``
 ``intermediate_size`` (0: 8·d/3 rounded up to a multiple of 64, GPT-NeoX 4·d), ``num_key_value_heads`` (0:
 ``n_head``; fewer for grouped-query attention) and ``rope_theta`` (10000); ``n_embd``, ``n_layer``, ``n_head``,
-``n_positions`` are its hidden size, layers, query heads and context (sentcomp.programs.pretrain.hf_model_config).
+``n_positions`` are its hidden size, layers, query heads and context (sentcomp.models.hf_model_config).
 ``config.init.source`` (any causal LM sentcomp.models.load reads) replaces family, shape and tokenizer by the
 checkpoint's; ``config.init.phi_from`` / ``config.init.embeddings_from`` take only Φ / the input embeddings from
 such a model (same V and d) and train the rest from scratch.
@@ -92,7 +92,7 @@ def get_config(arg=None):
         # scanned (one compiled layer body) or unrolled, remat none | full | dots, attention xla | cudnn | chunked
         scan_layers=True, remat="none", attention="xla", attention_chunk=512,
     ))
-    if args.family != "gpt2":  # a rotary decoder; 0 = derived (sentcomp.programs.pretrain.hf_model_config)
+    if args.family != "gpt2":  # a rotary decoder; 0 = derived (sentcomp.models.hf_model_config)
         config.model.update(intermediate_size=0, num_key_value_heads=0, rope_theta=10000.0)
     config.tokenizer = "gpt2"  # or "bytes" (V = 257); vocab_size 0 = the tokenizer's size
     # source: e.g. "gpt2" (the whole model); "" = scratch. phi_from / embeddings_from: start only Φ / the input

@@ -79,24 +79,24 @@ def train_steps(lm, config, steps: int):
 
 def test_family_shapes_come_from_config_model():
     base = config_files.load_config(SPEC).model
-    assert pretrain.hf_model_config(base, 257) == {
+    assert models.hf_model_config(base, 257) == {
         "vocab_size": 257, "tie_word_embeddings": False, "rope_theta": 10000.0, "hidden_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
         "intermediate_size": 192, "num_key_value_heads": 2}  # 8·64/3 = 170.7, rounded up to a multiple of 64
     assert decoder.gated_mlp_width(576) == 1536  # SmolLM2-135M's
     neox = config_files.override(base.copy_and_resolve_references(), {"family": "gpt_neox", "num_key_value_heads": 0})
-    assert pretrain.hf_model_config(neox, 257)["intermediate_size"] == 256  # GPT-NeoX's plain MLP: 4·d
+    assert models.hf_model_config(neox, 257)["intermediate_size"] == 256  # GPT-NeoX's plain MLP: 4·d
     small = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:family=llama").model
-    assert pretrain.hf_model_config(small, 50257)["intermediate_size"] == 2048
+    assert models.hf_model_config(small, 50257)["intermediate_size"] == 2048
     gpt2 = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke").model
-    assert "rope_theta" not in gpt2 and pretrain.hf_model_config(gpt2, 257)["n_embd"] == 64
+    assert "rope_theta" not in gpt2 and models.hf_model_config(gpt2, 257)["n_embd"] == 64
     with pytest.raises(SentcompError, match=r"config.model.intermediate_size applies to rotary families"):
-        pretrain.hf_model_config(config_files.override(base.copy_and_resolve_references(), {"family": "gpt2"}), 257)
+        models.hf_model_config(config_files.override(base.copy_and_resolve_references(), {"family": "gpt2"}), 257)
     bert = config_files.load_config(f"{config_files.EXPERIMENTS_DIR}/pretrain.py:smoke,family=bert")
     with pytest.raises(SentcompError, match=r"Unknown config.model.family 'bert'; choose one of \['gpt2', 'llama'"):
         pretrain.check_config(bert)
     with pytest.raises(SentcompError, match="'bert' models cannot be pretrained from random weights"):
-        pretrain.hf_model_config(bert.model, 257)
+        models.hf_model_config(bert.model, 257)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_other_rotary_families_get_their_own_architecture(family, kv_heads, arch
     its train step and its saving are the Llama's, tested below, and each family's parity with transformers is
     tested in test_families."""
     config = tiny_config(**{"model.family": family, "model.num_key_value_heads": 0 if family == "gpt_neox" else 1})
-    decoder_config = models.family_module(family).config_from_hf(pretrain.hf_model_config(config.model, 257))
+    decoder_config = models.family_module(family).config_from_hf(models.hf_model_config(config.model, 257))
     expected = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": kv_heads,
                 "max_position_embeddings": 32, "vocab_size": 257, "rope_theta": 10000.0, **architecture}
     assert {key: getattr(decoder_config, key) for key in expected} == expected
@@ -170,7 +170,7 @@ def test_other_rotary_families_get_their_own_architecture(family, kv_heads, arch
 
 def test_gpt_neox_refuses_grouped_query_attention():
     with pytest.raises(SentcompError, match="GPT-NeoX has no grouped-query attention; set config.model.num_key_va"):
-        pretrain.hf_model_config(tiny_config(**{"model.family": "gpt_neox"}).model, 257)
+        models.hf_model_config(tiny_config(**{"model.family": "gpt_neox"}).model, 257)
 
 
 # --------------------------------------------------------------------------------------------- whole runs

@@ -179,6 +179,22 @@ def set_special_token_ids(config_path: Path, tokenizer) -> None:
 RANDOM_GPT2 = "random-gpt2"  # config.model of smoke runs: a tiny random GPT-2 shaped by config.random_gpt2
 
 
+def hf_model_config(model, vocab_size: int) -> dict:
+    """A random model's shape (pretraining's ``config.model``: ``family``, ``n_layer``, ``n_embd``, ``n_head``,
+    ``n_positions``, ``tie_word_embeddings`` and the family's own keys) as its family's Hugging Face ``config.json``
+    keys (:func:`init`), as the
+    family's ``FamilyFacts.pretrain_config`` maps them. GPT-2 (:func:`sentcomp.models.gpt2.pretrain_config`):
+    ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``. A rotary family (Llama, Qwen2, Mistral, Gemma, GPT-NeoX:
+    :func:`sentcomp.models.decoder.pretrain_config`): the same four as ``max_position_embeddings``,
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, and ``intermediate_size`` (0: the family's
+    default width), ``num_key_value_heads`` (0: ``n_head``), ``rope_theta`` (absent: the family's default)."""
+    to_hf = facts(model.family).pretrain_config
+    if to_hf is None:
+        raise SentcompError(f"{model.family!r} models cannot be pretrained from random weights: their family declares "
+                            "no FamilyFacts.pretrain_config; choose a family that does (check_config lists them).")
+    return to_hf(model, vocab_size)
+
+
 def from_config(config) -> LanguageModel:
     """The model an experiment config names: ``config.model`` is any source :func:`load` accepts, or
     ``"random-gpt2"``, a random GPT-2 of shape ``config.random_gpt2`` (a dict of ``gpt2_config`` fields, with the
@@ -191,5 +207,5 @@ def from_config(config) -> LanguageModel:
     return load(config.model, revision=config.get("revision", ""))
 
 
-__all__ = ["LanguageModel", "FamilyFacts", "load", "from_config", "init", "untie", "save_hf", "facts",
-           "causal_families", "FAMILIES", "ALIASES", "RANDOM_GPT2"]
+__all__ = ["LanguageModel", "FamilyFacts", "load", "from_config", "init", "hf_model_config", "untie", "save_hf",
+           "facts", "causal_families", "FAMILIES", "ALIASES", "RANDOM_GPT2"]

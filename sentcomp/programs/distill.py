@@ -46,7 +46,6 @@ from sentcomp import teacher as teacher_lib
 from sentcomp.errors import SentcompError
 from sentcomp.features import extract_features
 from sentcomp.models.base import COMPUTE_DTYPES, cast_floats
-from sentcomp.programs.pretrain import hf_model_config
 from sentcomp.results import layout, storage
 from sentcomp.training import checkpoints, loop, steps, throughput, tracking
 
@@ -62,9 +61,9 @@ def snapshot_dir(workdir: Path, step: int) -> Path:
 def build_student(config, tokenizer):
     """A random decoder of shape ``config.model`` (pretraining's model keys: family, ``n_layer``, ``n_embd``,
     ``n_head``, ``n_positions``, ``intermediate_size``, ``tie_word_embeddings``; the family's
-    :func:`sentcomp.programs.pretrain.hf_model_config`) with ``tokenizer``."""
-    lm = models.init(config.model.family, hf_model_config(config.model, len(tokenizer)), jax.random.key(config.seed),
-                     tokenizer=tokenizer)
+    :func:`sentcomp.models.hf_model_config`) with ``tokenizer``."""
+    lm = models.init(config.model.family, models.hf_model_config(config.model, len(tokenizer)),
+                     jax.random.key(config.seed), tokenizer=tokenizer)
     return lm.replace(name=f"student-{config.objective}")
 
 

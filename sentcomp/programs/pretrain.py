@@ -10,8 +10,9 @@ checkpointed, resumable.
   fused backward: no V-wide logits), both averaged over the target positions (../shared/PAPER.md);
 * **model**: ``config.model`` (tied or untied Φ; ``quad_head`` = the paper's extra d×d linear layer + untied Φ),
   from scratch (``config.model.family``: ``gpt2``, or a rotary decoder ``llama``, ``qwen2``, ``mistral``,
-  ``gemma``, ``gpt_neox``, shaped by :func:`hf_model_config`) or from a pretrained causal LM of any of those
-  families (``config.init.source``, anything :func:`sentcomp.models.load` takes, e.g. the offline SmolLM2-135M);
+  ``gemma``, ``gpt_neox``, shaped by :func:`sentcomp.models.hf_model_config`) or from a pretrained causal LM of any
+  of those families (``config.init.source``, anything :func:`sentcomp.models.load` takes, e.g. the offline
+  SmolLM2-135M);
   ``config.init.freeze_phi`` keeps Φ at its initial value (for a tied model that also freezes the input
   embedding, which is the same matrix); ``config.init.phi_from`` / ``config.init.embeddings_from`` start only Φ /
   the input embeddings from a pretrained model (any :func:`sentcomp.models.load` source) and the rest from
@@ -91,8 +92,8 @@ CURVES_FILE = "curves.png"
 def build_model(config) -> LanguageModel:
     """The LM to train: ``config.init.source`` loaded (pretrained, any causal family, with its own tokenizer;
     ``config.model``'s family and shape are then the checkpoint's), or a random model of ``config.model.family``
-    and shape ``config.model`` (:func:`hf_model_config`) with ``config.tokenizer`` (``vocab_size`` 0 = the
-    tokenizer's size). Either way ``quad_head`` adds the Quad head and untied Φ, and ``tie_word_embeddings=False``
+    and shape ``config.model`` (:func:`sentcomp.models.hf_model_config`) with ``config.tokenizer`` (``vocab_size`` 0 =
+    the tokenizer's size). Either way ``quad_head`` adds the Quad head and untied Φ, and ``tie_word_embeddings=False``
     unties a tied Φ (a copy of the input embeddings to start from). The layer stack runs as ``config.model``'s
     execution keys say (:data:`sentcomp.models.layers.EXECUTION_FIELDS`: scanned or unrolled layers, remat policy,
     attention implementation), whichever the model's origin."""
@@ -107,7 +108,7 @@ def build_model(config) -> LanguageModel:
         if config.tokenizer not in TOKENIZERS:
             raise SentcompError(f"config.tokenizer must be one of {sorted(TOKENIZERS)}, got {config.tokenizer!r}.")
         tokenizer = getattr(tokenizers, TOKENIZERS[config.tokenizer])()
-        lm = models.init(model.family, hf_model_config(model, model.vocab_size or len(tokenizer)),
+        lm = models.init(model.family, models.hf_model_config(model, model.vocab_size or len(tokenizer)),
                          jax.random.key(config.seed), quad_head=model.quad_head, tokenizer=tokenizer)
     lm = with_pretrained_parts(lm, config.init.get("phi_from", ""), config.init.get("embeddings_from", ""))
     return layers.with_execution(lm, **{key: model[key] for key in layers.EXECUTION_FIELDS if key in model})
@@ -151,20 +152,6 @@ def with_pretrained_parts(lm: LanguageModel, phi_from: str = "", embeddings_from
     if phi_from and not tied:
         params[phi_key] = _donor_matrix(phi_from, "phi", params[phi_key].shape).astype(dtype)
     return lm.replace(params=params)
-
-
-def hf_model_config(model, vocab_size: int) -> dict[str, Any]:
-    """``config.model`` as its family's Hugging Face ``config.json`` keys (:func:`sentcomp.models.init`), as the
-    family's ``FamilyFacts.pretrain_config`` maps them. GPT-2 (:func:`sentcomp.models.gpt2.pretrain_config`):
-    ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``. A rotary family (Llama, Qwen2, Mistral, Gemma, GPT-NeoX:
-    :func:`sentcomp.models.decoder.pretrain_config`): the same four as ``max_position_embeddings``,
-    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, and ``intermediate_size`` (0: the family's
-    default width), ``num_key_value_heads`` (0: ``n_head``), ``rope_theta`` (absent: the family's default)."""
-    to_hf = models.facts(model.family).pretrain_config
-    if to_hf is None:
-        raise SentcompError(f"{model.family!r} models cannot be pretrained from random weights: their family declares "
-                            "no FamilyFacts.pretrain_config; choose a family that does (check_config lists them).")
-    return to_hf(model, vocab_size)
 
 
 def load_corpus(config, tokenizer, workdir: Path) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 ``run(config, workdir)`` with the teacher ``config.teacher`` (``source``: anything :func:`sentcomp.models.load`
 takes, e.g. ``"smollm2-135m"``; or ``"random"``: a small random decoder of shape ``config.teacher.random``,
-pretraining's ``config.model`` keys (:func:`sentcomp.programs.pretrain.hf_model_config`), with the byte-level
+pretraining's ``config.model`` keys (:func:`sentcomp.models.hf_model_config`), with the byte-level
 tokenizer, for smoke runs) writes into ``workdir``:
 
 * ``corpus/``: the offline corpus (``config.corpus.sources``) packed with the teacher's tokenizer, without the
@@ -36,7 +36,6 @@ from sentcomp.errors import SentcompError
 from sentcomp.evaluators.task_data import prepare_task
 from sentcomp.features import extract_features
 from sentcomp.models import tokenizers
-from sentcomp.programs.pretrain import hf_model_config
 from sentcomp.results import layout, storage
 
 ARRAYS_FILE = "teacher.npz"
@@ -53,7 +52,7 @@ def build_teacher(config):
         return lm
     shape = spec.random
     tokenizer = tokenizers.byte_tokenizer()
-    lm = models.init(shape.family, hf_model_config(shape, len(tokenizer)), jax.random.key(spec.seed),
+    lm = models.init(shape.family, models.hf_model_config(shape, len(tokenizer)), jax.random.key(spec.seed),
                      tokenizer=tokenizer)
     # sharpen the random teacher's next-word distributions (a random init is close to uniform)
     params = dict(lm.params)
