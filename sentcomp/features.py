@@ -135,10 +135,7 @@ def _compute_chunk(fn, params, tables, token_ids, batch_size, buckets, pad_id, m
         result = parallel.apply_to_batch(fn, (batch.token_ids, batch.mask), mesh, params, tables)
         real = {kind: value[: len(batch.indices)] for kind, value in result.items()}
         on_batch(batch.indices, real, batch.n_tokens)
-        for kind, value in real.items():
-            if kind not in outputs:
-                outputs[kind] = np.empty((len(token_ids), *value.shape[1:]), value.dtype)
-            outputs[kind][batch.indices] = value
+        _place(outputs, batch.indices, real, len(token_ids))
     return outputs
 
 
@@ -703,6 +700,7 @@ def _projection_table(lm: LanguageModel, plans: Sequence[_Extraction], kinds: Se
 
 
 def _place(values: dict[str, np.ndarray], rows: np.ndarray, outputs: dict[str, np.ndarray], n_rows: int) -> None:
+    """Each kind's ``outputs`` written into ``values[kind]`` (``[n_rows, ...]``, made on first use) at ``rows``."""
     for kind, value in outputs.items():
         if kind not in values:
             values[kind] = np.zeros((n_rows, *value.shape[1:]), value.dtype)
