@@ -14,8 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+def _with_xla_flag(flags: str, name: str, value: str) -> str:
+    """``flags`` with ``--name=value`` appended unless it already sets ``name`` (the caller's choice wins)."""
+    return flags if name in flags else f"{flags} --{name}={value}".strip()
+
+
+# 8 simulated devices; LLVM optimisation level 0 for the machine code XLA:CPU emits (the HLO, hence every
+# program's operations and their order, is the same at every level): on this suite's tiny shapes compiling
+# dominates and running barely shows, and level 0 cut a cold run of four training-heavy modules from 225 s
+# to 179 s (docs/testing.md). Set XLA_FLAGS=--xla_backend_optimization_level=2 to test with the default.
+os.environ["XLA_FLAGS"] = _with_xla_flag(
+    _with_xla_flag(os.environ.get("XLA_FLAGS", ""), "xla_force_host_platform_device_count", "8"),
+    "xla_backend_optimization_level", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keyed by JAX itself (program, compile options, JAX version, devices), so an entry is never reused for another

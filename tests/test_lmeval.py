@@ -25,7 +25,7 @@ from sentcomp.data import get_task, load_task  # noqa: E402
 from sentcomp.errors import SentcompError  # noqa: E402
 from sentcomp.launcher import runner  # noqa: E402
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override  # noqa: E402
-from sentcomp.launcher.local_cluster import free_port  # noqa: E402
+from sentcomp.launcher.local_cluster import free_port, with_device_count  # noqa: E402
 from sentcomp.lmeval.model import SentcompLM  # noqa: E402
 from sentcomp.models import load  # noqa: E402
 
@@ -181,7 +181,7 @@ def test_two_processes_through_the_command_line_match_the_hf_backend(setup, tmp_
                "--batch_size", "4", "--log_samples"]
     port, children = free_port(), []
     for process in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process))
         log = open(tmp_path / f"process{process}.log", "wb")
         children.append(subprocess.Popen([*command, "--output_path", str(tmp_path / f"out{process}")], env=env,

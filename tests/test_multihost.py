@@ -15,7 +15,7 @@ import pytest
 from sentcomp import parallel
 from sentcomp.errors import SentcompError
 from sentcomp.launcher.config_files import EXPERIMENTS_DIR, load_config, override
-from sentcomp.launcher.local_cluster import run_local_processes
+from sentcomp.launcher.local_cluster import run_local_processes, with_device_count
 from sentcomp.main import run_program
 
 pytestmark = pytest.mark.multiprocess
@@ -87,6 +87,12 @@ def test_processes_are_killed_at_the_timeout(tmp_path):
     main_args = [f"--config={MULTIHOST}", f"--workdir={tmp_path / 'run'}"]
     codes = run_local_processes(main_args, tmp_path / "logs", processes=2, devices=4, timeout=0.5)
     assert all(code is not None and code < 0 for code in codes)  # killed by a signal, not left running
+
+
+def test_local_processes_keep_the_callers_other_xla_flags():
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    assert with_device_count(flags, 4) == "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4"
+    assert with_device_count("", 2) == "--xla_force_host_platform_device_count=2"
 
 
 def test_single_process_helpers(monkeypatch):

@@ -27,6 +27,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def with_device_count(xla_flags: str, devices: int) -> str:
+    """``xla_flags`` (the ``XLA_FLAGS`` value) asking for ``devices`` simulated CPU devices: any earlier device
+    count replaced, every other flag kept."""
+    kept = [flag for flag in xla_flags.split() if not flag.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_local_processes(
     main_args: list[str], log_dir: str | Path, processes: int = 2, devices: int = 4, timeout: float = 600
 ) -> list[int]:
@@ -34,7 +41,7 @@ def run_local_processes(
     (negative for a process killed at the timeout). Stops everything as soon as one process fails."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices))
     cluster = [f"--coordinator_address=localhost:{free_port()}", f"--num_processes={processes}"]
     children = []
     try:
