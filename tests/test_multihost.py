@@ -43,31 +43,11 @@ def check_values(results: dict) -> dict[str, float]:
     return {row["name"]: row["value"] for row in results["checks"]}
 
 
-def test_two_processes_match_one_process(tmp_path):
-    spec = MULTIHOST
-    two = tmp_path / "two_processes"
-    run_processes(spec, two)
-    two_results = json.loads((two / "results.json").read_text())
-    assert (two_results["process_count"], two_results["device_count"]) == (2, 8)
-    assert two_results["passed"] and check_values(two_results)["multihost checkpoint"] == 0.0
-    with np.load(two / "multihost_arrays.npz") as arrays:
-        two_arrays = dict(arrays)
-
-    # One process × 8 devices (this pytest process), resuming from a copy of the 2-process workdir: it
-    # recomputes everything and restores the Orbax checkpoint the two processes wrote together.
-    one = tmp_path / "one_process"
-    shutil.copytree(two, one)
-    one_results = run_program(load_config(spec), one)
-    assert (one_results["process_count"], one_results["device_count"]) == (1, 8)
-    with np.load(one / "multihost_arrays.npz") as arrays:
-        for name, value in arrays.items():
-            np.testing.assert_allclose(two_arrays[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
-    assert one_results["multihost checkpoint"] < 1e-6  # restored 2-process values vs 1-process values
-    assert two_arrays["grad_phi"].any() and two_arrays["features"].shape == (16, 16)
-    assert two_arrays["extracted_f"].shape == (16, 32) and two_arrays["extracted_word_log_probs"].shape == (16, 3)
-
-
-def test_two_processes_run_a_sweep_together(tmp_path):
+def test_two_processes_sweep_together_and_each_point_matches_one_process(tmp_path):
+    """The check's sweep run by 2 processes × 4 devices together; then each point again by one process × 8
+    devices (this pytest process), resuming from a copy of the point's 2-process workdir: it recomputes
+    everything and restores the Orbax checkpoint the two processes wrote together, and gets their numbers. A
+    second sweep reuses every complete point."""
     spec = MULTIHOST
     run_processes(spec, tmp_path, extra_flags=["--sweep"])
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
@@ -75,9 +55,25 @@ def test_two_processes_run_a_sweep_together(tmp_path):
         ("seed=0", "done", 2),
         ("seed=1", "done", 2),
     ]
-    for row in rows:  # each point's numbers equal one process's
-        alone = run_program(override(load_config(spec), row["params"]), tmp_path / "alone" / row["name"])
-        assert abs(alone["multihost loss"] - row["metrics"]["multihost loss"]) < 1e-5 * alone["multihost loss"]
+    for row in rows:
+        two = tmp_path / row["name"]
+        two_results = json.loads((two / "results.json").read_text())
+        assert (two_results["process_count"], two_results["device_count"]) == (2, 8)
+        assert two_results["passed"] and check_values(two_results)["multihost checkpoint"] == 0.0
+        with np.load(two / "multihost_arrays.npz") as arrays:
+            two_arrays = dict(arrays)
+        one = tmp_path / "one_process" / row["name"]
+        shutil.copytree(two, one)
+        one_results = run_program(override(load_config(spec), row["params"]), one)
+        assert (one_results["process_count"], one_results["device_count"]) == (1, 8)
+        with np.load(one / "multihost_arrays.npz") as arrays:
+            for name, value in arrays.items():
+                np.testing.assert_allclose(two_arrays[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert one_results["multihost checkpoint"] < 1e-6  # restored 2-process values vs 1-process values
+        loss = one_results["multihost loss"]
+        assert abs(loss - row["metrics"]["multihost loss"]) < 1e-5 * loss
+        assert two_arrays["grad_phi"].any() and two_arrays["features"].shape == (16, 16)
+        assert two_arrays["extracted_f"].shape == (16, 32) and two_arrays["extracted_word_log_probs"].shape == (16, 3)
     run_processes(spec, tmp_path, extra_flags=["--sweep"])  # complete points: every process skips them
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["status"] for row in rows] == ["reused", "reused"]
@@ -166,7 +162,9 @@ def test_table1_with_baselines_resumed_on_two_processes_matches_one_process(tmp_
     decides what is done (the text-only row is reused, not recomputed) and alone writes; the recomputed features,
     fine-tuning curve and accuracies equal the single process's."""
     spec = f"{EXPERIMENTS_DIR}/table1.py:smoke,bert,ft"
-    smaller = {"n_train": 24, "n_test": 12, "ft.num_epochs": 2, "columns": ("f",)}  # the decisions, not the probes
+    # the decisions, not the probes; of zero-shot, the headline variant (its cell's accuracy is compared)
+    smaller = {"n_train": 24, "n_test": 12, "ft.num_epochs": 2, "columns": ("f",), "zeroshot.shots": (0,),
+               "zeroshot.sensitivity_shots": ()}
     one = tmp_path / "one_process"
     run_program(override(load_config(spec), smaller), one)
     two = tmp_path / "two_processes"
@@ -187,6 +185,7 @@ def test_table1_with_baselines_resumed_on_two_processes_matches_one_process(tmp_
     assert {cell["key"] for cell in cells} == set(expected)
     for cell in cells:
         assert cell.get("test_accuracy") == pytest.approx(expected[cell["key"]].get("test_accuracy")), cell["key"]
+    assert expected["rotten_tomatoes*/zeroshot/0"]["test_accuracy"] is not None  # zero-shot recomputed and compared
     arrays_one, arrays_two = _feature_arrays(one), _feature_arrays(two)
     assert arrays_one.keys() == arrays_two.keys()
     for name, value in arrays_one.items():

@@ -67,7 +67,9 @@ def test_row_space_features_give_the_probe_on_the_full_features():
     splits = lambda a: (a[:n_train], labels[:n_train], a[n_train:], labels[n_train:])  # noqa: E731
     on_x, on_z = probe.evaluate(*splits(x * 100)), probe.evaluate(*splits(z * 100))
     assert on_z.regularisation == on_x.regularisation and on_z.test_accuracy == on_x.test_accuracy
-    np.testing.assert_allclose(on_z.cv_mean, on_x.cv_mean)
+    # the same up to one cross-validation prediction: the two float32 problems differ by rounding (~1e-7), and at
+    # the weakest regularisation a point near the boundary can fall either side (as it does at XLA's LLVM -O0)
+    np.testing.assert_allclose(on_z.cv_mean, on_x.cv_mean, atol=1 / n_train + 1e-6)
     c = on_x.regularisation
     sk_x = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x[:n_train] * 100, labels[:n_train])
     sk_z = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(z[:n_train] * 100, labels[:n_train])
