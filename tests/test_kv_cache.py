@@ -4,6 +4,7 @@ ones (sentcomp.zeroshot.word_scores)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,12 +41,13 @@ def test_continuing_a_cache_gives_the_whole_sequences_hidden_states(window):
     kept = whole_mask.astype(bool)
     expected[~kept] = 0
 
-    _, cache = lm.prefill_fn(lm.params, jnp.asarray(prefix), jnp.ones((1, 9), jnp.int32))
+    _, cache = jax.jit(lm.prefill_fn)(lm.params, jnp.asarray(prefix), jnp.ones((1, 9), jnp.int32))
     assert cache.keys.shape == (3, 1, 9, 2, 6) and cache.length == 9
-    first_hidden, extended = decoder.DecoderModel(lm.config, keep_kv=True).apply(
-        {"params": lm.params}, jnp.asarray(first), jnp.asarray(first_mask), cache)
+    extend = jax.jit(lambda params, ids, mask, cache: decoder.DecoderModel(lm.config, keep_kv=True).apply(
+        {"params": params}, ids, mask, cache))  # each call one program (op by op, every operation compiles alone)
+    first_hidden, extended = extend(lm.params, jnp.asarray(first), jnp.asarray(first_mask), cache)
     assert extended.length == 16 and extended.keys.shape[1] == 3
-    second_hidden = lm.continue_fn(lm.params, extended, jnp.asarray(second), jnp.ones((3, 2), jnp.int32))
+    second_hidden = jax.jit(lm.continue_fn)(lm.params, extended, jnp.asarray(second), jnp.ones((3, 2), jnp.int32))
     got = np.concatenate([np.zeros((3, 9, 24)), np.asarray(first_hidden), np.asarray(second_hidden)], axis=1)
     got[~kept] = 0
     np.testing.assert_allclose(got[:, 9:], expected[:, 9:], atol=TOLERANCE, rtol=0)

@@ -13,11 +13,13 @@ Every solve standardises its feature columns first (θ from real LMs reaches nor
 θ_iθ_j in the 10⁴s), then maps the coefficients back. ``ridge`` is the L2 penalty on the standardised
 coefficients (0 gives ordinary least squares, the minimum-norm solution through an SVD, as ``lstsq``).
 Every product runs at ``precision``, default ``"highest"`` (:mod:`sentcomp.kernels.precision`); so do the
-fitted containers' ``__call__``.
+fitted containers' ``__call__``. The public functions are jitted (``ridge`` and ``precision`` static): called
+from Python, each is one compiled program.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -38,6 +40,7 @@ class QuadraticFit(NamedTuple):
         return quadratic_form(self, theta, precision=precision)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def quadratic_form(fit: QuadraticFit, theta: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``½θᵀAθ + bᵀθ + c`` for ``theta [..., d]``."""
     precision = check_precision(precision)
@@ -57,6 +60,7 @@ def _min_norm_solve(a: jax.Array, b: jax.Array, precision) -> jax.Array:
     return jnp.matmul(vt.T, scaled, precision=precision)
 
 
+@functools.partial(jax.jit, static_argnames=("ridge", "precision"))
 def least_squares(
     x: jax.Array, y: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION
 ) -> tuple[jax.Array, jax.Array]:
@@ -94,6 +98,7 @@ def _symmetric_from_upper(upper: jax.Array, k: int) -> jax.Array:
     return a + jnp.triu(a, 1).T
 
 
+@functools.partial(jax.jit, static_argnames=("ridge", "precision"))
 def fit_log_partition(
     theta: jax.Array, log_z: jax.Array, ridge: float = 0.0, basis: jax.Array | None = None, *,
     precision=DEFAULT_PRECISION,
@@ -115,12 +120,14 @@ def fit_log_partition(
     return QuadraticFit(a=a, b=weights[num_quadratic:num_quadratic + dim], c=c)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def embedding_covariance(phi: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``Cov(φ_w)`` over the vocabulary (rows of ``phi [V, d]``), ``[d, d]`` (population covariance)."""
     centred = phi - phi.mean(axis=0)
     return jnp.matmul(centred.T, centred, precision=check_precision(precision)) / phi.shape[0]
 
 
+@functools.partial(jax.jit, static_argnames=("ridge", "precision"))
 def fit_log_partition_fixed_a(
     theta: jax.Array, log_z: jax.Array, a: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION
 ) -> QuadraticFit:
@@ -131,6 +138,7 @@ def fit_log_partition_fixed_a(
     return QuadraticFit(a=a, b=b, c=c)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def gaussian_log_partition(phi: jax.Array, *, precision=DEFAULT_PRECISION) -> QuadraticFit:
     """The zero-parameter Gaussian-embedding prediction ``log V + μᵀθ + ½θᵀΣθ`` (μ, Σ: mean and Cov of φ_w)."""
     covariance = embedding_covariance(phi, precision=precision)
@@ -147,12 +155,14 @@ class AffineFit(NamedTuple):
         return jnp.matmul(x, self.a.T, precision=check_precision(precision)) + self.b
 
 
+@functools.partial(jax.jit, static_argnames=("ridge", "precision"))
 def fit_affine(x: jax.Array, y: jax.Array, ridge: float = 0.0, *, precision=DEFAULT_PRECISION) -> AffineFit:
     """Fits ``y ≈ A x + b`` (e.g. ``Φp_f(s) ≈ A f(s) + b``) to ``x [N, d]``, ``y [N, m]``."""
     weights, intercept = least_squares(x, y, ridge, precision=precision)
     return AffineFit(a=weights.T, b=intercept)
 
 
+@jax.jit
 def r_squared(y_true: jax.Array | np.ndarray, y_pred: jax.Array | np.ndarray) -> jax.Array:
     """``1 − Σ(y − ŷ)² / Σ(y − ȳ)²`` with ȳ the per-column mean over axis 0 (pooled over all columns)."""
     residual = jnp.sum(jnp.square(y_true - y_pred))
