@@ -9,6 +9,7 @@ through ``smoke_workdir`` gets it automatically) and ``multiprocess`` (a test th
 import ctypes
 import fcntl
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402 (after the settings above)
 
+COMPILE_RECORDS = pytest.StashKey[tuple]()
+
 TIER_MARKERS = {
     "slow": "takes more than ~15 s on 2 idle cores (deselected by make test-fast)",
     "multiprocess": "starts several JAX processes (deselected by make test-fast)",
@@ -48,6 +51,36 @@ TIER_MARKERS = {
 def pytest_configure(config):
     for name, meaning in TIER_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+COMPILE_REPORT = "SENTCOMP_COMPILE_REPORT"  # a path prefix: each pytest process writes <prefix>.<worker>.jsonl
+
+
+def pytest_sessionstart(session):
+    """With ``SENTCOMP_COMPILE_REPORT=<prefix>`` set, every XLA compilation of this process (JAX's backend-compile
+    event: not a program read from the persistent cache) is recorded as ``{"test", "program", "seconds"}``, one
+    JSON line each in ``<prefix>.<xdist worker or main>.jsonl`` at the end (docs/testing.md)."""
+    prefix = os.environ.get(COMPILE_REPORT)
+    if not prefix:
+        return
+    import jax
+
+    records: list[dict] = []
+    session.config.stash[COMPILE_RECORDS] = (prefix, records)
+
+    def on_duration(event: str, duration_secs: float, **fields) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            records.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                            "program": fields.get("fun_name", ""), "seconds": round(duration_secs, 4)})
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+
+def pytest_sessionfinish(session):
+    if COMPILE_RECORDS in session.config.stash:
+        prefix, records = session.config.stash[COMPILE_RECORDS]
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        Path(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl").write_text(lines)
 
 
 def pytest_collection_modifyitems(items):

@@ -83,7 +83,7 @@ def test_a_row_continues_only_when_it_starts_with_the_texts_tokens():
     assert continuation(text, np.array([5, 6, 70, 9])) is None  # merged across the boundary
 
 
-@pytest.mark.slow  # two smoke-sized Table-1 runs (~30 s idle)
+@pytest.mark.slow  # two smoke-sized Table-1 runs
 def test_table1_reads_each_text_once_and_gets_the_table_of_separate_passes(llama, tmp_path, monkeypatch):
     """A Table-1 run on a cached-decoder model: the prompt row and every zero-shot template at k = 0 continue the
     texts' cached states (one pass), and every cell equals the run that reads each row whole."""
@@ -97,6 +97,8 @@ def test_table1_reads_each_text_once_and_gets_the_table_of_separate_passes(llama
     config = load_config(f"{EXPERIMENTS_DIR}/table1.py:smoke")
     config.model = str(model_dir)
     config.columns = ("f", "phi_p_f", "subset_logits")
+    config.n_train, config.n_test = 24, 12
+    config.zeroshot.shots = (0,)  # k = 0 is what one pass reads (every template: the sensitivity table)
     table1.run(config, tmp_path / "one_pass")
     monkeypatch.setattr(table1, "read_texts_once", lambda *args: None)
     table1.run(config, tmp_path / "row_by_row")
