@@ -65,11 +65,13 @@ def pytest_sessionstart(session):
         return
     import jax
 
+    from sentcomp.results.timings import COMPILE_EVENT
+
     records: list[dict] = []
     session.config.stash[COMPILE_RECORDS] = (prefix, records)
 
     def on_duration(event: str, duration_secs: float, **fields) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == COMPILE_EVENT:
             records.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
                             "program": fields.get("fun_name", ""), "seconds": round(duration_secs, 4)})
 

@@ -186,10 +186,9 @@ def init(config: BertConfig, rng: jax.Array | int = 0, mlm_head: bool = True, to
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     dummy = jnp.zeros((1, 1), jnp.int32)
     encoder_key, head_key = jax.random.split(rng)
-    params = dict(jax.jit(lambda key: Bert(config).init(key, dummy, jnp.ones_like(dummy))["params"])(encoder_key))
-    if mlm_head:  # each init one compiled program (op by op, every initialiser would compile on its own)
-        params[MLM_TRANSFORM] = jax.jit(
-            lambda key: MLMTransform(config).init(key, jnp.zeros((1, config.hidden_size)))["params"])(head_key)
+    params = dict(layers.init_params(Bert(config), encoder_key, dummy, jnp.ones_like(dummy)))
+    if mlm_head:
+        params[MLM_TRANSFORM] = layers.init_params(MLMTransform(config), head_key, jnp.zeros((1, config.hidden_size)))
     name = name or f"bert-random(d={config.hidden_size},L={config.num_hidden_layers})"
     return language_model(config, params, tokenizer, name)
 

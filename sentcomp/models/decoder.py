@@ -474,7 +474,7 @@ def init(family: str, config: DecoderConfig, rng: jax.Array | int = 0, quad_head
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     name = name or f"{family}-random(d={config.hidden_size},L={config.num_hidden_layers},quad={config.quad_head})"
     dummy = jnp.ones((1, 2), jnp.int32)
-    params = jax.jit(lambda key: DecoderModel(config).init(key, dummy, dummy)["params"])(rng)
+    params = layers.init_params(DecoderModel(config), rng, dummy, dummy)
     return language_model(family, config, params, tokenizer, name)
 
 

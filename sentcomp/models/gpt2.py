@@ -266,7 +266,7 @@ def init(config: GPT2Config, rng: jax.Array | int = 0, quad_head: bool = False, 
     layers.check_tokenizer_fits(tokenizer, config.vocab_size, name)  # before the (large) parameters exist
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     dummy = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(lambda key: GPT2(config).init(key, dummy, jnp.ones_like(dummy))["params"])(rng)
+    params = layers.init_params(GPT2(config), rng, dummy, jnp.ones_like(dummy))
     return language_model(config, params, tokenizer, name)
 
 

@@ -335,6 +335,12 @@ def layer_stack(block: type[nn.Module], config, num_layers: int, name: str, **fi
                    unroll=1 if config.scan_layers else num_layers)(config, name=name, **fields)
 
 
+def init_params(module: nn.Module, rng: jax.Array, *inputs: jax.Array) -> Any:
+    """``module.init(rng, *inputs)["params"]`` as one compiled program (run op by op, every initialiser and
+    every operation of the dummy forward pass would compile on its own)."""
+    return jax.jit(lambda key, *args: module.init(key, *args)["params"])(rng, *inputs)
+
+
 def with_execution(lm: LanguageModel, **fields) -> LanguageModel:
     """``lm`` run another way: its config with the :data:`EXECUTION_FIELDS` ``fields`` changed (e.g.
     ``remat="dots"``, ``attention="chunked"``), the same parameters; ``lm.hidden_fn`` rebound to the new config."""
