@@ -434,14 +434,15 @@ def multihost_extraction(n_texts: int, seed: int) -> dict[str, np.ndarray]:
 
 def checkpoint_round_trip(outputs, directory: Path):
     """Writes ``outputs`` (global arrays) with Orbax from all processes, or restores them if already written,
-    and returns what was restored with the same shardings."""
-    checkpointer = ocp.StandardCheckpointer()
+    and returns what was restored with the same shardings: through the training checkpoints' handler
+    (:func:`~sentcomp.training.checkpoints.state_handler`)."""
+    checkpointer = ocp.AsyncCheckpointer(checkpoints.state_handler())
     if not directory.exists():
-        checkpointer.save(directory, outputs)
+        checkpointer.save(directory, args=checkpoints.save_state_args(outputs))
         checkpointer.wait_until_finished()
     parallel.sync("multihost_check_checkpoint")
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), outputs)
-    return checkpointer.restore(directory, target)
+    return checkpointer.restore(directory, args=checkpoints.restore_state_args(target))
 
 
 def multihost_checks(cfg, tolerance, seed: int, workdir: Path) -> list[Check]:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public name in 0.12.8
 
 from sentcomp import parallel
 from sentcomp.errors import ResumeRefused, SentcompError
@@ -87,19 +89,59 @@ class _CheckpointManager(ocp.CheckpointManager):
             self._record_checksums()
 
 
+# Orbax's replica-parallel save spreads the write of a replicated array over its replicas (over hosts, on a
+# pod), each writing one slice; cutting the slices compiles one program per array shape and replica, which for a
+# small array costs far more than the write it shares (~80 compilations per tiny training run). Arrays whose
+# slices would be smaller than this are written by one replica, as Orbax does without replica-parallel.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 2**20
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler (the one its ``StandardSave`` uses, same files) with arrays written replica-parallel
+    only from :data:`REPLICA_PARALLEL_MIN_SLICE_BYTES` per slice; its own type registry, so Orbax's global one
+    (which a user's code may use) is left as it is."""
+    scalars = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalars), (float, scalars), (bytes, scalars), (np.number, scalars),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()), (str, ocp.type_handlers.StringHandler()),
+        (jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+            # as Orbax's default handler: the per-array metadata that restores typed PRNG keys as keys
+            array_metadata_store=array_metadata_store.Store())))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def save_state_args(state) -> ocp.args.PyTreeSave:
+    """The save arguments of ``state`` for :func:`state_handler`."""
+    return ocp.args.PyTreeSave(state)
+
+
+def restore_state_args(abstract) -> ocp.args.PyTreeRestore:
+    """The restore arguments for :func:`state_handler` that read a state onto ``abstract``'s shapes, dtypes and
+    shardings (``jax.ShapeDtypeStruct`` leaves)."""
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 def checkpoint_manager(workdir: Path, every: int, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
-    """The run's Orbax manager for ``workdir/checkpoints`` (write failures reported as :class:`_CheckpointManager`
-    says)."""
+    """The run's Orbax manager for ``workdir/checkpoints``: items ``state`` (:func:`state_handler`) and ``meta``
+    (JSON); write failures reported as :class:`_CheckpointManager` says."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                            enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
-    return _CheckpointManager(workdir / layout.CHECKPOINTS_DIR, options=options)
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = state_handler()
+    handlers.add("state", ocp.args.PyTreeSave, state)
+    handlers.add("state", ocp.args.PyTreeRestore, state)
+    meta = ocp.JsonCheckpointHandler()
+    handlers.add("meta", ocp.args.JsonSave, meta)
+    handlers.add("meta", ocp.args.JsonRestore, meta)
+    return _CheckpointManager(workdir / layout.CHECKPOINTS_DIR, options=options, handler_registry=handlers)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
     """Saves ``state`` and ``meta`` (with its ``"step"``) as a checkpoint; a write that fails for lack of space or
     permission raises :class:`SentcompError` naming the cause, the last complete checkpoint kept."""
     step = int(meta["step"])
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    manager.save(step, args=ocp.args.Composite(state=save_state_args(state), meta=ocp.args.JsonSave(meta)),
                  force=True)
 
 
@@ -221,7 +263,7 @@ def _try_restore(manager: ocp.CheckpointManager, step: int, abstract):
         try:
             if parallel.is_main_process():
                 verify_checksums(Path(manager.directory) / str(step))
-            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+            return manager.restore(step, args=ocp.args.Composite(state=restore_state_args(abstract),
                                                                  meta=ocp.args.JsonRestore())), None
         except Exception as error:  # classified by restore_failure: only damage is survivable
             for link in error_chain(error):
