@@ -5,7 +5,6 @@ splits, mean ± std), and the pieces the table is built from checked against dir
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,11 +37,10 @@ def smoke_run(smoke_workdir):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_smoke(tmp_path):
+def test_cli_end_to_end_on_smoke(cli, tmp_path):
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "sentcomp.main", f"--config={TABLE1}:smoke", f"--workdir={workdir}",
-               "--config.n_train=24", "--config.n_test=12", "--config.columns=('f','subset_logits')"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    completed = cli(f"--config={TABLE1}:smoke", f"--workdir={workdir}", "--config.n_train=24", "--config.n_test=12",
+                    "--config.columns=('f','subset_logits')")
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     markdown = (workdir / "results.md").read_text()

@@ -85,8 +85,8 @@ def test_checkpoints_are_periodic_per_row_and_final(tmp_path):
     run_toy(tmp_path / "rows", num_steps=7, hooks=[loop.at_steps((2, 5), lambda done: {})], with_rows=True)
     assert saved_steps(tmp_path / "rows") == [2, 5, 7]
     manager = checkpoints.checkpoint_manager(tmp_path / "rows", 1, 100, False)
-    restored = manager.restore(7)
-    assert float(restored["state"]["w"]) == sum(range(1, 8)) and restored["meta"] == {"step": 7}
+    manager, state, meta = checkpoints.restore_latest(manager, toy_state(), tmp_path / "rows", lambda: manager)
+    assert float(state["w"]) == sum(range(1, 8)) and meta == {"step": 7}
     manager.close()
 
 
