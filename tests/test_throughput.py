@@ -82,3 +82,14 @@ def test_peak_flops_from_the_table_or_measured():
     assert throughput.table_peak(cpu.device_kind) is None
     measured = throughput.peak_flops(cpu)
     assert 0 < measured < 1e15 and throughput.peak_flops(cpu) == measured  # cached per device kind
+
+
+def test_a_recent_matmul_rate_is_reused_for_a_minute(monkeypatch):
+    rates = iter([100.0, 200.0])
+    monkeypatch.setattr(throughput, "measured_peak", lambda device: next(rates))
+    monkeypatch.setattr(throughput, "_recent", {})
+    cpu, gpu = (types.SimpleNamespace(device_kind=kind) for kind in ("cpu", "gpu"))
+    rate_at = {now: throughput.recent_measured_peak(cpu, clock=lambda now=now: now) for now in (0.0, 59.9, 60.0)}
+    assert rate_at == {0.0: 100.0, 59.9: 100.0, 60.0: 200.0}  # measured, reused, measured again
+    monkeypatch.setattr(throughput, "measured_peak", lambda device: 300.0)
+    assert throughput.recent_measured_peak(gpu, clock=lambda: 60.0) == 300.0  # each device kind its own

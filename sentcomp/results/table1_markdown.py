@@ -120,7 +120,8 @@ def timings_markdown(record: dict) -> list[str]:
                          f"{entry['compile_seconds']:.1f}", entry["cache_hits"]] for entry in rows)),
         f"Wall time of this run's parts (parts resumed from an earlier run are not run, so not listed); load "
         f"average (1, 5, 15 min) at the end: {', '.join(str(x) for x in record['load_average'])}; float32 2048² "
-        f"matmul rate at the end: {record.get('float32_matmul_gflops', '?')} GFLOP/s; compilation cache: "
+        f"matmul rate at the end (or less than a minute before): {record.get('float32_matmul_gflops', '?')} GFLOP/s; "
+        "compilation cache: "
         f"{record['compilation_cache'] or 'off'}.",
     ]
 

@@ -99,8 +99,9 @@ class Record:
         """``{"parts": [{"part", "seconds", "compilations", "compile_seconds", "cache_hits",
         "cache_saved_seconds"}], "total": {...}, "load_average": [1, 5, 15 min], "compilation_cache": dir}``
         (seconds rounded to 0.01); with ``matmul_rate``, also ``"float32_matmul_gflops"``, the machine's rate
-        now (:func:`sentcomp.training.throughput.measured_peak`, a 2048² float32 matmul; ~1 s), which wall times on
-        machines of other speeds, or under other load, are compared by."""
+        now (a 2048² float32 matmul, ~0.5 s, measured now or less than a minute ago:
+        :func:`sentcomp.training.throughput.recent_measured_peak`), which wall times on machines of other speeds,
+        or under other load, are compared by."""
         def entry(seconds, counts):
             return {"seconds": round(seconds, 2), "compilations": counts.compilations,
                     "compile_seconds": round(counts.compile_seconds, 2), "cache_hits": counts.cache_hits,
@@ -111,9 +112,9 @@ class Record:
                   "load_average": [round(x, 2) for x in os.getloadavg()],
                   "compilation_cache": compilation_cache_dir()}
         if matmul_rate:
-            from sentcomp.training.throughput import measured_peak
+            from sentcomp.training.throughput import recent_measured_peak
 
-            result["float32_matmul_gflops"] = round(measured_peak(jax.devices()[0]) / 1e9, 1)
+            result["float32_matmul_gflops"] = round(recent_measured_peak(jax.devices()[0]) / 1e9, 1)
         return result
 
 
