@@ -31,10 +31,17 @@ run: install
 
 PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadscope -q tests
 
+# mypy (one core, ~25 s with an empty cache, as in CI) checks while pytest runs; its report is printed after
+# pytest's, and either failing fails the target. test-fast keeps them in turn, so a type error stops it at once.
+MYPY_REPORT := $(VENV)/mypy-report.txt
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
-	$(PYTEST) --durations=25 $(PYTEST_ARGS)
+	@$(VENV)/bin/mypy > $(MYPY_REPORT) 2>&1 & types=$$!; \
+	echo "$(PYTEST) --durations=25 $(PYTEST_ARGS)"; \
+	$(PYTEST) --durations=25 $(PYTEST_ARGS); tests=$$?; \
+	wait $$types; typed=$$?; echo "$(VENV)/bin/mypy:"; cat $(MYPY_REPORT); \
+	exit $$(( tests != 0 || typed != 0 ))
 
 test-fast: install
 	$(VENV)/bin/ruff check .
