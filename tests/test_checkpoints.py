@@ -17,12 +17,8 @@ def _mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
-def _abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
 def _restored_state(manager, step, state):
-    restored, error = checkpoints._try_restore(manager, step, _abstract(state))
+    restored, error = checkpoints._try_restore(manager, step, checkpoints.abstract_state(state))
     assert error is None, error
     return restored["state"]
 
@@ -78,8 +74,8 @@ def test_files_are_those_of_orbax_standard_save_both_ways(tmp_path):
     checkpoints.save_checkpoint(ours, state, {"step": 5})
     ours.wait_until_finished()
     reader = ocp.CheckpointManager(tmp_path / "ours" / "checkpoints")
-    restored = reader.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state)),
-                                                         meta=ocp.args.JsonRestore()))
+    standard_restore = ocp.args.StandardRestore(checkpoints.abstract_state(state))
+    restored = reader.restore(5, args=ocp.args.Composite(state=standard_restore, meta=ocp.args.JsonRestore()))
     _assert_same(restored["state"], state)
     assert restored["meta"] == {"step": 5}
 

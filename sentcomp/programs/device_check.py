@@ -441,8 +441,7 @@ def checkpoint_round_trip(outputs, directory: Path):
         checkpointer.save(directory, args=checkpoints.save_state_args(outputs))
         checkpointer.wait_until_finished()
     parallel.sync("multihost_check_checkpoint")
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), outputs)
-    return checkpointer.restore(directory, args=checkpoints.restore_state_args(target))
+    return checkpointer.restore(directory, args=checkpoints.restore_state_args(checkpoints.abstract_state(outputs)))
 
 
 def multihost_checks(cfg, tolerance, seed: int, workdir: Path) -> list[Check]:

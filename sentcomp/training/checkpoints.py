@@ -116,9 +116,14 @@ def save_state_args(state) -> ocp.args.PyTreeSave:
     return ocp.args.PyTreeSave(state)
 
 
+def abstract_state(state):
+    """``state``'s leaves as ``jax.ShapeDtypeStruct`` (shape, dtype, sharding): what a restore reads onto."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def restore_state_args(abstract) -> ocp.args.PyTreeRestore:
     """The restore arguments for :func:`state_handler` that read a state onto ``abstract``'s shapes, dtypes and
-    shardings (``jax.ShapeDtypeStruct`` leaves)."""
+    shardings (:func:`abstract_state`)."""
     return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
@@ -281,7 +286,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
     training. With several processes, process 0 lists the steps, and a step counts as restored only if every
     process restored it (else all fall back, or all stop), so the hosts always continue from the same step.
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract = abstract_state(state)
     steps = parallel.main_decides(lambda: sorted(manager.all_steps(), reverse=True))
     for step in steps:
         restored, error = _try_restore(manager, step, abstract)
