@@ -39,7 +39,7 @@ from sentcomp.data.text import (
 )
 from sentcomp.errors import SentcompError
 from sentcomp.models import bert
-from sentcomp.models.base import LanguageModel, model_fingerprint
+from sentcomp.models.base import LanguageModel
 from sentcomp.results import storage
 
 POOLINGS = ("mlm_cls", "cls", "mean")
@@ -101,7 +101,7 @@ def bert_features(
     prompt = effective_prompt(prompt, keep_prompt_trailing_space)
     max_length = min(max_length or encoder.max_length, encoder.max_length)
     token_ids = encode_with_specials(encoder.tokenizer, texts, max_length, prompt, truncation)
-    key = {"model": encoder.name, "model_fingerprint": model_fingerprint(encoder) if cache_dir else None,
+    key = {"model": encoder.name, "model_fingerprint": encoder.fingerprint if cache_dir else None,
            "code_fingerprint": storage.code_fingerprint(__name__, "sentcomp.models.bert", "sentcomp.models.layers"),
            "tokenizer_fingerprint": tokenizer_fingerprint(encoder.tokenizer), "prompt": prompt, "pooling": pooling,
            "truncation": truncation, "max_length": max_length, "texts_fingerprint": storage.texts_fingerprint(texts)}

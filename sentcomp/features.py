@@ -69,7 +69,7 @@ from sentcomp.data import text
 from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
 from sentcomp.errors import SentcompError, replace_settings
 from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
-from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats, model_fingerprint
+from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import storage
 
 KINDS = ("f", "phi_p_f", "log_z", "word_logits", "word_log_probs", "word_probs", "p_f", "projected_p_f")
@@ -332,7 +332,7 @@ def cache_manifest(lm: LanguageModel, texts: Sequence[str], encoding: text.Encod
     the tokenizer, how texts were encoded, the compute dtype, the chunking and the texts. ``options`` resolved."""
     return {
         "model": lm.name,
-        "model_fingerprint": model_fingerprint(lm) if options.cache_dir is not None else None,
+        "model_fingerprint": lm.fingerprint if options.cache_dir is not None else None,
         "code_fingerprint": computation_fingerprint(lm),
         "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer),
         "prompt": encoding.prompt,
@@ -499,10 +499,12 @@ def extract_rows(lm: LanguageModel, texts: Sequence[str], requests: Sequence[Row
     """What :func:`extract_features` returns for each of ``requests`` (its kinds, words and prompt, on its texts),
     reading each text once when the model keeps a key/value cache (``lm.prefill_fn``).
 
-    **One pass over the texts** (:func:`compute_shared`): each text ``s`` is read once with no prompt
-    (``prefill``), and every request's row ``s + π`` continues from the cached keys and values of ``s``
-    (``continue_fn``), which costs only the prompt's tokens: the same features as reading ``s + π`` whole (to
-    float32 rounding), since a causal decoder's states at ``s``'s positions do not depend on what follows. A row
+    **One pass over the texts** (:func:`compute_shared`): each text ``s`` is read once (``prefill``) followed by
+    one request's prompt π₁ (the lead: the first request with a prompt among those reading ``s``), which gives the
+    rows ``s`` (the state at ``s``'s last token) and ``s + π₁``; every other request's row ``s + π`` continues
+    from the cached keys and values of ``s`` (``continue_fn``, π₁'s keys masked out), which costs only the
+    prompt's tokens: the same features as reading ``s + π`` whole (to float32 rounding), since a causal
+    decoder's states at ``s``'s positions do not depend on what follows. A row
     continues only where this is exact, i.e. when its tokens are ``s``'s tokens followed by the prompt's (the text
     not truncated, the tokenizer not merging across the boundary); the other rows, and every row of a model
     without a cache or of a request for ``p_f``, are read whole as :func:`extract_features` reads them. Results
@@ -570,34 +572,60 @@ def continuation(text_ids: np.ndarray, row_ids: np.ndarray) -> np.ndarray | None
     return np.asarray(row_ids[len(text_ids):])
 
 
-@functools.lru_cache(maxsize=32)
-def _shared_fn(prefill_fn, continue_fn, phi_fn, readers: tuple[tuple[tuple[str, ...], int], ...], vocab_chunk: int,
-               mesh: jax.sharding.Mesh):
-    """The jitted ``(params, tables, ids, mask, *suffixes) -> [{kind: [B, ...]} per reader]``: the texts read once
-    (``prefill_fn``: states and key/value cache), then each reader ``(kinds, suffix length)``'s row: the text's
-    own last state (length 0), or the last state of its suffix tokens continued from the cache (``suffixes``:
-    ``ids [B, length], mask [B, length]`` per reader with a suffix, in order). ``tables["word_ids"]``: one word-id
-    array per reader."""
+# How a reader of the one pass gets its row's state (:func:`_shared_fn`): at the text's last token, at the end of
+# the prefilled row (the text + the lead reader's suffix), or (an int, its suffix's padded length) by continuing
+# the text's cached keys/values.
+READ_TEXT, READ_LEAD = "text", "lead"
 
-    def compute(params, tables, token_ids, mask, *suffixes):
+
+@functools.lru_cache(maxsize=32)
+def _shared_fn(prefill_fn, continue_fn, phi_fn, readers: tuple[tuple[tuple[str, ...], str | int], ...],
+               vocab_chunk: int, mesh: jax.sharding.Mesh):
+    """The jitted ``(params, tables, ids, mask, text_mask, *suffixes) -> [{kind: [B, ...]} per reader]``: each
+    text read once followed by the lead reader's suffix (``ids``, ``mask``; ``text_mask`` marks the text's own
+    tokens), then each reader ``(kinds, how)``'s row ``s + π``:
+
+    - ``READ_TEXT`` (the text alone): the state at the text's last token, which is the text's own last state,
+      as a causal decoder's states at ``s``'s positions do not depend on what follows;
+    - ``READ_LEAD``: the prefilled row's last state;
+    - a suffix length: the last state of its suffix tokens continued from the cache with the lead's suffix masked
+      out (``suffixes``: ``ids [B, length], mask [B, length]`` per such reader, in order); masked keys are not
+      attended to and take no position (:func:`sentcomp.models.layers.positions`), so this is ``s + π`` read
+      whole.
+
+    ``tables["word_ids"]``: one word-id array per reader."""
+
+    def compute(params, tables, token_ids, mask, text_mask, *suffixes):
         hidden, cache = prefill_fn(params, token_ids, mask)
+        text_cache = cache.replace(mask=text_mask.astype(cache.mask.dtype))
         phi = phi_fn(params).astype(jnp.float32)
         arrays = iter(suffixes)
         outputs = []
-        for index, (kinds, length) in enumerate(readers):
-            if length:
-                suffix_ids, suffix_mask = next(arrays), next(arrays)
-                f = last_token_features(continue_fn(params, cache, suffix_ids, suffix_mask), suffix_mask)
-            else:
+        for index, (kinds, how) in enumerate(readers):
+            if how == READ_TEXT:
+                f = last_token_features(hidden, text_mask)
+            elif how == READ_LEAD:
                 f = last_token_features(hidden, mask)
+            else:
+                suffix_ids, suffix_mask = next(arrays), next(arrays)
+                f = last_token_features(continue_fn(params, text_cache, suffix_ids, suffix_mask), suffix_mask)
             outputs.append(kind_values(f.astype(jnp.float32), phi, kinds, tables["word_ids"][index],
                                        tables["projection"], vocab_chunk))
         return outputs
 
     batch, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    n_suffix_arrays = 2 * sum(1 for _, length in readers if length)
-    return jax.jit(compute, in_shardings=(whole, whole, batch, batch, *[batch] * n_suffix_arrays),
+    n_suffix_arrays = 2 * sum(1 for _, how in readers if isinstance(how, int))
+    return jax.jit(compute, in_shardings=(whole, whole, batch, batch, batch, *[batch] * n_suffix_arrays),
                    out_shardings=batch)
+
+
+def _text_mask(mask: np.ndarray, text_lengths: Sequence[int]) -> np.ndarray:
+    """``mask`` ``[B, T]`` of a batch whose rows are texts followed by a suffix, keeping only each text's own
+    ``text_lengths`` tokens (rows past them, batch padding, keep their one dummy token)."""
+    text_only = mask.copy()
+    for row, length in enumerate(text_lengths):
+        text_only[row, length:] = 0
+    return text_only
 
 
 def _suffix_arrays(suffixes: Sequence[np.ndarray], batch_size: int, length: int, pad: int):
@@ -652,22 +680,26 @@ def compute_shared(lm: LanguageModel, texts: Sequence[str], plans: Sequence[_Ext
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"features {lm.name} ({len(plans)} rows, one pass)",
                disable=not options.progress)
     for group, text_indices in groups.items():
-        group_readers = tuple((kinds[p], 0 if _reads_text(plans[p]) else lengths[p]) for p in group)
+        lead = next((p for p in group if not _reads_text(plans[p])), None)
+        group_readers = tuple((kinds[p], READ_TEXT if _reads_text(plans[p]) else READ_LEAD if p == lead else lengths[p])
+                              for p in group)
         fn = _shared_fn(lm.prefill_fn, lm.continue_fn, lm.phi_fn, group_readers, options.vocab_chunk, mesh)
         group_tables = {**tables, "word_ids": tuple(tables["word_ids"][p] for p in group)}
         by_text = {i: {p: (row, suffix) for p, row, suffix in readers[i]} for i in text_indices}
-        for batch in make_batches([base[i] for i in text_indices], options.batch_size, buckets, pad):
+        prefilled = [np.concatenate([base[i], by_text[i][lead][1]]) if lead is not None else base[i]
+                     for i in text_indices]
+        for batch in make_batches(prefilled, options.batch_size, buckets, pad):
             batch_texts = [text_indices[k] for k in batch.indices]
-            arrays = [batch.token_ids, batch.mask]
-            for p, (_, length) in zip(group, group_readers):
-                if length:
-                    arrays += _suffix_arrays([by_text[i][p][1] for i in batch_texts], options.batch_size, length, pad)
+            arrays = [batch.token_ids, batch.mask, _text_mask(batch.mask, [len(base[i]) for i in batch_texts])]
+            for p, (_, how) in zip(group, group_readers):
+                if isinstance(how, int):
+                    arrays += _suffix_arrays([by_text[i][p][1] for i in batch_texts], options.batch_size, how, pad)
             outputs = parallel.apply_to_batch(fn, tuple(arrays), mesh, params, group_tables)
             for p, output in zip(group, outputs):
                 rows = np.array([by_text[i][p][0] for i in batch_texts])
                 _place(values[p], rows, {kind: value[:len(batch_texts)] for kind, value in output.items()},
                        len(plans[p].encoding.token_ids))
-            bar.update(batch.n_tokens + sum(len(by_text[i][p][1]) for i in batch_texts for p in group))
+            bar.update(batch.n_tokens + sum(len(by_text[i][p][1]) for i in batch_texts for p in group if p != lead))
     bar.close()
     for p, plan in enumerate(plans):
         if whole[p]:

@@ -20,7 +20,7 @@ compose (the maths is in :mod:`sentcomp.kernels.distill`):
   and probabilities (remaining mass spread uniformly, :func:`sentcomp.kernels.top_k_targets`), its exact
   entropy ``H(p_T)`` and the truncation's ``KL(p_T ‖ p̃)``; k is the smallest candidate whose mean truncation
   KL on a sample of blocks is within a tolerance. Stored chunk by chunk (resumable, each chunk checksummed),
-  keyed by the teacher's fingerprint (:func:`sentcomp.models.base.model_fingerprint`), the blocks and k.
+  keyed by the teacher's fingerprint (:attr:`sentcomp.models.base.LanguageModel.fingerprint`), the blocks and k.
 * **Held-out teacher states** (:func:`teacher_hidden`): ``f_T(s)`` at every validation position, so exact
   ``KL(p_T ‖ p_f)`` needs only the student (:func:`sentcomp.kernels.kl_from_features`).
 * **The theory on the task** (:func:`task_frontier`, :func:`bound_check`): ``p_T`` at the prompt position of
@@ -52,7 +52,7 @@ from sentcomp.data import corpora, get_task, rotten_tomatoes
 from sentcomp.data.text import tokenizer_fingerprint
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
-from sentcomp.models.base import LanguageModel, model_fingerprint
+from sentcomp.models.base import LanguageModel
 from sentcomp.results import storage
 
 PROMPTED_REVIEWS = "rt_reviews_prompted"
@@ -168,7 +168,7 @@ def _checked_load(path: Path, digest: str | None) -> np.ndarray | None:
 
 def targets_key(teacher: LanguageModel, blocks: np.ndarray, k: int) -> str:
     """The store's key: the teacher (name, config, every weight), the code computing targets, the blocks, k."""
-    return storage.content_hash(model_fingerprint(teacher), storage.code_fingerprint(
+    return storage.content_hash(teacher.fingerprint, storage.code_fingerprint(
         __name__, "sentcomp.kernels.distill", getattr(teacher.hidden_fn, "func", teacher.hidden_fn).__module__),
         storage.content_hash(np.ascontiguousarray(blocks).tobytes()), k)
 

@@ -62,6 +62,17 @@ class LanguageModel:
         return self.phi_fn(self.params)
 
     @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the model's name, family, config and every parameter value (so retrained weights miss a
+        cache). Computed once per object (~1 s for SmolLM2-135M's 0.5 GB, which every feature-cache lookup
+        needs): parameters are never changed in place; new weights make a new model (:meth:`replace`)."""
+        digest = hashlib.sha256(json.dumps([self.name, self.family, repr(self.config)]).encode())
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+            array = np.asarray(jax.device_get(leaf))
+            digest.update(jax.tree_util.keystr(path).encode() + str(array.dtype).encode() + array.tobytes())
+        return digest.hexdigest()[:20]
+
+    @functools.cached_property
     def _jitted_hidden(self) -> HiddenFn:
         return jax.jit(self.hidden_fn)
 
@@ -121,12 +132,3 @@ class FamilyFacts:
     pretrain_config: Callable[[Any, int], dict[str, Any]] | None = None
     causal: bool = True
     special_tokens: bool = False
-
-
-def model_fingerprint(lm: LanguageModel) -> str:
-    """A hash of the model's name, family, config and every parameter value (so retrained weights miss a cache)."""
-    digest = hashlib.sha256(json.dumps([lm.name, lm.family, repr(lm.config)]).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(lm.params)[0]:
-        array = np.asarray(jax.device_get(leaf))
-        digest.update(jax.tree_util.keystr(path).encode() + str(array.dtype).encode() + array.tobytes())
-    return digest.hexdigest()[:20]
