@@ -66,7 +66,16 @@ from tqdm.auto import tqdm
 
 from sentcomp import kernels, parallel
 from sentcomp.data import text
-from sentcomp.data.text import WordSet, bucket_lengths, encode_texts, make_batches, tokenizer_fingerprint, word_set
+from sentcomp.data.text import (
+    WordSet,
+    batch_maxima,
+    bucket_lengths,
+    encode_texts,
+    fitted_buckets,
+    make_batches,
+    tokenizer_fingerprint,
+    word_set,
+)
 from sentcomp.errors import SentcompError, replace_settings
 from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
@@ -688,7 +697,8 @@ def compute_shared(lm: LanguageModel, texts: Sequence[str], plans: Sequence[_Ext
         by_text = {i: {p: (row, suffix) for p, row, suffix in readers[i]} for i in text_indices}
         prefilled = [np.concatenate([base[i], by_text[i][lead][1]]) if lead is not None else base[i]
                      for i in text_indices]
-        for batch in make_batches(prefilled, options.batch_size, buckets, pad):
+        fitted = fitted_buckets(batch_maxima([len(ids) for ids in prefilled], options.batch_size), buckets)
+        for batch in make_batches(prefilled, options.batch_size, fitted, pad):
             batch_texts = [text_indices[k] for k in batch.indices]
             arrays = [batch.token_ids, batch.mask, _text_mask(batch.mask, [len(base[i]) for i in batch_texts])]
             for p, (_, how) in zip(group, group_readers):

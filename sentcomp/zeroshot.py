@@ -51,6 +51,7 @@ from sentcomp.data.text import (
     demonstration_prefix,
     encode,
     encode_texts,
+    fitted_buckets,
     length_buckets,
     prefix_tokens,
     sample_demonstrations,
@@ -267,9 +268,11 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
                    (params, prefix_cache(lm, params, prefix, buckets, mesh)))]
     bar = tqdm(total=len(rows), desc=f"zero-shot {prompt.strip()!r}", disable=not progress)
     for pass_rows, scorer, args in passes:
-        for first in range(0, len(pass_rows), batch_size):
-            batch = pass_rows[first: first + batch_size]
-            length = next(bucket for bucket in buckets if bucket >= max(len(row.input_ids) for row in batch))
+        batches = [pass_rows[first: first + batch_size] for first in range(0, len(pass_rows), batch_size)]
+        maxima = [max(len(row.input_ids) for row in batch) for batch in batches]
+        fitted = fitted_buckets(maxima, buckets)
+        for batch, longest in zip(batches, maxima):
+            length = next(bucket for bucket in fitted if bucket >= longest)
             row_scores = parallel.apply_to_batch(scorer, scoring_arrays(batch, batch_size, length, *shape), mesh, *args)
             for row, values in zip(batch, row_scores):
                 scores[row.document, list(row.words)] = values[: len(row.words)]

@@ -1,5 +1,6 @@
 """Feature extraction: word sets, prompt/truncation, float64 references, sharding/batching invariance, cache."""
 
+import itertools
 from pathlib import Path
 
 import jax
@@ -241,6 +242,37 @@ def test_options_object_and_keywords_are_one_api(lm, baseline, tmp_path):
         features.extract_features(lm, TEXTS, ("f",), batchsize=8)
     with pytest.raises(SentcompError, match="compute_dtype must be one of"):
         features.ExtractionOptions(compute_dtype="float16")
+
+
+def padded_rows(maxima, lengths):
+    """Σ over batches of the padded length each gets: the smallest of ``lengths`` that holds its longest row."""
+    return sum(min(b for b in lengths if b >= m) for m in maxima)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fitted_buckets_pad_least_with_no_more_lengths_than_the_grid_uses(seed):
+    """Against every subset of the batches' maxima (brute force): the fitted lengths hold every batch, are no more
+    than the grid's lengths the batches use, and pad as little as the best such subset."""
+    rng = np.random.default_rng(seed)
+    maxima = [int(m) for m in rng.integers(3, 120, rng.integers(text.MIN_BATCHES_TO_FIT, 20))]
+    grid = text.length_buckets(512)
+    fitted = text.fitted_buckets(maxima, grid)
+    allowed = len({min(b for b in grid if b >= m) for m in maxima})
+    assert len(fitted) <= allowed and max(fitted) >= max(maxima)
+    values = sorted(set(maxima))
+    best = min(padded_rows(maxima, chosen) for k in range(1, allowed + 1)
+               for chosen in itertools.combinations(values, k) if max(chosen) == values[-1])
+    assert padded_rows(maxima, fitted) == best <= padded_rows(maxima, grid)
+
+
+def test_few_batches_keep_the_grid_and_batch_maxima_are_make_batches_maxima():
+    grid = text.length_buckets(64)
+    assert text.fitted_buckets([33, 50], grid) == grid  # fewer than MIN_BATCHES_TO_FIT batches
+    assert text.fitted_buckets([33, 50] * 4, grid) == (33, 50)  # the grid would pad them to 48 and 64
+    lengths = [5, 17, 3, 9, 12, 1, 30]
+    batches = text.make_batches([np.ones(n, np.int32) for n in lengths], 3, (32,), 0)
+    longest = [int(batch.mask[:len(batch.indices)].sum(axis=1).max()) for batch in batches]
+    assert text.batch_maxima(lengths, 3) == longest
 
 
 def test_bucket_lengths_cap_at_max_length_and_always_end_there():

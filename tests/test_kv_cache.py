@@ -11,6 +11,7 @@ import pytest
 from llama_testing import SENTENCES, tiny_byte_bpe
 
 from sentcomp import zeroshot
+from sentcomp.data import text
 from sentcomp.data.text import demonstration_prefix
 from sentcomp.models import decoder, layers
 
@@ -53,10 +54,14 @@ def test_continuing_a_cache_gives_the_whole_sequences_hidden_states(window):
     np.testing.assert_allclose(got[:, 9:], expected[:, 9:], atol=TOLERANCE, rtol=0)
 
 
-def test_kshot_scores_with_the_prefix_cached_equal_the_uncached_scores():
+@pytest.mark.parametrize("fit", [False, True])
+def test_kshot_scores_with_the_prefix_cached_equal_the_uncached_scores(monkeypatch, fit):
     """A 3-shot prefix before every text: word_scores with the prefix's keys/values cached (the default) equals
     word_scores reading every row whole (≤ 1e-5), with multi-token words (two scored positions) and one long text
-    whose demonstrations truncation cuts (that row cannot use the cache and is read whole)."""
+    whose demonstrations truncation cuts (that row cannot use the cache and is read whole); also with the padded
+    lengths fitted to each pass's batches (text.fitted_buckets, used from MIN_BATCHES_TO_FIT batches on)."""
+    if fit:
+        monkeypatch.setattr(text, "MIN_BATCHES_TO_FIT", 1)
     lm = tiny_decoder(tokenizer=tiny_byte_bpe(301))
     prompt, words = " It was", ["gorgeous", "terrible", "fine movie"]
     prefix = demonstration_prefix(SENTENCES[:3], ["great", "bad", "great"], prompt)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sentcomp import models
+from sentcomp.data import text
 from sentcomp.features import ExtractionOptions, RowRequest, continuation, extract_features, extract_rows
 from sentcomp.models import tokenizers
 
@@ -39,7 +40,12 @@ def separately(lm, requests, **options):
                              progress=False, **options) for r in requests]
 
 
-def test_one_pass_equals_every_row_read_whole(llama, tmp_path):
+@pytest.mark.parametrize("fit", [False, True])
+def test_one_pass_equals_every_row_read_whole(llama, tmp_path, monkeypatch, fit):
+    """Also with the batches' padded lengths fitted to the pass's lengths (text.fitted_buckets, which only passes
+    of MIN_BATCHES_TO_FIT batches or more use)."""
+    if fit:
+        monkeypatch.setattr(text, "MIN_BATCHES_TO_FIT", 1)
     options = ExtractionOptions(max_length=24, batch_size=4, progress=False)
     shared = extract_rows(llama, TEXTS, REQUESTS, options)
     whole = separately(llama, REQUESTS, max_length=24, batch_size=4)

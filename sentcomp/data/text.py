@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -320,6 +321,49 @@ def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
         buckets += [b for b in (length, length * 3 // 2) if b < max_length]
         length *= 2
     return (*buckets, max_length)
+
+
+def batch_maxima(lengths: Sequence[int], batch_size: int) -> list[int]:
+    """The longest sequence of each batch :func:`make_batches` forms from sequences of these ``lengths``."""
+    longest_first = sorted(lengths, reverse=True)
+    return [longest_first[start] for start in range(0, len(longest_first), batch_size)]
+
+
+# Fewer batches keep the grid's lengths (:func:`fitted_buckets`): programs compiled for the grid serve every small
+# call alike (e.g. each template's three content-free texts), and a few batches save little padding.
+MIN_BATCHES_TO_FIT = 8
+
+
+def fitted_buckets(maxima: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
+    """Padded lengths for batches whose longest sequences are ``maxima``: no more of them than the batches would
+    use from ``grid`` (so no more compiled programs), placed where these batches need them; ``grid`` itself for
+    fewer than :data:`MIN_BATCHES_TO_FIT` batches.
+
+    A batch is padded to the smallest chosen length ≥ its maximum, so with the distinct maxima ``v_1 < … < v_u``
+    (``c_i`` batches each) the chosen lengths are maxima, and the best ``k`` of them cover consecutive runs:
+    ``cost(i, k) = min_{j ≥ i} v_j · (c_i + … + c_j) + cost(j + 1, k − 1)``, ``cost(u + 1, ·) = 0``, minimises
+    the padded tokens per row, ``Σ_b length(b)``. E.g. maxima of 33 and 50 tokens need 48 and 64 from the
+    geometric grid (:func:`length_buckets`) but 33 and 50 here.
+    """
+    if len(maxima) < MIN_BATCHES_TO_FIT:
+        return tuple(grid)
+    values = sorted(set(maxima))
+    counts = [sum(1 for m in maxima if m == v) for v in values]
+
+    @functools.cache
+    def cost(i: int, k: int) -> tuple[float, tuple[int, ...]]:
+        """(padded tokens per row, the lengths) of the batches with maxima ``values[i:]``, in ≤ ``k`` lengths."""
+        if i == len(values):
+            return 0.0, ()
+        if k == 0:
+            return math.inf, ()
+        runs = []
+        for j in range(i, len(values)):
+            rest, lengths = cost(j + 1, k - 1)
+            runs.append((values[j] * sum(counts[i:j + 1]) + rest, (values[j], *lengths)))
+        return min(runs)
+
+    return cost(0, len({min(b for b in grid if b >= m) for m in values}))[1]
 
 
 @dataclasses.dataclass(frozen=True)
