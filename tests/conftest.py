@@ -15,20 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def _with_xla_flag(flags: str, name: str, value: str) -> str:
-    """``flags`` with ``--name=value`` appended unless it already sets ``name`` (the caller's choice wins)."""
-    return flags if name in flags else f"{flags} --{name}={value}".strip()
-
-
-# 8 simulated devices, and XLA:CPU's cheapest code generation: LLVM optimisation level 0 and the LLVM IR
-# fusion emitters instead of the MLIR ones (the HLO, hence every program's operations and their order, is the
-# same either way). On this suite's tiny shapes compiling dominates and running barely shows: a train step
-# of a tiny GPT-2 compiles in 2.0 s by default, 1.5 s at level 0 and 0.7 s with both (docs/testing.md). Set
-# either flag in XLA_FLAGS to test with another choice.
-os.environ["XLA_FLAGS"] = _with_xla_flag(_with_xla_flag(
-    _with_xla_flag(os.environ.get("XLA_FLAGS", ""), "xla_force_host_platform_device_count", "8"),
-    "xla_backend_optimization_level", "0"), "xla_cpu_use_fusion_emitters", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keyed by JAX itself (program, compile options, JAX version, devices), so an entry is never reused for another
@@ -38,6 +24,19 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # most programs here compile in < 1 s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# (JAX reads the settings above when imported, XLA_FLAGS only when its backends start)
+from sentcomp.results import timings  # noqa: E402
+from sentcomp.results.timings import with_xla_flag  # noqa: E402
+
+# 8 simulated devices, and XLA:CPU's cheapest code generation: LLVM optimisation level 0 and the LLVM IR
+# fusion emitters instead of the MLIR ones (the HLO, hence every program's operations and their order, is the
+# same either way). On this suite's tiny shapes compiling dominates and running barely shows: a train step
+# of a tiny GPT-2 compiles in 2.0 s by default, 1.5 s at level 0 and 0.7 s with both (docs/testing.md). Set
+# either flag in XLA_FLAGS to test with another choice.
+os.environ["XLA_FLAGS"] = with_xla_flag(with_xla_flag(
+    with_xla_flag(os.environ.get("XLA_FLAGS", ""), "xla_force_host_platform_device_count", "8"),
+    "xla_backend_optimization_level", "0"), *timings.FAST_CPU_COMPILATION)
 
 import pytest  # noqa: E402 (after the settings above)
 

@@ -4,6 +4,7 @@ missing required field, a workdir holding a different run), one-line errors with
 config-file helpers."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -159,3 +160,14 @@ def test_config_file_must_be_python(tmp_path):
     config.write_text("get_config = None\n")
     with pytest.raises(SentcompError, match=r"config.txt is not a Python file: give a \.py file"):
         config_files.load_module(config)
+
+
+def test_the_command_line_picks_the_faster_cpu_compiler_path_unless_told_otherwise(cli, tmp_path, monkeypatch):
+    """XLA_FLAGS gets XLA:CPU's LLVM IR fusion emitters (timings.FAST_CPU_COMPILATION) before JAX could start its
+    backends; a choice already in XLA_FLAGS stays."""
+    devices, fast, mlir = ("--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false",
+                           "--xla_cpu_use_fusion_emitters=true")
+    for given, expected in [(devices, f"{devices} {fast}"), (mlir, mlir)]:
+        monkeypatch.setenv("XLA_FLAGS", given)
+        assert cli(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--dry_run").returncode == 0
+        assert os.environ["XLA_FLAGS"] == expected
