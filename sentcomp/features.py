@@ -77,7 +77,6 @@ from sentcomp.data.text import (
     word_set,
 )
 from sentcomp.errors import SentcompError, replace_settings
-from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import storage
 
@@ -283,7 +282,8 @@ class ExtractionOptions:
         its forward pass runs in (bf16 halves parameter memory and is the fast path on TPUs and recent GPUs; f(s)
         differs from float32's by ~1% relative). The kernels after it compute in float32 from f(s) and Φ's
         values. Part of the cache key.
-      vocab_chunk: vocabulary chunk of the streamed kernels.
+      vocab_chunk: vocabulary chunk of the streamed kernels (None: the whole vocabulary when a batch's logits
+        fit :data:`sentcomp.kernels.softmax_features.LOGITS_BUDGET_BYTES`, :func:`kernels.vocab_chunk_for`).
       projection_dim, projection_seed: shape and seed of ``projected_p_f``'s random orthonormal projection
         (:func:`random_projection`; None: the model's ``d``, as the paper).
       cache_dir: where results are cached and resumed from (needed for ``p_f``).
@@ -298,7 +298,7 @@ class ExtractionOptions:
     batch_size: int = 16
     buckets: Sequence[int] | None = None
     compute_dtype: str = "float32"
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    vocab_chunk: int | None = None
     projection_dim: int | None = None
     projection_seed: int = 0
     cache_dir: str | Path | None = None
@@ -316,12 +316,15 @@ class ExtractionOptions:
 
     def resolved(self, lm: LanguageModel) -> ExtractionOptions:
         """The defaults made concrete for ``lm``: its ``max_length`` (a larger one capped to it), every device's
-        mesh, the batch size rounded up to a multiple of the mesh's devices, the length buckets."""
+        mesh, the batch size rounded up to a multiple of the mesh's devices, the length buckets, the vocabulary
+        chunk."""
         max_length = min(self.max_length or lm.max_length, lm.max_length)
         mesh = self.mesh if self.mesh is not None else parallel.data_mesh()
-        return dataclasses.replace(self, max_length=max_length, mesh=mesh, buckets=bucket_lengths(max_length,
-                                                                                                   self.buckets),
-                                   batch_size=parallel.pad_to_multiple(max(1, self.batch_size), mesh.size))
+        batch_size = parallel.pad_to_multiple(max(1, self.batch_size), mesh.size)
+        return dataclasses.replace(self, max_length=max_length, mesh=mesh,
+                                   buckets=bucket_lengths(max_length, self.buckets), batch_size=batch_size,
+                                   vocab_chunk=self.vocab_chunk or kernels.vocab_chunk_for(batch_size,
+                                                                                           int(lm.phi.shape[0])))
 
 
 def _check_request(texts: Sequence[str], kinds: Sequence[str], words, options: ExtractionOptions) -> tuple[str, ...]:

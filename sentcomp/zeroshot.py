@@ -58,7 +58,6 @@ from sentcomp.data.text import (
     split_prompt,
 )
 from sentcomp.errors import SentcompError
-from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import statistics, storage
 
@@ -224,7 +223,7 @@ def label_word_scores(lm: LanguageModel, task: Task | str, texts: Sequence[str],
 
 
 def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Sequence[str], batch_size: int = 32,
-                max_length: int | None = None, mesh=None, chunk_size: int = DEFAULT_VOCAB_CHUNK,
+                max_length: int | None = None, mesh=None, chunk_size: int | None = None,
                 progress: bool = True, compute_dtype: str = "float32", truncation: str = "start",
                 kv_cache: bool = True) -> np.ndarray:
     """``[N, W]``: summed log-probability of each of ``words`` after each ``text + prompt``.
@@ -233,7 +232,9 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
     documents cut by ``truncation`` as features cut them. The model runs in ``compute_dtype`` (``"float32"`` or
     ``"bfloat16"``, as :func:`sentcomp.features.extract_features`); log-probabilities are computed in float32.
     Batches are split over ``mesh`` (default: every device of every process; each process passes the same
-    texts); ``batch_size`` (≥ 1) is rounded up to a multiple of the mesh size.
+    texts); ``batch_size`` (≥ 1) is rounded up to a multiple of the mesh size. ``chunk_size``: the vocabulary
+    chunk of the streamed log-probabilities (None: :func:`sentcomp.kernels.vocab_chunk_for` a batch's scored
+    positions).
 
     Shared prefix (``kv_cache``, models with a key/value cache, ``lm.prefill_fn``): when the texts start with the
     same ≥ :data:`MIN_SHARED_PREFIX` tokens (a k-shot prefix, :func:`shared_prefix_length`), the model reads them
@@ -255,6 +256,7 @@ def word_scores(lm: LanguageModel, texts: Sequence[str], prompt: str, words: Seq
     params = parallel.replicate(cast_floats(lm.params, COMPUTE_DTYPES[compute_dtype]), mesh)
     buckets = length_buckets(max_length)
     scores = np.full((len(texts), len(words)), np.nan)
+    chunk_size = chunk_size or kernels.vocab_chunk_for(batch_size * shape[0] * shape[1], int(lm.phi.shape[0]))
     scorer = _jitted_scorer(lm.hidden_fn, lm.phi_fn, chunk_size)
     shared = shared_prefix_length(rows) if kv_cache and lm.prefill_fn is not None else 0
     # (rows, jitted scorer, its leading arguments)

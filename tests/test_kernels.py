@@ -41,6 +41,14 @@ def test_features_match_float64_reference(batch_shape, vocab_size, dim, chunk):
     np.testing.assert_allclose(kernels.word_probs(h, phi, word_ids, chunk), np.exp(log_p[..., word_ids]), atol=1e-6)
 
 
+def test_few_rows_take_the_whole_vocabulary_in_one_chunk_and_many_rows_stay_within_the_budget():
+    budget = kernels.softmax_features.LOGITS_BUDGET_BYTES
+    assert kernels.vocab_chunk_for(32, 49_152) == 49_152  # the main job's batch: 6 MiB of logits
+    chunk = kernels.vocab_chunk_for(1000, 256_000)
+    assert chunk < 256_000 and 1000 * chunk * 4 <= budget < 1000 * (chunk + 1) * 4
+    assert kernels.vocab_chunk_for(2**22, 49_152) == kernels.softmax_features.DEFAULT_VOCAB_CHUNK  # the floor
+
+
 def test_extreme_logits_do_not_overflow():
     """Logits of order 1e4 overflow a naive exp; the streamed log-sum-exp must stay exact."""
     h, phi, _ = _random_problem(1, (6,), 300, 8, scale=300.0)

@@ -22,6 +22,18 @@ from jax.typing import ArrayLike
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 
 DEFAULT_VOCAB_CHUNK = 2048
+# Callers that stream few rows at a time (a batch's last positions, zero-shot's scored positions) take the whole
+# vocabulary as one chunk when the [rows, V] float32 logits fit this (:func:`vocab_chunk_for`).
+LOGITS_BUDGET_BYTES = 2**26
+
+
+def vocab_chunk_for(rows: int, vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """The vocabulary chunk for streaming ``rows`` feature vectors: all ``vocab_size`` words when their
+    ``[rows, V]`` float32 logits fit ``budget_bytes``, else the most that do (never below
+    :data:`DEFAULT_VOCAB_CHUNK`). Memory stays bounded by the rows, not by how many texts pass through, while a
+    batch of a few dozen rows gets one product with Φ instead of a loop of narrow ones (the main job: 32 rows of
+    SmolLM2, V = 49,152: 6 MiB of logits; docs/features.md, "Batches")."""
+    return min(vocab_size, max(DEFAULT_VOCAB_CHUNK, budget_bytes // (4 * max(rows, 1))))
 
 
 def _num_chunks(vocab_size: int, chunk_size: int) -> tuple[int, int]:
