@@ -40,16 +40,21 @@ def separately(lm, requests, **options):
                              progress=False, **options) for r in requests]
 
 
+@pytest.fixture(scope="module")
+def read_whole(llama):
+    """Every row of REQUESTS read whole, row by row (the reference of the one pass)."""
+    return separately(llama, REQUESTS, max_length=24, batch_size=4)
+
+
 @pytest.mark.parametrize("fit", [False, True])
-def test_one_pass_equals_every_row_read_whole(llama, tmp_path, monkeypatch, fit):
+def test_one_pass_equals_every_row_read_whole(llama, read_whole, monkeypatch, fit):
     """Also with the batches' padded lengths fitted to the pass's lengths (text.fitted_buckets, which only passes
     of MIN_BATCHES_TO_FIT batches or more use)."""
     if fit:
         monkeypatch.setattr(text, "MIN_BATCHES_TO_FIT", 1)
     options = ExtractionOptions(max_length=24, batch_size=4, progress=False)
     shared = extract_rows(llama, TEXTS, REQUESTS, options)
-    whole = separately(llama, REQUESTS, max_length=24, batch_size=4)
-    for request, got, expected in zip(REQUESTS, shared, whole):
+    for request, got, expected in zip(REQUESTS, shared, read_whole):
         for kind in request.kinds:
             np.testing.assert_allclose(got[kind], expected[kind], rtol=1e-5, atol=1e-5, err_msg=kind)
     # the prompt rows continued every text but the truncated one; the no-prompt row read every text once
