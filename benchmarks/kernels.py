@@ -9,6 +9,10 @@
 2. ``conditional_mean_features`` (streamed over V) vs the materialised softmax of the whole [N, V] logit
    matrix followed by a matmul: in jnp (compiled, the like-for-like reference for time and memory) and with
    ``scipy.special.softmax`` + numpy, as the authors' code does (time only).
+3. One batch's V-wide feature kinds as extraction computes them (Φp_f, log Z and 20 words' log-probabilities of
+   ``--rows`` feature vectors, default 32: a batch's last positions) streamed in ``DEFAULT_VOCAB_CHUNK``-word
+   chunks vs in the chunk :func:`sentcomp.kernels.vocab_chunk_for` picks (the whole vocabulary when the
+   ``[rows, V]`` logits fit its budget).
 
 Before any ratio is printed, ours and each reference must give the same outputs (the loss value and both
 gradients; the features) within the tolerance printed with them (``timing.assert_same_output``). Both sides
@@ -101,6 +105,24 @@ def compare_mean(n: int, repeats: int, dim: int = D, vocab: int = V) -> dict:
     return {"ours": ours, "reference": reference, "scipy_seconds": scipy_seconds}
 
 
+def compare_chunks(rows: int, repeats: int, dim: int = D, vocab: int = V) -> dict:
+    """The extraction's V-wide kinds of ``rows`` features in the chunk ``vocab_chunk_for`` picks vs in
+    ``DEFAULT_VOCAB_CHUNK``-word chunks, checked equal, then measured."""
+    h, phi, _, _ = inputs(rows, dim, vocab)
+    words = jnp.arange(20)
+
+    def kinds(chunk):
+        return lambda h, phi: (kernels.conditional_mean_features(h, phi, chunk), kernels.log_partition(h, phi, chunk),
+                               kernels.word_log_probs(h, phi, words, chunk))
+
+    args = [jax.device_put(h), jax.device_put(phi)]
+    chosen = kernels.vocab_chunk_for(rows, vocab)
+    ours = measure_compiled(kinds(chosen), args, repeats)
+    reference = measure_compiled(kinds(kernels.softmax_features.DEFAULT_VOCAB_CHUNK), args, repeats)
+    assert_same_output(f"feature kinds of {rows} rows", ours.pop("output"), reference.pop("output"), **MEAN_TOLERANCE)
+    return {"ours": ours, "reference": reference, "chunk": chosen}
+
+
 def row(label: str, ours: dict, reference: dict) -> str:
     cells = [f"{ours['seconds'] * 1e3:,.0f}", f"{reference['seconds'] * 1e3:,.0f}",
              format_ratio(speedup(reference["seconds"], ours["seconds"]))]
@@ -118,8 +140,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller N (fast look, not the issue's sizes)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (median reported)")
+    parser.add_argument("--rows", type=int, default=32, help="3.: feature vectors per batch (extraction's batch)")
+    parser.add_argument("--only-chunks", action="store_true", help="run part 3 only")
     args = parser.parse_args()
 
+    if not args.only_chunks:
+        compare_losses_and_means(args)
+    result = compare_chunks(args.rows, args.repeats)
+    print(f"\nfeature kinds (Φp_f, log Z, 20 words' log-probs) of {args.rows} rows: one chunk of "
+          f"{result['chunk']:,} words (vocab_chunk_for) vs {kernels.softmax_features.DEFAULT_VOCAB_CHUNK:,}-word "
+          f"chunks; outputs equal within {MEAN_TOLERANCE}")
+    print(HEADER.format(what="rows"))
+    print(row(f"{args.rows:,}", result["ours"], result["reference"]))
+
+
+def compare_losses_and_means(args) -> None:
+    """Parts 1 and 2, printed."""
     quad_ns = [128, 256, 512, 1024, 2048] + ([] if args.quick else [16_384])
     mean_n = 1024 if args.quick else 8192
 

@@ -73,7 +73,9 @@ def test_probe_benchmark_compares_at_the_same_regularisation():
 def test_kernel_and_loss_head_benchmarks_check_their_outputs_on_tiny_sizes():
     quad = kernel_benchmark.compare_quad(24, repeats=1, dim=8, vocab=50)
     mean = kernel_benchmark.compare_mean(6, repeats=1, dim=8, vocab=50)
-    for result in (quad, mean):
+    chunks = kernel_benchmark.compare_chunks(3, repeats=1, dim=8, vocab=3000)
+    assert chunks["chunk"] == 3000  # 3 rows' logits fit the budget: one chunk, against 2,048-word ones
+    for result in (quad, mean, chunks):
         assert "output" not in result["ours"] and result["ours"]["seconds"] > 0 and result["reference"]["peak_bytes"]
     train_step.check_loss_heads(24, dim=8, vocab=50)
 
