@@ -652,10 +652,12 @@ def _suffix_arrays(suffixes: Sequence[np.ndarray], batch_size: int, length: int,
 
 
 def compute_shared(lm: LanguageModel, texts: Sequence[str], plans: Sequence[_Extraction]) -> None:
-    """The missing chunks of every plan, the texts read once (:func:`extract_rows`): each plan's rows that continue
-    their text (:func:`continuation`) from the texts' key/value cache, grouped so that a batch of texts serves
-    every plan that needs those texts; the rows that do not continue read whole (:func:`_compute_chunk`). Every
-    chunk is stored as it would be by :func:`compute_missing` and kept in the plan's ``fresh``."""
+    """The missing chunks of every plan, the texts read once (:func:`extract_rows`): the texts grouped by the plans
+    that need them, so that a batch of texts serves all of those; each text read with its group's lead suffix (the
+    first plan with a prompt) and every other plan's row continued from the text's key/value cache
+    (:func:`continuation`, :func:`_shared_fn`), in batches padded to lengths fitted to the group
+    (:func:`sentcomp.data.text.fitted_buckets`); the rows that do not continue read whole (:func:`_compute_chunk`).
+    Every chunk is stored as it would be by :func:`compute_missing` and kept in the plan's ``fresh``."""
     options = plans[0].options
     mesh, buckets, max_length = options.mesh, options.buckets, options.max_length
     assert mesh is not None and buckets is not None and max_length is not None  # plan_extraction resolved them
