@@ -145,6 +145,7 @@ NOT_KERNELS = {
     "MULTI_CLASS_MODES", "DEFAULT_PRECISION", "IGNORE_INDEX",  # constants
     "uses_sigmoid",  # Python ints in, bool out
     "check_precision",  # the policy's validator (tested below)
+    "vocab_chunk_for",  # Python ints in, an int out (tests/test_kernels.py)
 }
 
 _DOT = re.compile(r"stablehlo\.dot_general\b(.*)")
