@@ -208,7 +208,7 @@ def run_from_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
-    timings.prefer_fast_cpu_compilation()  # before JAX starts its backends
+    timings.set_cpu_defaults()  # before JAX starts its backends
     try:
         if not _DRY_RUN.value:  # a dry run computes nothing, so it can check a cluster's command anywhere
             parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

@@ -162,12 +162,14 @@ def test_config_file_must_be_python(tmp_path):
         config_files.load_module(config)
 
 
-def test_the_command_line_picks_the_faster_cpu_compiler_path_unless_told_otherwise(cli, tmp_path, monkeypatch):
-    """XLA_FLAGS gets XLA:CPU's LLVM IR fusion emitters (timings.FAST_CPU_COMPILATION) before JAX could start its
-    backends; a choice already in XLA_FLAGS stays."""
-    devices, fast, mlir = ("--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false",
+def test_the_command_line_sets_xla_cpus_defaults_unless_told_otherwise(cli, tmp_path, monkeypatch):
+    """XLA_FLAGS gets XLA:CPU's LLVM IR fusion emitters (timings.FAST_CPU_COMPILATION) and one CPU device per core
+    (at most MAX_CPU_DEVICES) before JAX could start its backends; a choice already in XLA_FLAGS stays."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    devices, fast, mlir = ("--xla_force_host_platform_device_count=3", "--xla_cpu_use_fusion_emitters=false",
                            "--xla_cpu_use_fusion_emitters=true")
-    for given, expected in [(devices, f"{devices} {fast}"), (mlir, mlir)]:
+    for given, expected in [(devices, f"{devices} {fast}"), (mlir, f"{mlir} --xla_force_host_platform_device_count=8"),
+                            ("", f"{fast} --xla_force_host_platform_device_count=8")]:
         monkeypatch.setenv("XLA_FLAGS", given)
         assert cli(f"--config={IDENTITIES}", f"--workdir={tmp_path}", "--dry_run").returncode == 0
         assert os.environ["XLA_FLAGS"] == expected

@@ -57,3 +57,9 @@ def test_table1_results_time_every_part(smoke_workdir):
     assert np.all(np.array(seconds) >= 0) and sum(seconds) <= results["timings"]["total"]["seconds"] + 0.1
     assert results["timings"]["float32_matmul_gflops"] > 0
     assert "## Timings" in (smoke_workdir("table1") / "results.md").read_text()
+
+
+def test_one_cpu_device_per_core_up_to_the_cap(monkeypatch):
+    for cores, devices in [(1, 1), (2, 2), (64, timings.MAX_CPU_DEVICES)]:
+        monkeypatch.setattr(timings.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert timings.cpu_device_count() == devices

@@ -19,8 +19,8 @@ nothing, so library code may mark its parts unconditionally.
 the computation, compile options, JAX/XLA versions and devices) at ``~/.cache/sentcomp/xla`` (or
 ``$XDG_CACHE_HOME/sentcomp/xla``; ``SENTCOMP_XLA_CACHE=<dir>`` elsewhere, ``SENTCOMP_XLA_CACHE=off`` not at
 all; a ``JAX_COMPILATION_CACHE_DIR`` already set wins), so a second run, or a resumed one, loads its compiled
-programs instead of compiling them again. :func:`prefer_fast_cpu_compilation` picks XLA:CPU's faster compiler
-path for the command line's runs.
+programs instead of compiling them again. :func:`set_cpu_defaults` picks XLA:CPU's faster compiler path and one
+device per core for the command line's runs.
 """
 
 from __future__ import annotations
@@ -150,6 +150,16 @@ def part(name: str) -> Iterator[None]:
 # order), compiled faster, running as fast. Measured on the main job (docs/table1.md, "Main-job size and cost"):
 # compiling 26.3 → 20.7 s, the whole run 187 → 179 s, the same table. Other backends do not read it.
 FAST_CPU_COMPILATION = ("xla_cpu_use_fusion_emitters", "false")
+# One XLA:CPU device per core, at most this many: a batch split over them runs side by side on the cores, where a
+# single device leaves one core idle in the operations XLA:CPU runs on one thread (the main job on 2 cores: 260 s
+# → 221 s measured one after the other, the same table; docs/table1.md). Other backends do not read it.
+MAX_CPU_DEVICES = 8
+
+
+def cpu_device_count() -> int:
+    """The cores this process may run on (its CPU affinity), at most :data:`MAX_CPU_DEVICES`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_CPU_DEVICES))
 
 
 def with_xla_flag(xla_flags: str, name: str, value: str) -> str:
@@ -160,10 +170,12 @@ def with_xla_flag(xla_flags: str, name: str, value: str) -> str:
     return f"{xla_flags} --{name}={value}".strip()
 
 
-def prefer_fast_cpu_compilation() -> None:
-    """:data:`FAST_CPU_COMPILATION` added to ``XLA_FLAGS`` (unless set there). XLA reads it when JAX starts its
-    backends, so call this first; once they run (e.g. in a test session), it changes nothing."""
-    os.environ["XLA_FLAGS"] = with_xla_flag(os.environ.get("XLA_FLAGS", ""), *FAST_CPU_COMPILATION)
+def set_cpu_defaults() -> None:
+    """``XLA_FLAGS`` gets :data:`FAST_CPU_COMPILATION` and one CPU device per core (:func:`cpu_device_count`),
+    each unless set there. XLA reads them when JAX starts its backends, so call this first; once they run (e.g.
+    in a test session), it changes nothing."""
+    flags = with_xla_flag(os.environ.get("XLA_FLAGS", ""), *FAST_CPU_COMPILATION)
+    os.environ["XLA_FLAGS"] = with_xla_flag(flags, "xla_force_host_platform_device_count", str(cpu_device_count()))
 
 
 def default_cache_dir() -> Path:
