@@ -1,8 +1,8 @@
 """The paper's Table 1: linear probes on f(s), Φp_f(s) and word-subset features, with and without the prompt,
 plus zero-shot sentence completion (program: sentcomp.programs.table1; docs/table1.md).
 
-    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (173 s wall on 2 idle cores,
-    # float32 matmul 269 GFLOP/s, empty compilation cache, 2026-12-06: docs/table1.md)
+    # the main job: rotten_tomatoes, SmolLM2-135M, 2,000 train / 500 test snippets (208 s wall on 2 idle cores,
+    # float32 matmul 229 GFLOP/s, empty compilation cache, 2026-12-06: docs/table1.md)
     python -m sentcomp.main --config=experiments/table1.py --workdir=runs/table1
     # the full split (10,202 train / 2,550 test: 5.1× the snippets; not timed)
     python -m sentcomp.main --config=experiments/table1.py:full --workdir=runs/table1_full
