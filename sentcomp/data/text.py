@@ -28,9 +28,11 @@ Pure Python and numpy: nothing here imports JAX.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -347,8 +349,9 @@ def fitted_buckets(maxima: Sequence[int], grid: Sequence[int]) -> tuple[int, ...
     """
     if len(maxima) < MIN_BATCHES_TO_FIT:
         return tuple(grid)
-    values = sorted(set(maxima))
-    counts = [sum(1 for m in maxima if m == v) for v in values]
+    batches_at = collections.Counter(maxima)
+    values = sorted(batches_at)
+    batches_below = list(itertools.accumulate((batches_at[v] for v in values), initial=0))  # c_1 + … + c_{i-1}
 
     @functools.cache
     def cost(i: int, k: int) -> tuple[float, tuple[int, ...]]:
@@ -360,7 +363,7 @@ def fitted_buckets(maxima: Sequence[int], grid: Sequence[int]) -> tuple[int, ...
         runs = []
         for j in range(i, len(values)):
             rest, lengths = cost(j + 1, k - 1)
-            runs.append((values[j] * sum(counts[i:j + 1]) + rest, (values[j], *lengths)))
+            runs.append((values[j] * (batches_below[j + 1] - batches_below[i]) + rest, (values[j], *lengths)))
         return min(runs)
 
     return cost(0, len({min(b for b in grid if b >= m) for m in values}))[1]
