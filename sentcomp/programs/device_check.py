@@ -68,7 +68,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from sklearn.linear_model import LogisticRegression
 
 from sentcomp import features, kernels, parallel, probe
 from sentcomp.errors import SentcompError, check_sizes
@@ -279,6 +278,7 @@ def gaussian_classes(means: np.ndarray, n: int, rng: np.random.Generator) -> tup
 
 def probe_checks(cfg, tolerance, seed: int) -> list[Check]:
     """sentcomp's logistic probe (C = 1) vs scikit-learn's on the same features."""
+    from sklearn.linear_model import LogisticRegression  # here: ~2 s to import, and only this group needs it
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(cfg.num_classes, cfg.dim)) * 2.0 / np.sqrt(cfg.dim)  # overlapping classes
     x_train, y_train = gaussian_classes(means, cfg.num_train, rng)

@@ -14,11 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.summary import scalar
-
 from sentcomp import parallel
 from sentcomp.results import layout, plots, storage
 
@@ -82,6 +77,11 @@ class _EventLog:
     background thread and its ``flush()`` does not wait for them, so a row could sit unwritten for minutes."""
 
     def __init__(self, directory: Path, purge_step: int | None):
+        # imported on first use: tensorboardX's package loads torch when it is installed (~3 s), which a process
+        # that logs no metrics (the main job, checkpoint reads, evaluations) need not pay
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
         directory.mkdir(parents=True, exist_ok=True)
         # names sort by start time; the suffix keeps a log reopened within the same second from overwriting
         # the previous one (tensorboardX names files by the second and opens them with "wb")
@@ -93,6 +93,10 @@ class _EventLog:
         self.writer.flush()
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
+
         values = [value for tag, number in scalars.items() for value in scalar(tag, number).value]
         self.writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
         self.writer.flush()
