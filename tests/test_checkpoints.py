@@ -18,7 +18,7 @@ def _mesh() -> Mesh:
 
 
 def _restored_state(manager, step, state):
-    restored, error = checkpoints._try_restore(manager, step, checkpoints.abstract_state(state))
+    restored, error = checkpoints.try_restore(manager, step, checkpoints.abstract_state(state))
     assert error is None, error
     return restored["state"]
 

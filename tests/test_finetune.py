@@ -83,8 +83,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_lm, tmp_path):
 
 
 def test_bad_config_is_clear(tiny_lm, tmp_path):
-    with pytest.raises(SentcompError, match="Unknown fine-tuning config key 'lr'"):
+    with pytest.raises(SentcompError, match=r"Unknown fine-tuning config keys \['lr'\]; known keys: .*'optimizer'"):
         finetune.FinetuneOptions.from_mapping(dict(lr=1e-3))
+    with pytest.raises(SentcompError, match=r"Unknown fine-tuning optimizer keys \['lr'\]; known keys: .*'b1'"):
+        finetune.FinetuneOptions.from_mapping(dict(optimizer=dict(lr=1e-3)))
 
 
 def test_table1_ft_and_bert_columns_config():

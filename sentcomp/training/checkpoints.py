@@ -262,7 +262,7 @@ def failure_reason(error: Exception) -> str:
     return f"{type(innermost).__name__}: {' '.join(str(innermost).split())[:300]}"
 
 
-def _try_restore(manager: ocp.CheckpointManager, step: int, abstract):
+def try_restore(manager: ocp.CheckpointManager, step: int, abstract):
     """``(restored, None)``, or ``(None, error)`` if step ``step`` cannot be read or fails its checksums."""
     with _quiet_orbax_coroutines():
         try:
@@ -289,7 +289,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, workdir: Path, factory
     abstract = abstract_state(state)
     steps = parallel.main_decides(lambda: sorted(manager.all_steps(), reverse=True))
     for step in steps:
-        restored, error = _try_restore(manager, step, abstract)
+        restored, error = try_restore(manager, step, abstract)
         failure = restore_failure(error) if error is not None else None
         if parallel.any_process(failure in ("incompatible", "other")):
             reason = failure_reason(error) if error is not None else "on another process"

@@ -134,14 +134,9 @@ class FinetuneOptions:
         """The options from a (nested) mapping such as a config section, the fields not given at their defaults;
         an unknown key is an error naming the known ones."""
         values = dict(values)
-        for key in values:
-            if key not in _field_names(cls):
-                raise SentcompError(f"Unknown fine-tuning config key {key!r}; known keys: {sorted(_field_names(cls))}.")
+        _check_keys(values, cls, "fine-tuning config")
         if "optimizer" in values:
-            unknown = set(values["optimizer"]) - _field_names(OptimizerOptions)
-            if unknown:
-                raise SentcompError(f"Unknown fine-tuning optimizer keys {sorted(unknown)}; known: "
-                                    f"{sorted(_field_names(OptimizerOptions))}.")
+            _check_keys(values["optimizer"], OptimizerOptions, "fine-tuning optimizer")
             values["optimizer"] = OptimizerOptions(**values["optimizer"])
         return cls(**values)
 
@@ -150,8 +145,13 @@ class FinetuneOptions:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _field_names(cls) -> set[str]:
-    return {field.name for field in dataclasses.fields(cls)}
+def _check_keys(values: Mapping[str, Any], cls, section: str) -> None:
+    """A :class:`SentcompError` naming ``values``' keys that are not fields of the dataclass ``cls``, and its
+    fields."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SentcompError(f"Unknown {section} keys {unknown}; known keys: {sorted(known)}.")
 
 
 # ----------------------------------------------------------------------------------------------- the model
