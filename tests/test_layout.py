@@ -89,3 +89,17 @@ def test_config_files_and_sweep_points_load_without_heavy_libraries():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_programs_import_without_torch_or_scikit_learn():
+    """A run loads torch (through tensorboardX, on its first metrics row) and scikit-learn (the device check's
+    probe group) only when it uses them: importing a program loads neither (~5 s per process; docs/testing.md)."""
+    script = (
+        "import pkgutil, sys\n"
+        "import sentcomp.programs as programs\n"
+        "for module in pkgutil.iter_modules(programs.__path__):\n"
+        "    __import__(f'sentcomp.programs.{module.name}')\n"
+        "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
