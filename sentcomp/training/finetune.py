@@ -64,7 +64,7 @@ from sentcomp.data.text import (
     make_batches,
     pad_id,
 )
-from sentcomp.errors import SentcompError
+from sentcomp.errors import SentcompError, unknown_fields
 from sentcomp.features import last_token_features
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import layout, plots, storage
@@ -148,10 +148,10 @@ class FinetuneOptions:
 def _check_keys(values: Mapping[str, Any], cls, section: str) -> None:
     """A :class:`SentcompError` naming ``values``' keys that are not fields of the dataclass ``cls``, and its
     fields."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = unknown_fields(values, cls)
     if unknown:
-        raise SentcompError(f"Unknown {section} keys {unknown}; known keys: {sorted(known)}.")
+        known = sorted(field.name for field in dataclasses.fields(cls))
+        raise SentcompError(f"Unknown {section} keys {unknown}; known keys: {known}.")
 
 
 # ----------------------------------------------------------------------------------------------- the model
