@@ -115,8 +115,9 @@ def test_bfloat16_forward_pass_is_close_to_float32(lm):
     """f(s) at the last real token: relative error of the bf16 forward pass below MAX_RELATIVE_ERROR (and not
     0: bf16 really ran)."""
     ids, mask = _batch()
-    full = np.asarray(last_token_features(lm.hidden_fn(lm.params, ids, mask), mask))
-    half = last_token_features(lm.hidden_fn(cast_floats(lm.params, jnp.bfloat16), ids, mask), mask)
+    hidden = jax.jit(lm.hidden_fn)
+    full = np.asarray(last_token_features(hidden(lm.params, ids, mask), mask))
+    half = last_token_features(hidden(cast_floats(lm.params, jnp.bfloat16), ids, mask), mask)
     assert half.dtype == jnp.bfloat16
     error = np.linalg.norm(np.asarray(half, np.float32) - full, axis=-1) / np.linalg.norm(full, axis=-1)
     assert np.all(error < MAX_RELATIVE_ERROR) and np.all(error > 1e-5), error

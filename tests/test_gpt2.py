@@ -65,7 +65,7 @@ def test_hidden_states_and_logits_match_transformers(tmp_path, name, safe_serial
         theirs_hidden = hf_model.transformer(**ours_in).last_hidden_state.numpy()
         theirs_logits = hf_model(**ours_in).logits.numpy()
     hidden = np.asarray(lm.hidden(ids, mask))
-    logits = np.asarray(gpt2.logits_fn(lm.config, lm.params, ids, mask))
+    logits = np.asarray(jax.jit(gpt2.logits_fn, static_argnums=0)(lm.config, lm.params, ids, mask))
     real = mask.astype(bool)
     assert np.abs(theirs_logits[real]).max() > 1.0
     np.testing.assert_allclose(hidden[real], theirs_hidden[real], atol=1e-4, rtol=0)
@@ -97,7 +97,7 @@ def test_save_hf_round_trips_through_transformers(tmp_path):
     ids, mask = _right_padded_batch(lm.tokenizer, TEXTS, 8)
     with torch.no_grad():
         theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ours = np.asarray(gpt2.logits_fn(lm.config, lm.params, ids, mask))
+    ours = np.asarray(jax.jit(gpt2.logits_fn, static_argnums=0)(lm.config, lm.params, ids, mask))
     np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=1e-4, rtol=0)
 
 
@@ -120,7 +120,8 @@ def test_quad_architecture_is_in_the_params_and_round_trips(tmp_path):
     np.testing.assert_allclose(loaded.hidden(ids, mask), lm.hidden(ids, mask), atol=1e-6)
     np.testing.assert_array_equal(loaded.phi, lm.phi)
     # The head's output is f(s): a linear map of the ln_f output with the stored kernel and bias.
-    plain = gpt2.hidden_fn(config, {k: v for k, v in params.items() if k not in ("quad_head", "phi")}, ids, mask)
+    plain_params = {k: v for k, v in params.items() if k not in ("quad_head", "phi")}
+    plain = jax.jit(gpt2.hidden_fn, static_argnums=0)(config, plain_params, ids, mask)
     head = params["quad_head"]
     np.testing.assert_allclose(lm.hidden(ids, mask), plain @ head["kernel"] + head["bias"], atol=1e-5)
 

@@ -7,6 +7,7 @@ import pytest
 
 from sentcomp import kernels, parallel
 from sentcomp.kernels.losses import IGNORE_INDEX
+from sentcomp.results import timings
 
 
 def _np_log_softmax(logits):
@@ -190,6 +191,35 @@ def test_forward_mode_is_a_clear_error_and_the_plain_quad_form_supports_it():
         jax.jacfwd(lambda x: kernels.log_partition(x, phi))(h)
     forward = jax.jacfwd(lambda x: kernels.masked_mean(kernels.quad_per_position(x, phi, targets), mask))(h)
     np.testing.assert_allclose(forward, _np_loss_and_grads("quad", h, phi, targets, mask)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_each_kernel_called_outside_jit_compiles_one_program():
+    """Called eagerly, a kernel runs its body as one compiled program (not one per operation, ~10–40 each), and a
+    second call with the same shapes compiles nothing. Shapes no other test uses, so nothing is cached yet."""
+    h, phi, rng = _random_problem(12, (3, 7), 37, 5)
+    targets, mask = rng.integers(0, 37, (3, 7)), rng.random((3, 7)) < 0.8
+    ids, probs = rng.integers(0, 37, (3, 7, 4)), np.full((3, 7, 4), 0.2, np.float32)
+    calls = {
+        "log_partition": lambda: kernels.log_partition(h, phi),
+        "conditional_mean_features": lambda: kernels.conditional_mean_features(h, phi),
+        "masked_mean": lambda: kernels.masked_mean(h[..., 0], mask),
+        "xent_per_position": lambda: kernels.xent_per_position(h, phi, targets),
+        "quad_per_position": lambda: kernels.quad_per_position(h, phi, targets),
+        "xent_loss": lambda: kernels.xent_loss(h, phi, targets, mask),
+        "quad_loss": lambda: kernels.quad_loss(h, phi, targets, mask),
+        "soft_xent_loss": lambda: kernels.soft_xent_loss(h, phi, ids, probs, mask),
+        "soft_quad_loss": lambda: kernels.soft_quad_loss(h, phi, ids, probs, mask),
+        "kl_from_features": lambda: kernels.kl_from_features(h, phi, h, phi),
+        "top_k_targets": lambda: kernels.top_k_targets(h @ phi.T, 4),
+    }
+    timings.compile_counts()  # starts listening
+    for name, call in calls.items():
+        compiled = []
+        for _ in range(2):
+            before = timings.compile_counts().compilations
+            jax.block_until_ready(call())
+            compiled.append(timings.compile_counts().compilations - before)
+        assert compiled == [1, 0], name
 
 
 def test_log_partition_gradient_is_conditional_mean():

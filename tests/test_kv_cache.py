@@ -38,7 +38,7 @@ def test_continuing_a_cache_gives_the_whole_sequences_hidden_states(window):
     first_mask[1, 4:] = 0  # padding inside the cache: invisible to what follows, positions count real tokens
     whole = np.concatenate([np.repeat(prefix, 3, 0), first, second], axis=1)
     whole_mask = np.concatenate([np.ones((3, 9), np.int32), first_mask, np.ones((3, 2), np.int32)], axis=1)
-    expected = np.array(lm.hidden_fn(lm.params, whole, whole_mask))
+    expected = np.array(lm.hidden(whole, whole_mask))
     kept = whole_mask.astype(bool)
     expected[~kept] = 0
 

@@ -95,7 +95,8 @@ def test_random_init_features_do_not_depend_on_padding_or_sharding():
     mesh = parallel.data_mesh()
     batch = np.random.default_rng(1).integers(0, 53, (parallel.pad_to_multiple(4, mesh.size), 9))
     batch_mask = (np.arange(9) < np.arange(batch.shape[0])[:, None] % 9 + 1).astype(np.int32)
-    sharded = lm.hidden_fn(parallel.replicate(lm.params, mesh), *parallel.shard_batch((batch, batch_mask), mesh))
+    sharded_inputs = parallel.replicate(lm.params, mesh), *parallel.shard_batch((batch, batch_mask), mesh)
+    sharded = jax.jit(lm.hidden_fn)(*sharded_inputs)
     np.testing.assert_allclose(sharded, lm.hidden(batch, batch_mask), atol=1e-5)
 
 
@@ -106,8 +107,9 @@ def test_bfloat16_parameters_run_close_to_float32(tmp_path):
     lm = load(str(tmp_path))
     batch = lm.tokenizer(SENTENCES, padding=True, return_tensors="np")
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    full = np.asarray(lm.hidden_fn(lm.params, ids, mask))
-    half = lm.hidden_fn(cast_floats(lm.params, jnp.bfloat16), ids, mask)
+    hidden = jax.jit(lm.hidden_fn)
+    full = np.asarray(hidden(lm.params, ids, mask))
+    half = hidden(cast_floats(lm.params, jnp.bfloat16), ids, mask)
     real = batch["attention_mask"].astype(bool)
     error = np.linalg.norm(np.asarray(half, np.float32)[real] - full[real]) / np.linalg.norm(full[real])
     assert 1e-4 < error < 5e-2, error  # bf16 really ran, and stayed close

@@ -40,12 +40,20 @@ Memory: the sparse terms gather ``[N, k, d]`` rows; choose k accordingly.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from sentcomp.kernels.losses import masked_mean
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
-from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, expected_values, log_partition, reverse_mode_only
+from sentcomp.kernels.softmax_features import (
+    DEFAULT_VOCAB_CHUNK,
+    as_jax_array,
+    expected_values,
+    log_partition,
+    reverse_mode_only,
+)
 
 
 def remaining_mass(probs: jax.Array) -> jax.Array:
@@ -107,9 +115,14 @@ def soft_xent_loss(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Arra
     """Soft cross-entropy ``E_s[H(p̃(.|s), p_f(s))]`` over the counted positions; ``∂/∂h = a_n(Φp_f − Φp̃)``
     (``a_n`` = 1/#counted). Reverse-mode only (through :func:`sentcomp.kernels.log_partition`)."""
     _check_shapes("soft_xent_loss", h, phi, ids, probs, mask)
-    counted, (h, ids, probs) = _zero_uncounted(mask, h, ids, probs)
     with reverse_mode_only("soft_xent_loss"):
-        return masked_mean(soft_xent_per_position(h, phi, ids, probs, chunk_size, precision=precision), counted)
+        return _soft_xent_loss(*map(as_jax_array, (h, phi, ids, probs, mask)), chunk_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _soft_xent_loss(h, phi, ids, probs, mask, chunk_size: int, precision) -> jax.Array:
+    counted, (h, ids, probs) = _zero_uncounted(mask, h, ids, probs)
+    return masked_mean(soft_xent_per_position(h, phi, ids, probs, chunk_size, precision=precision), counted)
 
 
 def soft_quad_from_mean(h: jax.Array, phi: jax.Array, target_mean: jax.Array, *, precision=DEFAULT_PRECISION
@@ -133,6 +146,11 @@ def soft_quad_loss(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Arra
                    precision=DEFAULT_PRECISION) -> jax.Array:
     """Soft Quad ``E_s[−f(s)ᵀΦp̃ + ½‖Φᵀf(s)‖²]`` over the counted positions; ``∂/∂h = a_n(Gh − Φp̃)``."""
     _check_shapes("soft_quad_loss", h, phi, ids, probs, mask)
+    return _soft_quad_loss(*map(as_jax_array, (h, phi, ids, probs, mask)), check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _soft_quad_loss(h, phi, ids, probs, mask, precision) -> jax.Array:
     counted, (h, ids, probs) = _zero_uncounted(mask, h, ids, probs)
     return masked_mean(soft_quad_per_position(h, phi, ids, probs, precision=precision), counted)
 
@@ -160,7 +178,11 @@ def kl_from_features(h_true: jax.Array, phi_true: jax.Array, h: jax.Array, phi: 
     if phi_true.shape[0] != phi.shape[0]:
         raise ValueError(f"kl_from_features: the teacher has {phi_true.shape[0]} words, the student {phi.shape[0]}; "
                          "both must use the same vocabulary.")
-    precision = check_precision(precision)
+    return _kl_from_features(*map(as_jax_array, (h_true, phi_true, h, phi)), chunk_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _kl_from_features(h_true, phi_true, h, phi, chunk_size: int, precision) -> tuple[jax.Array, jax.Array]:
     d_true = phi_true.shape[1]
     means = expected_values(h_true, phi_true, jnp.concatenate([phi_true, phi], axis=1).astype(jnp.float32),
                             chunk_size, precision=precision)
@@ -178,6 +200,12 @@ def top_k_targets(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.
     vocab_size = logits.shape[-1]
     if not 1 <= k <= vocab_size:
         raise ValueError(f"k must be in [1, V = {vocab_size}], got {k}.")
+    return _top_k_targets(as_jax_array(logits), k)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k_targets(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    vocab_size = logits.shape[-1]
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     p = jnp.exp(log_p)
     top_log_p, ids = jax.lax.top_k(log_p, k)

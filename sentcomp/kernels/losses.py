@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
-from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, log_partition, reverse_mode_only
+from sentcomp.kernels.softmax_features import DEFAULT_VOCAB_CHUNK, as_jax_array, log_partition, reverse_mode_only
 
 IGNORE_INDEX = -100  # any negative target id is ignored; this is PyTorch's convention
 
@@ -56,7 +56,12 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
     Uncounted values are selected away, not multiplied by 0, so a NaN or inf there does not leak into the mean.
     """
-    counted = jnp.asarray(mask) != 0
+    return _masked_mean(as_jax_array(values), as_jax_array(mask))
+
+
+@jax.jit
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    counted = mask != 0
     return jnp.sum(jnp.where(counted, values, 0.0) * _masked_weights(counted))
 
 
@@ -72,7 +77,15 @@ def xent_per_position(
 ) -> jax.Array:
     """``−log p_f(s)(w) = log Z(f(s)) − f(s)ᵀφ_w`` at every position, streamed over V (no [tokens, V] buffer).
 
-    A negative target id (``IGNORE_INDEX``) gives 0 there, with zero gradients, whatever ``h`` holds there."""
+    A negative target id (``IGNORE_INDEX``) gives 0 there, with zero gradients, whatever ``h`` holds there.
+    Reverse-mode only (see the module docstring)."""
+    with reverse_mode_only("xent_per_position"):
+        return _xent_per_position(as_jax_array(h), as_jax_array(phi), as_jax_array(targets), chunk_size,
+                                  check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _xent_per_position(h: jax.Array, phi: jax.Array, targets: jax.Array, chunk_size: int, precision) -> jax.Array:
     return _ignoring_negative_targets(
         lambda h, targets: _xent_values(h, phi, targets, chunk_size, precision), h, targets)
 
@@ -109,7 +122,11 @@ def quad_per_position(
     the V·d of materialised logits. A negative target id (``IGNORE_INDEX``) gives 0 there, with zero gradients.
     Plain jnp: every mode of differentiation works (forward mode included).
     """
-    h, phi, targets, precision = jnp.asarray(h), jnp.asarray(phi), jnp.asarray(targets), check_precision(precision)
+    return _quad_per_position(as_jax_array(h), as_jax_array(phi), as_jax_array(targets), check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _quad_per_position(h: jax.Array, phi: jax.Array, targets: jax.Array, precision) -> jax.Array:
     gram = _gram(phi, precision)
     return _ignoring_negative_targets(lambda h, targets: _quad_from_gram(h, phi, targets, gram, precision), h,
                                       targets)
@@ -140,10 +157,16 @@ def xent_loss(
     set, target id ≥ 0; nothing at the others reaches the loss or its gradients). Reverse-mode only (see the
     module docstring)."""
     _check_shapes("xent_loss", h, phi, targets, mask)
+    with reverse_mode_only("xent_loss"):
+        return _xent_loss(*map(as_jax_array, (h, phi, targets, mask)), chunk_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _xent_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int,
+               precision) -> jax.Array:
     counted = counted_positions(targets, mask)
     h, targets = _zero_uncounted(h, targets, counted)
-    with reverse_mode_only("xent_loss"):
-        return masked_mean(_xent_values(h, phi, targets, chunk_size, precision), counted)
+    return masked_mean(_xent_values(h, phi, targets, chunk_size, precision), counted)
 
 
 QUAD_ROW_BLOCK = 2048
@@ -190,10 +213,16 @@ def quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array,
     ``TypeError`` (use ``masked_mean(quad_per_position(...), mask)`` for forward mode).
     """
     _check_shapes("quad_loss", h, phi, targets, mask)
+    with reverse_mode_only("quad_loss"):
+        return _counted_quad_loss(*map(as_jax_array, (h, phi, targets, mask)), block_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _counted_quad_loss(h: jax.Array, phi: jax.Array, targets: jax.Array, mask: jax.Array, block_size: int,
+                       precision) -> jax.Array:
     counted = counted_positions(targets, mask)
     targets = jnp.where(counted, targets, 0)  # ignored rows of h are selected away block by block inside
-    with reverse_mode_only("quad_loss"):
-        return _quad_loss(h, phi, targets, counted, block_size, check_precision(precision))
+    return _quad_loss(h, phi, targets, counted, block_size, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
@@ -34,6 +35,13 @@ def vocab_chunk_for(rows: int, vocab_size: int, budget_bytes: int = LOGITS_BUDGE
     batch of a few dozen rows gets one product with Φ instead of a loop of narrow ones (the main job: 32 rows of
     SmolLM2, V = 49,152: 6 MiB of logits; docs/features.md, "Batches")."""
     return min(vocab_size, max(DEFAULT_VOCAB_CHUNK, budget_bytes // (4 * max(rows, 1))))
+
+
+def as_jax_array(x: ArrayLike) -> jax.Array:
+    """``x`` as a JAX array: a JAX array (or tracer) unchanged, anything else (numpy array, list, scalar) put on the
+    default device by ``jax.device_put``, which copies it. ``jnp.asarray`` does the same but, in JAX 0.10, compiles
+    an identity program (``jit(stage)``) for every new shape of a numpy array it is given."""
+    return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
 
 
 def _num_chunks(vocab_size: int, chunk_size: int) -> tuple[int, int]:
@@ -166,9 +174,14 @@ def log_partition(
     a ``TypeError`` saying so. ``precision``: of every product, forward and backward
     (:mod:`sentcomp.kernels.precision`).
     """
-    flat, batch_shape = _flatten_features(jnp.asarray(h))
     with reverse_mode_only("log_partition"):
-        return _log_partition_flat(flat, jnp.asarray(phi), chunk_size, check_precision(precision)).reshape(batch_shape)
+        return _log_partition(as_jax_array(h), as_jax_array(phi), chunk_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _log_partition(h: jax.Array, phi: jax.Array, chunk_size: int, precision) -> jax.Array:
+    flat, batch_shape = _flatten_features(h)
+    return _log_partition_flat(flat, phi, chunk_size, precision).reshape(batch_shape)
 
 
 def conditional_mean_features(
@@ -186,11 +199,16 @@ def expected_values(
     shape ``[..., k]``, streamed over V with ``Φ``: ``values = Φ`` gives :func:`conditional_mean_features`,
     ``values = Aᵀ`` the projected distribution ``A p_f(s)`` of a ``k × V`` matrix ``A`` (the paper's random
     projection features), never materialising the ``[N, V]`` distribution."""
-    h, phi, values = jnp.asarray(h), jnp.asarray(phi), jnp.asarray(values)
+    h, phi, values = as_jax_array(h), as_jax_array(phi), as_jax_array(values)
     if values.shape[0] != phi.shape[0]:
         raise ValueError(f"values has {values.shape[0]} rows but the vocabulary has {phi.shape[0]} words.")
+    return _expected_values(h, phi, values, chunk_size, check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _expected_values(h: jax.Array, phi: jax.Array, values: jax.Array, chunk_size: int, precision) -> jax.Array:
     flat, batch_shape = _flatten_features(h)
-    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, values, check_precision(precision))
+    _, mean = _streamed_softmax_stats(flat, phi, chunk_size, values, precision)
     return mean.reshape(*batch_shape, values.shape[1])
 
 

@@ -249,7 +249,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: BertConfig, sou
     ignored = tuple(prefix + p if not p.startswith("cls.") else p for p in _IGNORED)
     flat = hf.assign(state, hf_name_map(config, prefix, mlm_head), source, ignored_prefixes=ignored)
     flat = {k: (v.T if k.endswith("/kernel") else v) for k, v in flat.items()}
-    return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    return traverse_util.unflatten_dict({tuple(k.split("/")): jax.device_put(v) for k, v in flat.items()})
 
 
 def _tokenizer_for(model_dir: Path):

@@ -330,7 +330,7 @@ def params_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, sou
     flat = hf.assign(state, hf_name_map(config, _checkpoint_prefix(state)), source, ignored_prefixes=ignored)
     flat = {k: (v.T if k in _TRANSPOSED else v) for k, v in flat.items()}
     flat = layers.stack_layer_paths(flat, LAYERS, config.n_layer)  # block i -> index i of params["h"]
-    return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    return traverse_util.unflatten_dict({tuple(k.split("/")): jax.device_put(v) for k, v in flat.items()})
 
 
 def _tokenizer_for(model_dir: Path):
