@@ -34,6 +34,7 @@ host.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -50,6 +51,7 @@ from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
 # ---------------------------------------------------------------------------------------------------- ε, Quad
 
 
+@jax.jit
 def kl_epsilon(log_p_true: jax.Array, log_p_model: jax.Array) -> jax.Array:
     """Per-context ``KL(p* ‖ p_f) = Σ_w p*(w)(log p*(w) − log p_f(w))`` over the last axis (words with p* = 0
     contribute 0; ``+inf`` if the model gives 0 to a possible word)."""
@@ -83,6 +85,7 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> Estimate:
     return Estimate(mean, mean - half_width, mean + half_width, n)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def quad_optimum(p_star: jax.Array, phi: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``θ* = (ΦΦᵀ)⁻¹ Φ p*`` per context: the minimiser of ``ℓ_quad,s`` for fixed Φ.
     ``p_star [..., V]`` → ``[..., d]``."""
@@ -92,6 +95,7 @@ def quad_optimum(p_star: jax.Array, phi: jax.Array, *, precision=DEFAULT_PRECISI
     return jnp.linalg.solve(gram, mean.reshape(-1, mean.shape[-1]).T).T.reshape(mean.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def excess_quad_loss(theta: jax.Array, phi: jax.Array, p_star: jax.Array, *, precision=DEFAULT_PRECISION
                      ) -> jax.Array:
     """Per-context ``ℓ_quad,s(θ) − ℓ_quad,s(θ*) = ½‖Φᵀ(θ − θ*)‖² = ½(θ−θ*)ᵀ(ΦΦᵀ)(θ−θ*)``."""
