@@ -58,8 +58,9 @@ COMPILE_REPORT = "SENTCOMP_COMPILE_REPORT"  # a path prefix: each pytest process
 
 def pytest_sessionstart(session):
     """With ``SENTCOMP_COMPILE_REPORT=<prefix>`` set, every XLA compilation of this process (JAX's backend-compile
-    event: not a program read from the persistent cache) is recorded as ``{"test", "program", "seconds"}``, one
-    JSON line each in ``<prefix>.<xdist worker or main>.jsonl`` at the end (docs/testing.md)."""
+    event, which JAX 0.10 also emits for a program loaded from the persistent cache) is recorded as ``{"test",
+    "program", "seconds"}``, one JSON line each in ``<prefix>.<xdist worker or main>.jsonl`` at the end
+    (docs/testing.md)."""
     prefix = os.environ.get(COMPILE_REPORT)
     if not prefix:
         return

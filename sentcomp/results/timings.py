@@ -10,8 +10,9 @@ A program wraps each part of its work in :func:`part` inside one :func:`recordin
     results["timings"] = record.to_json()
 
 Each part gets its wall seconds and the XLA compilations that happened during it (counted from
-``jax.monitoring``'s ``/jax/core/compile/backend_compile_duration`` events, one per compiled program, with their
-seconds; those served from the persistent cache counted apart, with the compile seconds JAX says they saved).
+``jax.monitoring``'s ``/jax/core/compile/backend_compile_duration`` events, one per program compiled *or loaded
+from the persistent cache* (JAX 0.10 times both under that event), with their seconds; the loaded ones are also
+counted in ``cache_hits``, with the compile seconds JAX says they saved).
 A part entered again (a second pass of the same kind) accumulates. Outside a recording, :func:`part` does
 nothing, so library code may mark its parts unconditionally.
 
