@@ -193,25 +193,39 @@ def test_forward_mode_is_a_clear_error_and_the_plain_quad_form_supports_it():
     np.testing.assert_allclose(forward, _np_loss_and_grads("quad", h, phi, targets, mask)[1], rtol=1e-4, atol=1e-6)
 
 
+# Public functions of sentcomp.kernels that are not array kernels, or run on numpy arrays too (no jit).
+NOT_JITTED = {"check_precision", "vocab_chunk_for", "uses_sigmoid", "fold_moments"}
+
+
 def test_each_kernel_called_outside_jit_compiles_one_program():
     """Called eagerly, a kernel runs its body as one compiled program (not one per operation, ~10–40 each), and a
-    second call with the same shapes compiles nothing. Shapes no other test uses, so nothing is cached yet."""
+    second call with the same shapes compiles nothing. Shapes no other test uses, so nothing is cached yet. The
+    kernels that check arguments in Python before their jitted body are called; every other array kernel must
+    itself be a jitted function."""
     h, phi, rng = _random_problem(12, (3, 7), 37, 5)
     targets, mask = rng.integers(0, 37, (3, 7)), rng.random((3, 7)) < 0.8
     ids, probs = rng.integers(0, 37, (3, 7, 4)), np.full((3, 7, 4), 0.2, np.float32)
+    words = np.array([3, 8, 30])
     calls = {
         "log_partition": lambda: kernels.log_partition(h, phi),
+        "expected_values": lambda: kernels.expected_values(h, phi, phi[:, :2]),
         "conditional_mean_features": lambda: kernels.conditional_mean_features(h, phi),
+        "word_log_probs": lambda: kernels.word_log_probs(h, phi, words),
+        "word_probs": lambda: kernels.word_probs(h, phi, words),
         "masked_mean": lambda: kernels.masked_mean(h[..., 0], mask),
         "xent_per_position": lambda: kernels.xent_per_position(h, phi, targets),
         "quad_per_position": lambda: kernels.quad_per_position(h, phi, targets),
         "xent_loss": lambda: kernels.xent_loss(h, phi, targets, mask),
         "quad_loss": lambda: kernels.quad_loss(h, phi, targets, mask),
+        "soft_xent_per_position": lambda: kernels.soft_xent_per_position(h, phi, ids, probs),
         "soft_xent_loss": lambda: kernels.soft_xent_loss(h, phi, ids, probs, mask),
         "soft_quad_loss": lambda: kernels.soft_quad_loss(h, phi, ids, probs, mask),
         "kl_from_features": lambda: kernels.kl_from_features(h, phi, h, phi),
         "top_k_targets": lambda: kernels.top_k_targets(h @ phi.T, 4),
     }
+    functions = {name: getattr(kernels, name) for name in kernels.__all__}
+    array_kernels = {name for name, f in functions.items() if callable(f) and not isinstance(f, type)} - NOT_JITTED
+    assert {name for name in array_kernels - set(calls) if not hasattr(functions[name], "lower")} == set()
     timings.compile_counts()  # starts listening
     for name, call in calls.items():
         compiled = []

@@ -9,14 +9,11 @@ when called) takes ``precision=`` (default ``DEFAULT_PRECISION = "highest"``; an
 ``precision=`` accepts, e.g. ``"high"``, ``"default"``, or ``None`` for JAX's global setting), passed down to
 every product; it is a static argument of the jitted kernels. ``check_precision`` validates a value.
 
-The softmax-feature kernels (``log_partition``, ``expected_values``, ``conditional_mean_features``), the losses
-(``xent_loss``, ``quad_loss``, their per-position forms, ``masked_mean``), the distillation kernels
-``soft_xent_loss``, ``soft_quad_loss``, ``kl_from_features`` and ``top_k_targets``, and the ridge, logistic and
-log-partition fits check their arguments in Python and run their bodies as one jitted program (``precision``,
-chunk and block sizes static): called outside ``jit``, each compiles once per input shape instead of once per
-operation (an operation run eagerly is a compilation of its own, ~15–90 ms on CPU); inside a caller's ``jit`` it
-is inlined. The other helpers here (e.g. ``word_log_probs``, ``sparse_target_mean``, ``linear_scores``) are plain
-jnp, meant to be called inside ``jit``.
+Every array kernel here is one jitted program per input shape (``precision``, sizes, modes static): called
+outside ``jit`` it compiles once instead of once per operation (an operation run eagerly is a compilation of its
+own, ~15–90 ms on CPU); inside a caller's ``jit`` it is inlined. Kernels that check their arguments (shapes,
+``precision``) or reword the forward-mode error do so in Python and then call their jitted body; the others are
+``jax.jit``-decorated. ``fold_moments`` (which also runs on numpy) and the Python-valued helpers are not jitted.
 """
 
 from sentcomp.kernels.distill import (

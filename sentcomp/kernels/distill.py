@@ -56,6 +56,7 @@ from sentcomp.kernels.softmax_features import (
 )
 
 
+@jax.jit
 def remaining_mass(probs: jax.Array) -> jax.Array:
     """``r = max(1 − Σ_i probs_i, 0)`` over the last axis: the mass the stored words leave to the tail."""
     return jnp.maximum(1.0 - jnp.sum(probs.astype(jnp.float32), axis=-1), 0.0)
@@ -67,6 +68,7 @@ def _tail_share(probs: jax.Array, vocab_size: int) -> jax.Array:
     return remaining_mass(probs) / tail_words if tail_words > 0 else jnp.zeros(probs.shape[:-1], jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def sparse_target_mean(ids: jax.Array, probs: jax.Array, phi: jax.Array, *, precision=DEFAULT_PRECISION
                        ) -> jax.Array:
     """``Φp̃ = Σ_i probs_i φ_{id_i} + u (σ − Σ_i φ_{id_i})``, ``σ = Σ_w φ_w``: ``[..., d]`` (module docstring)."""
@@ -78,6 +80,7 @@ def sparse_target_mean(ids: jax.Array, probs: jax.Array, phi: jax.Array, *, prec
     return top + u[..., None] * tail
 
 
+@functools.partial(jax.jit, static_argnames=("vocab_size",))
 def sparse_target_entropy(probs: jax.Array, vocab_size: int) -> jax.Array:
     """``H(p̃) = −Σ_i probs_i log probs_i − r log u`` per position (``0 log 0 = 0``)."""
     probs = probs.astype(jnp.float32)
@@ -104,7 +107,15 @@ def _check_shapes(kernel: str, h, phi, ids, probs, mask) -> None:
 
 def soft_xent_per_position(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Array,
                            chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION) -> jax.Array:
-    """``H(p̃, p_f) = log Z(h) − hᵀΦp̃`` at every position (every position counted), streamed over V."""
+    """``H(p̃, p_f) = log Z(h) − hᵀΦp̃`` at every position (every position counted), streamed over V.
+    Reverse-mode only (through :func:`sentcomp.kernels.log_partition`)."""
+    with reverse_mode_only("soft_xent_per_position"):
+        return _soft_xent_per_position(*map(as_jax_array, (h, phi, ids, probs)), chunk_size,
+                                       check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _soft_xent_per_position(h, phi, ids, probs, chunk_size: int, precision) -> jax.Array:
     mean = sparse_target_mean(ids, probs, phi, precision=precision)
     return log_partition(h, phi, chunk_size, precision=precision) - jnp.einsum(
         "...d,...d->...", h.astype(jnp.float32), mean, precision=check_precision(precision))
@@ -125,6 +136,7 @@ def _soft_xent_loss(h, phi, ids, probs, mask, chunk_size: int, precision) -> jax
     return masked_mean(soft_xent_per_position(h, phi, ids, probs, chunk_size, precision=precision), counted)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def soft_quad_from_mean(h: jax.Array, phi: jax.Array, target_mean: jax.Array, *, precision=DEFAULT_PRECISION
                         ) -> jax.Array:
     """``−hᵀm + ½hᵀGh`` per position for a target conditional mean ``m = Φp`` ``[..., d]``: the soft Quad loss."""
@@ -135,6 +147,7 @@ def soft_quad_from_mean(h: jax.Array, phi: jax.Array, target_mean: jax.Array, *,
             - jnp.einsum("...d,...d->...", h, target_mean, precision=precision))
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def soft_quad_per_position(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Array, *,
                            precision=DEFAULT_PRECISION) -> jax.Array:
     """Soft Quad ``−hᵀΦp̃ + ½‖Φᵀh‖²`` at every position (Gram trick: no V-wide logits; plain jnp)."""
@@ -155,6 +168,7 @@ def _soft_quad_loss(h, phi, ids, probs, mask, precision) -> jax.Array:
     return masked_mean(soft_quad_per_position(h, phi, ids, probs, precision=precision), counted)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def quad_excess(h: jax.Array, phi: jax.Array, target_mean: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``½‖Φᵀ(h − f*)‖² = ½(h − f*)ᵀG(h − f*)``, ``f* = G⁻¹ target_mean`` (``target_mean = Φp``): ``h.shape[:-1]``."""
     precision = check_precision(precision)

@@ -15,6 +15,7 @@ Every product runs at ``precision``, default ``"highest"`` (:mod:`sentcomp.kerne
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -40,6 +41,7 @@ class LinearFits(NamedTuple):
     iterations: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("standardize", "precision"))
 def weighted_standardisation(x: jax.Array, weights: jax.Array, standardize: bool = True, *,
                              precision=DEFAULT_PRECISION):
     """Weighted mean ``m`` and standard deviation ``σ`` of the rows of ``x [N, d]`` (``σ = 1`` where it is 0).
@@ -56,12 +58,14 @@ def weighted_standardisation(x: jax.Array, weights: jax.Array, standardize: bool
     return mean, jnp.where(std > 0, std, 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def linear_scores(x: jax.Array, coef: jax.Array, intercept: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """``x [N, d] @ coef [..., d, K] + intercept [..., K]`` → scores ``[..., N, K]``."""
     scores = jnp.einsum("nd,...dk->...nk", x, coef, precision=check_precision(precision))
     return scores + intercept[..., None, :]
 
 
+@jax.jit
 def predict_labels(scores: jax.Array) -> jax.Array:
     """Class indices from scores ``[..., N, K']``: ``score > 0`` for one column (binary), else argmax."""
     if scores.shape[-1] == 1:

@@ -58,6 +58,7 @@ def curvature_of(num_classes: int, multi_class: str) -> float:
     return 0.25 if uses_sigmoid(num_classes, multi_class) else 1.0 / num_classes
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes", "multi_class"))
 def logistic_targets(labels: jax.Array, num_classes: int, multi_class: str) -> jax.Array:
     """Targets ``[..., K']`` of labels ``[...]``: ±1 of class 1 (binary), ±1 per class (ovr), or one-hot
     (multinomial)."""
@@ -67,6 +68,7 @@ def logistic_targets(labels: jax.Array, num_classes: int, multi_class: str) -> j
     return 2.0 * one_hot - 1.0 if multi_class == "ovr" else one_hot
 
 
+@functools.partial(jax.jit, static_argnames=("sigmoid",))
 def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax.Array:
     """Per-example loss ``[N]``: ``Σ_k log(1 + e^{−y_k z_k})`` (sigmoid) or ``logsumexp(z) − yᵀz`` (softmax,
     targets summing to 1), computed as ``logsumexp(z − yᵀz)``: subtracting two large float32 numbers would
@@ -76,6 +78,7 @@ def logistic_losses(scores: jax.Array, targets: jax.Array, sigmoid: bool) -> jax
     return jax.nn.logsumexp(scores - jnp.sum(targets * scores, axis=-1, keepdims=True), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes", "multi_class", "precision"))
 def logistic_objective(x, labels, weights, c, coef, intercept, num_classes: int, multi_class: str = "multinomial",
                        *, precision=DEFAULT_PRECISION):
     """sklearn's objective ``C Σ_i w_i ℓ(x_iᵀW + b, y_i) + ½‖W‖²`` of one probe on raw features."""

@@ -145,6 +145,7 @@ class CenteredRidge(NamedTuple):
     target_ss: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("standardize",))
 def centered_ridge(moments: RidgeMoments, standardize: bool) -> CenteredRidge:
     """Centers (and standardises) every split's normal equations; see :class:`CenteredRidge`."""
     n = moments.n[:, None]

@@ -212,6 +212,7 @@ def _expected_values(h: jax.Array, phi: jax.Array, values: jax.Array, chunk_size
     return mean.reshape(*batch_shape, values.shape[1])
 
 
+@functools.partial(jax.jit, static_argnames=("precision",))
 def word_logits(h: jax.Array, phi: jax.Array, word_ids: jax.Array, *, precision=DEFAULT_PRECISION) -> jax.Array:
     """Logits ``hᵀφ_w`` of the words ``word_ids [k]`` only (the authors' subset-word features): ``[..., k]``."""
     words = jnp.take(phi, word_ids, axis=0).T
@@ -222,7 +223,15 @@ def word_log_probs(
     h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
     precision=DEFAULT_PRECISION,
 ) -> jax.Array:
-    """Next-word log-probabilities ``log p_f(s)(w) = hᵀφ_w − log Z(h)`` of the words ``word_ids``: ``[..., k]``."""
+    """Next-word log-probabilities ``log p_f(s)(w) = hᵀφ_w − log Z(h)`` of the words ``word_ids``: ``[..., k]``.
+    Reverse-mode only (through :func:`log_partition`)."""
+    with reverse_mode_only("word_log_probs"):
+        return _word_log_probs(as_jax_array(h), as_jax_array(phi), as_jax_array(word_ids), chunk_size,
+                               check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _word_log_probs(h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int, precision) -> jax.Array:
     logits = word_logits(h, phi, word_ids, precision=precision)
     return logits - log_partition(h, phi, chunk_size, precision=precision)[..., None]
 
@@ -231,5 +240,12 @@ def word_probs(
     h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int = DEFAULT_VOCAB_CHUNK, *,
     precision=DEFAULT_PRECISION,
 ) -> jax.Array:
-    """Next-word probabilities ``p_f(s)(w)`` of the words ``word_ids``: ``[..., k]``."""
-    return jnp.exp(word_log_probs(h, phi, word_ids, chunk_size, precision=precision))
+    """Next-word probabilities ``p_f(s)(w)`` of the words ``word_ids``: ``[..., k]``. Reverse-mode only."""
+    with reverse_mode_only("word_probs"):
+        return _word_probs(as_jax_array(h), as_jax_array(phi), as_jax_array(word_ids), chunk_size,
+                           check_precision(precision))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _word_probs(h: jax.Array, phi: jax.Array, word_ids: jax.Array, chunk_size: int, precision) -> jax.Array:
+    return jnp.exp(_word_log_probs(h, phi, word_ids, chunk_size, precision))
