@@ -91,7 +91,7 @@ def sparse_target_entropy(probs: jax.Array, vocab_size: int) -> jax.Array:
 
 def _zero_uncounted(mask, *arrays):
     """Each of ``arrays`` (leading shape ``mask.shape``) with the uncounted positions replaced by 0."""
-    counted = jnp.asarray(mask) != 0
+    counted = mask != 0
     return counted, [jnp.where(counted.reshape(counted.shape + (1,) * (a.ndim - counted.ndim)), a,
                                jnp.zeros((), a.dtype)) for a in arrays]
 
@@ -133,7 +133,7 @@ def soft_xent_loss(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Arra
 @functools.partial(jax.jit, static_argnums=(5, 6))
 def _soft_xent_loss(h, phi, ids, probs, mask, chunk_size: int, precision) -> jax.Array:
     counted, (h, ids, probs) = _zero_uncounted(mask, h, ids, probs)
-    return masked_mean(soft_xent_per_position(h, phi, ids, probs, chunk_size, precision=precision), counted)
+    return masked_mean(_soft_xent_per_position(h, phi, ids, probs, chunk_size, precision), counted)
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # any negative target id is ignored; this is PyTorch's conv
 
 def counted_positions(targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Boolean ``[...]``: the positions that count, ``mask ≠ 0`` and a target id ≥ 0 (negative = ignored)."""
-    return (jnp.asarray(mask) != 0) & (jnp.asarray(targets) >= 0)
+    return (mask != 0) & (targets >= 0)
 
 
 def _zero_uncounted(h: jax.Array, targets: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,7 +98,7 @@ def _xent_values(h, phi, targets, chunk_size, precision) -> jax.Array:
 
 def _ignoring_negative_targets(per_position, h: jax.Array, targets: jax.Array) -> jax.Array:
     """``per_position(h, targets)`` with 0 (and no gradient) at positions whose target id is negative."""
-    counted = jnp.asarray(targets) >= 0
+    counted = targets >= 0
     return jnp.where(counted, per_position(*_zero_uncounted(h, targets, counted)), 0.0)
 
 
