@@ -134,10 +134,18 @@ def test_non_finite_parameters_stop_the_loop_too(tmp_path):
         return state, {**metrics, "params_finite": jnp.array(False)}
 
     manager = checkpoints.checkpoint_manager(tmp_path, 1, 100, False)
+    closes, close = [], manager.close
+
+    def recorded_close():
+        closes.append(True)
+        close()
+
+    manager.close = recorded_close
     with pytest.raises(loop.TrainingDiverged, match=r"at step 1: loss 1.0, non-finite parameters"):
         loop.train_loop(toy_state(), step_fn, toy_batches, 0, 3, (), workdir=tmp_path, name="toy", hint="",
                         checkpointing=loop.Checkpointing(manager, lambda step: {"step": step}), hardware=PEAK,
                         progress=False)
+    assert closes == [True]  # the diverged loop closed its checkpoint manager
 
 
 def test_a_hook_needs_a_positive_period():

@@ -17,7 +17,8 @@ what every run does around the step function:
   (:func:`sentcomp.training.tracking.append_metrics`);
 * **checkpoints**: after the row, at every ``Checkpointing.every``-th step, at every step that logged a row when
   ``Checkpointing.with_rows``, and at the last step (``num_steps``, or the step ``stop`` ended the run at), with
-  the meta ``Checkpointing.meta(step)`` (which must hold ``"step"``); the manager is closed when the loop ends;
+  the meta ``Checkpointing.meta(step)`` (which must hold ``"step"``); the manager is closed when the loop ends
+  or diverges;
 * **the progress bar** (tqdm; on process 0 when ``progress``): the steps, the current loss, tokens/s and MFU.
 
 Hooks are ``every(n, fn)`` (steps ``n, 2n, ...`` and the last one) or ``at_steps(steps, fn)``; ``fn`` gets a
@@ -172,8 +173,7 @@ def train_loop(state, step_fn: Callable, batches: Callable[[int], Batch], start:
         seconds = time.perf_counter() - began
         step += 1
         if diverged(metrics):
-            manager.wait_until_finished()
-            bar.close()
+            _finish(bar, manager)
             raise divergence_error(name, step, metrics, last_saved, manager.directory, hint)
         window.add(float(metrics["loss"]), batch, seconds)
         bar.update(1)
@@ -195,7 +195,12 @@ def train_loop(state, step_fn: Callable, batches: Callable[[int], Batch], start:
                 or (logged and checkpointing.with_rows)):
             checkpoints_lib.save_checkpoint(manager, state, checkpointing.meta(step))
             last_saved = step
+    _finish(bar, manager)
+    return state, step
+
+
+def _finish(bar, manager) -> None:
+    """Closes the progress bar, then the checkpoint manager once the checkpoints in flight are written."""
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    return state, step
