@@ -245,11 +245,9 @@ def heldout_divergences(student_hidden: np.ndarray, student_phi, teacher_h: np.n
                         chunk_size: int = DEFAULT_VOCAB_CHUNK) -> dict[str, np.ndarray]:
     """Per position ``kl = KL(p_T ‖ p_f)`` and ``quad_excess = ½‖Φᵀ(f − f*)‖²`` (``f* = G⁻¹Φp_T``, the student's Φ),
     exact (streamed over V) from the student's and the teacher's features at the same positions ``[..., d]``."""
-    kl, target_mean = kernels.kl_from_features(jnp.asarray(teacher_h), jnp.asarray(teacher_phi),
-                                               jnp.asarray(student_hidden), jnp.asarray(student_phi), chunk_size)
-    return {"kl": np.asarray(kl), "quad_excess": np.asarray(kernels.quad_excess(jnp.asarray(student_hidden),
-                                                                                jnp.asarray(student_phi),
-                                                                                target_mean))}
+    kl, target_mean = kernels.kl_from_features(teacher_h, teacher_phi, student_hidden, student_phi, chunk_size)
+    return {"kl": np.asarray(kl),
+            "quad_excess": np.asarray(kernels.quad_excess(student_hidden, student_phi, target_mean))}
 
 
 def per_block_estimate(values: np.ndarray) -> dict[str, float]:
@@ -287,8 +285,7 @@ def task_frontier(teacher_h: np.ndarray, teacher_phi, labels: np.ndarray, max_no
 
 def plug_in_scores(h: np.ndarray, phi, word_weights: np.ndarray) -> np.ndarray:
     """``v_kᵀp(s)`` for every context and frontier point, ``p = softmax(Φᵀh)``, streamed over V: ``[N, k]``."""
-    return np.asarray(kernels.expected_values(jnp.asarray(h), jnp.asarray(phi),
-                                              jnp.asarray(np.asarray(word_weights, np.float32).T)), np.float64)
+    return np.asarray(kernels.expected_values(h, phi, np.asarray(word_weights, np.float32).T), np.float64)
 
 
 def bound_check(student_h: np.ndarray, student_phi, teacher_h: np.ndarray, teacher_phi, labels: np.ndarray,
@@ -298,8 +295,7 @@ def bound_check(student_h: np.ndarray, student_phi, teacher_h: np.ndarray, teach
     loss ``E ℓ(v_kᵀp_f, y)`` and the bound ``τ_k + sqrt(2B_k²ε_T)``, ``ε_T`` = mean ``KL(p_T ‖ p_f)`` over the
     contexts. ``holds``: plug-in ≤ bound (+ ``tolerance`` for float32 rounding) at every point: an exact
     inequality (module docstring), so ``False`` is a bug, not a finding."""
-    kl = np.asarray(kernels.kl_from_features(jnp.asarray(teacher_h), jnp.asarray(teacher_phi),
-                                             jnp.asarray(student_h), jnp.asarray(student_phi))[0], np.float64)
+    kl = np.asarray(kernels.kl_from_features(teacher_h, teacher_phi, student_h, student_phi)[0], np.float64)
     epsilon = float(np.maximum(kl, 0.0).mean())
     tau = np.array([theory.logistic_loss(s, labels) for s in plug_in_scores(teacher_h, teacher_phi,
                                                                              frontier["word_weights"]).T])

@@ -47,6 +47,7 @@ import scipy.stats
 from sentcomp import kernels, probe
 from sentcomp.errors import SentcompError
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
+from sentcomp.kernels.softmax_features import as_jax_array
 
 # ---------------------------------------------------------------------------------------------------- ε, Quad
 
@@ -292,7 +293,7 @@ def evaluate_against_truth(
     if objective not in ("xent", "quad"):
         raise SentcompError(f"objective must be 'xent' or 'quad', got {objective!r}.")
     precision = check_precision(precision)
-    features, phi, log_p_star = jnp.asarray(features), jnp.asarray(phi), jnp.asarray(log_p_star)
+    features, phi, log_p_star = map(as_jax_array, (features, phi, log_p_star))
     labels = np.asarray(labels)
     logits = jnp.matmul(features, phi.T, precision=precision)
     log_p_model = logits - kernels.log_partition(features, phi, precision=precision)[..., None]
@@ -355,9 +356,8 @@ def evaluate_against_truth(
     else:
         # Under the quadratic log-partition assumption Φp_f = A f + b: fit (A, b) on the train documents and
         # apply the natural classifier λ to A f + b, a linear classifier on f.
-        affine = kernels.fit_affine(jnp.asarray(task_f[train]), jnp.asarray(task["phi_p_f"][train]),
-                                    precision=precision)
-        affine_test = np.asarray(affine(jnp.asarray(task_f[test]), precision=precision), np.float64)
+        affine = kernels.fit_affine(task_f[train], task["phi_p_f"][train], precision=precision)
+        affine_test = np.asarray(affine(task_f[test], precision=precision), np.float64)
         record("f", tau_phi, along_phi.max_norm, epsilon.mean, eps_task, False,
                lambda k: affine_test @ along_phi.weights[k],
                assumption="quadratic log-partition (Φp_f affine in f); plug_in applies λ to the fitted A f + b")

@@ -44,6 +44,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from sentcomp.kernels.losses import masked_mean
 from sentcomp.kernels.precision import DEFAULT_PRECISION, check_precision
@@ -179,7 +180,7 @@ def quad_excess(h: jax.Array, phi: jax.Array, target_mean: jax.Array, *, precisi
     return 0.5 * jnp.einsum("...d,de,...e->...", delta, gram, delta, precision=precision)
 
 
-def kl_from_features(h_true: jax.Array, phi_true: jax.Array, h: jax.Array, phi: jax.Array,
+def kl_from_features(h_true: ArrayLike, phi_true: ArrayLike, h: ArrayLike, phi: ArrayLike,
                      chunk_size: int = DEFAULT_VOCAB_CHUNK, *, precision=DEFAULT_PRECISION
                      ) -> tuple[jax.Array, jax.Array]:
     """``(KL(p_T ‖ p_f), Φp_T)`` per position, ``p_T = softmax(Φ_T h_true)``, ``p_f = softmax(Φ h)``.
@@ -189,10 +190,11 @@ def kl_from_features(h_true: jax.Array, phi_true: jax.Array, h: jax.Array, phi: 
     docstring); also returns the student-side conditional mean ``Φp_T [..., d]`` (the Quad target). Not for
     training (no custom backward); use it for measurement.
     """
+    h_true, phi_true, h, phi = map(as_jax_array, (h_true, phi_true, h, phi))
     if phi_true.shape[0] != phi.shape[0]:
         raise ValueError(f"kl_from_features: the teacher has {phi_true.shape[0]} words, the student {phi.shape[0]}; "
                          "both must use the same vocabulary.")
-    return _kl_from_features(*map(as_jax_array, (h_true, phi_true, h, phi)), chunk_size, check_precision(precision))
+    return _kl_from_features(h_true, phi_true, h, phi, chunk_size, check_precision(precision))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
