@@ -37,6 +37,7 @@ from sentcomp.errors import SentcompError
 from sentcomp.launcher import config_files, runner
 from sentcomp.launcher.sweep import Point, format_value, point_names
 from sentcomp.results import layout, storage
+from sentcomp.results.tables import markdown_table
 
 SELECTION = "sweep_selection"  # optional config group {label: headline metric}; sweep.md names each minimiser
 
@@ -163,33 +164,24 @@ def aggregate(
     if parallel.is_main_process():
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage.write_json(sweep_dir / layout.SWEEP_FILE, {"rows": rows, "selected": selected})
-        storage.write_text(sweep_dir / layout.SWEEP_MARKDOWN, markdown_table(rows) + selection_markdown(selected))
+        storage.write_text(sweep_dir / layout.SWEEP_MARKDOWN, points_markdown(rows) + selection_markdown(selected))
     return rows
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    text = f"{value:.4g}" if isinstance(value, float) else format_value(value)
-    return text.replace("|", "\\|")
+    return f"{value:.4g}" if isinstance(value, float) else format_value(value)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def points_markdown(rows: list[dict[str, Any]]) -> str:
     """One line per point: name, status, hyperparameters, headline metrics; failures listed below."""
     params = list(dict.fromkeys(key for row in rows for key in row["params"]))
     metrics = list(dict.fromkeys(key for row in rows for key in row["metrics"]))
-    header = ["point", "status", *params, *metrics]
-    lines = [
-        f"# Sweep: {len(rows)} points, {sum(row['status'] != 'failed' for row in rows)} complete",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for row in rows:
-        cells = [row["name"], row["status"]]
-        cells += [_cell(row["params"].get(key)) for key in params]
-        cells += [_cell(row["metrics"].get(key)) for key in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [f"# Sweep: {len(rows)} points, {sum(row['status'] != 'failed' for row in rows)} complete", "",
+             markdown_table(["point", "status", *params, *metrics],
+                            ([row["name"], row["status"], *(_cell(row["params"].get(key)) for key in params),
+                              *(_cell(row["metrics"].get(key)) for key in metrics)] for row in rows))]
     failures = [row for row in rows if row["status"] == "failed"]
     if failures:
         lines += ["", "## Failures", ""]
@@ -201,12 +193,11 @@ def selection_markdown(selected: dict[str, dict[str, Any] | None]) -> str:
     """The ``## Chosen points`` section of sweep.md (empty without a selection)."""
     if not selected:
         return ""
-    lines = ["", "## Chosen points (lowest value of the metric; never chosen by test accuracy)", "",
-             "| for | metric | point | value |", "|---|---|---|---|"]
-    for label, choice in selected.items():
-        lines.append(f"| {label} | — | no complete point | — |" if choice is None else
-                     f"| {label} | {choice['metric']} | {choice['point']} | {_cell(choice['value'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(["", "## Chosen points (lowest value of the metric; never chosen by test accuracy)", "",
+                      markdown_table(["for", "metric", "point", "value"],
+                                     ([label, "—", "no complete point", "—"] if choice is None else
+                                      [label, choice["metric"], choice["point"], _cell(choice["value"])]
+                                      for label, choice in selected.items()))]) + "\n"
 
 
 def _run_pickled_point() -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sentcomp.errors import SentcompError
 from sentcomp.results import layout, plots, storage
+from sentcomp.results.tables import markdown_table
 
 FIGURE_FILE = "bound_vs_epsilon.png"
 
@@ -92,25 +93,25 @@ def results_markdown(results: dict) -> str:
              "ε: mean KL(p_T ‖ p_f), 95% interval; bound: τ + sqrt(2B²ε_task) at the tightest frontier point "
              "(γ = 1 on the task's contexts: an exact inequality with the plug-in loss); probes: test accuracy.", "",
              "γ_eff = ε held-out / ε task [interval]: the population-form bound with the held-out ε holds for any "
-             "coverage γ ≤ γ_eff.", "",
-             "| student | step | ε held-out | excess Quad | ε task | γ_eff | τ | B | bound | plug-in | holds | "
-             + " | ".join(columns) + " |", "|" + "---|" * (11 + len(columns))]
+             "coverage γ ≤ γ_eff."]
     chosen = set(results["selected"].values())
+    rows = []
     for name, entries in results["students"].items():
         for e in entries:
             eps, tight = e["epsilon_heldout"], e["tightest"]
             probes = [_fmt(e["probes"].get(c, {}).get("accuracy")) for c in columns]
             label = f"{name} (selected)" if name in chosen else name
             gamma = e["effective_coverage"] or {}
-            cells = [label, str(e["step"]), f"{eps['mean']:.4f} [{eps['low']:.4f}, {eps['high']:.4f}]",
-                     f"{e['quad_excess_heldout']['mean']:.4f}", f"{e['epsilon_task']['mean']:.4f}",
-                     f"{_fmt(gamma.get('mean'), 2)} [{_fmt(gamma.get('low'), 2)}, {_fmt(gamma.get('high'), 2)}]",
-                     f"{tight['tau']:.3f}", f"{tight['max_norm']:.3g}", f"{tight['bound']:.3f}",
-                     f"{tight['plug_in']:.3f}", "yes" if e["bound_holds"] else "NO", *probes]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append([label, str(e["step"]), f"{eps['mean']:.4f} [{eps['low']:.4f}, {eps['high']:.4f}]",
+                         f"{e['quad_excess_heldout']['mean']:.4f}", f"{e['epsilon_task']['mean']:.4f}",
+                         f"{_fmt(gamma.get('mean'), 2)} [{_fmt(gamma.get('low'), 2)}, {_fmt(gamma.get('high'), 2)}]",
+                         f"{tight['tau']:.3f}", f"{tight['max_norm']:.3g}", f"{tight['bound']:.3f}",
+                         f"{tight['plug_in']:.3f}", "yes" if e["bound_holds"] else "NO", *probes])
     teacher = [_fmt(results["teacher_probes"].get(c, {}).get("accuracy")) for c in columns]
-    lines.append("| teacher (ceiling, ε = 0) | | 0 | 0 | 0 | | | | | | | " + " | ".join(teacher) + " |")
-    return "\n".join(lines) + "\n"
+    rows.append(["teacher (ceiling, ε = 0)", "", "0", "0", "0", "", "", "", "", "", "", *teacher])
+    header = ["student", "step", "ε held-out", "excess Quad", "ε task", "γ_eff", "τ", "B", "bound", "plug-in", "holds",
+              *columns]
+    return "\n".join([*lines, "", markdown_table(header, rows)]) + "\n"
 
 
 def check_config(config) -> None:
