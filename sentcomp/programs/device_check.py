@@ -74,6 +74,7 @@ from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.models import gpt2, tokenizers
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import layout, storage
+from sentcomp.results.tables import markdown_table
 from sentcomp.training import checkpoints, steps, throughput
 
 CHECKS = ("kernels", "identities", "forward", "probe", "pretraining", "features", "multihost", "throughput")
@@ -532,12 +533,10 @@ def throughput_checks(lm: LanguageModel, trainer: Trainer, config, mesh) -> list
 def format_table(info: dict[str, Any], checks: list[Check]) -> str:
     """The Markdown report: the device line, then one row per check."""
     head = ", ".join(f"{key} {value}" for key, value in info.items())
-    lines = [f"Device: {head}", "", "| check | compared | value | tolerance | result |", "|---|---|---|---|---|"]
-    for check in checks:
-        tolerance = "finite" if check.tolerance is None else f"{check.tolerance:g}"
-        lines.append(f"| {check.name} | {check.compared} | {check.value:.3g} | {tolerance} | "
-                     f"{'PASS' if check.passed else 'FAIL'} |")
-    return "\n".join(lines) + "\n"
+    rows = ([check.name, check.compared, f"{check.value:.3g}",
+             "finite" if check.tolerance is None else f"{check.tolerance:g}", "PASS" if check.passed else "FAIL"]
+            for check in checks)
+    return f"Device: {head}\n\n" + markdown_table(["check", "compared", "value", "tolerance", "result"], rows) + "\n"
 
 
 def check_config(config) -> None:

@@ -27,6 +27,7 @@ from sentcomp import kernels, models
 from sentcomp.errors import SentcompError, check_sizes
 from sentcomp.features import extract_features
 from sentcomp.results import layout, storage
+from sentcomp.results.tables import markdown_table
 
 
 def load_texts(num_texts: int, seed: int) -> list[str]:
@@ -121,13 +122,10 @@ def results_markdown(results: dict) -> str:
             "(`num_texts`) for conclusions.",
             "",
         ]
-    lines += [
-        "| fit | train R² | held-out R² |",
-        "|---|---|---|",
-    ]
-    for name, entry in results["fits"].items():
-        lines.append(f"| {name} | {entry['train_r2']:.4f} | {entry['test_r2']:.4f} |")
-    lines += ["", f"log Z over these contexts: mean {results['log_z_mean']:.4g}, std {results['log_z_std']:.3g}.",
+    lines += [markdown_table(["fit", "train R²", "held-out R²"],
+                             ([name, f"{entry['train_r2']:.4f}", f"{entry['test_r2']:.4f}"]
+                              for name, entry in results["fits"].items())),
+              "", f"log Z over these contexts: mean {results['log_z_mean']:.4g}, std {results['log_z_std']:.3g}.",
               "", "![fitted vs true](log_partition_fit.png)", ""]
     return "\n".join(lines)
 
