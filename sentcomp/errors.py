@@ -24,19 +24,26 @@ def check_sizes(config, *keys: str) -> None:
             raise SentcompError(f"config.{key} must be ≥ 1, got {value}.")
 
 
-def unknown_fields(keys, cls) -> list[str]:
-    """The names among ``keys`` that are no field of the dataclass ``cls`` (an instance works too), sorted; each
-    caller says in its own words what they are."""
-    return sorted(set(keys) - {field.name for field in dataclasses.fields(cls)})
+def field_names(cls) -> list[str]:
+    """The field names of the dataclass ``cls`` (an instance works too), in declaration order."""
+    return [field.name for field in dataclasses.fields(cls)]
+
+
+def check_fields(keys, cls, what: str) -> None:
+    """Every name among ``keys`` must be a field of the dataclass ``cls``; otherwise one :class:`SentcompError`
+    ``Unknown {what} keys [...]; known keys: [...]`` (both sorted)."""
+    unknown = sorted(set(keys) - set(field_names(cls)))
+    if unknown:
+        raise SentcompError(f"Unknown {what} keys {unknown}; known keys: {sorted(field_names(cls))}.")
 
 
 def replace_settings(options, settings: dict, what: str):
     """The frozen dataclass ``options`` with the fields named in ``settings`` replaced (checked again as it is
     rebuilt); a name that is no field of it is one clear :class:`SentcompError` naming ``what`` and listing the
     known fields, instead of a ``TypeError`` deep inside a call."""
-    unknown = unknown_fields(settings, options)
+    known = field_names(options)
+    unknown = sorted(set(settings) - set(known))
     if unknown:
-        known = ", ".join(field.name for field in dataclasses.fields(options))
         raise SentcompError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                            f"the known ones are {known}")
+                            f"the known ones are {', '.join(known)}")
     return dataclasses.replace(options, **settings) if settings else options

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from sentcomp.data.loaders import read_utf8
 from sentcomp.data.text import tokenizer_fingerprint
-from sentcomp.errors import SentcompError, unknown_fields
+from sentcomp.errors import SentcompError, check_fields
 from sentcomp.results import storage
 
 KINDS = ("lee", "enwiki", "files", "tfds", "wikitext")
@@ -102,10 +102,7 @@ class CorpusSpec:
     def from_config(cls, config: Mapping[str, Any]) -> CorpusSpec:
         """A spec from a config dict (an ``ml_collections.ConfigDict`` works); unknown keys are an error."""
         values = dict(config.items())
-        unknown = unknown_fields(values, cls)
-        if unknown:
-            known = sorted(field.name for field in dataclasses.fields(cls))
-            raise SentcompError(f"Unknown corpus keys {unknown}; a corpus accepts {known}.")
+        check_fields(values, cls, "corpus")
         return cls(**values)
 
 

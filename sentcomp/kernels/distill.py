@@ -119,7 +119,7 @@ def soft_xent_per_position(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: 
 def _soft_xent_per_position(h, phi, ids, probs, chunk_size: int, precision) -> jax.Array:
     mean = sparse_target_mean(ids, probs, phi, precision=precision)
     return log_partition(h, phi, chunk_size, precision=precision) - jnp.einsum(
-        "...d,...d->...", h.astype(jnp.float32), mean, precision=check_precision(precision))
+        "...d,...d->...", h.astype(jnp.float32), mean, precision=precision)
 
 
 def soft_xent_loss(h: jax.Array, phi: jax.Array, ids: jax.Array, probs: jax.Array, mask: jax.Array,

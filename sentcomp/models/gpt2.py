@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sentcomp.errors import SentcompError, unknown_fields
+from sentcomp.errors import SentcompError, check_fields
 from sentcomp.models import hf, layers
 from sentcomp.models.base import FamilyFacts, LanguageModel
 from sentcomp.models.layers import ACTIVATIONS
@@ -108,9 +108,7 @@ def gpt2_config(size: str | None = None, **overrides) -> GPT2Config:
     """A :class:`GPT2Config`: the shape of ``gpt2``/``-medium``/``-large``/``-xl`` (``size``), then ``overrides``."""
     if size is not None and size not in PRESETS:
         raise SentcompError(f"Unknown GPT-2 size {size!r}; choose one of {sorted(PRESETS)}.")
-    unknown = unknown_fields(overrides, GPT2Config)
-    if unknown:
-        raise SentcompError(f"Unknown GPT-2 config keys {unknown}.")
+    check_fields(overrides, GPT2Config, "GPT-2 config")
     return GPT2Config(**{**(PRESETS[size] if size is not None else {}), **overrides})
 
 

@@ -64,7 +64,7 @@ from sentcomp.data.text import (
     make_batches,
     pad_id,
 )
-from sentcomp.errors import SentcompError, unknown_fields
+from sentcomp.errors import SentcompError, check_fields
 from sentcomp.features import last_token_features
 from sentcomp.models.base import COMPUTE_DTYPES, LanguageModel, cast_floats
 from sentcomp.results import layout, plots, storage
@@ -134,24 +134,15 @@ class FinetuneOptions:
         """The options from a (nested) mapping such as a config section, the fields not given at their defaults;
         an unknown key is an error naming the known ones."""
         values = dict(values)
-        _check_keys(values, cls, "fine-tuning config")
+        check_fields(values, cls, "fine-tuning config")
         if "optimizer" in values:
-            _check_keys(values["optimizer"], OptimizerOptions, "fine-tuning optimizer")
+            check_fields(values["optimizer"], OptimizerOptions, "fine-tuning optimizer")
             values["optimizer"] = OptimizerOptions(**values["optimizer"])
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         """The options as JSON values (``buckets`` a list)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def _check_keys(values: Mapping[str, Any], cls, section: str) -> None:
-    """A :class:`SentcompError` naming ``values``' keys that are not fields of the dataclass ``cls``, and its
-    fields."""
-    unknown = unknown_fields(values, cls)
-    if unknown:
-        known = sorted(field.name for field in dataclasses.fields(cls))
-        raise SentcompError(f"Unknown {section} keys {unknown}; known keys: {known}.")
 
 
 # ----------------------------------------------------------------------------------------------- the model
